@@ -1,0 +1,69 @@
+"""Live sessions, keyed by (tenant, device): at most one connection per identity.
+
+A new connection from an identity that already has one replaces it: the registry hands back
+the old session so the caller can close it with a clear reason. The registry holds in-memory
+facts that change too often for the store (last keepalive); the store is updated in batches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class SessionHandle(Protocol):
+    """What the registry needs from a live session (the QUIC session implements it)."""
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+@dataclass(slots=True)
+class SessionView:
+    tenant: str
+    device_id: str
+    remote: str
+    connected_since: float  # unix time
+    last_seen: float  # unix time of the last packet/keepalive we know of
+    manifest_version: int | None = None
+    handle: SessionHandle | None = field(default=None, repr=False)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SessionRegistry:
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, str], SessionView] = {}
+
+    def register(self, view: SessionView) -> SessionView | None:
+        """Add ``view``; returns the session it replaces (the caller closes that one)."""
+        key = (view.tenant, view.device_id)
+        old = self._sessions.get(key)
+        self._sessions[key] = view
+        return old
+
+    def unregister(self, view: SessionView) -> bool:
+        """Remove ``view`` if it is still the current session of its identity."""
+        key = (view.tenant, view.device_id)
+        if self._sessions.get(key) is view:
+            del self._sessions[key]
+            return True
+        return False
+
+    def get(self, tenant: str, device_id: str) -> SessionView | None:
+        return self._sessions.get((tenant, device_id))
+
+    def is_connected(self, tenant: str, device_id: str) -> bool:
+        return (tenant, device_id) in self._sessions
+
+    def touch(self, view: SessionView, now: float | None = None) -> None:
+        view.last_seen = time.time() if now is None else now
+
+    def of_tenant(self, tenant: str) -> Iterator[SessionView]:
+        return (v for (t, _), v in list(self._sessions.items()) if t == tenant)
+
+    def __iter__(self) -> Iterator[SessionView]:
+        return iter(list(self._sessions.values()))
+
+    def __len__(self) -> int:
+        return len(self._sessions)
