@@ -327,9 +327,8 @@ def _ensure_server_cert(
     have_cert, have_key = cert_path.exists(), key_path.exists()
     if have_cert and have_key:
         label = "controller server certificate"
-        if _server_hosts(_read_certs(cert_path)[0]) != set(
-            split_hosts(hosts)[0] + split_hosts(hosts)[1]
-        ):
+        dns, ips = split_hosts(hosts)
+        if _server_hosts(_read_certs(cert_path)[0]) != {*dns, *ips}:
             label += f" (its names differ from --host; move {cert_path.name} away to reissue)"
         return FileGroup(label, paths, "kept")
     if have_cert:
@@ -349,7 +348,7 @@ def _ensure_server_cert(
         not_before=now - CLOCK_SKEW,
         not_after=not_after,
         eku=(ExtendedKeyUsageOID.SERVER_AUTH,),
-        common_name=hosts[0],
+        common_name=hosts[0][:64],
         dns_names=dns,
         ip_addresses=ips,
         key=key,
@@ -547,7 +546,7 @@ def issue_device(dir: Path, tenant: str, device_id: str, days: int = DEFAULT_DEV
         not_before=now - CLOCK_SKEW,
         not_after=not_after,
         eku=(ExtendedKeyUsageOID.CLIENT_AUTH,),
-        common_name=device_id,
+        common_name=device_id[:64],  # X.509 caps CN at 64; the URI SAN carries the full id
     )
     chain = [ca_cert] if ca_cert.issuer != ca_cert.subject else []  # roots are not sent
     _mkdir(dir / tenant / DEVICES_DIR)

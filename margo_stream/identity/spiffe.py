@@ -53,6 +53,11 @@ class DeviceIdentity:
     fingerprint: str  # sha256 hex of the leaf certificate's DER
 
 
+def _show(text: str, limit: int = 80) -> str:
+    """``repr`` of a possibly hostile string, cut short so messages stay one short line."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def validate_trust_domain(name: str, *, what: str = "trust domain") -> str:
     """Return ``name`` if it is a valid SPIFFE trust domain, else raise IdentityError."""
     if not isinstance(name, str) or not name:
@@ -63,7 +68,7 @@ def validate_trust_domain(name: str, *, what: str = "trust domain") -> str:
         )
     if not _TRUST_DOMAIN_RE.fullmatch(name):
         raise IdentityError(
-            f"{what} {name!r} may contain only lowercase letters, digits, '.', '-' and '_'"
+            f"{what} {_show(name)} may contain only lowercase letters, digits, '.', '-' and '_'"
         )
     return name
 
@@ -79,7 +84,7 @@ def validate_device_id(device_id: str) -> str:
         raise IdentityError("device id is empty")
     if not _DEVICE_ID_RE.fullmatch(device_id):
         raise IdentityError(
-            f"device id {device_id!r} may contain only letters, digits, '.', '_', '~' and '-'"
+            f"device id {_show(device_id)} may contain only letters, digits, '.', '_', '~' and '-'"
         )
     if device_id in (".", ".."):
         raise IdentityError(f"device id {device_id!r} is a dot segment, not a name")
@@ -103,37 +108,41 @@ def parse_spiffe_id(uri: str) -> SpiffeId:
         raise IdentityError(f"SPIFFE ID is longer than {MAX_ID_LENGTH} bytes")
     scheme, sep, rest = uri.partition("://")
     if not sep:
-        raise IdentityError(f"{uri!r} is not a SPIFFE ID: no 'spiffe://' scheme")
+        raise IdentityError(f"{_show(uri)} is not a SPIFFE ID: no 'spiffe://' scheme")
     if scheme != SCHEME:
-        raise IdentityError(f"{uri!r} is not a SPIFFE ID: scheme must be 'spiffe', not {scheme!r}")
+        raise IdentityError(
+            f"{_show(uri)} is not a SPIFFE ID: scheme must be 'spiffe', not {scheme!r}"
+        )
     if "?" in rest:
-        raise IdentityError(f"{uri!r} is not a SPIFFE ID: a query is not allowed")
+        raise IdentityError(f"{_show(uri)} is not a SPIFFE ID: a query is not allowed")
     if "#" in rest:
-        raise IdentityError(f"{uri!r} is not a SPIFFE ID: a fragment is not allowed")
+        raise IdentityError(f"{_show(uri)} is not a SPIFFE ID: a fragment is not allowed")
     authority, slash, path_rest = rest.partition("/")
     if "@" in authority:
-        raise IdentityError(f"{uri!r} is not a SPIFFE ID: userinfo is not allowed")
+        raise IdentityError(f"{_show(uri)} is not a SPIFFE ID: userinfo is not allowed")
     if ":" in authority:
-        raise IdentityError(f"{uri!r} is not a SPIFFE ID: a port is not allowed")
+        raise IdentityError(f"{_show(uri)} is not a SPIFFE ID: a port is not allowed")
     if not authority:
-        raise IdentityError(f"{uri!r} is not a SPIFFE ID: the trust domain is missing")
+        raise IdentityError(f"{_show(uri)} is not a SPIFFE ID: the trust domain is missing")
     try:
         validate_trust_domain(authority)
     except IdentityError as exc:
-        raise IdentityError(f"{uri!r} is not a SPIFFE ID: {exc}") from None
+        raise IdentityError(f"{_show(uri)} is not a SPIFFE ID: {exc}") from None
     path = ""
     if slash:
         for segment in path_rest.split("/"):
             if not segment:
                 raise IdentityError(
-                    f"{uri!r} is not a SPIFFE ID: the path has an empty segment "
+                    f"{_show(uri)} is not a SPIFFE ID: the path has an empty segment "
                     "(double or trailing '/')"
                 )
             if segment in (".", ".."):
-                raise IdentityError(f"{uri!r} is not a SPIFFE ID: dot segment {segment!r} in path")
+                raise IdentityError(
+                    f"{_show(uri)} is not a SPIFFE ID: dot segment {segment!r} in path"
+                )
             if not _SEGMENT_RE.fullmatch(segment):
                 raise IdentityError(
-                    f"{uri!r} is not a SPIFFE ID: path segment {segment!r} may contain only "
+                    f"{_show(uri)} is not a SPIFFE ID: path segment {_show(segment, 40)} may contain only "
                     "letters, digits, '.', '_', '~' and '-'"
                 )
         path = "/" + path_rest

@@ -170,7 +170,12 @@ class PeerVerifier:
         try:
             spiffe = parse_spiffe_id(uris[0])
         except IdentityError as exc:
-            raise PeerRejected(f"URI SAN is not a SPIFFE ID: {exc}") from None
+            text = str(exc)
+            raise PeerRejected(
+                f"URI SAN {text}"
+                if "is not a SPIFFE ID" in text
+                else f"URI SAN is not a SPIFFE ID: {text}"
+            ) from None
         tenant = spiffe.trust_domain
         store = state.stores.get(tenant)
         if store is None:
