@@ -1,0 +1,59 @@
+"""Numbers that appear on the wire: ALPN, application error codes, stream kinds, senders."""
+
+from __future__ import annotations
+
+import enum
+
+ALPN = "margo-stream/1"
+PROTOCOL_VERSION = 1
+
+# The hard ceiling on one frame's payload; a peer that announces more is cut off.
+DEFAULT_MAX_FRAME = 1 << 20
+
+
+class ErrorCode(enum.IntEnum):
+    """Application error codes carried in QUIC CONNECTION_CLOSE, RESET_STREAM and STOP_SENDING,
+    and in our own ``error`` messages."""
+
+    NO_ERROR = 0x0
+    PROTOCOL_ERROR = 0x100
+    FRAME_TOO_LARGE = 0x101
+    MALFORMED_FRAME = 0x102
+    INVALID_MESSAGE = 0x103
+    UNEXPECTED_MESSAGE = 0x104
+    UNKNOWN_STREAM_KIND = 0x105
+    WRONG_STREAM_OPENER = 0x106
+    TRUNCATED_STREAM = 0x107
+    IDENTITY_REFUSED = 0x200
+    IDENTITY_MISMATCH = 0x201
+    REPLACED = 0x202
+    SHUTTING_DOWN = 0x203
+    HELLO_TIMEOUT = 0x204
+    DESIRED_REFUSED = 0x300
+    TERMINAL_REFUSED = 0x301
+    CANCELLED = 0x302
+    INTERNAL_ERROR = 0x3FF
+
+    @classmethod
+    def describe(cls, code: int) -> str:
+        try:
+            return cls(code).name.lower().replace("_", "-")
+        except ValueError:
+            return f"unknown-error-{code:#x}"
+
+
+class StreamKind(enum.StrEnum):
+    CONTROL = "control"
+    DESIRED = "desired"
+    STATUS = "status"
+    TELEMETRY = "telemetry"
+    TERMINAL = "terminal"
+
+
+class Sender(enum.StrEnum):
+    AGENT = "agent"
+    CONTROLLER = "controller"
+
+    @property
+    def peer(self) -> Sender:
+        return Sender.CONTROLLER if self is Sender.AGENT else Sender.AGENT

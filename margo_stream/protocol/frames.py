@@ -1,0 +1,103 @@
+"""Length-prefixed msgpack frames.
+
+A frame is a 4-byte big-endian payload length followed by that many bytes of msgpack, whose
+top level must be a map with a string ``t`` (the message type). ``FrameDecoder`` is fed bytes
+as they arrive and yields decoded maps; it never holds more than one frame's worth of bytes
+beyond what it was fed, and refuses a frame longer than its limit as soon as the length prefix
+is seen, before buffering the body.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import msgpack
+
+from margo_stream.errors import LocalProtocolError, RemoteProtocolError
+from margo_stream.protocol.codes import DEFAULT_MAX_FRAME, ErrorCode
+
+_HEADER = struct.Struct(">I")
+HEADER_SIZE = _HEADER.size
+
+
+def encode_frame(message: dict[str, Any], *, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
+    payload = msgpack.packb(message, use_bin_type=True)
+    if len(payload) > max_frame:
+        raise LocalProtocolError(
+            f"message of type {message.get('t')!r} is {len(payload)} bytes, over the "
+            f"{max_frame}-byte frame limit",
+            ErrorCode.FRAME_TOO_LARGE,
+        )
+    return _HEADER.pack(len(payload)) + payload
+
+
+def decode_payload(payload: bytes) -> dict[str, Any]:
+    try:
+        message = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise RemoteProtocolError(
+            f"frame is not valid msgpack: {exc}", ErrorCode.MALFORMED_FRAME
+        ) from None
+    if not isinstance(message, dict) or not isinstance(message.get("t"), str):
+        raise RemoteProtocolError(
+            "frame is not a msgpack map with a string 't' (message type)",
+            ErrorCode.MALFORMED_FRAME,
+        )
+    return message
+
+
+class FrameDecoder:
+    """Incremental decoder. Errors are sticky: after one, every call raises it again."""
+
+    __slots__ = ("_buf", "_max_frame", "_error")
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max_frame = max_frame
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Add ``data``; return every complete message it finishes, in order."""
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        buf += data
+        out: list[dict[str, Any]] = []
+        offset = 0
+        available = len(buf)
+        try:
+            while available - offset >= HEADER_SIZE:
+                (length,) = _HEADER.unpack_from(buf, offset)
+                if length > self._max_frame:
+                    raise RemoteProtocolError(
+                        f"frame of {length} bytes is over the {self._max_frame}-byte limit",
+                        ErrorCode.FRAME_TOO_LARGE,
+                    )
+                end = offset + HEADER_SIZE + length
+                if available < end:
+                    break
+                out.append(decode_payload(bytes(buf[offset + HEADER_SIZE : end])))
+                offset = end
+        except RemoteProtocolError as exc:
+            self._error = exc
+            buf.clear()
+            raise
+        if offset:
+            del buf[:offset]
+        return out
+
+    def finish(self) -> None:
+        """The stream ended: leftover bytes mean a truncated frame."""
+        if self._error is not None:
+            raise self._error
+        if self._buf:
+            self._error = RemoteProtocolError(
+                f"stream ended inside a frame ({len(self._buf)} bytes left over)",
+                ErrorCode.TRUNCATED_STREAM,
+            )
+            raise self._error

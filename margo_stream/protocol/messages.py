@@ -1,0 +1,242 @@
+"""Every message of the wire protocol, validated by pydantic at the boundary.
+
+A message is a msgpack map whose ``t`` names its type. ``parse_message`` turns a decoded map
+into a model (raising ``RemoteProtocolError(INVALID_MESSAGE)`` naming the bad field) and
+``to_wire`` turns a model back into a map. Capabilities follow Margo's device-capabilities
+document (rc.3 field names).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from margo_stream.errors import RemoteProtocolError
+from margo_stream.protocol.codes import ErrorCode
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9._~-]+$"
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- Margo device capabilities (device-capabilities.md, rc.3) --------------------------------
+class Cpu(_Model):
+    cores: int = Field(ge=1)
+    architecture: str
+
+
+class TypedItem(_Model):
+    type: str
+
+
+class Capabilities(_Model):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    id: str
+    vendor: str | None = None
+    modelNumber: str | None = None
+    serialNumber: str | None = None
+    cpus: list[Cpu] = []
+    memory: str | None = None
+    storage: str | None = None
+    peripherals: list[TypedItem] = []
+    interfaces: list[TypedItem] = []
+    otelCollector: bool | None = None
+    supportedRuntimes: list[str] = []
+    supportedDeploymentTypes: list[str] = []
+    labels: dict[str, str] = {}
+
+
+# --- control stream ----------------------------------------------------------------------------
+class Hello(_Model):
+    t: Literal["hello"] = "hello"
+    proto: int = 1
+    device_id: str = Field(pattern=DEVICE_ID_PATTERN, max_length=200)
+    agent_version: str = Field(max_length=64)
+    capabilities: Capabilities
+    manifest_version: U64 | None = None
+    manifest_digest: str | None = Field(default=None, pattern=DIGEST_PATTERN)
+    blobs: list[Annotated[str, Field(pattern=DIGEST_PATTERN)]] = Field(default=[], max_length=4096)
+    telemetry_next_seq: U64 = 1
+
+
+class HelloAck(_Model):
+    t: Literal["hello_ack"] = "hello_ack"
+    tenant: str
+    device_id: str
+    server_time: float
+    keepalive_s: float
+    telemetry_acked: U64 = 0
+
+
+class Ping(_Model):
+    t: Literal["ping"] = "ping"
+    n: U64
+
+
+class Pong(_Model):
+    t: Literal["pong"] = "pong"
+    n: U64
+
+
+class Stats(_Model):
+    """Agent -> controller: counters the controller shows per device (buffer fill, drops)."""
+
+    t: Literal["stats"] = "stats"
+    values: dict[str, int | float | str | None]
+
+
+class Error(_Model):
+    t: Literal["error"] = "error"
+    code: int
+    reason: str = Field(max_length=1024)
+
+
+# --- desired state (controller-opened) ----------------------------------------------------------
+class Desired(_Model):
+    t: Literal["desired"] = "desired"
+    version: U64
+    manifest: bytes
+    signature: bytes
+    blobs: list[Annotated[str, Field(pattern=DIGEST_PATTERN)]] = Field(default=[], max_length=4096)
+
+
+class Blob(_Model):
+    t: Literal["blob"] = "blob"
+    digest: str = Field(pattern=DIGEST_PATTERN)
+    data: bytes
+    more: bool = False
+
+
+class DesiredResult(_Model):
+    t: Literal["desired_result"] = "desired_result"
+    version: U64
+    ok: bool
+    unchanged: bool = False
+    code: str | None = None
+    reason: str | None = Field(default=None, max_length=1024)
+
+
+# --- status events (agent-opened) ---------------------------------------------------------------
+class StatusErrorModel(_Model):
+    code: str
+    source: str
+    message: str
+
+
+class ComponentStatusModel(_Model):
+    name: str
+    state: Literal["pending", "installing", "installed", "failed", "removing", "removed"]
+    error: StatusErrorModel | None = None
+
+
+class Status(_Model):
+    t: Literal["status"] = "status"
+    seq: U64
+    deployment_id: str
+    manifest_version: U64
+    state: Literal["pending", "installing", "installed", "failed", "removing", "removed"]
+    components: list[ComponentStatusModel] = []
+    error: StatusErrorModel | None = None
+
+
+class StatusAck(_Model):
+    t: Literal["status_ack"] = "status_ack"
+    seq: U64
+
+
+# --- telemetry (agent-opened) -------------------------------------------------------------------
+class Telemetry(_Model):
+    """A batch. ``oldest`` is the agent's oldest retained record: anything the controller lacks
+    below it was dropped on the device and is recorded as a gap, not waited for."""
+
+    t: Literal["telemetry"] = "telemetry"
+    oldest: U64
+    records: list[tuple[U64, bytes]] = Field(max_length=65536)
+
+
+class TelemetryAck(_Model):
+    t: Literal["telemetry_ack"] = "telemetry_ack"
+    seq: U64
+
+
+# --- terminal (controller-opened) ---------------------------------------------------------------
+class TermOpen(_Model):
+    t: Literal["term_open"] = "term_open"
+    session_id: str = Field(max_length=64)
+    command: list[str] | None = None
+    rows: int = Field(default=24, ge=1, le=1000)
+    cols: int = Field(default=80, ge=1, le=1000)
+    tty: bool = True
+
+
+class TermOpened(_Model):
+    t: Literal["term_opened"] = "term_opened"
+    pid: int
+
+
+class TermData(_Model):
+    t: Literal["term_data"] = "term_data"
+    data: bytes
+    fd: Literal[0, 1, 2] = 1
+
+
+class TermEof(_Model):
+    """Operator -> device: no more input (non-interactive exec)."""
+
+    t: Literal["term_eof"] = "term_eof"
+
+
+class TermResize(_Model):
+    t: Literal["term_resize"] = "term_resize"
+    rows: int = Field(ge=1, le=1000)
+    cols: int = Field(ge=1, le=1000)
+
+
+class TermExit(_Model):
+    t: Literal["term_exit"] = "term_exit"
+    status: int
+    reason: str | None = None
+
+
+class TermClose(_Model):
+    t: Literal["term_close"] = "term_close"
+    reason: str | None = None
+
+
+Message = Annotated[
+    Hello | HelloAck | Ping | Pong | Stats | Error
+    | Desired | Blob | DesiredResult
+    | Status | StatusAck
+    | Telemetry | TelemetryAck
+    | TermOpen | TermOpened | TermData | TermEof | TermResize | TermExit | TermClose,
+    Field(discriminator="t"),
+]
+_ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
+MESSAGE_TYPES: frozenset[str] = frozenset(
+    m.model_fields["t"].default
+    for m in (Hello, HelloAck, Ping, Pong, Stats, Error, Desired, Blob, DesiredResult, Status,
+              StatusAck, Telemetry, TelemetryAck, TermOpen, TermOpened, TermData, TermEof,
+              TermResize, TermExit, TermClose)
+)
+
+
+def parse_message(raw: dict[str, Any]) -> Any:
+    """Validate a decoded map; ``RemoteProtocolError`` names the first bad field."""
+    try:
+        return _ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "message"
+        raise RemoteProtocolError(
+            f"invalid {raw.get('t')!r} message: {where}: {first['msg']}",
+            ErrorCode.INVALID_MESSAGE,
+        ) from None
+
+
+def to_wire(message: BaseModel) -> dict[str, Any]:
+    return message.model_dump(mode="python", exclude_none=False)

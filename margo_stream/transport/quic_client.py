@@ -1,0 +1,74 @@
+"""The agent's side of the wire: one UDP socket and one mutual-TLS QUIC connection."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from margo_stream.errors import ConfigError
+from margo_stream.protocol.codes import ALPN, Sender
+from margo_stream.transport.connection import Connection
+
+
+def client_configuration(cert_path: str, key_path: str, ca_path: str, *, server_name: str,
+                         idle_timeout: float = 60.0, max_datagram_size: int = 1350) -> QuicConfiguration:
+    configuration = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[ALPN],
+        idle_timeout=idle_timeout,
+        server_name=server_name,
+        max_datagram_size=max_datagram_size,
+        max_data=4 << 20,
+        max_stream_data=1 << 20,
+    )
+    configuration.load_cert_chain(cert_path, key_path)
+    configuration.load_verify_locations(cafile=ca_path)
+    return configuration
+
+
+def parse_host_port(text: str, *, what: str = "address") -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port), with a clear error."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConfigError(f"{what} {text!r} is not HOST:PORT")
+    host = host.strip("[]")
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"{what} {text!r}: port {number} is out of range")
+    return host, number
+
+
+class _ClientProtocol(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.connection: Connection | None = None
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if self.connection is not None:
+            self.connection.datagram_received(data, addr)
+
+    def error_received(self, exc: Exception) -> None:  # ICMP unreachable and the like
+        pass
+
+
+async def connect(host: str, port: int, configuration: QuicConfiguration) -> tuple[Connection, asyncio.DatagramTransport]:
+    """Start a handshake; the caller awaits ``connection.wait_handshake()`` with a timeout and
+    closes the returned transport when done with the connection."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    if not infos:
+        raise ConfigError(f"cannot resolve {host!r}")
+    family, _, _, _, addr = infos[0]
+    local = ("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)
+    if addr[0] in ("127.0.0.1", "::1"):
+        local = (addr[0], 0)
+    transport, protocol = await loop.create_datagram_endpoint(_ClientProtocol, local_addr=local)
+    quic = QuicConnection(configuration=configuration)
+    conn = Connection(quic, Sender.AGENT, transport.sendto, loop)
+    protocol.connection = conn
+    quic.connect(addr, now=loop.time())
+    conn.transmit()
+    return conn, transport  # type: ignore[return-value]
