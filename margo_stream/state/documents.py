@@ -210,6 +210,12 @@ class _RawProcess(_Raw):
 # --------------------------------------------------------------------------- YAML and errors
 
 
+def _show(value: object, limit: int = 60) -> str:
+    """``repr(value)``, shortened so one message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "...'"
+
+
 def _type_name(value: object) -> str:
     names = {str: "string", int: "integer", float: "number", bool: "boolean", list: "sequence",
              dict: "mapping", type(None): "null"}
@@ -320,7 +326,11 @@ def _load_yaml(data: bytes, source: str) -> list[tuple[yaml.Node, Any]]:
                 docs.append((node, value))
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        what = " ".join(p for p in (exc.context, exc.problem) if p) or "syntax error"
+        what = exc.problem or "syntax error"
+        if exc.context:
+            cm = exc.context_mark
+            started = f" (started at {cm.line + 1}:{cm.column + 1})" if cm and cm is not mark else ""
+            what = f"{exc.context}{started}: {what}"
         where = f"{mark.line + 1}:{mark.column + 1}:" if mark else ""
         raise DocumentError(f"{source}:{where} invalid YAML: {what}") from None
     except yaml.YAMLError as exc:
@@ -415,7 +425,7 @@ def _build(ctx: _Context, data: Any) -> Deployment:
         if raw.apiVersion is None:
             raise ctx.error(("apiVersion",), f"required field is missing (expected {PUBLISHED_API_VERSION!r})")
         if raw.apiVersion != PUBLISHED_API_VERSION:
-            raise ctx.error(("apiVersion",), f"unsupported apiVersion {raw.apiVersion!r}; expected {PUBLISHED_API_VERSION!r}")
+            raise ctx.error(("apiVersion",), f"unsupported apiVersion {_show(raw.apiVersion)}; expected {PUBLISHED_API_VERSION!r}")
         if raw.kind is None:
             raise ctx.error(("kind",), f"required field is missing (expected {KIND!r})")
         if raw.kind != KIND:
@@ -428,7 +438,7 @@ def _build(ctx: _Context, data: Any) -> Deployment:
     if dep_id is None:
         raise ctx.error(ann_path + ("id",), "required field is missing (the deployment id)")
     if not isinstance(dep_id, str) or not _valid_id(dep_id):
-        raise ctx.error(ann_path + ("id",), f"deployment id {dep_id!r} must match [A-Za-z0-9._-]{{1,200}} (it names files)")
+        raise ctx.error(ann_path + ("id",), f"deployment id {_show(dep_id)} must match [A-Za-z0-9._-]{{1,200}} (it names files)")
     if raw.id is not None and raw.id != dep_id:
         raise ctx.error(("id",), f"id {raw.id!r} differs from metadata.annotations.id {dep_id!r}")
 
@@ -444,19 +454,19 @@ def _build(ctx: _Context, data: Any) -> Deployment:
     if app_id is None:
         raise ctx.error(app_path, "required field is missing")
     if not isinstance(app_id, str) or not _APP_ID_RE.fullmatch(app_id):
-        raise ctx.error(app_path, f"applicationId {app_id!r} must match ^[-a-z0-9]{{1,200}}$")
+        raise ctx.error(app_path, f"applicationId {_show(app_id)} must match ^[-a-z0-9]{{1,200}}$")
     if ann_app is not None and spec_app is not None and ann_app != spec_app:
         raise ctx.error(("spec", "applicationId"), f"differs from metadata.annotations.applicationId {ann_app!r}")
     device_id = raw.metadata.deviceId
     if device_id is not None and not _DEVICE_ID_RE.fullmatch(device_id):
-        raise ctx.error(("metadata", "deviceId"), f"device id {device_id!r} is not a Margo DeviceId")
+        raise ctx.error(("metadata", "deviceId"), f"device id {_show(device_id)} is not a Margo DeviceId")
 
     # profile and components
     prof_path: Path = ("spec", "deploymentProfile")
     type_name = raw.spec.deploymentProfile.type
     profile = PROFILE_TYPES.get(type_name)
     if profile is None:
-        raise ctx.error(prof_path + ("type",), f"unknown deployment profile type {type_name!r}; allowed: {_ALLOWED_TYPES}")
+        raise ctx.error(prof_path + ("type",), f"unknown deployment profile type {_show(type_name)}; allowed: {_ALLOWED_TYPES}")
     raw_components = raw.spec.deploymentProfile.components
     if not raw_components:
         raise ctx.error(prof_path + ("components",), "at least one component is required")
@@ -466,7 +476,7 @@ def _build(ctx: _Context, data: Any) -> Deployment:
         path = prof_path + ("components", i)
         _check_keys(ctx, path, rc_d, ("name", "properties"))
         if not _valid_id(rc.name):
-            raise ctx.error(path + ("name",), f"component name {rc.name!r} must match [A-Za-z0-9._-]{{1,200}}")
+            raise ctx.error(path + ("name",), f"component name {_show(rc.name)} must match [A-Za-z0-9._-]{{1,200}}")
         if rc.name in seen:
             raise ctx.error(path + ("name",), f"duplicate component name {rc.name!r}")
         seen.add(rc.name)
@@ -596,7 +606,7 @@ def _files(ctx: _Context, spec_d: dict[str, Any]) -> tuple[FileRef, ...]:
         except ValueError as exc:
             raise ctx.error(path + (i, "name"), str(exc)) from None
         if not is_digest(digest):
-            raise ctx.error(path + (i, "digest"), f"invalid digest {digest!r}: expected sha256:<64 lowercase hex>")
+            raise ctx.error(path + (i, "digest"), f"invalid digest {_show(digest)}: expected sha256:<64 lowercase hex>")
         if name in files:
             raise ctx.error(path + (i, "name"), f"duplicate file name {name!r}")
         files[name] = FileRef(name=name, digest=digest)
