@@ -76,8 +76,20 @@ _KILL_REAP_TIMEOUT_S = 5.0  # how long close() waits for a SIGKILLed group to di
 _RESET_SIGNALS = tuple(
     getattr(signal, name)
     for name in (
-        "SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGPIPE", "SIGXFSZ", "SIGCHLD", "SIGWINCH",
-        "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGUSR1", "SIGUSR2", "SIGALRM",
+        "SIGHUP",
+        "SIGINT",
+        "SIGQUIT",
+        "SIGTERM",
+        "SIGPIPE",
+        "SIGXFSZ",
+        "SIGCHLD",
+        "SIGWINCH",
+        "SIGTSTP",
+        "SIGTTIN",
+        "SIGTTOU",
+        "SIGUSR1",
+        "SIGUSR2",
+        "SIGALRM",
     )
     if hasattr(signal, name)
 )
@@ -104,8 +116,10 @@ def login_shell() -> str:
 
 def _check_size(rows: int, cols: int) -> None:
     for name, value in (("rows", rows), ("cols", cols)):
-        if not isinstance(value, int) or isinstance(value, bool) or not (
-            1 <= value <= _MAX_DIMENSION
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or not (1 <= value <= _MAX_DIMENSION)
         ):
             raise TerminalError(
                 f"invalid terminal size: {name}={value!r} (must be an integer 1..{_MAX_DIMENSION})"
@@ -198,8 +212,9 @@ def _exec_child(
 class PtySession:
     """One process on a real pseudo-terminal. Create with :meth:`spawn`; end with :meth:`close`."""
 
-    def __init__(self, pid: int, master_fd: int, pidfd: int | None, argv: list[str],
-                 rows: int, cols: int) -> None:
+    def __init__(
+        self, pid: int, master_fd: int, pidfd: int | None, argv: list[str], rows: int, cols: int
+    ) -> None:
         self._pid = pid
         self._pgid = pid  # the child called setsid(): it leads its session and process group
         self._master_fd: int | None = master_fd
@@ -484,8 +499,11 @@ class PtySession:
         await self.close()
 
     async def _terminate(self, grace_s: float) -> None:
-        steps = ((signal.SIGHUP, grace_s), (signal.SIGTERM, grace_s),
-                 (signal.SIGKILL, _KILL_REAP_TIMEOUT_S))
+        steps = (
+            (signal.SIGHUP, grace_s),
+            (signal.SIGTERM, grace_s),
+            (signal.SIGKILL, _KILL_REAP_TIMEOUT_S),
+        )
         for sig, timeout in steps:
             if self.poll() is not None and not self._session_members():
                 return
@@ -527,7 +545,7 @@ class PtySession:
             except OSError:
                 continue
             # Fields after the parenthesised command: state ppid pgrp session ...
-            fields = stat[stat.rfind(b")") + 2:].split()
+            fields = stat[stat.rfind(b")") + 2 :].split()
             if len(fields) < 4 or fields[0] in (b"Z", b"X"):
                 continue
             if int(fields[3]) == self._pid:
