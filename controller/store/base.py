@@ -1,0 +1,381 @@
+"""The controller's store: one small async interface, records as frozen dataclasses.
+
+Theory of operation
+-------------------
+Everything the controller must remember across restarts lives behind ``Store``: the devices it
+has seen, desired state (content-addressed blobs, deployments, per-device assignments and
+signed manifests), the latest deployment status per device, telemetry records, terminal
+session audits and an append-only event feed. The embedded implementation is SQLite
+(``controller.store.sqlite.SqliteStore``); the interface is kept small so a PostgreSQL
+implementation can replace it when a fleet outgrows one machine.
+
+Rules every implementation keeps:
+
+- **Tenant scoping.** Every query names its tenant; a device of another tenant is
+  indistinguishable from a missing one (``NotFound`` with the same message).
+- **Batches.** Where a method takes a list, the whole list is written in one transaction.
+- **Dedup.** Telemetry is idempotent by ``(tenant, device, seq)``; a deployment status whose
+  ``seq`` is not newer than the stored one is ignored. Retransmissions after a reconnect are
+  therefore harmless.
+- **Events.** Methods that change something an operator watches append to the event feed in
+  the same transaction, so callers must not add these events themselves:
+  ``device.connected``, ``device.disconnected``, ``device.labels``, ``deployment.assigned``,
+  ``deployment.unassigned``, ``deployment.status`` (only when the state changes),
+  ``manifest.created``, ``telemetry.gap``, ``terminal.opened``, ``terminal.closed``.
+- **Errors.** Failures of the storage itself (disk full, corrupt file, locked database) raise
+  ``StoreError`` naming the database; missing things raise ``NotFound``; invalid arguments
+  raise ``ValueError``.
+
+Times are unix seconds (float). Methods taking ``now`` use the current time when it is None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+JsonDict = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRecord:
+    tenant: str
+    device_id: str
+    capabilities: JsonDict  # Margo device-capabilities fields as reported in the hello
+    labels: dict[str, str]
+    connected: bool  # as last recorded; the live answer comes from the SessionRegistry
+    last_seen: float | None
+    first_seen: float
+    connection_count: int
+    manifest_version: int | None  # the manifest version the device reports it adopted
+    stats: JsonDict = field(default_factory=dict)  # e.g. telemetry buffer fill, dropped counts
+    remote: str | None = None  # address of the last connection
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentRecord:
+    """One version of one deployment document; the document bytes are the blob ``digest``."""
+
+    tenant: str
+    deployment_id: str
+    digest: str
+    name: str
+    profile: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentRecord:
+    tenant: str
+    device_id: str
+    deployment_id: str
+    digest: str
+    assigned_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRecord:
+    tenant: str
+    device_id: str
+    version: int
+    manifest: bytes  # the exact signed bytes
+    signature: bytes
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRecord:
+    """The latest deployment status a device reported (Margo's status document as a dict)."""
+
+    tenant: str
+    device_id: str
+    deployment_id: str
+    status: JsonDict
+    seq: int
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryRecord:
+    tenant: str
+    device_id: str
+    seq: int
+    stream: str
+    received_at: float
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SessionAudit:
+    """One operator terminal session to a device."""
+
+    id: int
+    tenant: str
+    device_id: str
+    operator: str
+    command: str | None
+    started_at: float
+    ended_at: float | None
+    bytes_in: int  # operator -> device
+    bytes_out: int  # device -> operator
+    reason: str | None  # why it ended
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    id: int  # strictly increasing across the whole store; use as a cursor
+    tenant: str
+    ts: float
+    kind: str
+    device_id: str | None
+    payload: JsonDict
+
+
+@runtime_checkable
+class Store(Protocol):
+    """The controller's persistent state. All methods are coroutines; see the module doc."""
+
+    path: str  # what to name in messages (a file for SQLite, a DSN without password otherwise)
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # -- devices -------------------------------------------------------------------------
+    async def device_connected(
+        self,
+        tenant: str,
+        device_id: str,
+        *,
+        capabilities: JsonDict,
+        labels: dict[str, str],
+        manifest_version: int | None,
+        remote: str,
+        now: float | None = None,
+    ) -> DeviceRecord:
+        """Insert or update; connection_count += 1, connected, last_seen = now.
+
+        Reported labels are merged over the stored ones (operator labels stay)."""
+        ...
+
+    async def device_disconnected(
+        self, tenant: str, device_id: str, now: float | None = None
+    ) -> None: ...
+
+    async def touch_devices(self, batch: Sequence[tuple[str, str, float]]) -> None:
+        """``(tenant, device_id, ts)`` triples: last_seen = max(last_seen, ts). One transaction."""
+        ...
+
+    async def mark_all_disconnected(self) -> int:
+        """At controller start: nobody is connected yet. Returns how many were marked."""
+        ...
+
+    async def list_devices(self, tenant: str) -> list[DeviceRecord]: ...
+
+    async def get_device(self, tenant: str, device_id: str) -> DeviceRecord: ...
+
+    async def set_labels(self, tenant: str, device_id: str, labels: dict[str, str]) -> None:
+        """Replace the device's labels."""
+        ...
+
+    async def set_device_stats(self, tenant: str, device_id: str, stats: JsonDict) -> None:
+        """Replace the device's stats (telemetry buffer fill, dropped counters, ...)."""
+        ...
+
+    async def set_manifest_version(self, tenant: str, device_id: str, version: int) -> None:
+        """Record the manifest version the device reports it adopted."""
+        ...
+
+    # -- desired state -------------------------------------------------------------------
+    async def put_blob(self, tenant: str, data: bytes, *, digest: str | None = None) -> str:
+        """Store ``data`` content-addressed; returns its digest (``ValueError`` if a given
+        ``digest`` does not match)."""
+        ...
+
+    async def get_blob(self, tenant: str, digest: str) -> bytes: ...
+
+    async def has_blob(self, tenant: str, digest: str) -> bool: ...
+
+    async def missing_blobs(self, tenant: str, digests: Sequence[str]) -> list[str]: ...
+
+    async def put_deployment(
+        self,
+        tenant: str,
+        deployment_id: str,
+        *,
+        document: bytes,
+        name: str,
+        profile: str,
+        now: float | None = None,
+    ) -> DeploymentRecord:
+        """Store the document as a blob and record this version of the deployment
+        (idempotent for the same bytes)."""
+        ...
+
+    async def get_deployment(
+        self, tenant: str, deployment_id: str, digest: str | None = None
+    ) -> DeploymentRecord:
+        """The given version, or the newest when ``digest`` is None."""
+        ...
+
+    async def list_deployments(self, tenant: str) -> list[DeploymentRecord]:
+        """The newest version of every deployment of the tenant."""
+        ...
+
+    async def assign(
+        self,
+        tenant: str,
+        device_ids: str | Sequence[str],
+        deployment_id: str,
+        digest: str,
+        *,
+        now: float | None = None,
+    ) -> None:
+        """Assign (or re-point) a deployment version to devices, in one transaction.
+        ``NotFound`` if a device or the deployment version is unknown."""
+        ...
+
+    async def unassign(self, tenant: str, device_id: str, deployment_id: str) -> None:
+        """``NotFound`` if that deployment is not assigned to that device."""
+        ...
+
+    async def list_assignments(
+        self, tenant: str, device_id: str | None = None
+    ) -> list[AssignmentRecord]: ...
+
+    async def put_manifest(
+        self,
+        tenant: str,
+        device_id: str,
+        version: int,
+        manifest: bytes,
+        signature: bytes,
+        *,
+        now: float | None = None,
+    ) -> None:
+        """``ValueError`` unless ``version`` is above the device's latest manifest version."""
+        ...
+
+    async def latest_manifest(self, tenant: str, device_id: str) -> ManifestRecord | None: ...
+
+    async def put_status(
+        self,
+        tenant: str,
+        device_id: str,
+        status: JsonDict,
+        seq: int,
+        *,
+        now: float | None = None,
+    ) -> bool:
+        """Store the latest status of ``status["deploymentId"]``; returns False (and changes
+        nothing) when a status with this or a later ``seq`` is already stored."""
+        ...
+
+    async def put_statuses(
+        self,
+        tenant: str,
+        device_id: str,
+        items: Sequence[tuple[JsonDict, int]],
+        *,
+        now: float | None = None,
+    ) -> int:
+        """Batch form of ``put_status``; returns how many were stored."""
+        ...
+
+    async def list_statuses(
+        self, tenant: str, device_id: str | None = None
+    ) -> list[StatusRecord]: ...
+
+    # -- telemetry -----------------------------------------------------------------------
+    async def ingest_telemetry(
+        self,
+        tenant: str,
+        device_id: str,
+        records: Sequence[tuple[int, str, bytes]],
+        *,
+        now: float | None = None,
+    ) -> int:
+        """Store ``(seq, stream, payload)`` records durably (duplicates ignored) and return the
+        highest contiguous seq now stored: the value the controller may ack."""
+        ...
+
+    async def telemetry_watermark(self, tenant: str, device_id: str) -> int:
+        """Highest contiguous seq stored (gaps count as stored); 0 before any record."""
+        ...
+
+    async def record_gap(
+        self, tenant: str, device_id: str, first: int, last: int, *, now: float | None = None
+    ) -> int:
+        """The device lost records ``first..last`` (inclusive): remember it, emit a
+        ``telemetry.gap`` event, and return the watermark (which may move past the gap)."""
+        ...
+
+    async def query_telemetry(
+        self,
+        tenant: str,
+        device_id: str,
+        stream: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        *,
+        after_seq: int | None = None,
+    ) -> list[TelemetryRecord]:
+        """Records in ascending seq order. With ``since`` (received_at, unix seconds) or
+        ``after_seq``: the first ``limit`` after that point; with neither: the newest
+        ``limit``."""
+        ...
+
+    async def prune_telemetry(self, tenant: str, before: float) -> int:
+        """Delete records received before ``before``; returns how many."""
+        ...
+
+    # -- terminal audit ------------------------------------------------------------------
+    async def start_session_audit(
+        self,
+        tenant: str,
+        device_id: str,
+        *,
+        operator: str,
+        command: str | None = None,
+        now: float | None = None,
+    ) -> int: ...
+
+    async def finish_session_audit(
+        self,
+        audit_id: int,
+        *,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        reason: str | None = None,
+        now: float | None = None,
+        tenant: str | None = None,
+    ) -> None:
+        """``NotFound`` for an unknown id (or one of another tenant when ``tenant`` is given)."""
+        ...
+
+    async def list_session_audits(self, tenant: str, limit: int = 100) -> list[SessionAudit]:
+        """Newest first."""
+        ...
+
+    # -- events --------------------------------------------------------------------------
+    async def add_event(
+        self,
+        tenant: str,
+        kind: str,
+        device_id: str | None = None,
+        payload: JsonDict | None = None,
+        *,
+        now: float | None = None,
+    ) -> int: ...
+
+    async def list_events(
+        self, tenant: str, after_id: int = 0, limit: int = 1000
+    ) -> list[EventRecord]: ...
+
+    async def wait_events(
+        self, tenant: str, after_id: int, *, timeout: float, limit: int = 1000
+    ) -> list[EventRecord]:
+        """Like ``list_events`` but waits up to ``timeout`` seconds for the first new event;
+        returns ``[]`` on timeout. Used by the streaming event feed."""
+        ...

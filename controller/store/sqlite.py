@@ -1,0 +1,471 @@
+"""The embedded store: SQLite in WAL mode, driven from one dedicated worker thread.
+
+Theory of operation
+-------------------
+SQLite calls block, so none of them may run on the event loop. ``SqliteStore`` owns one
+connection and one worker thread (a single-thread executor); every method submits a function
+to that thread and awaits the result, so calls are serialised in submission order and the
+connection never changes threads (``check_same_thread`` stays on to prove it). Each call runs
+in one transaction (``BEGIN IMMEDIATE`` for writes, so a batch is all-or-nothing). The SQL
+itself lives in the ``sqlite_*`` modules, one per concern, as plain functions of a connection.
+
+Events appended inside a transaction wake ``wait_events`` callers only after the commit; the
+wake-up is delivered with ``call_soon_threadsafe`` to whichever loop the waiter runs on.
+
+SQLite failures become ``StoreError`` naming the database file and saying what to do (disk
+full, corrupt or foreign file, locked by another process, newer schema).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from controller.store import sqlite_desired as desired
+from controller.store import sqlite_devices as devices
+from controller.store import sqlite_events as events
+from controller.store import sqlite_telemetry as telemetry
+from controller.store.base import (
+    AssignmentRecord,
+    DeploymentRecord,
+    DeviceRecord,
+    EventRecord,
+    JsonDict,
+    ManifestRecord,
+    SessionAudit,
+    StatusRecord,
+    TelemetryRecord,
+)
+from controller.store.sqlite_events import StoreConnection
+from controller.store.sqlite_schema import migrate
+from margo_stream.errors import StoreError
+
+T = TypeVar("T")
+
+_CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
+_BUSY = {"SQLITE_BUSY", "SQLITE_LOCKED"}
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now
+
+
+class SqliteStore:
+    """``Store`` on one SQLite file. Use ``async with SqliteStore(path) as store:`` or call
+    ``open()`` / ``close()``."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+        self.path = str(Path(path))
+        self._busy_timeout = busy_timeout
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: StoreConnection | None = None
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None], str]] = set()
+        self._waiters_lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="margo-store")
+        try:
+            await self._submit(self._connect)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        try:
+            await self._submit(self._disconnect)
+        finally:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    async def __aenter__(self) -> SqliteStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _connect(self) -> None:
+        parent = Path(self.path).parent
+        if not parent.is_dir():
+            raise StoreError(f"cannot open database {self.path}: directory {parent} does not exist")
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self._busy_timeout,
+            isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+            factory=StoreConnection,
+        )
+        assert isinstance(conn, StoreConnection)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"database {self.path}: cannot switch to WAL mode (got {mode})")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
+            migrate(conn, self.path)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.execute("PRAGMA optimize")
+            finally:
+                self._conn.close()
+                self._conn = None
+
+    # -- the worker thread ---------------------------------------------------------------
+
+    async def _submit(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise StoreError(f"store {self.path} is not open")
+        future = self._executor.submit(self._guarded, fn, *args)
+        return await asyncio.wrap_future(future)
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except sqlite3.Error as exc:
+            raise self._store_error(exc) from exc
+
+    def _store_error(self, exc: sqlite3.Error) -> StoreError:
+        name = getattr(exc, "sqlite_errorname", "") or ""
+        text = str(exc)
+        if name == "SQLITE_FULL" or "disk is full" in text:
+            return StoreError(
+                f"database {self.path}: disk full ({text}); free space on its filesystem"
+            )
+        if name in _CORRUPT or "not a database" in text or "malformed" in text:
+            return StoreError(
+                f"database {self.path} is corrupt or not a SQLite database ({text}); restore it"
+                " from a backup or move it aside to start with an empty store"
+            )
+        if name in _BUSY or "locked" in text:
+            return StoreError(f"database {self.path} is locked by another process ({text})")
+        if name == "SQLITE_CANTOPEN" or "unable to open" in text:
+            return StoreError(f"cannot open database {self.path} ({text})")
+        if name == "SQLITE_READONLY" or "readonly" in text:
+            return StoreError(f"database {self.path} is read-only ({text})")
+        return StoreError(f"database {self.path}: {text}")
+
+    def _in_tx(self, write: bool, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._conn
+        if conn is None:
+            raise StoreError(f"store {self.path} is closed")
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            result = fn(conn, *args)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.new_event_tenants.clear()
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if conn.new_event_tenants:
+            tenants = set(conn.new_event_tenants)
+            conn.new_event_tenants.clear()
+            self._wake(tenants)
+        return result
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._submit(self._in_tx, True, fn, *args)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._submit(self._in_tx, False, fn, *args)
+
+    def _wake(self, tenants: set[str]) -> None:
+        with self._waiters_lock:
+            targets = [(loop, fut) for loop, fut, t in self._waiters if t in tenants]
+        for loop, fut in targets:
+            try:
+                loop.call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:  # that loop is closed
+                pass
+
+    # -- devices -------------------------------------------------------------------------
+
+    async def device_connected(
+        self,
+        tenant: str,
+        device_id: str,
+        *,
+        capabilities: JsonDict,
+        labels: dict[str, str],
+        manifest_version: int | None,
+        remote: str,
+        now: float | None = None,
+    ) -> DeviceRecord:
+        return await self._write(
+            devices.device_connected, tenant, device_id, capabilities, labels,
+            manifest_version, remote, _now(now),
+        )
+
+    async def device_disconnected(
+        self, tenant: str, device_id: str, now: float | None = None
+    ) -> None:
+        await self._write(devices.device_disconnected, tenant, device_id, _now(now))
+
+    async def touch_devices(self, batch: Sequence[tuple[str, str, float]]) -> None:
+        if batch:
+            await self._write(devices.touch_devices, list(batch))
+
+    async def mark_all_disconnected(self) -> int:
+        return await self._write(devices.mark_all_disconnected)
+
+    async def list_devices(self, tenant: str) -> list[DeviceRecord]:
+        return await self._read(devices.list_devices, tenant)
+
+    async def get_device(self, tenant: str, device_id: str) -> DeviceRecord:
+        return await self._read(devices.get_device, tenant, device_id)
+
+    async def set_labels(self, tenant: str, device_id: str, labels: dict[str, str]) -> None:
+        await self._write(devices.set_labels, tenant, device_id, dict(labels), time.time())
+
+    async def set_device_stats(self, tenant: str, device_id: str, stats: JsonDict) -> None:
+        await self._write(devices.set_device_stats, tenant, device_id, stats)
+
+    async def set_manifest_version(self, tenant: str, device_id: str, version: int) -> None:
+        await self._write(devices.set_manifest_version, tenant, device_id, version)
+
+    # -- desired state -------------------------------------------------------------------
+
+    async def put_blob(self, tenant: str, data: bytes, *, digest: str | None = None) -> str:
+        return await self._write(desired.put_blob, tenant, data, digest, time.time())
+
+    async def get_blob(self, tenant: str, digest: str) -> bytes:
+        return await self._read(desired.get_blob, tenant, digest)
+
+    async def has_blob(self, tenant: str, digest: str) -> bool:
+        return await self._read(desired.has_blob, tenant, digest)
+
+    async def missing_blobs(self, tenant: str, digests: Sequence[str]) -> list[str]:
+        return await self._read(desired.missing_blobs, tenant, list(digests))
+
+    async def put_deployment(
+        self,
+        tenant: str,
+        deployment_id: str,
+        *,
+        document: bytes,
+        name: str,
+        profile: str,
+        now: float | None = None,
+    ) -> DeploymentRecord:
+        return await self._write(
+            desired.put_deployment, tenant, deployment_id, document, name, profile, _now(now)
+        )
+
+    async def get_deployment(
+        self, tenant: str, deployment_id: str, digest: str | None = None
+    ) -> DeploymentRecord:
+        return await self._read(desired.get_deployment, tenant, deployment_id, digest)
+
+    async def list_deployments(self, tenant: str) -> list[DeploymentRecord]:
+        return await self._read(desired.list_deployments, tenant)
+
+    async def assign(
+        self,
+        tenant: str,
+        device_ids: str | Sequence[str],
+        deployment_id: str,
+        digest: str,
+        *,
+        now: float | None = None,
+    ) -> None:
+        ids = [device_ids] if isinstance(device_ids, str) else list(device_ids)
+        await self._write(desired.assign, tenant, ids, deployment_id, digest, _now(now))
+
+    async def unassign(self, tenant: str, device_id: str, deployment_id: str) -> None:
+        await self._write(desired.unassign, tenant, device_id, deployment_id, time.time())
+
+    async def list_assignments(
+        self, tenant: str, device_id: str | None = None
+    ) -> list[AssignmentRecord]:
+        return await self._read(desired.list_assignments, tenant, device_id)
+
+    async def put_manifest(
+        self,
+        tenant: str,
+        device_id: str,
+        version: int,
+        manifest: bytes,
+        signature: bytes,
+        *,
+        now: float | None = None,
+    ) -> None:
+        await self._write(
+            desired.put_manifest, tenant, device_id, version, manifest, signature, _now(now)
+        )
+
+    async def latest_manifest(self, tenant: str, device_id: str) -> ManifestRecord | None:
+        return await self._read(desired.latest_manifest, tenant, device_id)
+
+    async def put_status(
+        self,
+        tenant: str,
+        device_id: str,
+        status: JsonDict,
+        seq: int,
+        *,
+        now: float | None = None,
+    ) -> bool:
+        return await self._write(desired.put_status, tenant, device_id, status, seq, _now(now))
+
+    async def put_statuses(
+        self,
+        tenant: str,
+        device_id: str,
+        items: Sequence[tuple[JsonDict, int]],
+        *,
+        now: float | None = None,
+    ) -> int:
+        when = _now(now)
+
+        def run(conn: StoreConnection) -> int:
+            return sum(
+                desired.put_status(conn, tenant, device_id, status, seq, when)
+                for status, seq in items
+            )
+
+        return await self._write(run) if items else 0
+
+    async def list_statuses(
+        self, tenant: str, device_id: str | None = None
+    ) -> list[StatusRecord]:
+        return await self._read(desired.list_statuses, tenant, device_id)
+
+    # -- telemetry -----------------------------------------------------------------------
+
+    async def ingest_telemetry(
+        self,
+        tenant: str,
+        device_id: str,
+        records: Sequence[tuple[int, str, bytes]],
+        *,
+        now: float | None = None,
+    ) -> int:
+        return await self._write(
+            telemetry.ingest_telemetry, tenant, device_id, list(records), _now(now)
+        )
+
+    async def telemetry_watermark(self, tenant: str, device_id: str) -> int:
+        return await self._read(telemetry.telemetry_watermark, tenant, device_id)
+
+    async def record_gap(
+        self, tenant: str, device_id: str, first: int, last: int, *, now: float | None = None
+    ) -> int:
+        return await self._write(telemetry.record_gap, tenant, device_id, first, last, _now(now))
+
+    async def query_telemetry(
+        self,
+        tenant: str,
+        device_id: str,
+        stream: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        *,
+        after_seq: int | None = None,
+    ) -> list[TelemetryRecord]:
+        return await self._read(
+            telemetry.query_telemetry, tenant, device_id, stream, since, limit, after_seq
+        )
+
+    async def prune_telemetry(self, tenant: str, before: float) -> int:
+        return await self._write(telemetry.prune_telemetry, tenant, before)
+
+    # -- terminal audit ------------------------------------------------------------------
+
+    async def start_session_audit(
+        self,
+        tenant: str,
+        device_id: str,
+        *,
+        operator: str,
+        command: str | None = None,
+        now: float | None = None,
+    ) -> int:
+        return await self._write(
+            events.start_session_audit, tenant, device_id, operator, command, _now(now)
+        )
+
+    async def finish_session_audit(
+        self,
+        audit_id: int,
+        *,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        reason: str | None = None,
+        now: float | None = None,
+        tenant: str | None = None,
+    ) -> None:
+        await self._write(
+            events.finish_session_audit, audit_id, bytes_in, bytes_out, reason, _now(now), tenant
+        )
+
+    async def list_session_audits(self, tenant: str, limit: int = 100) -> list[SessionAudit]:
+        return await self._read(events.list_session_audits, tenant, limit)
+
+    # -- events --------------------------------------------------------------------------
+
+    async def add_event(
+        self,
+        tenant: str,
+        kind: str,
+        device_id: str | None = None,
+        payload: JsonDict | None = None,
+        *,
+        now: float | None = None,
+    ) -> int:
+        return await self._write(events.add_event, tenant, kind, device_id, payload, _now(now))
+
+    async def list_events(
+        self, tenant: str, after_id: int = 0, limit: int = 1000
+    ) -> list[EventRecord]:
+        return await self._read(events.list_events, tenant, after_id, limit)
+
+    async def wait_events(
+        self, tenant: str, after_id: int, *, timeout: float, limit: int = 1000
+    ) -> list[EventRecord]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            fut: asyncio.Future[None] = loop.create_future()
+            entry = (loop, fut, tenant)
+            with self._waiters_lock:
+                self._waiters.add(entry)
+            try:
+                # Registered before reading, so an event committed in between still wakes us.
+                found = await self.list_events(tenant, after_id, limit)
+                if found:
+                    return found
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return []
+                try:
+                    await asyncio.wait_for(fut, remaining)
+                except TimeoutError:
+                    return []
+            finally:
+                with self._waiters_lock:
+                    self._waiters.discard(entry)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,282 @@
+"""SQLite store, part: desired state (blobs, deployments, assignments, manifests) and the
+deployment statuses devices report. Runs on the worker thread inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from controller.store.base import AssignmentRecord, DeploymentRecord, ManifestRecord, StatusRecord
+from controller.store.sqlite_devices import require_device
+from controller.store.sqlite_events import StoreConnection, add_event, dumps, loads
+from margo_stream.errors import NotFound
+from margo_stream.state.digest import sha256_digest
+
+# -- blobs -----------------------------------------------------------------------------------
+
+
+def put_blob(
+    conn: StoreConnection, tenant: str, data: bytes, digest: str | None, now: float
+) -> str:
+    actual = sha256_digest(data)
+    if digest is not None and digest != actual:
+        raise ValueError(f"blob digest mismatch: given {digest}, content is {actual}")
+    conn.execute(
+        "INSERT OR IGNORE INTO blobs (tenant, digest, data, created) VALUES (?, ?, ?, ?)",
+        (tenant, actual, bytes(data), now),
+    )
+    return actual
+
+
+def get_blob(conn: StoreConnection, tenant: str, digest: str) -> bytes:
+    row = conn.execute(
+        "SELECT data FROM blobs WHERE tenant = ? AND digest = ?", (tenant, digest)
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"blob {digest} not found")
+    return bytes(row[0])
+
+
+def has_blob(conn: StoreConnection, tenant: str, digest: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM blobs WHERE tenant = ? AND digest = ?", (tenant, digest)
+    ).fetchone()
+    return row is not None
+
+
+def missing_blobs(conn: StoreConnection, tenant: str, digests: Sequence[str]) -> list[str]:
+    return [d for d in dict.fromkeys(digests) if not has_blob(conn, tenant, d)]
+
+
+# -- deployments -----------------------------------------------------------------------------
+
+_DEPLOYMENT_COLUMNS = "tenant, deployment_id, digest, name, profile, created"
+
+
+def put_deployment(
+    conn: StoreConnection,
+    tenant: str,
+    deployment_id: str,
+    document: bytes,
+    name: str,
+    profile: str,
+    now: float,
+) -> DeploymentRecord:
+    if not deployment_id:
+        raise ValueError("deployment id must not be empty")
+    digest = put_blob(conn, tenant, document, None, now)
+    conn.execute(
+        "INSERT OR IGNORE INTO deployments (tenant, deployment_id, digest, name, profile, created)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (tenant, deployment_id, digest, name, profile, now),
+    )
+    return get_deployment(conn, tenant, deployment_id, digest)
+
+
+def get_deployment(
+    conn: StoreConnection, tenant: str, deployment_id: str, digest: str | None
+) -> DeploymentRecord:
+    if digest is None:
+        row = conn.execute(
+            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments"
+            " WHERE tenant = ? AND deployment_id = ? ORDER BY created DESC LIMIT 1",
+            (tenant, deployment_id),
+        ).fetchone()
+    else:
+        row = conn.execute(
+            f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments"
+            " WHERE tenant = ? AND deployment_id = ? AND digest = ?",
+            (tenant, deployment_id, digest),
+        ).fetchone()
+    if row is None:
+        what = deployment_id if digest is None else f"{deployment_id}@{digest}"
+        raise NotFound(f"deployment {what!r} not found")
+    return DeploymentRecord(*row)
+
+
+def list_deployments(conn: StoreConnection, tenant: str) -> list[DeploymentRecord]:
+    rows = conn.execute(
+        f"SELECT {_DEPLOYMENT_COLUMNS} FROM deployments d WHERE tenant = ? AND created = ("
+        " SELECT MAX(created) FROM deployments e"
+        " WHERE e.tenant = d.tenant AND e.deployment_id = d.deployment_id)"
+        " ORDER BY deployment_id",
+        (tenant,),
+    ).fetchall()
+    seen: dict[str, DeploymentRecord] = {}
+    for row in rows:  # two versions created in the same instant: keep one
+        seen.setdefault(row[1], DeploymentRecord(*row))
+    return list(seen.values())
+
+
+# -- assignments -----------------------------------------------------------------------------
+
+
+def assign(
+    conn: StoreConnection,
+    tenant: str,
+    device_ids: Sequence[str],
+    deployment_id: str,
+    digest: str,
+    now: float,
+) -> None:
+    get_deployment(conn, tenant, deployment_id, digest)
+    for device_id in device_ids:
+        require_device(conn, tenant, device_id)
+    for device_id in device_ids:
+        row = conn.execute(
+            "SELECT digest FROM assignments"
+            " WHERE tenant = ? AND device_id = ? AND deployment_id = ?",
+            (tenant, device_id, deployment_id),
+        ).fetchone()
+        if row is not None and row[0] == digest:
+            continue
+        conn.execute(
+            "INSERT INTO assignments (tenant, device_id, deployment_id, digest, assigned_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant, device_id, deployment_id)"
+            " DO UPDATE SET digest = excluded.digest, assigned_at = excluded.assigned_at",
+            (tenant, device_id, deployment_id, digest, now),
+        )
+        add_event(
+            conn, tenant, "deployment.assigned", device_id,
+            {"deploymentId": deployment_id, "digest": digest}, now,
+        )
+
+
+def unassign(
+    conn: StoreConnection, tenant: str, device_id: str, deployment_id: str, now: float
+) -> None:
+    cur = conn.execute(
+        "DELETE FROM assignments WHERE tenant = ? AND device_id = ? AND deployment_id = ?",
+        (tenant, device_id, deployment_id),
+    )
+    if cur.rowcount == 0:
+        raise NotFound(f"deployment {deployment_id!r} is not assigned to device {device_id!r}")
+    add_event(
+        conn, tenant, "deployment.unassigned", device_id, {"deploymentId": deployment_id}, now
+    )
+
+
+def list_assignments(
+    conn: StoreConnection, tenant: str, device_id: str | None
+) -> list[AssignmentRecord]:
+    sql = "SELECT tenant, device_id, deployment_id, digest, assigned_at FROM assignments"
+    if device_id is None:
+        rows = conn.execute(
+            sql + " WHERE tenant = ? ORDER BY device_id, deployment_id", (tenant,)
+        ).fetchall()
+    else:
+        rows = conn.execute(
+            sql + " WHERE tenant = ? AND device_id = ? ORDER BY deployment_id", (tenant, device_id)
+        ).fetchall()
+    return [AssignmentRecord(*r) for r in rows]
+
+
+# -- manifests -------------------------------------------------------------------------------
+
+
+def put_manifest(
+    conn: StoreConnection,
+    tenant: str,
+    device_id: str,
+    version: int,
+    manifest: bytes,
+    signature: bytes,
+    now: float,
+) -> None:
+    require_device(conn, tenant, device_id)
+    latest = latest_manifest(conn, tenant, device_id)
+    if latest is not None and version <= latest.version:
+        raise ValueError(
+            f"manifest version {version} for device {device_id!r} is not above the latest"
+            f" ({latest.version})"
+        )
+    conn.execute(
+        "INSERT INTO manifests (tenant, device_id, version, manifest, signature, created)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (tenant, device_id, version, bytes(manifest), bytes(signature), now),
+    )
+    add_event(conn, tenant, "manifest.created", device_id, {"manifestVersion": version}, now)
+
+
+def latest_manifest(
+    conn: StoreConnection, tenant: str, device_id: str
+) -> ManifestRecord | None:
+    row = conn.execute(
+        "SELECT tenant, device_id, version, manifest, signature, created FROM manifests"
+        " WHERE tenant = ? AND device_id = ? ORDER BY version DESC LIMIT 1",
+        (tenant, device_id),
+    ).fetchone()
+    if row is None:
+        return None
+    return ManifestRecord(row[0], row[1], row[2], bytes(row[3]), bytes(row[4]), row[5])
+
+
+# -- statuses --------------------------------------------------------------------------------
+
+
+def status_deployment_id(status: dict[str, Any]) -> str:
+    value = status.get("deploymentId", status.get("deployment_id"))
+    if not isinstance(value, str) or not value:
+        raise ValueError("a deployment status needs a non-empty 'deploymentId'")
+    return value
+
+
+def status_state(status: dict[str, Any]) -> str | None:
+    """The overall state of a status dict, in Margo's form (``status.state``) or flat."""
+    inner = status.get("status")
+    if isinstance(inner, dict) and isinstance(inner.get("state"), str):
+        return inner["state"]
+    state = status.get("state")
+    return state if isinstance(state, str) else None
+
+
+def put_status(
+    conn: StoreConnection,
+    tenant: str,
+    device_id: str,
+    status: dict[str, Any],
+    seq: int,
+    now: float,
+) -> bool:
+    deployment_id = status_deployment_id(status)
+    row = conn.execute(
+        "SELECT seq, status FROM statuses"
+        " WHERE tenant = ? AND device_id = ? AND deployment_id = ?",
+        (tenant, device_id, deployment_id),
+    ).fetchone()
+    if row is not None and seq <= row[0]:
+        return False
+    if row is None:
+        require_device(conn, tenant, device_id)
+    conn.execute(
+        "INSERT INTO statuses (tenant, device_id, deployment_id, status, seq, updated_at)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, device_id, deployment_id)"
+        " DO UPDATE SET status = excluded.status, seq = excluded.seq,"
+        " updated_at = excluded.updated_at",
+        (tenant, device_id, deployment_id, dumps(status), seq, now),
+    )
+    previous = status_state(loads(row[1])) if row is not None else None
+    state = status_state(status)
+    if state != previous:
+        add_event(
+            conn, tenant, "deployment.status", device_id,
+            {"deploymentId": deployment_id, "state": state, "previous": previous},
+            now,
+        )
+    return True
+
+
+def list_statuses(
+    conn: StoreConnection, tenant: str, device_id: str | None
+) -> list[StatusRecord]:
+    sql = "SELECT tenant, device_id, deployment_id, status, seq, updated_at FROM statuses"
+    if device_id is None:
+        rows = conn.execute(
+            sql + " WHERE tenant = ? ORDER BY device_id, deployment_id", (tenant,)
+        ).fetchall()
+    else:
+        rows = conn.execute(
+            sql + " WHERE tenant = ? AND device_id = ? ORDER BY deployment_id", (tenant, device_id)
+        ).fetchall()
+    return [StatusRecord(r[0], r[1], r[2], loads(r[3]), r[4], r[5]) for r in rows]

@@ -1,0 +1,176 @@
+"""The SQLite schema as an ordered list of migrations, and the code that applies them.
+
+``MIGRATIONS[i]`` takes a database from schema version ``i`` to ``i + 1``. Never edit a
+migration that has shipped; append a new one. The version lives in ``schema_version``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from margo_stream.errors import StoreError
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the initial schema
+    """
+    CREATE TABLE devices (
+        tenant TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        capabilities TEXT NOT NULL DEFAULT '{}',
+        labels TEXT NOT NULL DEFAULT '{}',
+        connected INTEGER NOT NULL DEFAULT 0,
+        last_seen REAL,
+        first_seen REAL NOT NULL,
+        connection_count INTEGER NOT NULL DEFAULT 0,
+        manifest_version INTEGER,
+        remote TEXT,
+        stats TEXT NOT NULL DEFAULT '{}',
+        PRIMARY KEY (tenant, device_id)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE blobs (
+        tenant TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        data BLOB NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (tenant, digest)
+    );
+
+    CREATE TABLE deployments (
+        tenant TEXT NOT NULL,
+        deployment_id TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        name TEXT NOT NULL,
+        profile TEXT NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (tenant, deployment_id, digest),
+        FOREIGN KEY (tenant, digest) REFERENCES blobs (tenant, digest)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE assignments (
+        tenant TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        deployment_id TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        assigned_at REAL NOT NULL,
+        PRIMARY KEY (tenant, device_id, deployment_id),
+        FOREIGN KEY (tenant, device_id) REFERENCES devices (tenant, device_id),
+        FOREIGN KEY (tenant, deployment_id, digest)
+            REFERENCES deployments (tenant, deployment_id, digest)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE manifests (
+        tenant TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        manifest BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (tenant, device_id, version),
+        FOREIGN KEY (tenant, device_id) REFERENCES devices (tenant, device_id)
+    );
+
+    CREATE TABLE statuses (
+        tenant TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        deployment_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (tenant, device_id, deployment_id),
+        FOREIGN KEY (tenant, device_id) REFERENCES devices (tenant, device_id)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE telemetry (
+        tenant TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        stream TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        payload BLOB NOT NULL,
+        PRIMARY KEY (tenant, device_id, seq),
+        FOREIGN KEY (tenant, device_id) REFERENCES devices (tenant, device_id)
+    );
+    CREATE INDEX telemetry_by_time ON telemetry (tenant, device_id, received_at);
+    CREATE INDEX telemetry_by_tenant_time ON telemetry (tenant, received_at);
+
+    CREATE TABLE telemetry_state (
+        tenant TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        watermark INTEGER NOT NULL,
+        PRIMARY KEY (tenant, device_id)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE telemetry_gaps (
+        tenant TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        first INTEGER NOT NULL,
+        last INTEGER NOT NULL,
+        recorded_at REAL NOT NULL,
+        PRIMARY KEY (tenant, device_id, first)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE session_audits (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        operator TEXT NOT NULL,
+        command TEXT,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        bytes_in INTEGER NOT NULL DEFAULT 0,
+        bytes_out INTEGER NOT NULL DEFAULT 0,
+        reason TEXT
+    );
+    CREATE INDEX session_audits_by_tenant ON session_audits (tenant, id);
+
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        tenant TEXT NOT NULL,
+        ts REAL NOT NULL,
+        kind TEXT NOT NULL,
+        device_id TEXT,
+        payload TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX events_by_tenant ON events (tenant, id);
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _split(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def migrate(conn: sqlite3.Connection, path: str) -> int:
+    """Bring the database at ``conn`` to ``SCHEMA_VERSION``; returns the version it had.
+
+    Each migration runs in its own transaction together with the version bump, so a crash
+    leaves the database at one version or the next. ``conn`` must be in autocommit mode.
+    """
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
+    if row is None:
+        conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+        current = 0
+    else:
+        current = int(row[0])
+    if current > SCHEMA_VERSION:
+        raise StoreError(
+            f"database {path} has schema version {current}, newer than this controller "
+            f"supports ({SCHEMA_VERSION}); upgrade margo-stream or use another database"
+        )
+    start = current
+    for version in range(current, SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _split(MIGRATIONS[version]):
+                conn.execute(statement)
+            conn.execute("UPDATE schema_version SET version = ?", (version + 1,))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    return start

@@ -1,0 +1,157 @@
+"""SQLite store, part: telemetry records, the ack watermark and gaps.
+
+The watermark of a device is the highest seq ``w`` such that every seq from the device's first
+known seq up to ``w`` is either stored or declared lost by a gap; the controller acks ``w`` and
+the agent may then drop everything up to it. A device's first batch (or first gap) sets the
+starting point, so an agent whose buffer was trimmed before it ever reached this controller is
+not stuck waiting for records nobody has. Runs on the worker thread inside the caller's
+transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from controller.store.base import TelemetryRecord
+from controller.store.sqlite_devices import require_device
+from controller.store.sqlite_events import StoreConnection, add_event
+
+_WALK_CHUNK = 1024
+
+
+def _stored_watermark(conn: StoreConnection, tenant: str, device_id: str) -> int | None:
+    row = conn.execute(
+        "SELECT watermark FROM telemetry_state WHERE tenant = ? AND device_id = ?",
+        (tenant, device_id),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def _advance(conn: StoreConnection, tenant: str, device_id: str, w: int) -> int:
+    while True:
+        rows = conn.execute(
+            "SELECT seq FROM telemetry WHERE tenant = ? AND device_id = ? AND seq > ?"
+            " ORDER BY seq LIMIT ?",
+            (tenant, device_id, w, _WALK_CHUNK),
+        ).fetchall()
+        for (seq,) in rows:
+            if seq != w + 1:
+                break
+            w = seq
+        else:
+            if len(rows) == _WALK_CHUNK:
+                continue  # the whole chunk was contiguous: look further
+        gap = conn.execute(
+            "SELECT MAX(last) FROM telemetry_gaps"
+            " WHERE tenant = ? AND device_id = ? AND first <= ? AND last > ?",
+            (tenant, device_id, w + 1, w),
+        ).fetchone()
+        if gap is None or gap[0] is None:
+            return w
+        w = int(gap[0])
+
+
+def _save_watermark(
+    conn: StoreConnection, tenant: str, device_id: str, start: int | None, w: int
+) -> None:
+    if start == w:
+        return
+    conn.execute(
+        "INSERT INTO telemetry_state (tenant, device_id, watermark) VALUES (?, ?, ?)"
+        " ON CONFLICT (tenant, device_id) DO UPDATE SET watermark = excluded.watermark",
+        (tenant, device_id, w),
+    )
+
+
+def ingest_telemetry(
+    conn: StoreConnection,
+    tenant: str,
+    device_id: str,
+    records: Sequence[tuple[int, str, bytes]],
+    now: float,
+) -> int:
+    require_device(conn, tenant, device_id)
+    rows = []
+    for seq, stream, payload in records:
+        if not isinstance(seq, int) or seq < 1:
+            raise ValueError(f"telemetry seq must be a positive integer, got {seq!r}")
+        rows.append((tenant, device_id, seq, str(stream), now, bytes(payload)))
+    stored = _stored_watermark(conn, tenant, device_id)
+    if not rows:
+        return stored or 0
+    conn.executemany(
+        "INSERT OR IGNORE INTO telemetry (tenant, device_id, seq, stream, received_at, payload)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    start = stored if stored is not None else min(r[2] for r in rows) - 1
+    w = _advance(conn, tenant, device_id, start)
+    _save_watermark(conn, tenant, device_id, stored, w)
+    return w
+
+
+def telemetry_watermark(conn: StoreConnection, tenant: str, device_id: str) -> int:
+    require_device(conn, tenant, device_id)
+    return _stored_watermark(conn, tenant, device_id) or 0
+
+
+def record_gap(
+    conn: StoreConnection, tenant: str, device_id: str, first: int, last: int, now: float
+) -> int:
+    if first < 1 or last < first:
+        raise ValueError(f"invalid telemetry gap {first}..{last}")
+    require_device(conn, tenant, device_id)
+    conn.execute(
+        "INSERT INTO telemetry_gaps (tenant, device_id, first, last, recorded_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant, device_id, first)"
+        " DO UPDATE SET last = MAX(last, excluded.last)",
+        (tenant, device_id, first, last, now),
+    )
+    add_event(
+        conn, tenant, "telemetry.gap", device_id,
+        {"first": first, "last": last, "count": last - first + 1}, now,
+    )
+    stored = _stored_watermark(conn, tenant, device_id)
+    start = stored if stored is not None else first - 1
+    w = _advance(conn, tenant, device_id, start)
+    _save_watermark(conn, tenant, device_id, stored, w)
+    return w
+
+
+def query_telemetry(
+    conn: StoreConnection,
+    tenant: str,
+    device_id: str,
+    stream: str | None,
+    since: float | None,
+    limit: int,
+    after_seq: int | None,
+) -> list[TelemetryRecord]:
+    require_device(conn, tenant, device_id)
+    where = ["tenant = ?", "device_id = ?"]
+    args: list[object] = [tenant, device_id]
+    if stream is not None:
+        where.append("stream = ?")
+        args.append(stream)
+    if since is not None:
+        where.append("received_at >= ?")
+        args.append(since)
+    if after_seq is not None:
+        where.append("seq > ?")
+        args.append(after_seq)
+    newest = since is None and after_seq is None
+    order = "DESC" if newest else "ASC"
+    rows = conn.execute(
+        "SELECT tenant, device_id, seq, stream, received_at, payload FROM telemetry"
+        f" WHERE {' AND '.join(where)} ORDER BY seq {order} LIMIT ?",
+        (*args, max(0, limit)),
+    ).fetchall()
+    if newest:
+        rows.reverse()
+    return [TelemetryRecord(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
+
+
+def prune_telemetry(conn: StoreConnection, tenant: str, before: float) -> int:
+    return conn.execute(
+        "DELETE FROM telemetry WHERE tenant = ? AND received_at < ?", (tenant, before)
+    ).rowcount
