@@ -99,6 +99,8 @@ class _Frozen(BaseModel):
 class FileRef(_Frozen):
     """An extra file of a deployment: relative ``name`` and the digest of its bytes."""
 
+    model_config = ConfigDict(frozen=True, extra="forbid", from_attributes=True)
+
     name: str
     digest: str
 
@@ -402,7 +404,8 @@ def validate_file_name(name: str) -> str:
     return name
 
 
-def _valid_id(value: str) -> bool:
+def valid_id(value: str) -> bool:
+    """A deployment or component id that is safe as a single file name component."""
     return _ID_RE.fullmatch(value) is not None and value not in (".", "..")
 
 
@@ -437,7 +440,7 @@ def _build(ctx: _Context, data: Any) -> Deployment:
     dep_id = ann.get("id")
     if dep_id is None:
         raise ctx.error(ann_path + ("id",), "required field is missing (the deployment id)")
-    if not isinstance(dep_id, str) or not _valid_id(dep_id):
+    if not isinstance(dep_id, str) or not valid_id(dep_id):
         raise ctx.error(ann_path + ("id",), f"deployment id {_show(dep_id)} must match [A-Za-z0-9._-]{{1,200}} (it names files)")
     if raw.id is not None and raw.id != dep_id:
         raise ctx.error(("id",), f"id {raw.id!r} differs from metadata.annotations.id {dep_id!r}")
@@ -475,7 +478,7 @@ def _build(ctx: _Context, data: Any) -> Deployment:
     for i, (rc, rc_d) in enumerate(zip(raw_components, spec_d["deploymentProfile"]["components"], strict=True)):
         path = prof_path + ("components", i)
         _check_keys(ctx, path, rc_d, ("name", "properties"))
-        if not _valid_id(rc.name):
+        if not valid_id(rc.name):
             raise ctx.error(path + ("name",), f"component name {_show(rc.name)} must match [A-Za-z0-9._-]{{1,200}}")
         if rc.name in seen:
             raise ctx.error(path + ("name",), f"duplicate component name {rc.name!r}")
