@@ -179,8 +179,14 @@ def _exec_child(
     path: str, argv: list[str], env: dict[str, str], cwd: str, slave_fd: int, err_fd: int
 ) -> NoReturn:
     """Runs in the forked child: become a session leader on the slave, then exec."""
-    step = "reset signals"
+    step = "prepare file descriptors"
     try:
+        # An agent started with stdio closed gets fds 0-2 from openpty()/pipe(): move them
+        # above 2 first, so the dup2 calls below neither clobber nor no-op on them.
+        if err_fd <= 2:
+            err_fd = fcntl.fcntl(err_fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        if slave_fd <= 2:
+            slave_fd = fcntl.fcntl(slave_fd, fcntl.F_DUPFD_CLOEXEC, 3)
         for sig in _RESET_SIGNALS:
             try:
                 signal.signal(sig, signal.SIG_DFL)
@@ -194,8 +200,7 @@ def _exec_child(
         step = "redirect stdio"
         for fd in (0, 1, 2):
             os.dup2(slave_fd, fd)  # dup2 makes the copies inheritable
-        if slave_fd > 2:
-            os.close(slave_fd)
+        os.close(slave_fd)
         step = f"chdir to {cwd!r}"
         os.chdir(cwd)
         step = f"exec {path!r}"

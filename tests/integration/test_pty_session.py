@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import termios
 
 import anyio
@@ -250,6 +252,39 @@ async def test_spawn_errors_are_terminal_errors(tmp_path: os.PathLike[str]) -> N
         await PtySession.spawn(["sh"], rows=0, cols=80)
     with pytest.raises(TerminalError, match="non-empty"):
         await PtySession.spawn([], rows=24, cols=80)
+
+
+CLOSED_STDIO_SCRIPT = """
+import os, sys, anyio
+from agent.terminal.pty_session import PtySession
+
+async def main():
+    for fd in (0, 1, 2):  # after the event loop took its fds, so openpty() gets these
+        os.close(fd)
+    session = await PtySession.spawn(["sh", "-c", "echo out; echo err >&2; exit 7"],
+                                     rows=24, cols=80)
+    output = b""
+    while data := await session.read():
+        output += data
+    status = await session.wait()
+    await session.close()
+    with open(sys.argv[1], "w") as report:
+        report.write(f"{status} {output!r}")
+
+anyio.run(main)
+"""
+
+
+def test_spawn_from_a_process_with_closed_stdio(tmp_path: os.PathLike[str]) -> None:
+    # An agent whose fds 0-2 are closed gets those numbers back from openpty()/pipe().
+    report = os.path.join(tmp_path, "report")
+    script = os.path.join(tmp_path, "closed_stdio.py")
+    with open(script, "w") as script_file:
+        script_file.write(CLOSED_STDIO_SCRIPT)
+    completed = subprocess.run([sys.executable, script, report], timeout=TIMEOUT_S * 2)
+    assert completed.returncode == 0
+    with open(report) as report_file:
+        assert report_file.read() == "7 b'out\\r\\nerr\\r\\n'"
 
 
 # ------------------------------------------------------------------- operator tty helpers
