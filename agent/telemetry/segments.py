@@ -1,0 +1,244 @@
+"""On-disk framing of the telemetry buffer: segment files, record frames and the recovery scan.
+
+Theory of operation
+-------------------
+The buffer is a directory of segment files named ``seg-<base_seq:020d>.log``. A segment starts
+with a 20-byte header and holds records with consecutive sequence numbers, appended in order::
+
+    segment header  = magic "MSTLSEG1" (8) | base_seq u64 | crc32 of the first 16 bytes u32
+    record frame    = magic F5 A7 (2) | length u32 | seq u64 | payload crc32 u32
+                      | header crc32 u32 (over the 18 bytes before it) | payload (length bytes)
+
+``base_seq`` is the first sequence number the segment was created to hold; an empty segment
+still remembers it, so the newest segment alone proves which numbers were already handed out.
+The record magic starts with 0xF5, a byte that never occurs in UTF-8 text, so the resync scan
+after a damaged header cannot lock onto JSON payload bytes; the separate header checksum tells
+a damaged length field (framing lost: scan forward for the next valid frame) from a damaged
+payload (framing intact: step over exactly one record).
+
+``scan_segment`` is pure: it takes the bytes of one segment and reports valid records and bad
+regions. Deciding whether a bad region at the end of the newest segment is a torn tail (trim
+it) or corruption (count it) is the caller's job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import zlib
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SEGMENT_MAGIC = b"MSTLSEG1"
+RECORD_MAGIC = b"\xf5\xa7"
+SEGMENT_HEADER = struct.Struct("<8sQI")
+RECORD_HEADER = struct.Struct("<2sIQII")
+SEG_HDR_SIZE = SEGMENT_HEADER.size  # 20
+REC_HDR_SIZE = RECORD_HEADER.size  # 22
+_HDR_CRC_SPAN = REC_HDR_SIZE - 4
+# A length field larger than this is certainly damage, whatever the configured limit.
+LENGTH_SANITY = 16 * 1024 * 1024
+SEGMENT_NAME = re.compile(r"^seg-(\d{20})\.log$")
+
+
+def segment_name(base_seq: int) -> str:
+    return f"seg-{base_seq:020d}.log"
+
+
+def encode_segment_header(base_seq: int) -> bytes:
+    head = SEGMENT_MAGIC + struct.pack("<Q", base_seq)
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def decode_segment_header(data: bytes) -> int | None:
+    """Return the base sequence of a segment header, or None if it is missing or damaged."""
+    if len(data) < SEG_HDR_SIZE:
+        return None
+    magic, base, crc = SEGMENT_HEADER.unpack_from(data, 0)
+    if magic != SEGMENT_MAGIC or zlib.crc32(data[:16]) != crc:
+        return None
+    return base
+
+
+def encode_record(seq: int, payload: bytes) -> bytes:
+    """Frame one record: header with both checksums, then the payload."""
+    head = struct.pack("<2sIQI", RECORD_MAGIC, len(payload), seq, zlib.crc32(payload))
+    return head + struct.pack("<I", zlib.crc32(head)) + payload
+
+
+def decode_record(frame: bytes | memoryview, expect_seq: int) -> bytes | None:
+    """Return the payload of ``frame`` if it is an intact record for ``expect_seq``."""
+    if len(frame) < REC_HDR_SIZE:
+        return None
+    magic, length, seq, pcrc, hcrc = RECORD_HEADER.unpack_from(frame, 0)
+    if (
+        magic != RECORD_MAGIC
+        or seq != expect_seq
+        or zlib.crc32(frame[:_HDR_CRC_SPAN]) != hcrc
+        or len(frame) != REC_HDR_SIZE + length
+    ):
+        return None
+    payload = bytes(frame[REC_HDR_SIZE:])
+    if zlib.crc32(payload) != pcrc:
+        return None
+    return payload
+
+
+@dataclass(slots=True)
+class BadRegion:
+    """Bytes ``[start, end)`` of a segment that hold no valid record.
+
+    ``seq`` is the sequence number from an intact header whose payload is damaged or cut
+    short; ``None`` when the header itself is unreadable. ``records`` estimates how many
+    records the region destroyed (from the gap between the valid sequence numbers around it).
+    """
+
+    start: int
+    end: int
+    seq: int | None
+    records: int
+    prev_seq: int
+
+
+@dataclass(slots=True)
+class ScanResult:
+    seqs: array = field(default_factory=lambda: array("Q"))
+    offsets: array = field(default_factory=lambda: array("Q"))
+    lengths: array = field(default_factory=lambda: array("I"))
+    bad: list[BadRegion] = field(default_factory=list)
+    max_seq_seen: int = 0  # highest seq in any intact header, valid payload or not
+    valid_end: int = SEG_HDR_SIZE  # offset just past the last valid record
+
+
+def _header_at(data: bytes, off: int) -> tuple[int, int, int] | None:
+    """(length, seq, payload crc) of an intact record header at ``off``, else None."""
+    if len(data) - off < REC_HDR_SIZE or data[off : off + 2] != RECORD_MAGIC:
+        return None
+    _magic, length, seq, pcrc, hcrc = RECORD_HEADER.unpack_from(data, off)
+    if zlib.crc32(data[off : off + _HDR_CRC_SPAN]) != hcrc or length > LENGTH_SANITY:
+        return None
+    return length, seq, pcrc
+
+
+def _resync(data: bytes, start: int, after_seq: int) -> int:
+    """Offset of the next fully valid record at or after ``start``; len(data) if none."""
+    pos = start
+    while True:
+        pos = data.find(RECORD_MAGIC, pos)
+        if pos < 0:
+            return len(data)
+        hdr = _header_at(data, pos)
+        if hdr is not None:
+            length, seq, pcrc = hdr
+            end = pos + REC_HDR_SIZE + length
+            if seq > after_seq and end <= len(data) and zlib.crc32(data[pos + REC_HDR_SIZE : end]) == pcrc:
+                return pos
+        pos += 1
+
+
+def scan_segment(data: bytes, base_seq: int) -> ScanResult:
+    """Parse every record of a segment (``data`` includes the segment header)."""
+    res = ScanResult()
+    n = len(data)
+    off = SEG_HDR_SIZE
+    last = base_seq - 1  # last seq accounted for (valid, or damaged with a readable header)
+    while off < n:
+        hdr = _header_at(data, off)
+        if hdr is None:
+            nxt = _resync(data, off + 1, last)
+            if nxt < n:
+                next_seq = RECORD_HEADER.unpack_from(data, nxt)[2]
+                lost = max(1, next_seq - last - 1)
+            else:
+                lost = 1
+            res.bad.append(BadRegion(off, nxt, None, lost, last))
+            off = nxt
+            continue
+        length, seq, pcrc = hdr
+        end = off + REC_HDR_SIZE + length
+        res.max_seq_seen = max(res.max_seq_seen, seq)
+        if end > n:
+            res.bad.append(BadRegion(off, n, seq, 1, last))
+            break
+        if seq <= last or zlib.crc32(data[off + REC_HDR_SIZE : end]) != pcrc:
+            res.bad.append(BadRegion(off, end, seq if seq > last else None, 1, last))
+            last = max(last, seq)
+            off = end
+            continue
+        res.seqs.append(seq)
+        res.offsets.append(off)
+        res.lengths.append(length)
+        res.valid_end = end
+        last = seq
+        off = end
+    return res
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """Segment files of ``directory`` as (base seq from the name, path), oldest first."""
+    found = []
+    for entry in os.scandir(directory):
+        m = SEGMENT_NAME.match(entry.name)
+        if m and entry.is_file():
+            found.append((int(m.group(1)), Path(entry.path)))
+    found.sort()
+    return found
+
+
+class Segment:
+    """One open segment file and the in-memory index of its valid records.
+
+    The index costs 20 bytes a record (three flat arrays), not a Python object per record.
+    """
+
+    __slots__ = (
+        "path",
+        "base_seq",
+        "fd",
+        "size",
+        "durable_size",
+        "seqs",
+        "offsets",
+        "lengths",
+        "bad_seqs",
+        "sealed",
+        "retired",
+    )
+
+    def __init__(self, path: Path, base_seq: int, fd: int, size: int) -> None:
+        self.path = path
+        self.base_seq = base_seq
+        self.fd = fd
+        self.size = size
+        self.durable_size = size
+        self.seqs = array("Q")
+        self.offsets = array("Q")
+        self.lengths = array("I")
+        self.bad_seqs: set[int] = set()  # indexed records found damaged when read
+        self.sealed = False
+        self.retired = False
+
+    @classmethod
+    def create(cls, directory: Path, base_seq: int) -> Segment:
+        """Create a new empty segment (not yet fsynced). Raises OSError, leaving no file."""
+        path = directory / segment_name(base_seq)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            header = encode_segment_header(base_seq)
+            if os.write(fd, header) != len(header):
+                raise OSError(28, "short write of segment header")
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return cls(path, base_seq, fd, SEG_HDR_SIZE)
+
+    @property
+    def count(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def last_seq(self) -> int | None:
+        return self.seqs[-1] if self.seqs else None
