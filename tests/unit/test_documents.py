@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,16 @@ def test_file_names_accepted(name: str) -> None:
 def test_file_names_refused(name: str) -> None:
     with pytest.raises(ValueError):
         validate_file_name(name)
+
+
+_values = st.text(st.characters(max_codepoint=0xFFFF, exclude_categories=("Cs",)), max_size=40)
+
+
+@given(value=_values, other=_values)
+def test_any_parameter_value_reaches_the_env(value: str, other: str) -> None:
+    template = (ROOT / "examples" / "process-heartbeat.yaml").read_text()
+    a = template.replace("value: SID-123-ABC", f"value: {json.dumps(value)}").encode()
+    b = template.replace("value: SID-123-ABC", f"value: {json.dumps(other)}").encode()
+    spec_a, spec_b = load_spec(a), load_spec(b)
+    assert dict(spec_a.components[0].env)["SITE_ID"] == value
+    assert (spec_a.components[0] == spec_b.components[0]) == (value == other)
