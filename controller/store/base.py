@@ -301,7 +301,8 @@ class Store(Protocol):
         ...
 
     async def telemetry_watermark(self, tenant: str, device_id: str) -> int:
-        """Highest contiguous seq stored (gaps count as stored); 0 before any record."""
+        """Highest contiguous seq stored (gaps count as stored); 0 before any record, also
+        for a device never seen (no ``NotFound``: sessions ask before ``device_connected``)."""
         ...
 
     async def record_gap(

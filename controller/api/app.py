@@ -1,0 +1,124 @@
+"""The operator HTTP API (Starlette). The controller serves it with uvicorn inside its own
+event loop; tests drive it through ``httpx.ASGITransport``.
+
+Every route under ``/api/v1`` is authenticated as one tenant's operator (``auth.py``) and
+answers only about that tenant. Every error, including unknown routes and unexpected
+failures, is an RFC 9457 problem details document.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from controller.api import (
+    routes_deployments,
+    routes_devices,
+    routes_events,
+    routes_sessions,
+    routes_telemetry,
+)
+from controller.api.auth import BearerAuthMiddleware
+from controller.api.openapi import openapi_document
+from controller.api.routes_common import ApiContext, ApiProblem, problem_response
+from controller.registry import SessionRegistry
+from margo_stream.errors import ConfigError, DocumentError, NotFound, StoreError
+
+log = logging.getLogger("margo.controller.api")
+
+
+async def healthz(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+async def openapi_json(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.state.openapi)
+
+
+async def _api_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiProblem)
+    return problem_response(exc.status, exc.detail, kind=exc.kind, title=exc.title)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        detail = f"no route {request.url.path}"
+    elif exc.status_code == 405:
+        detail = f"method {request.method} not allowed on {request.url.path}"
+    else:
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.status_code)
+    return problem_response(exc.status_code, detail, headers=dict(exc.headers or {}))
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return problem_response(404, str(exc), kind="not-found")
+
+
+async def _invalid(request: Request, exc: Exception) -> Response:
+    return problem_response(422, str(exc), kind="invalid-document")
+
+
+async def _bad_request(request: Request, exc: Exception) -> Response:
+    return problem_response(400, str(exc), kind="invalid-request")
+
+
+async def _store_error(request: Request, exc: Exception) -> Response:
+    log.error("store failure answering %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(503, f"the controller's store failed: {exc}", kind="store-unavailable")
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error answering %s %s", request.method, request.url.path,
+                  exc_info=exc)
+    return problem_response(500, "internal error; see the controller's log", kind="internal")
+
+
+def create_app(
+    *,
+    store: Any,
+    registry: SessionRegistry,
+    tokens: Mapping[str, str],
+    services: Any | None = None,
+) -> Starlette:
+    """The operator API over ``store`` (a ``controller.store.base.Store``) and ``registry``.
+
+    ``tokens`` maps operator token -> tenant and is consulted on every request (update it in
+    place to rotate). ``services``, when given, is told about desired-state changes through
+    ``await services.desired_changed(tenant, device_ids)``."""
+    routes: list[Route] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/api/v1/openapi.json", openapi_json, methods=["GET"]),
+        # device sub-resources first: the device route's id may contain '/'
+        *routes_deployments.routes(),
+        *routes_telemetry.routes(),
+        *routes_devices.routes(),
+        *routes_events.routes(),
+        *routes_sessions.routes(),
+    ]
+    handlers: dict[Any, Any] = {
+        ApiProblem: _api_problem,
+        HTTPException: _http_exception,
+        NotFound: _not_found,
+        DocumentError: _invalid,
+        ConfigError: _bad_request,
+        ValueError: _bad_request,
+        StoreError: _store_error,
+        Exception: _unexpected,
+    }
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(BearerAuthMiddleware, tokens=tokens)],
+        exception_handlers=handlers,
+    )
+    app.state.margo = ApiContext(store=store, registry=registry, services=services)
+    app.state.openapi = openapi_document()
+    return app

@@ -1,0 +1,152 @@
+"""What every route module shares: RFC 9457 problem details, the request's tenant, the app's
+collaborators, and parsing/formatting of times and query parameters."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from controller.registry import SessionRegistry
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_TYPE_PREFIX = "urn:margo-stream:problem:"
+TENANT_SCOPE_KEY = "margo.tenant"
+
+
+class ApiProblem(Exception):
+    """Raise from a route to answer with problem details."""
+
+    def __init__(
+        self, status: int, detail: str, *, kind: str | None = None, title: str | None = None
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.kind = kind
+        self.title = title
+
+
+def problem_body(
+    status: int, detail: str, *, kind: str | None = None, title: str | None = None
+) -> dict[str, Any]:
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    slug = kind or phrase.lower().replace(" ", "-").replace("'", "")
+    return {
+        "type": PROBLEM_TYPE_PREFIX + slug,
+        "title": title or phrase,
+        "status": status,
+        "detail": detail,
+    }
+
+
+def problem_response(
+    status: int,
+    detail: str,
+    *,
+    kind: str | None = None,
+    title: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        problem_body(status, detail, kind=kind, title=title),
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+@dataclass(slots=True)
+class ApiContext:
+    store: Any  # controller.store.base.Store
+    registry: SessionRegistry
+    services: Any | None  # optional: ``async def desired_changed(tenant, device_ids)``
+
+
+def context(request: Request) -> ApiContext:
+    return request.app.state.margo
+
+
+def tenant_of(request: Request) -> str:
+    tenant = request.scope.get(TENANT_SCOPE_KEY)
+    if not tenant:  # the auth middleware guards every /api/ path; this is a second lock
+        raise ApiProblem(401, "missing or invalid bearer token", kind="unauthorized")
+    return tenant
+
+
+def rfc3339(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_time(text: str, *, name: str, now: float | None = None) -> float:
+    """A point in time given as RFC 3339, unix seconds, or an age such as ``5m`` / ``2h``."""
+    value = text.strip()
+    match = _DURATION.match(value)
+    if match:
+        base = time.time() if now is None else now
+        return base - float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    try:
+        number = float(value)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(number):
+            return number
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ApiProblem(
+            400,
+            f"invalid {name} {text!r}: expected RFC 3339, unix seconds or an age like 5m",
+            kind="invalid-parameter",
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def int_param(
+    request: Request, name: str, default: int | None, *, minimum: int = 0, maximum: int | None = None
+) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiProblem(
+            400, f"query parameter {name!r} must be an integer, got {raw!r}",
+            kind="invalid-parameter",
+        ) from None
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = "" if maximum is None else f" and at most {maximum}"
+        raise ApiProblem(
+            400, f"query parameter {name!r} must be at least {minimum}{upper}, got {value}",
+            kind="invalid-parameter",
+        )
+    return value
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiProblem(400, "request body is not valid JSON", kind="invalid-body") from None
+    if not isinstance(body, dict):
+        raise ApiProblem(400, "request body must be a JSON object", kind="invalid-body")
+    return body

@@ -1,0 +1,233 @@
+"""``/api/v1/deployments``: apply Margo deployment documents to devices, list what each device
+runs, remove a deployment from a device.
+
+Applying stores each document's exact bytes as a content-addressed blob, records the
+deployment version and assigns it to the target devices; the controller's desired-state push
+(``services.desired_changed``) then builds, signs and sends the new manifests. A deployment is
+removed from a device by unassigning it: it leaves the device's next manifest, which is how
+Margo deletes (never by a 404).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from typing import Any
+
+import yaml
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from controller.api.routes_common import ApiProblem, context, json_body, rfc3339, tenant_of
+from controller.store.base import AssignmentRecord, StatusRecord
+from margo_stream.errors import DocumentError
+from margo_stream.state.digest import sha256_digest
+
+log = logging.getLogger("margo.controller.api")
+
+MAX_DOCUMENTS = 100
+
+
+def split_documents(text: str, source: str) -> list[bytes]:
+    """The exact bytes of each YAML document in ``text`` (digests are over exact bytes, so a
+    multi-document file becomes one blob per document)."""
+    try:
+        events = list(yaml.parse(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        raise DocumentError(f"{source}: invalid YAML: {exc}") from None
+    out: list[bytes] = []
+    start: int | None = None
+    for event in events:
+        if isinstance(event, yaml.DocumentStartEvent):
+            start = event.start_mark.index
+        elif isinstance(event, yaml.DocumentEndEvent) and start is not None:
+            chunk = text[start : event.end_mark.index]
+            if chunk.strip() and chunk.strip() != "---":
+                out.append(chunk.encode("utf-8"))
+            start = None
+    return out
+
+
+def _parse(data: bytes, source: str) -> Any:
+    from margo_stream.state import documents
+
+    return documents.parse_deployment(data, source=source)
+
+
+async def _targets(
+    ctx: Any, tenant: str, body: dict[str, Any], parsed: list[Any]
+) -> list[str]:
+    devices = body.get("devices") or []
+    selector = body.get("selector") or {}
+    if not isinstance(devices, list) or not all(isinstance(d, str) and d for d in devices):
+        raise ApiProblem(400, "'devices' must be a list of device ids", kind="invalid-body")
+    if not isinstance(selector, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in selector.items()
+    ):
+        raise ApiProblem(400, "'selector' must map label names to values", kind="invalid-body")
+    targets: dict[str, None] = {}
+    for device_id in devices:
+        await ctx.store.get_device(tenant, device_id)  # NotFound before anything is written
+        targets[device_id] = None
+    if selector:
+        for record in await ctx.store.list_devices(tenant):
+            if all(record.labels.get(k) == v for k, v in selector.items()):
+                targets[record.device_id] = None
+    if not devices and not selector:
+        named = {d.device_id for d in parsed if getattr(d, "device_id", None)}
+        if not named:
+            raise ApiProblem(
+                400,
+                "no target devices: give 'devices', a 'selector', or metadata.deviceId in the"
+                " documents",
+                kind="no-targets",
+            )
+        for device_id in sorted(named):
+            if device_id.endswith("/*"):
+                raise ApiProblem(
+                    400, f"metadata.deviceId {device_id!r} is a pattern; name devices explicitly",
+                    kind="no-targets",
+                )
+            await ctx.store.get_device(tenant, device_id)
+            targets[device_id] = None
+    return list(targets)
+
+
+async def apply_deployments(request: Request) -> JSONResponse:
+    tenant = tenant_of(request)
+    ctx = context(request)
+    body = await json_body(request)
+    texts = body.get("documents")
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ApiProblem(400, "'documents' must be a non-empty list of YAML texts",
+                         kind="invalid-body")
+    docs: list[tuple[bytes, Any]] = []
+    for i, text in enumerate(texts):
+        source = f"documents[{i}]"
+        for data in split_documents(text, source):
+            docs.append((data, _parse(data, source)))
+    if not docs:
+        raise DocumentError("no YAML document found in 'documents'")
+    if len(docs) > MAX_DOCUMENTS:
+        raise ApiProblem(400, f"at most {MAX_DOCUMENTS} documents per request",
+                         kind="invalid-body")
+    ids = [d.deployment_id for _, d in docs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise DocumentError(f"deployment id {duplicates[0]!r} appears twice in one request")
+
+    blobs = body.get("blobs") or []
+    if not isinstance(blobs, list):
+        raise ApiProblem(400, "'blobs' must be a list of base64 strings", kind="invalid-body")
+    decoded: list[bytes] = []
+    for i, blob in enumerate(blobs):
+        try:
+            decoded.append(base64.b64decode(blob, validate=True))
+        except (binascii.Error, TypeError, ValueError):
+            raise ApiProblem(400, f"blobs[{i}] is not valid base64", kind="invalid-body") from None
+    offered = {sha256_digest(b) for b in decoded}
+    wanted = [f.digest for _, d in docs for f in getattr(d, "files", ())]
+    missing = [dg for dg in await ctx.store.missing_blobs(tenant, wanted) if dg not in offered]
+    if missing:
+        raise DocumentError(
+            f"file blob {missing[0]} is neither stored nor included in 'blobs'"
+        )
+
+    targets = await _targets(ctx, tenant, body, [d for _, d in docs])
+    for blob in decoded:
+        await ctx.store.put_blob(tenant, blob)
+    applied = []
+    for data, dep in docs:
+        record = await ctx.store.put_deployment(
+            tenant, dep.deployment_id, document=data, name=dep.name, profile=str(dep.profile)
+        )
+        if targets:
+            await ctx.store.assign(tenant, targets, record.deployment_id, record.digest)
+        applied.append({"deploymentId": record.deployment_id, "digest": record.digest,
+                        "name": record.name, "profile": record.profile})
+    notified = await _notify(ctx, tenant, targets)
+    return JSONResponse({"deployments": applied, "devices": targets, "notified": notified})
+
+
+async def _notify(ctx: Any, tenant: str, device_ids: list[str]) -> bool:
+    hook = getattr(ctx.services, "desired_changed", None)
+    if hook is None or not device_ids:
+        return False
+    try:
+        await hook(tenant, list(device_ids))
+    except Exception:
+        # The change is stored; the push happens on the next change or reconnect.
+        log.exception("desired-state push failed for tenant %s", tenant)
+        return False
+    return True
+
+
+def deployment_item(
+    device_id: str, assignment: AssignmentRecord | None, status: StatusRecord | None
+) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "deploymentId": (assignment or status).deployment_id,  # type: ignore[union-attr]
+        "device": device_id,
+        "digest": assignment.digest if assignment else None,
+        "assigned": assignment is not None,
+        "state": "pending",
+        "components": [],
+        "manifestVersion": None,
+        "error": None,
+        "updated_at": rfc3339(assignment.assigned_at if assignment else None),
+    }
+    if status is not None:
+        doc = status.status
+        inner = doc.get("status") if isinstance(doc.get("status"), dict) else {}
+        item["state"] = inner.get("state") or doc.get("state") or "pending"
+        item["components"] = doc.get("components") or []
+        item["manifestVersion"] = doc.get("adoptedManifestVersion", doc.get("manifestVersion"))
+        item["error"] = inner.get("error") or doc.get("error")
+        item["updated_at"] = rfc3339(status.updated_at)
+    return item
+
+
+async def list_deployments(request: Request) -> JSONResponse:
+    tenant = tenant_of(request)
+    ctx = context(request)
+    device_id = request.query_params.get("device") or None
+    if device_id is not None:
+        await ctx.store.get_device(tenant, device_id)
+    assignments = {
+        (a.device_id, a.deployment_id): a
+        for a in await ctx.store.list_assignments(tenant, device_id)
+    }
+    statuses = {
+        (s.device_id, s.deployment_id): s
+        for s in await ctx.store.list_statuses(tenant, device_id)
+    }
+    items = [
+        deployment_item(key[0], assignments.get(key), statuses.get(key))
+        for key in sorted(assignments.keys() | statuses.keys())
+    ]
+    return JSONResponse({"items": items})
+
+
+async def delete_deployment(request: Request) -> Response:
+    tenant = tenant_of(request)
+    ctx = context(request)
+    device_id = request.path_params["device_id"]
+    deployment_id = request.path_params["deployment_id"]
+    await ctx.store.get_device(tenant, device_id)
+    await ctx.store.unassign(tenant, device_id, deployment_id)
+    await _notify(ctx, tenant, [device_id])
+    return Response(status_code=204)
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/api/v1/deployments", list_deployments, methods=["GET"]),
+        Route("/api/v1/deployments", apply_deployments, methods=["POST"]),
+        Route(
+            "/api/v1/devices/{device_id:path}/deployments/{deployment_id}",
+            delete_deployment,
+            methods=["DELETE"],
+        ),
+    ]

@@ -1,0 +1,76 @@
+"""``/api/v1/devices``: the tenant's devices, live facts from the session registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from controller.api.routes_common import context, rfc3339, tenant_of
+from controller.registry import SessionView
+from controller.store.base import DeviceRecord
+from margo_stream.errors import NotFound
+
+
+def device_item(tenant: str, record: DeviceRecord | None, view: SessionView | None) -> dict[str, Any]:
+    """One device as the API shows it. ``connected`` and, while connected, ``last_seen``,
+    ``remote`` and ``manifest_version`` come from the live session; the rest from the store."""
+    connected = view is not None
+    last_seen = view.last_seen if view is not None else (record.last_seen if record else None)
+    manifest_version = record.manifest_version if record else None
+    if view is not None and view.manifest_version is not None:
+        manifest_version = view.manifest_version
+    device_id = record.device_id if record is not None else view.device_id  # type: ignore[union-attr]
+    item: dict[str, Any] = {
+        "id": device_id,
+        "tenant": tenant,
+        "connected": connected,
+        "capabilities": record.capabilities if record else {},
+        "labels": record.labels if record else {},
+        "last_seen": rfc3339(last_seen),
+        "first_seen": rfc3339(record.first_seen if record else view.connected_since),  # type: ignore[union-attr]
+        "connection_count": record.connection_count if record else 1,
+        "manifest_version": manifest_version,
+        "stats": record.stats if record else {},
+    }
+    if view is not None:
+        item["remote"] = view.remote
+        item["connected_since"] = rfc3339(view.connected_since)
+    return item
+
+
+async def list_devices(request: Request) -> JSONResponse:
+    tenant = tenant_of(request)
+    ctx = context(request)
+    records = {r.device_id: r for r in await ctx.store.list_devices(tenant)}
+    live = {v.device_id: v for v in ctx.registry.of_tenant(tenant)}
+    items = [
+        device_item(tenant, records.get(device_id), live.get(device_id))
+        for device_id in sorted(records.keys() | live.keys())
+    ]
+    return JSONResponse({"items": items})
+
+
+async def get_device(request: Request) -> JSONResponse:
+    tenant = tenant_of(request)
+    ctx = context(request)
+    device_id = request.path_params["device_id"]
+    view = ctx.registry.get(tenant, device_id)
+    try:
+        record = await ctx.store.get_device(tenant, device_id)
+    except NotFound:
+        if view is None:
+            raise
+        record = None  # connected a moment ago; the store has not caught up yet
+    return JSONResponse(device_item(tenant, record, view))
+
+
+def routes() -> list[Route]:
+    # ``:path`` because Margo device ids may contain '/'; the sub-resource routes of a device
+    # are registered before these so they win.
+    return [
+        Route("/api/v1/devices", list_devices, methods=["GET"]),
+        Route("/api/v1/devices/{device_id:path}", get_device, methods=["GET"]),
+    ]
