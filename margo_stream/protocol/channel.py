@@ -96,9 +96,9 @@ class ChannelCore:
 
     def reset_received(self, stream_id: int, code: int) -> list[Event]:
         stream = self._streams.pop(stream_id, None)
-        if stream is None or stream.failed:
+        if stream is not None and stream.failed:
             return []
-        kind = stream.machine.kind if stream.machine else None
+        kind = stream.machine.kind if stream and stream.machine else None
         return [StreamFailed(stream_id, kind, code, ErrorCode.describe(code), reset_by_peer=True)]
 
     # --- outbound --------------------------------------------------------------------------------

@@ -1,0 +1,116 @@
+"""``margo-agent``: the device daemon (and ``margo-agent emit`` for producers)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from agent.config import AgentConfig
+from margo_stream.cli.common import fail, run_service
+from margo_stream.errors import ConfigError, MargoError
+from margo_stream.logs import setup_logging
+from margo_stream.transport.quic_client import parse_host_port
+
+PROG = "margo-agent"
+
+
+def _labels(values: list[str]) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--label {item!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Run the margo-stream device agent.")
+    p.add_argument(
+        "--identity",
+        required=True,
+        type=Path,
+        help="device identity directory made by margo-certs device",
+    )
+    p.add_argument("--controller", required=True, help="controller QUIC HOST:PORT")
+    p.add_argument("--server-name", help="controller TLS name (default: the --controller host)")
+    p.add_argument("--state", required=True, type=Path, help="agent state directory")
+    p.add_argument("--label", action="append", default=[], help="device label KEY=VALUE")
+    p.add_argument("--keepalive", type=float, help="keepalive seconds (default: controller's)")
+    p.add_argument("--idle-timeout", type=float, default=60.0)
+    p.add_argument("--connect-timeout", type=float, default=10.0)
+    p.add_argument("--backoff-base", type=float, default=0.5)
+    p.add_argument("--backoff-cap", type=float, default=30.0)
+    p.add_argument("--no-terminal", action="store_true", help="refuse every terminal request")
+    p.add_argument("--terminal-max-sessions", type=int, default=4)
+    p.add_argument("--terminal-idle-timeout", type=float, default=900.0)
+    p.add_argument(
+        "--buffer-max-bytes", type=int, default=256 << 20, help="telemetry buffer bound in bytes"
+    )
+    p.add_argument("--buffer-policy", choices=("drop-oldest", "reject"), default="drop-oldest")
+    p.add_argument(
+        "--commit-window-ms", type=float, default=2.0, help="telemetry group-commit window"
+    )
+    p.add_argument("--metrics-interval", type=float, default=30.0)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", choices=("json", "text"), default="json")
+    return p
+
+
+def emit_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"{PROG} emit", description="Write one telemetry record.")
+    p.add_argument("--state", required=True, type=Path)
+    p.add_argument("--stream", required=True)
+    p.add_argument("json", help="the record: a JSON object")
+    args = p.parse_args(argv)
+    from agent.telemetry.emit_cmd import run_emit
+
+    return run_emit(args.state, args.stream, args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["emit"]:
+        return emit_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        host, port = parse_host_port(args.controller, what="--controller")
+        config = AgentConfig(
+            identity=args.identity,
+            controller_host=host,
+            controller_port=port,
+            server_name=args.server_name,
+            state=args.state,
+            labels=_labels(args.label),
+            keepalive=args.keepalive,
+            idle_timeout=args.idle_timeout,
+            connect_timeout=args.connect_timeout,
+            backoff_base=args.backoff_base,
+            backoff_cap=args.backoff_cap,
+            terminal_enabled=not args.no_terminal,
+            terminal_max_sessions=args.terminal_max_sessions,
+            terminal_idle_timeout=args.terminal_idle_timeout,
+            buffer_max_bytes=args.buffer_max_bytes,
+            buffer_policy=args.buffer_policy,
+            commit_window_ms=args.commit_window_ms,
+            metrics_interval=args.metrics_interval,
+        )
+        from agent.features import install_features
+        from agent.service import Agent
+
+        agent = Agent(config)
+        install_features(agent)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        return fail(PROG, f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
+    except MargoError as exc:
+        return fail(PROG, str(exc))
+    return run_service(PROG, agent.run, agent.shutdown)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,9 @@
+"""The features that ride the channel, plugged into an agent."""
+
+from __future__ import annotations
+
+from agent.service import Agent
+
+
+def install_features(agent: Agent) -> None:
+    """Desired state, status, telemetry and terminals register their handlers here."""

@@ -1,0 +1,196 @@
+"""The agent daemon: its state directory, its features, and the connect loop that keeps one
+mutual-TLS QUIC connection to the controller up through network failures.
+
+Features that must keep working offline (the reconciler, the telemetry buffer and its producer
+socket) live for the whole process in ``background_tasks``; features that need the link run
+per connection in ``session_tasks`` and ``stream_handlers``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from agent.backoff import Backoff
+from agent.capabilities import collect
+from agent.config import AgentConfig
+from agent.session import AgentSession, HelloRefused
+from margo_stream import __version__
+from margo_stream.errors import ConfigError, IdentityError
+from margo_stream.fsutil import atomic_write
+from margo_stream.identity.trust import DeviceCredentials, load_device_credentials
+from margo_stream.protocol import messages as m
+from margo_stream.protocol.codes import ErrorCode, StreamKind
+from margo_stream.transport.connection import ConnectionLost, MessageStream
+from margo_stream.transport.quic_client import client_configuration, connect
+
+log = logging.getLogger("margo.agent")
+
+StreamHandler = Callable[[AgentSession, MessageStream], Awaitable[None]]
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        try:
+            self.creds: DeviceCredentials = load_device_credentials(config.identity)
+        except IdentityError as exc:
+            raise ConfigError(str(exc)) from None
+        self.device_id = self.creds.device_id
+        self.tenant = self.creds.tenant
+        self.stream_handlers: dict[StreamKind, StreamHandler] = {}
+        self.session_tasks: list[Callable[[AgentSession], Awaitable[None]]] = []
+        self.background_tasks: list[Callable[[], Awaitable[None]]] = []
+        self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+        # what the hello reports, filled in by features: (manifest_version, digest, blobs)
+        self.hello_fields: list[Callable[[], dict[str, Any]]] = []
+        self.session: AgentSession | None = None
+        self.counters = {"connects": 0, "disconnects": 0, "refusals": 0}
+        self.last_error: str | None = None
+        self._stop = anyio.Event()
+        self._lock_fd: int | None = None
+        self.features: dict[str, Any] = {}
+
+    # --- hello ------------------------------------------------------------------------------------
+    def make_hello(self) -> m.Hello:
+        fields: dict[str, Any] = {}
+        for contribute in self.hello_fields:
+            fields.update(contribute())
+        caps = collect(self.device_id, self.config.state, dict(self.config.labels))
+        return m.Hello(
+            device_id=self.device_id, agent_version=__version__, capabilities=caps, **fields
+        )
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self._stop.set()
+
+    def _lock_state_dir(self) -> None:
+        state = self.config.state
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(state / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"state directory {state} is in use by another margo-agent") from None
+        self._lock_fd = fd
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[Agent] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._lock_state_dir()
+        try:
+            async with anyio.create_task_group() as tg:
+                for task in self.background_tasks:
+                    tg.start_soon(task)
+                tg.start_soon(self._connect_loop)
+                task_status.started(self)
+                await self._stop.wait()
+                if self.session is not None:
+                    self.session.conn.close(ErrorCode.NO_ERROR, "agent shutting down")
+                    await anyio.sleep(0.02)  # let the CONNECTION_CLOSE leave
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                for hook in self.shutdown_hooks:
+                    try:
+                        await hook()
+                    except Exception:
+                        log.exception("shutdown hook failed")
+            self._write_status(connected=False)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            log.info("agent stopped", extra={"event": "agent-stopped"})
+
+    async def _connect_loop(self) -> None:
+        cfg = self.config
+        creds = self.creds
+        qconf = client_configuration(
+            str(creds.cert_path),
+            str(creds.key_path),
+            str(creds.ca_path),
+            server_name=cfg.server_name or cfg.controller_host,
+            idle_timeout=cfg.idle_timeout,
+        )
+        backoff = Backoff(base=cfg.backoff_base, cap=cfg.backoff_cap)
+        target = f"{cfg.controller_host}:{cfg.controller_port}"
+        while True:
+            reason = await self._one_connection(qconf, backoff, target)
+            self.last_error = reason
+            self._write_status(connected=False)
+            delay = backoff.next_delay()
+            log.info(
+                "reconnecting in %.2f s (%s)",
+                delay,
+                reason,
+                extra={"event": "reconnect-wait", "delay": round(delay, 3), "reason": reason},
+            )
+            await anyio.sleep(delay)
+
+    async def _one_connection(self, qconf: Any, backoff: Backoff, target: str) -> str:
+        cfg = self.config
+        try:
+            conn, transport = await connect(cfg.controller_host, cfg.controller_port, qconf)
+        except OSError as exc:
+            return f"cannot reach {target}: {exc.strerror or exc}"
+        try:
+            with anyio.fail_after(cfg.connect_timeout):
+                await conn.wait_handshake()
+            session = AgentSession(self, conn)
+
+            def ready(s: AgentSession) -> None:
+                self.session = s
+                backoff.reset()
+                self.counters["connects"] += 1
+                self._write_status(connected=True)
+                log.info(
+                    "connected to %s as %s/%s",
+                    target,
+                    self.tenant,
+                    self.device_id,
+                    extra={"event": "connected"},
+                )
+
+            lost = await session.run(on_ready=ready)
+            self.counters["disconnects"] += 1
+            return f"connection lost: {ErrorCode.describe(lost.code)}: {lost.reason}"
+        except TimeoutError:
+            return f"no answer from {target} within {cfg.connect_timeout:.0f} s"
+        except ConnectionLost as exc:
+            if exc.code == ErrorCode.IDENTITY_REFUSED:
+                self.counters["refusals"] += 1
+                log.error(
+                    "controller refused this device's certificate: %s",
+                    exc.reason,
+                    extra={"event": "identity-refused"},
+                )
+            return f"connection closed: {ErrorCode.describe(exc.code)}: {exc.reason}"
+        except HelloRefused as exc:
+            return str(exc)
+        finally:
+            self.session = None
+            conn.close(ErrorCode.NO_ERROR, "agent reconnecting")
+            transport.close()
+
+    def _write_status(self, *, connected: bool) -> None:
+        info = {
+            "device": self.device_id,
+            "tenant": self.tenant,
+            "connected": connected,
+            "controller": f"{self.config.controller_host}:{self.config.controller_port}",
+            "updated": time.time(),
+            "last_error": self.last_error,
+            **self.counters,
+        }
+        try:
+            atomic_write(self.config.state / "agent-status.json", json.dumps(info).encode())
+        except OSError as exc:
+            log.warning("could not write agent-status.json: %s", exc)

@@ -1,0 +1,64 @@
+"""``margo-controller``: the QUIC listener, the operator API and the store, in one process."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from controller.config import ControllerConfig
+from margo_stream.cli.common import fail, run_service
+from margo_stream.errors import ConfigError
+from margo_stream.logs import setup_logging
+from margo_stream.transport.quic_client import parse_host_port
+
+PROG = "margo-controller"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Run the margo-stream controller.")
+    p.add_argument("--certs", required=True, type=Path, help="directory made by margo-certs init")
+    p.add_argument("--data", required=True, type=Path, help="state directory (SQLite store)")
+    p.add_argument("--listen", default="127.0.0.1:4433", help="QUIC HOST:PORT (UDP)")
+    p.add_argument("--api", default="127.0.0.1:8080", help="operator API HOST:PORT")
+    p.add_argument("--api-tls-cert", type=Path, help="TLS certificate for a non-loopback API")
+    p.add_argument("--api-tls-key", type=Path, help="TLS key for a non-loopback API")
+    p.add_argument("--idle-timeout", type=float, default=60.0, help="QUIC idle timeout, seconds")
+    p.add_argument("--keepalive", type=float, default=15.0,
+                   help="keepalive interval agents are told to use, seconds")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", choices=("json", "text"), default="json")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ControllerConfig:
+    listen_host, listen_port = parse_host_port(args.listen, what="--listen")
+    api_host, api_port = parse_host_port(args.api, what="--api")
+    try:
+        return ControllerConfig(
+            certs=args.certs, data=args.data, listen_host=listen_host, listen_port=listen_port,
+            api_host=api_host, api_port=api_port, api_tls_cert=args.api_tls_cert,
+            api_tls_key=args.api_tls_key, idle_timeout=args.idle_timeout, keepalive=args.keepalive)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"{'.'.join(map(str, first['loc'])) or 'config'}: {first['msg']}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        return fail(PROG, str(exc))
+    from controller.features import install_features
+    from controller.service import Controller
+
+    controller = Controller(config)
+    install_features(controller)
+    return run_service(PROG, controller.run, controller.shutdown)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""The controller's configuration, validated once at start (pydantic: a trust boundary)."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from margo_stream.errors import ConfigError
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class ControllerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    certs: Path
+    data: Path
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=4433, ge=0, le=65535)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8080, ge=0, le=65535)
+    api_tls_cert: Path | None = None
+    api_tls_key: Path | None = None
+    idle_timeout: float = Field(default=60.0, gt=1)
+    keepalive: float = Field(default=15.0, gt=0)
+    hello_timeout: float = Field(default=10.0, gt=0)
+    manifest_lifetime_days: float = Field(default=30.0, gt=0)
+    touch_interval: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ControllerConfig:
+        if self.keepalive >= self.idle_timeout / 2:
+            raise ValueError(f"keepalive {self.keepalive}s must be well inside the idle timeout "
+                             f"{self.idle_timeout}s (at most half)")
+        if (self.api_tls_cert is None) != (self.api_tls_key is None):
+            raise ValueError("--api-tls-cert and --api-tls-key go together")
+        if self.api_tls_cert is None and not is_loopback(self.api_host):
+            raise ConfigError(
+                f"refusing to serve the operator API over plain HTTP on {self.api_host}: "
+                "plain HTTP is only allowed on loopback; give --api-tls-cert and --api-tls-key")
+        return self
+
+    @property
+    def db_path(self) -> Path:
+        return self.data / "controller.db"
+
+    @property
+    def ready_file(self) -> Path:
+        return self.data / "controller.json"

@@ -1,0 +1,197 @@
+"""The controller process: QUIC listener, live sessions, store, operator API, in one event loop.
+
+Everything runs inside one anyio task group started by ``Controller.run``; cancelling it (or
+``shutdown()``) closes every device connection with SHUTTING_DOWN, stops the API and closes
+the store. Features (desired state, telemetry, terminals) plug in through ``stream_handlers``
+(per stream kind), ``ready_hooks`` (a device finished its hello) and ``close_hooks``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import uvicorn
+from anyio.abc import TaskGroup
+
+from controller.config import ControllerConfig
+from controller.registry import SessionRegistry
+from controller.session import ControllerSession
+from controller.store.sqlite import SqliteStore
+from margo_stream.errors import ConfigError, IdentityError
+from margo_stream.fsutil import atomic_write
+from margo_stream.identity.trust import load_operator_tokens, load_server_credentials
+from margo_stream.identity.verify import PeerVerifier
+from margo_stream.protocol.codes import ErrorCode, StreamKind
+from margo_stream.transport.connection import Connection, MessageStream
+from margo_stream.transport.quic_server import QuicServer, server_configuration, start_server
+
+log = logging.getLogger("margo.controller")
+
+StreamHandler = Callable[[ControllerSession, MessageStream], None]
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn inside our event loop: signals belong to the controller, not to uvicorn."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+        return contextlib.nullcontext()
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.registry = SessionRegistry()
+        self.store = SqliteStore(config.db_path)
+        self.stream_handlers: dict[StreamKind, StreamHandler] = {}
+        self.ready_hooks: list[Callable[[ControllerSession], Awaitable[None]]] = []
+        self.close_hooks: list[Callable[[ControllerSession], None]] = []
+        self.quic: QuicServer | None = None
+        self.quic_port: int | None = None
+        self.api_port: int | None = None
+        self.verifier: PeerVerifier | None = None
+        self.tokens: dict[str, str] = {}
+        self._tg: TaskGroup | None = None
+        self._stop = anyio.Event()
+        self._uvicorn: _EmbeddedUvicorn | None = None
+        self.features: dict[str, Any] = {}
+
+    # --- tasks ----------------------------------------------------------------------------------
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run ``fn(*args)`` in the controller's task group; failures are logged, not fatal."""
+        assert self._tg is not None, "controller is not running"
+        self._tg.start_soon(self._guarded, fn, args)
+
+    async def _guarded(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+        try:
+            await fn(*args)
+        except Exception:
+            log.exception("background task %s failed", getattr(fn, "__qualname__", fn))
+
+    def shutdown(self) -> None:
+        self._stop.set()
+
+    # --- start -----------------------------------------------------------------------------------
+    def _load_identity(self) -> Any:
+        certs = self.config.certs
+        if not certs.is_dir():
+            raise ConfigError(f"certificate directory {certs} does not exist (run margo-certs init)")
+        try:
+            self.verifier = PeerVerifier.from_dir(certs)
+            self.tokens = load_operator_tokens(certs)
+            creds = load_server_credentials(certs)
+        except IdentityError as exc:
+            raise ConfigError(str(exc)) from None
+        if not self.verifier.tenants:
+            raise ConfigError(f"no tenant CA found under {certs} (run margo-certs init --tenant ...)")
+        return server_configuration(str(creds.cert_path), str(creds.key_path),
+                                    idle_timeout=self.config.idle_timeout)
+
+    def _accept(self, conn: Connection, identity: Any) -> None:
+        ControllerSession(self, conn, identity)
+
+    def _verify(self, leaf: Any, chain: list[Any]) -> Any:
+        assert self.verifier is not None
+        return self.verifier.verify(leaf, chain)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[Controller] = anyio.TASK_STATUS_IGNORED) -> None:
+        quic_config = self._load_identity()
+        self.config.data.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        try:
+            marked = await self.store.mark_all_disconnected()
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                transport, self.quic = await start_server(
+                    self.config.listen_host, self.config.listen_port, quic_config,
+                    self._verify, self._accept)
+                self.quic_port = transport.get_extra_info("sockname")[1]
+                await tg.start(self._serve_api)
+                tg.start_soon(self._touch_loop)
+                self._write_ready_file()
+                log.info("controller listening: quic %s:%d, api %s:%d, tenants %s",
+                         self.config.listen_host, self.quic_port, self.config.api_host,
+                         self.api_port, ",".join(self.verifier.tenants if self.verifier else []),
+                         extra={"event": "controller-ready", "stale_connected_cleared": marked})
+                task_status.started(self)
+                try:
+                    await self._stop.wait()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        self.quic.close_all(ErrorCode.SHUTTING_DOWN, "controller shutting down")
+                        await anyio.sleep(0.05)  # let the CONNECTION_CLOSE datagrams leave
+                        transport.close()
+                        if self._uvicorn is not None:
+                            self._uvicorn.should_exit = True
+                    tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.store.close()
+            self.config.ready_file.unlink(missing_ok=True)
+            log.info("controller stopped", extra={"event": "controller-stopped"})
+
+    def _write_ready_file(self) -> None:
+        info = {"quic": f"{self.config.listen_host}:{self.quic_port}",
+                "api": f"{'https' if self.config.api_tls_cert else 'http'}://"
+                       f"{_url_host(self.config.api_host)}:{self.api_port}",
+                "pid": __import__("os").getpid(), "started": time.time()}
+        atomic_write(self.config.ready_file, json.dumps(info).encode())
+
+    async def _serve_api(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        from controller.api.app import create_app
+
+        app = create_app(store=self.store, registry=self.registry, tokens=self.tokens, services=self)
+        family = socket.AF_INET6 if ":" in self.config.api_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.config.api_host, self.config.api_port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on --api {self.config.api_host}:"
+                              f"{self.config.api_port}: {exc.strerror}") from None
+        sock.listen(1024)
+        self.api_port = sock.getsockname()[1]
+        kwargs: dict[str, Any] = {}
+        if self.config.api_tls_cert is not None:
+            kwargs = {"ssl_certfile": str(self.config.api_tls_cert),
+                      "ssl_keyfile": str(self.config.api_tls_key),
+                      "ssl_version": ssl.PROTOCOL_TLS_SERVER}
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="websockets",
+                                access_log=False, **kwargs)
+        self._uvicorn = _EmbeddedUvicorn(config)
+        task_status.started()
+        await self._uvicorn.serve(sockets=[sock])
+
+    async def _touch_loop(self) -> None:
+        """Fold the sessions' last-packet times into the registry and, in one batch, the store."""
+        while True:
+            await anyio.sleep(self.config.touch_interval)
+            now_wall, now_loop = time.time(), anyio.current_time()
+            batch = []
+            for view in self.registry:
+                handle = view.handle
+                if isinstance(handle, ControllerSession):
+                    view.last_seen = now_wall - (now_loop - handle.conn.last_received)
+                    batch.append((view.tenant, view.device_id, view.last_seen))
+            if batch:
+                try:
+                    await self.store.touch_devices(batch)
+                except Exception:
+                    log.exception("could not record last-seen times")
+
+    # --- services the API calls --------------------------------------------------------------------
+    async def desired_changed(self, tenant: str, device_ids: list[str]) -> None:
+        hook = self.features.get("desired")
+        if hook is not None:
+            await hook.desired_changed(tenant, device_ids)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,146 @@
+"""One device's connection on the controller, after its certificate was verified.
+
+The session is event-driven: QUIC events arrive as callbacks on the event loop, small control
+messages are answered inline, and anything that touches the store runs as a task in the
+controller's task group. Tenant and device id come from the verified certificate only; a hello
+naming another device closes the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from controller.registry import SessionView
+from margo_stream.identity.spiffe import DeviceIdentity
+from margo_stream.protocol import messages as m
+from margo_stream.protocol.channel import StreamFailed
+from margo_stream.protocol.codes import ErrorCode, StreamKind
+from margo_stream.transport.connection import Connection, ConnectionLost, MessageStream
+
+if TYPE_CHECKING:
+    from controller.service import Controller
+
+log = logging.getLogger("margo.controller.session")
+
+
+class ControllerSession:
+    def __init__(self, ctl: Controller, conn: Connection, identity: DeviceIdentity) -> None:
+        self.ctl = ctl
+        self.conn = conn
+        self.identity = identity
+        self.tenant = identity.tenant
+        self.device_id = identity.device_id
+        self.control: MessageStream | None = None
+        self.view: SessionView | None = None
+        self.hello: m.Hello | None = None
+        self.ready = False  # hello answered: other streams may flow
+        self.streams_by_kind: dict[StreamKind, MessageStream] = {}
+        conn.handler = self
+        self._hello_timer = conn.loop.call_later(ctl.config.hello_timeout, self._hello_timeout)
+
+    @property
+    def remote(self) -> str:
+        addr = self.conn.remote
+        return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+
+    def _log(self, level: int, msg: str, *args: Any, **fields: Any) -> None:
+        log.log(level, msg, *args, extra={"tenant": self.tenant, "device": self.device_id, **fields})
+
+    # --- ConnectionHandler -------------------------------------------------------------------------
+    def stream_opened(self, stream: MessageStream, first: Any) -> None:
+        kind = stream.kind
+        if kind is StreamKind.CONTROL:
+            if self.control is not None:
+                stream.reset(ErrorCode.UNEXPECTED_MESSAGE)
+                return
+            self.control = stream
+            stream.on_message = self._on_control
+            return
+        if not self.ready:
+            stream.reset(ErrorCode.UNEXPECTED_MESSAGE)
+            self._log(logging.INFO, "reset a %s stream opened before the hello was answered", kind)
+            return
+        handler = self.ctl.stream_handlers.get(kind) if kind else None
+        if handler is None:
+            stream.reset(ErrorCode.WRONG_STREAM_OPENER)
+            return
+        handler(self, stream)
+
+    def stream_failed(self, stream: MessageStream | None, event: StreamFailed) -> None:
+        if event.kind is StreamKind.CONTROL or (stream is not None and stream is self.control):
+            self._log(logging.WARNING, "control stream failed: %s", event.reason, code=event.code)
+            self.close(event.code, f"control stream failed: {event.reason}")
+        elif not event.reset_by_peer:
+            self._log(logging.INFO, "reset a %s stream: %s", event.kind, event.reason, code=event.code)
+
+    def connection_lost(self, exc: ConnectionLost) -> None:
+        self._hello_timer.cancel()
+        for hook in self.ctl.close_hooks:
+            hook(self)
+        if self.view is not None and self.ctl.registry.unregister(self.view):
+            self.ctl.spawn(self.ctl.store.device_disconnected, self.tenant, self.device_id, time.time())
+            self._log(logging.INFO, "device disconnected: %s", exc.reason or ErrorCode.describe(exc.code),
+                      event="device-disconnected", code=exc.code)
+
+    # --- registry handle ---------------------------------------------------------------------------
+    def close(self, code: int, reason: str) -> None:
+        self.conn.close(code, reason)
+
+    # --- control stream --------------------------------------------------------------------------
+    def _on_control(self, message: Any) -> None:
+        if isinstance(message, m.Hello):
+            self._hello_timer.cancel()
+            if message.device_id != self.device_id:
+                reason = (f"hello names device {message.device_id!r} but the certificate is for "
+                          f"{self.device_id!r}")
+                self._log(logging.WARNING, "refused: %s", reason, event="identity-mismatch")
+                self.close(ErrorCode.IDENTITY_MISMATCH, reason)
+                return
+            self.hello = message
+            self.ctl.spawn(self._welcome, message)
+        elif isinstance(message, m.Ping):
+            self.send_control(m.Pong(n=message.n))
+        elif isinstance(message, m.Stats):
+            if self.view is not None:
+                self.view.extra["stats"] = message.values
+            self.ctl.spawn(self.ctl.store.set_device_stats, self.tenant, self.device_id,
+                           dict(message.values))
+        elif isinstance(message, m.Error):
+            self._log(logging.WARNING, "agent reported an error: %s", message.reason, code=message.code)
+
+    async def _welcome(self, hello: m.Hello) -> None:
+        ctl = self.ctl
+        now = time.time()
+        caps = hello.capabilities.model_dump(exclude_none=True)
+        watermark = await ctl.store.telemetry_watermark(self.tenant, self.device_id)
+        await ctl.store.device_connected(
+            self.tenant, self.device_id, capabilities=caps, labels=dict(hello.capabilities.labels),
+            manifest_version=hello.manifest_version, remote=self.remote, now=now)
+        if self.conn.closed is not None:
+            return
+        view = SessionView(tenant=self.tenant, device_id=self.device_id, remote=self.remote,
+                           connected_since=now, last_seen=now,
+                           manifest_version=hello.manifest_version, handle=self)
+        old = ctl.registry.register(view)
+        self.view = view
+        if old is not None and old.handle is not None and old.handle is not self:
+            old.handle.close(ErrorCode.REPLACED, "replaced by a newer connection from the same device")
+            self._log(logging.INFO, "replaced the previous connection", event="session-replaced")
+        self.send_control(m.HelloAck(tenant=self.tenant, device_id=self.device_id, server_time=now,
+                                     keepalive_s=ctl.config.keepalive, telemetry_acked=watermark))
+        self.ready = True
+        self._log(logging.INFO, "device connected from %s", self.remote, event="device-connected",
+                  manifest_version=hello.manifest_version)
+        for hook in ctl.ready_hooks:
+            await hook(self)
+
+    def send_control(self, message: Any) -> None:
+        if self.control is not None and self.conn.closed is None:
+            self.control.send(message)
+
+    def _hello_timeout(self) -> None:
+        if self.hello is None:
+            self._log(logging.WARNING, "no hello within %.0f s", self.ctl.config.hello_timeout)
+            self.close(ErrorCode.HELLO_TIMEOUT, "no hello on a control stream in time")

@@ -1,0 +1,54 @@
+"""What every margo-stream command shares: running on uvloop, signals, one-line errors."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from margo_stream.errors import MargoError
+
+
+def fail(prog: str, message: str, code: int = 2) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code
+
+
+def run_service(prog: str, main: Callable[[], Awaitable[Any]], on_signal: Callable[[], None]) -> int:
+    """Run ``main`` on uvloop until it returns; SIGTERM/SIGINT call ``on_signal`` (a clean stop)."""
+
+    async def runner() -> None:
+        async with anyio.create_task_group() as tg:
+            async def signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                    async for _ in received:
+                        on_signal()
+
+            tg.start_soon(signals)
+            await main()
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(runner, backend="asyncio", backend_options={"use_uvloop": True})
+    except BaseException as exc:  # noqa: BLE001 - task groups wrap errors in groups
+        errors = _margo_errors(exc)
+        if errors:
+            return fail(prog, "; ".join(str(e) for e in errors))
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        raise
+    return 0
+
+
+def _margo_errors(exc: BaseException) -> list[MargoError]:
+    if isinstance(exc, MargoError):
+        return [exc]
+    if isinstance(exc, BaseExceptionGroup):
+        found: list[MargoError] = []
+        for inner in exc.exceptions:
+            found.extend(_margo_errors(inner))
+        return found
+    return []
