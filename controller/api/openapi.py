@@ -201,7 +201,9 @@ _PATHS: dict[str, Any] = {
         "get": {
             "summary": "The event feed as Server-Sent Events (id = event id; resumes from "
                        "Last-Event-ID or ?after=)",
-            "parameters": [_query("after", {"type": "integer", "minimum": 0}, "event id cursor"),
+            "parameters": [_query("after", {"type": "integer", "minimum": 0},
+                                  "event id cursor; without it (and Last-Event-ID) the stream "
+                                  "starts at the newest event; 0 replays everything"),
                            _query("limit", {"type": "integer", "minimum": 1},
                                   "close the stream after this many events")],
             "responses": {"200": {"description": "event stream",

@@ -2,7 +2,7 @@
 Events (``/api/v1/events/stream``) for ``margoctl watch``.
 
 The stream resumes after ``?after=N`` or the ``Last-Event-ID`` header (each SSE ``id`` is the
-event id), sends a comment line as keepalive when nothing happened for ``KEEPALIVE`` seconds,
+event id; with neither it starts at the newest event, so only new ones are sent), sends a comment line as keepalive when nothing happened for ``KEEPALIVE`` seconds,
 and ends after ``?limit=N`` events when asked (scripts and tests).
 """
 
@@ -59,7 +59,8 @@ async def stream_events(request: Request) -> StreamingResponse:
             if not last.isdigit():
                 raise ApiProblem(400, f"invalid Last-Event-ID {last!r}", kind="invalid-parameter")
             after = int(last)
-    cursor = after or 0
+    # Without a cursor a live feed starts now; ``after=0`` replays the whole history.
+    cursor = after if after is not None else await store.latest_event_id(tenant)
     limit = int_param(request, "limit", None, minimum=1)
 
     async def body() -> AsyncIterator[str]:

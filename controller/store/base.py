@@ -374,6 +374,10 @@ class Store(Protocol):
         self, tenant: str, after_id: int = 0, limit: int = 1000
     ) -> list[EventRecord]: ...
 
+    async def latest_event_id(self, tenant: str) -> int:
+        """The id of the tenant's newest event (0 when none): where a live feed starts."""
+        ...
+
     async def wait_events(
         self, tenant: str, after_id: int, *, timeout: float, limit: int = 1000
     ) -> list[EventRecord]:

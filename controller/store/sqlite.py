@@ -439,6 +439,9 @@ class SqliteStore:
     ) -> list[EventRecord]:
         return await self._read(events.list_events, tenant, after_id, limit)
 
+    async def latest_event_id(self, tenant: str) -> int:
+        return await self._read(events.latest_event_id, tenant)
+
     async def wait_events(
         self, tenant: str, after_id: int, *, timeout: float, limit: int = 1000
     ) -> list[EventRecord]:

@@ -61,6 +61,11 @@ def list_events(
     ]
 
 
+def latest_event_id(conn: StoreConnection, tenant: str) -> int:
+    row = conn.execute("SELECT MAX(id) FROM events WHERE tenant = ?", (tenant,)).fetchone()
+    return int(row[0] or 0)
+
+
 # -- terminal session audits -----------------------------------------------------------------
 
 _AUDIT_COLUMNS = (

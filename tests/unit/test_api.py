@@ -6,6 +6,7 @@ import json
 import re
 import time
 
+import anyio
 import httpx
 import pytest
 
@@ -240,7 +241,7 @@ async def test_events_pages_and_stream(env) -> None:
     empty = (await client.get("/api/v1/events", params={"after": page["next"]})).json()
     assert empty == {"items": [], "next": page["next"]}
 
-    resp = await client.get("/api/v1/events/stream", params={"limit": 2})
+    resp = await client.get("/api/v1/events/stream", params={"limit": 2, "after": 0})
     assert resp.headers["content-type"].startswith("text/event-stream")
     frames = [f for f in resp.text.split("\n\n") if f.startswith("id:")]
     assert [f.splitlines()[1] for f in frames] == [
@@ -251,6 +252,17 @@ async def test_events_pages_and_stream(env) -> None:
         "/api/v1/events/stream", params={"limit": 1}, headers={"Last-Event-ID": str(first_id)}
     )
     assert "event: device.disconnected" in resumed.text
+
+    async def soon() -> None:
+        with anyio.fail_after(5):  # until the stream waits for new events
+            while not store._waiters:
+                await anyio.sleep(0.001)
+        await store.add_event("acme", "live.one")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(soon)
+        live = await client.get("/api/v1/events/stream", params={"limit": 1})
+    assert "event: live.one" in live.text and "device.connected" not in live.text
 
 
 async def test_sessions_route(env) -> None:
