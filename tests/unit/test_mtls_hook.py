@@ -1,0 +1,84 @@
+"""The quarantined aioquic hook: fails loudly if aioquic's internals move, and really makes a
+server request, receive and expose the client's certificate (sans-IO handshake, no sockets)."""
+
+from __future__ import annotations
+
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from margo_stream.protocol.codes import ALPN
+from margo_stream.transport.mtls_hook import (
+    MutualTlsServerConnection,
+    check_aioquic,
+    peer_certificates,
+)
+from tests.harness import Pki
+
+
+def _handshake(client: QuicConnection, server: QuicConnection) -> None:
+    now = 1.0
+    client.connect(("127.0.0.1", 4433), now=now)
+    for _ in range(20):
+        moved = False
+        for data, _addr in client.datagrams_to_send(now=now):
+            server.receive_datagram(data, ("127.0.0.1", 1234), now=now)
+            moved = True
+        for data, _addr in server.datagrams_to_send(now=now):
+            client.receive_datagram(data, ("127.0.0.1", 4433), now=now)
+            moved = True
+        if not moved:
+            break
+
+
+def _pair(pki: Pki, with_cert: bool, tickets: list):
+    server_conf = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+    server_conf.load_cert_chain(str(pki.dir / "controller/cert.pem"), str(pki.dir / "controller/key.pem"))
+    client_conf = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name="localhost")
+    client_conf.load_verify_locations(cafile=str(pki.dir / "controller/ca.pem"))
+    if with_cert:
+        ident = pki.device("acme", "press-01")
+        client_conf.load_cert_chain(str(ident / "cert.pem"), str(ident / "key.pem"))
+    client = QuicConnection(configuration=client_conf, session_ticket_handler=tickets.append)
+    # the server's original DCID is the client's initial destination id
+    server = MutualTlsServerConnection(
+        configuration=server_conf,
+        original_destination_connection_id=client._peer_cid.cid)  # test-only peek
+    return client, server
+
+
+def test_check_aioquic_passes_on_the_pinned_version():
+    check_aioquic()
+
+
+def test_server_receives_client_certificate(tmp_path):
+    pki = Pki(tmp_path)
+    tickets: list = []
+    client, server = _pair(pki, True, tickets)
+    _handshake(client, server)
+    leaf, chain = peer_certificates(server)
+    assert leaf is not None
+    uris = [u.value for u in leaf.extensions.get_extension_for_oid(
+        __import__("cryptography").x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value]
+    assert uris == ["spiffe://acme/margo/client/press-01"]
+    # no session tickets: a resumed session could skip the client certificate
+    assert tickets == []
+
+
+def test_client_without_certificate_leaves_none(tmp_path):
+    pki = Pki(tmp_path)
+    client, server = _pair(pki, False, [])
+    _handshake(client, server)
+    leaf, chain = peer_certificates(server)
+    assert leaf is None and chain == []
+
+
+def test_plain_server_connection_does_not_request_certificates(tmp_path):
+    """Guards the premise: without the hook aioquic authenticates nobody."""
+    pki = Pki(tmp_path)
+    client, _ = _pair(pki, True, [])
+    server_conf = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+    server_conf.load_cert_chain(str(pki.dir / "controller/cert.pem"), str(pki.dir / "controller/key.pem"))
+    server = QuicConnection(configuration=server_conf,
+                            original_destination_connection_id=client._peer_cid.cid)
+    _handshake(client, server)
+    assert peer_certificates(server)[0] is None
