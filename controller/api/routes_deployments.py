@@ -32,7 +32,8 @@ MAX_DOCUMENTS = 100
 
 def split_documents(text: str, source: str) -> list[bytes]:
     """The exact bytes of each YAML document in ``text`` (digests are over exact bytes, so a
-    multi-document file becomes one blob per document)."""
+    multi-document file becomes one blob per document; a single document is kept whole,
+    comments included)."""
     try:
         events = list(yaml.parse(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as exc:
@@ -47,6 +48,8 @@ def split_documents(text: str, source: str) -> list[bytes]:
             if chunk.strip() and chunk.strip() != "---":
                 out.append(chunk.encode("utf-8"))
             start = None
+    if len(out) == 1:
+        return [text.encode("utf-8")]  # a single document: exactly the bytes given
     return out
 
 

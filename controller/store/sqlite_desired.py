@@ -66,9 +66,12 @@ def put_deployment(
     if not deployment_id:
         raise ValueError("deployment id must not be empty")
     digest = put_blob(conn, tenant, document, None, now)
+    # Re-applying an older version makes it the newest again: ``created`` is when this
+    # version was last applied.
     conn.execute(
-        "INSERT OR IGNORE INTO deployments (tenant, deployment_id, digest, name, profile, created)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO deployments (tenant, deployment_id, digest, name, profile, created)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, deployment_id, digest) DO UPDATE SET"
+        " name = excluded.name, profile = excluded.profile, created = excluded.created",
         (tenant, deployment_id, digest, name, profile, now),
     )
     return get_deployment(conn, tenant, deployment_id, digest)

@@ -289,3 +289,36 @@ def test_token_files_and_matching(tmp_path) -> None:
     (tmp_path / "globex" / "operator.token").write_text("tok-a")
     with pytest.raises(ConfigError, match="globex"):
         load_operator_tokens(tmp_path)
+
+
+async def test_single_document_is_stored_byte_for_byte_and_push_failure_is_reported(env) -> None:
+    client, store, _, services = env
+    await add_device(store, "acme", "d1")
+    text = "# a comment the digest must cover\n" + DOC.format(id="solo")
+
+    async def broken(tenant: str, device_ids: list[str]) -> None:
+        raise RuntimeError("push machinery down")
+
+    services.desired_changed = broken
+    resp = await client.post("/api/v1/deployments", json={"documents": [text], "devices": ["d1"]})
+    assert resp.status_code == 200 and resp.json()["notified"] is False
+    [dep] = resp.json()["deployments"]
+    assert await store.get_blob("acme", dep["digest"]) == text.encode()
+    [assigned] = await store.list_assignments("acme", "d1")
+    assert assigned.digest == dep["digest"]
+
+
+async def test_websocket_without_token_is_refused(env) -> None:
+    client, *_ = env
+    app = client._transport.app  # type: ignore[attr-defined]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app({"type": "websocket", "path": "/api/v1/devices/d1/terminal", "headers": []},
+              receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008, "reason": "unauthorized"}]

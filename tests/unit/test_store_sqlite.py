@@ -132,6 +132,14 @@ async def test_desired_state_tables(store: SqliteStore) -> None:
     with pytest.raises(ValueError):
         await store.put_blob("acme", b"x", digest="sha256:" + "1" * 64)
 
+    v2 = await store.put_deployment(
+        "acme", "app", document=doc + b"# v2\n", name="app", profile="compose", now=2e9
+    )
+    assert (await store.get_deployment("acme", "app")).digest == v2.digest
+    await store.put_deployment("acme", "app", document=doc, name="app", profile="compose",
+                               now=3e9)  # re-applying v1 makes it the newest again
+    assert (await store.get_deployment("acme", "app")).digest == dep.digest
+    assert [d.digest for d in await store.list_deployments("acme")] == [dep.digest]
     await store.assign("acme", ["d1", "d2"], "app", dep.digest)
     assert [a.device_id for a in await store.list_assignments("acme")] == ["d1", "d2"]
     with pytest.raises(NotFound):  # one unknown device: nothing of the batch is written
@@ -278,3 +286,14 @@ async def test_data_survives_reopen(tmp_path) -> None:
     async with SqliteStore(path) as s:
         assert (await s.get_device("acme", "d1")).connection_count == 1
         assert await s.telemetry_watermark("acme", "d1") == 1
+
+
+async def test_concurrent_callers_are_serialised(store: SqliteStore) -> None:
+    devices = [f"dev-{i}" for i in range(40)]
+    await asyncio.gather(*(connect(store, "acme", d) for d in devices))
+    marks = await asyncio.gather(*(
+        store.ingest_telemetry("acme", d, [(s, "m", b"{}") for s in range(1, 51)])
+        for d in devices
+    ))
+    assert marks == [50] * len(devices)
+    assert len(await store.list_devices("acme")) == len(devices)
