@@ -37,7 +37,10 @@ class ApiProblem(Exception):
 def problem_body(
     status: int, detail: str, *, kind: str | None = None, title: str | None = None
 ) -> dict[str, Any]:
-    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
     slug = kind or phrase.lower().replace(" ", "-").replace("'", "")
     return {
         "type": PROBLEM_TYPE_PREFIX + slug,
