@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from agent import desired
 from agent.service import Agent
 
 
 def install_features(agent: Agent) -> None:
-    """Desired state, status, telemetry and terminals register their handlers here."""
+    """Desired state + status, telemetry and terminals register their handlers here."""
+    desired.install(agent)

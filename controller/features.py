@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from controller import desired, status
 from controller.service import Controller
 
 
 def install_features(controller: Controller) -> None:
-    """Desired state, telemetry and terminals register their stream handlers and hooks here."""
+    """Desired state, status, telemetry and terminals register their handlers and hooks here."""
+    desired.install(controller)
+    status.install(controller)

@@ -163,7 +163,7 @@ class Controller:
             kwargs = {"ssl_certfile": str(self.config.api_tls_cert),
                       "ssl_keyfile": str(self.config.api_tls_key),
                       "ssl_version": ssl.PROTOCOL_TLS_SERVER}
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="websockets",
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="websockets-sansio",
                                 access_log=False, **kwargs)
         self._uvicorn = _EmbeddedUvicorn(config)
         task_status.started()

@@ -1,0 +1,157 @@
+"""Desired state on the agent: receive a push, verify it end to end, apply it atomically, and
+keep running it, from disk, whether or not the controller is reachable.
+
+A push is applied only after the controller ended the stream cleanly and every check passed
+(signature by the tenant key pinned at enrolment, device, tenant, no rollback, not expired,
+every blob's digest): a torn stream raises out of ``receive`` and nothing is touched. On
+success the blobs and the manifest are made durable (blobs first, then the manifest pointer,
+atomically), the reconciler converges, and only then does the trust state advance.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import ChainMap
+from collections.abc import Mapping
+
+import anyio
+
+from agent.desired_store import DesiredStore, DesiredStoreError
+from agent.reconciler import Reconciler, validate
+from agent.service import Agent
+from agent.session import AgentSession
+from agent.status import StatusReporter
+from margo_stream.errors import ConfigError, DocumentError, IdentityError, TrustError
+from margo_stream.identity.trust import load_signing_pub
+from margo_stream.protocol import messages as m
+from margo_stream.protocol.codes import ErrorCode, StreamKind
+from margo_stream.state.documents import parse_deployment, resolve
+from margo_stream.state.manifest import Manifest, blob_digests, parse_manifest, signature_valid
+from margo_stream.state.spec import DeploymentSpec
+from margo_stream.state.trust import DesiredStateVerifier
+from margo_stream.transport.connection import MessageStream
+
+log = logging.getLogger("margo.agent.desired")
+
+MAX_PUSH_BYTES = 256 << 20
+
+
+class DesiredFeature:
+    def __init__(self, agent: Agent, status: StatusReporter) -> None:
+        self.agent = agent
+        state = agent.config.state
+        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.store = DesiredStore(state)
+        try:
+            self.public_key = load_signing_pub(agent.creds.signing_pub_path)
+            self.verifier = DesiredStateVerifier(agent.tenant, agent.device_id, self.public_key,
+                                                 state / "desired" / "trust.json")
+        except (IdentityError, TrustError) as exc:
+            raise ConfigError(str(exc)) from None
+        self.reconciler = Reconciler(state, read_blob=self.store.get_blob, on_status=status.on_status)
+        self._lock = anyio.Lock()
+        agent.background_tasks.append(self.run)
+        agent.hello_fields.append(self.hello_fields)
+        agent.stream_handlers[StreamKind.DESIRED] = self.handle_stream
+        agent.features["desired"] = self
+
+    # --- offline autonomy ----------------------------------------------------------------------
+    async def run(self) -> None:
+        async with self.reconciler:
+            await self.restore()
+            await anyio.sleep_forever()
+
+    async def restore(self) -> None:
+        try:
+            current = self.store.load_current()
+            if current is None:
+                return
+            manifest_bytes, signature = current
+            if not signature_valid(manifest_bytes, signature, self.public_key):
+                raise DesiredStoreError("the stored manifest's signature does not verify")
+            manifest = parse_manifest(manifest_bytes)
+            specs = self._specs(manifest, self.store.blobs())
+        except (DesiredStoreError, DocumentError, KeyError) as exc:
+            log.error("cannot restore the last applied desired state: %s", exc,
+                      extra={"event": "restore-failed"})
+            return
+        async with self._lock:
+            await self.reconciler.apply(manifest.manifest_version, specs)
+        log.info("restored manifest version %d from disk (%d deployments)",
+                 manifest.manifest_version, len(specs), extra={"event": "desired-restored"})
+
+    def hello_fields(self) -> dict[str, object]:
+        return {"manifest_version": self.verifier.held_version,
+                "manifest_digest": self.verifier.held_digest,
+                "blobs": sorted(self.store.held_digests())[:4096]}
+
+    @staticmethod
+    def _specs(manifest: Manifest, blobs: Mapping[str, bytes]) -> list[DeploymentSpec]:
+        specs = []
+        for entry in manifest.deployments:
+            document = parse_deployment(blobs[entry.digest], source=f"deployment {entry.deployment_id}")
+            if document.deployment_id != entry.deployment_id:
+                raise DocumentError(f"manifest entry {entry.deployment_id!r} points at a document "
+                                    f"whose id is {document.deployment_id!r}")
+            specs.append(resolve(document, digest=entry.digest))
+        return specs
+
+    # --- pushes ------------------------------------------------------------------------------------
+    async def handle_stream(self, session: AgentSession, stream: MessageStream) -> None:
+        first = await stream.receive()
+        assert isinstance(first, m.Desired)  # the stream table guarantees the opener
+        expected = set(first.blobs)
+        parts: dict[str, bytearray] = {}
+        total = len(first.manifest)
+        while (message := await stream.receive()) is not None:
+            if not isinstance(message, m.Blob) or message.digest not in expected:
+                stream.reset(ErrorCode.PROTOCOL_ERROR)
+                return
+            total += len(message.data)
+            if total > MAX_PUSH_BYTES:
+                stream.send(m.DesiredResult(version=first.version, ok=False, code="too-large",
+                                            reason=f"push exceeds {MAX_PUSH_BYTES} bytes"), end=True)
+                return
+            parts.setdefault(message.digest, bytearray()).extend(message.data)
+        # the controller ended the stream cleanly: the push is whole
+        async with self._lock:
+            result = await self.apply(first, {d: bytes(b) for d, b in parts.items()})
+        stream.send(result, end=True)
+
+    async def apply(self, push: m.Desired, received: dict[str, bytes]) -> m.DesiredResult:
+        version = push.version
+        available = ChainMap(received, self.store.blobs())
+        try:
+            verdict = self.verifier.verify(push.manifest, push.signature, available,
+                                           now=dt.datetime.now(dt.UTC))
+            if verdict.unchanged:
+                return m.DesiredResult(version=version, ok=True, unchanged=True)
+            specs = self._specs(verdict.manifest, available)
+            validate(specs)
+            needed = blob_digests(verdict.manifest)
+            self.store.install({d: available[d] for d in needed if not self.store.has_blob(d)},
+                               push.manifest, push.signature)
+        except TrustError as exc:
+            log.warning("refused manifest version %d: %s", version, exc,
+                        extra={"event": "desired-refused", "code": exc.code})
+            return m.DesiredResult(version=version, ok=False, code=exc.code, reason=str(exc))
+        except DocumentError as exc:
+            return m.DesiredResult(version=version, ok=False, code="invalid-document", reason=str(exc))
+        except DesiredStoreError as exc:
+            log.error("could not store manifest version %d: %s", version, exc)
+            return m.DesiredResult(version=version, ok=False, code="store-failed", reason=str(exc))
+        await self.reconciler.apply(version, specs)
+        self.verifier.accept(verdict)
+        try:
+            self.store.gc(keep=set(blob_digests(verdict.manifest)))
+        except OSError as exc:
+            log.warning("blob garbage collection failed: %s", exc)
+        log.info("applied manifest version %d (%d deployments)", version, len(specs),
+                 extra={"event": "desired-applied"})
+        return m.DesiredResult(version=version, ok=True)
+
+
+def install(agent: Agent) -> DesiredFeature:
+    status = StatusReporter(agent)
+    return DesiredFeature(agent, status)

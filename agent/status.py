@@ -1,0 +1,79 @@
+"""Deployment status on the agent: every change the reconciler reports gets a sequence number
+and is sent on the session's status stream; on every (re)connect the newest status of every
+deployment is sent again, so the controller converges even if acks were lost with a link.
+
+Sequence numbers only grow, across restarts too: they start from the wall clock in
+microseconds and never go below the persisted floor (``STATE/status.seq``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import anyio
+
+from agent.service import Agent
+from agent.session import AgentSession
+from margo_stream.fsutil import atomic_write
+from margo_stream.protocol import messages as m
+from margo_stream.state.status import DeploymentState, DeploymentStatus
+
+log = logging.getLogger("margo.agent.status")
+
+
+def to_wire(seq: int, s: DeploymentStatus) -> m.Status:
+    def err(e):  # noqa: ANN001, ANN202
+        return None if e is None else m.StatusErrorModel(code=e.code, source=e.source, message=e.message)
+
+    return m.Status(seq=seq, deployment_id=s.deployment_id, manifest_version=s.manifest_version,
+                    state=s.state.value, error=err(s.error),
+                    components=[m.ComponentStatusModel(name=c.name, state=c.state.value, error=err(c.error))
+                                for c in s.components])
+
+
+class StatusReporter:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.seq_path: Path = agent.config.state / "status.seq"
+        try:
+            self._floor = int(self.seq_path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            self._floor = 0
+        self.latest: dict[str, m.Status] = {}
+        self._changed = anyio.Event()
+        agent.session_tasks.append(self.run_session)
+        agent.features["status"] = self
+
+    def _next_seq(self) -> int:
+        self._floor = max(self._floor + 1, time.time_ns() // 1000)
+        try:
+            atomic_write(self.seq_path, str(self._floor).encode())
+        except OSError as exc:
+            log.warning("could not persist the status sequence floor: %s", exc)
+        return self._floor
+
+    def on_status(self, status: DeploymentStatus) -> None:
+        self.latest[status.deployment_id] = to_wire(self._next_seq(), status)
+        self._changed.set()
+
+    async def run_session(self, session: AgentSession) -> None:
+        stream = session.conn.open_stream()
+        sent: dict[str, int] = {}
+
+        async def read_acks() -> None:
+            while await stream.receive() is not None:
+                pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_acks)
+            while True:
+                self._changed = anyio.Event()
+                for deployment_id, message in list(self.latest.items()):
+                    if sent.get(deployment_id) != message.seq:
+                        stream.send(message)
+                        sent[deployment_id] = message.seq
+                    if message.state == DeploymentState.REMOVED:
+                        self.latest.pop(deployment_id, None)
+                await self._changed.wait()

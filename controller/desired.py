@@ -1,0 +1,212 @@
+"""Desired state on the controller: build, sign and push each device's manifest.
+
+When an operator changes what a device should run (``desired_changed``) the controller builds
+the device's next manifest from its assignments (strictly increasing version, an expiry,
+signed with the tenant's key), stores it, and, if the device is connected, pushes it at once
+on a fresh desired-state stream: the manifest, then only the blobs the device does not hold,
+then the end of the stream. A device that was offline gets the newest manifest right after
+its hello (which names the version and blobs it holds). One push per device is in flight at a
+time; changes arriving meanwhile coalesce into one follow-up push of the newest version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from controller.service import Controller
+from controller.session import ControllerSession
+from margo_stream.errors import ConfigError, IdentityError
+from margo_stream.identity.trust import load_signing_key
+from margo_stream.protocol import messages as m
+from margo_stream.protocol.codes import ErrorCode
+from margo_stream.state.documents import parse_deployment
+from margo_stream.state.manifest import (
+    ManifestEntry,
+    blob_digests,
+    build_manifest,
+    parse_manifest,
+    sign,
+)
+from margo_stream.transport.connection import ConnectionLost, StreamClosed
+
+log = logging.getLogger("margo.controller.desired")
+
+BLOB_CHUNK = 256 * 1024
+RESULT_TIMEOUT = 60.0
+
+
+@dataclass(slots=True)
+class _DeviceState:
+    pushing: bool = False
+    again: bool = False
+    held: set[str] = field(default_factory=set)  # blob digests the connected device holds
+
+
+class DesiredState:
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+        self.lifetime = dt.timedelta(days=ctl.config.manifest_lifetime_days)
+        self._keys: dict[str, Any] = {}
+        self._devices: dict[tuple[str, str], _DeviceState] = {}
+        self._locks: dict[tuple[str, str], anyio.Lock] = {}
+        ctl.ready_hooks.append(self.on_ready)
+        ctl.close_hooks.append(self.on_close)
+        ctl.features["desired"] = self
+        self.counters = {"pushes": 0, "bytes": 0, "blobs_sent": 0, "blobs_skipped": 0, "refused": 0}
+
+    def _key(self, tenant: str) -> Any:
+        key = self._keys.get(tenant)
+        if key is None:
+            try:
+                key = self._keys[tenant] = load_signing_key(self.ctl.config.certs, tenant)
+            except IdentityError as exc:
+                raise ConfigError(str(exc)) from None
+        return key
+
+    def _lock(self, tenant: str, device_id: str) -> anyio.Lock:
+        return self._locks.setdefault((tenant, device_id), anyio.Lock())
+
+    # --- building manifests ----------------------------------------------------------------------
+    async def _entries(self, tenant: str, device_id: str) -> list[ManifestEntry]:
+        store = self.ctl.store
+        entries = []
+        for a in await store.list_assignments(tenant, device_id):
+            document = await store.get_blob(tenant, a.digest)
+            files = parse_deployment(document, source=f"deployment {a.deployment_id}").files
+            entries.append(ManifestEntry(deployment_id=a.deployment_id, digest=a.digest,
+                                         files=tuple(files)))
+        return sorted(entries, key=lambda e: e.deployment_id)
+
+    async def rebuild(self, tenant: str, device_id: str, *, floor: int = 0) -> Any:
+        """Sign and store the device's next manifest (version above ``floor`` and the last)."""
+        async with self._lock(tenant, device_id):
+            store = self.ctl.store
+            latest = await store.latest_manifest(tenant, device_id)
+            version = max(latest.version if latest else 0, floor) + 1
+            now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+            data = build_manifest(tenant, device_id, version, await self._entries(tenant, device_id),
+                                  issued_at=now, expires=now + self.lifetime)
+            signature = sign(data, self._key(tenant))
+            await store.put_manifest(tenant, device_id, version, data, signature)
+            await store.add_event(tenant, "desired.version", device_id, {"manifestVersion": version})
+            return await store.latest_manifest(tenant, device_id)
+
+    # --- hooks --------------------------------------------------------------------------------------
+    async def desired_changed(self, tenant: str, device_ids: list[str]) -> None:
+        for device_id in device_ids:
+            await self.rebuild(tenant, device_id)
+            view = self.ctl.registry.get(tenant, device_id)
+            if view is not None and isinstance(view.handle, ControllerSession):
+                self._schedule(view.handle)
+
+    async def on_ready(self, session: ControllerSession) -> None:
+        hello = session.hello
+        assert hello is not None
+        state = self._devices.setdefault((session.tenant, session.device_id), _DeviceState())
+        state.held = set(hello.blobs)
+        latest = await self.ctl.store.latest_manifest(session.tenant, session.device_id)
+        held = hello.manifest_version or 0
+        soon = time.time() + self.lifetime.total_seconds() / 4
+        if latest is None:
+            if not await self.ctl.store.list_assignments(session.tenant, session.device_id):
+                return
+            await self.rebuild(session.tenant, session.device_id, floor=held)
+        elif held > latest.version:
+            # the device holds a version this store never issued (restored backup?): move past it
+            await self.rebuild(session.tenant, session.device_id, floor=held)
+        elif parse_manifest(latest.manifest).expires.timestamp() < soon:
+            await self.rebuild(session.tenant, session.device_id)  # refresh before it expires
+        elif held == latest.version:
+            return
+        self._schedule(session)
+
+    def on_close(self, session: ControllerSession) -> None:
+        state = self._devices.get((session.tenant, session.device_id))
+        if state is not None and self.ctl.registry.get(session.tenant, session.device_id) in (None, session.view):
+            state.again = False
+
+    # --- pushing ------------------------------------------------------------------------------------
+    def _schedule(self, session: ControllerSession) -> None:
+        state = self._devices.setdefault((session.tenant, session.device_id), _DeviceState())
+        if state.pushing:
+            state.again = True
+            return
+        state.pushing = True
+        self.ctl.spawn(self._push_loop, session, state)
+
+    async def _push_loop(self, session: ControllerSession, state: _DeviceState) -> None:
+        try:
+            while True:
+                state.again = False
+                await self._push(session, state)
+                if not state.again or session.conn.closed is not None:
+                    return
+        finally:
+            state.pushing = False
+
+    async def _push(self, session: ControllerSession, state: _DeviceState) -> None:
+        store = self.ctl.store
+        record = await store.latest_manifest(session.tenant, session.device_id)
+        if record is None or session.conn.closed is not None:
+            return
+        manifest = parse_manifest(record.manifest)
+        needed = sorted(d for d in blob_digests(manifest) if d not in state.held)
+        stream = session.conn.open_stream(limit=4)
+        sent = 0
+        try:
+            stream.send(m.Desired(version=record.version, manifest=record.manifest,
+                                  signature=record.signature, blobs=needed))
+            sent += len(record.manifest) + len(record.signature)
+            for digest in needed:
+                data = await store.get_blob(session.tenant, digest)
+                for offset in range(0, max(len(data), 1), BLOB_CHUNK):
+                    chunk = data[offset:offset + BLOB_CHUNK]
+                    stream.send(m.Blob(digest=digest, data=chunk,
+                                       more=offset + BLOB_CHUNK < len(data)))
+                    sent += len(chunk)
+            stream.end()
+            self.counters["pushes"] += 1
+            self.counters["bytes"] += sent
+            self.counters["blobs_sent"] += len(needed)
+            self.counters["blobs_skipped"] += len(blob_digests(manifest)) - len(needed)
+            with anyio.fail_after(RESULT_TIMEOUT):
+                result = await stream.receive()
+        except (ConnectionLost, StreamClosed, TimeoutError) as exc:
+            log.info("push of version %d to %s/%s did not complete: %s", record.version,
+                     session.tenant, session.device_id, exc)
+            return
+        finally:
+            session.conn.forget_stream(stream.stream_id)
+        if not isinstance(result, m.DesiredResult):
+            reason = getattr(result, "reason", "stream ended without a result")
+            log.warning("device %s/%s answered the push with %s", session.tenant, session.device_id, reason)
+            return
+        if result.ok:
+            state.held |= blob_digests(manifest)
+            if session.view is not None:
+                session.view.manifest_version = record.version
+            await store.set_manifest_version(session.tenant, session.device_id, record.version)
+            log.info("device %s/%s adopted manifest version %d", session.tenant, session.device_id,
+                     record.version, extra={"event": "desired-adopted", "bytes": sent,
+                                            "blobs_sent": len(needed)})
+        else:
+            self.counters["refused"] += 1
+            log.warning("device %s/%s refused manifest version %d: %s: %s", session.tenant,
+                        session.device_id, record.version, result.code, result.reason,
+                        extra={"event": "desired-refused", "code": result.code})
+            await store.add_event(session.tenant, "desired.refused", session.device_id,
+                                  {"manifestVersion": record.version, "code": result.code,
+                                   "reason": result.reason})
+
+
+def install(ctl: Controller) -> DesiredState:
+    return DesiredState(ctl)
+
+
+__all__ = ["DesiredState", "install", "ErrorCode"]
