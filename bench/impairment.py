@@ -184,7 +184,7 @@ class DirectionStats:
     TCP: ``forwarded`` counts chunks (one ``recv`` each) written on; ``dropped_loss`` counts
     emulated segment losses, each of which delayed its chunk by a retransmission timeout while
     no bytes were dropped (``rto_penalty_s`` sums those penalties); ``dropped_blackhole`` counts
-    chunks that were stalled (not dropped) by a blackhole.
+    the times a blackhole stalled (never dropped) this direction of a connection.
     """
 
     forwarded: int = 0

@@ -318,8 +318,10 @@ class TcpRelay:
                 tg.start_soon(self._writer, conn, stats, receive, dst)
                 async with send:
                     while True:
-                        while self._blackholed:
-                            await self._link_up.wait()
+                        if self._blackholed:
+                            stats.dropped_blackhole += 1
+                            while self._blackholed:
+                                await self._link_up.wait()
                         try:
                             data = await src.receive(self._chunk_size)
                         except anyio.EndOfStream:
