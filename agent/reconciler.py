@@ -163,6 +163,12 @@ def validate(desired: Sequence[DeploymentSpec]) -> None:
                 raise DocumentError(
                     f"{dep.deployment_id}: component name {comp.name!r} is not safe"
                 )
+            workdir = PurePosixPath(comp.working_dir or ".")
+            if not workdir.is_absolute() and ".." in workdir.parts:
+                raise DocumentError(
+                    f"{dep.deployment_id}: component {comp.name!r} working dir leaves the "
+                    f"deployment's directory: {comp.working_dir!r}"
+                )
             if comp.deployment_id != dep.deployment_id:
                 raise DocumentError(
                     f"{dep.deployment_id}: component {comp.name!r} names deployment "
@@ -239,9 +245,11 @@ class Reconciler:
             await self.shutdown()
         tg.cancel_scope.cancel()  # the status task; runners killed themselves if still there
         try:
-            return await tg.__aexit__(exc_type, exc, tb)
+            # Not handing the body's exception to the group: it propagates unwrapped.
+            await tg.__aexit__(None, None, None)
         finally:
             self._tg = None
+        return None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Own the supervising task group until cancelled; then shut down."""
@@ -410,6 +418,9 @@ class Reconciler:
         async with anyio.create_task_group() as tg:
             for runner, remove in to_stop:
                 tg.start_soon(partial(runner.stop, remove=remove))
+        for action in actions:
+            if action.kind is ActionKind.STOP and action.component is not None:
+                await anyio.to_thread.run_sync(self._forget_component, dep_id, action.component)
 
         running_files: tuple[FileSpec, ...] = old_running.files if old_running else ()
         files_error: StatusError | None = None
@@ -433,6 +444,14 @@ class Reconciler:
             files=running_files,
         )
         self._emit(dep_id)
+
+    def _forget_component(self, dep_id: str, name: str) -> None:
+        """Delete the default working directory and logs of a component that was removed."""
+        base = deployment_dir_for(self.state_dir, dep_id)
+        if name != "files":  # that name's default working directory is the files directory
+            shutil.rmtree(base / name, ignore_errors=True)
+        for log_name in (f"{name}.log", f"{name}.log.1"):
+            (base / log_name).unlink(missing_ok=True)
 
     async def _start(self, spec: ComponentSpec) -> bool:
         dep_id = spec.deployment_id

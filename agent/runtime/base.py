@@ -56,7 +56,8 @@ class ComponentPaths:
     @classmethod
     def for_component(cls, state_dir: Path, spec: ComponentSpec) -> ComponentPaths:
         deployment_dir = deployment_dir_for(state_dir, spec.deployment_id)
-        working = Path(spec.working_dir) if spec.working_dir else deployment_dir / spec.name
+        # A relative working_dir is taken relative to the deployment's directory.
+        working = deployment_dir / (spec.working_dir or spec.name)
         return cls(
             deployment_dir=deployment_dir,
             files_dir=deployment_dir / "files",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import shlex
 import signal
 import subprocess
 from pathlib import Path
@@ -116,6 +117,8 @@ class _Log:
         return self._fd
 
     def write(self, data: bytes) -> None:
+        if len(data) > self.max_bytes:  # keep the newest output of an oversized burst
+            data = data[-self.max_bytes :]
         try:
             fd = self._open()
             if self._size and self._size + len(data) > self.max_bytes:
@@ -278,7 +281,9 @@ class ProcessRunner(ComponentRunner):
         if not argv:
             raise _LaunchError("no-command", "the component has no command to run")
         cwd = self.paths.working_dir
-        if self.spec.working_dir is None:
+        # The agent's own directories (default or relative to the deployment's) are created;
+        # an absolute working_dir belongs to the device and must exist.
+        if self.spec.working_dir is None or not Path(self.spec.working_dir).is_absolute():
             try:
                 cwd.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -310,9 +315,10 @@ class ProcessRunner(ComponentRunner):
         except OSError as exc:
             raise _LaunchError("exec-failed", f"cannot run {exe!r}: {exc.strerror or exc}") from exc
         self._proc = proc
+        self._tail = b""
         self.runs += 1
         self.phase = ProcessPhase.RUNNING
-        self._log.note(f"started pid {proc.pid}: {' '.join(argv)}")
+        self._log.note(f"started pid {proc.pid}: {shlex.join(argv)}")
         if self._status.state is not DeploymentState.FAILED:
             self._set(DeploymentState.INSTALLED)
         return proc

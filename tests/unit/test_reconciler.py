@@ -202,8 +202,17 @@ def test_plan_refuses_duplicates(desired: list[DeploymentSpec]) -> None:
         dep("ok", files=(FileSpec("../escape", D1),)),
         dep("ok", files=(FileSpec("/abs", D1),)),
         dep(".hidden"),
+        dep("ok", comp("ok", "c", working_dir="../../elsewhere")),
     ],
-    ids=["dotdot id", "slash in component", "foreign component", "file dotdot", "file abs", "dot"],
+    ids=[
+        "dotdot id",
+        "slash in component",
+        "foreign component",
+        "file dotdot",
+        "file abs",
+        "dot",
+        "workdir escapes",
+    ],
 )
 def test_validate_refuses_unsafe_names(bad: DeploymentSpec) -> None:
     with pytest.raises(DocumentError):
