@@ -502,3 +502,55 @@ async def test_removed_component_stops_and_the_others_are_untouched(tmp_path: Pa
         assert rc.runner("two", "keep") is keep and keep.pid == keep_pid
         assert rc.runner("two", "drop") is None
         assert not (tmp_path / "s" / "work" / "two" / "drop.log").exists()
+
+
+def _fake_tool(bin_dir: Path, name: str, calls: Path, *, fail_with: str = "") -> None:
+    """A stand-in for docker/helm: records its arguments; fails with ``fail_with`` on stderr."""
+    script = bin_dir / name
+    exit_code = 1 if fail_with else 0
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+        f"sys.stderr.write({fail_with!r})\n"
+        f"sys.exit({exit_code})\n"
+    )
+    script.chmod(0o755)
+
+
+async def test_compose_and_helm_drive_their_cli(tmp_path: Path) -> None:
+    bin_dir, calls, rec = tmp_path / "bin", tmp_path / "calls", Recorder()
+    bin_dir.mkdir()
+    _fake_tool(bin_dir, "docker", calls)
+    _fake_tool(bin_dir, "helm", calls, fail_with="Error: chart 'db' version 1.2.3 not found")
+    compose = ComponentSpec(
+        deployment_id="stack", name="app", profile=ProfileType.COMPOSE,
+        properties=(("compose", "services: {web: {image: nginx}}\n"),),
+    )  # fmt: skip
+    helm = ComponentSpec(
+        deployment_id="chart", name="db", profile=ProfileType.HELM,
+        properties=(("repository", "oci://registry.invalid/db"), ("revision", "1.2.3")),
+        env=(("siteId", "SID-1"),),
+    )  # fmt: skip
+    runtimes = default_runtimes(search_path=str(bin_dir))
+    async with Reconciler(tmp_path / "s", {}.__getitem__, rec, runtimes=runtimes) as rc:
+        await rc.apply(1, [deployment("stack", compose), deployment("chart", helm)])
+        await rec.wait_for(lambda s: s.deployment_id == "stack" and s.state is INSTALLED)
+        chart = await rec.wait_for(lambda s: s.deployment_id == "chart" and s.state is FAILED)
+        assert chart.error is not None and chart.error.code == "helm-up-failed"
+        assert "exited with status 1" in chart.error.message
+        assert "version 1.2.3 not found" in chart.error.message
+        compose_file = tmp_path / "s" / "work" / "stack" / "app" / "compose.yaml"
+        assert compose_file.read_text() == "services: {web: {image: nginx}}\n"
+        lines = read(calls).splitlines()
+        assert f"compose -p stack-app -f {compose_file} up -d --remove-orphans" in lines
+        assert (
+            "upgrade --install chart-db oci://registry.invalid/db --version 1.2.3 "
+            "--namespace default --create-namespace --wait --set-string siteId=SID-1"
+        ) in lines
+        mark = len(rec.statuses)
+        await rc.apply(2, [deployment("chart", helm)])
+        await rec.wait_for(lambda s: s.state is DeploymentState.REMOVED, after=mark)
+        assert f"compose -p stack-app -f {compose_file} down --remove-orphans" in read(calls)
+    # Agent shutdown leaves helm/compose workloads alone: no uninstall of the chart.
+    assert "uninstall" not in read(calls)
