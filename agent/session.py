@@ -20,7 +20,12 @@ from margo_stream.errors import MargoError
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.channel import StreamFailed
 from margo_stream.protocol.codes import ErrorCode, StreamKind
-from margo_stream.transport.connection import Connection, ConnectionLost, MessageStream
+from margo_stream.transport.connection import (
+    Connection,
+    ConnectionLost,
+    MessageStream,
+    is_link_loss,
+)
 
 if TYPE_CHECKING:
     from agent.service import Agent
@@ -46,7 +51,7 @@ class AgentSession:
     # --- ConnectionHandler ----------------------------------------------------------------------
     def stream_opened(self, stream: MessageStream, first: Any) -> None:
         handler = self.agent.stream_handlers.get(stream.kind) if stream.kind else None
-        if handler is None or self._tg is None or self.ack is None:
+        if handler is None or self._tg is None:  # may arrive right behind the hello_ack
             stream.reset(
                 ErrorCode.WRONG_STREAM_OPENER if handler is None else ErrorCode.UNEXPECTED_MESSAGE
             )
@@ -66,9 +71,9 @@ class AgentSession:
     async def _guard(self, handler: Any, stream: MessageStream) -> None:
         try:
             await handler(self, stream)
-        except ConnectionLost:
-            pass
-        except Exception:
+        except Exception as exc:
+            if is_link_loss(exc):
+                return
             log.exception("%s stream handler failed", stream.kind)
             if self.conn.closed is None:
                 stream.reset(ErrorCode.INTERNAL_ERROR)
@@ -80,8 +85,9 @@ class AgentSession:
     async def _task_guard(self, fn: Any, args: tuple[Any, ...]) -> None:
         try:
             await fn(*args)
-        except ConnectionLost:
-            pass
+        except Exception as exc:
+            if not is_link_loss(exc):
+                raise
 
     async def run(self, on_ready: Any = None) -> ConnectionLost:
         agent = self.agent

@@ -30,7 +30,7 @@ from margo_stream.fsutil import atomic_write
 from margo_stream.identity.trust import load_operator_tokens, load_server_credentials
 from margo_stream.identity.verify import PeerVerifier
 from margo_stream.protocol.codes import ErrorCode, StreamKind
-from margo_stream.transport.connection import Connection, MessageStream
+from margo_stream.transport.connection import Connection, MessageStream, is_link_loss
 from margo_stream.transport.quic_server import QuicServer, server_configuration, start_server
 
 log = logging.getLogger("margo.controller")
@@ -72,8 +72,9 @@ class Controller:
     async def _guarded(self, fn: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
         try:
             await fn(*args)
-        except Exception:
-            log.exception("background task %s failed", getattr(fn, "__qualname__", fn))
+        except Exception as exc:
+            if not is_link_loss(exc):
+                log.exception("background task %s failed", getattr(fn, "__qualname__", fn))
 
     def shutdown(self) -> None:
         self._stop.set()

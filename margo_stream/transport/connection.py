@@ -351,3 +351,13 @@ class Connection:
 
 __all__ = ["Connection", "ConnectionHandler", "ConnectionLost", "MessageStream", "StreamClosed",
            "ProtocolError"]
+
+
+def is_link_loss(exc: BaseException) -> bool:
+    """True when ``exc`` (or every leaf of an exception group) is the connection or a stream
+    going away: the normal end of a task that served a link, not a bug to report."""
+    if isinstance(exc, ConnectionLost | StreamClosed):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_link_loss(e) for e in exc.exceptions)
+    return False
