@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from agent import desired
+from agent.telemetry import replay
 from agent.service import Agent
 
 
 def install_features(agent: Agent) -> None:
     """Desired state + status, telemetry and terminals register their handlers here."""
     desired.install(agent)
+    replay.install(agent)

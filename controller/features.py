@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controller import desired, status
+from controller import desired, status, telemetry
 from controller.service import Controller
 
 
@@ -10,3 +10,4 @@ def install_features(controller: Controller) -> None:
     """Desired state, status, telemetry and terminals register their handlers and hooks here."""
     desired.install(controller)
     status.install(controller)
+    telemetry.install(controller)

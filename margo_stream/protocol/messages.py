@@ -151,12 +151,18 @@ class StatusAck(_Model):
 
 # --- telemetry (agent-opened) -------------------------------------------------------------------
 class Telemetry(_Model):
-    """A batch. ``oldest`` is the agent's oldest retained record: anything the controller lacks
-    below it was dropped on the device and is recorded as a gap, not waited for."""
+    """A batch of buffered records ``first..last`` (``count`` of them, ascending, gaps allowed
+    where the agent lost records): ``data`` is the msgpack list of ``[seq, payload]`` pairs,
+    compressed as ``codec`` says. ``oldest`` is the agent's oldest retained record: anything
+    the controller lacks below it was dropped on the device and becomes a gap, not a wait."""
 
     t: Literal["telemetry"] = "telemetry"
     oldest: U64
-    records: list[tuple[U64, bytes]] = Field(max_length=65536)
+    first: U64
+    last: U64
+    count: int = Field(ge=1, le=65536)
+    codec: Literal["none", "zlib"] = "zlib"
+    data: bytes
 
 
 class TelemetryAck(_Model):

@@ -1,0 +1,116 @@
+"""Telemetry on the agent: the durable buffer and its producer socket live for the whole
+process (producers keep writing while the link is down); each connection replays the buffer
+from the oldest record the controller has not acknowledged.
+
+At most ``MAX_IN_FLIGHT`` batches are unacknowledged at a time, so a large backlog never
+crowds the connection: control, desired-state and terminal bytes always find room. Records
+are dropped from the buffer only after the controller acked them as durably stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import asdict
+
+import anyio
+
+from agent.service import Agent
+from agent.session import AgentSession
+from agent.telemetry.buffer import BufferConfig, FullPolicy, TelemetryBuffer
+from agent.telemetry.ingest import serve_telemetry_socket
+from agent.telemetry.metrics import run_agent_metrics
+from margo_stream.protocol import messages as m
+from margo_stream.protocol.codes import StreamKind
+from margo_stream.protocol.telemetry_codec import encode_batch
+
+log = logging.getLogger("margo.agent.telemetry")
+
+MAX_IN_FLIGHT = 4
+BATCH_RECORDS = 4096
+BATCH_BYTES = 512 * 1024
+IDLE_POLL = 0.01
+STATS_INTERVAL = 5.0
+
+
+class TelemetryFeature:
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        cfg = agent.config
+        self.config = BufferConfig(
+            max_bytes=cfg.buffer_max_bytes,
+            policy=FullPolicy.REJECT if cfg.buffer_policy == "reject" else FullPolicy.DROP_OLDEST,
+            commit_window_s=cfg.commit_window_ms / 1000)
+        self.buffer: TelemetryBuffer | None = None
+        self._ready = anyio.Event()
+        agent.background_tasks.append(self.run)
+        agent.session_tasks.append(self.replay)
+        agent.hello_fields.append(self.hello_fields)
+        agent.features["telemetry"] = self
+
+    def hello_fields(self) -> dict[str, object]:
+        return {"telemetry_next_seq": self.buffer.next_seq if self.buffer else 1}
+
+    async def run(self) -> None:
+        state = self.agent.config.state
+        async with TelemetryBuffer.open(state / "telemetry", self.config) as buffer:
+            self.buffer = buffer
+            self._ready.set()
+            async with anyio.create_task_group() as tg:
+                await tg.start(serve_telemetry_socket, buffer, state / "telemetry.sock")
+                await tg.start(run_agent_metrics, buffer, self.agent.config.metrics_interval)
+
+    def stats(self) -> dict[str, int | float | str | None]:
+        if self.buffer is None:
+            return {}
+        return {f"telemetry_{k}": v for k, v in asdict(self.buffer.stats()).items()}
+
+    async def replay(self, session: AgentSession) -> None:
+        await self._ready.wait()
+        buffer = self.buffer
+        assert buffer is not None and session.ack is not None
+        if session.ack.telemetry_acked > buffer.acked_seq:
+            # the controller stored these but our ack was lost with the last link
+            await buffer.ack(min(session.ack.telemetry_acked, buffer.durable_seq))
+        stream = session.conn.open_stream()
+        in_flight: deque[int] = deque()
+        acked = anyio.Event()
+        next_seq = buffer.acked_seq + 1
+
+        async def read_acks() -> None:
+            nonlocal acked
+            while (message := await stream.receive()) is not None:
+                if isinstance(message, m.TelemetryAck):
+                    while in_flight and in_flight[0] <= message.seq:
+                        in_flight.popleft()
+                    await buffer.ack(message.seq)
+                    acked.set()
+
+        async def report_stats() -> None:
+            while True:
+                session.send_stats(self.stats())
+                await anyio.sleep(STATS_INTERVAL)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_acks)
+            tg.start_soon(report_stats)
+            while True:
+                if len(in_flight) >= MAX_IN_FLIGHT:
+                    acked = anyio.Event()
+                    await acked.wait()
+                    continue
+                records = buffer.read(next_seq, BATCH_RECORDS, BATCH_BYTES)
+                if not records:
+                    await anyio.sleep(IDLE_POLL)
+                    continue
+                stream.send(encode_batch([(r.seq, r.payload) for r in records],
+                                         oldest=buffer.first_seq))
+                in_flight.append(records[-1].seq)
+                next_seq = records[-1].seq + 1
+
+
+def install(agent: Agent) -> TelemetryFeature:
+    return TelemetryFeature(agent)
+
+
+__all__ = ["TelemetryFeature", "install", "StreamKind"]

@@ -1,0 +1,76 @@
+"""Telemetry ingest on the controller: store each batch durably, deduplicated by
+(device, seq), then ack the highest contiguous sequence stored. Records the device dropped
+(below the batch's ``oldest``) become a recorded gap, which moves the watermark past them and
+raises an event operators see; the agent never waits on records that no longer exist."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from controller.service import Controller
+from controller.session import ControllerSession
+from margo_stream.errors import ProtocolError
+from margo_stream.protocol import messages as m
+from margo_stream.protocol.codes import StreamKind
+from margo_stream.protocol.telemetry_codec import decode_batch
+from margo_stream.transport.connection import MessageStream
+
+log = logging.getLogger("margo.controller.telemetry")
+
+
+def stream_name(payload: bytes) -> str:
+    try:
+        value = json.loads(payload).get("stream")
+    except (ValueError, AttributeError):
+        return "default"
+    return value if isinstance(value, str) and value else "default"
+
+
+class TelemetryIngest:
+    def __init__(self, ctl: Controller) -> None:
+        self.ctl = ctl
+        self.counters = {"records": 0, "batches": 0, "duplicates": 0, "gaps": 0}
+        ctl.stream_handlers[StreamKind.TELEMETRY] = self.handle
+        ctl.features["telemetry"] = self
+
+    def handle(self, session: ControllerSession, stream: MessageStream) -> None:
+        # one task per telemetry stream consumes it in order; the agent bounds what is in flight
+        self.ctl.spawn(self._consume, session, stream)
+
+    async def _consume(self, session: ControllerSession, stream: MessageStream) -> None:
+        store = self.ctl.store
+        tenant, device = session.tenant, session.device_id
+        watermark = await store.telemetry_watermark(tenant, device)
+        while (batch := await stream.receive()) is not None:
+            if not isinstance(batch, m.Telemetry):
+                continue
+            try:
+                records = decode_batch(batch)
+            except ProtocolError as exc:
+                log.warning("bad telemetry batch from %s/%s: %s", tenant, device, exc)
+                stream.reset(exc.code)
+                return
+            if batch.oldest > watermark + 1:
+                first, last = watermark + 1, batch.oldest - 1
+                watermark = await store.record_gap(tenant, device, first, last)
+                self.counters["gaps"] += 1
+                log.warning("device %s/%s dropped telemetry %d..%d before it could be sent",
+                            tenant, device, first, last,
+                            extra={"event": "telemetry-gap", "first": first, "last": last})
+            fresh = [(seq, stream_name(payload), payload) for seq, payload in records if seq > watermark]
+            self.counters["duplicates"] += len(records) - len(fresh)
+            if fresh:
+                watermark = await store.ingest_telemetry(tenant, device, fresh)
+            self.counters["records"] += len(fresh)
+            self.counters["batches"] += 1
+            if session.conn.closed is None:
+                stream.send(m.TelemetryAck(seq=watermark))
+
+
+def install(ctl: Controller) -> TelemetryIngest:
+    return TelemetryIngest(ctl)
+
+
+__all__: list[Any] = ["TelemetryIngest", "install"]
