@@ -73,6 +73,7 @@ class H2PushClient:
         self._version = 0
         self.blobs: dict[str, bytes] = {}
         self.closed = anyio.Event()
+        self.push_refusal: tuple[int, bytes] | None = None  # status and body if refused
 
     async def __aenter__(self) -> H2PushClient:
         await self.connect()
@@ -116,6 +117,8 @@ class H2PushClient:
 
     async def close(self) -> None:
         if self._tg is None:
+            self._send.close()
+            self._recv.close()
             return
         tg, self._tg = self._tg, None
         tg.cancel_scope.cancel()
@@ -129,6 +132,8 @@ class H2PushClient:
                 pass
             await self._tls.aclose()
         await tg.__aexit__(None, None, None)
+        self._send.close()
+        self._recv.close()
 
     async def _reader(self) -> None:
         assert self._conn is not None and self._writer is not None
@@ -162,10 +167,11 @@ class H2PushClient:
                 p.status = int(p.headers.get(":status", "0"))
         elif isinstance(event, h2.events.DataReceived):
             self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            if event.stream_id == self._push_stream:
+            p = self._pending.get(event.stream_id)
+            if event.stream_id == self._push_stream and p is not None and p.status == 200:
                 self._buf += event.data
                 self._records()
-            elif (p := self._pending.get(event.stream_id)) is not None:
+            elif p is not None:
                 p.body += event.data
         elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
             p = self._pending.pop(event.stream_id, None)
@@ -175,7 +181,9 @@ class H2PushClient:
                 p.done.set()
             if event.stream_id == self._push_stream:
                 self._push_stream = None
-                raise H2Error("the server ended the push stream")
+                if p is not None:
+                    self.push_refusal = (p.status, bytes(p.body))
+                raise H2Error(f"the server ended the push stream ({p.status if p else '?'})")
         elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
             self._writer.window_opened()
         elif isinstance(event, h2.events.ConnectionTerminated):

@@ -246,8 +246,12 @@ class _PahoAdapter:
             self.connect_error = f"disconnected: {rc}"
             self._call(self.connected.set)
 
+    def _deliver(self, item: tuple[str, bytes]) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self.send.send_nowait(item)
+
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        self._call(self.send.send_nowait, (msg.topic, bytes(msg.payload)))
+        self._call(self._deliver, (msg.topic, bytes(msg.payload)))
 
     def _resolve(self, mid: int, value: Any) -> None:
         fut = self.acks.pop(mid, None)
@@ -300,6 +304,8 @@ class _PahoAdapter:
     async def close(self) -> None:
         self.client.disconnect()
         await anyio.to_thread.run_sync(self.client.loop_stop)
+        self.send.close()
+        self.recv.close()
 
 
 class MqttBridge:

@@ -22,6 +22,7 @@ peer is noticed; that is the idle cost the bench measures.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
@@ -178,6 +179,8 @@ class H2PushServer:
             await _H2Session(self, tls, identity, refusal, remote).run()
         except (anyio.BrokenResourceError, anyio.EndOfStream, anyio.ClosedResourceError, OSError):
             pass
+        except Exception:  # one connection's failure must never stop the server
+            log.exception("connection from %s failed", remote)
         finally:
             with anyio.CancelScope(shield=True):
                 await tls.aclose()
@@ -269,8 +272,14 @@ class _H2Session:
                 response = await self.server.router.handle(self.identity, method, path,
                                                            req.headers, bytes(req.body), self.remote)
                 await self.writer.respond(stream_id, response)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError,
+                anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
+        except Exception:
+            log.exception("stream %d (%s %s) from %s failed", stream_id, method, path[:80],
+                          self.remote)
+            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
 
     async def _push_stream(self, stream_id: int, req: _Request) -> None:
         assert self.identity is not None

@@ -292,6 +292,8 @@ class RestPollServer:
             await self._serve_http(tls, identity, refusal, remote)
         except (anyio.BrokenResourceError, anyio.EndOfStream, anyio.ClosedResourceError, OSError):
             pass
+        except Exception:  # one connection's failure must never stop the server
+            log.exception("connection from %s failed", remote)
         finally:
             self.connections -= 1
             with anyio.CancelScope(shield=True):

@@ -198,6 +198,13 @@ async def test_conformance(kind: str, env: Env) -> None:
             third = await _next(client)
             assert third.verify(env.pub, TENANT, DEVICE).deployments == ()
 
+            if hasattr(client, "sample"):
+                client.sample()
+            counters = client.counters
+            assert counters.updates == 3 and counters.requests >= 2
+            assert counters.bytes_received > sum(len(u.manifest_bytes) for u in (first, second, third))
+            assert counters.bytes_sent > 0
+
             await _other_tenant_cannot_read(kind, env, make)
         finally:
             await client.close()
@@ -263,17 +270,30 @@ def _forged_identity(env: Env) -> Path:
     return d
 
 
-async def test_rest_poll_cross_tenant_forgery_refused(env: Env) -> None:
+@pytest.mark.parametrize("kind", ["rest-poll", "h2-push"])
+async def test_cross_tenant_forgery_refused(kind: str, env: Env) -> None:
+    """OpenSSL's union-of-bundles check lets the forged leaf through; PeerVerifier must not."""
     await env.publish(1)
-    async with running("rest-poll", env) as make:
+    async with running(kind, env) as make:
         client = make(_forged_identity(env))
-        await client._open()
-        try:
-            status, hdrs, body = await client.request("GET", "/api/v1/deployments")
-        finally:
-            await client.close()
+        if kind == "rest-poll":
+            await client._open()
+            try:
+                status, hdrs, body = await client.request("GET", "/api/v1/deployments")
+            finally:
+                await client.close()
+            assert hdrs[b"content-type"] == b"application/problem+json"
+        else:
+            client.report_capabilities = False
+            await client.connect()
+            try:
+                with anyio.fail_after(WAIT):
+                    await client.closed.wait()  # the push stream was refused
+            finally:
+                await client.close()
+            assert client.push_refusal is not None
+            status, body = client.push_refusal
         assert status == 403
-        assert hdrs[b"content-type"] == b"application/problem+json"
         problem = json.loads(body)
         assert problem["status"] == 403 and "acme" in problem["detail"]
 
