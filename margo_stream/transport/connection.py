@@ -257,6 +257,9 @@ class Connection:
     # --- sending -----------------------------------------------------------------------------------
     def open_stream(self, *, limit: int = DEFAULT_QUEUE) -> MessageStream:
         stream_id = self.quic.get_next_available_stream_id(is_unidirectional=False)
+        # Claim the id in aioquic now (an empty write creates the stream), so two streams opened
+        # before either has sent anything never share an id.
+        self.quic.send_stream_data(stream_id, b"", end_stream=False)
         stream = self.streams[stream_id] = MessageStream(self, stream_id, None, limit)
         return stream
 
