@@ -214,12 +214,22 @@ class TermClose(_Model):
     reason: str | None = None
 
 
+class TermAck(_Model):
+    """Flow control, either way: ``consumed`` is the total of ``term_data`` bytes the sender
+    has passed on so far (to the operator, or into the device's process). A side keeps at
+    most a fixed window of bytes unacknowledged, so a fast producer meets backpressure
+    instead of growing buffers; interactive traffic never comes near the window."""
+
+    t: Literal["term_ack"] = "term_ack"
+    consumed: U64
+
+
 Message = Annotated[
     Hello | HelloAck | Ping | Pong | Stats | Error
     | Desired | Blob | DesiredResult
     | Status | StatusAck
     | Telemetry | TelemetryAck
-    | TermOpen | TermOpened | TermData | TermEof | TermResize | TermExit | TermClose,
+    | TermOpen | TermOpened | TermData | TermEof | TermResize | TermExit | TermClose | TermAck,
     Field(discriminator="t"),
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
@@ -227,7 +237,7 @@ MESSAGE_TYPES: frozenset[str] = frozenset(
     m.model_fields["t"].default
     for m in (Hello, HelloAck, Ping, Pong, Stats, Error, Desired, Blob, DesiredResult, Status,
               StatusAck, Telemetry, TelemetryAck, TermOpen, TermOpened, TermData, TermEof,
-              TermResize, TermExit, TermClose)
+              TermResize, TermExit, TermClose, TermAck)
 )
 
 

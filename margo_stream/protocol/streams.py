@@ -95,6 +95,11 @@ TRANSITIONS: dict[tuple[StreamKind, State, Sender, str], State] = {
     (K.TERMINAL, S.EXITED, C, "term_resize"): S.EXITED,
     (K.TERMINAL, S.EXITED, C, "term_eof"): S.EXITED,
     (K.TERMINAL, S.EXITED, C, "term_close"): S.DONE,
+    # flow control: byte acks either way while bytes may still be flowing toward the acker
+    (K.TERMINAL, S.ACTIVE, C, "term_ack"): S.ACTIVE,
+    (K.TERMINAL, S.ACTIVE, A, "term_ack"): S.ACTIVE,
+    (K.TERMINAL, S.EXITED, C, "term_ack"): S.EXITED,
+    (K.TERMINAL, S.CLOSING, A, "term_ack"): S.CLOSING,
 }
 
 # Ending one's direction is always allowed on these kinds, in any state (half-close).

@@ -35,6 +35,11 @@ def test_every_table_row_names_a_known_message_type():
     (StreamKind.TELEMETRY, [(A, "telemetry"), (A, "telemetry"), (C, "telemetry_ack")], State.OPEN),
     (StreamKind.TERMINAL, [(C, "term_open"), (A, "term_opened"), (C, "term_data"), (A, "term_data"),
                            (C, "term_resize"), (A, "term_exit"), (C, "term_close")], State.DONE),
+    (StreamKind.TERMINAL, [(C, "term_open"), (A, "term_opened"), (A, "term_data"), (C, "term_ack"),
+                           (C, "term_data"), (A, "term_ack"), (C, "term_close"), (A, "term_ack"),
+                           (A, "term_exit")], State.DONE),
+    (StreamKind.TERMINAL, [(C, "term_open"), (A, "term_opened"), (A, "term_data"), (A, "term_exit"),
+                           (C, "term_ack"), (C, "term_close")], State.DONE),
 ])
 def test_happy_paths(kind, steps, final):
     machine = StreamMachine(kind, C)
@@ -51,6 +56,19 @@ def test_desired_result_before_end_is_a_remote_error():
     assert info.value.code == ErrorCode.UNEXPECTED_MESSAGE
     with pytest.raises(RemoteProtocolError):  # sticky
         machine.process(C, "blob")
+
+
+def test_term_ack_only_while_bytes_flow():
+    machine = StreamMachine(StreamKind.TERMINAL, C)
+    machine.process(C, "term_open")
+    with pytest.raises(RemoteProtocolError):  # nothing flowed before term_opened
+        machine.process(A, "term_ack")
+    machine = StreamMachine(StreamKind.TERMINAL, C)
+    for sender, mtype in [(C, "term_open"), (A, "term_opened"), (C, "term_close")]:
+        machine.process(sender, mtype)
+    with pytest.raises(LocalProtocolError):  # the operator closed: no more acks from it
+        machine.process(C, "term_ack")
+    assert m.parse_message({"t": "term_ack", "consumed": 5}) == m.TermAck(consumed=5)
 
 
 def test_local_violation_is_a_local_error():
