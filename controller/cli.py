@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", default="127.0.0.1:8080", help="operator API HOST:PORT")
     p.add_argument("--api-tls-cert", type=Path, help="TLS certificate for a non-loopback API")
     p.add_argument("--api-tls-key", type=Path, help="TLS key for a non-loopback API")
+    p.add_argument("--margo-api", metavar="HOST:PORT",
+                   help="also serve Margo's rc.3 device pull API (HTTPS, client certificates)")
+    p.add_argument("--h2-push", metavar="HOST:PORT",
+                   help="also serve the HTTP/2 push transport (used by the transport bench)")
     p.add_argument("--idle-timeout", type=float, default=60.0, help="QUIC idle timeout, seconds")
     p.add_argument("--keepalive", type=float, default=15.0,
                    help="keepalive interval agents are told to use, seconds")
@@ -35,11 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     listen_host, listen_port = parse_host_port(args.listen, what="--listen")
     api_host, api_port = parse_host_port(args.api, what="--api")
+    margo = parse_host_port(args.margo_api, what="--margo-api") if args.margo_api else (None, 0)
+    h2 = parse_host_port(args.h2_push, what="--h2-push") if args.h2_push else (None, 0)
     try:
         return ControllerConfig(
             certs=args.certs, data=args.data, listen_host=listen_host, listen_port=listen_port,
             api_host=api_host, api_port=api_port, api_tls_cert=args.api_tls_cert,
-            api_tls_key=args.api_tls_key, idle_timeout=args.idle_timeout, keepalive=args.keepalive)
+            api_tls_key=args.api_tls_key, margo_api_host=margo[0], margo_api_port=margo[1],
+            h2_push_host=h2[0], h2_push_port=h2[1], idle_timeout=args.idle_timeout, keepalive=args.keepalive)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ConfigError(f"{'.'.join(map(str, first['loc'])) or 'config'}: {first['msg']}") from None

@@ -30,6 +30,10 @@ class ControllerConfig(BaseModel):
     api_port: int = Field(default=8080, ge=0, le=65535)
     api_tls_cert: Path | None = None
     api_tls_key: Path | None = None
+    margo_api_host: str | None = None  # Margo rc.3 device pull API (HTTPS, client certs)
+    margo_api_port: int = Field(default=0, ge=0, le=65535)
+    h2_push_host: str | None = None  # HTTP/2 push transport (for the bench's comparison)
+    h2_push_port: int = Field(default=0, ge=0, le=65535)
     idle_timeout: float = Field(default=60.0, gt=1)
     keepalive: float = Field(default=15.0, gt=0)
     hello_timeout: float = Field(default=10.0, gt=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import socket
 import ssl
 import time
@@ -62,6 +63,7 @@ class Controller:
         self._stop = anyio.Event()
         self._uvicorn: _EmbeddedUvicorn | None = None
         self.features: dict[str, Any] = {}
+        self.device_servers: dict[str, Any] = {}  # Margo pull API / HTTP/2 push, when enabled
 
     # --- tasks ----------------------------------------------------------------------------------
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -115,6 +117,7 @@ class Controller:
                     self._verify, self._accept)
                 self.quic_port = transport.get_extra_info("sockname")[1]
                 await tg.start(self._serve_api)
+                await self._serve_device_apis(tg)
                 tg.start_soon(self._touch_loop)
                 self._write_ready_file()
                 log.info("controller listening: quic %s:%d, api %s:%d, tenants %s",
@@ -138,11 +141,33 @@ class Controller:
             self.config.ready_file.unlink(missing_ok=True)
             log.info("controller stopped", extra={"event": "controller-stopped"})
 
+    async def _serve_device_apis(self, tg: TaskGroup) -> None:
+        """The non-QUIC device transports: Margo's own REST pull API and HTTP/2 push."""
+        cfg = self.config
+        wanted = [(name, host, port) for name, host, port in (
+            ("margo_api", cfg.margo_api_host, cfg.margo_api_port),
+            ("h2_push", cfg.h2_push_host, cfg.h2_push_port)) if host is not None]
+        if not wanted:
+            return
+        from controller.device_api.h2_push import serve_h2_push
+        from controller.device_api.rest_poll import serve_rest_poll
+        from controller.device_api.tls import tenant_bundle_paths
+
+        creds = load_server_credentials(cfg.certs)
+        bundles = tenant_bundle_paths(cfg.certs)
+        serve = {"margo_api": serve_rest_poll, "h2_push": serve_h2_push}
+        for name, host, port in wanted:
+            self.device_servers[name] = await tg.start(
+                serve[name], self.store, self.verifier, host, port, creds.cert_path,
+                creds.key_path, bundles)
+
     def _write_ready_file(self) -> None:
         info = {"quic": f"{self.config.listen_host}:{self.quic_port}",
                 "api": f"{'https' if self.config.api_tls_cert else 'http'}://"
                        f"{_url_host(self.config.api_host)}:{self.api_port}",
-                "pid": __import__("os").getpid(), "started": time.time()}
+                "pid": os.getpid(), "started": time.time(),
+                **{name: f"{_url_host(getattr(self.config, name + '_host'))}:{srv.port}"
+                   for name, srv in self.device_servers.items()}}
         atomic_write(self.config.ready_file, json.dumps(info).encode())
 
     async def _serve_api(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -192,6 +217,8 @@ class Controller:
         hook = self.features.get("desired")
         if hook is not None:
             await hook.desired_changed(tenant, device_ids)
+        for server in self.device_servers.values():
+            server.notify(tenant, device_ids)
 
 
 def _url_host(host: str) -> str:
