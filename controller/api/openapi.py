@@ -130,6 +130,8 @@ _SCHEMAS: dict[str, Any] = {
             "operator": {"type": "string"}, "command": {"type": ["string", "null"]},
             "started_at": _TS, "ended_at": _TS, "active": {"type": "boolean"},
             "bytes_in": {"type": "integer"}, "bytes_out": {"type": "integer"},
+            "exit_status": {"type": ["integer", "null"],
+                            "description": "the command's exit status; -N: killed by signal N"},
             "reason": {"type": ["string", "null"]},
         },
     },

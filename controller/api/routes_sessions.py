@@ -23,6 +23,7 @@ def session_item(audit: SessionAudit) -> dict[str, Any]:
         "active": audit.ended_at is None,
         "bytes_in": audit.bytes_in,
         "bytes_out": audit.bytes_out,
+        "exit_status": audit.exit_status,
         "reason": audit.reason,
     }
 

@@ -120,6 +120,7 @@ class SessionAudit:
     bytes_in: int  # operator -> device
     bytes_out: int  # device -> operator
     reason: str | None  # why it ended
+    exit_status: int | None = None  # the command's, when it exited (-N: killed by signal N)
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,6 +352,7 @@ class Store(Protocol):
         reason: str | None = None,
         now: float | None = None,
         tenant: str | None = None,
+        exit_status: int | None = None,
     ) -> None:
         """``NotFound`` for an unknown id (or one of another tenant when ``tenant`` is given)."""
         ...

@@ -413,9 +413,11 @@ class SqliteStore:
         reason: str | None = None,
         now: float | None = None,
         tenant: str | None = None,
+        exit_status: int | None = None,
     ) -> None:
         await self._write(
-            events.finish_session_audit, audit_id, bytes_in, bytes_out, reason, _now(now), tenant
+            events.finish_session_audit, audit_id, bytes_in, bytes_out, reason, _now(now), tenant,
+            exit_status,
         )
 
     async def list_session_audits(self, tenant: str, limit: int = 100) -> list[SessionAudit]:

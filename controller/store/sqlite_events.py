@@ -69,7 +69,8 @@ def latest_event_id(conn: StoreConnection, tenant: str) -> int:
 # -- terminal session audits -----------------------------------------------------------------
 
 _AUDIT_COLUMNS = (
-    "id, tenant, device_id, operator, command, started_at, ended_at, bytes_in, bytes_out, reason"
+    "id, tenant, device_id, operator, command, started_at, ended_at, bytes_in, bytes_out, reason,"
+    " exit_status"
 )
 
 
@@ -106,6 +107,7 @@ def finish_session_audit(
     reason: str | None,
     now: float,
     tenant: str | None,
+    exit_status: int | None = None,
 ) -> None:
     row = conn.execute(
         "SELECT tenant, device_id, started_at FROM session_audits WHERE id = ?", (audit_id,)
@@ -113,14 +115,15 @@ def finish_session_audit(
     if row is None or (tenant is not None and row[0] != tenant):
         raise NotFound(f"terminal session {audit_id} not found")
     conn.execute(
-        "UPDATE session_audits SET ended_at = ?, bytes_in = ?, bytes_out = ?, reason = ?"
-        " WHERE id = ?",
-        (now, bytes_in, bytes_out, reason, audit_id),
+        "UPDATE session_audits SET ended_at = ?, bytes_in = ?, bytes_out = ?, reason = ?,"
+        " exit_status = ? WHERE id = ?",
+        (now, bytes_in, bytes_out, reason, exit_status, audit_id),
     )
     add_event(
         conn, row[0], "terminal.closed", row[1],
         {
-            "session": audit_id, "reason": reason, "bytesIn": bytes_in, "bytesOut": bytes_out,
+            "session": audit_id, "reason": reason, "exitStatus": exit_status,
+            "bytesIn": bytes_in, "bytesOut": bytes_out,
             "seconds": round(now - row[2], 3),
         },
         now,

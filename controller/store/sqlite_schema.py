@@ -134,6 +134,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX events_by_tenant ON events (tenant, id);
     """,
+    # 1 -> 2: the exit status of a terminal session's command
+    """
+    ALTER TABLE session_audits ADD COLUMN exit_status INTEGER;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
