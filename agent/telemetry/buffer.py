@@ -249,49 +249,68 @@ class TelemetryBuffer:
         keep: list[Segment] = []
         obsolete: list[Path] = []
         reuse: Segment | None = None
+        last_present = acked
         for i, (name_base, path) in enumerate(found):
             is_last = i == len(found) - 1
             if not is_last and found[i + 1][0] - 1 <= acked:
                 obsolete.append(path)  # wholly acknowledged
                 continue
             data = path.read_bytes()
-            base = decode_segment_header(data)
-            if base is None:
+            header = decode_segment_header(data)
+            if header is None:
                 log.warning("telemetry segment %s: damaged header; using the base in its name", path.name)
                 base = name_base
+            else:
+                base = header[0]
             next_seq = max(next_seq, base)
             scan = scan_segment(data, base)
             next_seq = max(next_seq, scan.max_seq_seen + 1)
-            if is_last and scan.bad and scan.bad[-1].end == len(data):
-                tail = scan.bad.pop()
-                cut = len(data) - tail.start
+            if is_last and len(data) > scan.valid_end >= SEG_HDR_SIZE:
+                # Everything after the newest segment's last valid record is a torn tail: a
+                # crash can persist the pages of an unsynced batch in any order.
+                tail = [r for r in scan.bad if r.start >= scan.valid_end]
+                scan.bad = [r for r in scan.bad if r.start < scan.valid_end]
+                cut = len(data) - scan.valid_end
+                known = [r.seq for r in tail if r.seq is not None]
                 log.warning(
                     "telemetry segment %s: trimmed torn tail of %d bytes at offset %d%s",
-                    path.name, cut, tail.start,
-                    f" (record seq {tail.seq})" if tail.seq is not None else "",
+                    path.name, cut, scan.valid_end,
+                    f" (partial record(s) seq {known})" if known else "",
                 )
-                if tail.seq is None:
+                if any(r.seq is None for r in tail):
                     # Unknown framing: never reuse a number such bytes could have held.
-                    next_seq = max(next_seq, tail.prev_seq + 2 + cut // REC_HDR_SIZE)
+                    next_seq = max(next_seq, tail[0].prev_seq + 2 + cut // REC_HDR_SIZE)
                 with open(path, "r+b") as fh:
-                    fh.truncate(tail.start)
+                    fh.truncate(scan.valid_end)
                     os.fsync(fh.fileno())
                 self.trimmed_bytes += cut
-                data = data[: tail.start]
-            live_bad = [
-                r for r in scan.bad
-                if (r.seq if r.seq is not None else r.prev_seq + 1) > acked
-            ]
-            for region in live_bad:
-                self.corrupt_records += region.records
+                data = data[: scan.valid_end]
+            elif not is_last and scan.bad and scan.bad[-1].end == len(data) and scan.bad[-1].seq is None:
+                # Damage up to the end of a sealed segment: the next segment's header says
+                # which numbers this one held.
+                tail = scan.bad[-1]
+                nxt = decode_segment_header(found[i + 1][1].read_bytes()[:SEG_HDR_SIZE])
+                tail.records = max(1, nxt[1] - tail.prev_seq) if nxt else 1
+            live_bad = []
+            for region in scan.bad:
+                first = region.seq if region.seq is not None else region.prev_seq + 1
+                lost = first + region.records - 1 - max(first - 1, acked)
+                if lost <= 0:
+                    continue
+                live_bad.append(region)
+                self.corrupt_records += lost
                 log.error(
-                    "telemetry segment %s: corrupt record (seq %s) at offset %d, %d bytes; "
-                    "counted as %d lost record(s)",
-                    path.name, region.seq if region.seq is not None else "unknown",
-                    region.start, region.end - region.start, region.records,
+                    "telemetry segment %s: corrupt record(s) at offset %d (%d bytes, seq %s); "
+                    "counted %d unacknowledged record(s) as lost",
+                    path.name, region.start, region.end - region.start,
+                    region.seq if region.seq is not None else f"unknown, after {region.prev_seq}",
+                    lost,
                 )
             live = bool(scan.seqs) and scan.seqs[-1] > acked
-            if is_last and not scan.seqs and not scan.bad and base == next_seq and base == name_base:
+            if (
+                is_last and header is not None and not scan.seqs and not scan.bad
+                and base == next_seq == name_base
+            ):
                 reuse = Segment(path, base, os.open(path, os.O_RDWR), len(data))
                 continue
             if not live and not live_bad:
@@ -301,12 +320,16 @@ class TelemetryBuffer:
             seg.seqs, seg.offsets, seg.lengths = scan.seqs, scan.offsets, scan.lengths
             seg.sealed = True
             keep.append(seg)
+            present = scan.seqs[-1] if scan.seqs else 0
+            for region in scan.bad:
+                present = max(present, region.seq or 0, region.prev_seq + region.records)
+            last_present = max(last_present, present)
         self._next_seq = next_seq
         self._durable_seq = next_seq - 1
         if reuse is not None:
             active = reuse
         else:
-            active = Segment.create(d, next_seq)
+            active = Segment.create(d, next_seq, last_present)
             os.fsync(active.fd)
             fsync_dir(d)
         for path in obsolete:
@@ -514,7 +537,7 @@ class TelemetryBuffer:
     def _roll(self) -> None:
         old = self._segments[-1]
         try:
-            new = Segment.create(self.directory, self._next_seq)
+            new = Segment.create(self.directory, self._next_seq, self._next_seq - 1)
         except FileExistsError:
             # An empty segment with this base already exists (a roll after a failed write).
             raise BufferIOError(f"telemetry segment for seq {self._next_seq} already exists") from None
@@ -549,7 +572,7 @@ class TelemetryBuffer:
             self.dropped_records += lost
             log.warning(
                 "telemetry buffer full: dropped %d unacknowledged record(s) (seq %d..%d)",
-                lost, seg.seqs[-lost], seg.seqs[-1],
+                lost, seg.seqs[i], seg.seqs[-1],
             )
         self._segments.pop(0)
         self._bases.pop(0)

@@ -5,12 +5,16 @@ Theory of operation
 The buffer is a directory of segment files named ``seg-<base_seq:020d>.log``. A segment starts
 with a 20-byte header and holds records with consecutive sequence numbers, appended in order::
 
-    segment header  = magic "MSTLSEG1" (8) | base_seq u64 | crc32 of the first 16 bytes u32
+    segment header  = magic "MSTLSEG1" (8) | base_seq u64 | prev_last u64
+                      | crc32 of the first 24 bytes u32
     record frame    = magic F5 A7 (2) | length u32 | seq u64 | payload crc32 u32
                       | header crc32 u32 (over the 18 bytes before it) | payload (length bytes)
 
 ``base_seq`` is the first sequence number the segment was created to hold; an empty segment
 still remembers it, so the newest segment alone proves which numbers were already handed out.
+``prev_last`` is the highest sequence number the older segments can hold when this one is
+created, so damage at the very end of a sealed segment is counted exactly, even across the gap
+a recovery may leave.
 The record magic starts with 0xF5, a byte that never occurs in UTF-8 text, so the resync scan
 after a damaged header cannot lock onto JSON payload bytes; the separate header checksum tells
 a damaged length field (framing lost: scan forward for the next valid frame) from a damaged
@@ -33,9 +37,9 @@ from pathlib import Path
 
 SEGMENT_MAGIC = b"MSTLSEG1"
 RECORD_MAGIC = b"\xf5\xa7"
-SEGMENT_HEADER = struct.Struct("<8sQI")
+SEGMENT_HEADER = struct.Struct("<8sQQI")
 RECORD_HEADER = struct.Struct("<2sIQII")
-SEG_HDR_SIZE = SEGMENT_HEADER.size  # 20
+SEG_HDR_SIZE = SEGMENT_HEADER.size  # 28
 REC_HDR_SIZE = RECORD_HEADER.size  # 22
 _HDR_CRC_SPAN = REC_HDR_SIZE - 4
 # A length field larger than this is certainly damage, whatever the configured limit.
@@ -47,19 +51,19 @@ def segment_name(base_seq: int) -> str:
     return f"seg-{base_seq:020d}.log"
 
 
-def encode_segment_header(base_seq: int) -> bytes:
-    head = SEGMENT_MAGIC + struct.pack("<Q", base_seq)
+def encode_segment_header(base_seq: int, prev_last: int) -> bytes:
+    head = SEGMENT_MAGIC + struct.pack("<QQ", base_seq, prev_last)
     return head + struct.pack("<I", zlib.crc32(head))
 
 
-def decode_segment_header(data: bytes) -> int | None:
-    """Return the base sequence of a segment header, or None if it is missing or damaged."""
+def decode_segment_header(data: bytes) -> tuple[int, int] | None:
+    """(base_seq, prev_last) of a segment header, or None if it is missing or damaged."""
     if len(data) < SEG_HDR_SIZE:
         return None
-    magic, base, crc = SEGMENT_HEADER.unpack_from(data, 0)
-    if magic != SEGMENT_MAGIC or zlib.crc32(data[:16]) != crc:
+    magic, base, prev_last, crc = SEGMENT_HEADER.unpack_from(data, 0)
+    if magic != SEGMENT_MAGIC or zlib.crc32(data[: SEG_HDR_SIZE - 4]) != crc:
         return None
-    return base
+    return base, prev_last
 
 
 def encode_record(seq: int, payload: bytes) -> bytes:
@@ -221,12 +225,12 @@ class Segment:
         self.retired = False
 
     @classmethod
-    def create(cls, directory: Path, base_seq: int) -> Segment:
+    def create(cls, directory: Path, base_seq: int, prev_last: int) -> Segment:
         """Create a new empty segment (not yet fsynced). Raises OSError, leaving no file."""
         path = directory / segment_name(base_seq)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            header = encode_segment_header(base_seq)
+            header = encode_segment_header(base_seq, prev_last)
             if os.write(fd, header) != len(header):
                 raise OSError(28, "short write of segment header")
         except BaseException:
