@@ -5,7 +5,6 @@ raises an event operators see; the agent never waits on records that no longer e
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -18,14 +17,6 @@ from margo_stream.protocol.telemetry_codec import decode_batch
 from margo_stream.transport.connection import MessageStream
 
 log = logging.getLogger("margo.controller.telemetry")
-
-
-def stream_name(payload: bytes) -> str:
-    try:
-        value = json.loads(payload).get("stream")
-    except (ValueError, AttributeError):
-        return "default"
-    return value if isinstance(value, str) and value else "default"
 
 
 class TelemetryIngest:
@@ -59,7 +50,7 @@ class TelemetryIngest:
                 log.warning("device %s/%s dropped telemetry %d..%d before it could be sent",
                             tenant, device, first, last,
                             extra={"event": "telemetry-gap", "first": first, "last": last})
-            fresh = [(seq, stream_name(payload), payload) for seq, payload in records if seq > watermark]
+            fresh = [r for r in records if r[0] > watermark]
             self.counters["duplicates"] += len(records) - len(fresh)
             if fresh:
                 watermark = await store.ingest_telemetry(tenant, device, fresh)

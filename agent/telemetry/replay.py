@@ -9,6 +9,7 @@ are dropped from the buffer only after the controller acked them as durably stor
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import deque
 from dataclasses import asdict
@@ -31,6 +32,15 @@ BATCH_RECORDS = 4096
 BATCH_BYTES = 512 * 1024
 IDLE_POLL = 0.01
 STATS_INTERVAL = 5.0
+
+
+def stream_name(payload: bytes) -> str:
+    """The record's series (the producer socket guarantees a JSON object with a string one)."""
+    try:
+        value = json.loads(payload).get("stream")
+    except (ValueError, AttributeError):
+        return "default"
+    return value if isinstance(value, str) and value else "default"
 
 
 class TelemetryFeature:
@@ -103,7 +113,7 @@ class TelemetryFeature:
                 if not records:
                     await anyio.sleep(IDLE_POLL)
                     continue
-                stream.send(encode_batch([(r.seq, r.payload) for r in records],
+                stream.send(encode_batch([(r.seq, stream_name(r.payload), r.payload) for r in records],
                                          oldest=buffer.first_seq))
                 in_flight.append(records[-1].seq)
                 next_seq = records[-1].seq + 1

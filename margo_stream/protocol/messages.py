@@ -152,7 +152,7 @@ class StatusAck(_Model):
 # --- telemetry (agent-opened) -------------------------------------------------------------------
 class Telemetry(_Model):
     """A batch of buffered records ``first..last`` (``count`` of them, ascending, gaps allowed
-    where the agent lost records): ``data`` is the msgpack list of ``[seq, payload]`` pairs,
+    where the agent lost records): ``data`` is the msgpack list of ``[seq, stream, payload]``,
     compressed as ``codec`` says. ``oldest`` is the agent's oldest retained record: anything
     the controller lacks below it was dropped on the device and becomes a gap, not a wait."""
 
