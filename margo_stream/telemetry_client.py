@@ -59,7 +59,7 @@ def decode_reply(line: bytes) -> int:
 def _unavailable(path: Path, exc: OSError) -> AgentUnavailable:
     return AgentUnavailable(
         f"cannot reach the agent's telemetry socket {path}: {exc.strerror or exc} "
-        "(is margo-agent running with this --state directory?)"
+        "(agent not running, or running with another --state directory)"
     )
 
 

@@ -431,11 +431,12 @@ class TelemetryBuffer:
         pending = self.submit(payloads)
         return list(await pending.wait())
 
-    def submit(self, payloads: Sequence[bytes]) -> PendingAppend:
+    def submit(self, payloads: Sequence[bytes], *, count_rejected: bool = True) -> PendingAppend:
         """Write records now (no await); ``await result.wait()`` for durability.
 
         Raises ``RecordTooLarge``, ``BufferFull``, ``BufferIOError`` or ``BufferClosed``
-        synchronously, having stored nothing.
+        synchronously, having stored nothing. ``count_rejected=False`` leaves a refusal out
+        of ``rejected_records`` (for a caller that retries the records one by one).
         """
         if self._closing or self._closed:
             raise BufferClosed("telemetry buffer is closed")
@@ -452,13 +453,15 @@ class TelemetryBuffer:
         # Room for the frames plus a segment header for every roll the batch could cause.
         needed = total + SEG_HDR_SIZE * (1 + total // self._segment_bytes)
         if needed + SEG_HDR_SIZE > self.config.max_bytes:
-            self.rejected_records += len(payloads)
+            if count_rejected:
+                self.rejected_records += len(payloads)
             raise BufferFull(
                 f"a batch of {total} bytes cannot fit a {self.config.max_bytes}-byte buffer"
             )
         if self._bytes_used + needed > self.config.max_bytes:
             if self.config.policy is FullPolicy.REJECT:
-                self.rejected_records += len(payloads)
+                if count_rejected:
+                    self.rejected_records += len(payloads)
                 raise BufferFull(
                     f"telemetry buffer full ({self._bytes_used} of {self.config.max_bytes} "
                     "bytes, policy reject); the controller has not acknowledged older records"

@@ -86,7 +86,7 @@ def _submit(buffer: TelemetryBuffer, prepared: list[bytes | str]) -> _Batch:
     payloads = [p for p in prepared if isinstance(p, bytes)]
     if payloads:
         try:
-            pending = buffer.submit(payloads)
+            pending = buffer.submit(payloads, count_rejected=False)
         except TelemetryBufferError:
             pending = None
         if pending is not None:
