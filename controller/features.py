@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controller import desired, status, telemetry
+from controller import desired, status, telemetry, terminal
 from controller.service import Controller
 
 
@@ -11,3 +11,4 @@ def install_features(controller: Controller) -> None:
     desired.install(controller)
     status.install(controller)
     telemetry.install(controller)
+    terminal.install(controller)

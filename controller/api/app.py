@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from controller.api import (
     routes_deployments,
@@ -25,6 +25,7 @@ from controller.api import (
     routes_events,
     routes_sessions,
     routes_telemetry,
+    routes_terminal,
 )
 from controller.api.auth import BearerAuthMiddleware
 from controller.api.openapi import openapi_document
@@ -94,12 +95,13 @@ def create_app(
     ``tokens`` maps operator token -> tenant and is consulted on every request (update it in
     place to rotate). ``services``, when given, is told about desired-state changes through
     ``await services.desired_changed(tenant, device_ids)``."""
-    routes: list[Route] = [
+    routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/api/v1/openapi.json", openapi_json, methods=["GET"]),
         # device sub-resources first: the device route's id may contain '/'
         *routes_deployments.routes(),
         *routes_telemetry.routes(),
+        *routes_terminal.routes(),
         *routes_devices.routes(),
         *routes_events.routes(),
         *routes_sessions.routes(),

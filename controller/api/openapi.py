@@ -213,6 +213,25 @@ _PATHS: dict[str, Any] = {
                           **_ERRORS},
         },
     },
+    "/api/v1/devices/{deviceId}/terminal": {
+        "get": {
+            "summary": "Terminal session on a device (WebSocket)",
+            "description": (
+                "Upgrade to a WebSocket. Operator -> controller: first a text message "
+                '{"type":"open","command":[..]|null,"rows":R,"cols":C,"tty":bool}, then binary '
+                "0x00+input bytes and text {\"type\":\"resize\",\"rows\":R,\"cols\":C}, "
+                '{"type":"eof"}, {"type":"close"}. Controller -> operator: text '
+                '{"type":"opened","session":ID,"pid":PID}, binary 0x01+stdout / 0x02+stderr, and '
+                'at the end {"type":"exit","status":N,"reason":..} (close 1000) or '
+                '{"type":"error","code":KIND,"reason":..} (close 4400 bad request, 4404 no such '
+                "device or not connected, 4403 refused by the device, 4408 no answer, 1012 "
+                "controller shutting down). Every session gets an audit record "
+                "(/api/v1/sessions)."),
+            "parameters": [_DEVICE_ID],
+            "responses": {"101": {"description": "Switching Protocols: the session runs"},
+                          "426": _PROBLEM, "401": _PROBLEM},
+        },
+    },
     "/api/v1/sessions": {
         "get": {"summary": "Terminal session audit, newest first",
                 "parameters": [_query("limit", {"type": "integer", "minimum": 1}, "default 100")],
