@@ -94,6 +94,8 @@ class ApiClient:
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
+        self.token = token  # the WebSocket routes (margoctl terminal/exec) authenticate with it
+        self.verify = verify
         self._timeout = timeout
         self._http = httpx.Client(
             base_url=self.base_url,

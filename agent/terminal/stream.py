@@ -293,8 +293,15 @@ class TerminalFeature:
         relay = _Relay(stream, proc, self.policy.idle_timeout_s)
         try:
             await relay.run()
+            if not relay.peer_gone:  # the controller ends its side after term_exit
+                with anyio.move_on_after(EXIT_DRAIN_S):
+                    while await stream.receive() is not None:
+                        pass
+        except (StreamClosed, ConnectionLost):
+            pass
         finally:
             await proc.close(CLOSE_GRACE_S)
+            session.conn.forget_stream(stream.stream_id)
             if isinstance(proc, PipeSession):
                 self._pipes.discard(proc)
             log.info("terminal session %s ended: status %s (%s)", first.session_id,

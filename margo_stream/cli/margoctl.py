@@ -9,6 +9,7 @@
     apply -f FILE [-f FILE ...] (--device ID ... | --selector k=v ...)
     delete deployment ID --device ID
     watch [--after N] [--count N] [-o table|json]
+    terminal DEVICE [-- CMD ...]              exec DEVICE -- CMD ...
 
 ``--api`` defaults to ``$MARGO_API`` or http://127.0.0.1:8080; ``--token-file`` to
 ``$MARGO_TOKEN_FILE`` (the tenant's ``operator.token``). Global flags may come anywhere.
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from margo_stream.api_client import ApiClient
-from margo_stream.cli import output
+from margo_stream.cli import margoctl_terminal, output
 from margo_stream.errors import ConfigError, MargoError
 from margo_stream.state.digest import sha256_digest
 
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replay events after this id (0: everything); default: new events only")
     p.add_argument("--count", type=int, metavar="N", help="stop after N events")
     _output_flag(p, ("table", "json"))
+    margoctl_terminal.add_parsers(commands, common)
     return parser
 
 
@@ -237,11 +239,24 @@ def _cmd_watch(client: ApiClient, args: argparse.Namespace) -> None:
         sys.stdout.flush()
 
 
+def _run_terminal(args: argparse.Namespace) -> int:
+    try:
+        client = make_client(args)
+    except MargoError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 1
+    client.close()
+    return margoctl_terminal.main(client.base_url, client.token, client.verify,
+                                  args.timeout or 10.0, args)
+
+
 COMMANDS = {"get": _cmd_get, "apply": _cmd_apply, "delete": _cmd_delete, "watch": _cmd_watch}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("terminal", "exec"):
+        return _run_terminal(args)
     try:
         with make_client(args) as client:
             COMMANDS[args.command](client, args)
