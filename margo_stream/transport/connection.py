@@ -153,7 +153,7 @@ class Connection:
         self._sendto = sendto
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self._transmit_scheduled = False
+        self._transmit_handle: asyncio.Handle | None = None
         self._closed_waiters: list[asyncio.Future[None]] = []
         self._handshake_waiter: asyncio.Future[None] | None = None
         # endpoint hooks (server: identity check at handshake; both: drop state at the end)
@@ -169,17 +169,28 @@ class Connection:
         self.last_received = now
         self.remote = addr
         self.quic.receive_datagram(data, addr, now=now)
-        self.process_events()
+        self._drain_events()
+        # Answer at the end of this loop turn, not per datagram: a peer's flight that spans
+        # several datagrams gets one reply, and what our side sends in reaction to these
+        # events (a hello right after the handshake, a HelloAck) rides in the same packets
+        # as the ACKs and the handshake's last flight.
+        self.schedule_transmit()
 
     def process_events(self) -> None:
-        event = self.quic.next_event()
-        while event is not None:
-            self.quic_event(event)
-            event = self.quic.next_event()
+        self._drain_events()
         self.transmit()
 
+    def _drain_events(self) -> None:
+        quic = self.quic
+        event = quic.next_event()
+        while event is not None:
+            self.quic_event(event)
+            event = quic.next_event()
+
     def transmit(self) -> None:
-        self._transmit_scheduled = False
+        if self._transmit_handle is not None:
+            self._transmit_handle.cancel()  # this call does its work
+            self._transmit_handle = None
         sendto = self._sendto
         for data, addr in self.quic.datagrams_to_send(now=self.loop.time()):
             sendto(data, addr)
@@ -193,9 +204,12 @@ class Connection:
             self._timer_at = timer_at
 
     def schedule_transmit(self) -> None:
-        if not self._transmit_scheduled:
-            self._transmit_scheduled = True
-            self.loop.call_soon(self.transmit)
+        if self._transmit_handle is None:
+            self._transmit_handle = self.loop.call_soon(self._scheduled_transmit)
+
+    def _scheduled_transmit(self) -> None:
+        self._transmit_handle = None
+        self.transmit()
 
     def _on_timer(self) -> None:
         self._timer = None
