@@ -140,8 +140,10 @@ async def start_workers(cfg: dict[str, Any], agents: int, procs: int, log_dir: P
     for i in range(procs):
         count = agents // procs + (1 if i < agents % procs else 0)
         log = open(log_dir / f"worker-{cfg['mode']}-{i}.log", "ab")  # noqa: SIM115 - child owns it
+        profile = cfg.get("profile")
+        launcher = ["-m", "cProfile", "-o", f"{profile}.{cfg['mode']}.{i}"] if profile else []
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.simfleet", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            sys.executable, *launcher, "-m", "bench.simfleet", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=log, limit=1 << 24)
         log.close()
         worker = Worker(proc, i)
@@ -159,6 +161,7 @@ async def ramp(workers: list[Worker], agents: int, label: str, server_pid: int,
     """Send ``go`` to every worker and follow the ramp until every agent is connected or gave up."""
     before = {w.index: sample_process(w.proc.pid) for w in workers}
     server_before = sample_process(server_pid)
+    udp_before = udp_datagrams()
     t_go = time.monotonic()
     for worker in workers:
         await worker.send("go")
@@ -184,8 +187,11 @@ async def ramp(workers: list[Worker], agents: int, label: str, server_pid: int,
             p.cancel()
     t_end = time.monotonic()
     server_after = sample_process(server_pid)
-    worker_cpu = [cpu_percent(before[w.index], sample_process(w.proc.pid), t_end - t_go) for w in workers]
+    udp_after = udp_datagrams()
+    worker_after = {w.index: sample_process(w.proc.pid) for w in workers}
+    worker_cpu = [cpu_percent(before[i], after, t_end - t_go) for i, after in worker_after.items()]
     times = sorted(t - t_go for r in results for t in r["times"])
+    latencies = sorted(x for r in results for x in r["latencies"])
     connected = len(times)
     ramp_s = times[-1] if times else None
     if tty:
@@ -206,11 +212,29 @@ async def ramp(workers: list[Worker], agents: int, label: str, server_pid: int,
         "ramp_seconds": ramp_s,
         "handshake_rate": connected / ramp_s if ramp_s else None,
         "handshake_rate_middle_80pct": mid_rate,
+        "handshake_latency_ms": {f"p{q}": 1000 * latencies[min(len(latencies) - 1, len(latencies) * q // 100)]
+                                 for q in (50, 90, 99)} if latencies else {},
+        # loopback: every datagram sent is received once; other traffic on the host adds noise
+        "udp_datagrams_per_handshake": (udp_after - udp_before) / max(connected, 1)
+        if udp_before is not None and udp_after is not None else None,
         "server_cpu_percent_during_ramp": cpu_percent(server_before, server_after, t_end - t_go),
+        "server_cpu_ms_per_handshake": 1000 * (server_after.cpu_s - server_before.cpu_s) / max(connected, 1),
         "worker_cpu_percent_during_ramp": worker_cpu,
+        "worker_cpu_ms_per_handshake": 1000 * sum(
+            after.cpu_s - before[i].cpu_s for i, after in worker_after.items()) / max(connected, 1),
         "timeline": _timeline(times),
         "_times": times,
     }
+
+
+def udp_datagrams() -> int | None:
+    """The host's UDP InDatagrams counter (/proc/net/snmp)."""
+    try:
+        lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()
+                 if line.startswith("Udp:")]
+        return int(lines[1][lines[0].index("InDatagrams")])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _timeline(times: list[float]) -> list[list[float]]:
@@ -253,7 +277,11 @@ async def measure_ours(args: argparse.Namespace, work: Path, run: int,
     certs = work / "certs"
     data = work / f"data-{run}"
     data.mkdir()
-    argv = [str(BIN / "margo-controller"), "--certs", str(certs), "--data", str(data),
+    launcher = [str(BIN / "margo-controller")]
+    if args.profile_controller:  # cProfile writes its stats when the controller exits on SIGTERM
+        launcher = [sys.executable, "-m", "cProfile", "-o",
+                    f"{args.profile_controller}.{run + 1}", "-m", "controller.cli"]
+    argv = [*launcher, "--certs", str(certs), "--data", str(data),
             "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--keepalive", str(args.keepalive),
             "--idle-timeout", str(args.idle_timeout), "--log-level", args.controller_log_level,
             "--log-format", "json"]
@@ -267,7 +295,8 @@ async def measure_ours(args: argparse.Namespace, work: Path, run: int,
         cfg = {"mode": "margo", "host": "127.0.0.1", "port": port, "certs": str(certs),
                "tenant": TENANT, "template": str(certs / TENANT / "devices" / "bench-template"),
                "server_name": "localhost", "idle_timeout": args.idle_timeout,
-               "concurrency": args.concurrency, "timeout": args.handshake_timeout}
+               "concurrency": args.concurrency, "timeout": args.handshake_timeout,
+               "profile": args.profile_workers}
         workers = await start_workers(cfg, args.agents, args.procs, work, cpus[1])
         await asyncio.sleep(1.0)
         base = sample_process(ctl.pid)
@@ -328,8 +357,10 @@ def api_devices(work: Path, api: str) -> dict[str, Any]:
 async def measure_bare(args: argparse.Namespace, work: Path, run: int,
                        cpus: tuple[set[int], set[int]]) -> dict[str, Any]:
     cdir = work / "certs" / "controller"
+    launcher = (["-m", "cProfile", "-o", f"{args.profile_controller}.bare.{run + 1}"]
+                if args.profile_controller else [])
     server = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.bare_quic", "--cert", str(cdir / "cert.pem"),
+        sys.executable, *launcher, "-m", "bench.bare_quic", "--cert", str(cdir / "cert.pem"),
         "--key", str(cdir / "key.pem"), "--idle-timeout", str(args.idle_timeout),
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
     workers: list[Worker] = []
@@ -340,7 +371,8 @@ async def measure_bare(args: argparse.Namespace, work: Path, run: int,
         port = json.loads(line)["port"]
         cfg = {"mode": "bare", "host": "127.0.0.1", "port": port, "cafile": str(cdir / "ca.pem"),
                "server_name": "localhost", "idle_timeout": args.idle_timeout,
-               "concurrency": args.concurrency, "timeout": args.handshake_timeout}
+               "concurrency": args.concurrency, "timeout": args.handshake_timeout,
+               "profile": args.profile_workers}
         workers = await start_workers(cfg, args.agents, args.procs, work, cpus[1])
         await asyncio.sleep(1.0)
         base = sample_process(server.pid)
@@ -513,6 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the ramp (default 60 + N/20)")
     p.add_argument("--settle", type=float, default=2.0, help="pause after the ramp, seconds")
     p.add_argument("--controller-log-level", default="info")
+    p.add_argument("--profile-controller", metavar="PATH",
+                   help="run the controller (and the bare server) under cProfile, stats to "
+                   "PATH.<run> (PATH.bare.<run>)")
+    p.add_argument("--profile-workers", metavar="PATH",
+                   help="run the workers under cProfile, stats to PATH.<mode>.<worker>")
     p.add_argument("--no-bare", action="store_true", help="skip the bare-aioquic reference")
     p.add_argument("--keep", action="store_true", help="keep the work directory (PKI, logs)")
     return p
