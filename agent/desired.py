@@ -29,7 +29,7 @@ from margo_stream.protocol.codes import ErrorCode, StreamKind
 from margo_stream.state.documents import parse_deployment, resolve
 from margo_stream.state.manifest import Manifest, blob_digests, parse_manifest, signature_valid
 from margo_stream.state.spec import DeploymentSpec
-from margo_stream.state.trust import DesiredStateVerifier
+from margo_stream.state.trust import DesiredStateVerifier, Verdict
 from margo_stream.transport.connection import MessageStream
 
 log = logging.getLogger("margo.agent.desired")
@@ -49,7 +49,8 @@ class DesiredFeature:
                                                  state / "desired" / "trust.json")
         except (IdentityError, TrustError) as exc:
             raise ConfigError(str(exc)) from None
-        self.reconciler = Reconciler(state, read_blob=self.store.get_blob, on_status=status.on_status)
+        self._incoming: dict[str, bytes] = {}
+        self.reconciler = Reconciler(state, read_blob=self._read_blob, on_status=status.on_status)
         self._lock = anyio.Lock()
         agent.background_tasks.append(self.run)
         agent.hello_fields.append(self.hello_fields)
@@ -119,6 +120,11 @@ class DesiredFeature:
             result = await self.apply(first, {d: bytes(b) for d, b in parts.items()})
         stream.send(result, end=True)
 
+    def _read_blob(self, digest: str) -> bytes:
+        """Blobs of the push being applied first (they may still be on their way to disk)."""
+        data = self._incoming.get(digest)
+        return data if data is not None else self.store.get_blob(digest)
+
     async def apply(self, push: m.Desired, received: dict[str, bytes]) -> m.DesiredResult:
         version = push.version
         available = ChainMap(received, self.store.blobs())
@@ -129,27 +135,46 @@ class DesiredFeature:
                 return m.DesiredResult(version=version, ok=True, unchanged=True)
             specs = self._specs(verdict.manifest, available)
             validate(specs)
-            needed = blob_digests(verdict.manifest)
-            self.store.install({d: available[d] for d in needed if not self.store.has_blob(d)},
-                               push.manifest, push.signature)
         except TrustError as exc:
             log.warning("refused manifest version %d: %s", version, exc,
                         extra={"event": "desired-refused", "code": exc.code})
             return m.DesiredResult(version=version, ok=False, code=exc.code, reason=str(exc))
         except DocumentError as exc:
             return m.DesiredResult(version=version, ok=False, code="invalid-document", reason=str(exc))
-        except DesiredStoreError as exc:
-            log.error("could not store manifest version %d: %s", version, exc)
-            return m.DesiredResult(version=version, ok=False, code="store-failed", reason=str(exc))
-        await self.reconciler.apply(version, specs)
+        # Verified in full: nothing of it is untrusted any more. Persisting it (fsyncs, on a
+        # worker thread) and converging the workloads run side by side, so the workloads do not
+        # wait for the disk; the trust state advances only once both are done.
+        needed = {d: available[d] for d in blob_digests(verdict.manifest) if not self.store.has_blob(d)}
+        self._incoming = needed
+        stored: list[BaseException] = []
+
+        async def persist() -> None:
+            try:
+                await anyio.to_thread.run_sync(self.store.install, needed, push.manifest, push.signature)
+            except (DesiredStoreError, OSError) as exc:
+                stored.append(exc)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(persist)
+                await self.reconciler.apply(version, specs)
+        finally:
+            self._incoming = {}
+        if stored:
+            log.error("manifest version %d runs but could not be stored: %s", version, stored[0],
+                      extra={"event": "desired-store-failed"})
+            return m.DesiredResult(version=version, ok=False, code="store-failed", reason=str(stored[0]))
+        await anyio.to_thread.run_sync(self._commit, verdict)
+        log.info("applied manifest version %d (%d deployments)", version, len(specs),
+                 extra={"event": "desired-applied"})
+        return m.DesiredResult(version=version, ok=True)
+
+    def _commit(self, verdict: Verdict) -> None:
         self.verifier.accept(verdict)
         try:
             self.store.gc(keep=set(blob_digests(verdict.manifest)))
         except OSError as exc:
             log.warning("blob garbage collection failed: %s", exc)
-        log.info("applied manifest version %d (%d deployments)", version, len(specs),
-                 extra={"event": "desired-applied"})
-        return m.DesiredResult(version=version, ok=True)
 
 
 def install(agent: Agent) -> DesiredFeature:

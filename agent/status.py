@@ -9,6 +9,7 @@ microseconds and never go below the persisted floor (``STATE/status.seq``).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -16,7 +17,6 @@ import anyio
 
 from agent.service import Agent
 from agent.session import AgentSession
-from margo_stream.fsutil import atomic_write
 from margo_stream.protocol import messages as m
 from margo_stream.state.status import DeploymentState, DeploymentStatus
 
@@ -47,9 +47,13 @@ class StatusReporter:
         agent.features["status"] = self
 
     def _next_seq(self) -> int:
+        # The floor only matters if the clock steps back across a restart, so it is written
+        # without an fsync: cheap enough for every status change, never in the event loop's way.
         self._floor = max(self._floor + 1, time.time_ns() // 1000)
+        tmp = self.seq_path.with_name(self.seq_path.name + ".tmp")
         try:
-            atomic_write(self.seq_path, str(self._floor).encode())
+            tmp.write_text(str(self._floor))
+            os.replace(tmp, self.seq_path)
         except OSError as exc:
             log.warning("could not persist the status sequence floor: %s", exc)
         return self._floor

@@ -21,6 +21,7 @@ import anyio
 
 from controller.service import Controller
 from controller.session import ControllerSession
+from controller.store.base import ManifestRecord
 from margo_stream.errors import ConfigError, IdentityError
 from margo_stream.identity.trust import load_signing_key
 from margo_stream.protocol import messages as m
@@ -38,6 +39,7 @@ from margo_stream.transport.connection import ConnectionLost, StreamClosed
 log = logging.getLogger("margo.controller.desired")
 
 BLOB_CHUNK = 256 * 1024
+FILES_CACHE = 4096  # (tenant, document digest) -> the document's extra files
 RESULT_TIMEOUT = 60.0
 
 
@@ -55,6 +57,7 @@ class DesiredState:
         self._keys: dict[str, Any] = {}
         self._devices: dict[tuple[str, str], _DeviceState] = {}
         self._locks: dict[tuple[str, str], anyio.Lock] = {}
+        self._files: dict[tuple[str, str], tuple[Any, ...]] = {}
         ctl.ready_hooks.append(self.on_ready)
         ctl.close_hooks.append(self.on_close)
         ctl.features["desired"] = self
@@ -77,13 +80,17 @@ class DesiredState:
         store = self.ctl.store
         entries = []
         for a in await store.list_assignments(tenant, device_id):
-            document = await store.get_blob(tenant, a.digest)
-            files = parse_deployment(document, source=f"deployment {a.deployment_id}").files
-            entries.append(ManifestEntry(deployment_id=a.deployment_id, digest=a.digest,
-                                         files=tuple(files)))
+            files = self._files.get((tenant, a.digest))
+            if files is None:
+                document = await store.get_blob(tenant, a.digest)
+                files = tuple(parse_deployment(document, source=f"deployment {a.deployment_id}").files)
+                if len(self._files) >= FILES_CACHE:
+                    self._files.pop(next(iter(self._files)))
+                self._files[(tenant, a.digest)] = files
+            entries.append(ManifestEntry(deployment_id=a.deployment_id, digest=a.digest, files=files))
         return sorted(entries, key=lambda e: e.deployment_id)
 
-    async def rebuild(self, tenant: str, device_id: str, *, floor: int = 0) -> Any:
+    async def rebuild(self, tenant: str, device_id: str, *, floor: int = 0) -> ManifestRecord:
         """Sign and store the device's next manifest (version above ``floor`` and the last)."""
         async with self._lock(tenant, device_id):
             store = self.ctl.store
@@ -93,9 +100,10 @@ class DesiredState:
             data = build_manifest(tenant, device_id, version, await self._entries(tenant, device_id),
                                   issued_at=now, expires=now + self.lifetime)
             signature = sign(data, self._key(tenant))
-            await store.put_manifest(tenant, device_id, version, data, signature)
-            await store.add_event(tenant, "desired.version", device_id, {"manifestVersion": version})
-            return await store.latest_manifest(tenant, device_id)
+            created = time.time()
+            await store.put_manifest(tenant, device_id, version, data, signature, now=created)
+            return ManifestRecord(tenant=tenant, device_id=device_id, version=version, manifest=data,
+                                  signature=signature, created=created)
 
     # --- hooks --------------------------------------------------------------------------------------
     async def desired_changed(self, tenant: str, device_ids: list[str]) -> None:

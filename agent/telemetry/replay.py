@@ -27,10 +27,10 @@ from margo_stream.protocol.telemetry_codec import encode_batch
 
 log = logging.getLogger("margo.agent.telemetry")
 
-MAX_IN_FLIGHT = 4
-BATCH_RECORDS = 4096
-BATCH_BYTES = 512 * 1024
-IDLE_POLL = 0.01
+MAX_IN_FLIGHT = 8
+BATCH_RECORDS = 1024  # small batches: the event loop gets a turn between them
+BATCH_BYTES = 256 * 1024
+IDLE_POLL_MIN, IDLE_POLL_MAX = 0.005, 0.25  # an idle agent checks its buffer less and less often
 STATS_INTERVAL = 5.0
 
 
@@ -86,6 +86,7 @@ class TelemetryFeature:
         in_flight: deque[int] = deque()
         acked = anyio.Event()
         next_seq = buffer.acked_seq + 1
+        idle = IDLE_POLL_MIN
 
         async def read_acks() -> None:
             nonlocal acked
@@ -111,12 +112,15 @@ class TelemetryFeature:
                     continue
                 records = buffer.read(next_seq, BATCH_RECORDS, BATCH_BYTES)
                 if not records:
-                    await anyio.sleep(IDLE_POLL)
+                    await anyio.sleep(idle)
+                    idle = min(idle * 2, IDLE_POLL_MAX)
                     continue
+                idle = IDLE_POLL_MIN
                 stream.send(encode_batch([(r.seq, stream_name(r.payload), r.payload) for r in records],
                                          oldest=buffer.first_seq))
                 in_flight.append(records[-1].seq)
                 next_seq = records[-1].seq + 1
+                await anyio.sleep(0)  # let interactive work (pushes, terminals) run between batches
 
 
 def install(agent: Agent) -> TelemetryFeature:
