@@ -1,0 +1,181 @@
+"""``margo-bench drain``: time to drain a large offline telemetry backlog after reconnect, and
+desired-state push latency while that drain runs against the idle latency in the same run.
+
+One real controller and one real agent process on loopback. Phase 1 (idle): the agent is
+connected with an empty buffer; push latency is sampled. Phase 2: the agent is stopped, its
+buffer is filled with ``--records`` records of ``--record-bytes`` bytes (written straight into
+its durable buffer), and it is started again: the drain time runs from that start until the
+controller has stored the last record; push latency is sampled while the drain runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+from agent.telemetry.buffer import BufferConfig, TelemetryBuffer
+from bench.pushlat import one_push, percentile, watching
+from bench.report_util import machine_info, markdown_table, median, write_report
+from margo_stream.identity.pki import init_pki, issue_device
+
+BIN = Path(sys.executable).parent
+DEVICE = "drain-01"
+
+
+def _log(msg: str) -> None:
+    print(f"[drain] {msg}", file=sys.stderr, flush=True)
+
+
+def _start(argv: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def _fill(state: Path, records: int, record_bytes: int, max_bytes: int) -> float:
+    pad = "x" * max(0, record_bytes - 60)
+    t0 = time.perf_counter()
+    async with TelemetryBuffer.open(state / "telemetry", BufferConfig(max_bytes=max_bytes)) as buf:
+        chunk = 5000
+        for start in range(0, records, chunk):
+            n = min(chunk, records - start)
+            await buf.append_many([json.dumps({"stream": "bench", "i": start + i, "pad": pad},
+                                              separators=(",", ":")).encode() for i in range(n)])
+    return records / (time.perf_counter() - t0)
+
+
+def _watermark(api: str, token: str) -> int:
+    r = httpx.get(f"{api}/api/v1/devices/{DEVICE}/telemetry", params={"limit": 1},
+                  headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    items = r.json().get("items") or []
+    return items[-1]["seq"] if items else 0
+
+
+async def one_run(records: int, record_bytes: int, samples: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="margo-drain-") as tmp:
+        root = Path(tmp)
+        certs = root / "certs"
+        init_pki(certs, ["bench"], ["localhost", "127.0.0.1"])
+        ident = issue_device(certs, "bench", DEVICE)
+        token = (certs / "bench" / "operator.token").read_text().strip()
+        data, state = root / "data", root / "agent"
+        data.mkdir()
+        state.mkdir()
+        ctl = _start([str(BIN / "margo-controller"), "--certs", str(certs), "--data", str(data),
+                      "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"], root / "controller.log")
+        agent: subprocess.Popen | None = None
+        max_bytes = max(64 << 20, records * (record_bytes + 64) * 2)
+        agent_argv = [str(BIN / "margo-agent"), "--identity", str(ident), "--state", str(state),
+                      "--buffer-max-bytes", str(max_bytes), "--metrics-interval", "3600"]
+        try:
+            ready = data / "controller.json"
+            deadline = time.monotonic() + 30
+            while not ready.exists():
+                if time.monotonic() > deadline or ctl.poll() is not None:
+                    raise RuntimeError(f"controller did not start; see {root / 'controller.log'}")
+                await anyio.sleep(0.05)
+            info = json.loads(ready.read_text())
+            api, quic = info["api"], info["quic"]
+            agent_argv += ["--controller", quic]
+            agent = _start(agent_argv, root / "agent.log")
+            async with watching(api, token) as (client, watch):
+                while True:
+                    r = await client.get(f"/api/v1/devices/{DEVICE}")
+                    if r.status_code == 200 and r.json()["connected"]:
+                        break
+                    await anyio.sleep(0.05)
+                await one_push(client, watch, DEVICE, "warmup")
+                _log(f"idle push latency, {samples} samples")
+                idle = [await one_push(client, watch, DEVICE, f"idle-{i}") for i in range(samples)]
+            _stop(agent)
+            _log(f"filling the agent's buffer with {records} records of {record_bytes} bytes")
+            fill_rate = await _fill(state, records, record_bytes, max_bytes)
+            last = records + 0  # seqs start at 1; the idle phase wrote none
+            base = await anyio.to_thread.run_sync(_watermark, api, token)
+            async with watching(api, token) as (client, watch):
+                t0 = time.perf_counter()
+                agent = _start(agent_argv, root / "agent.log")
+                busy: list[float] = []
+                done_at: float | None = None
+                progress_at = 0.0
+                while done_at is None:
+                    if len(busy) < samples:
+                        busy.append(await one_push(client, watch, DEVICE, f"busy-{len(busy)}"))
+                    else:
+                        await anyio.sleep(0.1)
+                    now = time.perf_counter()
+                    if now - progress_at > 1.0 or len(busy) >= samples:
+                        wm = await anyio.to_thread.run_sync(_watermark, api, token)
+                        progress_at = now
+                        _log(f"drained {wm - base}/{last - base} records after {now - t0:.1f} s")
+                        if wm >= base + last:
+                            done_at = now
+                    if now - t0 > 600:
+                        raise RuntimeError("drain did not finish within 600 s")
+            drain_s = done_at - t0
+            during = busy[: max(1, len(busy))]
+            return {
+                "records": records, "record_bytes": record_bytes, "fill_rate_per_s": fill_rate,
+                "drain_seconds": drain_s, "drain_rate_per_s": records / drain_s,
+                "push_idle_ms": {"p50": percentile(idle, .5) * 1e3, "p99": percentile(idle, .99) * 1e3,
+                                 "samples": [x * 1e3 for x in idle]},
+                "push_during_drain_ms": {"p50": percentile(during, .5) * 1e3,
+                                         "p99": percentile(during, .99) * 1e3,
+                                         "samples": [x * 1e3 for x in during]},
+                "p99_ratio": percentile(during, .99) / percentile(idle, .99),
+            }
+        finally:
+            if agent is not None:
+                _stop(agent)
+            _stop(ctl)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="margo-bench drain", description=__doc__)
+    p.add_argument("--records", type=int, default=1_000_000)
+    p.add_argument("--record-bytes", type=int, default=200)
+    p.add_argument("--samples", type=int, default=30, help="push latency samples per phase")
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("bench/out/drain"))
+    args = p.parse_args(argv)
+    runs = []
+    for i in range(args.runs):
+        _log(f"run {i + 1}/{args.runs}")
+        runs.append(anyio.run(one_run, args.records, args.record_bytes, args.samples,
+                              backend_options={"use_uvloop": True}))
+    rows = [[i + 1, r["drain_seconds"], r["drain_rate_per_s"], r["push_idle_ms"]["p50"],
+             r["push_idle_ms"]["p99"], r["push_during_drain_ms"]["p50"],
+             r["push_during_drain_ms"]["p99"], r["p99_ratio"]] for i, r in enumerate(runs)]
+    rows.append(["median", median(r[1] for r in rows), median(r[2] for r in rows),
+                 median(r[3] for r in rows), median(r[4] for r in rows), median(r[5] for r in rows),
+                 median(r[6] for r in rows), median(r[7] for r in rows)])
+    table = markdown_table(["run", "drain s", "records/s", "push idle p50 ms", "push idle p99 ms",
+                            "push during drain p50 ms", "p99 ms", "p99 ratio"], rows)
+    data = {"scenario": "drain", "command": "margo-bench drain " + " ".join(argv or sys.argv[1:]),
+            "machine": machine_info(), "runs": runs, "date": time.strftime("%Y-%m-%d")}
+    write_report(args.out, "drain", data, f"drain: {args.records} records", [table])
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
