@@ -15,7 +15,7 @@ PROG = "margo-bench"
 SCENARIOS: dict[str, tuple[str, str]] = {
     "connect": ("bench.connect",
                 "agents one controller holds: handshake rate vs bare aioquic, RSS and idle CPU"),
-    "append": ("bench.append", "append a scenario's results to bench/RESULTS.md"),
+    "append": ("bench.append", "durable append rate of the agent's telemetry buffer"),
 }
 
 
