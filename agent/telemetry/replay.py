@@ -28,8 +28,13 @@ from margo_stream.protocol.telemetry_codec import encode_batch
 log = logging.getLogger("margo.agent.telemetry")
 
 MAX_IN_FLIGHT = 8
-BATCH_RECORDS = 1024  # small batches: the event loop gets a turn between them
-BATCH_BYTES = 256 * 1024
+BATCH_RECORDS = 512  # small batches (about 2 ms of work each): see the pacing note below
+BATCH_BYTES = 128 * 1024
+# Replay is the lowest-priority work on the agent's event loop. A zero sleep would put it back
+# at the end of the ready queue, so every step of an interactive task (a push being applied,
+# a terminal keystroke) would wait behind a whole batch; a short timer sleep lets every task
+# that became ready run first.
+YIELD_S = 0.001
 IDLE_POLL_MIN, IDLE_POLL_MAX = 0.005, 0.25  # an idle agent checks its buffer less and less often
 STATS_INTERVAL = 5.0
 
@@ -120,7 +125,7 @@ class TelemetryFeature:
                                          oldest=buffer.first_seq))
                 in_flight.append(records[-1].seq)
                 next_seq = records[-1].seq + 1
-                await anyio.sleep(0)  # let interactive work (pushes, terminals) run between batches
+                await anyio.sleep(YIELD_S)
 
 
 def install(agent: Agent) -> TelemetryFeature:

@@ -44,13 +44,19 @@ from controller.store.base import (
     TelemetryRecord,
 )
 from controller.store.sqlite_events import StoreConnection
-from controller.store.sqlite_schema import migrate
+from controller.store.sqlite_schema import MIGRATIONS, TELEMETRY_MIGRATIONS, migrate
 from margo_stream.errors import StoreError
 
 T = TypeVar("T")
 
 _CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
 _BUSY = {"SQLITE_BUSY", "SQLITE_LOCKED"}
+
+
+def telemetry_db_path(path: str) -> str:
+    """``controller.db`` -> ``controller.telemetry.db`` (beside it)."""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.telemetry{p.suffix or '.db'}"))
 
 
 def _now(now: float | None) -> float:
@@ -61,9 +67,18 @@ class SqliteStore:
     """``Store`` on one SQLite file. Use ``async with SqliteStore(path) as store:`` or call
     ``open()`` / ``close()``."""
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0,
+                 telemetry_path: str | os.PathLike[str] | None = None,
+                 _migrations: tuple[str, ...] = MIGRATIONS) -> None:
         self.path = str(Path(path))
         self._busy_timeout = busy_timeout
+        self._migrations = _migrations
+        # Telemetry lives in its own file with its own thread: bulk ingest never delays the
+        # control plane (pushes, statuses, the API) behind its transactions.
+        self._bulk: SqliteStore | None = None
+        if _migrations is MIGRATIONS:
+            self._bulk = SqliteStore(telemetry_path or telemetry_db_path(self.path),
+                                     busy_timeout=busy_timeout, _migrations=TELEMETRY_MIGRATIONS)
         self._executor: ThreadPoolExecutor | None = None
         self._conn: StoreConnection | None = None
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None], str]] = set()
@@ -77,6 +92,8 @@ class SqliteStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="margo-store")
         try:
             await self._submit(self._connect)
+            if self._bulk is not None:
+                await self._bulk.open()
         except BaseException:
             self._executor.shutdown(wait=False)
             self._executor = None
@@ -86,6 +103,8 @@ class SqliteStore:
         if self._executor is None:
             return
         try:
+            if self._bulk is not None:
+                await self._bulk.close()
             await self._submit(self._disconnect)
         finally:
             self._executor.shutdown(wait=False)
@@ -116,7 +135,7 @@ class SqliteStore:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute(f"PRAGMA busy_timeout={int(self._busy_timeout * 1000)}")
-            migrate(conn, self.path)
+            migrate(conn, self.path, self._migrations)
         except BaseException:
             conn.close()
             raise
@@ -352,6 +371,12 @@ class SqliteStore:
 
     # -- telemetry -----------------------------------------------------------------------
 
+    @property
+    def _telemetry(self) -> SqliteStore:
+        if self._bulk is None:
+            raise StoreError(f"store {self.path} holds no telemetry")
+        return self._bulk
+
     async def ingest_telemetry(
         self,
         tenant: str,
@@ -360,17 +385,23 @@ class SqliteStore:
         *,
         now: float | None = None,
     ) -> int:
-        return await self._write(
+        await self._read(devices.require_device, tenant, device_id)
+        return await self._telemetry._write(
             telemetry.ingest_telemetry, tenant, device_id, list(records), _now(now)
         )
 
     async def telemetry_watermark(self, tenant: str, device_id: str) -> int:
-        return await self._read(telemetry.telemetry_watermark, tenant, device_id)
+        return await self._telemetry._read(telemetry.telemetry_watermark, tenant, device_id)
 
     async def record_gap(
         self, tenant: str, device_id: str, first: int, last: int, *, now: float | None = None
     ) -> int:
-        return await self._write(telemetry.record_gap, tenant, device_id, first, last, _now(now))
+        await self._read(devices.require_device, tenant, device_id)
+        watermark = await self._telemetry._write(
+            telemetry.record_gap, tenant, device_id, first, last, _now(now))
+        await self.add_event(tenant, "telemetry.gap", device_id,
+                             {"first": first, "last": last, "count": last - first + 1}, now=now)
+        return watermark
 
     async def query_telemetry(
         self,
@@ -382,12 +413,13 @@ class SqliteStore:
         *,
         after_seq: int | None = None,
     ) -> list[TelemetryRecord]:
-        return await self._read(
+        await self._read(devices.require_device, tenant, device_id)
+        return await self._telemetry._read(
             telemetry.query_telemetry, tenant, device_id, stream, since, limit, after_seq
         )
 
     async def prune_telemetry(self, tenant: str, before: float) -> int:
-        return await self._write(telemetry.prune_telemetry, tenant, before)
+        return await self._telemetry._write(telemetry.prune_telemetry, tenant, before)
 
     # -- terminal audit ------------------------------------------------------------------
 

@@ -138,17 +138,57 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE session_audits ADD COLUMN exit_status INTEGER;
     """,
+    # 2 -> 3: telemetry moves to its own database file (TELEMETRY_MIGRATIONS), written by its
+    # own thread, so bulk ingest never queues ahead of the control plane
+    """
+    DROP TABLE telemetry;
+    DROP TABLE telemetry_state;
+    DROP TABLE telemetry_gaps;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+# The telemetry database (``<name>.telemetry.db`` beside the main one). No foreign keys: the
+# main store checks the device, which only a verified session or a scoped query can name.
+TELEMETRY_MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE telemetry (
+        tenant TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        stream TEXT NOT NULL,
+        received_at REAL NOT NULL,
+        payload BLOB NOT NULL,
+        PRIMARY KEY (tenant, device_id, seq)
+    );
+    CREATE INDEX telemetry_by_time ON telemetry (tenant, device_id, received_at);
+
+    CREATE TABLE telemetry_state (
+        tenant TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        watermark INTEGER NOT NULL,
+        PRIMARY KEY (tenant, device_id)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE telemetry_gaps (
+        tenant TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        first INTEGER NOT NULL,
+        last INTEGER NOT NULL,
+        recorded_at REAL NOT NULL,
+        PRIMARY KEY (tenant, device_id, first)
+    ) WITHOUT ROWID;
+    """,
+)
 
 
 def _split(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def migrate(conn: sqlite3.Connection, path: str) -> int:
-    """Bring the database at ``conn`` to ``SCHEMA_VERSION``; returns the version it had.
+def migrate(conn: sqlite3.Connection, path: str, migrations: tuple[str, ...] = MIGRATIONS) -> int:
+    """Bring the database at ``conn`` to the last of ``migrations``; returns the version it had.
 
     Each migration runs in its own transaction together with the version bump, so a crash
     leaves the database at one version or the next. ``conn`` must be in autocommit mode.
@@ -160,16 +200,16 @@ def migrate(conn: sqlite3.Connection, path: str) -> int:
         current = 0
     else:
         current = int(row[0])
-    if current > SCHEMA_VERSION:
+    if current > len(migrations):
         raise StoreError(
             f"database {path} has schema version {current}, newer than this controller "
-            f"supports ({SCHEMA_VERSION}); upgrade margo-stream or use another database"
+            f"supports ({len(migrations)}); upgrade margo-stream or use another database"
         )
     start = current
-    for version in range(current, SCHEMA_VERSION):
+    for version in range(current, len(migrations)):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _split(MIGRATIONS[version]):
+            for statement in _split(migrations[version]):
                 conn.execute(statement)
             conn.execute("UPDATE schema_version SET version = ?", (version + 1,))
             conn.execute("COMMIT")

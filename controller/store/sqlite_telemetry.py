@@ -4,8 +4,8 @@ The watermark of a device is the highest seq ``w`` such that every seq from the 
 known seq up to ``w`` is either stored or declared lost by a gap; the controller acks ``w`` and
 the agent may then drop everything up to it. A device's first batch (or first gap) sets the
 starting point, so an agent whose buffer was trimmed before it ever reached this controller is
-not stuck waiting for records nobody has. Runs on the worker thread inside the caller's
-transaction.
+not stuck waiting for records nobody has. Runs on the telemetry database's own worker thread
+inside the caller's transaction; the main store checks the device and records gap events.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from controller.store.base import TelemetryRecord
-from controller.store.sqlite_devices import require_device
-from controller.store.sqlite_events import StoreConnection, add_event
+from controller.store.sqlite_events import StoreConnection
 
 _WALK_CHUNK = 1024
 
@@ -70,7 +69,6 @@ def ingest_telemetry(
     records: Sequence[tuple[int, str, bytes]],
     now: float,
 ) -> int:
-    require_device(conn, tenant, device_id)
     rows = []
     for seq, stream, payload in records:
         if not isinstance(seq, int) or seq < 1:
@@ -101,16 +99,11 @@ def record_gap(
 ) -> int:
     if first < 1 or last < first:
         raise ValueError(f"invalid telemetry gap {first}..{last}")
-    require_device(conn, tenant, device_id)
     conn.execute(
         "INSERT INTO telemetry_gaps (tenant, device_id, first, last, recorded_at)"
         " VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant, device_id, first)"
         " DO UPDATE SET last = MAX(last, excluded.last)",
         (tenant, device_id, first, last, now),
-    )
-    add_event(
-        conn, tenant, "telemetry.gap", device_id,
-        {"first": first, "last": last, "count": last - first + 1}, now,
     )
     stored = _stored_watermark(conn, tenant, device_id)
     start = stored if stored is not None else first - 1
@@ -128,7 +121,6 @@ def query_telemetry(
     limit: int,
     after_seq: int | None,
 ) -> list[TelemetryRecord]:
-    require_device(conn, tenant, device_id)
     where = ["tenant = ?", "device_id = ?"]
     args: list[object] = [tenant, device_id]
     if stream is not None:
