@@ -113,6 +113,7 @@ class TerminalSession:
         self._window.set()
         self._closing = False
         self._finished = False
+        self._ended = False  # our direction of the stream is finished
         self.outcome: Outcome | None = None
 
     # --- the bridge ---------------------------------------------------------------------------
@@ -130,11 +131,22 @@ class TerminalSession:
         return outcome
 
     def _send(self, message: Any, *, end: bool = False) -> bool:
+        if self._ended:
+            return False
         try:
             self.stream.send(message, end=end)
         except (ProtocolError, ConnectionLost, StreamClosed):
             return False
+        self._ended = end
         return True
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            try:
+                self.stream.end()
+            except (ProtocolError, ConnectionLost, StreamClosed):
+                pass
 
     async def _from_device(self, op: Operator) -> Outcome:
         stream = self.stream
@@ -170,11 +182,7 @@ class TerminalSession:
                 self._acked_in = max(self._acked_in, msg.consumed)
                 self._window.set()
             elif isinstance(msg, m.TermExit):
-                if not self._closing:
-                    try:
-                        stream.end()
-                    except ProtocolError:
-                        pass
+                self._end()
                 self.outcome = Outcome(status=msg.status, reason=msg.reason)
                 return self.outcome
 
@@ -282,11 +290,6 @@ class TerminalService:
         await self.ctl.store.finish_session_audit(audit_id, reason=f"not opened: {reason[1]}",
                                                   tenant=tenant)
         raise TerminalUnavailable(*reason)
-
-    def close_all(self, reason: str) -> None:
-        for term in list(self.active.values()):
-            term._closing = True
-            term._send(m.TermClose(reason=reason), end=True)
 
 
 def install(ctl: Controller) -> TerminalService:

@@ -311,7 +311,8 @@ class TerminalFeature:
 def _send(stream: MessageStream, message: Any, *, end: bool = False) -> bool:
     try:
         stream.send(message, end=end)
-    except (ProtocolError, ConnectionLost, StreamClosed) as exc:
+    except (ProtocolError, ConnectionLost, StreamClosed, RuntimeError) as exc:
+        # RuntimeError: aioquic refuses data after our FIN (nothing more is owed then)
         log.debug("terminal stream %d: cannot send %s: %s", stream.stream_id, message.t, exc)
         return False
     return True
