@@ -178,15 +178,23 @@ def test_session_limit_and_idle_timeout(env):
 
 def test_controller_restart_ends_sessions_with_a_clear_message(env):
     agent = env.agent()
-    child = env.spawn("terminal", "press-01", "--", "/bin/sh", "-c", "echo pid $$; sleep 600")
+    # margoctl inside a local shell, which reports margoctl's status and the terminal's
+    # modes after it: raw mode must be undone even though the session ended in an error
+    local = " ".join([*env.margoctl_args(), "terminal", "press-01", "--", "/bin/sh", "-c",
+                      "'echo pid $$; sleep 600'"])
+    child = pexpect.spawn("/bin/sh", ["-c", f"stty -a; {local}; echo STATUS=$?; stty -a"],
+                          dimensions=(24, 80), timeout=15, encoding="utf-8")
+    env.children.append(child)
+    child.expect(r"\bicanon\b")  # cooked mode before
     child.expect(r"pid (\d+)")
     shell = int(child.match.group(1))
     quic_port = env.ctl.quic_port
     env.ctl.stop()
     child.expect_exact("controller shutting down")
+    child.expect_exact("STATUS=255")
+    child.expect(r"(-?)icanon .*?(-?)echo\b", timeout=5)
+    assert child.match.group(1) == "" and child.match.group(2) == "", "terminal left in raw mode"
     child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 255
     # the device ends the session too: the link that carried it is gone
     wait_for(lambda: not pid_alive(shell), timeout=15, what="remote shell ended")
     env.ctl = Controller(env.pki, env.tmp / "data", quic_port=quic_port)
