@@ -4,15 +4,13 @@ Theory of operation
 -------------------
 Records are appended to the newest segment (see ``segments.py`` for the framing) with one
 ``pwrite`` per call, straight into the page cache, on the event loop. Durability is a *group
-commit*: a committer task waits a short window (``commit_window_s``, default 2 ms, or until
-``commit_max_records`` are pending), takes a snapshot of everything written so far, fsyncs the
-touched segment files (and the directory, if a segment was created) in a worker thread, then
-wakes every appender of that round. ``append`` returns the sequence number only after that.
+commit* (``commit.py``): a committer task waits a short window (``commit_window_s``, default
+2 ms, or until ``commit_max_records`` are pending), fsyncs the touched files in a worker thread,
+then wakes every appender of that round. ``append`` returns the sequence number only after that.
 
 Sequence numbers start at 1, grow by one per stored record and are never reused: a write that
-fails consumes no number, and recovery sets ``next_seq`` above every number any surviving byte
-can prove was handed out (newest segment's base, highest intact header, acknowledged mark, and
-a bound on how many records a damaged tail could have held). Numbers may have gaps (dropped,
+fails consumes no number, and the recovery scan on open (``recovery.py``) sets ``next_seq`` above
+every number any surviving byte can prove was handed out. Numbers may have gaps (dropped,
 corrupt or trimmed records), never repeats.
 
 Bounds: ``bytes_used`` (all segment files) never exceeds ``max_bytes``. When a record does not
@@ -21,8 +19,7 @@ one), counting unacknowledged records lost in ``dropped_records``; ``reject`` re
 with ``BufferFull`` and counts ``rejected_records``.
 
 Acknowledgements move ``acked_seq`` in memory at once, delete segments wholly at or below it,
-and persist the mark to ``ack.json`` (atomically) at most every ``ack_flush_s``. Losing the
-latest mark in a crash only means a few acknowledged records are replayed again; the newest
+and persist the mark to ``ack.json`` (``ackmark.py``) at most every ``ack_flush_s``. The newest
 segment is never deleted, so next_seq never depends on the ack file.
 
 An fsync failure leaves the kernel's page state unknowable, so the buffer stops accepting
@@ -34,34 +31,29 @@ from __future__ import annotations
 import bisect
 import contextlib
 import enum
-import errno
-import functools
-import json
 import logging
 import os
-import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 
+from agent.telemetry.ackmark import AckMark
+from agent.telemetry.commit import GroupCommit, PendingAppend
+from agent.telemetry.disk_errors import describe_oserror
+from agent.telemetry.recovery import recover
 from agent.telemetry.segments import (
     REC_HDR_SIZE,
     SEG_HDR_SIZE,
     Segment,
     decode_record,
-    decode_segment_header,
     encode_record,
-    list_segments,
-    scan_segment,
 )
 from margo_stream.errors import ConfigError, TelemetryBufferError
-from margo_stream.fsutil import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
-ACK_FILE = "ack.json"
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_RECORD = 64 * 1024
 
@@ -89,17 +81,6 @@ class BufferIOError(TelemetryBufferError):
 
 class BufferClosed(TelemetryBufferError):
     """The buffer is closed."""
-
-
-def describe_oserror(exc: OSError) -> str:
-    if exc.errno == errno.ENOSPC:
-        return "disk full (ENOSPC)"
-    if exc.errno == errno.EFBIG:
-        return "file size limit exceeded (EFBIG)"
-    if exc.errno == errno.EDQUOT:
-        return "disk quota exceeded (EDQUOT)"
-    name = errno.errorcode.get(exc.errno or 0, "?")
-    return f"{exc.strerror or exc} ({name})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,40 +127,6 @@ class BufferStats:
     fill_ratio: float
 
 
-class _Round:
-    """One group commit: every appender that wrote before its snapshot waits on it."""
-
-    __slots__ = ("event", "error")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.error: TelemetryBufferError | None = None
-
-
-class PendingAppend:
-    """Records written (not yet durable) by ``TelemetryBuffer.submit``."""
-
-    __slots__ = ("seqs", "_round")
-
-    def __init__(self, seqs: range, round_: _Round) -> None:
-        self.seqs = seqs
-        self._round = round_
-
-    async def wait(self) -> range:
-        """Wait until the records are durable; raises ``BufferIOError`` if the fsync failed."""
-        await self._round.event.wait()
-        if self._round.error is not None:
-            raise self._round.error
-        return self.seqs
-
-
-def _fsync_all(fds: list[int], directory: Path | None) -> None:
-    for fd in fds:
-        os.fsync(fd)
-    if directory is not None:
-        fsync_dir(directory)
-
-
 class TelemetryBuffer:
     """Use ``async with TelemetryBuffer.open(directory, config) as buf``."""
 
@@ -192,22 +139,13 @@ class TelemetryBuffer:
         self._next_seq = 1
         self._durable_seq = 0
         self._acked_seq = 0
-        self._ack_persisted = 0
         self._bytes_used = 0
         self.dropped_records = 0
         self.rejected_records = 0
         self.corrupt_records = 0
         self.trimmed_bytes = 0
-        self._dirty: dict[Segment, None] = {}
-        self._dir_dirty = False
-        self._syncing: list[Segment] = []
-        self._pending_records = 0
-        self._round_started = 0.0
-        self._round = _Round()
-        self._wake = anyio.Event()
-        self._batch_full = anyio.Event()
-        self._ack_wake = anyio.Event()
-        self._ack_lock = anyio.Lock()
+        self._commit = GroupCommit(directory, config.commit_window_s, config.commit_max_records)
+        self._acks = AckMark(directory, config.ack_flush_s)
         self._closing = False
         self._closed = False
         self._failed: BufferIOError | None = None
@@ -229,137 +167,24 @@ class TelemetryBuffer:
                     yield buf
                 finally:
                     buf._closing = True
-                    buf._wake.set()
-                    buf._ack_wake.set()
+                    buf._commit.close()
+                    buf._acks.close()
         finally:
             buf._closed = True
             for seg in buf._segments:
                 buf._close_fd(seg)
 
     def _recover(self) -> None:
-        """Scan the directory, trim a torn tail, count corruption, restore the counters."""
-        d = self.directory
-        d.mkdir(parents=True, exist_ok=True)
-        for stray in d.glob(".*.tmp-*"):
-            stray.unlink(missing_ok=True)
-        floor = self._load_ack()
-        acked = self._acked_seq
-        found = list_segments(d)
-        next_seq = max(1, acked + 1, floor)
-        keep: list[Segment] = []
-        obsolete: list[Path] = []
-        reuse: Segment | None = None
-        last_present = acked
-        for i, (name_base, path) in enumerate(found):
-            is_last = i == len(found) - 1
-            if not is_last and found[i + 1][0] - 1 <= acked:
-                obsolete.append(path)  # wholly acknowledged
-                continue
-            data = path.read_bytes()
-            header = decode_segment_header(data)
-            if header is None:
-                log.warning("telemetry segment %s: damaged header; using the base in its name", path.name)
-                base = name_base
-            else:
-                base = header[0]
-            next_seq = max(next_seq, base)
-            scan = scan_segment(data, base)
-            next_seq = max(next_seq, scan.max_seq_seen + 1)
-            if is_last and len(data) > scan.valid_end >= SEG_HDR_SIZE:
-                # Everything after the newest segment's last valid record is a torn tail: a
-                # crash can persist the pages of an unsynced batch in any order.
-                tail = [r for r in scan.bad if r.start >= scan.valid_end]
-                scan.bad = [r for r in scan.bad if r.start < scan.valid_end]
-                cut = len(data) - scan.valid_end
-                known = [r.seq for r in tail if r.seq is not None]
-                log.warning(
-                    "telemetry segment %s: trimmed torn tail of %d bytes at offset %d%s",
-                    path.name, cut, scan.valid_end,
-                    f" (partial record(s) seq {known})" if known else "",
-                )
-                if any(r.seq is None for r in tail):
-                    # Unknown framing: never reuse a number such bytes could have held.
-                    next_seq = max(next_seq, tail[0].prev_seq + 2 + cut // REC_HDR_SIZE)
-                with open(path, "r+b") as fh:
-                    fh.truncate(scan.valid_end)
-                    os.fsync(fh.fileno())
-                self.trimmed_bytes += cut
-                data = data[: scan.valid_end]
-            elif not is_last and scan.bad and scan.bad[-1].end == len(data) and scan.bad[-1].seq is None:
-                # Damage up to the end of a sealed segment: the next segment's header says
-                # which numbers this one held.
-                tail = scan.bad[-1]
-                nxt = decode_segment_header(found[i + 1][1].read_bytes()[:SEG_HDR_SIZE])
-                tail.records = max(1, nxt[1] - tail.prev_seq) if nxt else 1
-            live_bad = []
-            for region in scan.bad:
-                first = region.seq if region.seq is not None else region.prev_seq + 1
-                lost = first + region.records - 1 - max(first - 1, acked)
-                if lost <= 0:
-                    continue
-                live_bad.append(region)
-                self.corrupt_records += lost
-                log.error(
-                    "telemetry segment %s: corrupt record(s) at offset %d (%d bytes, seq %s); "
-                    "counted %d unacknowledged record(s) as lost",
-                    path.name, region.start, region.end - region.start,
-                    region.seq if region.seq is not None else f"unknown, after {region.prev_seq}",
-                    lost,
-                )
-            live = bool(scan.seqs) and scan.seqs[-1] > acked
-            if (
-                is_last and header is not None and not scan.seqs and not scan.bad
-                and base == next_seq == name_base
-            ):
-                reuse = Segment(path, base, os.open(path, os.O_RDWR), len(data))
-                continue
-            if not live and not live_bad:
-                obsolete.append(path)
-                continue
-            seg = Segment(path, base, os.open(path, os.O_RDWR), len(data))
-            seg.seqs, seg.offsets, seg.lengths = scan.seqs, scan.offsets, scan.lengths
-            seg.sealed = True
-            keep.append(seg)
-            present = scan.seqs[-1] if scan.seqs else 0
-            for region in scan.bad:
-                present = max(present, region.seq or 0, region.prev_seq + region.records)
-            last_present = max(last_present, present)
-        self._next_seq = next_seq
-        self._durable_seq = next_seq - 1
-        if reuse is not None:
-            active = reuse
-        else:
-            active = Segment.create(d, next_seq, last_present)
-            os.fsync(active.fd)
-            fsync_dir(d)
-        for path in obsolete:
-            path.unlink(missing_ok=True)
-        if obsolete:
-            fsync_dir(d)
-        self._segments = [*keep, active]
+        """Scan the directory and restore the counters (see ``recovery.py``)."""
+        found = recover(self.directory, self.config.max_bytes)
+        self._segments = found.segments
         self._bases = [s.base_seq for s in self._segments]
-        self._bytes_used = sum(s.size for s in self._segments)
-        if self._bytes_used > self.config.max_bytes:
-            log.warning(
-                "telemetry buffer holds %d bytes, more than max_bytes %d (limit lowered?)",
-                self._bytes_used, self.config.max_bytes,
-            )
-        log.info(
-            "telemetry buffer %s opened: next_seq %d, acked %d, %d segment(s), %d bytes",
-            d, self._next_seq, self._acked_seq, len(self._segments), self._bytes_used,
-        )
-
-    def _load_ack(self) -> int:
-        path = self.directory / ACK_FILE
-        try:
-            doc = json.loads(path.read_bytes())
-            self._acked_seq = self._ack_persisted = int(doc["acked_seq"])
-            return int(doc.get("next_seq_floor", 0))
-        except FileNotFoundError:
-            return 0
-        except (ValueError, KeyError, TypeError) as exc:
-            log.error("telemetry ack file %s unreadable (%s); replaying from the start", path, exc)
-            return 0
+        self._bytes_used = found.bytes_used
+        self._next_seq = found.next_seq
+        self._durable_seq = found.next_seq - 1
+        self._acked_seq = self._acks.persisted = found.acked_seq
+        self.corrupt_records += found.corrupt_records
+        self.trimmed_bytes += found.trimmed_bytes
 
     def _close_fd(self, seg: Segment) -> None:
         if seg.fd >= 0:
@@ -482,15 +307,7 @@ class TelemetryBuffer:
             chunk_bytes += frame_len
             seq += 1
         self._write_chunk(chunk, seq - len(chunk))
-        n = len(payloads)
-        if self._pending_records == 0:
-            self._round_started = time.monotonic()
-        self._pending_records += n
-        if not self._wake.is_set():
-            self._wake.set()
-        if self._pending_records >= self.config.commit_max_records:
-            self._batch_full.set()
-        return PendingAppend(range(first, first + n), self._round)
+        return self._commit.written(range(first, first + len(payloads)))
 
     def _needs_roll(self, frame_len: int) -> bool:
         seg = self._segments[-1]
@@ -524,7 +341,7 @@ class TelemetryBuffer:
         seg.size = off
         self._bytes_used += off - start
         self._next_seq = first_seq + len(payloads)
-        self._dirty[seg] = None
+        self._commit.dirty[seg] = None
 
     def _undo_partial(self, seg: Segment, size: int) -> None:
         try:
@@ -549,9 +366,9 @@ class TelemetryBuffer:
                 f"telemetry buffer could not create a segment: {describe_oserror(exc)}", exc.errno
             ) from exc
         old.sealed = True
-        self._dirty[old] = None
-        self._dirty[new] = None
-        self._dir_dirty = True
+        self._commit.dirty[old] = None
+        self._commit.dirty[new] = None
+        self._commit.dir_dirty = True
         self._segments.append(new)
         self._bases.append(new.base_seq)
         self._bytes_used += new.size
@@ -585,59 +402,31 @@ class TelemetryBuffer:
             os.unlink(seg.path)
         except FileNotFoundError:
             pass
-        self._dir_dirty = True
-        if seg not in self._dirty and seg not in self._syncing:
+        self._commit.dir_dirty = True
+        if not self._commit.in_flight(seg):
             self._close_fd(seg)
 
     # ------------------------------------------------------------------ group commit
 
     async def _committer(self) -> None:
+        commit = self._commit
         while True:
-            await self._wake.wait()
-            # The window runs from the round's first write, so writes made while the previous
-            # fsync ran have already used part of it.
-            remaining = self.config.commit_window_s - (time.monotonic() - self._round_started)
-            if (
-                remaining > 0
-                and self._pending_records < self.config.commit_max_records
-                and not self._closing
-            ):
-                with anyio.move_on_after(remaining):
-                    await self._batch_full.wait()
-            self._wake = anyio.Event()
-            self._batch_full = anyio.Event()
+            await commit.gather()
             await self._commit_once()
-            if self._closing and not self._dirty and self._pending_records == 0:
+            if commit.closing and commit.idle:
                 return
 
     async def _commit_once(self) -> None:
-        rnd, self._round = self._round, _Round()
         target = self._next_seq - 1
-        segs = list(self._dirty)
-        sizes = [s.size for s in segs]
-        self._dirty.clear()
-        self._pending_records = 0
-        directory = self.directory if self._dir_dirty else None
-        self._dir_dirty = False
-        self._syncing = segs
-        try:
-            if self._failed is None and (segs or directory is not None):
-                await anyio.to_thread.run_sync(_fsync_all, [s.fd for s in segs], directory)
-        except OSError as exc:
+        rnd, exc = await self._commit.sync_round(skip=self._failed is not None, close_fd=self._close_fd)
+        if exc is not None:
             self._failed = BufferIOError(
                 f"telemetry buffer fsync failed: {describe_oserror(exc)}; appends are refused "
                 "until the agent restarts and re-verifies the buffer",
                 exc.errno,
             )
             log.error("%s", self._failed)
-        finally:
-            self._syncing = []
-            for seg in segs:
-                if seg.retired:
-                    self._close_fd(seg)
         if self._failed is None:
-            for seg, size in zip(segs, sizes, strict=True):
-                seg.durable_size = max(seg.durable_size, size)
             self._durable_seq = max(self._durable_seq, target)
         else:
             rnd.error = self._failed
@@ -704,36 +493,14 @@ class TelemetryBuffer:
         self._acked_seq = seq
         while len(self._segments) > 1 and self._bases[1] - 1 <= seq:
             self._drop(self._segments[0], unacked_only=False)
-        self._ack_wake.set()
+        self._acks.moved()
 
-    async def _persist_ack(self) -> None:
-        async with self._ack_lock:
-            value = self._acked_seq
-            if value <= self._ack_persisted:
-                return
-            doc = json.dumps({"acked_seq": value, "next_seq_floor": self._durable_seq + 1})
-            try:
-                await anyio.to_thread.run_sync(
-                    functools.partial(atomic_write, self.directory / ACK_FILE, doc.encode(), mode=0o640)
-                )
-            except OSError as exc:
-                log.warning("telemetry ack mark not persisted: %s", describe_oserror(exc))
-                return
-            self._ack_persisted = value
+    def _ack_mark(self) -> tuple[int, int]:
+        return self._acked_seq, self._durable_seq + 1
 
     async def _ack_flusher(self) -> None:
-        while not self._closing:
-            await self._ack_wake.wait()
-            self._ack_wake = anyio.Event()
-            if not self._closing:
-                with anyio.move_on_after(self.config.ack_flush_s):
-                    while not self._closing:
-                        await self._ack_wake.wait()
-                        self._ack_wake = anyio.Event()
-            await self._persist_ack()
-        await self._persist_ack()
+        await self._acks.run(self._ack_mark)
 
     async def flush_ack(self) -> None:
         """Persist the ack mark now (tests and orderly shutdown)."""
-        await self._persist_ack()
-
+        await self._acks.persist(self._ack_mark)
