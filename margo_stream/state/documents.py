@@ -27,9 +27,10 @@ schema, ``spec.x-margo-stream-extensions.files``. Names are relative paths witho
 each file travels as a content-addressed blob next to the document.
 
 Theory of operation: YAML is composed to nodes (so every error can point at a line and column),
-checked for duplicate keys and alias bombs, constructed with the safe loader, validated
-structurally by pydantic models, then checked semantically by hand. Every failure is one
-``DocumentError`` line: ``source:LINE:COLUMN: dotted.path: what is wrong``.
+checked for duplicate keys and alias bombs, constructed with the safe loader (``yaml_nodes.py``),
+validated structurally by pydantic models (``document_schema.py``), then checked semantically by
+hand here. Every failure is one ``DocumentError`` line:
+``source:LINE:COLUMN: dotted.path: what is wrong``.
 """
 
 from __future__ import annotations
@@ -38,14 +39,22 @@ import datetime as _dt
 import enum
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from margo_stream.errors import DocumentError
 from margo_stream.state.digest import is_digest, sha256_digest, validate_digest
+from margo_stream.state.document_schema import (
+    EXT_RE,
+    RawComponent,
+    RawDocument,
+    RawFile,
+    RawProcess,
+    check_keys,
+    validate_model,
+)
 from margo_stream.state.spec import (
     ComponentSpec,
     DeploymentSpec,
@@ -53,12 +62,44 @@ from margo_stream.state.spec import (
     ProfileType,
     RestartPolicy,
 )
+from margo_stream.state.yaml_nodes import (
+    MAX_DOCUMENT_BYTES,
+    MAX_NODES,
+    NodeContext,
+    NodePath,
+    format_path,
+    load_yaml,
+    show,
+    yaml_type_name,
+)
+
+# The public API; MAX_DOCUMENT_BYTES, MAX_NODES and format_path live in yaml_nodes.py.
+__all__ = [
+    "EXTENSION_KEY",
+    "KIND",
+    "MAX_DOCUMENT_BYTES",
+    "MAX_NODES",
+    "PROFILE_TYPES",
+    "PUBLISHED_API_VERSION",
+    "Component",
+    "Deployment",
+    "DocumentForm",
+    "FileRef",
+    "Parameter",
+    "ParameterTarget",
+    "format_path",
+    "load_spec",
+    "parse_deployment",
+    "parse_deployments",
+    "resolve",
+    "stringify",
+    "valid_id",
+    "validate_file_name",
+]
 
 PUBLISHED_API_VERSION = "application.margo.org/v1alpha1"
 KIND = "ApplicationDeployment"
 EXTENSION_KEY = "x-margo-stream-extensions"
-MAX_DOCUMENT_BYTES = 1 << 20
-MAX_NODES = 100_000  # after alias expansion; stops "billion laughs" documents
 
 PROFILE_TYPES: dict[str, ProfileType] = {
     "compose": ProfileType.COMPOSE,
@@ -72,7 +113,6 @@ _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,200}")
 _APP_ID_RE = re.compile(r"[-a-z0-9]{1,200}")
 _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*(/\*)?")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_EXT_RE = re.compile(r"x-[a-z][a-z0-9-]*-extensions")
 _OCI_RE = re.compile(r"oci://.+")
 _SEMVER_RE = re.compile(
     r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -80,8 +120,6 @@ _SEMVER_RE = re.compile(
     r"(?:_([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?"
 )
 _TIMEOUT_RE = re.compile(r"\d+m\d+s")
-
-Path = tuple[str | int, ...]
 
 
 class DocumentForm(enum.StrEnum):
@@ -145,238 +183,6 @@ class Deployment(_Frozen):
     files: tuple[FileRef, ...] = ()
 
 
-# --------------------------------------------------------------------------- raw (wire) models
-
-
-class _Raw(BaseModel):
-    # extra="allow" so unknown keys can be reported by name with the allowed list
-    model_config = ConfigDict(strict=True, extra="allow")
-
-
-class _RawTarget(_Raw):
-    pointer: str
-    components: list[str]
-
-
-class _RawParameter(_Raw):
-    value: Any
-    targets: list[_RawTarget]
-
-
-class _RawComponent(_Raw):
-    name: str
-    properties: dict[str, Any]
-
-
-class _RawProfile(_Raw):
-    type: str
-    components: list[_RawComponent]
-    deviceConstraints: dict[str, Any] | None = None
-
-
-class _RawFile(_Raw):
-    name: str
-    digest: str
-
-
-class _RawSpec(_Raw):
-    applicationId: str | None = None
-    deploymentProfile: _RawProfile
-    parameters: dict[str, _RawParameter] | None = None
-    files: list[_RawFile] | None = None
-
-
-class _RawMetadata(_Raw):
-    annotations: dict[str, Any]
-    name: str
-    namespace: str
-    deviceId: str | None = None
-    labels: dict[str, Any] | None = None
-
-
-class _RawDocument(_Raw):
-    apiVersion: str | None = None
-    kind: str | None = None
-    id: str | None = None
-    metadata: _RawMetadata
-    spec: _RawSpec
-
-
-class _RawProcess(_Raw):
-    command: list[str]
-    env: dict[str, str | bool | int | float] | None = None
-    restart: str | None = None
-    workingDir: str | None = None
-
-
-# --------------------------------------------------------------------------- YAML and errors
-
-
-def _show(value: object, limit: int = 60) -> str:
-    """``repr(value)``, shortened so one message stays one readable line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + "...'"
-
-
-def _type_name(value: object) -> str:
-    names = {str: "string", int: "integer", float: "number", bool: "boolean", list: "sequence",
-             dict: "mapping", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def format_path(path: Sequence[str | int]) -> str:
-    """``("spec", "deploymentProfile", "components", 0, "name")`` -> dotted form."""
-    out = ""
-    for part in path:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif re.fullmatch(r"[A-Za-z_$][A-Za-z0-9_$-]*", part):
-            out += f".{part}" if out else part
-        else:
-            out += f"[{json.dumps(part)}]"
-    return out or "<document>"
-
-
-class _Context:
-    """One document being checked: its source name and node tree, to turn paths into marks."""
-
-    def __init__(self, source: str, node: yaml.Node) -> None:
-        self.source = source
-        self.node = node
-
-    def _mark(self, path: Path) -> yaml.Mark:
-        node = self.node
-        for part in path:
-            child = None
-            if isinstance(node, yaml.MappingNode):
-                for key, value in node.value:
-                    if isinstance(key, yaml.ScalarNode) and key.value == str(part):
-                        child = value
-                        break
-            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-                if 0 <= part < len(node.value):
-                    child = node.value[part]
-            if child is None:
-                break
-            node = child
-        return node.start_mark
-
-    def error(self, path: Path, message: str) -> DocumentError:
-        mark = self._mark(path)
-        return DocumentError(
-            f"{self.source}:{mark.line + 1}:{mark.column + 1}: {format_path(path)}: {message}"
-        )
-
-
-def _check_nodes(root: yaml.Node, source: str) -> None:
-    """Refuse duplicate mapping keys, recursive aliases and documents that expand too far."""
-    sizes: dict[int, int] = {}
-    active: set[int] = set()
-
-    def size(node: yaml.Node) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in active:
-            m = node.start_mark
-            raise DocumentError(f"{source}:{m.line + 1}:{m.column + 1}: recursive YAML alias")
-        active.add(key)
-        total = 1
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[str, yaml.Mark] = {}
-            for k, v in node.value:
-                if isinstance(k, yaml.ScalarNode) and k.value != "<<":
-                    if k.value in seen:
-                        m, first = k.start_mark, seen[k.value]
-                        raise DocumentError(
-                            f"{source}:{m.line + 1}:{m.column + 1}: duplicate key {k.value!r} "
-                            f"(first at line {first.line + 1})"
-                        )
-                    seen[k.value] = k.start_mark
-                total += size(k) + size(v)
-        elif isinstance(node, yaml.SequenceNode):
-            total += sum(size(child) for child in node.value)
-        active.discard(key)
-        if total > MAX_NODES:
-            m = node.start_mark
-            raise DocumentError(
-                f"{source}:{m.line + 1}:{m.column + 1}: document expands to more than "
-                f"{MAX_NODES} YAML nodes (alias bomb?)"
-            )
-        sizes[key] = total
-        return total
-
-    size(root)
-
-
-def _load_yaml(data: bytes, source: str) -> list[tuple[yaml.Node, Any]]:
-    """Every document of ``data`` as (node tree, constructed value); empty documents skipped."""
-    if len(data) > MAX_DOCUMENT_BYTES:
-        raise DocumentError(f"{source}: document is {len(data)} bytes, more than {MAX_DOCUMENT_BYTES}")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DocumentError(f"{source}: not UTF-8 (byte {exc.start}): {exc.reason}") from None
-    docs: list[tuple[yaml.Node, Any]] = []
-    loader = yaml.SafeLoader(text)
-    try:
-        while loader.check_node():
-            node = loader.get_node()
-            _check_nodes(node, source)
-            value = loader.construct_document(node)
-            if value is not None:
-                docs.append((node, value))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        what = exc.problem or "syntax error"
-        if exc.context:
-            cm = exc.context_mark
-            started = f" (started at {cm.line + 1}:{cm.column + 1})" if cm and cm is not mark else ""
-            what = f"{exc.context}{started}: {what}"
-        where = f"{mark.line + 1}:{mark.column + 1}:" if mark else ""
-        raise DocumentError(f"{source}:{where} invalid YAML: {what}") from None
-    except yaml.YAMLError as exc:
-        raise DocumentError(f"{source}: invalid YAML: {exc}") from None
-    finally:
-        loader.dispose()
-    return docs
-
-
-def _validate(model: type[BaseModel], data: Any, ctx: _Context, prefix: Path) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False)
-        err = errors[0]
-        loc = tuple(p for p in err["loc"] if p != "[key]")
-        kind = err["type"]
-        got = _type_name(err.get("input"))
-        if kind == "missing":
-            message = "required field is missing"
-        elif kind in ("string_type", "str_type"):
-            message = f"expected a string, got {got} (quote the value)"
-        elif kind in ("list_type",):
-            message = f"expected a sequence, got {got}"
-        elif kind in ("dict_type", "model_type", "model_attributes_type"):
-            message = f"expected a mapping, got {got}"
-        else:
-            message = err["msg"]
-        if "[key]" in err["loc"]:
-            message = f"key {err.get('input')!r}: {message}"
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-        raise ctx.error(prefix + loc, message) from None
-
-
-def _check_keys(ctx: _Context, path: Path, data: Mapping[str, Any], allowed: Sequence[str]) -> None:
-    for key in data:
-        if key not in allowed and not (isinstance(key, str) and _EXT_RE.fullmatch(key)):
-            raise ctx.error(
-                path + (key,),
-                f"unknown field {key!r}; allowed: {', '.join(allowed)} or x-<name>-extensions",
-            )
-
-
 def stringify(value: Any) -> str:
     """A parameter or property value as the string a runtime sees."""
     if isinstance(value, bool):
@@ -412,14 +218,14 @@ def valid_id(value: str) -> bool:
 # --------------------------------------------------------------------------- semantic checks
 
 
-def _build(ctx: _Context, data: Any) -> Deployment:
+def _build(ctx: NodeContext, data: Any) -> Deployment:
     if not isinstance(data, dict):
-        raise ctx.error((), f"expected a mapping (an ApplicationDeployment), got {_type_name(data)}")
-    raw: _RawDocument = _validate(_RawDocument, data, ctx, ())
-    _check_keys(ctx, (), data, ("apiVersion", "kind", "id", "metadata", "spec"))
+        raise ctx.error((), f"expected a mapping (an ApplicationDeployment), got {yaml_type_name(data)}")
+    raw: RawDocument = validate_model(RawDocument, data, ctx, ())
+    check_keys(ctx, (), data, ("apiVersion", "kind", "id", "metadata", "spec"))
     spec_d = data["spec"]
-    _check_keys(ctx, ("spec",), spec_d, ("applicationId", "deploymentProfile", "parameters", "files"))
-    _check_keys(ctx, ("spec", "deploymentProfile"), spec_d["deploymentProfile"],
+    check_keys(ctx, ("spec",), spec_d, ("applicationId", "deploymentProfile", "parameters", "files"))
+    check_keys(ctx, ("spec", "deploymentProfile"), spec_d["deploymentProfile"],
                 ("type", "components", "deviceConstraints"))
 
     # form, ids
@@ -428,7 +234,7 @@ def _build(ctx: _Context, data: Any) -> Deployment:
         if raw.apiVersion is None:
             raise ctx.error(("apiVersion",), f"required field is missing (expected {PUBLISHED_API_VERSION!r})")
         if raw.apiVersion != PUBLISHED_API_VERSION:
-            raise ctx.error(("apiVersion",), f"unsupported apiVersion {_show(raw.apiVersion)}; expected {PUBLISHED_API_VERSION!r}")
+            raise ctx.error(("apiVersion",), f"unsupported apiVersion {show(raw.apiVersion)}; expected {PUBLISHED_API_VERSION!r}")
         if raw.kind is None:
             raise ctx.error(("kind",), f"required field is missing (expected {KIND!r})")
         if raw.kind != KIND:
@@ -436,18 +242,18 @@ def _build(ctx: _Context, data: Any) -> Deployment:
     else:
         form = DocumentForm.RC3
     ann = raw.metadata.annotations
-    ann_path: Path = ("metadata", "annotations")
+    ann_path: NodePath = ("metadata", "annotations")
     dep_id = ann.get("id")
     if dep_id is None:
         raise ctx.error(ann_path + ("id",), "required field is missing (the deployment id)")
     if not isinstance(dep_id, str) or not valid_id(dep_id):
-        raise ctx.error(ann_path + ("id",), f"deployment id {_show(dep_id)} must match [A-Za-z0-9._-]{{1,200}} (it names files)")
+        raise ctx.error(ann_path + ("id",), f"deployment id {show(dep_id)} must match [A-Za-z0-9._-]{{1,200}} (it names files)")
     if raw.id is not None and raw.id != dep_id:
         raise ctx.error(("id",), f"id {raw.id!r} differs from metadata.annotations.id {dep_id!r}")
 
     ann_app, spec_app = ann.get("applicationId"), raw.spec.applicationId
     if form is DocumentForm.PUBLISHED:
-        app_path: Path = ann_path + ("applicationId",)
+        app_path: NodePath = ann_path + ("applicationId",)
         app_id = ann_app
     else:
         app_path = ("spec", "applicationId")
@@ -457,19 +263,19 @@ def _build(ctx: _Context, data: Any) -> Deployment:
     if app_id is None:
         raise ctx.error(app_path, "required field is missing")
     if not isinstance(app_id, str) or not _APP_ID_RE.fullmatch(app_id):
-        raise ctx.error(app_path, f"applicationId {_show(app_id)} must match ^[-a-z0-9]{{1,200}}$")
+        raise ctx.error(app_path, f"applicationId {show(app_id)} must match ^[-a-z0-9]{{1,200}}$")
     if ann_app is not None and spec_app is not None and ann_app != spec_app:
         raise ctx.error(("spec", "applicationId"), f"differs from metadata.annotations.applicationId {ann_app!r}")
     device_id = raw.metadata.deviceId
     if device_id is not None and not _DEVICE_ID_RE.fullmatch(device_id):
-        raise ctx.error(("metadata", "deviceId"), f"device id {_show(device_id)} is not a Margo DeviceId")
+        raise ctx.error(("metadata", "deviceId"), f"device id {show(device_id)} is not a Margo DeviceId")
 
     # profile and components
-    prof_path: Path = ("spec", "deploymentProfile")
+    prof_path: NodePath = ("spec", "deploymentProfile")
     type_name = raw.spec.deploymentProfile.type
     profile = PROFILE_TYPES.get(type_name)
     if profile is None:
-        raise ctx.error(prof_path + ("type",), f"unknown deployment profile type {_show(type_name)}; allowed: {_ALLOWED_TYPES}")
+        raise ctx.error(prof_path + ("type",), f"unknown deployment profile type {show(type_name)}; allowed: {_ALLOWED_TYPES}")
     raw_components = raw.spec.deploymentProfile.components
     if not raw_components:
         raise ctx.error(prof_path + ("components",), "at least one component is required")
@@ -477,9 +283,9 @@ def _build(ctx: _Context, data: Any) -> Deployment:
     seen: set[str] = set()
     for i, (rc, rc_d) in enumerate(zip(raw_components, spec_d["deploymentProfile"]["components"], strict=True)):
         path = prof_path + ("components", i)
-        _check_keys(ctx, path, rc_d, ("name", "properties"))
+        check_keys(ctx, path, rc_d, ("name", "properties"))
         if not valid_id(rc.name):
-            raise ctx.error(path + ("name",), f"component name {_show(rc.name)} must match [A-Za-z0-9._-]{{1,200}}")
+            raise ctx.error(path + ("name",), f"component name {show(rc.name)} must match [A-Za-z0-9._-]{{1,200}}")
         if rc.name in seen:
             raise ctx.error(path + ("name",), f"duplicate component name {rc.name!r}")
         seen.add(rc.name)
@@ -494,13 +300,13 @@ def _build(ctx: _Context, data: Any) -> Deployment:
     )
 
 
-def _component(ctx: _Context, path: Path, rc: _RawComponent, profile: ProfileType,
+def _component(ctx: NodeContext, path: NodePath, rc: RawComponent, profile: ProfileType,
                form: DocumentForm) -> Component:
     props = rc.properties
     ppath = path + ("properties",)
     if profile is ProfileType.PROCESS:
-        proc: _RawProcess = _validate(_RawProcess, props, ctx, ppath)
-        _check_keys(ctx, ppath, props, ("command", "env", "restart", "workingDir"))
+        proc: RawProcess = validate_model(RawProcess, props, ctx, ppath)
+        check_keys(ctx, ppath, props, ("command", "env", "restart", "workingDir"))
         if not proc.command or not proc.command[0]:
             raise ctx.error(ppath + ("command",), "command must be a non-empty list of strings (program first)")
         env: dict[str, str] = {}
@@ -521,47 +327,47 @@ def _component(ctx: _Context, path: Path, rc: _RawComponent, profile: ProfileTyp
         _check_oci(ctx, ppath, props)
     out: dict[str, str] = {}
     for key, value in props.items():
-        if _EXT_RE.fullmatch(key):
+        if EXT_RE.fullmatch(key):
             continue
         if isinstance(value, dict | list) or value is None:
-            raise ctx.error(ppath + (key,), f"expected a scalar value, got {_type_name(value)}")
+            raise ctx.error(ppath + (key,), f"expected a scalar value, got {yaml_type_name(value)}")
         out[key] = stringify(value)
     return Component(name=rc.name, properties=tuple(sorted(out.items())))
 
 
-def _check_oci(ctx: _Context, ppath: Path, props: Mapping[str, Any]) -> None:
+def _check_oci(ctx: NodeContext, ppath: NodePath, props: Mapping[str, Any]) -> None:
     """rc.3 ComponentProperties: ``repository`` oci://, SemVer ``revision``, wait, timeout."""
     for key in ("repository", "revision"):
         if key not in props:
             raise ctx.error(ppath + (key,), "required field is missing (rc.3 form)")
         if not isinstance(props[key], str):
-            raise ctx.error(ppath + (key,), f"expected a string, got {_type_name(props[key])} (quote the value)")
+            raise ctx.error(ppath + (key,), f"expected a string, got {yaml_type_name(props[key])} (quote the value)")
     if not _OCI_RE.fullmatch(props["repository"]):
         raise ctx.error(ppath + ("repository",), f"repository {props['repository']!r} must be an oci:// reference")
     if not _SEMVER_RE.fullmatch(props["revision"]):
         raise ctx.error(ppath + ("revision",), f"revision {props['revision']!r} must be SemVer 2.0 without a leading v")
     if "wait" in props and not isinstance(props["wait"], bool):
-        raise ctx.error(ppath + ("wait",), f"wait must be a boolean, got {_type_name(props['wait'])}")
+        raise ctx.error(ppath + ("wait",), f"wait must be a boolean, got {yaml_type_name(props['wait'])}")
     timeout = props.get("timeout")
     if timeout is not None and not (isinstance(timeout, str) and _TIMEOUT_RE.fullmatch(timeout)):
         raise ctx.error(ppath + ("timeout",), f"timeout {timeout!r} must look like 8m30s")
 
 
-def _parameters(ctx: _Context, raw: _RawDocument, spec_d: dict[str, Any], profile: ProfileType,
+def _parameters(ctx: NodeContext, raw: RawDocument, spec_d: dict[str, Any], profile: ProfileType,
                 components: list[Component]) -> tuple[Parameter, ...]:
     names = [c.name for c in components]
     props_of = {c.name: dict(c.properties) for c in components}
     owner: dict[tuple[str, str], str] = {}  # (component, pointer) -> parameter
     out: list[Parameter] = []
     for pname, param in (raw.spec.parameters or {}).items():
-        path: Path = ("spec", "parameters", pname)
-        _check_keys(ctx, path, spec_d["parameters"][pname], ("value", "targets"))
+        path: NodePath = ("spec", "parameters", pname)
+        check_keys(ctx, path, spec_d["parameters"][pname], ("value", "targets"))
         if param.value is None:
             raise ctx.error(path + ("value",), "value is null; write '' for an empty value")
         targets: list[ParameterTarget] = []
         for t, target in enumerate(param.targets):
             tpath = path + ("targets", t)
-            _check_keys(ctx, tpath, spec_d["parameters"][pname]["targets"][t], ("pointer", "components"))
+            check_keys(ctx, tpath, spec_d["parameters"][pname]["targets"][t], ("pointer", "components"))
             pointer = target.pointer
             if profile is ProfileType.PROCESS:
                 env_name = pointer[4:] if pointer.startswith("ENV.") else ""
@@ -586,30 +392,30 @@ def _parameters(ctx: _Context, raw: _RawDocument, spec_d: dict[str, Any], profil
     return tuple(out)
 
 
-def _files(ctx: _Context, spec_d: dict[str, Any]) -> tuple[FileRef, ...]:
+def _files(ctx: NodeContext, spec_d: dict[str, Any]) -> tuple[FileRef, ...]:
     ext = spec_d.get(EXTENSION_KEY)
     if isinstance(ext, dict) and "files" in ext:
         if "files" in spec_d:
             raise ctx.error(("spec", EXTENSION_KEY, "files"), "give files in spec.files or here, not both")
-        path: Path = ("spec", EXTENSION_KEY, "files")
+        path: NodePath = ("spec", EXTENSION_KEY, "files")
         raw_list = ext["files"]
         if not isinstance(raw_list, list):
-            raise ctx.error(path, f"expected a sequence, got {_type_name(raw_list)}")
+            raise ctx.error(path, f"expected a sequence, got {yaml_type_name(raw_list)}")
         for i, item in enumerate(raw_list):
-            _validate(_RawFile, item, ctx, path + (i,))
+            validate_model(RawFile, item, ctx, path + (i,))
     else:
         path = ("spec", "files")
         raw_list = spec_d.get("files") or []
     files: dict[str, FileRef] = {}
     for i, item in enumerate(raw_list):
-        _check_keys(ctx, path + (i,), item, ("name", "digest"))
+        check_keys(ctx, path + (i,), item, ("name", "digest"))
         name, digest = item["name"], item["digest"]
         try:
             validate_file_name(name)
         except ValueError as exc:
             raise ctx.error(path + (i, "name"), str(exc)) from None
         if not is_digest(digest):
-            raise ctx.error(path + (i, "digest"), f"invalid digest {_show(digest)}: expected sha256:<64 lowercase hex>")
+            raise ctx.error(path + (i, "digest"), f"invalid digest {show(digest)}: expected sha256:<64 lowercase hex>")
         if name in files:
             raise ctx.error(path + (i, "name"), f"duplicate file name {name!r}")
         files[name] = FileRef(name=name, digest=digest)
@@ -621,13 +427,13 @@ def _files(ctx: _Context, spec_d: dict[str, Any]) -> tuple[FileRef, ...]:
 
 def parse_deployments(data: bytes, source: str = "<input>") -> list[Deployment]:
     """Every ApplicationDeployment in ``data`` (multi-document YAML); ids must be unique."""
-    docs = _load_yaml(data, source)
+    docs = load_yaml(data, source)
     if not docs:
         raise DocumentError(f"{source}: no YAML document found")
     out: list[Deployment] = []
     ids: set[str] = set()
     for node, value in docs:
-        ctx = _Context(source, node)
+        ctx = NodeContext(source, node)
         dep = _build(ctx, value)
         if dep.deployment_id in ids:
             raise ctx.error(("metadata", "annotations", "id"), f"duplicate deployment id {dep.deployment_id!r} in one file")
@@ -638,7 +444,7 @@ def parse_deployments(data: bytes, source: str = "<input>") -> list[Deployment]:
 
 def parse_deployment(data: bytes, *, source: str = "<input>") -> Deployment:
     """The single ApplicationDeployment in ``data``; raises ``DocumentError`` on any problem."""
-    docs = _load_yaml(data, source)
+    docs = load_yaml(data, source)
     if not docs:
         raise DocumentError(f"{source}: no YAML document found")
     if len(docs) > 1:
@@ -648,7 +454,7 @@ def parse_deployment(data: bytes, *, source: str = "<input>") -> Deployment:
             "a deployment is one document (use parse_deployments for multi-document files)"
         )
     node, value = docs[0]
-    return _build(_Context(source, node), value)
+    return _build(NodeContext(source, node), value)
 
 
 def resolve(deployment: Deployment, *, digest: str) -> DeploymentSpec:
