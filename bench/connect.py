@@ -161,7 +161,7 @@ async def ramp(workers: list[Worker], agents: int, label: str, server_pid: int,
     """Send ``go`` to every worker and follow the ramp until every agent is connected or gave up."""
     before = {w.index: sample_process(w.proc.pid) for w in workers}
     server_before = sample_process(server_pid)
-    udp_before = udp_datagrams()
+    udp_before = udp_counters()
     t_go = time.monotonic()
     for worker in workers:
         await worker.send("go")
@@ -187,7 +187,7 @@ async def ramp(workers: list[Worker], agents: int, label: str, server_pid: int,
             p.cancel()
     t_end = time.monotonic()
     server_after = sample_process(server_pid)
-    udp_after = udp_datagrams()
+    udp_after = udp_counters()
     worker_after = {w.index: sample_process(w.proc.pid) for w in workers}
     worker_cpu = [cpu_percent(before[i], after, t_end - t_go) for i, after in worker_after.items()]
     times = sorted(t - t_go for r in results for t in r["times"])
@@ -215,8 +215,12 @@ async def ramp(workers: list[Worker], agents: int, label: str, server_pid: int,
         "handshake_latency_ms": {f"p{q}": 1000 * latencies[min(len(latencies) - 1, len(latencies) * q // 100)]
                                  for q in (50, 90, 99)} if latencies else {},
         # loopback: every datagram sent is received once; other traffic on the host adds noise
-        "udp_datagrams_per_handshake": (udp_after - udp_before) / max(connected, 1)
-        if udp_before is not None and udp_after is not None else None,
+        "udp_datagrams_per_handshake": (udp_after["InDatagrams"] - udp_before["InDatagrams"])
+        / max(connected, 1) if udp_before and udp_after else None,
+        # datagrams the kernel dropped for a full receive buffer (host-wide): each one costs a
+        # retransmission after a probe timeout, which shows in the latency tail
+        "udp_receive_buffer_drops": udp_after["RcvbufErrors"] - udp_before["RcvbufErrors"]
+        if udp_before and udp_after else None,
         "server_cpu_percent_during_ramp": cpu_percent(server_before, server_after, t_end - t_go),
         "server_cpu_ms_per_handshake": 1000 * (server_after.cpu_s - server_before.cpu_s) / max(connected, 1),
         "worker_cpu_percent_during_ramp": worker_cpu,
@@ -227,13 +231,13 @@ async def ramp(workers: list[Worker], agents: int, label: str, server_pid: int,
     }
 
 
-def udp_datagrams() -> int | None:
-    """The host's UDP InDatagrams counter (/proc/net/snmp)."""
+def udp_counters() -> dict[str, int] | None:
+    """The host's UDP counters (/proc/net/snmp): InDatagrams, RcvbufErrors, ..."""
     try:
-        lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()
-                 if line.startswith("Udp:")]
-        return int(lines[1][lines[0].index("InDatagrams")])
-    except (OSError, IndexError, ValueError):
+        names, values = [line.split()[1:] for line in Path("/proc/net/snmp").read_text().splitlines()
+                         if line.startswith("Udp:")][:2]
+        return {name: int(value) for name, value in zip(names, values, strict=True)}
+    except (OSError, ValueError):
         return None
 
 
