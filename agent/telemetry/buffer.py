@@ -275,8 +275,10 @@ class TelemetryBuffer:
                     f"telemetry record of {len(p)} bytes exceeds the {limit}-byte record limit"
                 )
             total += REC_HDR_SIZE + len(p)
-        # Room for the frames plus a segment header for every roll the batch could cause.
-        needed = total + SEG_HDR_SIZE * (1 + total // self._segment_bytes)
+        # Room for the frames, a header for every roll the batch causes, and one header in
+        # reserve: reopening the buffer always starts a fresh segment, and even then the files
+        # must stay within max_bytes.
+        needed = self._space_needed(payloads) + SEG_HDR_SIZE
         if needed + SEG_HDR_SIZE > self.config.max_bytes:
             if count_rejected:
                 self.rejected_records += len(payloads)
@@ -308,6 +310,21 @@ class TelemetryBuffer:
             seq += 1
         self._write_chunk(chunk, seq - len(chunk))
         return self._commit.written(range(first, first + len(payloads)))
+
+    def _space_needed(self, payloads: Sequence[bytes]) -> int:
+        """Bytes ``payloads`` add to the files: frames plus a header per roll, decided exactly
+        as the write loop decides them."""
+        seg = self._segments[-1]
+        size, count, added = seg.size, seg.count, 0
+        for p in payloads:
+            frame_len = REC_HDR_SIZE + len(p)
+            if count > 0 and size + frame_len > self._segment_bytes:
+                size, count = SEG_HDR_SIZE, 0
+                added += SEG_HDR_SIZE
+            size += frame_len
+            count += 1
+            added += frame_len
+        return added
 
     def _needs_roll(self, frame_len: int) -> bool:
         seg = self._segments[-1]
