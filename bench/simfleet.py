@@ -82,11 +82,12 @@ class SimAgent:
 class _Permit:
     """One handshake's place in the window; released once, when the agent is ready or failed."""
 
-    __slots__ = ("sem", "held")
+    __slots__ = ("sem", "held", "started")
 
     def __init__(self, sem: anyio.Semaphore) -> None:
         self.sem = sem
         self.held = True
+        self.started = 0.0
 
     def release(self) -> None:
         if self.held:
@@ -113,6 +114,7 @@ class Fleet:
         self.configs: list[QuicConfiguration] = []
         self.live: dict[int, Any] = {}  # index -> Connection or bare protocol
         self.ready_times: list[float] = []
+        self.latencies: list[float] = []  # acquire -> ready, seconds, successful attempts only
         self.failures: list[str] = []
         self.gave_up = 0
         self.lost = 0  # connections that ended before ``stop``
@@ -151,9 +153,10 @@ class Fleet:
             assert self.sem is not None
             await self.sem.acquire()
             permit = _Permit(self.sem)
+            permit.started = time.monotonic()
             try:
-                established = await (self._margo_once(slot, index, permit.release)
-                                     if self.mode == "margo" else self._bare_once(slot, permit.release))
+                established = await (self._margo_once(slot, index, permit)
+                                     if self.mode == "margo" else self._bare_once(slot, permit))
             except Exception as exc:  # noqa: BLE001 - every failure is counted, then retried
                 established = False
                 self.failures.append(f"{type(exc).__name__}: {exc}"[:200])
@@ -166,7 +169,7 @@ class Fleet:
                 return
             await anyio.sleep(0.2 + random.random())
 
-    async def _margo_once(self, slot: int, index: int, release: Any) -> bool:
+    async def _margo_once(self, slot: int, index: int, permit: _Permit) -> bool:
         conn, transport = await connect(self.host, self.port, self.configs[slot])
         self.live[slot] = conn
         ready = [False]
@@ -177,8 +180,7 @@ class Fleet:
 
             def on_ready(_: AgentSession) -> None:
                 ready[0] = True
-                self.ready_times.append(time.monotonic())
-                release()
+                self._ready(permit)
 
             await session.run(on_ready=on_ready)
         except (ConnectionLost, HelloRefused):
@@ -195,13 +197,12 @@ class Fleet:
             self.lost += 1
         return True
 
-    async def _bare_once(self, slot: int, release: Any) -> bool:
+    async def _bare_once(self, slot: int, permit: _Permit) -> bool:
         transport, protocol = await bare_quic.open_client(self.host, self.port, self.configs[slot])
         try:
             with anyio.fail_after(self.timeout):
                 await protocol.wait_connected()
-            self.ready_times.append(time.monotonic())
-            release()
+            self._ready(permit)
             self.live[slot] = protocol
             assert self.stop_event is not None
             await self.stop_event.wait()
@@ -212,6 +213,12 @@ class Fleet:
                 self.lost += 1
             protocol.close()
             transport.close()
+
+    def _ready(self, permit: _Permit) -> None:
+        now = time.monotonic()
+        self.ready_times.append(now)
+        self.latencies.append(now - permit.started)
+        permit.release()
 
     # --- the worker ------------------------------------------------------------------------------
     def alive(self) -> int:
@@ -241,7 +248,8 @@ class Fleet:
             _emit("progress", connected=len(self.ready_times), gave_up=self.gave_up,
                   failures=len(self.failures), t=time.monotonic())
             if done >= self.count:
-                _emit("ramped", times=self.ready_times, gave_up=self.gave_up,
+                _emit("ramped", times=self.ready_times, latencies=self.latencies,
+                      gave_up=self.gave_up,
                       failures=len(self.failures), failure_samples=sorted(set(self.failures))[:5])
                 return
             await anyio.sleep(PROGRESS_INTERVAL)
