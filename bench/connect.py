@@ -11,7 +11,7 @@ are issued in memory by the workers), then for each run:
    - handshake rate = connected agents / (last agent's ready time - go);
    - RSS per agent = (controller VmRSS with N connected - VmRSS before any) / N;
    - idle CPU = controller utime+stime over ``--idle-seconds`` with every agent connected and
-     keeping alive (controller default: ping every 15 s), as % of one core;
+     keeping alive (controller default: ping every 20 s), as % of one core;
    - finally the operator API (``GET /api/v1/devices``, the tenant's bearer token) must list N
      connected devices, and the workers must still hold N live connections.
 2. **bare**: the same ramp against a plain aioquic server (:mod:`bench.bare_quic`: server-only
@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes for the agents (default: one per client core)")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="report directory")
     p.add_argument("--idle-seconds", type=float, default=60.0, help="idle CPU window")
-    p.add_argument("--keepalive", type=float, default=15.0, help="controller keepalive, seconds")
+    p.add_argument("--keepalive", type=float, default=20.0, help="controller keepalive, seconds")
     p.add_argument("--idle-timeout", type=float, default=60.0, help="QUIC idle timeout, seconds")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=200, help="handshakes in flight per worker")

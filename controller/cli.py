@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--h2-push", metavar="HOST:PORT",
                    help="also serve the HTTP/2 push transport (used by the transport bench)")
     p.add_argument("--idle-timeout", type=float, default=60.0, help="QUIC idle timeout, seconds")
-    p.add_argument("--keepalive", type=float, default=15.0,
+    p.add_argument("--keepalive", type=float, default=20.0,
                    help="keepalive interval agents are told to use, seconds")
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", choices=("json", "text"), default="json")
