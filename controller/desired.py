@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ class DesiredState:
         self._devices: dict[tuple[str, str], _DeviceState] = {}
         self._locks: dict[tuple[str, str], anyio.Lock] = {}
         self._files: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._latest: dict[tuple[str, str], tuple[int, float]] = {}
         ctl.ready_hooks.append(self.on_ready)
         ctl.close_hooks.append(self.on_close)
         ctl.features["desired"] = self
@@ -102,6 +104,7 @@ class DesiredState:
             signature = sign(data, self._key(tenant))
             created = time.time()
             await store.put_manifest(tenant, device_id, version, data, signature, now=created)
+            self._latest[(tenant, device_id)] = (version, (now + self.lifetime).timestamp())
             return ManifestRecord(tenant=tenant, device_id=device_id, version=version, manifest=data,
                                   signature=signature, created=created)
 
@@ -113,24 +116,40 @@ class DesiredState:
             if view is not None and isinstance(view.handle, ControllerSession):
                 self._schedule(view.handle)
 
+    async def _latest_known(self, tenant: str, device_id: str) -> tuple[int, float] | None:
+        """(version, expiry) of the device's newest manifest, ``(0, inf)`` when it has none and
+        nothing is assigned, ``None`` when assignments wait for their first manifest. Cached:
+        every later change goes through ``rebuild``."""
+        key = (tenant, device_id)
+        known = self._latest.get(key)
+        if known is None:
+            store = self.ctl.store
+            latest = await store.latest_manifest(tenant, device_id)
+            if latest is not None:
+                known = (latest.version, parse_manifest(latest.manifest).expires.timestamp())
+            elif await store.list_assignments(tenant, device_id):
+                return None
+            else:
+                known = (0, math.inf)
+            self._latest[key] = known
+        return known
+
     async def on_ready(self, session: ControllerSession) -> None:
         hello = session.hello
         assert hello is not None
         state = self._devices.setdefault((session.tenant, session.device_id), _DeviceState())
         state.held = set(hello.blobs)
-        latest = await self.ctl.store.latest_manifest(session.tenant, session.device_id)
         held = hello.manifest_version or 0
-        soon = time.time() + self.lifetime.total_seconds() / 4
-        if latest is None:
-            if not await self.ctl.store.list_assignments(session.tenant, session.device_id):
-                return
+        known = await self._latest_known(session.tenant, session.device_id)
+        if known is None or held > known[0]:
+            # never built, or the device holds a version this store never issued (restored
+            # backup?): build one past it
             await self.rebuild(session.tenant, session.device_id, floor=held)
-        elif held > latest.version:
-            # the device holds a version this store never issued (restored backup?): move past it
-            await self.rebuild(session.tenant, session.device_id, floor=held)
-        elif parse_manifest(latest.manifest).expires.timestamp() < soon:
+        elif known[0] == 0:
+            return  # nothing assigned
+        elif known[1] < time.time() + self.lifetime.total_seconds() / 4:
             await self.rebuild(session.tenant, session.device_id)  # refresh before it expires
-        elif held == latest.version:
+        elif held == known[0]:
             return
         self._schedule(session)
 
@@ -141,20 +160,24 @@ class DesiredState:
 
     # --- pushing ------------------------------------------------------------------------------------
     def _schedule(self, session: ControllerSession) -> None:
-        state = self._devices.setdefault((session.tenant, session.device_id), _DeviceState())
-        if state.pushing:
-            state.again = True
-            return
-        state.pushing = True
-        self.ctl.spawn(self._push_loop, session, state)
+        key = (session.tenant, session.device_id)
+        state = self._devices.setdefault(key, _DeviceState())
+        state.again = True
+        if not state.pushing:
+            state.pushing = True
+            self.ctl.spawn(self._push_loop, key, state)
 
-    async def _push_loop(self, session: ControllerSession, state: _DeviceState) -> None:
+    async def _push_loop(self, key: tuple[str, str], state: _DeviceState) -> None:
+        """Push the newest manifest to the device's *current* session until no change is
+        pending: a push that failed with its connection is retried on the one replacing it."""
         try:
-            while True:
+            while state.again:
                 state.again = False
+                view = self.ctl.registry.get(*key)
+                session = view.handle if view is not None else None
+                if not isinstance(session, ControllerSession) or session.conn.closed is not None:
+                    return  # offline: the next hello catches up
                 await self._push(session, state)
-                if not state.again or session.conn.closed is not None:
-                    return
         finally:
             state.pushing = False
 

@@ -12,6 +12,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from controller.registry import SessionView
 from margo_stream.identity.spiffe import DeviceIdentity
 from margo_stream.protocol import messages as m
@@ -114,10 +116,19 @@ class ControllerSession:
         ctl = self.ctl
         now = time.time()
         caps = hello.capabilities.model_dump(exclude_none=True)
-        watermark = await ctl.store.telemetry_watermark(self.tenant, self.device_id)
-        await ctl.store.device_connected(
-            self.tenant, self.device_id, capabilities=caps, labels=dict(hello.capabilities.labels),
-            manifest_version=hello.manifest_version, remote=self.remote, now=now)
+        watermark = 0
+
+        async def telemetry_watermark() -> None:
+            nonlocal watermark
+            watermark = await ctl.store.telemetry_watermark(self.tenant, self.device_id)
+
+        # two stores, two threads: the lookups run side by side
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(telemetry_watermark)
+            await ctl.store.device_connected(
+                self.tenant, self.device_id, capabilities=caps,
+                labels=dict(hello.capabilities.labels), manifest_version=hello.manifest_version,
+                remote=self.remote, now=now)
         if self.conn.closed is not None:
             return
         view = SessionView(tenant=self.tenant, device_id=self.device_id, remote=self.remote,
