@@ -11,11 +11,16 @@ import sys
 
 PROG = "margo-bench"
 
-# subcommand -> (module, one-line description)
+# subcommand -> ("module" or "module:function", one-line description); the function takes argv
 SCENARIOS: dict[str, tuple[str, str]] = {
     "connect": ("bench.connect",
                 "agents one controller holds: handshake rate vs bare aioquic, RSS and idle CPU"),
     "append": ("bench.append", "durable append rate of the agent's telemetry buffer"),
+    "run": ("bench.compare:run_main",
+            "one transport scenario (connect, push, storm, drain, lossy) over one transport"),
+    "compare": ("bench.compare:compare_main",
+                "one scenario over quic, rest-poll, h2-push and mqtt side by side, then the report"),
+    "report": ("bench.report", "markdown table and PNG plots from a run/compare directory"),
 }
 
 
@@ -36,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SCENARIOS:
         print(f"{PROG}: unknown scenario {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SCENARIOS[name][0])
-    return int(module.main(rest) or 0)
+    module_name, _, function = SCENARIOS[name][0].partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, function or "main")(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -169,8 +169,9 @@ def write_report(out: Path, scenario: str, data: Mapping[str, Any], title: str,
 
 
 def plot_series(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
-                title: str, xlabel: str, ylabel: str, step: bool = False) -> Path:
-    """One PNG with a line per series (label -> (xs, ys))."""
+                title: str, xlabel: str, ylabel: str, step: bool = False,
+                logx: bool = False) -> Path:
+    """One PNG with a line per series (label -> (xs, ys)); ``logx`` for a logarithmic x axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,6 +183,8 @@ def plot_series(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence
             ax.step(xs, ys, where="post", label=label)
         else:
             ax.plot(xs, ys, label=label)
+    if logx:
+        ax.set_xscale("log")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

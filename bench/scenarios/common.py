@@ -1,0 +1,157 @@
+"""What every transport scenario shares: bring up one transport's servers and fleet, connect
+every device, hand over to the scenario's ``measure``, tear everything down.
+
+A scenario module defines ``NAME``, ``DEFAULTS`` (its parameters), ``measure(ctx) -> dict``
+and ``summary(result) -> dict`` (the headline figures of one run). :func:`run_one` adds what
+every run records: connect time and rate, server memory and CPU per device, the machine load
+(``os.getloadavg()``) before and after, the transport and the parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.fleet import Fleet, ServerSide, operator_token, prepare_pki, sample_rss_cpu
+from bench.fleet_worker import device_name
+from bench.pushlat import document, percentile
+from bench.report_util import downsample
+
+
+@dataclass
+class Context:
+    transport: str
+    params: dict[str, Any]
+    work: Path
+    server: ServerSide
+    fleet: Fleet
+    token: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def agents(self) -> int:
+        return int(self.params["agents"])
+
+    def devices(self) -> list[str]:
+        return [device_name(i) for i in range(self.agents)]
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.server.api, timeout=120,
+                                 headers={"Authorization": f"Bearer {self.token}"})
+
+
+async def apply(ctx: Context, devices: list[str], value: Any, *, blobs: list[str] | None = None) -> float:
+    """The operator's apply (one parameter changed) to ``devices``; returns the monotonic time
+    the request was sent."""
+    body: dict[str, Any] = {"documents": [document(value)], "devices": devices}
+    if blobs:
+        body["blobs"] = blobs
+    async with ctx.client() as client:
+        t0 = time.monotonic()
+        r = await client.post("/api/v1/deployments", json=body)
+        r.raise_for_status()
+    return t0
+
+
+async def wait_registered(ctx: Context, timeout: float) -> int:
+    """Wait until the controller's store knows every device (rest-poll and h2 devices register
+    with their capabilities, MQTT ones through the bridge); returns how many it lists."""
+    deadline = time.monotonic() + timeout
+    listed = 0
+    async with ctx.client() as client:
+        while time.monotonic() < deadline:
+            r = await client.get("/api/v1/devices")
+            r.raise_for_status()
+            listed = sum(1 for d in r.json()["items"] if d["id"].startswith("dev-"))
+            if listed >= ctx.agents:
+                break
+            await asyncio.sleep(0.25)
+    return listed
+
+
+async def fan_out(ctx: Context, value: Any, timeout: float) -> dict[str, Any]:
+    """Apply to every device at once; seconds until each device held it (its curve)."""
+    fleet = ctx.fleet
+    start = len(fleet.got)
+    t0 = await apply(ctx, ctx.devices(), value)
+    waiting = set(range(ctx.agents))
+    deadline = time.monotonic() + timeout
+    seen = start
+    times: list[float] = []
+    acked: list[float] = []
+    while waiting and time.monotonic() < deadline:
+        for item in fleet.got[seen:]:
+            if item[0] in waiting and item[2] > t0:
+                waiting.discard(item[0])
+                times.append(item[2] - t0)
+                acked.append(item[3] - t0)
+        seen = len(fleet.got)
+        if waiting:
+            await asyncio.sleep(0.05)
+    times.sort()
+    return {"devices": ctx.agents, "delivered": len(times), "missing": len(waiting),
+            "seconds": times[-1] if times and not waiting else None,
+            "status_all_seconds": max(acked) if acked and not waiting else None,
+            "p50_s": percentile(times, 0.5) if times else None,
+            "curve": downsample_curve(times)}
+
+
+def downsample_curve(times: list[float], limit: int = 200) -> list[list[float]]:
+    """[[seconds, devices holding it], ...] with at most ``limit`` points."""
+    return [[round(t, 4), n] for t, n in downsample([(t, i + 1) for i, t in enumerate(times)], limit)]
+
+
+def latency_summary(values_s: list[float]) -> dict[str, Any]:
+    ms = sorted(v * 1000 for v in values_s)
+    if not ms:
+        return {"n": 0}
+    return {"n": len(ms), "p50": percentile(ms, 0.5), "p90": percentile(ms, 0.9),
+            "p99": percentile(ms, 0.99), "max": ms[-1], "mean": sum(ms) / len(ms)}
+
+
+async def run_one(scenario: Any, transport: str, params: dict[str, Any], work: Path,
+                  tag: str) -> dict[str, Any]:
+    """One run of ``scenario`` over ``transport``: everything started fresh and stopped."""
+    agents = int(params["agents"])
+    load_before = os.getloadavg()
+    identities = await asyncio.to_thread(prepare_pki, work, agents)
+    server = ServerSide(transport, work, tag, keepalive=float(params.get("keepalive", 15.0)),
+                        impairment=params.get("impairment"))
+    fleet = Fleet(transport, identities, work, tag, agents, int(params.get("procs", 1)),
+                  poll_interval=float(params.get("poll_interval", 15.0)),
+                  concurrency=int(params.get("concurrency", 100)))
+    ctx = Context(transport, params, work, server, fleet, operator_token(work))
+    result: dict[str, Any] = {"transport": transport, "tag": tag}
+    try:
+        await server.start()
+        rss0, cpu0 = sample_rss_cpu(server.pids())
+        await fleet.start(*server.device_addr)
+        t0 = time.monotonic()
+        times = await fleet.connect_all(float(params.get("connect_timeout", 60 + agents / 20)))
+        listed = await wait_registered(ctx, 60)
+        await asyncio.sleep(float(params.get("settle", 1.0)))
+        rss1, cpu1 = sample_rss_cpu(server.pids())
+        result["connect"] = {
+            "connected": len(times), "registered": listed,
+            "seconds": times[-1] if times else None,
+            "rate_per_s": len(times) / times[-1] if times and times[-1] > 0 else None,
+            "server_rss_before_kb": rss0, "server_rss_connected_kb": rss1,
+            "server_rss_per_device_kb": (rss1 - rss0) / max(len(times), 1),
+            "server_cpu_ms_per_connect": 1000 * (cpu1 - cpu0) / max(len(times), 1),
+            "wall_s": time.monotonic() - t0, "curve": downsample_curve(times)}
+        result[scenario.NAME] = await scenario.measure(ctx)
+        result["fleet"] = await fleet.status()
+    finally:
+        await fleet.stop()
+        await server.stop()
+        if server.relay_stats is not None:
+            result["relay"] = server.relay_stats
+    result["load"] = {"before": load_before, "after": os.getloadavg()}
+    result["summary"] = scenario.summary(result)
+    return result
