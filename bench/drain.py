@@ -2,10 +2,11 @@
 desired-state push latency while that drain runs against the idle latency in the same run.
 
 One real controller and one real agent process on loopback. Phase 1 (idle): the agent is
-connected with an empty buffer; push latency is sampled. Phase 2: the agent is stopped, its
-buffer is filled with ``--records`` records of ``--record-bytes`` bytes (written straight into
-its durable buffer), and it is started again: the drain time runs from that start until the
-controller has stored the last record; push latency is sampled while the drain runs.
+connected with an empty buffer; push latency is sampled. Phase 2: the controller goes away
+while the agent keeps running, producers write ``--records`` records of ``--record-bytes``
+bytes through the agent's real socket (4 pipelining connections), and the controller comes
+back on the same port: the drain time runs from the agent's reconnect until the controller
+has stored the last record; push latency is sampled while the drain runs.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from typing import Any
 import anyio
 import httpx
 
-from agent.telemetry.buffer import BufferConfig, TelemetryBuffer
 from bench.pushlat import one_push, percentile, watching
 from bench.report_util import machine_info, markdown_table, median, write_report
 from margo_stream.identity.pki import init_pki, issue_device
+from margo_stream.telemetry_client import AsyncTelemetryClient
 
 BIN = Path(sys.executable).parent
 DEVICE = "drain-01"
@@ -50,15 +51,22 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.kill()
 
 
-async def _fill(state: Path, records: int, record_bytes: int, max_bytes: int) -> float:
+async def _fill(socket: Path, records: int, record_bytes: int, producers: int = 4) -> float:
+    """Write the backlog through the agent's producer socket; records/s acknowledged."""
     pad = "x" * max(0, record_bytes - 60)
+    per = records // producers
     t0 = time.perf_counter()
-    async with TelemetryBuffer.open(state / "telemetry", BufferConfig(max_bytes=max_bytes)) as buf:
-        chunk = 5000
-        for start in range(0, records, chunk):
-            n = min(chunk, records - start)
-            await buf.append_many([json.dumps({"stream": "bench", "i": start + i, "pad": pad},
-                                              separators=(",", ":")).encode() for i in range(n)])
+
+    async def produce(k: int) -> None:
+        count = per if k < producers - 1 else records - per * (producers - 1)
+        async with AsyncTelemetryClient(socket, timeout=120) as client:
+            for start in range(0, count, 2000):
+                await client.emit_many("bench", ({"i": k * per + start + i, "pad": pad}
+                                                 for i in range(min(2000, count - start))))
+
+    async with anyio.create_task_group() as tg:
+        for k in range(producers):
+            tg.start_soon(produce, k)
     return records / (time.perf_counter() - t0)
 
 
@@ -67,6 +75,25 @@ def _watermark(api: str, token: str) -> int:
                   headers={"Authorization": f"Bearer {token}"}, timeout=10)
     items = r.json().get("items") or []
     return items[-1]["seq"] if items else 0
+
+
+async def _ready(ctl: subprocess.Popen, data: Path, root: Path) -> dict[str, Any]:
+    ready = data / "controller.json"
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        if time.monotonic() > deadline or ctl.poll() is not None:
+            raise RuntimeError(f"controller did not start; see {root / 'controller.log'}")
+        await anyio.sleep(0.02)
+    return json.loads(ready.read_text())
+
+
+def _device(api: str, token: str) -> dict[str, Any]:
+    r = httpx.get(f"{api}/api/v1/devices/{DEVICE}", headers={"Authorization": f"Bearer {token}"},
+                  timeout=10)
+    if r.status_code == 404:  # not connected yet, ever
+        return {"connected": False, "connection_count": 0}
+    r.raise_for_status()
+    return r.json()
 
 
 async def one_run(records: int, record_bytes: int, samples: int) -> dict[str, Any]:
@@ -79,40 +106,36 @@ async def one_run(records: int, record_bytes: int, samples: int) -> dict[str, An
         data, state = root / "data", root / "agent"
         data.mkdir()
         state.mkdir()
-        ctl = _start([str(BIN / "margo-controller"), "--certs", str(certs), "--data", str(data),
-                      "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"], root / "controller.log")
+        ctl_argv = [str(BIN / "margo-controller"), "--certs", str(certs), "--data", str(data),
+                    "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"]
+        ctl = _start(ctl_argv, root / "controller.log")
         agent: subprocess.Popen | None = None
         max_bytes = max(64 << 20, records * (record_bytes + 64) * 2)
-        agent_argv = [str(BIN / "margo-agent"), "--identity", str(ident), "--state", str(state),
-                      "--buffer-max-bytes", str(max_bytes), "--metrics-interval", "3600"]
         try:
-            ready = data / "controller.json"
-            deadline = time.monotonic() + 30
-            while not ready.exists():
-                if time.monotonic() > deadline or ctl.poll() is not None:
-                    raise RuntimeError(f"controller did not start; see {root / 'controller.log'}")
-                await anyio.sleep(0.05)
-            info = json.loads(ready.read_text())
+            info = await _ready(ctl, data, root)
             api, quic = info["api"], info["quic"]
-            agent_argv += ["--controller", quic]
-            agent = _start(agent_argv, root / "agent.log")
+            agent = _start([str(BIN / "margo-agent"), "--identity", str(ident), "--state", str(state),
+                            "--buffer-max-bytes", str(max_bytes), "--metrics-interval", "3600",
+                            "--controller", quic], root / "agent.log")
             async with watching(api, token) as (client, watch):
-                while True:
-                    r = await client.get(f"/api/v1/devices/{DEVICE}")
-                    if r.status_code == 200 and r.json()["connected"]:
-                        break
+                while not (await anyio.to_thread.run_sync(_device, api, token))["connected"]:
                     await anyio.sleep(0.05)
                 await one_push(client, watch, DEVICE, "warmup")
                 _log(f"idle push latency, {samples} samples")
                 idle = [await one_push(client, watch, DEVICE, f"idle-{i}") for i in range(samples)]
-            _stop(agent)
-            _log(f"filling the agent's buffer with {records} records of {record_bytes} bytes")
-            fill_rate = await _fill(state, records, record_bytes, max_bytes)
-            last = records + 0  # seqs start at 1; the idle phase wrote none
+            before = (await anyio.to_thread.run_sync(_device, api, token))["connection_count"]
             base = await anyio.to_thread.run_sync(_watermark, api, token)
+            _stop(ctl)  # the link goes down; the agent keeps accepting records
+            _log(f"controller down: producers write {records} records of {record_bytes} bytes")
+            fill_rate = await _fill(state / "telemetry.sock", records, record_bytes)
+            port = quic.rsplit(":", 1)[1]
+            ctl = _start([*ctl_argv[:-3], f"127.0.0.1:{port}", "--api", api.rsplit("/", 1)[1]],
+                         root / "controller.log")
+            await _ready(ctl, data, root)
             async with watching(api, token) as (client, watch):
-                t0 = time.perf_counter()
-                agent = _start(agent_argv, root / "agent.log")
+                while (await anyio.to_thread.run_sync(_device, api, token))["connection_count"] == before:
+                    await anyio.sleep(0.005)
+                t0 = time.perf_counter()  # reconnected: the drain is under way
                 busy: list[float] = []
                 done_at: float | None = None
                 progress_at = 0.0
@@ -120,18 +143,18 @@ async def one_run(records: int, record_bytes: int, samples: int) -> dict[str, An
                     if len(busy) < samples:
                         busy.append(await one_push(client, watch, DEVICE, f"busy-{len(busy)}"))
                     else:
-                        await anyio.sleep(0.1)
+                        await anyio.sleep(0.05)
                     now = time.perf_counter()
                     if now - progress_at > 1.0 or len(busy) >= samples:
                         wm = await anyio.to_thread.run_sync(_watermark, api, token)
                         progress_at = now
-                        _log(f"drained {wm - base}/{last - base} records after {now - t0:.1f} s")
-                        if wm >= base + last:
-                            done_at = now
+                        _log(f"drained {wm - base}/{records} records after {now - t0:.1f} s")
+                        if wm >= base + records:
+                            done_at = time.perf_counter()
                     if now - t0 > 600:
                         raise RuntimeError("drain did not finish within 600 s")
             drain_s = done_at - t0
-            during = busy[: max(1, len(busy))]
+            during = busy
             return {
                 "records": records, "record_bytes": record_bytes, "fill_rate_per_s": fill_rate,
                 "drain_seconds": drain_s, "drain_rate_per_s": records / drain_s,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import anyio
+
 from controller.service import Controller
 from controller.session import ControllerSession
 from margo_stream.errors import ProtocolError
@@ -17,6 +19,8 @@ from margo_stream.protocol.telemetry_codec import decode_batch
 from margo_stream.transport.connection import MessageStream
 
 log = logging.getLogger("margo.controller.telemetry")
+
+YIELD_S = 0.003
 
 
 class TelemetryIngest:
@@ -58,6 +62,10 @@ class TelemetryIngest:
             self.counters["batches"] += 1
             if session.conn.closed is None:
                 stream.send(m.TelemetryAck(seq=watermark))
+            # Ingest is the controller's lowest-priority work: a timer sleep (not a zero one)
+            # lets every task that became ready meanwhile (pushes, statuses, terminal bytes) run
+            # first. The agent's bounded in-flight window turns this into backpressure.
+            await anyio.sleep(YIELD_S)
 
 
 def install(ctl: Controller) -> TelemetryIngest:

@@ -30,16 +30,16 @@ import logging
 import os
 import shlex
 import signal
-import subprocess
 from pathlib import Path
 
 import anyio
-from anyio.abc import ByteReceiveStream, Process, TaskStatus
+from anyio.abc import ByteReceiveStream, TaskStatus
 
 from margo_stream.state.spec import ComponentSpec, ProfileType, RestartPolicy
 from margo_stream.state.status import ComponentStatus, DeploymentState, StatusError
 
 from .base import ComponentPaths, ComponentRunner, Runtime, StatusSink
+from .spawn import Child, spawn
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class ProcessRunner(ComponentRunner):
     ) -> None:
         super().__init__(spec, paths, on_change)
         self._rt = runtime
-        self._proc: Process | None = None
+        self._proc: Child | None = None
         self._log = _Log(paths.log_path, runtime.log_max_bytes)
         self._tail = b""
         self._wake = anyio.Event()
@@ -276,7 +276,7 @@ class ProcessRunner(ComponentRunner):
         env.update(self.spec.env)
         return env
 
-    async def _spawn(self) -> Process:
+    async def _spawn(self) -> Child:
         argv = list(self.spec.command)
         if not argv:
             raise _LaunchError("no-command", "the component has no command to run")
@@ -294,15 +294,7 @@ class ProcessRunner(ComponentRunner):
             raise _LaunchError("working-dir", f"working directory {cwd} does not exist")
         exe = argv[0]
         try:
-            proc = await anyio.open_process(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=cwd,
-                env=self._environment(),
-                start_new_session=True,
-            )
+            proc = await spawn(argv, cwd=cwd, env=self._environment())
         except FileNotFoundError as exc:
             where = "" if "/" in exe else " on PATH"
             raise _LaunchError(
@@ -323,7 +315,7 @@ class ProcessRunner(ComponentRunner):
             self._set(DeploymentState.INSTALLED)
         return proc
 
-    async def _watch(self, proc: Process) -> int:
+    async def _watch(self, proc: Child) -> int:
         """Wait for ``proc`` to exit (terminating it if a stop is requested); its return code."""
         pumped = anyio.Event()
         async with anyio.create_task_group() as tg:
@@ -353,7 +345,7 @@ class ProcessRunner(ComponentRunner):
         finally:
             done.set()
 
-    async def _terminate_on_stop(self, proc: Process) -> None:
+    async def _terminate_on_stop(self, proc: Child) -> None:
         await self._stop_requested.wait()
         self._signal_group(proc.pid, signal.SIGTERM)
         await anyio.sleep(self._rt.stop_grace)  # grace timer; cancelled once the process exits

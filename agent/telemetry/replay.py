@@ -34,7 +34,7 @@ BATCH_BYTES = 128 * 1024
 # at the end of the ready queue, so every step of an interactive task (a push being applied,
 # a terminal keystroke) would wait behind a whole batch; a short timer sleep lets every task
 # that became ready run first.
-YIELD_S = 0.001
+YIELD_S = 0.003
 IDLE_POLL_MIN, IDLE_POLL_MAX = 0.005, 0.25  # an idle agent checks its buffer less and less often
 STATS_INTERVAL = 5.0
 

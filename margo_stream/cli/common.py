@@ -31,6 +31,9 @@ def run_service(prog: str, main: Callable[[], Awaitable[Any]], on_signal: Callab
             await main()
             tg.cancel_scope.cancel()
 
+    # Worker threads (SQLite, fsyncs) would otherwise hold the GIL in 5 ms slices while the
+    # event loop waits: a shorter interval keeps interactive work (pushes, keystrokes) prompt.
+    sys.setswitchinterval(0.0005)
     try:
         anyio.run(runner, backend="asyncio", backend_options={"use_uvloop": True})
     except BaseException as exc:  # noqa: BLE001 - task groups wrap errors in groups
