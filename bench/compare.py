@@ -25,7 +25,7 @@ from typing import Any
 from bench.fleet import TRANSPORTS
 from bench.report_util import machine_info, raise_nofile_limit, write_json
 
-SCENARIOS = {name: f"bench.scenarios.{name}" for name in ("connect", "push", "storm", "drain", "lossy")}
+SCENARIOS = {name: f"bench.scenarios.{name}" for name in ("connect", "push", "lossy")}
 KIND = "margo-bench transports"
 
 
@@ -73,7 +73,7 @@ def scenario_params(module: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run_all(module: Any, specs: list[tuple[str, str, float]], params: dict[str, Any],
-                  runs: int, work: Path) -> list[dict[str, Any]]:
+                  runs: int, work: Path, checkpoint: Any = None) -> list[dict[str, Any]]:
     from bench.scenarios.common import run_one
 
     out = []
@@ -83,11 +83,17 @@ async def run_all(module: Any, specs: list[tuple[str, str, float]], params: dict
             print(f"== {module.NAME}, run {run + 1}/{runs}: {label}, {params['agents']} devices",
                   file=sys.stderr, flush=True)
             tag = f"{module.NAME}-{label.replace(' ', '')}-{run + 1}"
-            result = await run_one(module, transport, {**params, "poll_interval": interval},
-                                   work, tag)
+            try:
+                result = await run_one(module, transport, {**params, "poll_interval": interval},
+                                       work, tag)
+            except Exception as exc:  # noqa: BLE001 - one transport failing must not lose the others
+                result = {"transport": transport, "error": f"{type(exc).__name__}: {exc}",
+                          "summary": {}, "load": {"before": os.getloadavg(), "after": os.getloadavg()}}
             result.update(label=label, run=run + 1)
             out.append(result)
-            print(f"   {label}: {result['summary']}", file=sys.stderr, flush=True)
+            print(f"   {label}: {result.get('error') or result['summary']}", file=sys.stderr, flush=True)
+            if checkpoint is not None:
+                checkpoint(out)
     return out
 
 
@@ -98,16 +104,22 @@ def execute(scenario: str, specs: list[tuple[str, str, float]], args: argparse.N
     raise_nofile_limit()
     work = args.work or Path(tempfile.mkdtemp(prefix="margo-bench-transports-"))
     work.mkdir(parents=True, exist_ok=True)
+    names = "-".join(label.replace(" ", "") for label, _, _ in specs)
+    path = args.out / f"{scenario}-{names}.json"
+
+    def save(runs: list[dict[str, Any]]) -> None:
+        """Rewritten after every transport's run, so an aborted comparison keeps what it had."""
+        write_json(path, {"kind": KIND, "scenario": scenario,
+                          "command": f"{command} {' '.join(argv)}".strip(), "params": params,
+                          "transports": [label for label, _, _ in specs],
+                          "machine": {**machine_info(), "loadavg_at_end": os.getloadavg()},
+                          "runs": runs})
+
     try:
-        runs = asyncio.run(run_all(module, specs, params, args.runs, work))
+        asyncio.run(run_all(module, specs, params, args.runs, work, save))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    data = {"kind": KIND, "scenario": scenario, "command": f"{command} {' '.join(argv)}".strip(),
-            "params": params, "transports": [label for label, _, _ in specs],
-            "machine": {**machine_info(), "loadavg_at_end": os.getloadavg()}, "runs": runs}
-    names = "-".join(label.replace(" ", "") for label, _, _ in specs)
-    path = write_json(args.out / f"{scenario}-{names}.json", data)
     print(f"wrote {path}", file=sys.stderr)
     if not args.no_report:
         from bench.report import write

@@ -199,7 +199,7 @@ class WorkerProc(Worker):
     def __init__(self, proc: asyncio.subprocess.Process, index: int,
                  on_got: Callable[[list[list[Any]]], None]) -> None:
         super().__init__(proc, index)
-        self.events.update({name: asyncio.Queue() for name in ("connected", "posted", "got")})
+        self.events.update({name: asyncio.Queue() for name in ("connected", "posted", "got", "probe")})
         self.forward = asyncio.ensure_future(self._forward(on_got))
 
     async def _forward(self, on_got: Callable[[list[list[Any]]], None]) -> None:
@@ -227,6 +227,7 @@ class Fleet:
         self.concurrency = concurrency
         self.spread = spread
         self.workers: list[WorkerProc] = []
+        self.ranges: list[range] = []  # device indices per worker
         self.got: list[list[Any]] = []  # [device, version, delivered_t, status_acked_t]
         self.waiters: list[tuple[Callable[[list[Any]], bool], asyncio.Event]] = []
         self.t_go = 0.0
@@ -258,6 +259,7 @@ class Fleet:
                    "spread": self.spread, "cpus": sorted(cpus)}
             await worker.send(json.dumps(cfg))
             self.workers.append(worker)
+            self.ranges.append(range(first, first + count))
             first += count
         for worker in self.workers:
             await worker.wait("ready", 60)
@@ -324,6 +326,12 @@ class Fleet:
         return {"seconds": max(r["seconds"] for r in replies),
                 "posted": sum(r["posted"] for r in replies),
                 "failures": sum(r["failures"] for r in replies)}
+
+    async def probe(self, index: int, count: int, gap: float) -> list[float | None]:
+        """Device ``index`` times ``count`` interactive round trips, ``gap`` s apart."""
+        worker = next(w for w, r in zip(self.workers, self.ranges, strict=True) if index in r)
+        await worker.send(f"probe {index} {count} {gap}")
+        return (await worker.wait("probe", count * (gap + 60) + 30))["rtts"]
 
     async def stop(self) -> None:
         for worker in self.workers:

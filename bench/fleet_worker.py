@@ -10,7 +10,8 @@ it holds (version, ETag, blobs) into the new session.
 Protocol with the orchestrator (:mod:`bench.fleet`), JSON lines: one configuration line on
 stdin, ``{"ev": "ready"}`` back; then commands ``go`` (connect everyone, at most
 ``concurrency`` connects in flight), ``status`` (counters), ``post K`` (every device posts K
-status reports back to back, for the drain and storm scenarios), ``stop`` (or EOF). Events
+status reports back to back, for the drain and storm scenarios), ``probe I K GAP`` (device I
+times K status round trips), ``stop`` (or EOF). Events
 out: ``progress``, ``connected`` (every device's first-connect time), ``got`` (batched:
 ``[device, version, delivered_t, status_acked_t]``), ``status``, ``posted``, ``stopped``.
 Times are ``time.monotonic()``, the same clock in every process on Linux.
@@ -235,11 +236,30 @@ class Worker:
                     _emit("status", **self.counters())
                 elif command == "post":
                     tg.start_soon(self._posts, int(words[1]))
+                elif command == "probe":
+                    tg.start_soon(self._probe, int(words[1]), int(words[2]), float(words[3]))
                 elif command == "stop" or not line:
                     break
             self.stopping = True
             tg.cancel_scope.cancel()
         _emit("stopped", **{k: v for k, v in self.counters().items() if k != "failure_samples"})
+
+    async def _probe(self, index: int, count: int, gap: float) -> None:
+        """Interactive round trips on one device's live session: ``count`` status reports,
+        ``gap`` seconds apart, each timed until the controller acknowledged it."""
+        dev = next(d for d in self.devices if d.index == index)
+        rtts: list[float | None] = []
+        for n in range(count):
+            t0 = time.monotonic()
+            try:
+                with anyio.fail_after(60):
+                    await dev.client.post_status("bench-interactive", n + 1, "installing",
+                                                 [{"name": "probe", "state": "installing"}])
+                rtts.append(time.monotonic() - t0)
+            except Exception:  # noqa: BLE001 - a lost probe is reported as None
+                rtts.append(None)
+            await anyio.sleep(max(0.0, gap - (time.monotonic() - t0)))
+        _emit("probe", rtts=rtts)
 
     async def _posts(self, count: int) -> None:
         t0 = time.monotonic()

@@ -68,6 +68,9 @@ def summary_table(data: Mapping[str, Any]) -> str:
     rows = []
     for label, runs in groups.items():
         cells: list[Any] = [label, str(len(runs))]
+        errors = [r["error"] for r in runs if r.get("error")]
+        if errors:
+            cells[1] += f" ({len(errors)} failed: {errors[0][:120]})"
         for key in keys:
             values = [r["summary"].get(key) for r in runs]
             med = median(values)

@@ -10,6 +10,7 @@ every run records: connect time and rate, server memory and CPU per device, the 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from bench.fleet import Fleet, ServerSide, operator_token, prepare_pki, sample_r
 from bench.fleet_worker import device_name
 from bench.pushlat import document, percentile
 from bench.report_util import downsample
+from margo_stream.state.digest import sha256_digest
+
+MQTT_PER_PROC = 250  # paho client: its socket and a wake-up socket pair per device
 
 
 @dataclass
@@ -46,12 +50,15 @@ class Context:
                                  headers={"Authorization": f"Bearer {self.token}"})
 
 
-async def apply(ctx: Context, devices: list[str], value: Any, *, blobs: list[str] | None = None) -> float:
-    """The operator's apply (one parameter changed) to ``devices``; returns the monotonic time
-    the request was sent."""
-    body: dict[str, Any] = {"documents": [document(value)], "devices": devices}
-    if blobs:
-        body["blobs"] = blobs
+async def apply(ctx: Context, devices: list[str], value: Any, *, blob: bytes | None = None) -> float:
+    """The operator's apply (one parameter changed, and with ``blob`` one file of the
+    deployment replaced) to ``devices``; returns the monotonic time the request was sent."""
+    text = document(value)
+    body: dict[str, Any] = {"devices": devices}
+    if blob is not None:
+        text += f"  files:\n    - {{name: bulk.bin, digest: '{sha256_digest(blob)}'}}\n"
+        body["blobs"] = [base64.b64encode(blob).decode()]
+    body["documents"] = [text]
     async with ctx.client() as client:
         t0 = time.monotonic()
         r = await client.post("/api/v1/deployments", json=body)
@@ -121,13 +128,17 @@ async def run_one(scenario: Any, transport: str, params: dict[str, Any], work: P
     agents = int(params["agents"])
     load_before = os.getloadavg()
     identities = await asyncio.to_thread(prepare_pki, work, agents)
+    impairment = getattr(scenario, "impairment", lambda _p: None)(params)
     server = ServerSide(transport, work, tag, keepalive=float(params.get("keepalive", 15.0)),
-                        impairment=params.get("impairment"))
-    fleet = Fleet(transport, identities, work, tag, agents, int(params.get("procs", 1)),
+                        impairment=impairment)
+    procs = int(params.get("procs", 1))
+    if transport == "mqtt":  # paho's network loop uses select(): every fd must stay below 1024
+        procs = max(procs, -(-agents // MQTT_PER_PROC))
+    fleet = Fleet(transport, identities, work, tag, agents, procs,
                   poll_interval=float(params.get("poll_interval", 15.0)),
                   concurrency=int(params.get("concurrency", 100)))
     ctx = Context(transport, params, work, server, fleet, operator_token(work))
-    result: dict[str, Any] = {"transport": transport, "tag": tag}
+    result: dict[str, Any] = {"transport": transport, "tag": tag, "procs": fleet.procs}
     try:
         await server.start()
         rss0, cpu0 = sample_rss_cpu(server.pids())
