@@ -17,7 +17,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
                 "agents one controller holds: handshake rate vs bare aioquic, RSS and idle CPU"),
     "append": ("bench.append", "durable append rate of the agent's telemetry buffer"),
     "run": ("bench.compare:run_main",
-            "one transport scenario (connect, push, storm, drain, lossy) over one transport"),
+            "one transport scenario (connect, push, lossy) over one transport"),
     "compare": ("bench.compare:compare_main",
                 "one scenario over quic, rest-poll, h2-push and mqtt side by side, then the report"),
     "report": ("bench.report", "markdown table and PNG plots from a run/compare directory"),
