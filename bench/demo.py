@@ -15,9 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from bench.report_util import poll_until
 from margo_stream.identity.pki import init_pki, issue_device
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,19 +36,6 @@ def _free(kind: int, port: int) -> int:
 
 def _say(text: str) -> None:
     print(f"\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"==> {text}", flush=True)
-
-
-def _wait(predicate, timeout: float, what: str):  # noqa: ANN001, ANN202
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except Exception:  # noqa: BLE001 - retried until the deadline
-            value = None
-        if value:
-            return value
-        time.sleep(0.1)
-    raise SystemExit(f"demo: timed out waiting for {what}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"controller: QUIC on 127.0.0.1:{quic}, operator API on http://127.0.0.1:{api}")
         spawn("controller", [str(BIN / "margo-controller"), "--certs", str(certs), "--data", str(base / "data"),
                              "--listen", f"127.0.0.1:{quic}", "--api", f"127.0.0.1:{api}", "--log-format", "text"])
-        _wait(lambda: (base / "data" / "controller.json").exists(), 20, "the controller")
+        poll_until(lambda: (base / "data" / "controller.json").exists(), 20, "the controller")
         for tenant, device, label in DEVICES:
             _say(f"agent {tenant}/{device}")
             spawn(device, [str(BIN / "margo-agent"), "--identity", str(certs / tenant / "devices" / device),
@@ -101,13 +88,13 @@ def main(argv: list[str] | None = None) -> int:
             return all(d["connected"] for t in ("acme", "globex")
                        for d in json.loads(ctl(t, "get", "devices", "-o", "json")))
 
-        _wait(all_connected, 30, "all agents to connect")
+        poll_until(all_connected, 30, "all agents to connect")
         print(ctl("acme", "get", "devices"), end="")
         sample = ROOT / "examples" / "process-heartbeat.yaml"
         _say(f"apply {sample.relative_to(ROOT)} to the acme devices")
         for _, device, _ in DEVICES[:2]:
             print(ctl("acme", "apply", "-f", str(sample), "--device", device), end="")
-        _wait(lambda: all(d["state"] == "installed" for d in json.loads(
+        poll_until(lambda: all(d["state"] == "installed" for d in json.loads(
             ctl("acme", "get", "deployments", "-o", "json"))) and json.loads(
             ctl("acme", "get", "deployments", "-o", "json")), 30, "the deployment to be installed")
         print(ctl("acme", "get", "deployments"), end="")
@@ -116,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([str(BIN / "margo-agent"), "emit", "--state", str(base / "agents" / "press-01"),
                             "--stream", "demo.temperature", json.dumps({"celsius": 20.5 + i})],
                            check=True, capture_output=True, timeout=30)
-        _wait(lambda: len(json.loads(ctl("acme", "get", "telemetry", "--device", "press-01",
+        poll_until(lambda: len(json.loads(ctl("acme", "get", "telemetry", "--device", "press-01",
                                          "--stream", "demo.temperature", "-o", "json"))) >= 3, 20, "telemetry")
         print(ctl("acme", "get", "telemetry", "--device", "press-01", "--stream", "demo.temperature"), end="")
         _say("globex's operator sees only globex devices:")
@@ -128,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.once:
             _say("running; Ctrl-C stops the controller and agents")
             signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except TimeoutError as exc:
+        print(f"demo: {exc}; see the logs in {logs}", file=sys.stderr)
+        return 1
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:

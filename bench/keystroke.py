@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 from websockets.asyncio.client import connect
 
-from bench.report_util import machine_info, machine_line, median
+from bench.report_util import machine_info, machine_line, median, percentile, poll_until
 from margo_stream.identity.pki import init_pki, issue_device
 from margo_stream.telemetry_client import TelemetryClient
 
@@ -47,32 +47,10 @@ DEVICE = "press-01"
 TENANT = "acme"
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_until(pred: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = pred()
-        except Exception:  # noqa: BLE001 - retried until the deadline
-            value = None
-        if value:
-            return value
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
 class Procs:
@@ -98,7 +76,7 @@ class Procs:
              "--listen", f"127.0.0.1:{self.quic_port}", "--api", "127.0.0.1:0",
              "--log-level", "warning", "--log-format", "text"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        info = wait_until(lambda: ready.exists() and json.loads(ready.read_text()), 30,
+        info = poll_until(lambda: ready.exists() and json.loads(ready.read_text()), 30,
                           "controller ready")
         self.api = info["api"]
 
@@ -117,7 +95,7 @@ class Procs:
         return r.json() if r.status_code == 200 else {}
 
     def wait_connected(self) -> None:
-        wait_until(lambda: self.device().get("connected"), 60, "device connected")
+        poll_until(lambda: self.device().get("connected"), 60, "device connected")
 
     def has_record(self, seq: int) -> bool:
         r = httpx.get(f"{self.api}/api/v1/devices/{DEVICE}/telemetry",
@@ -188,7 +166,7 @@ async def keystrokes(api: str, token: str, count: int, gap_s: float,
 def fill_backlog(state: Path, records: int, payload: int) -> float:
     """Emit ``records`` telemetry records into the (offline) agent; returns the seconds taken."""
     sock = state / "telemetry.sock"
-    wait_until(sock.exists, 30, "telemetry socket")
+    poll_until(sock.exists, 30, "telemetry socket")
     body = {"v": 1.0, "pad": "x" * payload}
     t0 = time.perf_counter()
     with TelemetryClient(sock) as client:

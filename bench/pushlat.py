@@ -103,12 +103,3 @@ async def one_push(client: httpx.AsyncClient, watch: EventWatch, device: str, va
     with anyio.fail_after(timeout):
         await event.wait()
     return stamp[0] - t0
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)

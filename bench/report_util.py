@@ -15,6 +15,7 @@ import platform
 import resource
 import statistics
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -206,3 +207,28 @@ def downsample(points: Sequence[tuple[float, float]], limit: int = 400) -> list[
     if picked[-1] != points[-1]:
         picked.append(points[-1])
     return picked
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``, linearly interpolated; NaN for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def poll_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    """``predicate()``'s first truthy value, polled until ``timeout`` (errors count as falsy);
+    ``TimeoutError`` naming ``what`` after that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception:  # noqa: BLE001 - retried until the deadline
+            value = None
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
