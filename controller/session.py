@@ -12,8 +12,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
 from controller.registry import SessionView
 from margo_stream.identity.spiffe import DeviceIdentity
 from margo_stream.protocol import messages as m
@@ -115,20 +113,7 @@ class ControllerSession:
     async def _welcome(self, hello: m.Hello) -> None:
         ctl = self.ctl
         now = time.time()
-        caps = hello.capabilities.model_dump(exclude_none=True)
-        watermark = 0
-
-        async def telemetry_watermark() -> None:
-            nonlocal watermark
-            watermark = await ctl.store.telemetry_watermark(self.tenant, self.device_id)
-
-        # two stores, two threads: the lookups run side by side
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(telemetry_watermark)
-            await ctl.store.device_connected(
-                self.tenant, self.device_id, capabilities=caps,
-                labels=dict(hello.capabilities.labels), manifest_version=hello.manifest_version,
-                remote=self.remote, now=now)
+        watermark = await ctl.store.telemetry_watermark(self.tenant, self.device_id)
         if self.conn.closed is not None:
             return
         view = SessionView(tenant=self.tenant, device_id=self.device_id, remote=self.remote,
@@ -142,6 +127,14 @@ class ControllerSession:
         self.send_control(m.HelloAck(tenant=self.tenant, device_id=self.device_id, server_time=now,
                                      keepalive_s=ctl.config.keepalive, telemetry_acked=watermark))
         self.ready = True
+        # Persisted right after the answer, not before: a connect storm would otherwise queue
+        # every hello behind every other device's write. The store runs calls in submission
+        # order, so anything the device's streams make the controller store next (status,
+        # telemetry) is queued behind this record.
+        await ctl.store.device_connected(
+            self.tenant, self.device_id, capabilities=hello.capabilities.model_dump(exclude_none=True),
+            labels=dict(hello.capabilities.labels), manifest_version=hello.manifest_version,
+            remote=self.remote, now=now)
         self._log(logging.INFO, "device connected from %s", self.remote, event="device-connected",
                   manifest_version=hello.manifest_version)
         for hook in ctl.ready_hooks:
