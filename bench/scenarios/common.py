@@ -156,7 +156,8 @@ async def run_one(scenario: Any, transport: str, params: dict[str, Any], work: P
             "server_rss_per_device_kb": (rss1 - rss0) / max(len(times), 1),
             "server_cpu_ms_per_connect": 1000 * (cpu1 - cpu0) / max(len(times), 1),
             "wall_s": time.monotonic() - t0, "curve": downsample_curve(times)}
-        result[scenario.NAME] = await scenario.measure(ctx)
+        # (the connect scenario adds its idle figures to the connect phase's)
+        result.setdefault(scenario.NAME, {}).update(await scenario.measure(ctx))
         result["fleet"] = await fleet.status()
     finally:
         await fleet.stop()

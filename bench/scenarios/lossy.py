@@ -43,7 +43,7 @@ async def bulk(ctx: Context, stop: asyncio.Event, size: int, moved: list[int]) -
     while not stop.is_set():
         n += 1
         t0 = await apply(ctx, [ctx.devices()[0]], f"bulk-{n}-{time.time_ns()}", blob=os.urandom(size))
-        item = await ctx.fleet.wait_got(lambda it: it[0] == 0 and it[2] > t0, 120)
+        item = await ctx.fleet.wait_got(lambda it, t0=t0: it[0] == 0 and it[2] > t0, 120)
         if item is not None:
             moved.append(size)
 

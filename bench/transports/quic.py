@@ -178,11 +178,10 @@ class QuicClient:
         if self.conn is not None:
             self.conn.close(ErrorCode.NO_ERROR, "bench device closing")
             self.conn.cancel_timer()
-        if self._tg is not None:
+        if self._tg is not None:  # entered by connect() in this task: no scope may sit in between
             tg, self._tg = self._tg, None
             tg.cancel_scope.cancel()
-            with anyio.CancelScope(shield=True):
-                await tg.__aexit__(None, None, None)
+            await tg.__aexit__(None, None, None)
         if self._udp is not None:
             self._udp.close()
             self._udp = None
