@@ -25,8 +25,8 @@ from typing import Any
 import anyio
 import httpx
 
-from bench.pushlat import one_push, percentile, watching
-from bench.report_util import machine_info, markdown_table, median, write_report
+from bench.pushlat import one_push, watching
+from bench.report_util import machine_info, markdown_table, median, percentile, write_report
 from margo_stream.identity.pki import init_pki, issue_device
 from margo_stream.telemetry_client import AsyncTelemetryClient
 

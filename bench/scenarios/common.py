@@ -21,7 +21,8 @@ import httpx
 
 from bench.fleet import Fleet, ServerSide, operator_token, prepare_pki, sample_rss_cpu
 from bench.fleet_worker import device_name
-from bench.pushlat import document, percentile
+from bench.pushlat import document
+from bench.report_util import percentile
 from bench.report_util import downsample
 from margo_stream.state.digest import sha256_digest
 
