@@ -16,6 +16,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "connect": ("bench.connect",
                 "agents one controller holds: handshake rate vs bare aioquic, RSS and idle CPU"),
     "append": ("bench.append", "durable append rate of the agent's telemetry buffer"),
+    "delta": ("bench.delta", "bytes on the wire for a desired-state change (five files, one parameter)"),
     "drain": ("bench.drain",
               "time to drain an offline telemetry backlog; push latency during it vs idle"),
     "ingest": ("bench.ingest", "controller telemetry ingest rate with many agents replaying at once"),

@@ -92,14 +92,22 @@ class DesiredState:
             entries.append(ManifestEntry(deployment_id=a.deployment_id, digest=a.digest, files=files))
         return sorted(entries, key=lambda e: e.deployment_id)
 
-    async def rebuild(self, tenant: str, device_id: str, *, floor: int = 0) -> ManifestRecord:
-        """Sign and store the device's next manifest (version above ``floor`` and the last)."""
+    async def rebuild(self, tenant: str, device_id: str, *, floor: int = 0,
+                      only_if_changed: bool = False) -> ManifestRecord | None:
+        """Sign and store the device's next manifest (version above ``floor`` and the last).
+        With ``only_if_changed``, nothing happens (``None``) when the deployments are those of
+        the newest manifest already."""
         async with self._lock(tenant, device_id):
             store = self.ctl.store
             latest = await store.latest_manifest(tenant, device_id)
+            entries = await self._entries(tenant, device_id)
+            if only_if_changed and latest is not None and [
+                    e.wire() for e in parse_manifest(latest.manifest).deployments] == [
+                    e.check().wire() for e in entries]:
+                return None
             version = max(latest.version if latest else 0, floor) + 1
             now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-            data = build_manifest(tenant, device_id, version, await self._entries(tenant, device_id),
+            data = build_manifest(tenant, device_id, version, entries,
                                   issued_at=now, expires=now + self.lifetime)
             signature = sign(data, self._key(tenant))
             created = time.time()
@@ -111,7 +119,8 @@ class DesiredState:
     # --- hooks --------------------------------------------------------------------------------------
     async def desired_changed(self, tenant: str, device_ids: list[str]) -> None:
         for device_id in device_ids:
-            await self.rebuild(tenant, device_id)
+            if not await self.rebuild(tenant, device_id, only_if_changed=True):
+                continue  # idempotent: the same desired state again is no new version
             view = self.ctl.registry.get(tenant, device_id)
             if view is not None and isinstance(view.handle, ControllerSession):
                 self._schedule(view.handle)
