@@ -188,6 +188,22 @@ WHY = {
     "push_p50_ms": PUSH_WHY, "push_p99_ms": PUSH_WHY, "status_rtt_p50_ms": PUSH_WHY,
     "fanout_s": PUSH_WHY, "fanout_status_s": PUSH_WHY,
     "idle_server_cpu_percent": " QUIC keepalive pings are processed by Python on both ends.",
+    "idle_bytes_per_device_hour": " Idle cost is the keepalive interval: the QUIC devices ping"
+    " every --keepalive seconds (controller default 15 s, so a dead link is noticed within 45 s),"
+    " each an encrypted packet plus the ACK it elicits; the HTTP/2 server pings every 30 s and"
+    " the MQTT client every 60 s. A longer QUIC keepalive trades dead-link detection for bytes.",
+    "worker_rss_per_device_kb": " Device-side memory of the bench's simulated devices (Python"
+    " objects per client in a shared process), not of a real agent.",
+    "interactive_p99_ms": " See the interactive latency plot; the QUIC status stream shares"
+    " the congestion window with the bulk stream even though it is not blocked behind its losses.",
+    "lossy_push_p99_ms": " A small push whose datagram is lost waits for aioquic's probe timeout"
+    " (PTO, several RTTs) before it is sent again; the TCP relay models a loss as one RTO stall"
+    " of the connection, which for a one-segment push is shorter. The two relays cannot lose"
+    " data the same way, so tails under loss compare loss recovery as each stack does it.",
+    "interactive_p50_ms": " rest-poll's connection carries almost no bulk: a device downloads"
+    " at most one bulk file per 15 s poll, so its probes rarely queue behind anything.",
+    "bulk_mbit_s": " aioquic's congestion control and loss recovery in Python against the kernel's"
+    " TCP.",
 }
 
 
