@@ -22,7 +22,7 @@ import anyio
 
 from controller.service import Controller
 from controller.session import ControllerSession
-from controller.store.base import ManifestRecord
+from controller.store.base import AssignmentRecord, ManifestRecord
 from margo_stream.errors import ConfigError, IdentityError
 from margo_stream.identity.trust import load_signing_key
 from margo_stream.protocol import messages as m
@@ -41,6 +41,7 @@ log = logging.getLogger("margo.controller.desired")
 
 BLOB_CHUNK = 256 * 1024
 FILES_CACHE = 4096  # (tenant, document digest) -> the document's extra files
+BLOB_CACHE_BYTES = 64 << 20
 RESULT_TIMEOUT = 60.0
 
 
@@ -60,6 +61,9 @@ class DesiredState:
         self._locks: dict[tuple[str, str], anyio.Lock] = {}
         self._files: dict[tuple[str, str], tuple[Any, ...]] = {}
         self._latest: dict[tuple[str, str], tuple[int, float]] = {}
+        self._records: dict[tuple[str, str], ManifestRecord] = {}  # connected devices' newest
+        self._blobs: dict[tuple[str, str], bytes] = {}
+        self._blob_bytes = 0
         ctl.ready_hooks.append(self.on_ready)
         ctl.close_hooks.append(self.on_close)
         ctl.features["desired"] = self
@@ -74,17 +78,16 @@ class DesiredState:
                 raise ConfigError(str(exc)) from None
         return key
 
-    def _lock(self, tenant: str, device_id: str) -> anyio.Lock:
-        return self._locks.setdefault((tenant, device_id), anyio.Lock())
+    def _lock(self, tenant: str) -> anyio.Lock:
+        return self._locks.setdefault(tenant, anyio.Lock())
 
     # --- building manifests ----------------------------------------------------------------------
-    async def _entries(self, tenant: str, device_id: str) -> list[ManifestEntry]:
-        store = self.ctl.store
+    async def _entries(self, tenant: str, assignments: list[AssignmentRecord]) -> list[ManifestEntry]:
         entries = []
-        for a in await store.list_assignments(tenant, device_id):
+        for a in assignments:
             files = self._files.get((tenant, a.digest))
             if files is None:
-                document = await store.get_blob(tenant, a.digest)
+                document = await self.ctl.store.get_blob(tenant, a.digest)
                 files = tuple(parse_deployment(document, source=f"deployment {a.deployment_id}").files)
                 if len(self._files) >= FILES_CACHE:
                     self._files.pop(next(iter(self._files)))
@@ -92,35 +95,74 @@ class DesiredState:
             entries.append(ManifestEntry(deployment_id=a.deployment_id, digest=a.digest, files=files))
         return sorted(entries, key=lambda e: e.deployment_id)
 
-    async def rebuild(self, tenant: str, device_id: str, *, floor: int = 0,
-                      only_if_changed: bool = False) -> ManifestRecord | None:
-        """Sign and store the device's next manifest (version above ``floor`` and the last).
-        With ``only_if_changed``, nothing happens (``None``) when the deployments are those of
-        the newest manifest already."""
-        async with self._lock(tenant, device_id):
-            store = self.ctl.store
-            latest = await store.latest_manifest(tenant, device_id)
-            entries = await self._entries(tenant, device_id)
-            if only_if_changed and latest is not None and [
-                    e.wire() for e in parse_manifest(latest.manifest).deployments] == [
-                    e.check().wire() for e in entries]:
-                return None
-            version = max(latest.version if latest else 0, floor) + 1
+    async def rebuild(self, tenant: str, device_id: str, *, floor: int = 0) -> None:
+        """Sign and store the device's next manifest (version above ``floor`` and the last)."""
+        await self.rebuild_many(tenant, [device_id], floors={device_id: floor})
+
+    async def rebuild_many(self, tenant: str, device_ids: list[str], *,
+                           floors: dict[str, int] | None = None,
+                           only_if_changed: bool = False) -> list[str]:
+        """Sign and store the next manifest of each device; returns the devices that got one.
+
+        A fleet-wide change costs two reads and one write transaction, not three round trips
+        to the store per device. With ``only_if_changed`` a device whose deployments are those
+        of its newest manifest already gets no new version (re-applying is idempotent)."""
+        ids = list(dict.fromkeys(device_ids))
+        store = self.ctl.store
+        async with self._lock(tenant):
+            latest = await store.latest_manifests(tenant, ids)
+            by_device: dict[str, list[AssignmentRecord]] = {d: [] for d in ids}
+            for a in await store.list_assignments(tenant, ids[0] if len(ids) == 1 else None):
+                if a.device_id in by_device:
+                    by_device[a.device_id].append(a)
             now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-            data = build_manifest(tenant, device_id, version, entries,
-                                  issued_at=now, expires=now + self.lifetime)
-            signature = sign(data, self._key(tenant))
+            expires = now + self.lifetime
             created = time.time()
-            await store.put_manifest(tenant, device_id, version, data, signature, now=created)
-            self._latest[(tenant, device_id)] = (version, (now + self.lifetime).timestamp())
-            return ManifestRecord(tenant=tenant, device_id=device_id, version=version, manifest=data,
-                                  signature=signature, created=created)
+            key = self._key(tenant)
+            items: list[tuple[str, int, bytes, bytes]] = []
+            for device_id in ids:
+                entries = await self._entries(tenant, by_device[device_id])
+                prev = latest.get(device_id)
+                if only_if_changed and prev is not None and [
+                        e.wire() for e in parse_manifest(prev.manifest).deployments] == [
+                        e.check().wire() for e in entries]:
+                    continue
+                version = max(prev.version if prev else 0, (floors or {}).get(device_id, 0)) + 1
+                data = build_manifest(tenant, device_id, version, entries, issued_at=now,
+                                      expires=expires)
+                items.append((device_id, version, data, sign(data, key)))
+            if items:
+                await store.put_manifests(tenant, items, now=created)
+            for device_id, version, data, signature in items:
+                self._latest[(tenant, device_id)] = (version, expires.timestamp())
+                self._records[(tenant, device_id)] = ManifestRecord(
+                    tenant=tenant, device_id=device_id, version=version, manifest=data,
+                    signature=signature, created=created)
+            return [item[0] for item in items]
+
+    async def _record(self, tenant: str, device_id: str) -> ManifestRecord | None:
+        record = self._records.get((tenant, device_id))
+        if record is None:
+            record = await self.ctl.store.latest_manifest(tenant, device_id)
+            if record is not None:
+                self._records[(tenant, device_id)] = record
+        return record
+
+    async def _blob(self, tenant: str, digest: str) -> bytes:
+        """Blobs of a fan-out are read from the store once, not once per device."""
+        data = self._blobs.get((tenant, digest))
+        if data is None:
+            data = await self.ctl.store.get_blob(tenant, digest)
+            if len(data) <= BLOB_CACHE_BYTES // 8:
+                while self._blobs and self._blob_bytes + len(data) > BLOB_CACHE_BYTES:
+                    self._blob_bytes -= len(self._blobs.pop(next(iter(self._blobs))))
+                self._blobs[(tenant, digest)] = data
+                self._blob_bytes += len(data)
+        return data
 
     # --- hooks --------------------------------------------------------------------------------------
     async def desired_changed(self, tenant: str, device_ids: list[str]) -> None:
-        for device_id in device_ids:
-            if not await self.rebuild(tenant, device_id, only_if_changed=True):
-                continue  # idempotent: the same desired state again is no new version
+        for device_id in await self.rebuild_many(tenant, device_ids, only_if_changed=True):
             view = self.ctl.registry.get(tenant, device_id)
             if view is not None and isinstance(view.handle, ControllerSession):
                 self._schedule(view.handle)
@@ -163,9 +205,12 @@ class DesiredState:
         self._schedule(session)
 
     def on_close(self, session: ControllerSession) -> None:
-        state = self._devices.get((session.tenant, session.device_id))
-        if state is not None and self.ctl.registry.get(session.tenant, session.device_id) in (None, session.view):
-            state.again = False
+        key = (session.tenant, session.device_id)
+        if self.ctl.registry.get(*key) in (None, session.view):  # gone, not replaced
+            self._records.pop(key, None)  # memory follows the connected fleet
+            state = self._devices.get(key)
+            if state is not None:
+                state.again = False
 
     # --- pushing ------------------------------------------------------------------------------------
     def _schedule(self, session: ControllerSession) -> None:
@@ -192,7 +237,7 @@ class DesiredState:
 
     async def _push(self, session: ControllerSession, state: _DeviceState) -> None:
         store = self.ctl.store
-        record = await store.latest_manifest(session.tenant, session.device_id)
+        record = await self._record(session.tenant, session.device_id)
         if record is None or session.conn.closed is not None:
             return
         manifest = parse_manifest(record.manifest)
@@ -204,7 +249,7 @@ class DesiredState:
                                   signature=record.signature, blobs=needed))
             sent += len(record.manifest) + len(record.signature)
             for digest in needed:
-                data = await store.get_blob(session.tenant, digest)
+                data = await self._blob(session.tenant, digest)
                 for offset in range(0, max(len(data), 1), BLOB_CHUNK):
                     chunk = data[offset:offset + BLOB_CHUNK]
                     stream.send(m.Blob(digest=digest, data=chunk,

@@ -335,6 +335,16 @@ class SqliteStore:
     async def latest_manifest(self, tenant: str, device_id: str) -> ManifestRecord | None:
         return await self._read(desired.latest_manifest, tenant, device_id)
 
+    async def put_manifests(
+        self, tenant: str, items: Sequence[tuple[str, int, bytes, bytes]], *, now: float | None = None
+    ) -> None:
+        await self._write(desired.put_manifests, tenant, list(items), _now(now))
+
+    async def latest_manifests(
+        self, tenant: str, device_ids: Sequence[str]
+    ) -> dict[str, ManifestRecord]:
+        return await self._read(desired.latest_manifests, tenant, list(device_ids))
+
     async def put_status(
         self,
         tenant: str,

@@ -215,6 +215,24 @@ def latest_manifest(
     return ManifestRecord(row[0], row[1], row[2], bytes(row[3]), bytes(row[4]), row[5])
 
 
+def put_manifests(
+    conn: StoreConnection,
+    tenant: str,
+    items: Sequence[tuple[str, int, bytes, bytes]],
+    now: float,
+) -> None:
+    """``put_manifest`` for many devices in one transaction: all of them or none."""
+    for device_id, version, manifest, signature in items:
+        put_manifest(conn, tenant, device_id, version, manifest, signature, now)
+
+
+def latest_manifests(
+    conn: StoreConnection, tenant: str, device_ids: Sequence[str]
+) -> dict[str, ManifestRecord]:
+    """The newest manifest of each of ``device_ids`` that has one."""
+    return {d: m for d in device_ids if (m := latest_manifest(conn, tenant, d)) is not None}
+
+
 # -- statuses --------------------------------------------------------------------------------
 
 
