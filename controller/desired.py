@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 
+from controller.batching import WriteBatcher
 from controller.service import Controller
 from controller.session import ControllerSession
 from controller.store.base import AssignmentRecord, ManifestRecord
@@ -64,6 +65,8 @@ class DesiredState:
         self._records: dict[tuple[str, str], ManifestRecord] = {}  # connected devices' newest
         self._blobs: dict[tuple[str, str], bytes] = {}
         self._blob_bytes = 0
+        self._adoptions: WriteBatcher[tuple[str, str, int], None] = WriteBatcher(
+            ctl.store.set_manifest_versions)
         ctl.ready_hooks.append(self.on_ready)
         ctl.close_hooks.append(self.on_close)
         ctl.features["desired"] = self
@@ -276,7 +279,7 @@ class DesiredState:
             state.held |= blob_digests(manifest)
             if session.view is not None:
                 session.view.manifest_version = record.version
-            await store.set_manifest_version(session.tenant, session.device_id, record.version)
+            await self._adoptions.submit((session.tenant, session.device_id, record.version))
             log.info("device %s/%s adopted manifest version %d", session.tenant, session.device_id,
                      record.version, extra={"event": "desired-adopted", "bytes": sent,
                                             "blobs_sent": len(needed)})

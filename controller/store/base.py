@@ -188,6 +188,18 @@ class Store(Protocol):
         """Record the manifest version the device reports it adopted."""
         ...
 
+    async def set_manifest_versions(self, items: Sequence[tuple[str, str, int]]) -> None:
+        """Many ``(tenant, device_id, version)`` at once, one transaction (unknown devices are
+        skipped)."""
+        ...
+
+    async def put_status_batch(
+        self, items: Sequence[tuple[str, str, JsonDict, int]], *, now: float | None = None
+    ) -> list[bool]:
+        """``put_status`` for many ``(tenant, device_id, status, seq)`` in one transaction;
+        returns for each whether it was stored (False: older seq, or an unknown device)."""
+        ...
+
     # -- desired state -------------------------------------------------------------------
     async def put_blob(self, tenant: str, data: bytes, *, digest: str | None = None) -> str:
         """Store ``data`` content-addressed; returns its digest (``ValueError`` if a given

@@ -19,6 +19,7 @@ full, corrupt or foreign file, locked by another process, newer schema).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import threading
@@ -45,7 +46,7 @@ from controller.store.base import (
 )
 from controller.store.sqlite_events import StoreConnection
 from controller.store.sqlite_schema import MIGRATIONS, TELEMETRY_MIGRATIONS, migrate
-from margo_stream.errors import StoreError
+from margo_stream.errors import NotFound, StoreError
 
 T = TypeVar("T")
 
@@ -261,6 +262,30 @@ class SqliteStore:
 
     async def set_manifest_version(self, tenant: str, device_id: str, version: int) -> None:
         await self._write(devices.set_manifest_version, tenant, device_id, version)
+
+    async def set_manifest_versions(self, items: Sequence[tuple[str, str, int]]) -> None:
+        def run(conn: StoreConnection) -> None:
+            for tenant, device_id, version in items:
+                with contextlib.suppress(NotFound):  # the device was deleted meanwhile
+                    devices.set_manifest_version(conn, tenant, device_id, version)
+
+        await self._submit(self._in_tx, True, run)
+
+    async def put_status_batch(
+        self, items: Sequence[tuple[str, str, JsonDict, int]], *, now: float | None = None
+    ) -> list[bool]:
+        when = _now(now)
+
+        def run(conn: StoreConnection) -> list[bool]:
+            stored = []
+            for tenant, device_id, status, seq in items:
+                try:
+                    stored.append(desired.put_status(conn, tenant, device_id, status, seq, when))
+                except NotFound:
+                    stored.append(False)
+            return stored
+
+        return await self._submit(self._in_tx, True, run)
 
     # -- desired state -------------------------------------------------------------------
 

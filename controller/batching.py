@@ -1,0 +1,65 @@
+"""Group concurrent store writes of one kind into one transaction.
+
+When thousands of devices report at once (a fan-out's statuses, their adoptions), one SQLite
+transaction each would queue them for seconds on the store's single thread. A ``WriteBatcher``
+collects what is submitted while a transaction runs and writes it all in the next one: no
+timer, no added latency when it is idle (a lone item is written at once), bounded batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
+
+import anyio
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class _Slot(Generic[R]):
+    __slots__ = ("done", "result", "error")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.result: R | None = None
+        self.error: BaseException | None = None
+
+
+class WriteBatcher(Generic[T, R]):
+    def __init__(self, write: Callable[[Sequence[T]], Awaitable[Sequence[R] | None]],
+                 *, max_items: int = 1000) -> None:
+        self._write = write
+        self._max = max_items
+        self._pending: list[tuple[T, _Slot[R]]] = []
+        self._writing = False
+
+    async def submit(self, item: T) -> R | None:
+        """Write ``item`` (with whatever else is waiting) and return its result."""
+        slot: _Slot[R] = _Slot()
+        self._pending.append((item, slot))
+        if not self._writing:
+            self._writing = True
+            try:
+                while self._pending:
+                    batch, self._pending = self._pending[: self._max], self._pending[self._max:]
+                    try:
+                        results = await self._write([i for i, _ in batch])
+                    except Exception as exc:  # noqa: BLE001 - handed to every waiter
+                        for _, s in batch:
+                            s.error = exc
+                            s.done.set()
+                        continue
+                    for k, (_, s) in enumerate(batch):
+                        s.result = results[k] if results is not None else None
+                        s.done.set()
+            finally:
+                self._writing = False
+                for _, s in self._pending:  # only when this writer was cancelled mid-way
+                    s.error = RuntimeError("the store writer was cancelled")
+                    s.done.set()
+                self._pending = []
+        await slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
