@@ -49,7 +49,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--procs", type=int, default=2, help="fleet worker processes")
     p.add_argument("--poll-interval", type=float, default=15.0,
                    help="rest-poll interval, seconds (Margo's sandbox agent: 15)")
-    p.add_argument("--keepalive", type=float, default=15.0, help="QUIC keepalive the controller sets")
+    p.add_argument("--keepalive", type=float, default=20.0, help="QUIC keepalive the controller sets (its default)")
     p.add_argument("--concurrency", type=int, default=100, help="connects in flight per worker")
     p.add_argument("--work", type=Path, help="work directory (PKI, logs); kept if given")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -76,7 +76,7 @@ def operator_token(work: Path) -> str:
 class ServerSide:
     """The real servers one transport's devices talk to, started fresh for a run."""
 
-    def __init__(self, transport: str, work: Path, tag: str, *, keepalive: float = 15.0,
+    def __init__(self, transport: str, work: Path, tag: str, *, keepalive: float = 20.0,
                  idle_timeout: float = 60.0, impairment: Any = None) -> None:
         self.transport = transport
         self.work = work

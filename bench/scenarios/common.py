@@ -130,7 +130,7 @@ async def run_one(scenario: Any, transport: str, params: dict[str, Any], work: P
     load_before = os.getloadavg()
     identities = await asyncio.to_thread(prepare_pki, work, agents)
     impairment = getattr(scenario, "impairment", lambda _p: None)(params)
-    server = ServerSide(transport, work, tag, keepalive=float(params.get("keepalive", 15.0)),
+    server = ServerSide(transport, work, tag, keepalive=float(params.get("keepalive", 20.0)),
                         impairment=impairment)
     procs = int(params.get("procs", 1))
     if transport == "mqtt":  # paho's network loop uses select(): every fd must stay below 1024
