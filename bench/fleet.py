@@ -216,7 +216,8 @@ class Fleet:
 
     def __init__(self, transport: str, identities: Path, work: Path, tag: str, agents: int,
                  procs: int, *, poll_interval: float = 15.0, concurrency: int = 100,
-                 spread: float = 0.0) -> None:
+                 spread: float = 0.0, pin: bool = True) -> None:
+        self.pin = pin
         self.transport = transport
         self.identities = identities
         self.state = work / f"state-{tag}"
@@ -242,7 +243,9 @@ class Fleet:
     async def start(self, host: str, port: int) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
-        cpus = cpu_split()[1]
+        # pinned: devices on the cores the servers do not use (fair CPU figures for the servers);
+        # unpinned (``--set pin=0``): devices may also use the servers' core when it is idle
+        cpus = cpu_split()[1] if self.pin else set()
         first = 0
         for i in range(self.procs):
             count = self.agents // self.procs + (1 if i < self.agents % self.procs else 0)

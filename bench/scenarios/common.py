@@ -22,8 +22,7 @@ import httpx
 from bench.fleet import Fleet, ServerSide, operator_token, prepare_pki, sample_rss_cpu
 from bench.fleet_worker import device_name
 from bench.pushlat import document
-from bench.report_util import percentile
-from bench.report_util import downsample
+from bench.report_util import downsample, percentile
 from margo_stream.state.digest import sha256_digest
 
 MQTT_PER_PROC = 250  # paho client: its socket and a wake-up socket pair per device
@@ -137,7 +136,8 @@ async def run_one(scenario: Any, transport: str, params: dict[str, Any], work: P
         procs = max(procs, -(-agents // MQTT_PER_PROC))
     fleet = Fleet(transport, identities, work, tag, agents, procs,
                   poll_interval=float(params.get("poll_interval", 15.0)),
-                  concurrency=int(params.get("concurrency", 100)))
+                  concurrency=int(params.get("concurrency", 100)),
+                  pin=bool(int(params.get("pin", 1))))
     ctx = Context(transport, params, work, server, fleet, operator_token(work))
     result: dict[str, Any] = {"transport": transport, "tag": tag, "procs": fleet.procs}
     try:
