@@ -23,7 +23,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "keystroke": ("bench.keystroke",
                   "terminal keystroke round trip, idle and while telemetry drains"),
     "run": ("bench.compare:run_main",
-            "one transport scenario (connect, push, lossy) over one transport"),
+            "one transport scenario (connect, push, lossy, storm, drain) over one transport"),
     "compare": ("bench.compare:compare_main",
                 "one scenario over quic, rest-poll, h2-push and mqtt side by side, then the report"),
     "report": ("bench.report", "markdown table and PNG plots from a run/compare directory"),

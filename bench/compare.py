@@ -25,7 +25,7 @@ from typing import Any
 from bench.fleet import TRANSPORTS
 from bench.report_util import machine_info, raise_nofile_limit, write_json
 
-SCENARIOS = {name: f"bench.scenarios.{name}" for name in ("connect", "push", "lossy")}
+SCENARIOS = {name: f"bench.scenarios.{name}" for name in ("connect", "push", "lossy", "storm", "drain")}
 KIND = "margo-bench transports"
 
 

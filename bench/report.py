@@ -30,14 +30,24 @@ COLUMNS: dict[str, tuple[str, int]] = {
     "idle_requests_per_device_hour": ("idle exchanges/device/h", 0),
     "idle_server_cpu_percent": ("idle server CPU %", 2),
     "worker_rss_per_device_kb": ("device-side KB/device", 1),
-    "restart_s": ("controller restart s", 2), "all_back_s": ("all devices back s", 2),
-    "storm_lost": ("status lost", 0), "storm_posted": ("status posted", 0),
-    "drain_s": ("drain s", 2), "drain_per_s": ("statuses/s", 0), "drain_failures": ("post failures", 0),
+    "restart_s": ("controller kill -9 -> ready s", 2),
+    "reconnect_p50_s": ("reconnect p50 s (from kill)", 2),
+    "reconnect_p100_s": ("reconnect p100 s (from kill)", 2),
+    "devices_back": ("devices back", 0), "telemetry_acked": ("telemetry records acked", 0),
+    "telemetry_lost": ("telemetry lost (acked, not stored)", 0),
+    "drain_s": ("drain s (controller ready -> last ack)", 2), "drain_per_s": ("records/s", 0),
+    "drain_device_p50_s": ("per-device drain p50 s", 2),
+    "drain_device_p100_s": ("per-device drain p100 s", 2),
+    "devices_drained": ("devices drained", 0), "drain_failures": ("broken streams", 0),
+    "telemetry_not_stored": ("telemetry not stored", 0),
+    "telemetry_note": ("telemetry", 0),
     "lossy_push_p50_ms": ("push p50 ms", 1), "lossy_push_p99_ms": ("push p99 ms", 1),
     "interactive_p50_ms": ("interactive p50 ms", 1), "interactive_p99_ms": ("interactive p99 ms", 1),
     "bulk_mbit_s": ("bulk Mbit/s", 2),
 }
-LOWER_IS_BETTER = {k for k in COLUMNS if not k.endswith("_per_s") and k not in ("bulk_mbit_s",)}
+LOWER_IS_BETTER = {k for k in COLUMNS if not k.endswith("_per_s")
+                   and k not in ("bulk_mbit_s", "devices_back", "devices_drained", "telemetry_acked")}
+TEXT = {"telemetry_note"}  # words, not figures: shown as they are, never compared
 
 
 def load(directory: Path) -> list[dict[str, Any]]:
@@ -73,6 +83,9 @@ def summary_table(data: Mapping[str, Any]) -> str:
             cells[1] += f" ({len(errors)} failed: {errors[0][:120]})"
         for key in keys:
             values = [r["summary"].get(key) for r in runs]
+            if key in TEXT:
+                cells.append(next((v for v in values if v), "—"))
+                continue
             med = median(values)
             text = fmt(med, COLUMNS[key][1]) if med is not None else "—"
             if len(runs) > 1:
@@ -152,12 +165,12 @@ def losses(data: Mapping[str, Any]) -> list[str]:
     groups = by_label(data)
     if "quic" not in groups:
         return []
-    med = {label: {k: median(r["summary"].get(k) for r in runs) for k in COLUMNS}
+    med = {label: {k: median(r["summary"].get(k) for r in runs) for k in COLUMNS if k not in TEXT}
            for label, runs in groups.items()}
     out = []
     for key in COLUMNS:
         q = med["quic"].get(key)
-        if q is None:
+        if q is None or key in TEXT:
             continue
         for label, values in med.items():
             v = values.get(key)
@@ -177,7 +190,13 @@ PUSH_WHY = (" Every push transport shares the controller's apply path (API, stor
             " keepalives, ACKs and timers, while the TCP transports leave that to OpenSSL and the"
             " kernel. With 4 devices quic and h2-push were equal; the gap grows with connected"
             " devices. That is the likely cause; it was not profiled.")
+RECONNECT_WHY = (" After kill -9 the new controller drops the devices' packets for connections it"
+                 " does not know (no stateless reset), so a QUIC device notices only when nothing"
+                 " has arrived for three keepalive intervals, checked once per interval: 60-80 s"
+                 " at the 20 s default, shorter with --keepalive. TCP devices see the reset at"
+                 " once; a rest-poll device is back at its next poll.")
 WHY = {
+    "reconnect_p50_s": RECONNECT_WHY, "reconnect_p100_s": RECONNECT_WHY,
     "server_rss_per_device_kb": " Each QUIC connection keeps aioquic's per-connection state in"
     " Python (packet spaces, crypto contexts, stream buffers, our session objects), while a TLS"
     " socket's state is mostly in OpenSSL/kernel memory; Mosquitto is C.",
