@@ -77,6 +77,7 @@ async def measure(ctx: Any) -> dict[str, Any]:
             "per_device_p100_s": per_device[-1] if per_device else None}
         out["telemetry"] = telemetry_loss(devices, await asyncio.to_thread(stored_counts,
                                                                            ctx.server.data))
+        out["fleet_after"] = await fleet.status()
     finally:
         await fleet.stop()
     return out

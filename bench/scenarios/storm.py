@@ -126,8 +126,10 @@ class TelemetryWorker(Worker):
                 continue
             try:
                 await self._send(dev, client, target)
-            except Exception:  # noqa: BLE001 - the session broke: sent again once reconnected
+            except Exception as exc:  # noqa: BLE001 - the session broke: sent again once reconnected
                 dev.post_failures += 1
+                if len(self.failures) < 50:
+                    self.failures.append(f"telemetry: {type(exc).__name__}: {exc}"[:200])
                 await anyio.sleep(0.05)
         if self.acked[i] >= target:
             dev.posted += count
@@ -274,6 +276,10 @@ async def swap_fleet(ctx: Any, telemetry: dict[str, Any] | None = None) -> dict[
     (identities, trust state) and connect it; the caller stops it (see :func:`measure`)."""
     old = ctx.fleet
     await old.stop()
+    if ctx.transport == "quic" and await asyncio.to_thread(stored_counts, ctx.server.data):
+        # a --work directory used before: the store already holds these devices' records, and
+        # their drain would be mostly duplicates
+        raise RuntimeError(f"{ctx.server.data} already holds telemetry: use a fresh --work")
     fleet = TelemetryFleet(ctx.transport, old.identities, ctx.work, old.state.name[len("state-"):],
                            old.agents, old.procs, poll_interval=old.poll_interval,
                            concurrency=old.concurrency, telemetry=telemetry)
