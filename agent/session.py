@@ -2,9 +2,9 @@
 
 ``AgentSession.run`` opens the control stream, says hello (capabilities, the manifest version
 and blobs it holds, where its telemetry stands), waits for the controller's answer, then keeps
-the link alive with QUIC pings well inside the idle timeout. It declares the link dead when
-nothing at all has arrived for three keepalive intervals, which is much sooner than the idle
-timeout. Features (desired state, status, telemetry, terminal) run as tasks in the session's
+the link alive with QUIC pings well inside the idle timeout. It declares the link dead after
+three pings in a row go unanswered (two seconds each), much sooner than the idle timeout.
+Features (desired state, status, telemetry, terminal) run as tasks in the session's
 task group, so all of them stop the moment the connection is gone.
 """
 
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from agent.service import Agent
 
 log = logging.getLogger("margo.agent.session")
+
+PROBE_S = 2.0  # a ping unanswered this long is a miss
+DEAD_AFTER_MISSES = 3
 
 
 class HelloRefused(MargoError):
@@ -116,15 +119,29 @@ class AgentSession:
         return lost
 
     async def _keepalive(self, interval: float) -> None:
-        dead_after = 3 * interval
+        """Ping every ``interval``; a ping with no packet back within ``probe`` is a miss, and a
+        miss is re-probed at once: three misses in a row (seconds, not three whole intervals)
+        declare the link dead. A healthy controller answers a ping within milliseconds; one that
+        was restarted cannot even say the connection is gone (no stateless reset after a
+        restart), so this is how agents find it again quickly."""
+        probe = min(PROBE_S, interval / 2)
+        misses = 0
+        loop = self.conn.loop
         while self.conn.closed is None:
-            await anyio.sleep(interval)
-            silent = self.conn.loop.time() - self.conn.last_received
-            if silent > dead_after:
-                log.warning("no packet from the controller for %.1f s; reconnecting", silent)
+            await anyio.sleep(interval if misses == 0 else probe)
+            sent = loop.time()
+            self.conn.ping()
+            await anyio.sleep(probe)
+            if self.conn.last_received >= sent:
+                misses = 0
+                continue
+            misses += 1
+            if misses >= DEAD_AFTER_MISSES:
+                silent = loop.time() - self.conn.last_received
+                log.warning("no packet from the controller for %.1f s (%d unanswered pings); "
+                            "reconnecting", silent, misses)
                 self.conn.close(ErrorCode.NO_ERROR, "controller unresponsive")
                 return
-            self.conn.ping()
 
     async def _read_control(self) -> None:
         assert self.control is not None
