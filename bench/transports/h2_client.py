@@ -8,7 +8,9 @@ be called from the same task (or use ``async with``).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import ssl
 import struct
 from pathlib import Path
 from typing import Any
@@ -130,10 +132,20 @@ class H2PushClient:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
                     h2.exceptions.ProtocolError):
                 pass
-            await self._tls.aclose()
-        await tg.__aexit__(None, None, None)
-        self._send.close()
-        self._recv.close()
+            # the server may be gone without a word (kill -9): closing must not fail then
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError,
+                                     OSError, ssl.SSLError):
+                await self._tls.aclose()
+        try:
+            await tg.__aexit__(None, None, None)
+        except BaseExceptionGroup as group:
+            rest = group.split((anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
+                                ssl.SSLError, anyio.EndOfStream))[1]
+            if rest is not None:
+                raise rest from None
+        finally:
+            self._send.close()
+            self._recv.close()
 
     async def _reader(self) -> None:
         assert self._conn is not None and self._writer is not None
