@@ -129,12 +129,12 @@ class H2PushClient:
                 if self._conn is not None and self._writer is not None:
                     self._conn.close_connection()
                     await self._writer.flush()
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
-                    h2.exceptions.ProtocolError):
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
+                    OSError, h2.exceptions.ProtocolError):
                 pass
             # the server may be gone without a word (kill -9): closing must not fail then
             with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError,
-                                     OSError, ssl.SSLError):
+                                     anyio.EndOfStream, OSError, ssl.SSLError):
                 await self._tls.aclose()
         try:
             await tg.__aexit__(None, None, None)
