@@ -201,3 +201,41 @@ class DirectionStats:
 
     def to_dict(self) -> dict[str, int | float]:
         return asdict(self)
+
+
+class RelayProperties:
+    """What both relays expose the same way (their ``__init__`` sets the underscored fields)."""
+
+    _address: tuple[str, int] | None
+    _target: tuple[str, int]
+    _impairment: Impairment
+    _seed: int
+    _blackholed: bool
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) clients should use."""
+        if self._address is None:
+            raise RuntimeError(f"{type(self).__name__} is not running; use `async with`")
+        return self._address
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    @property
+    def target(self) -> tuple[str, int]:
+        return self._target
+
+    @property
+    def impairment(self) -> Impairment:
+        return self._impairment
+
+    @property
+    def seed(self) -> int:
+        """The seed in use (picked at random when the impairment's seed is ``None``)."""
+        return self._seed
+
+    @property
+    def blackholed(self) -> bool:
+        return self._blackholed

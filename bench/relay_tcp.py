@@ -56,6 +56,7 @@ from .impairment import (
     DirectionStats,
     Impairment,
     LinkRandom,
+    RelayProperties,
     effective_seed,
 )
 
@@ -116,7 +117,7 @@ def _abort(stream: SocketStream | None) -> None:
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-class TcpRelay:
+class TcpRelay(RelayProperties):
     """Forward TCP connections to ``target`` through an impaired link.
 
     ``async with TcpRelay(target=("127.0.0.1", port), impairment=Impairment(delay_ms=50)) as r:``
@@ -193,33 +194,6 @@ class TcpRelay:
             self._address = None
 
     # ----------------------------------------------------------------- public API
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The (host, port) clients should connect to."""
-        if self._address is None:
-            raise RuntimeError("TcpRelay is not running; use `async with`")
-        return self._address
-
-    @property
-    def port(self) -> int:
-        return self.address[1]
-
-    @property
-    def target(self) -> tuple[str, int]:
-        return self._target
-
-    @property
-    def impairment(self) -> Impairment:
-        return self._impairment
-
-    @property
-    def seed(self) -> int:
-        return self._seed
-
-    @property
-    def blackholed(self) -> bool:
-        return self._blackholed
 
     def set_impairment(self, impairment: Impairment) -> None:
         """Change the settings while running (applies to chunks read from now on)."""

@@ -44,6 +44,7 @@ from .impairment import (
     DirectionStats,
     Impairment,
     LinkRandom,
+    RelayProperties,
     effective_seed,
 )
 
@@ -127,7 +128,7 @@ class _Path:
     timer_due: float = 0.0
 
 
-class UdpRelay:
+class UdpRelay(RelayProperties):
     """Forward UDP datagrams between clients and ``target`` through an impaired link.
 
     ``async with UdpRelay(target=("127.0.0.1", port), impairment=Impairment(loss=0.1)) as r:``
@@ -222,34 +223,6 @@ class UdpRelay:
         self._loop = None
 
     # ----------------------------------------------------------------- public API
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The (host, port) clients should send to."""
-        if self._address is None:
-            raise RuntimeError("UdpRelay is not running; use `async with`")
-        return self._address
-
-    @property
-    def port(self) -> int:
-        return self.address[1]
-
-    @property
-    def target(self) -> tuple[str, int]:
-        return self._target
-
-    @property
-    def impairment(self) -> Impairment:
-        return self._impairment
-
-    @property
-    def seed(self) -> int:
-        """The seed in use (picked at random when the impairment's seed is ``None``)."""
-        return self._seed
-
-    @property
-    def blackholed(self) -> bool:
-        return self._blackholed
 
     def set_impairment(self, impairment: Impairment) -> None:
         """Change the settings while running. Random streams restart only if the seed changes.
