@@ -160,18 +160,21 @@ def unassign(
     )
 
 
+def _per_deployment(conn: StoreConnection, columns: str, table: str, tenant: str,
+                    device_id: str | None) -> list[tuple[Any, ...]]:
+    """Rows of a per-(device, deployment) table: the tenant's, or one device's."""
+    sql = f"SELECT {columns} FROM {table} WHERE tenant = ?"
+    if device_id is None:
+        return conn.execute(sql + " ORDER BY device_id, deployment_id", (tenant,)).fetchall()
+    return conn.execute(sql + " AND device_id = ? ORDER BY deployment_id",
+                        (tenant, device_id)).fetchall()
+
+
 def list_assignments(
     conn: StoreConnection, tenant: str, device_id: str | None
 ) -> list[AssignmentRecord]:
-    sql = "SELECT tenant, device_id, deployment_id, digest, assigned_at FROM assignments"
-    if device_id is None:
-        rows = conn.execute(
-            sql + " WHERE tenant = ? ORDER BY device_id, deployment_id", (tenant,)
-        ).fetchall()
-    else:
-        rows = conn.execute(
-            sql + " WHERE tenant = ? AND device_id = ? ORDER BY deployment_id", (tenant, device_id)
-        ).fetchall()
+    rows = _per_deployment(conn, "tenant, device_id, deployment_id, digest, assigned_at",
+                           "assignments", tenant, device_id)
     return [AssignmentRecord(*r) for r in rows]
 
 
@@ -291,13 +294,6 @@ def put_status(
 def list_statuses(
     conn: StoreConnection, tenant: str, device_id: str | None
 ) -> list[StatusRecord]:
-    sql = "SELECT tenant, device_id, deployment_id, status, seq, updated_at FROM statuses"
-    if device_id is None:
-        rows = conn.execute(
-            sql + " WHERE tenant = ? ORDER BY device_id, deployment_id", (tenant,)
-        ).fetchall()
-    else:
-        rows = conn.execute(
-            sql + " WHERE tenant = ? AND device_id = ? ORDER BY deployment_id", (tenant, device_id)
-        ).fetchall()
+    rows = _per_deployment(conn, "tenant, device_id, deployment_id, status, seq, updated_at",
+                           "statuses", tenant, device_id)
     return [StatusRecord(r[0], r[1], r[2], loads(r[3]), r[4], r[5]) for r in rows]
