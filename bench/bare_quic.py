@@ -29,6 +29,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from bench.report_util import raise_nofile_limit
+from margo_stream.gcpolicy import run_gc_policy
 
 BARE_ALPN = "margo-bench-bare"
 DATAGRAM_SIZE = 1350  # what server_configuration/client_configuration use
@@ -92,9 +93,12 @@ async def serve(host: str, cert: str, key: str, idle_timeout: float) -> None:
         stop.set()
 
     watcher = asyncio.ensure_future(stdin_closed())
+    # the same collector policy as the controller's, so the comparison is the protocols' alone
+    gc_task = asyncio.ensure_future(run_gc_policy())
     print(json.dumps({"port": sock.getsockname()[1], "pid": os.getpid()}), flush=True)
     await stop.wait()
     watcher.cancel()
+    gc_task.cancel()
     transport.close()
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import anyio
 
 from bench.report_util import raise_nofile_limit
+from margo_stream.gcpolicy import gc_policy_running
 from margo_stream.identity.trust import load_signing_pub
 
 CARRIED = ("_version", "_etag", "blobs")  # what a device keeps across reconnects
@@ -222,7 +223,8 @@ class Worker:
 
     async def serve_commands(self) -> None:
         _emit("ready", pid=os.getpid())
-        async with anyio.create_task_group() as tg:
+        # one heap for thousands of devices: keep the collector's full passes off it
+        async with gc_policy_running(), anyio.create_task_group() as tg:
             tg.start_soon(self._flush_got)
             while True:
                 line = await anyio.to_thread.run_sync(sys.stdin.readline)

@@ -37,6 +37,7 @@ from agent.session import AgentSession, HelloRefused
 from bench import bare_quic
 from bench.report_util import raise_nofile_limit
 from margo_stream import __version__
+from margo_stream.gcpolicy import gc_policy_running
 from margo_stream.identity.pki import load_tenant_ca, make_leaf
 from margo_stream.identity.spiffe import device_spiffe_id
 from margo_stream.protocol import messages as m
@@ -258,7 +259,8 @@ class Fleet:
         t0 = time.monotonic()
         self.prepare()
         _emit("ready", prepare_s=round(time.monotonic() - t0, 3), pid=os.getpid())
-        async with anyio.create_task_group() as tg:
+        # one heap for thousands of devices: keep the collector's full passes off it
+        async with gc_policy_running(), anyio.create_task_group() as tg:
             while True:
                 line = await anyio.to_thread.run_sync(sys.stdin.readline)
                 command = line.strip()

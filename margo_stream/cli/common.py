@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 
 from margo_stream.errors import MargoError
+from margo_stream.gcpolicy import gc_policy_running
 
 
 def fail(prog: str, message: str, code: int = 2) -> int:
@@ -21,7 +22,7 @@ def run_service(prog: str, main: Callable[[], Awaitable[Any]], on_signal: Callab
     """Run ``main`` on uvloop until it returns; SIGTERM/SIGINT call ``on_signal`` (a clean stop)."""
 
     async def runner() -> None:
-        async with anyio.create_task_group() as tg:
+        async with gc_policy_running(), anyio.create_task_group() as tg:
             async def signals() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
                     async for _ in received:

@@ -1,0 +1,136 @@
+"""The collector policy: when it freezes and sweeps, and what that does to a real heap."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import anyio
+import pytest
+
+from margo_stream.gcpolicy import (
+    GcAction,
+    GcPolicy,
+    apply_action,
+    gc_policy_running,
+    resident_bytes,
+    run_gc_policy,
+    tick,
+)
+
+
+class Node:
+    def __init__(self) -> None:
+        self.other: Node | None = None
+
+
+def make_cycle() -> weakref.ref[Node]:
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    return weakref.ref(a)
+
+
+@pytest.fixture
+def thawed():
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+    gc.collect()
+
+
+def test_first_tick_freezes_then_waits_for_the_interval() -> None:
+    p = GcPolicy(freeze_every=5, sweep_growth=0.5, sweep_min_interval=60)
+    assert p.next_action(100.0, 1000, 0.0) is GcAction.FREEZE
+    assert p.next_action(104.9, 1000, 0.0) is GcAction.NONE
+    assert p.next_action(105.0, 1000, 0.0) is GcAction.FREEZE
+
+
+def test_sweep_needs_growth_and_the_minimum_interval() -> None:
+    p = GcPolicy(freeze_every=5, sweep_growth=0.5, sweep_min_interval=60)
+    p.next_action(0.0, 1000, 0.0)  # the first tick's heap is the baseline
+    assert p.next_action(10.0, 5000, 0.0) is GcAction.FREEZE  # grown, but 10 s in
+    assert p.next_action(60.0, 1400, 0.0) is GcAction.FREEZE  # 60 s, but grown only 40 %
+    assert p.next_action(65.0, 1501, 0.0) is GcAction.SWEEP  # both
+    p.swept(resident=1200, frozen=10, freed=301, seconds=0.02)
+    assert p.next_action(130.0, 1700, 0.0) is GcAction.FREEZE  # baseline is now 1200
+    assert p.next_action(135.0, 1801, 0.0) is GcAction.SWEEP
+    assert p.stats.sweeps == 1 and p.stats.freed_by_sweeps == 301
+
+
+def test_a_due_sweep_waits_for_a_quiet_tick_but_not_forever() -> None:
+    p = GcPolicy(freeze_every=5, sweep_growth=0.5, sweep_min_interval=60, busy_above=0.5,
+                 max_defer=30)
+    p.next_action(0.0, 1000, 0.0)
+    assert p.next_action(60.0, 2000, 0.0) is GcAction.SWEEP  # idle so far: due and done
+    p.swept(resident=1000, frozen=10, freed=0, seconds=0.0)
+    assert p.next_action(120.0, 2000, 48.0) is GcAction.FREEZE  # 80 % of a core: deferred
+    assert p.next_action(125.0, 2000, 52.0) is GcAction.FREEZE  # still 80 %
+    assert p.next_action(130.0, 2000, 53.0) is GcAction.SWEEP  # 20 %: quiet enough
+    p.swept(resident=1000, frozen=10, freed=0, seconds=0.0)
+    cpu = 53.0
+    for now in range(135, 250, 5):
+        cpu += 5.0  # a whole core, on and on
+        if p.next_action(float(now), 2000, cpu) is GcAction.SWEEP:
+            break
+    assert now == 190 + 30  # due at 190 (60 s after the last sweep), then 30 s at most
+    assert p.stats.deferred >= 2
+
+
+@pytest.mark.parametrize("kwargs", [{"freeze_every": 0}, {"sweep_growth": 0}, {"sweep_min_interval": -1}])
+def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="gc policy"):
+        GcPolicy(**kwargs)
+
+
+def test_young_garbage_is_collected_before_freezing(thawed: None) -> None:
+    p = GcPolicy()
+    garbage = make_cycle()  # unreachable already: freed by the young collection, never frozen
+    assert tick(p, 0.0) is GcAction.FREEZE
+    assert garbage() is None
+    assert gc.get_freeze_count() > 0
+
+
+def test_frozen_cycles_wait_for_a_sweep_which_frees_them(thawed: None) -> None:
+    p = GcPolicy(sweep_min_interval=0)
+    holder = [Node()]
+    holder[0].other = Node()
+    holder[0].other.other = holder[0]
+    ref = weakref.ref(holder[0])
+    tick(p, 0.0)  # frozen while still referenced
+    holder.clear()
+    gc.collect()
+    assert ref() is not None  # a cycle in the permanent generation: the collector skips it
+    apply_action(p, GcAction.SWEEP)
+    assert ref() is None
+    assert p.stats.sweeps == 1 and p.stats.freed_by_sweeps >= 2
+    assert gc.get_freeze_count() == p.stats.frozen_after_sweep
+
+
+def test_the_policy_task_stops_with_its_scope(thawed: None) -> None:
+    async def main() -> None:
+        policy = GcPolicy(freeze_every=0.01)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_gc_policy, policy)
+            await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+        assert policy.stats.freezes >= 2
+
+    anyio.run(main)
+
+
+def test_gc_policy_running_ends_with_its_block(thawed: None) -> None:
+    async def main() -> None:
+        with anyio.fail_after(5):
+            async with gc_policy_running(GcPolicy(freeze_every=0.01)) as policy:
+                await anyio.sleep(0.05)
+        assert policy.stats.freezes >= 2
+
+    anyio.run(main)
+
+
+def test_resident_bytes_grows_with_what_the_process_holds() -> None:
+    before = resident_bytes()
+    ballast = bytearray(64 * 1024 * 1024)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page
+    assert resident_bytes() >= before + 48 * 1024 * 1024
+    del ballast
