@@ -46,9 +46,14 @@ class DesiredUpdate:
     manifest_bytes: bytes
     signature: bytes
     blobs: dict[str, bytes] = field(default_factory=dict)
+    # set by a client that already ran the agent's own verifier over this update (every check
+    # below and more: rollback, expiry, the persisted trust state); verify() then returns it
+    verified: Manifest | None = None
 
     def verify(self, key: Ed25519PublicKey, tenant: str, device_id: str) -> Manifest:
         """The parsed manifest, or ``TrustError`` naming what does not hold."""
+        if self.verified is not None:
+            return self.verified
         if not signature_valid(self.manifest_bytes, self.signature, key):
             raise TrustError("manifest signature does not verify", "signature")
         manifest = parse_manifest(self.manifest_bytes)

@@ -210,7 +210,8 @@ class QuicClient:
         self.counters.updates += 1
         # delivered and verified: the bench's clock stops here for every transport (the others
         # persist nothing); then the trust state advances (fsync) before the controller hears ok
-        self._updates_in.send_nowait(DesiredUpdate(verdict.version, push.manifest, push.signature, received))
+        self._updates_in.send_nowait(DesiredUpdate(verdict.version, push.manifest, push.signature,
+                                                   received, verified=verdict.manifest))
         await anyio.to_thread.run_sync(self.verifier.accept, verdict)
         return m.DesiredResult(version=push.version, ok=True)
 
