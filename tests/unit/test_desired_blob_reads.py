@@ -1,0 +1,80 @@
+"""The controller's pushes share one store read per blob, whatever fails."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import anyio
+import pytest
+
+from controller.desired import DesiredState
+from controller.store.sqlite import SqliteStore
+from margo_stream.errors import NotFound
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class CountingStore(SqliteStore):
+    """The real store; counts blob reads."""
+
+    reads = 0
+
+    async def get_blob(self, tenant: str, digest: str) -> bytes:
+        self.reads += 1
+        return await super().get_blob(tenant, digest)
+
+
+@pytest.fixture
+async def desired(tmp_path):
+    store = CountingStore(tmp_path / "controller.db")
+    await store.open()
+    ctl = SimpleNamespace(store=store, config=SimpleNamespace(manifest_lifetime_days=30.0),
+                          ready_hooks=[], close_hooks=[], features={})
+    try:
+        yield DesiredState(ctl)  # type: ignore[arg-type]
+    finally:
+        await store.close()
+
+
+async def test_a_fan_out_reads_each_blob_once(desired: DesiredState) -> None:
+    store = desired.ctl.store
+    digest = await store.put_blob("acme", b"x" * 100_000)
+    got: list[bytes] = []
+
+    async def push() -> None:
+        got.append(await desired._blob("acme", digest))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(200):
+            tg.start_soon(push)
+    assert store.reads == 1
+    assert len(got) == 200 and all(g == b"x" * 100_000 for g in got)
+    assert await desired._blob("acme", digest) == b"x" * 100_000 and store.reads == 1  # cached
+
+
+async def test_a_failed_read_fails_every_waiter_and_the_next_push_reads_again(
+        desired: DesiredState) -> None:
+    store = desired.ctl.store
+    missing = "sha256:" + "0" * 64
+    errors: list[Exception] = []
+
+    async def push() -> None:
+        try:
+            await desired._blob("acme", missing)
+        except NotFound as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(push)
+    assert len(errors) == 20 and store.reads == 1
+    digest = await store.put_blob("acme", b"late", digest=None)
+    assert await desired._blob("acme", digest) == b"late"
+    with pytest.raises(NotFound):
+        await desired._blob("acme", missing)
+    assert store.reads == 3
