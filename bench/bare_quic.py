@@ -4,7 +4,7 @@ machine, so our handshake rate has something to be compared with.
 The server is aioquic's own ``aioquic.asyncio.server.QuicServer`` with
 ``QuicConnectionProtocol`` connections: server-only TLS (no client certificate), no streams,
 no session tickets, the same P-256 server certificate and the same transport parameters as
-the controller (datagram size, idle timeout, 8 MiB socket buffers), on uvloop. The client is
+the controller (datagram size, idle timeout, socket buffers), on uvloop. The client is
 aioquic's ``QuicConnectionProtocol`` over one UDP socket per connection bound to loopback, as
 our agents do; it verifies the server's chain like our agents do.
 
@@ -30,10 +30,10 @@ from aioquic.quic.connection import QuicConnection
 
 from bench.report_util import raise_nofile_limit
 from margo_stream.gcpolicy import run_gc_policy
+from margo_stream.transport.udp_buffers import size_buffers
 
 BARE_ALPN = "margo-bench-bare"
 DATAGRAM_SIZE = 1350  # what server_configuration/client_configuration use
-SOCKET_BUFFER = 8 << 20  # what the controller's listener asks for
 
 
 def server_config(cert: str, key: str, *, idle_timeout: float = 60.0) -> QuicConfiguration:
@@ -74,8 +74,7 @@ async def open_client(host: str, port: int,
 async def serve(host: str, cert: str, key: str, idle_timeout: float) -> None:
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+    size_buffers(sock)  # what the controller's listener asks for
     sock.bind((host, 0))
     configuration = server_config(cert, key, idle_timeout=idle_timeout)
     transport, _ = await loop.create_datagram_endpoint(

@@ -31,6 +31,7 @@ from margo_stream.transport.mtls_hook import (
     check_aioquic,
     peer_certificates,
 )
+from margo_stream.transport.udp_buffers import size_buffers
 
 log = logging.getLogger("margo.quic.server")
 
@@ -161,8 +162,7 @@ async def start_server(host: str, port: int, configuration: QuicConfiguration, v
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    size_buffers(sock)
     sock.bind((host, port))
     transport, protocol = await loop.create_datagram_endpoint(
         lambda: QuicServer(configuration, verify, accept), sock=sock)
