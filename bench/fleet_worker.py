@@ -150,7 +150,7 @@ class Worker:
     async def serve(self, dev: Device, client: Any) -> None:
         while True:
             update = await client.next_desired()
-            delivered = time.monotonic()
+            delivered = update.held_at or time.monotonic()
             manifest = update.verify(self.pub, self.tenant, dev.name)
             if update.version <= dev.version:
                 continue

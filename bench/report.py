@@ -243,12 +243,16 @@ def plots(data: Mapping[str, Any], out: Path) -> list[Path]:
                                        xlabel="ms (log)", ylabel="fraction of pushes", logx=True))
         fan = {}
         for label, runs in groups.items():
-            curve = (runs[0].get("push", {}).get("fanout") or [{}])[0].get("curve") or []
-            if curve:
-                fan[label] = ([0.0] + [c[0] for c in curve], [0.0] + [float(c[1]) for c in curve])
+            first = (runs[0].get("push", {}).get("fanout") or [{}])[0]
+            for key, suffix in (("curve", "verified"), ("status_curve", "installed")):
+                curve = first.get(key) or []
+                if curve:
+                    fan[f"{label} {suffix}"] = ([0.0] + [c[0] for c in curve],
+                                                [0.0] + [float(c[1]) for c in curve])
         if fan:
             written.append(plot_series(out / f"{stem}-fanout.png", fan, step=True, logx=True,
-                                       title="fan-out: devices holding the new desired state",
+                                       title="fan-out: devices holding the new desired state "
+                                             "(verified) and their status acknowledged (installed)",
                                        xlabel="seconds since the apply (log)", ylabel="devices"))
     curves = {label: ([0.0] + [c[0] for c in runs[0]["connect"]["curve"]],
                       [0.0] + [float(c[1]) for c in runs[0]["connect"]["curve"]])

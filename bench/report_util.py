@@ -209,6 +209,18 @@ def downsample(points: Sequence[tuple[float, float]], limit: int = 400) -> list[
     return picked
 
 
+def udp_counters() -> dict[str, int]:
+    """This machine's UDP counters since boot (/proc/net/snmp): ``InDatagrams`` (delivered to
+    a socket), ``RcvbufErrors`` (dropped for want of receive buffer space), ...; empty where
+    there is no such file."""
+    try:
+        with open("/proc/net/snmp") as f:
+            lines = [line.split() for line in f if line.startswith("Udp:")]
+        return {name: int(value) for name, value in zip(lines[0][1:], lines[1][1:], strict=True)}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q`` quantile (0..1) of ``values``, linearly interpolated; NaN for no values."""
     ordered = sorted(values)

@@ -22,7 +22,7 @@ import httpx
 from bench.fleet import Fleet, ServerSide, operator_token, prepare_pki, sample_rss_cpu
 from bench.fleet_worker import device_name
 from bench.pushlat import document
-from bench.report_util import downsample, percentile
+from bench.report_util import downsample, percentile, udp_counters
 from margo_stream.state.digest import sha256_digest
 
 MQTT_PER_PROC = 250  # paho client: its socket and a wake-up socket pair per device
@@ -63,6 +63,7 @@ async def apply(ctx: Context, devices: list[str], value: Any, *, blob: bytes | N
         t0 = time.monotonic()
         r = await client.post("/api/v1/deployments", json=body)
         r.raise_for_status()
+        ctx.extra["apply_seconds"] = time.monotonic() - t0  # until the controller answered
     return t0
 
 
@@ -86,27 +87,41 @@ async def fan_out(ctx: Context, value: Any, timeout: float) -> dict[str, Any]:
     """Apply to every device at once; seconds until each device held it (its curve)."""
     fleet = ctx.fleet
     start = len(fleet.got)
+    udp0 = udp_counters()
     t0 = await apply(ctx, ctx.devices(), value)
     waiting = set(range(ctx.agents))
     deadline = time.monotonic() + timeout
     seen = start
     times: list[float] = []
     acked: list[float] = []
+    lags: list[float] = []  # per device: verified -> its `installed` status acknowledged
     while waiting and time.monotonic() < deadline:
         for item in fleet.got[seen:]:
             if item[0] in waiting and item[2] > t0:
                 waiting.discard(item[0])
                 times.append(item[2] - t0)
                 acked.append(item[3] - t0)
+                lags.append(item[3] - item[2])
         seen = len(fleet.got)
         if waiting:
             await asyncio.sleep(0.05)
     times.sort()
+    acked.sort()
+    udp1 = udp_counters()
+    udp = {k: udp1[k] - udp0[k] for k in ("InDatagrams", "RcvbufErrors") if k in udp0 and k in udp1}
     return {"devices": ctx.agents, "delivered": len(times), "missing": len(waiting),
             "seconds": times[-1] if times and not waiting else None,
-            "status_all_seconds": max(acked) if acked and not waiting else None,
+            "status_all_seconds": acked[-1] if acked and not waiting else None,
             "p50_s": percentile(times, 0.5) if times else None,
-            "curve": downsample_curve(times)}
+            "status_p50_s": percentile(acked, 0.5) if acked else None,
+            "apply_request_s": ctx.extra.get("apply_seconds"),
+            "install_lag_ms": latency_summary(lags),
+            # every socket on this machine, so both ends: datagrams delivered (per device, the
+            # packets one push and its status exchange take) and dropped (receive buffer full)
+            "udp_datagrams": udp.get("InDatagrams"),
+            "udp_receive_drops": udp.get("RcvbufErrors"),
+            "curve": downsample_curve(times),
+            "status_curve": downsample_curve(acked)}
 
 
 def downsample_curve(times: list[float], limit: int = 200) -> list[list[float]]:

@@ -49,6 +49,7 @@ class DesiredUpdate:
     # set by a client that already ran the agent's own verifier over this update (every check
     # below and more: rollback, expiry, the persisted trust state); verify() then returns it
     verified: Manifest | None = None
+    held_at: float | None = None  # time.monotonic() the client held it verified, if not now
 
     def verify(self, key: Ed25519PublicKey, tenant: str, device_id: str) -> Manifest:
         """The parsed manifest, or ``TrustError`` naming what does not hold."""

@@ -209,10 +209,14 @@ class QuicClient:
         self.blobs.update(received)
         self.counters.updates += 1
         # delivered and verified: the bench's clock stops here for every transport (the others
-        # persist nothing); then the trust state advances (fsync) before the controller hears ok
-        self._updates_in.send_nowait(DesiredUpdate(verdict.version, push.manifest, push.signature,
-                                                   received, verified=verdict.manifest))
+        # persist nothing); then the trust state advances (fsync) before anybody hears of it,
+        # the controller (the result) and the device's status reporter (the update), which
+        # then leave in the same packet
+        held_at = time.monotonic()
         await anyio.to_thread.run_sync(self.verifier.accept, verdict)
+        self._updates_in.send_nowait(DesiredUpdate(verdict.version, push.manifest, push.signature,
+                                                   received, verified=verdict.manifest,
+                                                   held_at=held_at))
         return m.DesiredResult(version=push.version, ok=True)
 
     async def next_desired(self) -> DesiredUpdate:
