@@ -38,6 +38,7 @@ class ControllerConfig(BaseModel):
     keepalive: float = Field(default=20.0, gt=0)  # 3x inside the idle timeout; see bench connect
     hello_timeout: float = Field(default=10.0, gt=0)
     manifest_lifetime_days: float = Field(default=30.0, gt=0)
+    push_window: int = Field(default=512, ge=1)  # pushes awaiting their device's answer at once
     touch_interval: float = Field(default=5.0, gt=0)
 
     @model_validator(mode="after")

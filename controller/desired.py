@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 
 from controller.batching import WriteBatcher
+from controller.push_window import PushWindow
 from controller.service import Controller
 from controller.session import ControllerSession
 from controller.store.base import AssignmentRecord, ManifestRecord
@@ -44,6 +45,7 @@ BLOB_CHUNK = 256 * 1024
 FILES_CACHE = 4096  # (tenant, document digest) -> the document's extra files
 BLOB_CACHE_BYTES = 64 << 20
 RESULT_TIMEOUT = 60.0
+WINDOW_HOLD = 2.0  # a push unanswered this long stops counting against the window
 
 
 @dataclass(slots=True)
@@ -75,6 +77,7 @@ class DesiredState:
         self._blobs: dict[tuple[str, str], bytes] = {}
         self._blob_bytes = 0
         self._blob_reads: dict[tuple[str, str], _BlobRead] = {}
+        self._window = PushWindow(ctl.config.push_window, hold=WINDOW_HOLD)
         self._adoptions: WriteBatcher[tuple[str, str, int], None] = WriteBatcher(
             ctl.store.set_manifest_versions)
         ctl.ready_hooks.append(self.on_ready)
@@ -263,7 +266,8 @@ class DesiredState:
                 session = view.handle if view is not None else None
                 if not isinstance(session, ControllerSession) or session.conn.closed is not None:
                     return  # offline: the next hello catches up
-                await self._push(session, state)
+                async with self._window.slot():
+                    await self._push(session, state)
         finally:
             state.pushing = False
 

@@ -33,7 +33,7 @@ class CountingStore(SqliteStore):
 async def desired(tmp_path):
     store = CountingStore(tmp_path / "controller.db")
     await store.open()
-    ctl = SimpleNamespace(store=store, config=SimpleNamespace(manifest_lifetime_days=30.0),
+    ctl = SimpleNamespace(store=store, config=SimpleNamespace(manifest_lifetime_days=30.0, push_window=512),
                           ready_hooks=[], close_hooks=[], features={})
     try:
         yield DesiredState(ctl)  # type: ignore[arg-type]
