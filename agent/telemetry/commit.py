@@ -133,7 +133,9 @@ class GroupCommit:
         finally:
             self.syncing = []
             for seg in segs:
-                if seg.retired:
+                # a segment written to again while this round ran is back in ``dirty``: its
+                # descriptor stays open for the next round even if it was deleted meanwhile
+                if seg.retired and seg not in self.dirty:
                     close_fd(seg)
         if not skip and error is None:
             for seg, size in zip(segs, sizes, strict=True):
