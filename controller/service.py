@@ -33,6 +33,7 @@ from margo_stream.identity.verify import PeerVerifier
 from margo_stream.protocol.codes import ErrorCode, StreamKind
 from margo_stream.transport.connection import Connection, MessageStream, is_link_loss
 from margo_stream.transport.quic_server import QuicServer, server_configuration, start_server
+from margo_stream.transport.stateless_reset import ResetTokens, load_reset_key
 
 log = logging.getLogger("margo.controller")
 
@@ -114,7 +115,8 @@ class Controller:
                 self._tg = tg
                 transport, self.quic = await start_server(
                     self.config.listen_host, self.config.listen_port, quic_config,
-                    self._verify, self._accept)
+                    self._verify, self._accept,
+                    reset_tokens=ResetTokens(load_reset_key(self.config.data)))
                 self.quic_port = transport.get_extra_info("sockname")[1]
                 await tg.start(self._serve_api)
                 await self._serve_device_apis(tg)

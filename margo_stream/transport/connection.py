@@ -24,6 +24,8 @@ from pydantic import BaseModel
 from margo_stream.errors import MargoError, ProtocolError
 from margo_stream.protocol.channel import ChannelCore, MessageReceived, StreamEnded, StreamFailed
 from margo_stream.protocol.codes import ErrorCode, Sender, StreamKind
+from margo_stream.transport.mtls_hook import peer_reset_tokens
+from margo_stream.transport.stateless_reset import is_reset
 
 log = logging.getLogger("margo.transport")
 
@@ -168,6 +170,15 @@ class Connection:
         now = self.loop.time()
         self.last_received = now
         self.remote = addr
+        if self.role is Sender.AGENT and is_reset(data, peer_reset_tokens(self.quic)):
+            # the controller no longer knows this connection (it restarted): RFC 9000 10.3.1,
+            # the connection is over and nothing more is sent on it
+            self.cancel_timer()
+            self._terminated(ErrorCode.NO_ERROR, "stateless reset: the controller no longer "
+                             "knows this connection (restarted?)", by_peer=True)
+            if self.on_terminated is not None:
+                self.on_terminated(self)
+            return
         self.quic.receive_datagram(data, addr, now=now)
         self._drain_events()
         # Answer at the end of this loop turn, not per datagram: a peer's flight that spans

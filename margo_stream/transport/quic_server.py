@@ -31,6 +31,7 @@ from margo_stream.transport.mtls_hook import (
     check_aioquic,
     peer_certificates,
 )
+from margo_stream.transport.stateless_reset import ResetTokens
 from margo_stream.transport.udp_buffers import size_buffers
 
 log = logging.getLogger("margo.quic.server")
@@ -57,17 +58,19 @@ def server_configuration(cert_path: str, key_path: str, *, idle_timeout: float =
 
 class QuicServer(asyncio.DatagramProtocol):
     def __init__(self, configuration: QuicConfiguration, verify: Verifier, accept: Acceptor,
-                 *, max_connections: int = 50_000) -> None:
+                 *, max_connections: int = 50_000, reset_tokens: ResetTokens | None = None) -> None:
         check_aioquic()
         self.configuration = configuration
         self.verify = verify
         self.accept = accept
         self.max_connections = max_connections
+        self.reset_tokens = reset_tokens
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.DatagramTransport | None = None
         self._by_cid: dict[bytes, Connection] = {}
         self._connections: set[Connection] = set()
-        self.counters = {"handshakes": 0, "refused": 0, "accepted": 0, "dropped_datagrams": 0}
+        self.counters = {"handshakes": 0, "refused": 0, "accepted": 0, "dropped_datagrams": 0,
+                         "stateless_resets": 0}
 
     # --- asyncio.DatagramProtocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -87,6 +90,13 @@ class QuicServer(asyncio.DatagramProtocol):
                     source_cid=header.destination_cid, destination_cid=header.source_cid,
                     supported_versions=self.configuration.supported_versions), addr)
                 return
+            if header.version is None and self.reset_tokens is not None:
+                # a connection we do not know (we restarted, or forgot it): tell the peer now
+                reset = self.reset_tokens.reset_for(header.destination_cid, len(data))
+                if reset is not None:
+                    self.counters["stateless_resets"] += 1
+                    self._sendto(reset, addr)
+                    return
             if (header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_MAX_DATAGRAM_SIZE
                     or len(self._connections) >= self.max_connections):
                 self.counters["dropped_datagrams"] += 1
@@ -103,6 +113,7 @@ class QuicServer(asyncio.DatagramProtocol):
         quic = MutualTlsServerConnection(
             configuration=self.configuration,
             original_destination_connection_id=original_cid,
+            reset_tokens=self.reset_tokens,
         )
         conn = Connection(quic, Sender.CONTROLLER, self._sendto, self.loop)
         conn.on_handshake = self._handshake_completed
@@ -158,12 +169,13 @@ class QuicServer(asyncio.DatagramProtocol):
 
 
 async def start_server(host: str, port: int, configuration: QuicConfiguration, verify: Verifier,
-                       accept: Acceptor) -> tuple[asyncio.DatagramTransport, QuicServer]:
+                       accept: Acceptor, *, reset_tokens: ResetTokens | None = None
+                       ) -> tuple[asyncio.DatagramTransport, QuicServer]:
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     size_buffers(sock)
     sock.bind((host, port))
     transport, protocol = await loop.create_datagram_endpoint(
-        lambda: QuicServer(configuration, verify, accept), sock=sock)
+        lambda: QuicServer(configuration, verify, accept, reset_tokens=reset_tokens), sock=sock)
     return transport, protocol  # type: ignore[return-value]

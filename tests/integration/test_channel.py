@@ -156,6 +156,11 @@ def test_agent_reconnects_after_controller_restart(pki, tmp_path):
         d = ctl.wait_connected(pki.token("acme"), "press-01", min_connections=2, timeout=20)
         assert d["connection_count"] >= 2
         assert agent.alive()
+        # the restarted controller answered the old connection's next packet with a stateless
+        # reset (its key is kept in the data directory), rather than the agent waiting out
+        # unanswered keepalives
+        assert "stateless reset" in agent.log()
+        assert "controller unresponsive" not in agent.log()
     finally:
         agent.stop()
         ctl.stop()

@@ -82,3 +82,24 @@ def test_plain_server_connection_does_not_request_certificates(tmp_path):
                             original_destination_connection_id=client._peer_cid.cid)
     _handshake(client, server)
     assert peer_certificates(server)[0] is None
+
+
+def test_every_connection_id_the_server_issues_carries_the_derived_reset_token(tmp_path):
+    from margo_stream.transport.mtls_hook import host_reset_tokens, peer_reset_tokens
+    from margo_stream.transport.stateless_reset import ResetTokens, is_reset
+
+    pki = Pki(tmp_path)
+    tokens = ResetTokens(b"k" * 32)
+    client, plain = _pair(pki, True, [])
+    server = MutualTlsServerConnection(
+        configuration=plain._configuration,  # test-only peek: the same server settings
+        original_destination_connection_id=client._peer_cid.cid, reset_tokens=tokens)
+    _handshake(client, server)
+    issued = host_reset_tokens(server)
+    assert len(issued) > 1  # the first ID (transport parameter) and NEW_CONNECTION_ID ones
+    assert all(token == tokens.token(cid) for cid, token in issued.items())
+    given = peer_reset_tokens(client)
+    assert given and set(given) <= set(issued.values())
+    # a reset the restarted server would send for the ID the client uses is recognised
+    reset = tokens.reset_for(client._peer_cid.cid, 60)  # test-only peek
+    assert reset is not None and is_reset(reset, given)
