@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import venv
@@ -65,8 +66,13 @@ def main() -> int:
         ensure_mosquitto()
         args = sys.argv[2:] or ["-q", "-p", "no:cacheprovider"]
         return subprocess.run([str(BIN / "python"), "-m", "pytest", *args], cwd=ROOT, env=env).returncode
-    return subprocess.run([str(BIN / "python"), "-m", "bench.demo", *sys.argv[2:]], cwd=ROOT,
-                          env=env).returncode
+    demo = subprocess.Popen([str(BIN / "python"), "-m", "bench.demo", *sys.argv[2:]], cwd=ROOT,
+                            env=env)
+    # a SIGTERM to this script (a supervisor, `timeout`) stops the demo's controller and agents
+    # too, as Ctrl-C does; the demo handles both signals itself
+    signal.signal(signal.SIGTERM, lambda signum, _frame: demo.send_signal(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: demo.send_signal(signum))
+    return demo.wait()
 
 
 if __name__ == "__main__":

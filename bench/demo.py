@@ -61,13 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[subprocess.Popen] = []
 
     def spawn(name: str, argv: list[str]) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, stdout=open(logs / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
+        # this process blocks SIGINT/SIGTERM (it waits for them with sigwait); its children
+        # must not inherit that mask, or they would ignore the SIGTERM that stops them
+        proc = subprocess.Popen(argv, stdout=open(logs / f"{name}.log", "ab"), stderr=subprocess.STDOUT,
+                                preexec_fn=_unblock_signals)
         procs.append(proc)
         return proc
 
     env = {**os.environ, "MARGO_API": f"http://127.0.0.1:{api}"}
     try:
         _say(f"controller: QUIC on 127.0.0.1:{quic}, operator API on http://127.0.0.1:{api}")
+        (base / "data" / "controller.json").unlink(missing_ok=True)  # a killed run's
         spawn("controller", [str(BIN / "margo-controller"), "--certs", str(certs), "--data", str(base / "data"),
                              "--listen", f"127.0.0.1:{quic}", "--api", f"127.0.0.1:{api}", "--log-format", "text"])
         poll_until(lambda: (base / "data" / "controller.json").exists(), 20, "the controller")
@@ -85,8 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             return r.stdout
 
         def all_connected() -> bool:
-            return all(d["connected"] for t in ("acme", "globex")
-                       for d in json.loads(ctl(t, "get", "devices", "-o", "json")))
+            for t in ("acme", "globex"):
+                listing = ctl(t, "get", "devices", "-o", "json", check=False)
+                if not listing or not all(d["connected"] for d in json.loads(listing)):
+                    return False
+            return True
 
         poll_until(all_connected, 30, "all agents to connect")
         print(ctl("acme", "get", "devices"), end="")
@@ -129,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
     _say("stopped")
     return 0
+
+
+def _unblock_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 if __name__ == "__main__":

@@ -108,6 +108,9 @@ class Controller:
     async def run(self, *, task_status: anyio.abc.TaskStatus[Controller] = anyio.TASK_STATUS_IGNORED) -> None:
         quic_config = self._load_identity()
         self.config.data.mkdir(parents=True, exist_ok=True)
+        # a ready file left by a controller that was killed would tell whoever waits for this
+        # one that it listens before it does
+        self.config.ready_file.unlink(missing_ok=True)
         await self.store.open()
         try:
             marked = await self.store.mark_all_disconnected()
