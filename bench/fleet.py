@@ -214,6 +214,8 @@ class WorkerProc(Worker):
 class Fleet:
     """``agents`` devices of one transport in ``procs`` worker processes."""
 
+    worker_module = "bench.fleet_worker"  # what each worker process runs (``python -m``)
+
     def __init__(self, transport: str, identities: Path, work: Path, tag: str, agents: int,
                  procs: int, *, poll_interval: float = 15.0, concurrency: int = 100,
                  spread: float = 0.0, pin: bool = True) -> None:
@@ -240,6 +242,10 @@ class Fleet:
                 if predicate(item):
                     event.set()
 
+    def worker_extra(self) -> dict[str, Any]:
+        """More of each worker's configuration line (for subclasses)."""
+        return {}
+
     async def start(self, host: str, port: int) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -251,7 +257,7 @@ class Fleet:
             count = self.agents // self.procs + (1 if i < self.agents % self.procs else 0)
             log = open(self.logs / f"worker-{self.transport}-{i}.log", "ab")  # noqa: SIM115
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.fleet_worker", stdin=subprocess.PIPE,
+                sys.executable, "-m", self.worker_module, stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=log, limit=1 << 24)
             log.close()
             worker = WorkerProc(proc, i, self._on_got)
@@ -259,7 +265,7 @@ class Fleet:
                    "identities": str(self.identities), "state": str(self.state),
                    "tenant": TENANT, "first": first, "count": count,
                    "poll_interval": self.poll_interval, "concurrency": self.concurrency,
-                   "spread": self.spread, "cpus": sorted(cpus)}
+                   "spread": self.spread, "cpus": sorted(cpus), **self.worker_extra()}
             await worker.send(json.dumps(cfg))
             self.workers.append(worker)
             self.ranges.append(range(first, first + count))

@@ -274,13 +274,14 @@ class Worker:
               failures=sum(d.post_failures for d in self.devices))
 
 
-def main() -> int:
+def main(worker_class: type[Worker] = Worker) -> int:
+    """A worker process: its configuration line from stdin, then commands until ``stop``."""
     raise_nofile_limit()
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     cfg = json.loads(sys.stdin.readline())
     if cfg.get("cpus"):
         os.sched_setaffinity(0, set(cfg["cpus"]))
-    worker = Worker(cfg)
+    worker = worker_class(cfg)
     anyio.run(worker.serve_commands, backend="asyncio", backend_options={"use_uvloop": True})
     return 0
 

@@ -37,6 +37,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: floa
                          + (f" (last error: {last_exc})" if last_exc else ""))
 
 
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -214,6 +214,34 @@ def _exec_child(
     os._exit(127)  # not reached: execve does not return
 
 
+async def write_all(fd_of: Callable[[], int | None], data: bytes, *, closed: str,
+                    hangup_errno: int, hangup: str, failed: str,
+                    written: Callable[[int], None]) -> None:
+    """Write all of ``data`` to the non-blocking descriptor ``fd_of()`` names (``None``: closed,
+    asked again after every wait), waiting while the kernel buffer is full; ``written(n)``
+    after each write. ``TerminalClosed`` with ``closed`` or, on ``hangup_errno``, ``hangup``;
+    ``TerminalError`` with ``failed`` on any other error."""
+    view = memoryview(data).cast("B")
+    while view:
+        fd = fd_of()
+        if fd is None:
+            raise TerminalClosed(closed)
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            try:
+                await anyio.wait_writable(fd)
+            except anyio.ClosedResourceError:
+                raise TerminalClosed(closed) from None
+            continue
+        except OSError as exc:
+            if exc.errno == hangup_errno:
+                raise TerminalClosed(hangup) from exc
+            raise TerminalError(f"{failed}: {exc}") from exc
+        view = view[n:]
+        written(n)
+
+
 class PtySession:
     """One process on a real pseudo-terminal. Create with :meth:`spawn`; end with :meth:`close`."""
 
@@ -391,27 +419,15 @@ class PtySession:
 
     async def write(self, data: bytes) -> None:
         """Write all of ``data`` to the terminal, waiting while the kernel buffer is full."""
-        view = memoryview(data).cast("B")
         async with self._write_lock:
-            while view:
-                fd = self._master_fd
-                if fd is None or self._closing:
-                    raise TerminalClosed("the terminal session is closed")
-                try:
-                    written = os.write(fd, view)
-                except BlockingIOError:
-                    try:
-                        await anyio.wait_writable(fd)
-                    except anyio.ClosedResourceError:
-                        raise TerminalClosed("the terminal session is closed") from None
-                    continue
-                except OSError as exc:
-                    if exc.errno == errno.EIO:
-                        raise TerminalClosed("the terminal has hung up") from exc
-                    raise TerminalError(f"writing to the terminal failed: {exc}") from exc
-                view = view[written:]
-                self._bytes_in += written
-                self._last_activity = time.monotonic()
+            await write_all(lambda: None if self._closing else self._master_fd, data,
+                            closed="the terminal session is closed", hangup_errno=errno.EIO,
+                            hangup="the terminal has hung up",
+                            failed="writing to the terminal failed", written=self._wrote)
+
+    def _wrote(self, n: int) -> None:
+        self._bytes_in += n
+        self._last_activity = time.monotonic()
 
     def resize(self, rows: int, cols: int) -> None:
         """Set the window size; the kernel sends SIGWINCH to the foreground process group."""

@@ -47,7 +47,13 @@ from agent.terminal.manager import (
     TerminalRefused,
     run_idle_watchdog,
 )
-from agent.terminal.pty_session import PtySession, TerminalClosed, TerminalError, _resolve
+from agent.terminal.pty_session import (
+    PtySession,
+    TerminalClosed,
+    TerminalError,
+    _resolve,
+    write_all,
+)
 from margo_stream.errors import ProtocolError
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode, StreamKind
@@ -131,26 +137,13 @@ class PipeSession:
             return data
 
     async def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            raw = self._fds.get(0)
-            if raw is None:
-                raise TerminalClosed("the command's input is closed")
-            try:
-                n = os.write(raw, view)
-            except BlockingIOError:
-                try:
-                    await anyio.wait_writable(raw)
-                except anyio.ClosedResourceError:
-                    raise TerminalClosed("the command's input is closed") from None
-                continue
-            except OSError as exc:
-                if exc.errno == errno.EPIPE:
-                    raise TerminalClosed("the command closed its input") from None
-                raise TerminalError(f"writing to the command failed: {exc}") from exc
-            view = view[n:]
-            self.bytes_in += n
-            self._last = time.monotonic()
+        await write_all(lambda: self._fds.get(0), data, closed="the command's input is closed",
+                        hangup_errno=errno.EPIPE, hangup="the command closed its input",
+                        failed="writing to the command failed", written=self._wrote)
+
+    def _wrote(self, n: int) -> None:
+        self.bytes_in += n
+        self._last = time.monotonic()
 
     def close_stdin(self) -> None:
         self._close_fd(0)

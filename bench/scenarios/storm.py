@@ -35,19 +35,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.fleet import TENANT, Fleet, WorkerProc
+from bench.fleet import TENANT, Fleet
 from bench.fleet_worker import Device, Worker, device_name
+from bench.fleet_worker import main as fleet_worker_main
 from bench.report_util import percentile
 
 NAME = "storm"
@@ -209,18 +207,7 @@ def _h2_close(client: Any) -> Any:
 
 def worker_main() -> int:
     """``python -m bench.scenarios.storm``: one worker process of :class:`TelemetryFleet`."""
-    import anyio
-
-    from bench.report_util import raise_nofile_limit
-
-    raise_nofile_limit()
-    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
-    cfg = json.loads(sys.stdin.readline())
-    if cfg.get("cpus"):
-        os.sched_setaffinity(0, set(cfg["cpus"]))
-    worker = TelemetryWorker(cfg)
-    anyio.run(worker.serve_commands, backend="asyncio", backend_options={"use_uvloop": True})
-    return 0
+    return fleet_worker_main(TelemetryWorker)
 
 
 # =========================================================================== bench side
@@ -229,36 +216,14 @@ def worker_main() -> int:
 class TelemetryFleet(Fleet):
     """:class:`bench.fleet.Fleet` whose workers run :class:`TelemetryWorker`."""
 
+    worker_module = WORKER_MODULE
+
     def __init__(self, *args: Any, telemetry: dict[str, Any] | None = None, **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.telemetry = telemetry or {}
 
-    async def start(self, host: str, port: int) -> None:
-        from bench.connect import cpu_split
-
-        self.state.mkdir(parents=True, exist_ok=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
-        cpus = cpu_split()[1] if getattr(self, "pin", True) else set()
-        first = 0
-        for i in range(self.procs):
-            count = self.agents // self.procs + (1 if i < self.agents % self.procs else 0)
-            log = open(self.logs / f"worker-{self.transport}-{i}.log", "ab")  # noqa: SIM115
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", WORKER_MODULE, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=log, limit=1 << 24)
-            log.close()
-            worker = WorkerProc(proc, i, self._on_got)
-            cfg = {"transport": self.transport, "host": host, "port": port,
-                   "identities": str(self.identities), "state": str(self.state),
-                   "tenant": TENANT, "first": first, "count": count,
-                   "poll_interval": self.poll_interval, "concurrency": self.concurrency,
-                   "spread": self.spread, "cpus": sorted(cpus), **self.telemetry}
-            await worker.send(json.dumps(cfg))
-            self.workers.append(worker)
-            self.ranges.append(range(first, first + count))
-            first += count
-        for worker in self.workers:
-            await worker.wait("ready", 60)
+    def worker_extra(self) -> dict[str, Any]:
+        return dict(self.telemetry)
 
     async def devices(self) -> list[list[Any]]:
         """``[index, recent ok times, records produced, records acked, all acked at]`` per

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import BIN, Agent, Controller, wait_for
+from tests.harness import BIN, Agent, Controller, pid_alive, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -69,14 +69,6 @@ def workload_out(agent: Agent, dep: str = "probe-1") -> tuple[str, int] | None:
         return site, int(pid)
     except (OSError, ValueError):
         return None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.fixture

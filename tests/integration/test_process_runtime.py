@@ -26,6 +26,7 @@ from margo_stream.state.spec import (
     RestartPolicy,
 )
 from margo_stream.state.status import DeploymentState, DeploymentStatus
+from tests.harness import pid_alive
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -122,15 +123,6 @@ def group_alive(pgid: int) -> bool:
         if fields[0] != "Z" and int(fields[2]) == pgid:
             return True
     return False
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def py(code: str) -> tuple[str, ...]:

@@ -13,17 +13,9 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from tests.harness import BIN, Agent, Controller, wait_for
+from tests.harness import BIN, Agent, Controller, pid_alive, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class Env:
