@@ -142,11 +142,15 @@ def recover(d: Path, max_bytes: int) -> Recovered:
     if reuse is not None:
         active = reuse
     else:
-        active = Segment.create(d, next_seq, last_present)
+        # the newest file may carry this very name and still be of no use (killed before
+        # its header was written): it is replaced, never missing, so the name keeps the
+        # highest sequence number handed out even across a crash right here
+        active = Segment.create(d, next_seq, last_present, replace=True)
         os.fsync(active.fd)
         fsync_dir(d)
     for path in obsolete:
-        path.unlink(missing_ok=True)
+        if path != active.path:
+            path.unlink(missing_ok=True)
     if obsolete:
         fsync_dir(d)
     segments = [*keep, active]

@@ -225,17 +225,26 @@ class Segment:
         self.retired = False
 
     @classmethod
-    def create(cls, directory: Path, base_seq: int, prev_last: int) -> Segment:
-        """Create a new empty segment (not yet fsynced). Raises OSError, leaving no file."""
+    def create(cls, directory: Path, base_seq: int, prev_last: int, *,
+               replace: bool = False) -> Segment:
+        """Create a new empty segment (not yet fsynced). Raises OSError, leaving no file.
+
+        With ``replace`` a file of that name (one recovery found useless, such as a segment
+        whose header was never written) is replaced at once: the header is written under a
+        temporary name first, so the name is never missing in between."""
         path = directory / segment_name(base_seq)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
+        target = path.with_name(f".{path.name}.tmp-new") if replace else path
+        flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+        fd = os.open(target, flags, 0o640)
         try:
             header = encode_segment_header(base_seq, prev_last)
             if os.write(fd, header) != len(header):
                 raise OSError(28, "short write of segment header")
+            if replace:
+                os.replace(target, path)
         except BaseException:
             os.close(fd)
-            path.unlink(missing_ok=True)
+            target.unlink(missing_ok=True)
             raise
         return cls(path, base_seq, fd, SEG_HDR_SIZE)
 

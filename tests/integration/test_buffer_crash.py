@@ -40,8 +40,11 @@ class StubAgent:
             raise AssertionError("agent stub did not start")
         line = self.proc.stdout.readline()
         if line.strip() != b"READY":
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+            error = self.proc.stderr.read()  # before kill() closes it
             self.kill()
-            raise AssertionError(f"agent stub failed: {line!r} {self.proc.stderr.read()!r}")
+            raise AssertionError(f"agent stub failed: {line!r} {error!r}")
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

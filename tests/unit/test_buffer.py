@@ -23,6 +23,7 @@ from agent.telemetry.segments import (
     encode_record,
     encode_segment_header,
     scan_segment,
+    segment_name,
 )
 from margo_stream.errors import ConfigError, TelemetryBufferError
 
@@ -178,3 +179,21 @@ def test_closed_buffer_refuses(tmp_path: Path) -> None:
     buf = run(main)
     with pytest.raises(TelemetryBufferError, match="closed"):
         buf.submit([b"x"])
+
+
+def test_a_segment_killed_before_its_header_was_written_is_replaced(tmp_path: Path) -> None:
+    """Seen under load in the SIGKILL test: the agent died between creating the next segment
+    file and writing its header. Recovery set that empty file aside as obsolete but created
+    the new active segment under the same name before deleting it: File exists."""
+
+    async def main() -> None:
+        async with TelemetryBuffer.open(tmp_path, SMALL) as buf:
+            assert await buf.append_many([b"x" * 100] * 5) == [1, 2, 3, 4, 5]
+        (tmp_path / segment_name(6)).write_bytes(b"")  # the roll that died before its header
+        async with TelemetryBuffer.open(tmp_path, SMALL) as buf:
+            assert buf.next_seq == 6
+            assert await buf.append(b"{}") == 6
+            assert [r.seq for r in buf.read(0, 100, 1 << 20)] == [1, 2, 3, 4, 5, 6]
+        assert not list(tmp_path.glob(".*.tmp-*"))
+
+    run(main)
