@@ -26,10 +26,9 @@ from typing import Any
 import anyio
 import httpx
 
-from bench.pushlat import installed, watching
+from bench.pushlat import installed, one_device_pki, watching
 from bench.relay import Impairment, UdpRelay
 from bench.report_util import machine_info, markdown_table, median, write_report
-from margo_stream.identity.pki import init_pki, issue_device
 
 BIN = Path(sys.executable).parent
 DEVICE = "delta-01"
@@ -80,10 +79,7 @@ async def _bytes_for(relay: UdpRelay, client: httpx.AsyncClient, watch: Any, bod
 async def one_run(file_bytes: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="margo-delta-") as tmp:
         root = Path(tmp)
-        certs = root / "certs"
-        init_pki(certs, ["bench"], ["localhost", "127.0.0.1"])
-        ident = issue_device(certs, "bench", DEVICE)
-        token = (certs / "bench" / "operator.token").read_text().strip()
+        certs, ident, token = one_device_pki(root, DEVICE)
         data = root / "data"
         data.mkdir()
         ctl = subprocess.Popen([str(BIN / "margo-controller"), "--certs", str(certs), "--data",

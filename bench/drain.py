@@ -25,9 +25,8 @@ from typing import Any
 import anyio
 import httpx
 
-from bench.pushlat import one_push, watching
+from bench.pushlat import one_device_pki, one_push, watching
 from bench.report_util import machine_info, markdown_table, median, percentile, write_report
-from margo_stream.identity.pki import init_pki, issue_device
 from margo_stream.telemetry_client import AsyncTelemetryClient
 
 BIN = Path(sys.executable).parent
@@ -99,10 +98,7 @@ def _device(api: str, token: str) -> dict[str, Any]:
 async def one_run(records: int, record_bytes: int, samples: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="margo-drain-") as tmp:
         root = Path(tmp)
-        certs = root / "certs"
-        init_pki(certs, ["bench"], ["localhost", "127.0.0.1"])
-        ident = issue_device(certs, "bench", DEVICE)
-        token = (certs / "bench" / "operator.token").read_text().strip()
+        certs, ident, token = one_device_pki(root, DEVICE)
         data, state = root / "data", root / "agent"
         data.mkdir()
         state.mkdir()

@@ -9,10 +9,13 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
+
+from margo_stream.identity.pki import init_pki, issue_device
 
 DOC = """\
 apiVersion: application.margo.org/v1alpha1
@@ -103,3 +106,12 @@ async def one_push(client: httpx.AsyncClient, watch: EventWatch, device: str, va
     with anyio.fail_after(timeout):
         await event.wait()
     return stamp[0] - t0
+
+
+def one_device_pki(root: Path, device: str) -> tuple[Path, Path, str]:
+    """A fresh PKI under ``root/certs`` for tenant ``bench`` and one device: the certificate
+    directory, the device's identity directory and the operator token."""
+    certs = root / "certs"
+    init_pki(certs, ["bench"], ["localhost", "127.0.0.1"])
+    ident = issue_device(certs, "bench", device)
+    return certs, ident, (certs / "bench" / "operator.token").read_text().strip()
