@@ -31,8 +31,19 @@ def ensure_venv() -> None:
         print("creating .venv ...", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     print("installing margo-stream and its dependencies into .venv ...", flush=True)
-    subprocess.run([str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                    "-e", f"{ROOT}[bench,test]"], check=True)
+    subprocess.run(
+        [
+            str(BIN / "python"),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "-e",
+            f"{ROOT}[bench,test]",
+        ],
+        check=True,
+    )
     STAMP.write_text(want)
 
 
@@ -44,16 +55,23 @@ def ensure_mosquitto() -> None:
     if shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto"):
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        print("note: mosquitto is not installed; the MQTT transport tests will be skipped", flush=True)
+        print(
+            "note: mosquitto is not installed; the MQTT transport tests will be skipped", flush=True
+        )
         return
     print("installing mosquitto (Debian package) for the MQTT transport ...", flush=True)
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     ok = subprocess.run(["apt-get", "install", "-y", "-q", "mosquitto"], **quiet).returncode == 0
     if not ok:
         subprocess.run(["apt-get", "update", "-q"], **quiet)
-        ok = subprocess.run(["apt-get", "install", "-y", "-q", "mosquitto"], **quiet).returncode == 0
+        ok = (
+            subprocess.run(["apt-get", "install", "-y", "-q", "mosquitto"], **quiet).returncode == 0
+        )
     if not ok:
-        print("note: could not install mosquitto; the MQTT transport tests will be skipped", flush=True)
+        print(
+            "note: could not install mosquitto; the MQTT transport tests will be skipped",
+            flush=True,
+        )
 
 
 def main() -> int:
@@ -65,9 +83,12 @@ def main() -> int:
     if sys.argv[1] == "test":
         ensure_mosquitto()
         args = sys.argv[2:] or ["-q", "-p", "no:cacheprovider"]
-        return subprocess.run([str(BIN / "python"), "-m", "pytest", *args], cwd=ROOT, env=env).returncode
-    demo = subprocess.Popen([str(BIN / "python"), "-m", "bench.demo", *sys.argv[2:]], cwd=ROOT,
-                            env=env)
+        return subprocess.run(
+            [str(BIN / "python"), "-m", "pytest", *args], cwd=ROOT, env=env
+        ).returncode
+    demo = subprocess.Popen(
+        [str(BIN / "python"), "-m", "bench.demo", *sys.argv[2:]], cwd=ROOT, env=env
+    )
     # a SIGTERM to this script (a supervisor, `timeout`) stops the demo's controller and agents
     # too, as Ctrl-C does; the demo handles both signals itself
     signal.signal(signal.SIGTERM, lambda signum, _frame: demo.send_signal(signum))

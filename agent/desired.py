@@ -45,8 +45,9 @@ class DesiredFeature:
         self.store = DesiredStore(state)
         try:
             self.public_key = load_signing_pub(agent.creds.signing_pub_path)
-            self.verifier = DesiredStateVerifier(agent.tenant, agent.device_id, self.public_key,
-                                                 state / "desired" / "trust.json")
+            self.verifier = DesiredStateVerifier(
+                agent.tenant, agent.device_id, self.public_key, state / "desired" / "trust.json"
+            )
         except (IdentityError, TrustError) as exc:
             raise ConfigError(str(exc)) from None
         self._incoming: dict[str, bytes] = {}
@@ -74,27 +75,40 @@ class DesiredFeature:
             manifest = parse_manifest(manifest_bytes)
             specs = self._specs(manifest, self.store.blobs())
         except (DesiredStoreError, DocumentError, KeyError) as exc:
-            log.error("cannot restore the last applied desired state: %s", exc,
-                      extra={"event": "restore-failed"})
+            log.error(
+                "cannot restore the last applied desired state: %s",
+                exc,
+                extra={"event": "restore-failed"},
+            )
             return
         async with self._lock:
             await self.reconciler.apply(manifest.manifest_version, specs)
-        log.info("restored manifest version %d from disk (%d deployments)",
-                 manifest.manifest_version, len(specs), extra={"event": "desired-restored"})
+        log.info(
+            "restored manifest version %d from disk (%d deployments)",
+            manifest.manifest_version,
+            len(specs),
+            extra={"event": "desired-restored"},
+        )
 
     def hello_fields(self) -> dict[str, object]:
-        return {"manifest_version": self.verifier.held_version,
-                "manifest_digest": self.verifier.held_digest,
-                "blobs": sorted(self.store.held_digests())[:4096]}
+        return {
+            "manifest_version": self.verifier.held_version,
+            "manifest_digest": self.verifier.held_digest,
+            "blobs": sorted(self.store.held_digests())[:4096],
+        }
 
     @staticmethod
     def _specs(manifest: Manifest, blobs: Mapping[str, bytes]) -> list[DeploymentSpec]:
         specs = []
         for entry in manifest.deployments:
-            document = parse_deployment(blobs[entry.digest], source=f"deployment {entry.deployment_id}")
+            document = parse_deployment(
+                blobs[entry.digest], source=f"deployment {entry.deployment_id}"
+            )
             if document.deployment_id != entry.deployment_id:
-                raise DocumentError(f"manifest entry {entry.deployment_id!r} points at a document "
-                                    f"whose id is {document.deployment_id!r}")
+                raise DocumentError(
+                    f"manifest entry {entry.deployment_id!r} points at a document "
+                    f"whose id is {document.deployment_id!r}"
+                )
             specs.append(resolve(document, digest=entry.digest))
         return specs
 
@@ -111,8 +125,15 @@ class DesiredFeature:
                 return
             total += len(message.data)
             if total > MAX_PUSH_BYTES:
-                stream.send(m.DesiredResult(version=first.version, ok=False, code="too-large",
-                                            reason=f"push exceeds {MAX_PUSH_BYTES} bytes"), end=True)
+                stream.send(
+                    m.DesiredResult(
+                        version=first.version,
+                        ok=False,
+                        code="too-large",
+                        reason=f"push exceeds {MAX_PUSH_BYTES} bytes",
+                    ),
+                    end=True,
+                )
                 return
             parts.setdefault(message.digest, bytearray()).extend(message.data)
         # the controller ended the stream cleanly: the push is whole
@@ -129,28 +150,39 @@ class DesiredFeature:
         version = push.version
         available = ChainMap(received, self.store.blobs())
         try:
-            verdict = self.verifier.verify(push.manifest, push.signature, available,
-                                           now=dt.datetime.now(dt.UTC))
+            verdict = self.verifier.verify(
+                push.manifest, push.signature, available, now=dt.datetime.now(dt.UTC)
+            )
             if verdict.unchanged:
                 return m.DesiredResult(version=version, ok=True, unchanged=True)
             specs = self._specs(verdict.manifest, available)
             validate(specs)
         except TrustError as exc:
-            log.warning("refused manifest version %d: %s", version, exc,
-                        extra={"event": "desired-refused", "code": exc.code})
+            log.warning(
+                "refused manifest version %d: %s",
+                version,
+                exc,
+                extra={"event": "desired-refused", "code": exc.code},
+            )
             return m.DesiredResult(version=version, ok=False, code=exc.code, reason=str(exc))
         except DocumentError as exc:
-            return m.DesiredResult(version=version, ok=False, code="invalid-document", reason=str(exc))
+            return m.DesiredResult(
+                version=version, ok=False, code="invalid-document", reason=str(exc)
+            )
         # Verified in full: nothing of it is untrusted any more. Persisting it (fsyncs, on a
         # worker thread) and converging the workloads run side by side, so the workloads do not
         # wait for the disk; the trust state advances only once both are done.
-        needed = {d: available[d] for d in blob_digests(verdict.manifest) if not self.store.has_blob(d)}
+        needed = {
+            d: available[d] for d in blob_digests(verdict.manifest) if not self.store.has_blob(d)
+        }
         self._incoming = needed
         stored: list[BaseException] = []
 
         async def persist() -> None:
             try:
-                await anyio.to_thread.run_sync(self.store.install, needed, push.manifest, push.signature)
+                await anyio.to_thread.run_sync(
+                    self.store.install, needed, push.manifest, push.signature
+                )
             except (DesiredStoreError, OSError) as exc:
                 stored.append(exc)
 
@@ -161,12 +193,22 @@ class DesiredFeature:
         finally:
             self._incoming = {}
         if stored:
-            log.error("manifest version %d runs but could not be stored: %s", version, stored[0],
-                      extra={"event": "desired-store-failed"})
-            return m.DesiredResult(version=version, ok=False, code="store-failed", reason=str(stored[0]))
+            log.error(
+                "manifest version %d runs but could not be stored: %s",
+                version,
+                stored[0],
+                extra={"event": "desired-store-failed"},
+            )
+            return m.DesiredResult(
+                version=version, ok=False, code="store-failed", reason=str(stored[0])
+            )
         await anyio.to_thread.run_sync(self._commit, verdict)
-        log.info("applied manifest version %d (%d deployments)", version, len(specs),
-                 extra={"event": "desired-applied"})
+        log.info(
+            "applied manifest version %d (%d deployments)",
+            version,
+            len(specs),
+            extra={"event": "desired-applied"},
+        )
         return m.DesiredResult(version=version, ok=True)
 
     def _commit(self, verdict: Verdict) -> None:

@@ -138,8 +138,11 @@ class AgentSession:
             misses += 1
             if misses >= DEAD_AFTER_MISSES:
                 silent = loop.time() - self.conn.last_received
-                log.warning("no packet from the controller for %.1f s (%d unanswered pings); "
-                            "reconnecting", silent, misses)
+                log.warning(
+                    "no packet from the controller for %.1f s (%d unanswered pings); reconnecting",
+                    silent,
+                    misses,
+                )
                 self.conn.close(ErrorCode.NO_ERROR, "controller unresponsive")
                 return
 

@@ -25,12 +25,23 @@ log = logging.getLogger("margo.agent.status")
 
 def to_wire(seq: int, s: DeploymentStatus) -> m.Status:
     def err(e):  # noqa: ANN001, ANN202
-        return None if e is None else m.StatusErrorModel(code=e.code, source=e.source, message=e.message)
+        return (
+            None
+            if e is None
+            else m.StatusErrorModel(code=e.code, source=e.source, message=e.message)
+        )
 
-    return m.Status(seq=seq, deployment_id=s.deployment_id, manifest_version=s.manifest_version,
-                    state=s.state.value, error=err(s.error),
-                    components=[m.ComponentStatusModel(name=c.name, state=c.state.value, error=err(c.error))
-                                for c in s.components])
+    return m.Status(
+        seq=seq,
+        deployment_id=s.deployment_id,
+        manifest_version=s.manifest_version,
+        state=s.state.value,
+        error=err(s.error),
+        components=[
+            m.ComponentStatusModel(name=c.name, state=c.state.value, error=err(c.error))
+            for c in s.components
+        ],
+    )
 
 
 class StatusReporter:

@@ -42,9 +42,7 @@ def _backend_options() -> dict[str, object]:
 
 
 def _config(args: argparse.Namespace) -> BufferConfig:
-    return BufferConfig(
-        max_bytes=args.max_bytes, commit_window_s=args.commit_window_ms / 1000.0
-    )
+    return BufferConfig(max_bytes=args.max_bytes, commit_window_s=args.commit_window_ms / 1000.0)
 
 
 def _payload(size: int) -> bytes:

@@ -37,16 +37,26 @@ DATAGRAM_SIZE = 1350  # what server_configuration/client_configuration use
 
 
 def server_config(cert: str, key: str, *, idle_timeout: float = 60.0) -> QuicConfiguration:
-    configuration = QuicConfiguration(is_client=False, alpn_protocols=[BARE_ALPN],
-                                      idle_timeout=idle_timeout, max_datagram_size=DATAGRAM_SIZE)
+    configuration = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=[BARE_ALPN],
+        idle_timeout=idle_timeout,
+        max_datagram_size=DATAGRAM_SIZE,
+    )
     configuration.load_cert_chain(cert, key)
     return configuration
 
 
-def client_config(cafile: str, *, server_name: str, idle_timeout: float = 60.0) -> QuicConfiguration:
-    configuration = QuicConfiguration(is_client=True, alpn_protocols=[BARE_ALPN],
-                                      idle_timeout=idle_timeout, server_name=server_name,
-                                      max_datagram_size=DATAGRAM_SIZE)
+def client_config(
+    cafile: str, *, server_name: str, idle_timeout: float = 60.0
+) -> QuicConfiguration:
+    configuration = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[BARE_ALPN],
+        idle_timeout=idle_timeout,
+        server_name=server_name,
+        max_datagram_size=DATAGRAM_SIZE,
+    )
     configuration.load_verify_locations(cafile=cafile)
     return configuration
 
@@ -61,12 +71,14 @@ class BareClient(QuicConnectionProtocol):
             self.terminated = True
 
 
-async def open_client(host: str, port: int,
-                      configuration: QuicConfiguration) -> tuple[asyncio.DatagramTransport, BareClient]:
+async def open_client(
+    host: str, port: int, configuration: QuicConfiguration
+) -> tuple[asyncio.DatagramTransport, BareClient]:
     """Start a handshake; the caller awaits ``protocol.wait_connected()``."""
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_datagram_endpoint(
-        lambda: BareClient(QuicConnection(configuration=configuration)), local_addr=(host, 0))
+        lambda: BareClient(QuicConnection(configuration=configuration)), local_addr=(host, 0)
+    )
     protocol.connect((host, port))
     return transport, protocol  # type: ignore[return-value]
 
@@ -79,7 +91,8 @@ async def serve(host: str, cert: str, key: str, idle_timeout: float) -> None:
     configuration = server_config(cert, key, idle_timeout=idle_timeout)
     transport, _ = await loop.create_datagram_endpoint(
         lambda: QuicServer(configuration=configuration, create_protocol=QuicConnectionProtocol),
-        sock=sock)
+        sock=sock,
+    )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -102,8 +115,10 @@ async def serve(host: str, cert: str, key: str, idle_timeout: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.bare_quic",
-                                description="Plain aioquic server (the reference for margo-bench connect).")
+    p = argparse.ArgumentParser(
+        prog="python -m bench.bare_quic",
+        description="Plain aioquic server (the reference for margo-bench connect).",
+    )
     p.add_argument("--cert", required=True)
     p.add_argument("--key", required=True)
     p.add_argument("--host", default="127.0.0.1")

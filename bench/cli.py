@@ -13,27 +13,46 @@ PROG = "margo-bench"
 
 # subcommand -> ("module" or "module:function", one-line description); the function takes argv
 SCENARIOS: dict[str, tuple[str, str]] = {
-    "connect": ("bench.connect",
-                "agents one controller holds: handshake rate vs bare aioquic, RSS and idle CPU"),
+    "connect": (
+        "bench.connect",
+        "agents one controller holds: handshake rate vs bare aioquic, RSS and idle CPU",
+    ),
     "append": ("bench.append", "durable append rate of the agent's telemetry buffer"),
-    "delta": ("bench.delta", "bytes on the wire for a desired-state change (five files, one parameter)"),
-    "drain": ("bench.drain",
-              "time to drain an offline telemetry backlog; push latency during it vs idle"),
-    "ingest": ("bench.ingest", "controller telemetry ingest rate with many agents replaying at once"),
-    "keystroke": ("bench.keystroke",
-                  "terminal keystroke round trip, idle and while telemetry drains"),
-    "run": ("bench.compare:run_main",
-            "one transport scenario (connect, push, lossy, storm, drain) over one transport"),
-    "compare": ("bench.compare:compare_main",
-                "one scenario over quic, rest-poll, h2-push and mqtt side by side, then the report"),
+    "delta": (
+        "bench.delta",
+        "bytes on the wire for a desired-state change (five files, one parameter)",
+    ),
+    "drain": (
+        "bench.drain",
+        "time to drain an offline telemetry backlog; push latency during it vs idle",
+    ),
+    "ingest": (
+        "bench.ingest",
+        "controller telemetry ingest rate with many agents replaying at once",
+    ),
+    "keystroke": (
+        "bench.keystroke",
+        "terminal keystroke round trip, idle and while telemetry drains",
+    ),
+    "run": (
+        "bench.compare:run_main",
+        "one transport scenario (connect, push, lossy, storm, drain) over one transport",
+    ),
+    "compare": (
+        "bench.compare:compare_main",
+        "one scenario over quic, rest-poll, h2-push and mqtt side by side, then the report",
+    ),
     "report": ("bench.report", "markdown table and PNG plots from a run/compare directory"),
 }
 
 
 def usage() -> str:
     width = max(len(name) for name in SCENARIOS)
-    lines = [f"usage: {PROG} <scenario> [options]   ({PROG} <scenario> --help for its options)",
-             "", "scenarios:"]
+    lines = [
+        f"usage: {PROG} <scenario> [options]   ({PROG} <scenario> --help for its options)",
+        "",
+        "scenarios:",
+    ]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in SCENARIOS.items()]
     return "\n".join(lines)
 

@@ -25,7 +25,9 @@ from typing import Any
 from bench.fleet import TRANSPORTS
 from bench.report_util import machine_info, raise_nofile_limit, write_json
 
-SCENARIOS = {name: f"bench.scenarios.{name}" for name in ("connect", "push", "lossy", "storm", "drain")}
+SCENARIOS = {
+    name: f"bench.scenarios.{name}" for name in ("connect", "push", "lossy", "storm", "drain")
+}
 KIND = "margo-bench transports"
 
 
@@ -33,7 +35,9 @@ def parse_transport(spec: str, poll_interval: float) -> tuple[str, str, float]:
     """``rest-poll@5`` -> (label ``rest-poll 5 s``, transport, interval)."""
     name, _, interval = spec.partition("@")
     if name not in TRANSPORTS:
-        raise argparse.ArgumentTypeError(f"unknown transport {name!r} (one of {', '.join(TRANSPORTS)})")
+        raise argparse.ArgumentTypeError(
+            f"unknown transport {name!r} (one of {', '.join(TRANSPORTS)})"
+        )
     if name != "rest-poll":
         if interval:
             raise argparse.ArgumentTypeError(f"only rest-poll takes an @interval, not {spec!r}")
@@ -47,20 +51,35 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="report directory")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--procs", type=int, default=2, help="fleet worker processes")
-    p.add_argument("--poll-interval", type=float, default=15.0,
-                   help="rest-poll interval, seconds (Margo's sandbox agent: 15)")
-    p.add_argument("--keepalive", type=float, default=20.0, help="QUIC keepalive the controller sets (its default)")
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=15.0,
+        help="rest-poll interval, seconds (Margo's sandbox agent: 15)",
+    )
+    p.add_argument(
+        "--keepalive",
+        type=float,
+        default=20.0,
+        help="QUIC keepalive the controller sets (its default)",
+    )
     p.add_argument("--concurrency", type=int, default=100, help="connects in flight per worker")
     p.add_argument("--work", type=Path, help="work directory (PKI, logs); kept if given")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a scenario parameter (see each scenario's DEFAULTS), repeatable")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a scenario parameter (see each scenario's DEFAULTS), repeatable",
+    )
     p.add_argument("--no-report", action="store_true", help="write the JSON only")
 
 
 def scenario_params(module: Any, args: argparse.Namespace) -> dict[str, Any]:
     params = dict(module.DEFAULTS)
-    params.update(agents=args.agents, procs=args.procs, keepalive=args.keepalive,
-                  concurrency=args.concurrency)
+    params.update(
+        agents=args.agents, procs=args.procs, keepalive=args.keepalive, concurrency=args.concurrency
+    )
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -72,33 +91,56 @@ def scenario_params(module: Any, args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-async def run_all(module: Any, specs: list[tuple[str, str, float]], params: dict[str, Any],
-                  runs: int, work: Path, checkpoint: Any = None) -> list[dict[str, Any]]:
+async def run_all(
+    module: Any,
+    specs: list[tuple[str, str, float]],
+    params: dict[str, Any],
+    runs: int,
+    work: Path,
+    checkpoint: Any = None,
+) -> list[dict[str, Any]]:
     from bench.scenarios.common import run_one
 
     out = []
     for run in range(runs):
-        order = specs[run % len(specs):] + specs[:run % len(specs)]
+        order = specs[run % len(specs) :] + specs[: run % len(specs)]
         for label, transport, interval in order:
-            print(f"== {module.NAME}, run {run + 1}/{runs}: {label}, {params['agents']} devices",
-                  file=sys.stderr, flush=True)
+            print(
+                f"== {module.NAME}, run {run + 1}/{runs}: {label}, {params['agents']} devices",
+                file=sys.stderr,
+                flush=True,
+            )
             tag = f"{module.NAME}-{label.replace(' ', '')}-{run + 1}"
             try:
-                result = await run_one(module, transport, {**params, "poll_interval": interval},
-                                       work, tag)
+                result = await run_one(
+                    module, transport, {**params, "poll_interval": interval}, work, tag
+                )
             except Exception as exc:  # noqa: BLE001 - one transport failing must not lose the others
-                result = {"transport": transport, "error": f"{type(exc).__name__}: {exc}",
-                          "summary": {}, "load": {"before": os.getloadavg(), "after": os.getloadavg()}}
+                result = {
+                    "transport": transport,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "summary": {},
+                    "load": {"before": os.getloadavg(), "after": os.getloadavg()},
+                }
             result.update(label=label, run=run + 1)
             out.append(result)
-            print(f"   {label}: {result.get('error') or result['summary']}", file=sys.stderr, flush=True)
+            print(
+                f"   {label}: {result.get('error') or result['summary']}",
+                file=sys.stderr,
+                flush=True,
+            )
             if checkpoint is not None:
                 checkpoint(out)
     return out
 
 
-def execute(scenario: str, specs: list[tuple[str, str, float]], args: argparse.Namespace,
-            argv: list[str], command: str) -> Path:
+def execute(
+    scenario: str,
+    specs: list[tuple[str, str, float]],
+    args: argparse.Namespace,
+    argv: list[str],
+    command: str,
+) -> Path:
     module = importlib.import_module(SCENARIOS[scenario])
     params = scenario_params(module, args)
     raise_nofile_limit()
@@ -109,11 +151,18 @@ def execute(scenario: str, specs: list[tuple[str, str, float]], args: argparse.N
 
     def save(runs: list[dict[str, Any]]) -> None:
         """Rewritten after every transport's run, so an aborted comparison keeps what it had."""
-        write_json(path, {"kind": KIND, "scenario": scenario,
-                          "command": f"{command} {' '.join(argv)}".strip(), "params": params,
-                          "transports": [label for label, _, _ in specs],
-                          "machine": {**machine_info(), "loadavg_at_end": os.getloadavg()},
-                          "runs": runs})
+        write_json(
+            path,
+            {
+                "kind": KIND,
+                "scenario": scenario,
+                "command": f"{command} {' '.join(argv)}".strip(),
+                "params": params,
+                "transports": [label for label, _, _ in specs],
+                "machine": {**machine_info(), "loadavg_at_end": os.getloadavg()},
+                "runs": runs,
+            },
+        )
 
     try:
         asyncio.run(run_all(module, specs, params, args.runs, work, save))
@@ -131,7 +180,9 @@ def execute(scenario: str, specs: list[tuple[str, str, float]], args: argparse.N
 
 def run_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="margo-bench run", description="One scenario over one transport.")
+    p = argparse.ArgumentParser(
+        prog="margo-bench run", description="One scenario over one transport."
+    )
     p.add_argument("scenario", choices=sorted(SCENARIOS))
     p.add_argument("--transport", required=True)
     add_common(p)
@@ -143,14 +194,23 @@ def run_main(argv: list[str] | None = None) -> int:
 
 def compare_main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="margo-bench compare",
-                                description="One scenario over several transports, side by side.")
+    p = argparse.ArgumentParser(
+        prog="margo-bench compare",
+        description="One scenario over several transports, side by side.",
+    )
     p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
-    p.add_argument("--transports", default=",".join(TRANSPORTS),
-                   help="comma-separated; rest-poll@SECONDS sets that poll interval")
+    p.add_argument(
+        "--transports",
+        default=",".join(TRANSPORTS),
+        help="comma-separated; rest-poll@SECONDS sets that poll interval",
+    )
     add_common(p)
     args = p.parse_args(argv)
-    specs = [parse_transport(s.strip(), args.poll_interval) for s in args.transports.split(",") if s.strip()]
+    specs = [
+        parse_transport(s.strip(), args.poll_interval)
+        for s in args.transports.split(",")
+        if s.strip()
+    ]
     execute(args.scenario, specs, args, argv, "margo-bench compare")
     return 0
 

@@ -75,7 +75,8 @@ class Worker:
         self.ready: dict[str, Any] | None = None
         self.ramped: dict[str, Any] | None = None
         self.events: dict[str, asyncio.Queue[dict[str, Any]]] = {
-            name: asyncio.Queue() for name in ("ready", "ramped", "status", "stopped")}
+            name: asyncio.Queue() for name in ("ready", "ramped", "status", "stopped")
+        }
         self.reader = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
@@ -105,14 +106,19 @@ class Worker:
     async def wait(self, kind: str, timeout: float) -> dict[str, Any]:
         getter = asyncio.ensure_future(self.events[kind].get())
         died = asyncio.ensure_future(self.proc.wait())
-        done, _ = await asyncio.wait({getter, died}, timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {getter, died}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         if getter in done:
             died.cancel()
             return getter.result()
         getter.cancel()
         died.cancel()
-        what = f"exited with {self.proc.returncode}" if died in done else f"no '{kind}' in {timeout:.0f} s"
+        what = (
+            f"exited with {self.proc.returncode}"
+            if died in done
+            else f"no '{kind}' in {timeout:.0f} s"
+        )
         raise RuntimeError(f"worker {self.index} {what} (see its log)")
 
     async def stop(self) -> None:
@@ -127,8 +133,9 @@ class Worker:
         self.reader.cancel()
 
 
-async def start_workers(cfg: dict[str, Any], agents: int, procs: int, log_dir: Path,
-                        cpus: set[int]) -> list[Worker]:
+async def start_workers(
+    cfg: dict[str, Any], agents: int, procs: int, log_dir: Path, cpus: set[int]
+) -> list[Worker]:
     workers = []
     first = 0
     for i in range(procs):
@@ -137,8 +144,15 @@ async def start_workers(cfg: dict[str, Any], agents: int, procs: int, log_dir: P
         profile = cfg.get("profile")
         launcher = ["-m", "cProfile", "-o", f"{profile}.{cfg['mode']}.{i}"] if profile else []
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, *launcher, "-m", "bench.simfleet", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=log, limit=1 << 24)
+            sys.executable,
+            *launcher,
+            "-m",
+            "bench.simfleet",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            limit=1 << 24,
+        )
         log.close()
         worker = Worker(proc, i)
         await worker.send(json.dumps({**cfg, "first": first, "count": count, "cpus": sorted(cpus)}))
@@ -150,8 +164,9 @@ async def start_workers(cfg: dict[str, Any], agents: int, procs: int, log_dir: P
     return workers
 
 
-async def ramp(workers: list[Worker], agents: int, label: str, server_pid: int,
-               timeout: float) -> dict[str, Any]:
+async def ramp(
+    workers: list[Worker], agents: int, label: str, server_pid: int, timeout: float
+) -> dict[str, Any]:
     """Send ``go`` to every worker and follow the ramp until every agent is connected or gave up."""
     before = {w.index: sample_process(w.proc.pid) for w in workers}
     server_before = sample_process(server_pid)
@@ -171,10 +186,16 @@ async def ramp(workers: list[Worker], agents: int, label: str, server_pid: int,
                 connected = sum(w.connected for w in workers)
                 failures = sum(w.failures for w in workers)
                 elapsed = now - t_go
-                line = (f"{label}: {connected:,}/{agents:,} connected, {connected / elapsed:,.0f}/s, "
-                        f"{failures} failed attempts, {elapsed:.1f} s")
-                print(("\r" + line + "   ") if tty else line, end="" if tty else "\n",
-                      file=sys.stderr, flush=True)
+                line = (
+                    f"{label}: {connected:,}/{agents:,} connected, {connected / elapsed:,.0f}/s, "
+                    f"{failures} failed attempts, {elapsed:.1f} s"
+                )
+                print(
+                    ("\r" + line + "   ") if tty else line,
+                    end="" if tty else "\n",
+                    file=sys.stderr,
+                    flush=True,
+                )
         results = [p.result() for p in pending.values()]
     finally:
         for p in pending.values():
@@ -190,8 +211,12 @@ async def ramp(workers: list[Worker], agents: int, label: str, server_pid: int,
     ramp_s = times[-1] if times else None
     if tty:
         print(file=sys.stderr)
-    print(f"{label}: {connected:,}/{agents:,} connected in {ramp_s or 0:.2f} s "
-          f"({connected / ramp_s if ramp_s else 0:,.1f}/s)", file=sys.stderr, flush=True)
+    print(
+        f"{label}: {connected:,}/{agents:,} connected in {ramp_s or 0:.2f} s "
+        f"({connected / ramp_s if ramp_s else 0:,.1f}/s)",
+        file=sys.stderr,
+        flush=True,
+    )
     # steady-state rate: the middle 80 % of the ramp, free of start-up and stragglers
     mid_rate = None
     if connected >= 10:
@@ -206,20 +231,30 @@ async def ramp(workers: list[Worker], agents: int, label: str, server_pid: int,
         "ramp_seconds": ramp_s,
         "handshake_rate": connected / ramp_s if ramp_s else None,
         "handshake_rate_middle_80pct": mid_rate,
-        "handshake_latency_ms": {f"p{q}": 1000 * latencies[min(len(latencies) - 1, len(latencies) * q // 100)]
-                                 for q in (50, 90, 99)} if latencies else {},
+        "handshake_latency_ms": {
+            f"p{q}": 1000 * latencies[min(len(latencies) - 1, len(latencies) * q // 100)]
+            for q in (50, 90, 99)
+        }
+        if latencies
+        else {},
         # loopback: every datagram sent is received once; other traffic on the host adds noise
         "udp_datagrams_per_handshake": (udp_after["InDatagrams"] - udp_before["InDatagrams"])
-        / max(connected, 1) if udp_before and udp_after else None,
+        / max(connected, 1)
+        if udp_before and udp_after
+        else None,
         # datagrams the kernel dropped for a full receive buffer (host-wide): each one costs a
         # retransmission after a probe timeout, which shows in the latency tail
         "udp_receive_buffer_drops": udp_after["RcvbufErrors"] - udp_before["RcvbufErrors"]
-        if udp_before and udp_after else None,
+        if udp_before and udp_after
+        else None,
         "server_cpu_percent_during_ramp": cpu_percent(server_before, server_after, t_end - t_go),
-        "server_cpu_ms_per_handshake": 1000 * (server_after.cpu_s - server_before.cpu_s) / max(connected, 1),
+        "server_cpu_ms_per_handshake": 1000
+        * (server_after.cpu_s - server_before.cpu_s)
+        / max(connected, 1),
         "worker_cpu_percent_during_ramp": worker_cpu,
-        "worker_cpu_ms_per_handshake": 1000 * sum(
-            after.cpu_s - before[i].cpu_s for i, after in worker_after.items()) / max(connected, 1),
+        "worker_cpu_ms_per_handshake": 1000
+        * sum(after.cpu_s - before[i].cpu_s for i, after in worker_after.items())
+        / max(connected, 1),
         "timeline": _timeline(times),
         "_times": times,
     }
@@ -228,8 +263,11 @@ async def ramp(workers: list[Worker], agents: int, label: str, server_pid: int,
 def udp_counters() -> dict[str, int] | None:
     """The host's UDP counters (/proc/net/snmp): InDatagrams, RcvbufErrors, ..."""
     try:
-        names, values = [line.split()[1:] for line in Path("/proc/net/snmp").read_text().splitlines()
-                         if line.startswith("Udp:")][:2]
+        names, values = [
+            line.split()[1:]
+            for line in Path("/proc/net/snmp").read_text().splitlines()
+            if line.startswith("Udp:")
+        ][:2]
         return {name: int(value) for name, value in zip(names, values, strict=True)}
     except (OSError, ValueError):
         return None
@@ -270,19 +308,42 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
 # --------------------------------------------------------------------------- the two sides
 
 
-async def measure_ours(args: argparse.Namespace, work: Path, run: int,
-                       cpus: tuple[set[int], set[int]]) -> dict[str, Any]:
+async def measure_ours(
+    args: argparse.Namespace, work: Path, run: int, cpus: tuple[set[int], set[int]]
+) -> dict[str, Any]:
     certs = work / "certs"
     data = work / f"data-{run}"
     data.mkdir()
     launcher = [str(BIN / "margo-controller")]
     if args.profile_controller:  # cProfile writes its stats when the controller exits on SIGTERM
-        launcher = [sys.executable, "-m", "cProfile", "-o",
-                    f"{args.profile_controller}.{run + 1}", "-m", "controller.cli"]
-    argv = [*launcher, "--certs", str(certs), "--data", str(data),
-            "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--keepalive", str(args.keepalive),
-            "--idle-timeout", str(args.idle_timeout), "--log-level", args.controller_log_level,
-            "--log-format", "json"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "cProfile",
+            "-o",
+            f"{args.profile_controller}.{run + 1}",
+            "-m",
+            "controller.cli",
+        ]
+    argv = [
+        *launcher,
+        "--certs",
+        str(certs),
+        "--data",
+        str(data),
+        "--listen",
+        "127.0.0.1:0",
+        "--api",
+        "127.0.0.1:0",
+        "--keepalive",
+        str(args.keepalive),
+        "--idle-timeout",
+        str(args.idle_timeout),
+        "--log-level",
+        args.controller_log_level,
+        "--log-format",
+        "json",
+    ]
     with open(data / "controller.log", "ab") as log:
         ctl = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     workers: list[Worker] = []
@@ -290,23 +351,36 @@ async def measure_ours(args: argparse.Namespace, work: Path, run: int,
         os.sched_setaffinity(ctl.pid, cpus[0])
         info = wait_file(data / "controller.json", ctl, 60)
         port = int(info["quic"].rsplit(":", 1)[1])
-        cfg = {"mode": "margo", "host": "127.0.0.1", "port": port, "certs": str(certs),
-               "tenant": TENANT, "template": str(certs / TENANT / "devices" / "bench-template"),
-               "server_name": "localhost", "idle_timeout": args.idle_timeout,
-               "concurrency": args.concurrency, "timeout": args.handshake_timeout,
-               "profile": args.profile_workers}
+        cfg = {
+            "mode": "margo",
+            "host": "127.0.0.1",
+            "port": port,
+            "certs": str(certs),
+            "tenant": TENANT,
+            "template": str(certs / TENANT / "devices" / "bench-template"),
+            "server_name": "localhost",
+            "idle_timeout": args.idle_timeout,
+            "concurrency": args.concurrency,
+            "timeout": args.handshake_timeout,
+            "profile": args.profile_workers,
+        }
         workers = await start_workers(cfg, args.agents, args.procs, work, cpus[1])
         await asyncio.sleep(1.0)
         base = sample_process(ctl.pid)
-        result = await ramp(workers, args.agents, f"run {run + 1} margo-stream", ctl.pid,
-                            args.ramp_timeout)
+        result = await ramp(
+            workers, args.agents, f"run {run + 1} margo-stream", ctl.pid, args.ramp_timeout
+        )
         await asyncio.sleep(args.settle)
         connected_sample = sample_process(ctl.pid)
         t0 = time.monotonic()
         idle_before = sample_process(ctl.pid)
         if args.idle_seconds > 0:
-            print(f"run {run + 1} margo-stream: idle window {args.idle_seconds:.0f} s with "
-                  f"{result['connected']:,} agents keeping alive", file=sys.stderr, flush=True)
+            print(
+                f"run {run + 1} margo-stream: idle window {args.idle_seconds:.0f} s with "
+                f"{result['connected']:,} agents keeping alive",
+                file=sys.stderr,
+                flush=True,
+            )
         await asyncio.sleep(args.idle_seconds)
         idle_after = sample_process(ctl.pid)
         window = time.monotonic() - t0
@@ -314,30 +388,34 @@ async def measure_ours(args: argparse.Namespace, work: Path, run: int,
         n = max(result["connected"], 1)
         rss_connected = max(connected_sample.rss_kb, idle_after.rss_kb)
         api = await asyncio.to_thread(api_devices, work, info["api"])
-        result.update({
-            "controller_pid": ctl.pid,
-            "rss_before_kb": base.rss_kb,
-            "rss_connected_kb": connected_sample.rss_kb,
-            "rss_after_idle_kb": idle_after.rss_kb,
-            "rss_per_agent_kb": (rss_connected - base.rss_kb) / n,
-            "idle_window_seconds": window,
-            "idle_cpu_seconds": idle_after.cpu_s - idle_before.cpu_s,
-            "idle_cpu_percent": cpu_percent(idle_before, idle_after, window),
-            "alive_after_idle": status["alive"],
-            "lost_during_hold": status["lost"],
-            "api_devices_listed": api["listed"],
-            "api_devices_connected": api["connected"],
-            "api_seconds": api["seconds"],
-            "worker_prepare_seconds": [w.ready["prepare_s"] for w in workers if w.ready],
-        })
+        result.update(
+            {
+                "controller_pid": ctl.pid,
+                "rss_before_kb": base.rss_kb,
+                "rss_connected_kb": connected_sample.rss_kb,
+                "rss_after_idle_kb": idle_after.rss_kb,
+                "rss_per_agent_kb": (rss_connected - base.rss_kb) / n,
+                "idle_window_seconds": window,
+                "idle_cpu_seconds": idle_after.cpu_s - idle_before.cpu_s,
+                "idle_cpu_percent": cpu_percent(idle_before, idle_after, window),
+                "alive_after_idle": status["alive"],
+                "lost_during_hold": status["lost"],
+                "api_devices_listed": api["listed"],
+                "api_devices_connected": api["connected"],
+                "api_seconds": api["seconds"],
+                "worker_prepare_seconds": [w.ready["prepare_s"] for w in workers if w.ready],
+            }
+        )
         return result
     finally:
         for worker in workers:
             await worker.stop()
         stop_process(ctl)
         if ctl.returncode not in (0, None):
-            print(f"controller exited with {ctl.returncode}; log: {data / 'controller.log'}",
-                  file=sys.stderr)
+            print(
+                f"controller exited with {ctl.returncode}; log: {data / 'controller.log'}",
+                file=sys.stderr,
+            )
 
 
 def api_devices(work: Path, api: str) -> dict[str, Any]:
@@ -345,45 +423,75 @@ def api_devices(work: Path, api: str) -> dict[str, Any]:
 
     token = (work / "certs" / TENANT / "operator.token").read_text().strip()
     t0 = time.monotonic()
-    r = httpx.get(f"{api}/api/v1/devices", headers={"Authorization": f"Bearer {token}"}, timeout=120)
+    r = httpx.get(
+        f"{api}/api/v1/devices", headers={"Authorization": f"Bearer {token}"}, timeout=120
+    )
     r.raise_for_status()
     items = [d for d in r.json()["items"] if d["id"].startswith("sim-")]
-    return {"listed": len(items), "connected": sum(1 for d in items if d["connected"]),
-            "seconds": time.monotonic() - t0}
+    return {
+        "listed": len(items),
+        "connected": sum(1 for d in items if d["connected"]),
+        "seconds": time.monotonic() - t0,
+    }
 
 
-async def measure_bare(args: argparse.Namespace, work: Path, run: int,
-                       cpus: tuple[set[int], set[int]]) -> dict[str, Any]:
+async def measure_bare(
+    args: argparse.Namespace, work: Path, run: int, cpus: tuple[set[int], set[int]]
+) -> dict[str, Any]:
     cdir = work / "certs" / "controller"
-    launcher = (["-m", "cProfile", "-o", f"{args.profile_controller}.bare.{run + 1}"]
-                if args.profile_controller else [])
+    launcher = (
+        ["-m", "cProfile", "-o", f"{args.profile_controller}.bare.{run + 1}"]
+        if args.profile_controller
+        else []
+    )
     server = await asyncio.create_subprocess_exec(
-        sys.executable, *launcher, "-m", "bench.bare_quic", "--cert", str(cdir / "cert.pem"),
-        "--key", str(cdir / "key.pem"), "--idle-timeout", str(args.idle_timeout),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+        sys.executable,
+        *launcher,
+        "-m",
+        "bench.bare_quic",
+        "--cert",
+        str(cdir / "cert.pem"),
+        "--key",
+        str(cdir / "key.pem"),
+        "--idle-timeout",
+        str(args.idle_timeout),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
     workers: list[Worker] = []
     try:
         os.sched_setaffinity(server.pid, cpus[0])
         assert server.stdout is not None
         line = await asyncio.wait_for(server.stdout.readline(), 30)
         port = json.loads(line)["port"]
-        cfg = {"mode": "bare", "host": "127.0.0.1", "port": port, "cafile": str(cdir / "ca.pem"),
-               "server_name": "localhost", "idle_timeout": args.idle_timeout,
-               "concurrency": args.concurrency, "timeout": args.handshake_timeout,
-               "profile": args.profile_workers}
+        cfg = {
+            "mode": "bare",
+            "host": "127.0.0.1",
+            "port": port,
+            "cafile": str(cdir / "ca.pem"),
+            "server_name": "localhost",
+            "idle_timeout": args.idle_timeout,
+            "concurrency": args.concurrency,
+            "timeout": args.handshake_timeout,
+            "profile": args.profile_workers,
+        }
         workers = await start_workers(cfg, args.agents, args.procs, work, cpus[1])
         await asyncio.sleep(1.0)
         base = sample_process(server.pid)
-        result = await ramp(workers, args.agents, f"run {run + 1} bare aioquic", server.pid,
-                            args.ramp_timeout)
+        result = await ramp(
+            workers, args.agents, f"run {run + 1} bare aioquic", server.pid, args.ramp_timeout
+        )
         await asyncio.sleep(args.settle)
         held = sample_process(server.pid)
-        result.update({
-            "server_pid": server.pid,
-            "rss_before_kb": base.rss_kb,
-            "rss_connected_kb": held.rss_kb,
-            "rss_per_connection_kb": (held.rss_kb - base.rss_kb) / max(result["connected"], 1),
-        })
+        result.update(
+            {
+                "server_pid": server.pid,
+                "rss_before_kb": base.rss_kb,
+                "rss_connected_kb": held.rss_kb,
+                "rss_per_connection_kb": (held.rss_kb - base.rss_kb) / max(result["connected"], 1),
+            }
+        )
         return result
     finally:
         for worker in workers:
@@ -420,10 +528,14 @@ async def run_all(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             measure = measure_ours if side == "ours" else measure_bare
             sides[side] = await measure(args, work, run, cpus)
         ours, bare = sides.get("ours", {}), sides.get("bare", {})
-        ratio = (ours["handshake_rate"] / bare["handshake_rate"]
-                 if ours.get("handshake_rate") and bare.get("handshake_rate") else None)
-        runs.append({"run": run + 1, "order": list(order), "ours": ours, "bare": bare,
-                     "rate_ratio": ratio})
+        ratio = (
+            ours["handshake_rate"] / bare["handshake_rate"]
+            if ours.get("handshake_rate") and bare.get("handshake_rate")
+            else None
+        )
+        runs.append(
+            {"run": run + 1, "order": list(order), "ours": ours, "bare": bare, "rate_ratio": ratio}
+        )
         if ratio is not None:
             print(f"run {run + 1}: ours/bare handshake rate = {ratio:.2f}", file=sys.stderr)
     return runs
@@ -432,8 +544,12 @@ async def run_all(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="margo-bench connect", description=__doc__.split("\n\n")[0])
     p.add_argument("--agents", type=int, default=1000, help="simulated agents (N)")
-    p.add_argument("--procs", type=int, default=max(1, len(cpu_split()[1])),
-                   help="worker processes for the agents (default: one per client core)")
+    p.add_argument(
+        "--procs",
+        type=int,
+        default=max(1, len(cpu_split()[1])),
+        help="worker processes for the agents (default: one per client core)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="report directory")
     p.add_argument("--idle-seconds", type=float, default=60.0, help="idle CPU window")
     p.add_argument("--keepalive", type=float, default=20.0, help="controller keepalive, seconds")
@@ -441,15 +557,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=200, help="handshakes in flight per worker")
     p.add_argument("--handshake-timeout", type=float, default=20.0)
-    p.add_argument("--ramp-timeout", type=float, default=None,
-                   help="seconds to wait for the ramp (default 60 + N/20)")
+    p.add_argument(
+        "--ramp-timeout",
+        type=float,
+        default=None,
+        help="seconds to wait for the ramp (default 60 + N/20)",
+    )
     p.add_argument("--settle", type=float, default=2.0, help="pause after the ramp, seconds")
     p.add_argument("--controller-log-level", default="info")
-    p.add_argument("--profile-controller", metavar="PATH",
-                   help="run the controller (and the bare server) under cProfile, stats to "
-                   "PATH.<run> (PATH.bare.<run>)")
-    p.add_argument("--profile-workers", metavar="PATH",
-                   help="run the workers under cProfile, stats to PATH.<mode>.<worker>")
+    p.add_argument(
+        "--profile-controller",
+        metavar="PATH",
+        help="run the controller (and the bare server) under cProfile, stats to "
+        "PATH.<run> (PATH.bare.<run>)",
+    )
+    p.add_argument(
+        "--profile-workers",
+        metavar="PATH",
+        help="run the workers under cProfile, stats to PATH.<mode>.<worker>",
+    )
     p.add_argument("--no-bare", action="store_true", help="skip the bare-aioquic reference")
     p.add_argument("--keep", action="store_true", help="keep the work directory (PKI, logs)")
     return p
@@ -459,16 +585,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.agents < 1 or args.procs < 1 or args.runs < 1 or args.concurrency < 1:
-        print("margo-bench connect: --agents, --procs, --runs and --concurrency must be >= 1",
-              file=sys.stderr)
+        print(
+            "margo-bench connect: --agents, --procs, --runs and --concurrency must be >= 1",
+            file=sys.stderr,
+        )
         return 2
     args.procs = min(args.procs, args.agents)
     if args.ramp_timeout is None:
         args.ramp_timeout = 60 + args.agents / 20
     nofile = raise_nofile_limit()
     if args.agents // args.procs + 64 > nofile:
-        print(f"margo-bench connect: {args.agents // args.procs} agents per worker need more "
-              f"than RLIMIT_NOFILE {nofile}; use more --procs", file=sys.stderr)
+        print(
+            f"margo-bench connect: {args.agents // args.procs} agents per worker need more "
+            f"than RLIMIT_NOFILE {nofile}; use more --procs",
+            file=sys.stderr,
+        )
         return 2
     work = Path(tempfile.mkdtemp(prefix="margo-bench-connect-"))
     server_cpus, client_cpus = cpu_split()
@@ -485,19 +616,27 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "scenario": SCENARIO,
         "command": "margo-bench connect " + " ".join(argv),
-        "params": {"agents": args.agents, "procs": args.procs, "concurrency": args.concurrency,
-                   "idle_seconds": args.idle_seconds, "keepalive": args.keepalive,
-                   "idle_timeout": args.idle_timeout, "runs": args.runs,
-                   "controller_log_level": args.controller_log_level,
-                   "server_cpus": sorted(server_cpus), "client_cpus": sorted(client_cpus),
-                   "rlimit_nofile": nofile},
+        "params": {
+            "agents": args.agents,
+            "procs": args.procs,
+            "concurrency": args.concurrency,
+            "idle_seconds": args.idle_seconds,
+            "keepalive": args.keepalive,
+            "idle_timeout": args.idle_timeout,
+            "runs": args.runs,
+            "controller_log_level": args.controller_log_level,
+            "server_cpus": sorted(server_cpus),
+            "client_cpus": sorted(client_cpus),
+            "rlimit_nofile": nofile,
+        },
         "machine": machine_info(),
         "targets": TARGETS,
         "runs": runs,
     }
     report["summary"] = summarize(runs, args.agents)
-    json_path, md_path = write_report(args.out, SCENARIO, report, "margo-bench connect",
-                                      markdown_blocks(report))
+    json_path, md_path = write_report(
+        args.out, SCENARIO, report, "margo-bench connect", markdown_blocks(report)
+    )
     png = plot(report, args.out / f"{SCENARIO}-ramp.png")
     print(md_path.read_text(), file=sys.stderr)
     print(f"wrote {json_path}, {md_path}, {png}", file=sys.stderr)

@@ -58,8 +58,13 @@ def _log(msg: str) -> None:
     print(f"[delta] {msg}", file=sys.stderr, flush=True)
 
 
-async def _bytes_for(relay: UdpRelay, client: httpx.AsyncClient, watch: Any, body: dict[str, Any],
-                     expect_status: bool) -> tuple[int, float]:
+async def _bytes_for(
+    relay: UdpRelay,
+    client: httpx.AsyncClient,
+    watch: Any,
+    body: dict[str, Any],
+    expect_status: bool,
+) -> tuple[int, float]:
     before = relay.stats()
     t0 = time.perf_counter()
     if expect_status:
@@ -71,8 +76,12 @@ async def _bytes_for(relay: UdpRelay, client: httpx.AsyncClient, watch: Any, bod
             await event.wait()
     await anyio.sleep(0.3)  # let the last acks and the status round trip finish
     after = relay.stats()
-    moved = (after.upstream.bytes_forwarded - before.upstream.bytes_forwarded
-             + after.downstream.bytes_forwarded - before.downstream.bytes_forwarded)
+    moved = (
+        after.upstream.bytes_forwarded
+        - before.upstream.bytes_forwarded
+        + after.downstream.bytes_forwarded
+        - before.downstream.bytes_forwarded
+    )
     return moved, time.perf_counter() - t0
 
 
@@ -82,9 +91,21 @@ async def one_run(file_bytes: int) -> dict[str, Any]:
         certs, ident, token = one_device_pki(root, DEVICE)
         data = root / "data"
         data.mkdir()
-        ctl = subprocess.Popen([str(BIN / "margo-controller"), "--certs", str(certs), "--data",
-                                str(data), "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"],
-                               stdout=open(root / "controller.log", "ab"), stderr=subprocess.STDOUT)
+        ctl = subprocess.Popen(
+            [
+                str(BIN / "margo-controller"),
+                "--certs",
+                str(certs),
+                "--data",
+                str(data),
+                "--listen",
+                "127.0.0.1:0",
+                "--api",
+                "127.0.0.1:0",
+            ],
+            stdout=open(root / "controller.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
         agent: subprocess.Popen | None = None
         try:
             while not (data / "controller.json").exists():
@@ -94,19 +115,38 @@ async def one_run(file_bytes: int) -> dict[str, Any]:
             info = json.loads((data / "controller.json").read_text())
             quic_port = int(info["quic"].rsplit(":", 1)[1])
             blobs = [os.urandom(file_bytes) for _ in range(5)]
-            listing = "".join(f"    - {{name: conf/file{i}.bin, digest: 'sha256:"
-                              f"{hashlib.sha256(b).hexdigest()}'}}\n" for i, b in enumerate(blobs))
+            listing = "".join(
+                f"    - {{name: conf/file{i}.bin, digest: 'sha256:"
+                f"{hashlib.sha256(b).hexdigest()}'}}\n"
+                for i, b in enumerate(blobs)
+            )
             encoded = [base64.b64encode(b).decode() for b in blobs]
 
             def body(value: str) -> dict[str, Any]:
-                return {"documents": [DOC.format(files=listing, value=value)], "devices": [DEVICE],
-                        "blobs": encoded}
+                return {
+                    "documents": [DOC.format(files=listing, value=value)],
+                    "devices": [DEVICE],
+                    "blobs": encoded,
+                }
 
-            async with UdpRelay(("127.0.0.1", 0), ("127.0.0.1", quic_port), Impairment(seed=1)) as relay:
+            async with UdpRelay(
+                ("127.0.0.1", 0), ("127.0.0.1", quic_port), Impairment(seed=1)
+            ) as relay:
                 agent = subprocess.Popen(
-                    [str(BIN / "margo-agent"), "--identity", str(ident), "--state", str(root / "agent"),
-                     "--controller", f"127.0.0.1:{relay.port}", "--metrics-interval", "3600"],
-                    stdout=open(root / "agent.log", "ab"), stderr=subprocess.STDOUT)
+                    [
+                        str(BIN / "margo-agent"),
+                        "--identity",
+                        str(ident),
+                        "--state",
+                        str(root / "agent"),
+                        "--controller",
+                        f"127.0.0.1:{relay.port}",
+                        "--metrics-interval",
+                        "3600",
+                    ],
+                    stdout=open(root / "agent.log", "ab"),
+                    stderr=subprocess.STDOUT,
+                )
                 async with watching(info["api"], token) as (client, watch):
                     while True:
                         r = await client.get(f"/api/v1/devices/{DEVICE}")
@@ -120,13 +160,23 @@ async def one_run(file_bytes: int) -> dict[str, Any]:
                     idle0 = relay.stats()
                     await anyio.sleep(max(t1, t2, t3))
                     idle1 = relay.stats()
-                    idle = (idle1.upstream.bytes_forwarded - idle0.upstream.bytes_forwarded
-                            + idle1.downstream.bytes_forwarded - idle0.downstream.bytes_forwarded)
+                    idle = (
+                        idle1.upstream.bytes_forwarded
+                        - idle0.upstream.bytes_forwarded
+                        + idle1.downstream.bytes_forwarded
+                        - idle0.downstream.bytes_forwarded
+                    )
             document_bytes = len(DOC.format(files=listing, value="two").encode())
-            return {"file_bytes": file_bytes, "files": 5, "document_bytes": document_bytes,
-                    "first_apply_bytes": first, "one_parameter_change_bytes": change,
-                    "unchanged_reapply_bytes": same, "idle_bytes_same_window": idle,
-                    "files_total_bytes": 5 * file_bytes}
+            return {
+                "file_bytes": file_bytes,
+                "files": 5,
+                "document_bytes": document_bytes,
+                "first_apply_bytes": first,
+                "one_parameter_change_bytes": change,
+                "unchanged_reapply_bytes": same,
+                "idle_bytes_same_window": idle,
+                "files_total_bytes": 5 * file_bytes,
+            }
         finally:
             for proc in (agent, ctl):
                 if proc is not None and proc.poll() is None:
@@ -144,17 +194,34 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.runs):
         runs.append(anyio.run(one_run, args.file_bytes, backend_options={"use_uvloop": True}))
         _log(f"run {i + 1}: {runs[-1]}")
-    keys = ["first_apply_bytes", "one_parameter_change_bytes", "unchanged_reapply_bytes",
-            "idle_bytes_same_window"]
-    rows = [[k.replace("_", " "), median(r[k] for r in runs), " / ".join(str(r[k]) for r in runs)]
-            for k in keys]
+    keys = [
+        "first_apply_bytes",
+        "one_parameter_change_bytes",
+        "unchanged_reapply_bytes",
+        "idle_bytes_same_window",
+    ]
+    rows = [
+        [k.replace("_", " "), median(r[k] for r in runs), " / ".join(str(r[k]) for r in runs)]
+        for k in keys
+    ]
     rows.append(["document bytes (the changed blob)", runs[0]["document_bytes"], ""])
     rows.append(["five files, bytes", runs[0]["files_total_bytes"], ""])
-    table = markdown_table(["bytes on the wire (UDP payload, both ways)", "median", "per run"], rows)
-    write_report(args.out, "delta", {"scenario": "delta", "argv": argv or sys.argv[1:],
-                                     "machine": machine_info(), "runs": runs,
-                                     "date": time.strftime("%Y-%m-%d")},
-                 "delta: bytes on the wire per desired-state change", [table])
+    table = markdown_table(
+        ["bytes on the wire (UDP payload, both ways)", "median", "per run"], rows
+    )
+    write_report(
+        args.out,
+        "delta",
+        {
+            "scenario": "delta",
+            "argv": argv or sys.argv[1:],
+            "machine": machine_info(),
+            "runs": runs,
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "delta: bytes on the wire per desired-state change",
+        [table],
+    )
     print(table)
     return 0
 

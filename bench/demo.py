@@ -22,7 +22,11 @@ from margo_stream.identity.pki import init_pki, issue_device
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-DEVICES = [("acme", "press-01", "line=1"), ("acme", "press-02", "line=2"), ("globex", "mixer-01", "line=7")]
+DEVICES = [
+    ("acme", "press-01", "line=1"),
+    ("acme", "press-02", "line=2"),
+    ("globex", "mixer-01", "line=7"),
+]
 
 
 def _free(kind: int, port: int) -> int:
@@ -63,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     def spawn(name: str, argv: list[str]) -> subprocess.Popen:
         # this process blocks SIGINT/SIGTERM (it waits for them with sigwait); its children
         # must not inherit that mask, or they would ignore the SIGTERM that stops them
-        proc = subprocess.Popen(argv, stdout=open(logs / f"{name}.log", "ab"), stderr=subprocess.STDOUT,
-                                preexec_fn=_unblock_signals)
+        proc = subprocess.Popen(
+            argv,
+            stdout=open(logs / f"{name}.log", "ab"),
+            stderr=subprocess.STDOUT,
+            preexec_fn=_unblock_signals,
+        )
         procs.append(proc)
         return proc
 
@@ -72,18 +80,57 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _say(f"controller: QUIC on 127.0.0.1:{quic}, operator API on http://127.0.0.1:{api}")
         (base / "data" / "controller.json").unlink(missing_ok=True)  # a killed run's
-        spawn("controller", [str(BIN / "margo-controller"), "--certs", str(certs), "--data", str(base / "data"),
-                             "--listen", f"127.0.0.1:{quic}", "--api", f"127.0.0.1:{api}", "--log-format", "text"])
+        spawn(
+            "controller",
+            [
+                str(BIN / "margo-controller"),
+                "--certs",
+                str(certs),
+                "--data",
+                str(base / "data"),
+                "--listen",
+                f"127.0.0.1:{quic}",
+                "--api",
+                f"127.0.0.1:{api}",
+                "--log-format",
+                "text",
+            ],
+        )
         poll_until(lambda: (base / "data" / "controller.json").exists(), 20, "the controller")
         for tenant, device, label in DEVICES:
             _say(f"agent {tenant}/{device}")
-            spawn(device, [str(BIN / "margo-agent"), "--identity", str(certs / tenant / "devices" / device),
-                           "--controller", f"127.0.0.1:{quic}", "--state", str(base / "agents" / device),
-                           "--label", label, "--metrics-interval", "5", "--log-format", "text"])
+            spawn(
+                device,
+                [
+                    str(BIN / "margo-agent"),
+                    "--identity",
+                    str(certs / tenant / "devices" / device),
+                    "--controller",
+                    f"127.0.0.1:{quic}",
+                    "--state",
+                    str(base / "agents" / device),
+                    "--label",
+                    label,
+                    "--metrics-interval",
+                    "5",
+                    "--log-format",
+                    "text",
+                ],
+            )
 
         def ctl(tenant: str, *cmd: str, check: bool = True) -> str:
-            r = subprocess.run([str(BIN / "margoctl"), "--token-file", str(certs / tenant / "operator.token"),
-                                *cmd], capture_output=True, text=True, env=env, timeout=60)
+            r = subprocess.run(
+                [
+                    str(BIN / "margoctl"),
+                    "--token-file",
+                    str(certs / tenant / "operator.token"),
+                    *cmd,
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
             if check and r.returncode != 0:
                 raise SystemExit(f"demo: margoctl {' '.join(cmd)} failed: {r.stderr.strip()}")
             return r.stdout
@@ -101,24 +148,69 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"apply {sample.relative_to(ROOT)} to the acme devices")
         for _, device, _ in DEVICES[:2]:
             print(ctl("acme", "apply", "-f", str(sample), "--device", device), end="")
-        poll_until(lambda: all(d["state"] == "installed" for d in json.loads(
-            ctl("acme", "get", "deployments", "-o", "json"))) and json.loads(
-            ctl("acme", "get", "deployments", "-o", "json")), 30, "the deployment to be installed")
+        poll_until(
+            lambda: (
+                all(
+                    d["state"] == "installed"
+                    for d in json.loads(ctl("acme", "get", "deployments", "-o", "json"))
+                )
+                and json.loads(ctl("acme", "get", "deployments", "-o", "json"))
+            ),
+            30,
+            "the deployment to be installed",
+        )
         print(ctl("acme", "get", "deployments"), end="")
         _say("a producer on press-01 writes telemetry through the agent's socket")
         for i in range(3):
-            subprocess.run([str(BIN / "margo-agent"), "emit", "--state", str(base / "agents" / "press-01"),
-                            "--stream", "demo.temperature", json.dumps({"celsius": 20.5 + i})],
-                           check=True, capture_output=True, timeout=30)
-        poll_until(lambda: len(json.loads(ctl("acme", "get", "telemetry", "--device", "press-01",
-                                         "--stream", "demo.temperature", "-o", "json"))) >= 3, 20, "telemetry")
-        print(ctl("acme", "get", "telemetry", "--device", "press-01", "--stream", "demo.temperature"), end="")
+            subprocess.run(
+                [
+                    str(BIN / "margo-agent"),
+                    "emit",
+                    "--state",
+                    str(base / "agents" / "press-01"),
+                    "--stream",
+                    "demo.temperature",
+                    json.dumps({"celsius": 20.5 + i}),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+        poll_until(
+            lambda: (
+                len(
+                    json.loads(
+                        ctl(
+                            "acme",
+                            "get",
+                            "telemetry",
+                            "--device",
+                            "press-01",
+                            "--stream",
+                            "demo.temperature",
+                            "-o",
+                            "json",
+                        )
+                    )
+                )
+                >= 3
+            ),
+            20,
+            "telemetry",
+        )
+        print(
+            ctl("acme", "get", "telemetry", "--device", "press-01", "--stream", "demo.temperature"),
+            end="",
+        )
         _say("globex's operator sees only globex devices:")
         print(ctl("globex", "get", "devices"), end="")
-        print(f"\nTry it yourself:\n  export MARGO_API=http://127.0.0.1:{api} "
-              f"MARGO_TOKEN_FILE={certs / 'acme' / 'operator.token'}\n"
-              f"  {BIN / 'margoctl'} get devices\n  {BIN / 'margoctl'} watch\n"
-              f"Logs: {logs}\n", flush=True)
+        print(
+            f"\nTry it yourself:\n  export MARGO_API=http://127.0.0.1:{api} "
+            f"MARGO_TOKEN_FILE={certs / 'acme' / 'operator.token'}\n"
+            f"  {BIN / 'margoctl'} get devices\n  {BIN / 'margoctl'} watch\n"
+            f"Logs: {logs}\n",
+            flush=True,
+        )
         if not args.once:
             _say("running; Ctrl-C stops the controller and agents")
             signal.sigwait({signal.SIGINT, signal.SIGTERM})

@@ -60,8 +60,13 @@ async def _fill(socket: Path, records: int, record_bytes: int, producers: int = 
         count = per if k < producers - 1 else records - per * (producers - 1)
         async with AsyncTelemetryClient(socket, timeout=120) as client:
             for start in range(0, count, 2000):
-                await client.emit_many("bench", ({"i": k * per + start + i, "pad": pad}
-                                                 for i in range(min(2000, count - start))))
+                await client.emit_many(
+                    "bench",
+                    (
+                        {"i": k * per + start + i, "pad": pad}
+                        for i in range(min(2000, count - start))
+                    ),
+                )
 
     async with anyio.create_task_group() as tg:
         for k in range(producers):
@@ -70,8 +75,12 @@ async def _fill(socket: Path, records: int, record_bytes: int, producers: int = 
 
 
 def _watermark(api: str, token: str) -> int:
-    r = httpx.get(f"{api}/api/v1/devices/{DEVICE}/telemetry", params={"limit": 1},
-                  headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    r = httpx.get(
+        f"{api}/api/v1/devices/{DEVICE}/telemetry",
+        params={"limit": 1},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=10,
+    )
     items = r.json().get("items") or []
     return items[-1]["seq"] if items else 0
 
@@ -87,8 +96,9 @@ async def _ready(ctl: subprocess.Popen, data: Path, root: Path) -> dict[str, Any
 
 
 def _device(api: str, token: str) -> dict[str, Any]:
-    r = httpx.get(f"{api}/api/v1/devices/{DEVICE}", headers={"Authorization": f"Bearer {token}"},
-                  timeout=10)
+    r = httpx.get(
+        f"{api}/api/v1/devices/{DEVICE}", headers={"Authorization": f"Bearer {token}"}, timeout=10
+    )
     if r.status_code == 404:  # not connected yet, ever
         return {"connected": False, "connection_count": 0}
     r.raise_for_status()
@@ -102,17 +112,39 @@ async def one_run(records: int, record_bytes: int, samples: int) -> dict[str, An
         data, state = root / "data", root / "agent"
         data.mkdir()
         state.mkdir()
-        ctl_argv = [str(BIN / "margo-controller"), "--certs", str(certs), "--data", str(data),
-                    "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"]
+        ctl_argv = [
+            str(BIN / "margo-controller"),
+            "--certs",
+            str(certs),
+            "--data",
+            str(data),
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+        ]
         ctl = _start(ctl_argv, root / "controller.log")
         agent: subprocess.Popen | None = None
         max_bytes = max(64 << 20, records * (record_bytes + 64) * 2)
         try:
             info = await _ready(ctl, data, root)
             api, quic = info["api"], info["quic"]
-            agent = _start([str(BIN / "margo-agent"), "--identity", str(ident), "--state", str(state),
-                            "--buffer-max-bytes", str(max_bytes), "--metrics-interval", "3600",
-                            "--controller", quic], root / "agent.log")
+            agent = _start(
+                [
+                    str(BIN / "margo-agent"),
+                    "--identity",
+                    str(ident),
+                    "--state",
+                    str(state),
+                    "--buffer-max-bytes",
+                    str(max_bytes),
+                    "--metrics-interval",
+                    "3600",
+                    "--controller",
+                    quic,
+                ],
+                root / "agent.log",
+            )
             async with watching(api, token) as (client, watch):
                 while not (await anyio.to_thread.run_sync(_device, api, token))["connected"]:
                     await anyio.sleep(0.05)
@@ -125,11 +157,15 @@ async def one_run(records: int, record_bytes: int, samples: int) -> dict[str, An
             _log(f"controller down: producers write {records} records of {record_bytes} bytes")
             fill_rate = await _fill(state / "telemetry.sock", records, record_bytes)
             port = quic.rsplit(":", 1)[1]
-            ctl = _start([*ctl_argv[:-3], f"127.0.0.1:{port}", "--api", api.rsplit("/", 1)[1]],
-                         root / "controller.log")
+            ctl = _start(
+                [*ctl_argv[:-3], f"127.0.0.1:{port}", "--api", api.rsplit("/", 1)[1]],
+                root / "controller.log",
+            )
             await _ready(ctl, data, root)
             async with watching(api, token) as (client, watch):
-                while (await anyio.to_thread.run_sync(_device, api, token))["connection_count"] == before:
+                while (await anyio.to_thread.run_sync(_device, api, token))[
+                    "connection_count"
+                ] == before:
                     await anyio.sleep(0.005)
                 t0 = time.perf_counter()  # reconnected: the drain is under way
                 busy: list[float] = []
@@ -152,14 +188,22 @@ async def one_run(records: int, record_bytes: int, samples: int) -> dict[str, An
             drain_s = done_at - t0
             during = busy
             return {
-                "records": records, "record_bytes": record_bytes, "fill_rate_per_s": fill_rate,
-                "drain_seconds": drain_s, "drain_rate_per_s": records / drain_s,
-                "push_idle_ms": {"p50": percentile(idle, .5) * 1e3, "p99": percentile(idle, .99) * 1e3,
-                                 "samples": [x * 1e3 for x in idle]},
-                "push_during_drain_ms": {"p50": percentile(during, .5) * 1e3,
-                                         "p99": percentile(during, .99) * 1e3,
-                                         "samples": [x * 1e3 for x in during]},
-                "p99_ratio": percentile(during, .99) / percentile(idle, .99),
+                "records": records,
+                "record_bytes": record_bytes,
+                "fill_rate_per_s": fill_rate,
+                "drain_seconds": drain_s,
+                "drain_rate_per_s": records / drain_s,
+                "push_idle_ms": {
+                    "p50": percentile(idle, 0.5) * 1e3,
+                    "p99": percentile(idle, 0.99) * 1e3,
+                    "samples": [x * 1e3 for x in idle],
+                },
+                "push_during_drain_ms": {
+                    "p50": percentile(during, 0.5) * 1e3,
+                    "p99": percentile(during, 0.99) * 1e3,
+                    "samples": [x * 1e3 for x in during],
+                },
+                "p99_ratio": percentile(during, 0.99) / percentile(idle, 0.99),
             }
         finally:
             if agent is not None:
@@ -178,18 +222,60 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for i in range(args.runs):
         _log(f"run {i + 1}/{args.runs}")
-        runs.append(anyio.run(one_run, args.records, args.record_bytes, args.samples,
-                              backend_options={"use_uvloop": True}))
-    rows = [[i + 1, r["drain_seconds"], r["drain_rate_per_s"], r["push_idle_ms"]["p50"],
-             r["push_idle_ms"]["p99"], r["push_during_drain_ms"]["p50"],
-             r["push_during_drain_ms"]["p99"], r["p99_ratio"]] for i, r in enumerate(runs)]
-    rows.append(["median", median(r[1] for r in rows), median(r[2] for r in rows),
-                 median(r[3] for r in rows), median(r[4] for r in rows), median(r[5] for r in rows),
-                 median(r[6] for r in rows), median(r[7] for r in rows)])
-    table = markdown_table(["run", "drain s", "records/s", "push idle p50 ms", "push idle p99 ms",
-                            "push during drain p50 ms", "p99 ms", "p99 ratio"], rows)
-    data = {"scenario": "drain", "command": "margo-bench drain " + " ".join(argv or sys.argv[1:]),
-            "machine": machine_info(), "runs": runs, "date": time.strftime("%Y-%m-%d")}
+        runs.append(
+            anyio.run(
+                one_run,
+                args.records,
+                args.record_bytes,
+                args.samples,
+                backend_options={"use_uvloop": True},
+            )
+        )
+    rows = [
+        [
+            i + 1,
+            r["drain_seconds"],
+            r["drain_rate_per_s"],
+            r["push_idle_ms"]["p50"],
+            r["push_idle_ms"]["p99"],
+            r["push_during_drain_ms"]["p50"],
+            r["push_during_drain_ms"]["p99"],
+            r["p99_ratio"],
+        ]
+        for i, r in enumerate(runs)
+    ]
+    rows.append(
+        [
+            "median",
+            median(r[1] for r in rows),
+            median(r[2] for r in rows),
+            median(r[3] for r in rows),
+            median(r[4] for r in rows),
+            median(r[5] for r in rows),
+            median(r[6] for r in rows),
+            median(r[7] for r in rows),
+        ]
+    )
+    table = markdown_table(
+        [
+            "run",
+            "drain s",
+            "records/s",
+            "push idle p50 ms",
+            "push idle p99 ms",
+            "push during drain p50 ms",
+            "p99 ms",
+            "p99 ratio",
+        ],
+        rows,
+    )
+    data = {
+        "scenario": "drain",
+        "command": "margo-bench drain " + " ".join(argv or sys.argv[1:]),
+        "machine": machine_info(),
+        "runs": runs,
+        "date": time.strftime("%Y-%m-%d"),
+    }
     write_report(args.out, "drain", data, f"drain: {args.records} records", [table])
     print(table)
     return 0

@@ -76,8 +76,16 @@ def operator_token(work: Path) -> str:
 class ServerSide:
     """The real servers one transport's devices talk to, started fresh for a run."""
 
-    def __init__(self, transport: str, work: Path, tag: str, *, keepalive: float = 20.0,
-                 idle_timeout: float = 60.0, impairment: Any = None) -> None:
+    def __init__(
+        self,
+        transport: str,
+        work: Path,
+        tag: str,
+        *,
+        keepalive: float = 20.0,
+        idle_timeout: float = 60.0,
+        impairment: Any = None,
+    ) -> None:
         self.transport = transport
         self.work = work
         self.data = work / f"data-{tag}"
@@ -121,24 +129,53 @@ class ServerSide:
 
     def _start_controller(self) -> None:
         certs = self.work / "certs"
-        listen = {name: f"127.0.0.1:{self.ports.get(name, 0)}"
-                  for name in ("quic", "api", "margo_api", "h2_push")}
-        common = ["--certs", str(certs), "--data", str(self.data), "--listen", listen["quic"],
-                  "--api", listen["api"], "--keepalive", str(self.keepalive),
-                  "--idle-timeout", str(self.idle_timeout), "--log-level", "warning"]
+        listen = {
+            name: f"127.0.0.1:{self.ports.get(name, 0)}"
+            for name in ("quic", "api", "margo_api", "h2_push")
+        }
+        common = [
+            "--certs",
+            str(certs),
+            "--data",
+            str(self.data),
+            "--listen",
+            listen["quic"],
+            "--api",
+            listen["api"],
+            "--keepalive",
+            str(self.keepalive),
+            "--idle-timeout",
+            str(self.idle_timeout),
+            "--log-level",
+            "warning",
+        ]
         if self.transport == "mqtt":
-            argv = [sys.executable, "-m", "bench.mqtt_host", *common,
-                    "--broker-dir", str(self.data / "mqtt"),
-                    "--bridge-port", str(self.broker.bridge_port)]
+            argv = [
+                sys.executable,
+                "-m",
+                "bench.mqtt_host",
+                *common,
+                "--broker-dir",
+                str(self.data / "mqtt"),
+                "--bridge-port",
+                str(self.broker.bridge_port),
+            ]
         else:
-            argv = [str(BIN / "margo-controller"), *common, "--margo-api", listen["margo_api"],
-                    "--h2-push", listen["h2_push"]]
+            argv = [
+                str(BIN / "margo-controller"),
+                *common,
+                "--margo-api",
+                listen["margo_api"],
+                "--h2-push",
+                listen["h2_push"],
+            ]
         ready = self.data / ("mqtt-bridge.json" if self.transport == "mqtt" else "controller.json")
         ready.unlink(missing_ok=True)
         (self.data / "controller.json").unlink(missing_ok=True)
         with open(self.data / "controller.log", "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         os.sched_setaffinity(self.proc.pid, cpu_split()[0])
         wait_file(ready, self.proc, 60)
         self.info = wait_file(self.data / "controller.json", self.proc, 10)
@@ -149,10 +186,22 @@ class ServerSide:
 
     def _start_relay(self, port: int) -> tuple[str, int]:
         imp = self.impairment  # {"loss", "delay_ms", "jitter_ms", "seed"}: bench.relay's options
-        argv = [sys.executable, "-m", "bench.relay", "udp" if self.transport == "quic" else "tcp",
-                "--target", f"127.0.0.1:{port}", "--loss", str(imp.get("loss", 0.0)),
-                "--delay-ms", str(imp.get("delay_ms", 0.0)),
-                "--jitter-ms", str(imp.get("jitter_ms", 0.0)), "--seed", str(imp.get("seed", 1))]
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.relay",
+            "udp" if self.transport == "quic" else "tcp",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--loss",
+            str(imp.get("loss", 0.0)),
+            "--delay-ms",
+            str(imp.get("delay_ms", 0.0)),
+            "--jitter-ms",
+            str(imp.get("jitter_ms", 0.0)),
+            "--seed",
+            str(imp.get("seed", 1)),
+        ]
         self.relay = subprocess.Popen(argv, stdout=subprocess.PIPE, start_new_session=True)
         os.sched_setaffinity(self.relay.pid, cpu_split()[0])
         assert self.relay.stdout is not None
@@ -196,10 +245,16 @@ class WorkerProc(Worker):
     progress, stop), with this worker's own events queued too; ``got`` reports go to
     ``on_got`` as they arrive."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, index: int,
-                 on_got: Callable[[list[list[Any]]], None]) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        index: int,
+        on_got: Callable[[list[list[Any]]], None],
+    ) -> None:
         super().__init__(proc, index)
-        self.events.update({name: asyncio.Queue() for name in ("connected", "posted", "got", "probe")})
+        self.events.update(
+            {name: asyncio.Queue() for name in ("connected", "posted", "got", "probe")}
+        )
         self.forward = asyncio.ensure_future(self._forward(on_got))
 
     async def _forward(self, on_got: Callable[[list[list[Any]]], None]) -> None:
@@ -216,9 +271,20 @@ class Fleet:
 
     worker_module = "bench.fleet_worker"  # what each worker process runs (``python -m``)
 
-    def __init__(self, transport: str, identities: Path, work: Path, tag: str, agents: int,
-                 procs: int, *, poll_interval: float = 15.0, concurrency: int = 100,
-                 spread: float = 0.0, pin: bool = True) -> None:
+    def __init__(
+        self,
+        transport: str,
+        identities: Path,
+        work: Path,
+        tag: str,
+        agents: int,
+        procs: int,
+        *,
+        poll_interval: float = 15.0,
+        concurrency: int = 100,
+        spread: float = 0.0,
+        pin: bool = True,
+    ) -> None:
         self.pin = pin
         self.transport = transport
         self.identities = identities
@@ -257,15 +323,31 @@ class Fleet:
             count = self.agents // self.procs + (1 if i < self.agents % self.procs else 0)
             log = open(self.logs / f"worker-{self.transport}-{i}.log", "ab")  # noqa: SIM115
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", self.worker_module, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=log, limit=1 << 24)
+                sys.executable,
+                "-m",
+                self.worker_module,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                limit=1 << 24,
+            )
             log.close()
             worker = WorkerProc(proc, i, self._on_got)
-            cfg = {"transport": self.transport, "host": host, "port": port,
-                   "identities": str(self.identities), "state": str(self.state),
-                   "tenant": TENANT, "first": first, "count": count,
-                   "poll_interval": self.poll_interval, "concurrency": self.concurrency,
-                   "spread": self.spread, "cpus": sorted(cpus), **self.worker_extra()}
+            cfg = {
+                "transport": self.transport,
+                "host": host,
+                "port": port,
+                "identities": str(self.identities),
+                "state": str(self.state),
+                "tenant": TENANT,
+                "first": first,
+                "count": count,
+                "poll_interval": self.poll_interval,
+                "concurrency": self.concurrency,
+                "spread": self.spread,
+                "cpus": sorted(cpus),
+                **self.worker_extra(),
+            }
             await worker.send(json.dumps(cfg))
             self.workers.append(worker)
             self.ranges.append(range(first, first + count))
@@ -289,18 +371,25 @@ class Fleet:
                 done = sum(w.connected for w in self.workers)
                 errors = sum(w.failures for w in self.workers)
                 elapsed = time.monotonic() - self.t_go
-                progress(f"{self.transport}: {done:,}/{self.agents:,} devices connected, "
-                         f"{errors} failed attempts, {elapsed:.1f} s")
+                progress(
+                    f"{self.transport}: {done:,}/{self.agents:,} devices connected, "
+                    f"{errors} failed attempts, {elapsed:.1f} s"
+                )
             results = [p.result() for p in pending]
         finally:
             for p in pending:
                 p.cancel()
         times = sorted(t - self.t_go for r in results for t in r["times"])
-        progress(f"{self.transport}: {len(times):,}/{self.agents:,} devices connected in "
-                 f"{times[-1] if times else 0:.2f} s", final=True)
+        progress(
+            f"{self.transport}: {len(times):,}/{self.agents:,} devices connected in "
+            f"{times[-1] if times else 0:.2f} s",
+            final=True,
+        )
         return times
 
-    async def wait_got(self, predicate: Callable[[list[Any]], bool], timeout: float) -> list[Any] | None:
+    async def wait_got(
+        self, predicate: Callable[[list[Any]], bool], timeout: float
+    ) -> list[Any] | None:
         """The first ``got`` item (already seen or to come) matching ``predicate``."""
         for item in self.got:
             if predicate(item):
@@ -325,16 +414,20 @@ class Fleet:
             for key, value in reply.items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     total[key] = total.get(key, 0) + value
-        total["failure_samples"] = sorted({s for r in replies for s in r.get("failure_samples", [])})[:5]
+        total["failure_samples"] = sorted(
+            {s for r in replies for s in r.get("failure_samples", [])}
+        )[:5]
         return total
 
     async def post(self, count: int, timeout: float) -> dict[str, Any]:
         for worker in self.workers:
             await worker.send(f"post {count}")
         replies = [await w.wait("posted", timeout) for w in self.workers]
-        return {"seconds": max(r["seconds"] for r in replies),
-                "posted": sum(r["posted"] for r in replies),
-                "failures": sum(r["failures"] for r in replies)}
+        return {
+            "seconds": max(r["seconds"] for r in replies),
+            "posted": sum(r["posted"] for r in replies),
+            "failures": sum(r["failures"] for r in replies),
+        }
 
     async def probe(self, index: int, count: int, gap: float) -> list[float | None]:
         """Device ``index`` times ``count`` interactive round trips, ``gap`` s apart."""

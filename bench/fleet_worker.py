@@ -48,8 +48,18 @@ def _emit(event: str, **fields: Any) -> None:
 
 
 class Device:
-    __slots__ = ("index", "name", "identity", "client", "version", "connects", "connected_at",
-                 "errors", "posted", "post_failures")
+    __slots__ = (
+        "index",
+        "name",
+        "identity",
+        "client",
+        "version",
+        "connects",
+        "connected_at",
+        "errors",
+        "posted",
+        "post_failures",
+    )
 
     def __init__(self, index: int, identity: Path) -> None:
         self.index = index
@@ -71,8 +81,10 @@ class Worker:
         self.host: str = cfg["host"]
         self.port: int = int(cfg["port"])
         root = Path(cfg["identities"])
-        self.devices = [Device(i, root / device_name(i))
-                        for i in range(int(cfg["first"]), int(cfg["first"]) + int(cfg["count"]))]
+        self.devices = [
+            Device(i, root / device_name(i))
+            for i in range(int(cfg["first"]), int(cfg["first"]) + int(cfg["count"]))
+        ]
         self.state_root = Path(cfg["state"])
         self.pub = load_signing_pub(root / device_name(int(cfg["first"])) / "signing.pub")
         self.tenant: str = cfg["tenant"]
@@ -88,13 +100,19 @@ class Worker:
         if kind == "quic":
             from bench.transports.quic import QuicClient
 
-            return QuicClient(dev.identity, self.host, self.port, state_dir=self.state_root / dev.name,
-                              idle_timeout=float(self.cfg.get("idle_timeout", 60.0)))
+            return QuicClient(
+                dev.identity,
+                self.host,
+                self.port,
+                state_dir=self.state_root / dev.name,
+                idle_timeout=float(self.cfg.get("idle_timeout", 60.0)),
+            )
         if kind == "rest-poll":
             from bench.transports.rest_client import RestPollClient
 
-            return RestPollClient(dev.identity, self.host, self.port,
-                                  interval=float(self.cfg["poll_interval"]))
+            return RestPollClient(
+                dev.identity, self.host, self.port, interval=float(self.cfg["poll_interval"])
+            )
         if kind == "h2-push":
             from bench.transports.h2_client import H2PushClient
 
@@ -156,8 +174,12 @@ class Worker:
                 continue
             dev.version = update.version
             for entry in manifest.deployments:
-                await client.post_status(entry.deployment_id, update.version, "installed",
-                                         [{"name": "probe", "state": "installed"}])
+                await client.post_status(
+                    entry.deployment_id,
+                    update.version,
+                    "installed",
+                    [{"name": "probe", "state": "installed"}],
+                )
             self.got.append([dev.index, update.version, delivered, time.monotonic()])
 
     async def post_burst(self, dev: Device, count: int) -> None:
@@ -165,8 +187,12 @@ class Worker:
         for n in range(count):
             client = dev.client
             try:
-                await client.post_status("bench-telemetry", max(dev.version, 1) + n, "installed",
-                                         [{"name": "probe", "state": "installed"}])
+                await client.post_status(
+                    "bench-telemetry",
+                    max(dev.version, 1) + n,
+                    "installed",
+                    [{"name": "probe", "state": "installed"}],
+                )
                 dev.posted += 1
             except Exception:  # noqa: BLE001 - counted
                 dev.post_failures += 1
@@ -184,12 +210,15 @@ class Worker:
             for key in totals:
                 totals[key] += getattr(client.counters, key)
             alive += int(self.is_alive(dev))
-        return {**totals, "alive": alive,
-                "connects": sum(d.connects for d in self.devices),
-                "errors": sum(d.errors for d in self.devices),
-                "posted": sum(d.posted for d in self.devices),
-                "post_failures": sum(d.post_failures for d in self.devices),
-                "failure_samples": sorted(set(self.failures))[:5]}
+        return {
+            **totals,
+            "alive": alive,
+            "connects": sum(d.connects for d in self.devices),
+            "errors": sum(d.errors for d in self.devices),
+            "posted": sum(d.posted for d in self.devices),
+            "post_failures": sum(d.post_failures for d in self.devices),
+            "failure_samples": sorted(set(self.failures))[:5],
+        }
 
     def is_alive(self, dev: Device) -> bool:
         client = dev.client
@@ -214,8 +243,12 @@ class Worker:
         reported = False
         while True:
             connected = sum(1 for d in self.devices if d.connected_at is not None)
-            _emit("progress", connected=connected, gave_up=0,
-                  failures=sum(d.errors for d in self.devices))
+            _emit(
+                "progress",
+                connected=connected,
+                gave_up=0,
+                failures=sum(d.errors for d in self.devices),
+            )
             if not reported and connected == len(self.devices):
                 reported = True
                 _emit("connected", times=[d.connected_at for d in self.devices])
@@ -256,8 +289,12 @@ class Worker:
             t0 = time.monotonic()
             try:
                 with anyio.fail_after(60):
-                    await dev.client.post_status("bench-interactive", n + 1, "installing",
-                                                 [{"name": "probe", "state": "installing"}])
+                    await dev.client.post_status(
+                        "bench-interactive",
+                        n + 1,
+                        "installing",
+                        [{"name": "probe", "state": "installing"}],
+                    )
                 rtts.append(time.monotonic() - t0)
             except Exception:  # noqa: BLE001 - a lost probe is reported as None
                 rtts.append(None)
@@ -269,9 +306,12 @@ class Worker:
         async with anyio.create_task_group() as tg:
             for dev in self.devices:
                 tg.start_soon(self.post_burst, dev, count)
-        _emit("posted", seconds=time.monotonic() - t0,
-              posted=sum(d.posted for d in self.devices),
-              failures=sum(d.post_failures for d in self.devices))
+        _emit(
+            "posted",
+            seconds=time.monotonic() - t0,
+            posted=sum(d.posted for d in self.devices),
+            failures=sum(d.post_failures for d in self.devices),
+        )
 
 
 def main(worker_class: type[Worker] = Worker) -> int:

@@ -29,8 +29,9 @@ def _log(msg: str) -> None:
     print(f"[ingest] {msg}", file=sys.stderr, flush=True)
 
 
-def one_run(agents: int, procs: int, records: int, record_bytes: int, batch: int,
-            in_flight: int) -> dict[str, Any]:
+def one_run(
+    agents: int, procs: int, records: int, record_bytes: int, batch: int, in_flight: int
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="margo-ingest-") as tmp:
         root = Path(tmp)
         certs = root / "certs"
@@ -39,9 +40,21 @@ def one_run(agents: int, procs: int, records: int, record_bytes: int, batch: int
         token = (certs / TENANT / "operator.token").read_text().strip()
         data = root / "data"
         data.mkdir()
-        ctl = subprocess.Popen([str(BIN / "margo-controller"), "--certs", str(certs), "--data",
-                                str(data), "--listen", "127.0.0.1:0", "--api", "127.0.0.1:0"],
-                               stdout=open(root / "controller.log", "ab"), stderr=subprocess.STDOUT)
+        ctl = subprocess.Popen(
+            [
+                str(BIN / "margo-controller"),
+                "--certs",
+                str(certs),
+                "--data",
+                str(data),
+                "--listen",
+                "127.0.0.1:0",
+                "--api",
+                "127.0.0.1:0",
+            ],
+            stdout=open(root / "controller.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
         workers: list[subprocess.Popen] = []
         try:
             ready = data / "controller.json"
@@ -55,13 +68,27 @@ def one_run(agents: int, procs: int, records: int, record_bytes: int, batch: int
             per = -(-agents // procs)
             for k in range(procs):
                 count = min(per, agents - k * per)
-                cfg = {"host": "127.0.0.1", "port": port, "certs": str(certs), "tenant": TENANT,
-                       "template": str(certs / TENANT / "devices" / "bench-template"),
-                       "server_name": "localhost", "idle_timeout": 60.0, "first": k * per,
-                       "count": count, "records": records, "record_bytes": record_bytes,
-                       "batch": batch, "in_flight": in_flight}
-                w = subprocess.Popen([sys.executable, "-m", "bench.ingest_worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                cfg = {
+                    "host": "127.0.0.1",
+                    "port": port,
+                    "certs": str(certs),
+                    "tenant": TENANT,
+                    "template": str(certs / TENANT / "devices" / "bench-template"),
+                    "server_name": "localhost",
+                    "idle_timeout": 60.0,
+                    "first": k * per,
+                    "count": count,
+                    "records": records,
+                    "record_bytes": record_bytes,
+                    "batch": batch,
+                    "in_flight": in_flight,
+                }
+                w = subprocess.Popen(
+                    [sys.executable, "-m", "bench.ingest_worker"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
                 assert w.stdin is not None
                 w.stdin.write(json.dumps(cfg) + "\n")
                 w.stdin.flush()
@@ -88,14 +115,24 @@ def one_run(agents: int, procs: int, records: int, record_bytes: int, batch: int
             headers = {"Authorization": f"Bearer {token}"}
             stored = 0
             for i in range(agents):
-                r = httpx.get(f"{info['api']}/api/v1/devices/sim-{i:05d}/telemetry",
-                              params={"limit": 1}, headers=headers, timeout=30)
+                r = httpx.get(
+                    f"{info['api']}/api/v1/devices/sim-{i:05d}/telemetry",
+                    params={"limit": 1},
+                    headers=headers,
+                    timeout=30,
+                )
                 items = r.json().get("items") or []
                 stored += bool(items) and items[-1]["seq"] == records
-            return {"agents": agents, "procs": procs, "records_per_agent": records,
-                    "record_bytes": record_bytes, "total_records": total,
-                    "seconds": end - start, "rate_per_s": total / (end - start),
-                    "devices_complete": stored}
+            return {
+                "agents": agents,
+                "procs": procs,
+                "records_per_agent": records,
+                "record_bytes": record_bytes,
+                "total_records": total,
+                "seconds": end - start,
+                "rate_per_s": total / (end - start),
+                "devices_complete": stored,
+            }
         finally:
             for w in workers:
                 if w.poll() is None:
@@ -117,19 +154,33 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     runs = []
     for i in range(args.runs):
-        run = one_run(args.agents, args.procs, args.records, args.record_bytes, args.batch,
-                      args.in_flight)
-        _log(f"run {i + 1}/{args.runs}: {run['rate_per_s']:,.0f} records/s, "
-             f"{run['devices_complete']}/{args.agents} devices complete")
+        run = one_run(
+            args.agents, args.procs, args.records, args.record_bytes, args.batch, args.in_flight
+        )
+        _log(
+            f"run {i + 1}/{args.runs}: {run['rate_per_s']:,.0f} records/s, "
+            f"{run['devices_complete']}/{args.agents} devices complete"
+        )
         runs.append(run)
-    rows = [[i + 1, r["total_records"], r["seconds"], r["rate_per_s"], r["devices_complete"]]
-            for i, r in enumerate(runs)]
+    rows = [
+        [i + 1, r["total_records"], r["seconds"], r["rate_per_s"], r["devices_complete"]]
+        for i, r in enumerate(runs)
+    ]
     rows.append(["median", "", median(r[2] for r in rows), median(r[3] for r in rows), ""])
     table = markdown_table(["run", "records", "seconds", "records/s", "devices complete"], rows)
-    write_report(args.out, "ingest", {"scenario": "ingest", "argv": argv or sys.argv[1:],
-                                      "machine": machine_info(), "runs": runs,
-                                      "date": time.strftime("%Y-%m-%d")},
-                 f"ingest: {args.agents} agents x {args.records} records", [table])
+    write_report(
+        args.out,
+        "ingest",
+        {
+            "scenario": "ingest",
+            "argv": argv or sys.argv[1:],
+            "machine": machine_info(),
+            "runs": runs,
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        f"ingest: {args.agents} agents x {args.records} records",
+        [table],
+    )
     print(table)
     return 0
 

@@ -38,9 +38,16 @@ def make_batches(records: int, record_bytes: int, batch: int) -> list[m.Telemetr
     pad = "x" * max(0, record_bytes - 60)
     out = []
     for first in range(1, records + 1, batch):
-        rows = [(seq, "bench", json.dumps({"stream": "bench", "i": seq, "pad": pad},
-                                          separators=(",", ":")).encode())
-                for seq in range(first, min(first + batch, records + 1))]
+        rows = [
+            (
+                seq,
+                "bench",
+                json.dumps(
+                    {"stream": "bench", "i": seq, "pad": pad}, separators=(",", ":")
+                ).encode(),
+            )
+            for seq in range(first, min(first + batch, records + 1))
+        ]
         out.append(encode_batch(rows, oldest=first))
     return out
 
@@ -50,8 +57,9 @@ class ReplayAgent(SimAgent):
 
     __slots__ = ("batches", "go", "in_flight", "result", "ready", "session_tasks")
 
-    def __init__(self, config: Any, index: int, batches: list[m.Telemetry], go: anyio.Event,
-                 in_flight: int) -> None:
+    def __init__(
+        self, config: Any, index: int, batches: list[m.Telemetry], go: anyio.Event, in_flight: int
+    ) -> None:
         super().__init__(config, device_id(index))
         self.batches, self.go, self.in_flight = batches, go, in_flight
         self.result: dict[str, float] = {}
@@ -94,8 +102,10 @@ async def run(cfg: dict[str, Any]) -> None:
     fleet.prepare()
     batches = make_batches(cfg["records"], cfg["record_bytes"], cfg["batch"])
     go = anyio.Event()
-    agents = [ReplayAgent(fleet.sim_config, fleet.first + i, batches, go, cfg["in_flight"])
-              for i in range(fleet.count)]
+    agents = [
+        ReplayAgent(fleet.sim_config, fleet.first + i, batches, go, cfg["in_flight"])
+        for i in range(fleet.count)
+    ]
 
     async def one(slot: int) -> None:
         conn, transport = await connect(fleet.host, fleet.port, fleet.configs[slot])

@@ -72,35 +72,75 @@ class Procs:
         data.mkdir(exist_ok=True)
         log = open(self.work / "controller.log", "ab")  # noqa: SIM115 - lives with the process
         self.ctl = subprocess.Popen(
-            [str(BIN / "margo-controller"), "--certs", str(self.certs), "--data", str(data),
-             "--listen", f"127.0.0.1:{self.quic_port}", "--api", "127.0.0.1:0",
-             "--log-level", "warning", "--log-format", "text"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        info = poll_until(lambda: ready.exists() and json.loads(ready.read_text()), 30,
-                          "controller ready")
+            [
+                str(BIN / "margo-controller"),
+                "--certs",
+                str(self.certs),
+                "--data",
+                str(data),
+                "--listen",
+                f"127.0.0.1:{self.quic_port}",
+                "--api",
+                "127.0.0.1:0",
+                "--log-level",
+                "warning",
+                "--log-format",
+                "text",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        info = poll_until(
+            lambda: ready.exists() and json.loads(ready.read_text()), 30, "controller ready"
+        )
         self.api = info["api"]
 
     def start_agent(self) -> None:
         log = open(self.work / "agent.log", "ab")  # noqa: SIM115
         self.agent = subprocess.Popen(
-            [str(BIN / "margo-agent"), "--identity", str(self.identity),
-             "--controller", f"127.0.0.1:{self.quic_port}", "--state", str(self.work / "agent"),
-             "--keepalive", "1", "--backoff-base", "0.05", "--backoff-cap", "0.2",
-             "--log-level", "warning", "--log-format", "text"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(BIN / "margo-agent"),
+                "--identity",
+                str(self.identity),
+                "--controller",
+                f"127.0.0.1:{self.quic_port}",
+                "--state",
+                str(self.work / "agent"),
+                "--keepalive",
+                "1",
+                "--backoff-base",
+                "0.05",
+                "--backoff-cap",
+                "0.2",
+                "--log-level",
+                "warning",
+                "--log-format",
+                "text",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def device(self) -> dict[str, Any]:
-        r = httpx.get(f"{self.api}/api/v1/devices/{DEVICE}",
-                      headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
+        r = httpx.get(
+            f"{self.api}/api/v1/devices/{DEVICE}",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=10,
+        )
         return r.json() if r.status_code == 200 else {}
 
     def wait_connected(self) -> None:
         poll_until(lambda: self.device().get("connected"), 60, "device connected")
 
     def has_record(self, seq: int) -> bool:
-        r = httpx.get(f"{self.api}/api/v1/devices/{DEVICE}/telemetry",
-                      params={"after": seq - 1, "limit": 1},
-                      headers={"Authorization": f"Bearer {self.token}"}, timeout=10)
+        r = httpx.get(
+            f"{self.api}/api/v1/devices/{DEVICE}/telemetry",
+            params={"after": seq - 1, "limit": 1},
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=10,
+        )
         return r.status_code == 200 and bool(r.json()["items"])
 
     @staticmethod
@@ -122,15 +162,30 @@ class Procs:
         self.stop_controller()
 
 
-async def keystrokes(api: str, token: str, count: int, gap_s: float,
-                     stop: threading.Event | None = None) -> list[float]:
+async def keystrokes(
+    api: str, token: str, count: int, gap_s: float, stop: threading.Event | None = None
+) -> list[float]:
     """Round-trip times in milliseconds of ``count`` single-byte keystrokes (fewer if
     ``stop`` is set first)."""
     url = api.replace("http://", "ws://", 1) + f"/api/v1/devices/{DEVICE}/terminal"
-    async with connect(url, additional_headers={"Authorization": f"Bearer {token}"},
-                       compression=None, proxy=None, max_size=None) as ws:
-        await ws.send(json.dumps({"type": "open", "rows": 24, "cols": 80, "tty": True,
-                                  "command": ["sh", "-c", "stty raw -echo; echo READY; exec cat"]}))
+    async with connect(
+        url,
+        additional_headers={"Authorization": f"Bearer {token}"},
+        compression=None,
+        proxy=None,
+        max_size=None,
+    ) as ws:
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "open",
+                    "rows": 24,
+                    "cols": 80,
+                    "tty": True,
+                    "command": ["sh", "-c", "stty raw -echo; echo READY; exec cat"],
+                }
+            )
+        )
         opened = json.loads(await ws.recv())
         if opened.get("type") != "opened":
             raise RuntimeError(f"session refused: {opened}")
@@ -176,9 +231,12 @@ def fill_backlog(state: Path, records: int, payload: int) -> float:
 
 
 def summary(samples: list[float]) -> dict[str, float]:
-    return {"n": len(samples), "p50_ms": round(percentile(samples, 0.5), 3),
-            "p99_ms": round(percentile(samples, 0.99), 3),
-            "max_ms": round(max(samples), 3) if samples else float("nan")}
+    return {
+        "n": len(samples),
+        "p50_ms": round(percentile(samples, 0.5), 3),
+        "p99_ms": round(percentile(samples, 0.99), 3),
+        "max_ms": round(max(samples), 3) if samples else float("nan"),
+    }
 
 
 def one_run(args: argparse.Namespace, run: int) -> dict[str, Any]:
@@ -206,19 +264,27 @@ def one_run(args: argparse.Namespace, run: int) -> dict[str, Any]:
 
         watcher = threading.Thread(target=watch_drain, daemon=True)
         watcher.start()
-        drain = asyncio.run(keystrokes(procs.api, procs.token, args.keys, args.gap_ms / 1000,
-                                       drained))
+        drain = asyncio.run(
+            keystrokes(procs.api, procs.token, args.keys, args.gap_ms / 1000, drained)
+        )
         t_keys_done = time.perf_counter()
         drained_before_keys_done = drained.is_set()
         watcher.join(600)
         drain_s = drained_at[0] - t_back
-        return {"run": run, "idle": summary(idle), "drain": summary(drain),
-                "idle_samples": idle, "drain_samples": drain,
-                "backlog_records": args.records, "record_bytes": args.payload,
-                "backlog_fill_s": round(fill_s, 2), "drain_s": round(drain_s, 2),
-                "drain_records_per_s": round(args.records / drain_s),
-                "keys_s": round(t_keys_done - t_back, 2),
-                "drain_outlasted_keys": not drained_before_keys_done}
+        return {
+            "run": run,
+            "idle": summary(idle),
+            "drain": summary(drain),
+            "idle_samples": idle,
+            "drain_samples": drain,
+            "backlog_records": args.records,
+            "record_bytes": args.payload,
+            "backlog_fill_s": round(fill_s, 2),
+            "drain_s": round(drain_s, 2),
+            "drain_records_per_s": round(args.records / drain_s),
+            "keys_s": round(t_keys_done - t_back, 2),
+            "drain_outlasted_keys": not drained_before_keys_done,
+        }
     finally:
         procs.stop()
         if not args.keep:
@@ -263,11 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     for run in range(1, args.runs + 1):
         result = one_run(args, run)
         runs.append(result)
-        print(f"run {run}: idle p50 {result['idle']['p50_ms']} p99 {result['idle']['p99_ms']} ms; "
-              f"drain p50 {result['drain']['p50_ms']} p99 {result['drain']['p99_ms']} ms "
-              f"(backlog filled in {result['backlog_fill_s']} s; drain {result['drain_s']} s, "
-              f"{result['drain_records_per_s']} rec/s, "
-              f"outlasted keys: {result['drain_outlasted_keys']})", flush=True)
+        print(
+            f"run {run}: idle p50 {result['idle']['p50_ms']} p99 {result['idle']['p99_ms']} ms; "
+            f"drain p50 {result['drain']['p50_ms']} p99 {result['drain']['p99_ms']} ms "
+            f"(backlog filled in {result['backlog_fill_s']} s; drain {result['drain_s']} s, "
+            f"{result['drain_records_per_s']} rec/s, "
+            f"outlasted keys: {result['drain_outlasted_keys']})",
+            flush=True,
+        )
     summ = {
         "idle_p50_ms": median(r["idle"]["p50_ms"] for r in runs),
         "idle_p99_ms": median(r["idle"]["p99_ms"] for r in runs),
@@ -279,9 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         "drain_outlasted_keys": sum(1 for r in runs if r["drain_outlasted_keys"]),
         "drain_keys": median(r["drain"]["n"] for r in runs),
     }
-    report = {"scenario": "keystroke", "machine": machine_info(),
-              "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "runs": runs, "summary": summ}
+    report = {
+        "scenario": "keystroke",
+        "machine": machine_info(),
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "runs": runs,
+        "summary": summ,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "keystroke.json").write_text(json.dumps(report, indent=1))
     (args.out / "keystroke.md").write_text(markdown(report))

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> None:
         async with anyio.create_task_group() as tg:
+
             async def controller_then_stop(*, task_status: anyio.abc.TaskStatus[None]) -> None:
                 await controller.run(task_status=task_status)  # returns after its own shutdown
                 tg.cancel_scope.cancel()
@@ -58,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             bridge = MqttBridge(controller.store, broker, tenants)
             await tg.start(bridge.run)
             controller.device_servers["mqtt"] = bridge
-            atomic_write(config.data / "mqtt-bridge.json",
-                         json.dumps({"bridge_port": args.bridge_port}).encode())
+            atomic_write(
+                config.data / "mqtt-bridge.json",
+                json.dumps({"bridge_port": args.bridge_port}).encode(),
+            )
 
     return run_service(PROG, run, controller.shutdown)
 

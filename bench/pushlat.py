@@ -54,7 +54,9 @@ class EventWatch:
         self._waiters.append((predicate, event, stamp))
         return event, stamp
 
-    async def run(self, client: httpx.AsyncClient, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, client: httpx.AsyncClient, *, task_status: Any = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         async with client.stream("GET", "/api/v1/events/stream", timeout=None) as response:
             response.raise_for_status()
             task_status.started()
@@ -75,7 +77,9 @@ class EventWatch:
 async def watching(api: str, token: str) -> AsyncIterator[tuple[httpx.AsyncClient, EventWatch]]:
     headers = {"Authorization": f"Bearer {token}"}
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=api, headers=headers, limits=limits, timeout=60) as client:
+    async with httpx.AsyncClient(
+        base_url=api, headers=headers, limits=limits, timeout=60
+    ) as client:
         watch = EventWatch()
         async with anyio.create_task_group() as tg:
             await tg.start(watch.run, client)
@@ -86,19 +90,26 @@ async def watching(api: str, token: str) -> AsyncIterator[tuple[httpx.AsyncClien
 def installed(device: str, dep: str = "bench-probe") -> Any:
     def match(item: dict[str, Any]) -> bool:
         payload = item.get("payload") or {}
-        return (item.get("kind") == "deployment.status" and item.get("device") == device
-                and payload.get("deploymentId") == dep and payload.get("state") == "installed")
+        return (
+            item.get("kind") == "deployment.status"
+            and item.get("device") == device
+            and payload.get("deploymentId") == dep
+            and payload.get("state") == "installed"
+        )
+
     return match
 
 
 async def apply(client: httpx.AsyncClient, devices: list[str], value: Any, **kw: Any) -> None:
-    r = await client.post("/api/v1/deployments", json={"documents": [document(value, **kw)],
-                                                       "devices": devices})
+    r = await client.post(
+        "/api/v1/deployments", json={"documents": [document(value, **kw)], "devices": devices}
+    )
     r.raise_for_status()
 
 
-async def one_push(client: httpx.AsyncClient, watch: EventWatch, device: str, value: Any,
-                   timeout: float = 30.0) -> float:
+async def one_push(
+    client: httpx.AsyncClient, watch: EventWatch, device: str, value: Any, timeout: float = 30.0
+) -> float:
     """Seconds from the apply to that device's ``installed`` event."""
     event, stamp = watch.expect(installed(device))
     t0 = time.perf_counter()

@@ -21,10 +21,14 @@ KIND = "margo-bench transports"
 
 # summary key -> (column title, digits); the order is the table's
 COLUMNS: dict[str, tuple[str, int]] = {
-    "push_p50_ms": ("push p50 ms", 1), "push_p99_ms": ("push p99 ms", 1),
-    "status_rtt_p50_ms": ("status round trip p50 ms", 1), "fanout_s": ("fan-out to all s", 2),
-    "fanout_status_s": ("all statuses back s", 2), "fanout_missing": ("devices missed", 0),
-    "connect_rate_per_s": ("connects/s", 0), "server_rss_per_device_kb": ("server KB/device", 1),
+    "push_p50_ms": ("push p50 ms", 1),
+    "push_p99_ms": ("push p99 ms", 1),
+    "status_rtt_p50_ms": ("status round trip p50 ms", 1),
+    "fanout_s": ("fan-out to all s", 2),
+    "fanout_status_s": ("all statuses back s", 2),
+    "fanout_missing": ("devices missed", 0),
+    "connect_rate_per_s": ("connects/s", 0),
+    "server_rss_per_device_kb": ("server KB/device", 1),
     "server_cpu_ms_per_connect": ("server CPU ms/connect", 2),
     "idle_bytes_per_device_hour": ("idle bytes/device/h", 0),
     "idle_requests_per_device_hour": ("idle exchanges/device/h", 0),
@@ -33,20 +37,29 @@ COLUMNS: dict[str, tuple[str, int]] = {
     "restart_s": ("controller kill -9 -> ready s", 2),
     "reconnect_p50_s": ("reconnect p50 s (from kill)", 2),
     "reconnect_p100_s": ("reconnect p100 s (from kill)", 2),
-    "devices_back": ("devices back", 0), "telemetry_acked": ("telemetry records acked", 0),
+    "devices_back": ("devices back", 0),
+    "telemetry_acked": ("telemetry records acked", 0),
     "telemetry_lost": ("telemetry lost (acked, not stored)", 0),
-    "drain_s": ("drain s (controller ready -> last ack)", 2), "drain_per_s": ("records/s", 0),
+    "drain_s": ("drain s (controller ready -> last ack)", 2),
+    "drain_per_s": ("records/s", 0),
     "drain_device_p50_s": ("per-device drain p50 s", 2),
     "drain_device_p100_s": ("per-device drain p100 s", 2),
-    "devices_drained": ("devices drained", 0), "drain_failures": ("broken streams", 0),
+    "devices_drained": ("devices drained", 0),
+    "drain_failures": ("broken streams", 0),
     "telemetry_not_stored": ("telemetry not stored", 0),
     "telemetry_note": ("telemetry", 0),
-    "lossy_push_p50_ms": ("push p50 ms", 1), "lossy_push_p99_ms": ("push p99 ms", 1),
-    "interactive_p50_ms": ("interactive p50 ms", 1), "interactive_p99_ms": ("interactive p99 ms", 1),
+    "lossy_push_p50_ms": ("push p50 ms", 1),
+    "lossy_push_p99_ms": ("push p99 ms", 1),
+    "interactive_p50_ms": ("interactive p50 ms", 1),
+    "interactive_p99_ms": ("interactive p99 ms", 1),
     "bulk_mbit_s": ("bulk Mbit/s", 2),
 }
-LOWER_IS_BETTER = {k for k in COLUMNS if not k.endswith("_per_s")
-                   and k not in ("bulk_mbit_s", "devices_back", "devices_drained", "telemetry_acked")}
+LOWER_IS_BETTER = {
+    k
+    for k in COLUMNS
+    if not k.endswith("_per_s")
+    and k not in ("bulk_mbit_s", "devices_back", "devices_drained", "telemetry_acked")
+}
 TEXT = {"telemetry_note"}  # words, not figures: shown as they are, never compared
 
 
@@ -72,8 +85,11 @@ def by_label(data: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 def summary_table(data: Mapping[str, Any]) -> str:
     groups = by_label(data)
-    keys = [k for k in COLUMNS if any(r["summary"].get(k) is not None
-                                      for runs in groups.values() for r in runs)]
+    keys = [
+        k
+        for k in COLUMNS
+        if any(r["summary"].get(k) is not None for runs in groups.values() for r in runs)
+    ]
     headers = ["transport", "runs", *(COLUMNS[k][0] for k in keys)]
     rows = []
     for label, runs in groups.items():
@@ -112,8 +128,10 @@ def ratios(data: Mapping[str, Any]) -> str:
             v = s.get(key)
             cells.append("—" if not isinstance(v, int | float) else f"{v / quic[key]:,.2f}x")
         rows.append(cells)
-    return ("Ratio other / quic (run 1 of each; above 1 means quic's figure is lower):\n\n"
-            + markdown_table(["transport", *(COLUMNS[k][0] for k in keys)], rows))
+    return (
+        "Ratio other / quic (run 1 of each; above 1 means quic's figure is lower):\n\n"
+        + markdown_table(["transport", *(COLUMNS[k][0] for k in keys)], rows)
+    )
 
 
 def _first(groups: Mapping[str, list[dict[str, Any]]], prefix: str, key: str) -> float | None:
@@ -140,23 +158,31 @@ def targets(data: Mapping[str, Any]) -> list[str]:
     h2 = _first(groups, "h2-push", "push_p50_ms")
     if data["scenario"] == "push":
         qp = s.get("push_p50_ms")
-        verdict(None if rest is None or qp is None else qp * 500 <= rest,
-                f"quic push p50 ≥ 500x lower than rest-poll at 15 s "
-                f"({fmt(qp, 1)} ms vs {fmt(rest, 1)} ms = {fmt(rest / qp if rest and qp else None, 0)}x)")
-        verdict(None if h2 is None or qp is None else qp <= h2,
-                f"quic push p50 at most h2-push's ({fmt(qp, 1)} ms vs {fmt(h2, 1)} ms)")
+        verdict(
+            None if rest is None or qp is None else qp * 500 <= rest,
+            f"quic push p50 ≥ 500x lower than rest-poll at 15 s "
+            f"({fmt(qp, 1)} ms vs {fmt(rest, 1)} ms = {fmt(rest / qp if rest and qp else None, 0)}x)",
+        )
+        verdict(
+            None if h2 is None or qp is None else qp <= h2,
+            f"quic push p50 at most h2-push's ({fmt(qp, 1)} ms vs {fmt(h2, 1)} ms)",
+        )
     if data["scenario"] == "connect":
         qb = s.get("idle_bytes_per_device_hour")
         rb = _first(groups, "rest-poll 15 s", "idle_bytes_per_device_hour")
-        verdict(None if rb is None or qb is None else qb * 10 <= rb,
-                f"quic idle bytes/device/h at most a tenth of rest-poll at 15 s "
-                f"({fmt(qb, 0)} vs {fmt(rb, 0)} = {fmt(qb / rb if rb and qb else None, 3)})")
+        verdict(
+            None if rb is None or qb is None else qb * 10 <= rb,
+            f"quic idle bytes/device/h at most a tenth of rest-poll at 15 s "
+            f"({fmt(qb, 0)} vs {fmt(rb, 0)} = {fmt(qb / rb if rb and qb else None, 3)})",
+        )
     if data["scenario"] == "lossy":
         qi = s.get("interactive_p99_ms")
         hi = _first(groups, "h2-push", "interactive_p99_ms")
-        verdict(None if hi is None or qi is None else qi < hi,
-                f"under loss, quic interactive p99 during bulk lower than h2-push's "
-                f"({fmt(qi, 1)} ms vs {fmt(hi, 1)} ms)")
+        verdict(
+            None if hi is None or qi is None else qi < hi,
+            f"under loss, quic interactive p99 during bulk lower than h2-push's "
+            f"({fmt(qi, 1)} ms vs {fmt(hi, 1)} ms)",
+        )
     return lines
 
 
@@ -165,8 +191,10 @@ def losses(data: Mapping[str, Any]) -> list[str]:
     groups = by_label(data)
     if "quic" not in groups:
         return []
-    med = {label: {k: median(r["summary"].get(k) for r in runs) for k in COLUMNS if k not in TEXT}
-           for label, runs in groups.items()}
+    med = {
+        label: {k: median(r["summary"].get(k) for r in runs) for k in COLUMNS if k not in TEXT}
+        for label, runs in groups.items()
+    }
     out = []
     for key in COLUMNS:
         q = med["quic"].get(key)
@@ -178,25 +206,31 @@ def losses(data: Mapping[str, Any]) -> list[str]:
                 continue
             better = v < q if key in LOWER_IS_BETTER else v > q
             if better and abs(v - q) > 0.05 * max(abs(q), 1e-9):
-                out.append(f"- quic loses on **{COLUMNS[key][0]}** to {label}: "
-                           f"{fmt(q, COLUMNS[key][1])} vs {fmt(v, COLUMNS[key][1])}."
-                           + WHY.get(key, ""))
+                out.append(
+                    f"- quic loses on **{COLUMNS[key][0]}** to {label}: "
+                    f"{fmt(q, COLUMNS[key][1])} vs {fmt(v, COLUMNS[key][1])}." + WHY.get(key, "")
+                )
     return out
 
 
-PUSH_WHY = (" Every push transport shares the controller's apply path (API, store, signing);"
-            " beyond it a QUIC push is packetised, encrypted and acknowledged by aioquic in Python"
-            " on the controller's one event loop, which also runs every connected QUIC device's"
-            " keepalives, ACKs and timers, while the TCP transports leave that to OpenSSL and the"
-            " kernel. With 4 devices quic and h2-push were equal; the gap grows with connected"
-            " devices. That is the likely cause; it was not profiled.")
-RECONNECT_WHY = (" After kill -9 the new controller drops the devices' packets for connections it"
-                 " does not know (no stateless reset), so a QUIC device notices only when nothing"
-                 " has arrived for three keepalive intervals, checked once per interval: 60-80 s"
-                 " at the 20 s default, shorter with --keepalive. TCP devices see the reset at"
-                 " once; a rest-poll device is back at its next poll.")
+PUSH_WHY = (
+    " Every push transport shares the controller's apply path (API, store, signing);"
+    " beyond it a QUIC push is packetised, encrypted and acknowledged by aioquic in Python"
+    " on the controller's one event loop, which also runs every connected QUIC device's"
+    " keepalives, ACKs and timers, while the TCP transports leave that to OpenSSL and the"
+    " kernel. With 4 devices quic and h2-push were equal; the gap grows with connected"
+    " devices. That is the likely cause; it was not profiled."
+)
+RECONNECT_WHY = (
+    " After kill -9 the new controller drops the devices' packets for connections it"
+    " does not know (no stateless reset), so a QUIC device notices only when nothing"
+    " has arrived for three keepalive intervals, checked once per interval: 60-80 s"
+    " at the 20 s default, shorter with --keepalive. TCP devices see the reset at"
+    " once; a rest-poll device is back at its next poll."
+)
 WHY = {
-    "reconnect_p50_s": RECONNECT_WHY, "reconnect_p100_s": RECONNECT_WHY,
+    "reconnect_p50_s": RECONNECT_WHY,
+    "reconnect_p100_s": RECONNECT_WHY,
     "server_rss_per_device_kb": " Each QUIC connection keeps aioquic's per-connection state in"
     " Python (packet spaces, crypto contexts, stream buffers, our session objects), while a TLS"
     " socket's state is mostly in OpenSSL/kernel memory; Mosquitto is C.",
@@ -204,8 +238,11 @@ WHY = {
     " more server CPU than OpenSSL's TLS over TCP.",
     "server_cpu_ms_per_connect": " aioquic's TLS 1.3 and packet protection run in Python; the TCP"
     " transports use OpenSSL in C.",
-    "push_p50_ms": PUSH_WHY, "push_p99_ms": PUSH_WHY, "status_rtt_p50_ms": PUSH_WHY,
-    "fanout_s": PUSH_WHY, "fanout_status_s": PUSH_WHY,
+    "push_p50_ms": PUSH_WHY,
+    "push_p99_ms": PUSH_WHY,
+    "status_rtt_p50_ms": PUSH_WHY,
+    "fanout_s": PUSH_WHY,
+    "fanout_status_s": PUSH_WHY,
     "idle_server_cpu_percent": " QUIC keepalive pings are processed by Python on both ends.",
     "idle_bytes_per_device_hour": " Idle cost is the keepalive interval: the QUIC devices ping"
     " every --keepalive seconds (controller default 15 s, so a dead link is noticed within 45 s),"
@@ -238,43 +275,91 @@ def plots(data: Mapping[str, Any], out: Path) -> list[Path]:
             if lat:
                 series[label] = (lat, [(i + 1) / len(lat) for i in range(len(lat))])
         if series:
-            written.append(plot_series(out / f"{stem}-latency.png", series, step=True,
-                                       title="push latency distribution (apply -> device verified)",
-                                       xlabel="ms (log)", ylabel="fraction of pushes", logx=True))
+            written.append(
+                plot_series(
+                    out / f"{stem}-latency.png",
+                    series,
+                    step=True,
+                    title="push latency distribution (apply -> device verified)",
+                    xlabel="ms (log)",
+                    ylabel="fraction of pushes",
+                    logx=True,
+                )
+            )
         fan = {}
         for label, runs in groups.items():
             first = (runs[0].get("push", {}).get("fanout") or [{}])[0]
             for key, suffix in (("curve", "verified"), ("status_curve", "installed")):
                 curve = first.get(key) or []
                 if curve:
-                    fan[f"{label} {suffix}"] = ([0.0] + [c[0] for c in curve],
-                                                [0.0] + [float(c[1]) for c in curve])
+                    fan[f"{label} {suffix}"] = (
+                        [0.0] + [c[0] for c in curve],
+                        [0.0] + [float(c[1]) for c in curve],
+                    )
         if fan:
-            written.append(plot_series(out / f"{stem}-fanout.png", fan, step=True, logx=True,
-                                       title="fan-out: devices holding the new desired state "
-                                             "(verified) and their status acknowledged (installed)",
-                                       xlabel="seconds since the apply (log)", ylabel="devices"))
-    curves = {label: ([0.0] + [c[0] for c in runs[0]["connect"]["curve"]],
-                      [0.0] + [float(c[1]) for c in runs[0]["connect"]["curve"]])
-              for label, runs in groups.items() if runs[0].get("connect", {}).get("curve")}
+            written.append(
+                plot_series(
+                    out / f"{stem}-fanout.png",
+                    fan,
+                    step=True,
+                    logx=True,
+                    title="fan-out: devices holding the new desired state "
+                    "(verified) and their status acknowledged (installed)",
+                    xlabel="seconds since the apply (log)",
+                    ylabel="devices",
+                )
+            )
+    curves = {
+        label: (
+            [0.0] + [c[0] for c in runs[0]["connect"]["curve"]],
+            [0.0] + [float(c[1]) for c in runs[0]["connect"]["curve"]],
+        )
+        for label, runs in groups.items()
+        if runs[0].get("connect", {}).get("curve")
+    }
     if curves and scenario == "connect":
-        written.append(plot_series(out / f"{stem}-ramp.png", curves, step=True,
-                                   title="devices connected over time", xlabel="seconds since go",
-                                   ylabel="devices"))
-        written.append(bars(out / f"{stem}-memory.png",
-                            {label: median(r["summary"].get("server_rss_per_device_kb") for r in runs)
-                             for label, runs in groups.items()},
-                            title="server memory per connected device", ylabel="KB"))
+        written.append(
+            plot_series(
+                out / f"{stem}-ramp.png",
+                curves,
+                step=True,
+                title="devices connected over time",
+                xlabel="seconds since go",
+                ylabel="devices",
+            )
+        )
+        written.append(
+            bars(
+                out / f"{stem}-memory.png",
+                {
+                    label: median(r["summary"].get("server_rss_per_device_kb") for r in runs)
+                    for label, runs in groups.items()
+                },
+                title="server memory per connected device",
+                ylabel="KB",
+            )
+        )
     if scenario == "lossy":
         series = {}
         for label, runs in groups.items():
             lat = sorted(runs[0].get("lossy", {}).get("interactive_s", []))
             if lat:
-                series[label] = ([x * 1000 for x in lat], [(i + 1) / len(lat) for i in range(len(lat))])
+                series[label] = (
+                    [x * 1000 for x in lat],
+                    [(i + 1) / len(lat) for i in range(len(lat))],
+                )
         if series:
-            written.append(plot_series(out / f"{stem}-interactive.png", series, step=True, logx=True,
-                                       title="interactive round trip during bulk, lossy link",
-                                       xlabel="ms (log)", ylabel="fraction"))
+            written.append(
+                plot_series(
+                    out / f"{stem}-interactive.png",
+                    series,
+                    step=True,
+                    logx=True,
+                    title="interactive round trip during bulk, lossy link",
+                    xlabel="ms (log)",
+                    ylabel="fraction",
+                )
+            )
     return written
 
 
@@ -298,13 +383,17 @@ def bars(path: Path, values: Mapping[str, float | None], *, title: str, ylabel: 
 def section(data: Mapping[str, Any], images: list[Path]) -> list[str]:
     p = data["params"]
     m = data["machine"]
-    loads = [f"{r['label']} run {r['run']}: {r['load']['before'][0]:.2f}→{r['load']['after'][0]:.2f}"
-             for r in data["runs"]]
-    blocks = [f"## {data['scenario']}: {p['agents']:,} devices per transport",
-              f"Machine: {machine_line(m)}; {m['date']}. Load average (1 min) before→after each "
-              f"run: {'; '.join(loads)}.",
-              f"```\n{data['command']}\n```",
-              "Medians over runs; every run's value in parentheses.\n\n" + summary_table(data)]
+    loads = [
+        f"{r['label']} run {r['run']}: {r['load']['before'][0]:.2f}→{r['load']['after'][0]:.2f}"
+        for r in data["runs"]
+    ]
+    blocks = [
+        f"## {data['scenario']}: {p['agents']:,} devices per transport",
+        f"Machine: {machine_line(m)}; {m['date']}. Load average (1 min) before→after each "
+        f"run: {'; '.join(loads)}.",
+        f"```\n{data['command']}\n```",
+        "Medians over runs; every run's value in parentheses.\n\n" + summary_table(data),
+    ]
     if r := ratios(data):
         blocks.append(r)
     if t := targets(data):
@@ -330,7 +419,9 @@ def write(directory: Path) -> list[Path]:
         written += images
         blocks += section(data, images)
     path = directory / "report.md"
-    path.write_text("# margo-bench: transports compared\n\n" + "\n\n".join(b.rstrip() for b in blocks) + "\n")
+    path.write_text(
+        "# margo-bench: transports compared\n\n" + "\n\n".join(b.rstrip() for b in blocks) + "\n"
+    )
     return [path, *written]
 
 

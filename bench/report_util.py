@@ -47,11 +47,18 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def machine_info(packages: Iterable[str] = ("aioquic", "cryptography", "uvloop", "anyio")) -> dict[str, Any]:
+def machine_info(
+    packages: Iterable[str] = ("aioquic", "cryptography", "uvloop", "anyio"),
+) -> dict[str, Any]:
     """Where and when a figure was measured: cores, CPU model, memory, versions, date (UTC)."""
     try:
-        mem_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                          if line.startswith("MemTotal:")))
+        mem_kb = int(
+            next(
+                line.split()[1]
+                for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal:")
+            )
+        )
     except (OSError, StopIteration, ValueError):
         mem_kb = None
     return {
@@ -103,7 +110,7 @@ def sample_process(pid: int) -> ProcSample:
             rss_kb = int(line.split()[1])
             break
     stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; state is fields[0]
+    fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "; state is fields[0]
     utime, stime = int(fields[11]), int(fields[12])
     return ProcSample(rss_kb=rss_kb, cpu_s=(utime + stime) / CLK_TCK)
 
@@ -162,16 +169,26 @@ def write_markdown(path: Path, title: str, blocks: Sequence[str]) -> Path:
     return path
 
 
-def write_report(out: Path, scenario: str, data: Mapping[str, Any], title: str,
-                 blocks: Sequence[str]) -> tuple[Path, Path]:
+def write_report(
+    out: Path, scenario: str, data: Mapping[str, Any], title: str, blocks: Sequence[str]
+) -> tuple[Path, Path]:
     """``<out>/<scenario>.json`` (everything) and ``<out>/<scenario>.md`` (the tables)."""
-    return (write_json(out / f"{scenario}.json", data),
-            write_markdown(out / f"{scenario}.md", title, blocks))
+    return (
+        write_json(out / f"{scenario}.json", data),
+        write_markdown(out / f"{scenario}.md", title, blocks),
+    )
 
 
-def plot_series(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
-                title: str, xlabel: str, ylabel: str, step: bool = False,
-                logx: bool = False) -> Path:
+def plot_series(
+    path: Path,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    step: bool = False,
+    logx: bool = False,
+) -> Path:
     """One PNG with a line per series (label -> (xs, ys)); ``logx`` for a logarithmic x axis."""
     import matplotlib
 
@@ -198,7 +215,9 @@ def plot_series(path: Path, series: Mapping[str, tuple[Sequence[float], Sequence
     return path
 
 
-def downsample(points: Sequence[tuple[float, float]], limit: int = 400) -> list[tuple[float, float]]:
+def downsample(
+    points: Sequence[tuple[float, float]], limit: int = 400
+) -> list[tuple[float, float]]:
     """At most ``limit`` points of a curve, always keeping the last one."""
     if len(points) <= limit:
         return list(points)

@@ -74,9 +74,14 @@ class SimAgent:
 
     def make_hello(self) -> m.Hello:
         caps = m.Capabilities(
-            id=self.device_id, cpus=[m.Cpu(cores=2, architecture="x86_64")], memory="1 Gi",
-            interfaces=[m.TypedItem(type="ethernet")], supportedRuntimes=["process"],
-            supportedDeploymentTypes=["process"], labels={"fleet": "bench"})
+            id=self.device_id,
+            cpus=[m.Cpu(cores=2, architecture="x86_64")],
+            memory="1 Gi",
+            interfaces=[m.TypedItem(type="ethernet")],
+            supportedRuntimes=["process"],
+            supportedDeploymentTypes=["process"],
+            labels={"fleet": "bench"},
+        )
         return m.Hello(device_id=self.device_id, agent_version=__version__, capabilities=caps)
 
 
@@ -111,7 +116,9 @@ class Fleet:
         self.count: int = int(cfg["count"])
         self.timeout: float = float(cfg.get("timeout", 20.0))
         self.retries: int = int(cfg.get("retries", 3))
-        self.sim_config = SimConfig(connect_timeout=self.timeout, keepalive=cfg.get("agent_keepalive"))
+        self.sim_config = SimConfig(
+            connect_timeout=self.timeout, keepalive=cfg.get("agent_keepalive")
+        )
         self.configs: list[QuicConfiguration] = []
         self.live: dict[int, Any] = {}  # index -> Connection or bare protocol
         self.ready_times: list[float] = []
@@ -126,24 +133,38 @@ class Fleet:
     # --- preparation -----------------------------------------------------------------------------
     def prepare(self) -> None:
         if self.mode == "bare":
-            base = bare_quic.client_config(self.cfg["cafile"], server_name=self.cfg["server_name"],
-                                           idle_timeout=self.cfg["idle_timeout"])
+            base = bare_quic.client_config(
+                self.cfg["cafile"],
+                server_name=self.cfg["server_name"],
+                idle_timeout=self.cfg["idle_timeout"],
+            )
             self.configs = [base] * self.count
             return
         template = Path(self.cfg["template"])
-        base = client_configuration(str(template / "cert.pem"), str(template / "key.pem"),
-                                    str(template / "ca.pem"), server_name=self.cfg["server_name"],
-                                    idle_timeout=self.cfg["idle_timeout"])
+        base = client_configuration(
+            str(template / "cert.pem"),
+            str(template / "key.pem"),
+            str(template / "ca.pem"),
+            server_name=self.cfg["server_name"],
+            idle_timeout=self.cfg["idle_timeout"],
+        )
         # the controller CA as bytes: no file read per handshake
         base = dataclasses.replace(base, cadata=(template / "ca.pem").read_bytes(), cafile=None)
         ca_cert, ca_key = load_tenant_ca(Path(self.cfg["certs"]), self.cfg["tenant"])
         now = datetime.now(UTC)
         for i in range(self.first, self.first + self.count):
-            cert, key = make_leaf(ca_cert, ca_key, uris=[device_spiffe_id(self.cfg["tenant"], device_id(i))],
-                                  not_before=now - timedelta(minutes=5), not_after=now + timedelta(days=1),
-                                  eku=(ExtendedKeyUsageOID.CLIENT_AUTH,), common_name=device_id(i))
-            self.configs.append(dataclasses.replace(base, certificate=cert, private_key=key,
-                                                    certificate_chain=[]))
+            cert, key = make_leaf(
+                ca_cert,
+                ca_key,
+                uris=[device_spiffe_id(self.cfg["tenant"], device_id(i))],
+                not_before=now - timedelta(minutes=5),
+                not_after=now + timedelta(days=1),
+                eku=(ExtendedKeyUsageOID.CLIENT_AUTH,),
+                common_name=device_id(i),
+            )
+            self.configs.append(
+                dataclasses.replace(base, certificate=cert, private_key=key, certificate_chain=[])
+            )
 
     # --- one agent -------------------------------------------------------------------------------
     async def run_agent(self, slot: int) -> None:
@@ -156,8 +177,11 @@ class Fleet:
             permit = _Permit(self.sem)
             permit.started = time.monotonic()
             try:
-                established = await (self._margo_once(slot, index, permit)
-                                     if self.mode == "margo" else self._bare_once(slot, permit))
+                established = await (
+                    self._margo_once(slot, index, permit)
+                    if self.mode == "margo"
+                    else self._bare_once(slot, permit)
+                )
             except Exception as exc:  # noqa: BLE001 - every failure is counted, then retried
                 established = False
                 self.failures.append(f"{type(exc).__name__}: {exc}"[:200])
@@ -246,12 +270,22 @@ class Fleet:
     async def _report_ramp(self) -> None:
         while not self.stopping:
             done = len(self.ready_times) + self.gave_up
-            _emit("progress", connected=len(self.ready_times), gave_up=self.gave_up,
-                  failures=len(self.failures), t=time.monotonic())
+            _emit(
+                "progress",
+                connected=len(self.ready_times),
+                gave_up=self.gave_up,
+                failures=len(self.failures),
+                t=time.monotonic(),
+            )
             if done >= self.count:
-                _emit("ramped", times=self.ready_times, latencies=self.latencies,
-                      gave_up=self.gave_up,
-                      failures=len(self.failures), failure_samples=sorted(set(self.failures))[:5])
+                _emit(
+                    "ramped",
+                    times=self.ready_times,
+                    latencies=self.latencies,
+                    gave_up=self.gave_up,
+                    failures=len(self.failures),
+                    failure_samples=sorted(set(self.failures))[:5],
+                )
                 return
             await anyio.sleep(PROGRESS_INTERVAL)
 
@@ -267,8 +301,13 @@ class Fleet:
                 if command == "go":
                     tg.start_soon(self.ramp, int(self.cfg.get("concurrency", 200)))
                 elif command == "status":
-                    _emit("status", alive=self.alive(), lost=self.lost,
-                          connected=len(self.ready_times), gave_up=self.gave_up)
+                    _emit(
+                        "status",
+                        alive=self.alive(),
+                        lost=self.lost,
+                        connected=len(self.ready_times),
+                        gave_up=self.gave_up,
+                    )
                 elif command == "stop" or not line:
                     if self.stop_event is not None:
                         self.stop_event.set()

@@ -27,8 +27,12 @@ class _Slot(Generic[R]):
 
 
 class WriteBatcher(Generic[T, R]):
-    def __init__(self, write: Callable[[Sequence[T]], Awaitable[Sequence[R] | None]],
-                 *, max_items: int = 1000) -> None:
+    def __init__(
+        self,
+        write: Callable[[Sequence[T]], Awaitable[Sequence[R] | None]],
+        *,
+        max_items: int = 1000,
+    ) -> None:
         self._write = write
         self._max = max_items
         self._pending: list[tuple[T, _Slot[R]]] = []
@@ -42,7 +46,7 @@ class WriteBatcher(Generic[T, R]):
             self._writing = True
             try:
                 while self._pending:
-                    batch, self._pending = self._pending[: self._max], self._pending[self._max:]
+                    batch, self._pending = self._pending[: self._max], self._pending[self._max :]
                     try:
                         results = await self._write([i for i, _ in batch])
                     except Exception as exc:  # noqa: BLE001 - handed to every waiter

@@ -24,15 +24,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api", default="127.0.0.1:8080", help="operator API HOST:PORT")
     p.add_argument("--api-tls-cert", type=Path, help="TLS certificate for a non-loopback API")
     p.add_argument("--api-tls-key", type=Path, help="TLS key for a non-loopback API")
-    p.add_argument("--margo-api", metavar="HOST:PORT",
-                   help="also serve Margo's rc.3 device pull API (HTTPS, client certificates)")
-    p.add_argument("--h2-push", metavar="HOST:PORT",
-                   help="also serve the HTTP/2 push transport (used by the transport bench)")
+    p.add_argument(
+        "--margo-api",
+        metavar="HOST:PORT",
+        help="also serve Margo's rc.3 device pull API (HTTPS, client certificates)",
+    )
+    p.add_argument(
+        "--h2-push",
+        metavar="HOST:PORT",
+        help="also serve the HTTP/2 push transport (used by the transport bench)",
+    )
     p.add_argument("--idle-timeout", type=float, default=60.0, help="QUIC idle timeout, seconds")
-    p.add_argument("--keepalive", type=float, default=20.0,
-                   help="keepalive interval agents are told to use, seconds")
-    p.add_argument("--push-window", type=int, default=512, metavar="N",
-                   help="desired-state pushes awaiting their device's answer at once (default 512)")
+    p.add_argument(
+        "--keepalive",
+        type=float,
+        default=20.0,
+        help="keepalive interval agents are told to use, seconds",
+    )
+    p.add_argument(
+        "--push-window",
+        type=int,
+        default=512,
+        metavar="N",
+        help="desired-state pushes awaiting their device's answer at once (default 512)",
+    )
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", choices=("json", "text"), default="json")
     return p
@@ -45,14 +60,27 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     h2 = parse_host_port(args.h2_push, what="--h2-push") if args.h2_push else (None, 0)
     try:
         return ControllerConfig(
-            certs=args.certs, data=args.data, listen_host=listen_host, listen_port=listen_port,
-            api_host=api_host, api_port=api_port, api_tls_cert=args.api_tls_cert,
-            api_tls_key=args.api_tls_key, margo_api_host=margo[0], margo_api_port=margo[1],
-            h2_push_host=h2[0], h2_push_port=h2[1], idle_timeout=args.idle_timeout, keepalive=args.keepalive,
-            push_window=args.push_window)
+            certs=args.certs,
+            data=args.data,
+            listen_host=listen_host,
+            listen_port=listen_port,
+            api_host=api_host,
+            api_port=api_port,
+            api_tls_cert=args.api_tls_cert,
+            api_tls_key=args.api_tls_key,
+            margo_api_host=margo[0],
+            margo_api_port=margo[1],
+            h2_push_host=h2[0],
+            h2_push_port=h2[1],
+            idle_timeout=args.idle_timeout,
+            keepalive=args.keepalive,
+            push_window=args.push_window,
+        )
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ConfigError(f"{'.'.join(map(str, first['loc'])) or 'config'}: {first['msg']}") from None
+        raise ConfigError(
+            f"{'.'.join(map(str, first['loc'])) or 'config'}: {first['msg']}"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:

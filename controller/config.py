@@ -44,14 +44,17 @@ class ControllerConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> ControllerConfig:
         if self.keepalive >= self.idle_timeout / 2:
-            raise ValueError(f"keepalive {self.keepalive}s must be well inside the idle timeout "
-                             f"{self.idle_timeout}s (at most half)")
+            raise ValueError(
+                f"keepalive {self.keepalive}s must be well inside the idle timeout "
+                f"{self.idle_timeout}s (at most half)"
+            )
         if (self.api_tls_cert is None) != (self.api_tls_key is None):
             raise ValueError("--api-tls-cert and --api-tls-key go together")
         if self.api_tls_cert is None and not is_loopback(self.api_host):
             raise ConfigError(
                 f"refusing to serve the operator API over plain HTTP on {self.api_host}: "
-                "plain HTTP is only allowed on loopback; give --api-tls-cert and --api-tls-key")
+                "plain HTTP is only allowed on loopback; give --api-tls-cert and --api-tls-key"
+            )
         return self
 
     @property

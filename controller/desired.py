@@ -79,7 +79,8 @@ class DesiredState:
         self._blob_reads: dict[tuple[str, str], _BlobRead] = {}
         self._window = PushWindow(ctl.config.push_window, hold=WINDOW_HOLD)
         self._adoptions: WriteBatcher[tuple[str, str, int], None] = WriteBatcher(
-            ctl.store.set_manifest_versions)
+            ctl.store.set_manifest_versions
+        )
         ctl.ready_hooks.append(self.on_ready)
         ctl.close_hooks.append(self.on_close)
         ctl.features["desired"] = self
@@ -98,26 +99,37 @@ class DesiredState:
         return self._locks.setdefault(tenant, anyio.Lock())
 
     # --- building manifests ----------------------------------------------------------------------
-    async def _entries(self, tenant: str, assignments: list[AssignmentRecord]) -> list[ManifestEntry]:
+    async def _entries(
+        self, tenant: str, assignments: list[AssignmentRecord]
+    ) -> list[ManifestEntry]:
         entries = []
         for a in assignments:
             files = self._files.get((tenant, a.digest))
             if files is None:
                 document = await self.ctl.store.get_blob(tenant, a.digest)
-                files = tuple(parse_deployment(document, source=f"deployment {a.deployment_id}").files)
+                files = tuple(
+                    parse_deployment(document, source=f"deployment {a.deployment_id}").files
+                )
                 if len(self._files) >= FILES_CACHE:
                     self._files.pop(next(iter(self._files)))
                 self._files[(tenant, a.digest)] = files
-            entries.append(ManifestEntry(deployment_id=a.deployment_id, digest=a.digest, files=files))
+            entries.append(
+                ManifestEntry(deployment_id=a.deployment_id, digest=a.digest, files=files)
+            )
         return sorted(entries, key=lambda e: e.deployment_id)
 
     async def rebuild(self, tenant: str, device_id: str, *, floor: int = 0) -> None:
         """Sign and store the device's next manifest (version above ``floor`` and the last)."""
         await self.rebuild_many(tenant, [device_id], floors={device_id: floor})
 
-    async def rebuild_many(self, tenant: str, device_ids: list[str], *,
-                           floors: dict[str, int] | None = None,
-                           only_if_changed: bool = False) -> list[str]:
+    async def rebuild_many(
+        self,
+        tenant: str,
+        device_ids: list[str],
+        *,
+        floors: dict[str, int] | None = None,
+        only_if_changed: bool = False,
+    ) -> list[str]:
         """Sign and store the next manifest of each device; returns the devices that got one.
 
         A fleet-wide change costs two reads and one write transaction, not three round trips
@@ -139,21 +151,30 @@ class DesiredState:
             for device_id in ids:
                 entries = await self._entries(tenant, by_device[device_id])
                 prev = latest.get(device_id)
-                if only_if_changed and prev is not None and [
-                        e.wire() for e in parse_manifest(prev.manifest).deployments] == [
-                        e.check().wire() for e in entries]:
+                if (
+                    only_if_changed
+                    and prev is not None
+                    and [e.wire() for e in parse_manifest(prev.manifest).deployments]
+                    == [e.check().wire() for e in entries]
+                ):
                     continue
                 version = max(prev.version if prev else 0, (floors or {}).get(device_id, 0)) + 1
-                data = build_manifest(tenant, device_id, version, entries, issued_at=now,
-                                      expires=expires)
+                data = build_manifest(
+                    tenant, device_id, version, entries, issued_at=now, expires=expires
+                )
                 items.append((device_id, version, data, sign(data, key)))
             if items:
                 await store.put_manifests(tenant, items, now=created)
             for device_id, version, data, signature in items:
                 self._latest[(tenant, device_id)] = (version, expires.timestamp())
                 self._records[(tenant, device_id)] = ManifestRecord(
-                    tenant=tenant, device_id=device_id, version=version, manifest=data,
-                    signature=signature, created=created)
+                    tenant=tenant,
+                    device_id=device_id,
+                    version=version,
+                    manifest=data,
+                    signature=signature,
+                    created=created,
+                )
             return [item[0] for item in items]
 
     async def _record(self, tenant: str, device_id: str) -> ManifestRecord | None:
@@ -287,15 +308,22 @@ class DesiredState:
         stream = session.conn.open_stream(limit=4)
         sent = 0
         try:
-            stream.send(m.Desired(version=record.version, manifest=record.manifest,
-                                  signature=record.signature, blobs=needed))
+            stream.send(
+                m.Desired(
+                    version=record.version,
+                    manifest=record.manifest,
+                    signature=record.signature,
+                    blobs=needed,
+                )
+            )
             sent += len(record.manifest) + len(record.signature)
             for n, digest in enumerate(needed):
                 data = first if n == 0 else await self._blob(session.tenant, digest)
                 for offset in range(0, max(len(data), 1), BLOB_CHUNK):
-                    chunk = data[offset:offset + BLOB_CHUNK]
-                    stream.send(m.Blob(digest=digest, data=chunk,
-                                       more=offset + BLOB_CHUNK < len(data)))
+                    chunk = data[offset : offset + BLOB_CHUNK]
+                    stream.send(
+                        m.Blob(digest=digest, data=chunk, more=offset + BLOB_CHUNK < len(data))
+                    )
                     sent += len(chunk)
             stream.end()
             self.counters["pushes"] += 1
@@ -305,31 +333,51 @@ class DesiredState:
             with anyio.fail_after(RESULT_TIMEOUT):
                 result = await stream.receive()
         except (ConnectionLost, StreamClosed, TimeoutError) as exc:
-            log.info("push of version %d to %s/%s did not complete: %s", record.version,
-                     session.tenant, session.device_id, exc)
+            log.info(
+                "push of version %d to %s/%s did not complete: %s",
+                record.version,
+                session.tenant,
+                session.device_id,
+                exc,
+            )
             return
         finally:
             session.conn.forget_stream(stream.stream_id)
         if not isinstance(result, m.DesiredResult):
             reason = getattr(result, "reason", "stream ended without a result")
-            log.warning("device %s/%s answered the push with %s", session.tenant, session.device_id, reason)
+            log.warning(
+                "device %s/%s answered the push with %s", session.tenant, session.device_id, reason
+            )
             return
         if result.ok:
             state.held |= blob_digests(manifest)
             if session.view is not None:
                 session.view.manifest_version = record.version
             await self._adoptions.submit((session.tenant, session.device_id, record.version))
-            log.info("device %s/%s adopted manifest version %d", session.tenant, session.device_id,
-                     record.version, extra={"event": "desired-adopted", "bytes": sent,
-                                            "blobs_sent": len(needed)})
+            log.info(
+                "device %s/%s adopted manifest version %d",
+                session.tenant,
+                session.device_id,
+                record.version,
+                extra={"event": "desired-adopted", "bytes": sent, "blobs_sent": len(needed)},
+            )
         else:
             self.counters["refused"] += 1
-            log.warning("device %s/%s refused manifest version %d: %s: %s", session.tenant,
-                        session.device_id, record.version, result.code, result.reason,
-                        extra={"event": "desired-refused", "code": result.code})
-            await store.add_event(session.tenant, "desired.refused", session.device_id,
-                                  {"manifestVersion": record.version, "code": result.code,
-                                   "reason": result.reason})
+            log.warning(
+                "device %s/%s refused manifest version %d: %s: %s",
+                session.tenant,
+                session.device_id,
+                record.version,
+                result.code,
+                result.reason,
+                extra={"event": "desired-refused", "code": result.code},
+            )
+            await store.add_event(
+                session.tenant,
+                "desired.refused",
+                session.device_id,
+                {"manifestVersion": record.version, "code": result.code, "reason": result.reason},
+            )
 
 
 def install(ctl: Controller) -> DesiredState:

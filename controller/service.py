@@ -86,7 +86,9 @@ class Controller:
     def _load_identity(self) -> Any:
         certs = self.config.certs
         if not certs.is_dir():
-            raise ConfigError(f"certificate directory {certs} does not exist (run margo-certs init)")
+            raise ConfigError(
+                f"certificate directory {certs} does not exist (run margo-certs init)"
+            )
         try:
             self.verifier = PeerVerifier.from_dir(certs)
             self.tokens = load_operator_tokens(certs)
@@ -94,9 +96,12 @@ class Controller:
         except IdentityError as exc:
             raise ConfigError(str(exc)) from None
         if not self.verifier.tenants:
-            raise ConfigError(f"no tenant CA found under {certs} (run margo-certs init --tenant ...)")
-        return server_configuration(str(creds.cert_path), str(creds.key_path),
-                                    idle_timeout=self.config.idle_timeout)
+            raise ConfigError(
+                f"no tenant CA found under {certs} (run margo-certs init --tenant ...)"
+            )
+        return server_configuration(
+            str(creds.cert_path), str(creds.key_path), idle_timeout=self.config.idle_timeout
+        )
 
     def _accept(self, conn: Connection, identity: Any) -> None:
         ControllerSession(self, conn, identity)
@@ -105,7 +110,9 @@ class Controller:
         assert self.verifier is not None
         return self.verifier.verify(leaf, chain)
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[Controller] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[Controller] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         quic_config = self._load_identity()
         self.config.data.mkdir(parents=True, exist_ok=True)
         # a ready file left by a controller that was killed would tell whoever waits for this
@@ -117,18 +124,27 @@ class Controller:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 transport, self.quic = await start_server(
-                    self.config.listen_host, self.config.listen_port, quic_config,
-                    self._verify, self._accept,
-                    reset_tokens=ResetTokens(load_reset_key(self.config.data)))
+                    self.config.listen_host,
+                    self.config.listen_port,
+                    quic_config,
+                    self._verify,
+                    self._accept,
+                    reset_tokens=ResetTokens(load_reset_key(self.config.data)),
+                )
                 self.quic_port = transport.get_extra_info("sockname")[1]
                 await tg.start(self._serve_api)
                 await self._serve_device_apis(tg)
                 tg.start_soon(self._touch_loop)
                 self._write_ready_file()
-                log.info("controller listening: quic %s:%d, api %s:%d, tenants %s",
-                         self.config.listen_host, self.quic_port, self.config.api_host,
-                         self.api_port, ",".join(self.verifier.tenants if self.verifier else []),
-                         extra={"event": "controller-ready", "stale_connected_cleared": marked})
+                log.info(
+                    "controller listening: quic %s:%d, api %s:%d, tenants %s",
+                    self.config.listen_host,
+                    self.quic_port,
+                    self.config.api_host,
+                    self.api_port,
+                    ",".join(self.verifier.tenants if self.verifier else []),
+                    extra={"event": "controller-ready", "stale_connected_cleared": marked},
+                )
                 task_status.started(self)
                 try:
                     await self._stop.wait()
@@ -149,9 +165,14 @@ class Controller:
     async def _serve_device_apis(self, tg: TaskGroup) -> None:
         """The non-QUIC device transports: Margo's own REST pull API and HTTP/2 push."""
         cfg = self.config
-        wanted = [(name, host, port) for name, host, port in (
-            ("margo_api", cfg.margo_api_host, cfg.margo_api_port),
-            ("h2_push", cfg.h2_push_host, cfg.h2_push_port)) if host is not None]
+        wanted = [
+            (name, host, port)
+            for name, host, port in (
+                ("margo_api", cfg.margo_api_host, cfg.margo_api_port),
+                ("h2_push", cfg.h2_push_host, cfg.h2_push_port),
+            )
+            if host is not None
+        ]
         if not wanted:
             return
         from controller.device_api.h2_push import serve_h2_push
@@ -163,39 +184,63 @@ class Controller:
         serve = {"margo_api": serve_rest_poll, "h2_push": serve_h2_push}
         for name, host, port in wanted:
             self.device_servers[name] = await tg.start(
-                serve[name], self.store, self.verifier, host, port, creds.cert_path,
-                creds.key_path, bundles)
+                serve[name],
+                self.store,
+                self.verifier,
+                host,
+                port,
+                creds.cert_path,
+                creds.key_path,
+                bundles,
+            )
 
     def _write_ready_file(self) -> None:
-        info = {"quic": f"{self.config.listen_host}:{self.quic_port}",
-                "api": f"{'https' if self.config.api_tls_cert else 'http'}://"
-                       f"{_url_host(self.config.api_host)}:{self.api_port}",
-                "pid": os.getpid(), "started": time.time(),
-                **{name: f"{_url_host(getattr(self.config, name + '_host'))}:{srv.port}"
-                   for name, srv in self.device_servers.items()}}
+        info = {
+            "quic": f"{self.config.listen_host}:{self.quic_port}",
+            "api": f"{'https' if self.config.api_tls_cert else 'http'}://"
+            f"{_url_host(self.config.api_host)}:{self.api_port}",
+            "pid": os.getpid(),
+            "started": time.time(),
+            **{
+                name: f"{_url_host(getattr(self.config, name + '_host'))}:{srv.port}"
+                for name, srv in self.device_servers.items()
+            },
+        }
         atomic_write(self.config.ready_file, json.dumps(info).encode())
 
     async def _serve_api(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         from controller.api.app import create_app
 
-        app = create_app(store=self.store, registry=self.registry, tokens=self.tokens, services=self)
+        app = create_app(
+            store=self.store, registry=self.registry, tokens=self.tokens, services=self
+        )
         family = socket.AF_INET6 if ":" in self.config.api_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self.config.api_host, self.config.api_port))
         except OSError as exc:
-            raise ConfigError(f"cannot listen on --api {self.config.api_host}:"
-                              f"{self.config.api_port}: {exc.strerror}") from None
+            raise ConfigError(
+                f"cannot listen on --api {self.config.api_host}:"
+                f"{self.config.api_port}: {exc.strerror}"
+            ) from None
         sock.listen(1024)
         self.api_port = sock.getsockname()[1]
         kwargs: dict[str, Any] = {}
         if self.config.api_tls_cert is not None:
-            kwargs = {"ssl_certfile": str(self.config.api_tls_cert),
-                      "ssl_keyfile": str(self.config.api_tls_key),
-                      "ssl_version": ssl.PROTOCOL_TLS_SERVER}
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="websockets-sansio",
-                                access_log=False, **kwargs)
+            kwargs = {
+                "ssl_certfile": str(self.config.api_tls_cert),
+                "ssl_keyfile": str(self.config.api_tls_key),
+                "ssl_version": ssl.PROTOCOL_TLS_SERVER,
+            }
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            lifespan="off",
+            ws="websockets-sansio",
+            access_log=False,
+            **kwargs,
+        )
         self._uvicorn = _EmbeddedUvicorn(config)
         task_status.started()
         await self._uvicorn.serve(sockets=[sock])

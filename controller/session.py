@@ -46,7 +46,9 @@ class ControllerSession:
         return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
 
     def _log(self, level: int, msg: str, *args: Any, **fields: Any) -> None:
-        log.log(level, msg, *args, extra={"tenant": self.tenant, "device": self.device_id, **fields})
+        log.log(
+            level, msg, *args, extra={"tenant": self.tenant, "device": self.device_id, **fields}
+        )
 
     # --- ConnectionHandler -------------------------------------------------------------------------
     def stream_opened(self, stream: MessageStream, first: Any) -> None:
@@ -73,16 +75,25 @@ class ControllerSession:
             self._log(logging.WARNING, "control stream failed: %s", event.reason, code=event.code)
             self.close(event.code, f"control stream failed: {event.reason}")
         elif not event.reset_by_peer:
-            self._log(logging.INFO, "reset a %s stream: %s", event.kind, event.reason, code=event.code)
+            self._log(
+                logging.INFO, "reset a %s stream: %s", event.kind, event.reason, code=event.code
+            )
 
     def connection_lost(self, exc: ConnectionLost) -> None:
         self._hello_timer.cancel()
         for hook in self.ctl.close_hooks:
             hook(self)
         if self.view is not None and self.ctl.registry.unregister(self.view):
-            self.ctl.spawn(self.ctl.store.device_disconnected, self.tenant, self.device_id, time.time())
-            self._log(logging.INFO, "device disconnected: %s", exc.reason or ErrorCode.describe(exc.code),
-                      event="device-disconnected", code=exc.code)
+            self.ctl.spawn(
+                self.ctl.store.device_disconnected, self.tenant, self.device_id, time.time()
+            )
+            self._log(
+                logging.INFO,
+                "device disconnected: %s",
+                exc.reason or ErrorCode.describe(exc.code),
+                event="device-disconnected",
+                code=exc.code,
+            )
 
     # --- registry handle ---------------------------------------------------------------------------
     def close(self, code: int, reason: str) -> None:
@@ -93,8 +104,10 @@ class ControllerSession:
         if isinstance(message, m.Hello):
             self._hello_timer.cancel()
             if message.device_id != self.device_id:
-                reason = (f"hello names device {message.device_id!r} but the certificate is for "
-                          f"{self.device_id!r}")
+                reason = (
+                    f"hello names device {message.device_id!r} but the certificate is for "
+                    f"{self.device_id!r}"
+                )
                 self._log(logging.WARNING, "refused: %s", reason, event="identity-mismatch")
                 self.close(ErrorCode.IDENTITY_MISMATCH, reason)
                 return
@@ -105,10 +118,13 @@ class ControllerSession:
         elif isinstance(message, m.Stats):
             if self.view is not None:
                 self.view.extra["stats"] = message.values
-            self.ctl.spawn(self.ctl.store.set_device_stats, self.tenant, self.device_id,
-                           dict(message.values))
+            self.ctl.spawn(
+                self.ctl.store.set_device_stats, self.tenant, self.device_id, dict(message.values)
+            )
         elif isinstance(message, m.Error):
-            self._log(logging.WARNING, "agent reported an error: %s", message.reason, code=message.code)
+            self._log(
+                logging.WARNING, "agent reported an error: %s", message.reason, code=message.code
+            )
 
     async def _welcome(self, hello: m.Hello) -> None:
         ctl = self.ctl
@@ -116,27 +132,52 @@ class ControllerSession:
         watermark = await ctl.store.telemetry_watermark(self.tenant, self.device_id)
         if self.conn.closed is not None:
             return
-        view = SessionView(tenant=self.tenant, device_id=self.device_id, remote=self.remote,
-                           connected_since=now, last_seen=now,
-                           manifest_version=hello.manifest_version, handle=self)
+        view = SessionView(
+            tenant=self.tenant,
+            device_id=self.device_id,
+            remote=self.remote,
+            connected_since=now,
+            last_seen=now,
+            manifest_version=hello.manifest_version,
+            handle=self,
+        )
         old = ctl.registry.register(view)
         self.view = view
         if old is not None and old.handle is not None and old.handle is not self:
-            old.handle.close(ErrorCode.REPLACED, "replaced by a newer connection from the same device")
+            old.handle.close(
+                ErrorCode.REPLACED, "replaced by a newer connection from the same device"
+            )
             self._log(logging.INFO, "replaced the previous connection", event="session-replaced")
-        self.send_control(m.HelloAck(tenant=self.tenant, device_id=self.device_id, server_time=now,
-                                     keepalive_s=ctl.config.keepalive, telemetry_acked=watermark))
+        self.send_control(
+            m.HelloAck(
+                tenant=self.tenant,
+                device_id=self.device_id,
+                server_time=now,
+                keepalive_s=ctl.config.keepalive,
+                telemetry_acked=watermark,
+            )
+        )
         self.ready = True
         # Persisted right after the answer, not before: a connect storm would otherwise queue
         # every hello behind every other device's write. The store runs calls in submission
         # order, so anything the device's streams make the controller store next (status,
         # telemetry) is queued behind this record.
         await ctl.store.device_connected(
-            self.tenant, self.device_id, capabilities=hello.capabilities.model_dump(exclude_none=True),
-            labels=dict(hello.capabilities.labels), manifest_version=hello.manifest_version,
-            remote=self.remote, now=now)
-        self._log(logging.INFO, "device connected from %s", self.remote, event="device-connected",
-                  manifest_version=hello.manifest_version)
+            self.tenant,
+            self.device_id,
+            capabilities=hello.capabilities.model_dump(exclude_none=True),
+            labels=dict(hello.capabilities.labels),
+            manifest_version=hello.manifest_version,
+            remote=self.remote,
+            now=now,
+        )
+        self._log(
+            logging.INFO,
+            "device connected from %s",
+            self.remote,
+            event="device-connected",
+            manifest_version=hello.manifest_version,
+        )
         for hook in ctl.ready_hooks:
             await hook(self)
 

@@ -37,11 +37,13 @@ def install(ctl: Controller) -> None:
         stream.on_message = on_message
 
     writes: WriteBatcher[tuple[str, str, dict[str, Any], int], bool] = WriteBatcher(
-        ctl.store.put_status_batch)
+        ctl.store.put_status_batch
+    )
 
     async def store_and_ack(session: ControllerSession, stream: MessageStream, s: m.Status) -> None:
-        await writes.submit((session.tenant, session.device_id,
-                             margo_status(session.device_id, s), s.seq))
+        await writes.submit(
+            (session.tenant, session.device_id, margo_status(session.device_id, s), s.seq)
+        )
         if session.conn.closed is None and not stream.ended:
             stream.send(m.StatusAck(seq=s.seq))
 

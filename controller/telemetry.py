@@ -51,9 +51,14 @@ class TelemetryIngest:
                 first, last = watermark + 1, batch.oldest - 1
                 watermark = await store.record_gap(tenant, device, first, last)
                 self.counters["gaps"] += 1
-                log.warning("device %s/%s dropped telemetry %d..%d before it could be sent",
-                            tenant, device, first, last,
-                            extra={"event": "telemetry-gap", "first": first, "last": last})
+                log.warning(
+                    "device %s/%s dropped telemetry %d..%d before it could be sent",
+                    tenant,
+                    device,
+                    first,
+                    last,
+                    extra={"event": "telemetry-gap", "first": first, "last": last},
+                )
             fresh = [r for r in records if r[0] > watermark]
             self.counters["duplicates"] += len(records) - len(fresh)
             if fresh:

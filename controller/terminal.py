@@ -99,8 +99,14 @@ class Outcome:
 
 
 class TerminalSession:
-    def __init__(self, service: TerminalService, session: ControllerSession, stream: MessageStream,
-                 audit_id: int, pid: int) -> None:
+    def __init__(
+        self,
+        service: TerminalService,
+        session: ControllerSession,
+        stream: MessageStream,
+        audit_id: int,
+        pid: int,
+    ) -> None:
         self.service = service
         self.session = session
         self.stream = stream
@@ -162,8 +168,9 @@ class TerminalSession:
                 self.outcome = Outcome(error=_lost_reason(exc))
                 return self.outcome
             except StreamClosed as exc:
-                self.outcome = Outcome(error=f"the device reset the terminal stream "
-                                             f"({ErrorCode.describe(exc.code)})")
+                self.outcome = Outcome(
+                    error=f"the device reset the terminal stream ({ErrorCode.describe(exc.code)})"
+                )
                 return self.outcome
             except TimeoutError:
                 self.outcome = Outcome(error="the device did not confirm the end of the session")
@@ -219,13 +226,25 @@ class TerminalSession:
             reason = f"exit {outcome.status}"
         try:
             await self.service.ctl.store.finish_session_audit(
-                self.audit_id, bytes_in=self.bytes_in, bytes_out=self.bytes_out, reason=reason,
-                exit_status=outcome.status, tenant=self.session.tenant)
+                self.audit_id,
+                bytes_in=self.bytes_in,
+                bytes_out=self.bytes_out,
+                reason=reason,
+                exit_status=outcome.status,
+                tenant=self.session.tenant,
+            )
         except Exception:
             log.exception("could not finish the audit record of terminal session %d", self.audit_id)
-        log.info("terminal session %d on %s/%s ended: %s (in %d B, out %d B)", self.audit_id,
-                 self.session.tenant, self.session.device_id, reason, self.bytes_in,
-                 self.bytes_out, extra={"event": "terminal-closed", "session": self.audit_id})
+        log.info(
+            "terminal session %d on %s/%s ended: %s (in %d B, out %d B)",
+            self.audit_id,
+            self.session.tenant,
+            self.session.device_id,
+            reason,
+            self.bytes_in,
+            self.bytes_out,
+            extra={"event": "terminal-closed", "session": self.audit_id},
+        )
 
 
 def _lost_reason(exc: ConnectionLost) -> str:
@@ -241,8 +260,17 @@ class TerminalService:
         self.counters = {"opened": 0, "refused": 0}
         ctl.features["terminal"] = self
 
-    async def open(self, tenant: str, device_id: str, *, operator: str,
-                   command: list[str] | None, rows: int, cols: int, tty: bool) -> TerminalSession:
+    async def open(
+        self,
+        tenant: str,
+        device_id: str,
+        *,
+        operator: str,
+        command: list[str] | None,
+        rows: int,
+        cols: int,
+        tty: bool,
+    ) -> TerminalSession:
         """Open a session on a connected device of ``tenant``; ``TerminalUnavailable`` if not."""
         view = self.ctl.registry.get(tenant, device_id)
         session = view.handle if view is not None else None
@@ -253,21 +281,25 @@ class TerminalService:
                 raise TerminalUnavailable("not-found", f"no device {device_id!r}") from None
             raise TerminalUnavailable("not-connected", f"device {device_id!r} is not connected")
         text = shlex.join(command) if command else None
-        audit_id = await self.ctl.store.start_session_audit(tenant, device_id, operator=operator,
-                                                            command=text)
+        audit_id = await self.ctl.store.start_session_audit(
+            tenant, device_id, operator=operator, command=text
+        )
         stream = session.conn.open_stream()
         started = time.monotonic()
         reason = None
         try:
-            stream.send(m.TermOpen(session_id=str(audit_id), command=command, rows=rows,
-                                   cols=cols, tty=tty))
+            stream.send(
+                m.TermOpen(session_id=str(audit_id), command=command, rows=rows, cols=cols, tty=tty)
+            )
             with anyio.fail_after(OPEN_TIMEOUT):
                 reply = await stream.receive()
         except ConnectionLost as exc:
             reason = ("unavailable", _lost_reason(exc))
         except StreamClosed as exc:
-            reason = ("unavailable", f"the device reset the terminal stream "
-                                     f"({ErrorCode.describe(exc.code)})")
+            reason = (
+                "unavailable",
+                f"the device reset the terminal stream ({ErrorCode.describe(exc.code)})",
+            )
         except TimeoutError:
             reason = ("timeout", f"the device did not answer within {OPEN_TIMEOUT:g} s")
             stream.reset(ErrorCode.CANCELLED)
@@ -276,10 +308,17 @@ class TerminalService:
                 term = TerminalSession(self, session, stream, audit_id, reply.pid)
                 self.active[audit_id] = term
                 self.counters["opened"] += 1
-                log.info("terminal session %d opened on %s/%s by %s: %s (pid %d, %.1f ms)",
-                         audit_id, tenant, device_id, operator, text or "login shell", reply.pid,
-                         (time.monotonic() - started) * 1000,
-                         extra={"event": "terminal-opened", "session": audit_id})
+                log.info(
+                    "terminal session %d opened on %s/%s by %s: %s (pid %d, %.1f ms)",
+                    audit_id,
+                    tenant,
+                    device_id,
+                    operator,
+                    text or "login shell",
+                    reply.pid,
+                    (time.monotonic() - started) * 1000,
+                    extra={"event": "terminal-opened", "session": audit_id},
+                )
                 return term
             if isinstance(reply, m.Error):
                 reason = ("refused", reply.reason)
@@ -287,8 +326,9 @@ class TerminalService:
                 reason = ("refused", "the device ended the stream without an answer")
         self.counters["refused"] += 1
         session.conn.forget_stream(stream.stream_id)
-        await self.ctl.store.finish_session_audit(audit_id, reason=f"not opened: {reason[1]}",
-                                                  tenant=tenant)
+        await self.ctl.store.finish_session_audit(
+            audit_id, reason=f"not opened: {reason[1]}", tenant=tenant
+        )
         raise TerminalUnavailable(*reason)
 
 
@@ -296,5 +336,14 @@ def install(ctl: Controller) -> TerminalService:
     return TerminalService(ctl)
 
 
-__all__: list[Any] = ["Operator", "OperatorInput", "OpKind", "Outcome", "TerminalService",
-                      "TerminalSession", "TerminalUnavailable", "install", "operator_id"]
+__all__: list[Any] = [
+    "Operator",
+    "OperatorInput",
+    "OpKind",
+    "Outcome",
+    "TerminalService",
+    "TerminalSession",
+    "TerminalUnavailable",
+    "install",
+    "operator_id",
+]

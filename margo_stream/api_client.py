@@ -134,7 +134,9 @@ class ApiClient:
         detail = problem.get("detail") or resp.text.strip()[:200] or "no detail"
         raise _error_class(resp.status_code)(
             f"{method} {url}: {resp.status_code} {title}: {detail}",
-            url=url, status=resp.status_code, problem=problem,
+            url=url,
+            status=resp.status_code,
+            problem=problem,
         )
 
     def _request(
@@ -166,7 +168,8 @@ class ApiClient:
             return resp.json()
         except ValueError:
             raise ApiError(
-                f"{method} {resp.request.url}: the answer is not JSON", url=str(resp.request.url),
+                f"{method} {resp.request.url}: the answer is not JSON",
+                url=str(resp.request.url),
                 status=resp.status_code,
             ) from None
 
@@ -174,7 +177,9 @@ class ApiClient:
         body = self._json("GET", path, params=params)
         items = body.get("items") if isinstance(body, dict) else None
         if not isinstance(items, list):
-            raise ApiError(f"GET {self._url(path)}: answer has no 'items' list", url=self._url(path))
+            raise ApiError(
+                f"GET {self._url(path)}: answer has no 'items' list", url=self._url(path)
+            )
         return items
 
     # -- the API -------------------------------------------------------------------------
@@ -250,7 +255,10 @@ class ApiClient:
         timeout = httpx.Timeout(self._timeout, read=idle_timeout)
         try:
             with self._http.stream(
-                "GET", path, params=params, timeout=timeout,
+                "GET",
+                path,
+                params=params,
+                timeout=timeout,
                 headers={"Accept": "text/event-stream"},
             ) as resp:
                 if resp.status_code >= 400:

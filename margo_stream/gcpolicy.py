@@ -82,8 +82,9 @@ class GcPolicy:
 
     def __post_init__(self) -> None:
         if self.freeze_every <= 0 or self.sweep_growth <= 0 or self.sweep_min_interval < 0:
-            raise ValueError("gc policy: freeze_every and sweep_growth must be > 0, "
-                             "sweep_min_interval >= 0")
+            raise ValueError(
+                "gc policy: freeze_every and sweep_growth must be > 0, sweep_min_interval >= 0"
+            )
 
     def next_action(self, now: float, resident: int, cpu: float) -> GcAction:
         """What to do at ``now``, the process holding ``resident`` bytes of memory and having
@@ -139,8 +140,13 @@ def apply_action(policy: GcPolicy, action: GcAction) -> None:
         seconds = time.perf_counter() - t0
         frozen = gc.get_freeze_count()  # walks the whole list: only here, never per tick
         policy.swept(resident_bytes(), frozen, freed, seconds)
-        log.info("gc sweep: %d objects kept, %d freed, %.1f ms", frozen, freed, seconds * 1000,
-                 extra={"frozen": frozen, "freed": freed, "ms": round(seconds * 1000, 1)})
+        log.info(
+            "gc sweep: %d objects kept, %d freed, %.1f ms",
+            frozen,
+            freed,
+            seconds * 1000,
+            extra={"frozen": frozen, "freed": freed, "ms": round(seconds * 1000, 1)},
+        )
 
 
 def tick(policy: GcPolicy, now: float) -> GcAction:
@@ -184,5 +190,12 @@ async def gc_policy_running(policy: GcPolicy | None = None) -> AsyncIterator[GcP
             tg.cancel_scope.cancel()
 
 
-__all__ = ["GcAction", "GcPolicy", "GcStats", "apply_action", "gc_policy_running", "run_gc_policy",
-           "tick"]
+__all__ = [
+    "GcAction",
+    "GcPolicy",
+    "GcStats",
+    "apply_action",
+    "gc_policy_running",
+    "run_gc_policy",
+    "tick",
+]

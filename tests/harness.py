@@ -21,8 +21,12 @@ from margo_stream.identity.pki import init_pki, issue_device
 BIN = Path(sys.executable).parent
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.05,
-             what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 15.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> Any:
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
     while time.monotonic() < deadline:
@@ -33,8 +37,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, interval: floa
         except Exception as exc:  # noqa: BLE001 - retried until the deadline
             last_exc = exc
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                         + (f" (last error: {last_exc})" if last_exc else ""))
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}"
+        + (f" (last error: {last_exc})" if last_exc else "")
+    )
 
 
 def pid_alive(pid: int) -> bool:
@@ -72,8 +78,13 @@ class Proc:
         self.argv = argv
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -97,17 +108,40 @@ class Proc:
 
 
 class Controller(Proc):
-    def __init__(self, pki: Pki, data: Path, *, quic_port: int = 0, api_port: int = 0,
-                 extra: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        pki: Pki,
+        data: Path,
+        *,
+        quic_port: int = 0,
+        api_port: int = 0,
+        extra: list[str] | None = None,
+    ) -> None:
         self.data = data
         ready = data / "controller.json"
         ready.unlink(missing_ok=True)
         data.mkdir(parents=True, exist_ok=True)
-        super().__init__([str(BIN / "margo-controller"), "--certs", str(pki.dir), "--data", str(data),
-                          "--listen", f"127.0.0.1:{quic_port}", "--api", f"127.0.0.1:{api_port}",
-                          "--log-format", "text", *(extra or [])], data / "controller.log")
-        info = wait_for(lambda: self.alive() and ready.exists() and json.loads(ready.read_text()),
-                        what=f"controller ready file\n{self.log_tail()}")
+        super().__init__(
+            [
+                str(BIN / "margo-controller"),
+                "--certs",
+                str(pki.dir),
+                "--data",
+                str(data),
+                "--listen",
+                f"127.0.0.1:{quic_port}",
+                "--api",
+                f"127.0.0.1:{api_port}",
+                "--log-format",
+                "text",
+                *(extra or []),
+            ],
+            data / "controller.log",
+        )
+        info = wait_for(
+            lambda: self.alive() and ready.exists() and json.loads(ready.read_text()),
+            what=f"controller ready file\n{self.log_tail()}",
+        )
         self.quic = info["quic"]
         self.quic_port = int(self.quic.rsplit(":", 1)[1])
         self.api = info["api"]
@@ -119,30 +153,63 @@ class Controller(Proc):
             return ""
 
     def get(self, token: str, path: str, **params: Any) -> httpx.Response:
-        return httpx.get(f"{self.api}/api/v1{path}", params=params,
-                         headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        return httpx.get(
+            f"{self.api}/api/v1{path}",
+            params=params,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
 
     def device(self, token: str, device_id: str) -> dict[str, Any] | None:
         r = self.get(token, f"/devices/{device_id}")
         return r.json() if r.status_code == 200 else None
 
-    def wait_connected(self, token: str, device_id: str, connected: bool = True,
-                       timeout: float = 20.0, min_connections: int = 0) -> dict[str, Any]:
+    def wait_connected(
+        self,
+        token: str,
+        device_id: str,
+        connected: bool = True,
+        timeout: float = 20.0,
+        min_connections: int = 0,
+    ) -> dict[str, Any]:
         def check() -> Any:
             d = self.device(token, device_id)
-            return d if d and d["connected"] is connected and d["connection_count"] >= min_connections else None
-        return wait_for(check, timeout, what=f"{device_id} connected={connected}\n{self.log_tail()}")
+            return (
+                d
+                if d and d["connected"] is connected and d["connection_count"] >= min_connections
+                else None
+            )
+
+        return wait_for(
+            check, timeout, what=f"{device_id} connected={connected}\n{self.log_tail()}"
+        )
 
 
 class Agent(Proc):
-    def __init__(self, identity: Path, controller: str, state: Path, *,
-                 extra: list[str] | None = None) -> None:
+    def __init__(
+        self, identity: Path, controller: str, state: Path, *, extra: list[str] | None = None
+    ) -> None:
         self.state = state
         state.mkdir(parents=True, exist_ok=True)
-        super().__init__([str(BIN / "margo-agent"), "--identity", str(identity), "--controller",
-                          controller, "--state", str(state), "--log-format", "text",
-                          "--backoff-base", "0.1", "--backoff-cap", "1.0", *(extra or [])],
-                         state.parent / f"{state.name}.log")
+        super().__init__(
+            [
+                str(BIN / "margo-agent"),
+                "--identity",
+                str(identity),
+                "--controller",
+                controller,
+                "--state",
+                str(state),
+                "--log-format",
+                "text",
+                "--backoff-base",
+                "0.1",
+                "--backoff-cap",
+                "1.0",
+                *(extra or []),
+            ],
+            state.parent / f"{state.name}.log",
+        )
 
     def status(self) -> dict[str, Any]:
         try:

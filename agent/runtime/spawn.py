@@ -78,6 +78,13 @@ async def spawn(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str]) -> Ch
 
     Raises ``FileNotFoundError`` / ``PermissionError`` / ``OSError`` as ``subprocess`` does."""
     popen = subprocess.Popen(  # noqa: S603 - the command is the signed deployment's
-        list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        cwd=cwd, env=dict(env), start_new_session=True, close_fds=True)
+        list(argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env=dict(env),
+        start_new_session=True,
+        close_fds=True,
+    )
     return Child(popen)

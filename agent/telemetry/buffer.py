@@ -377,7 +377,9 @@ class TelemetryBuffer:
             new = Segment.create(self.directory, self._next_seq, self._next_seq - 1)
         except FileExistsError:
             # An empty segment with this base already exists (a roll after a failed write).
-            raise BufferIOError(f"telemetry segment for seq {self._next_seq} already exists") from None
+            raise BufferIOError(
+                f"telemetry segment for seq {self._next_seq} already exists"
+            ) from None
         except OSError as exc:
             raise BufferIOError(
                 f"telemetry buffer could not create a segment: {describe_oserror(exc)}", exc.errno
@@ -409,7 +411,9 @@ class TelemetryBuffer:
             self.dropped_records += lost
             log.warning(
                 "telemetry buffer full: dropped %d unacknowledged record(s) (seq %d..%d)",
-                lost, seg.seqs[i], seg.seqs[-1],
+                lost,
+                seg.seqs[i],
+                seg.seqs[-1],
             )
         self._segments.pop(0)
         self._bases.pop(0)
@@ -435,7 +439,9 @@ class TelemetryBuffer:
 
     async def _commit_once(self) -> None:
         target = self._next_seq - 1
-        rnd, exc = await self._commit.sync_round(skip=self._failed is not None, close_fd=self._close_fd)
+        rnd, exc = await self._commit.sync_round(
+            skip=self._failed is not None, close_fd=self._close_fd
+        )
         if exc is not None:
             self._failed = BufferIOError(
                 f"telemetry buffer fsync failed: {describe_oserror(exc)}; appends are refused "
@@ -451,7 +457,9 @@ class TelemetryBuffer:
 
     # ------------------------------------------------------------------ reading
 
-    def read(self, from_seq: int, max_records: int = 1000, max_bytes: int = 1 << 20) -> list[Record]:
+    def read(
+        self, from_seq: int, max_records: int = 1000, max_bytes: int = 1 << 20
+    ) -> list[Record]:
         """Durable unacknowledged records in order, from the first retained seq >= from_seq.
 
         Returns at least one record when any is available, even if it alone exceeds
@@ -495,7 +503,9 @@ class TelemetryBuffer:
                 log.error(
                     "telemetry segment %s: corrupt record seq %d at offset %d (checksum failed "
                     "on read); counted and left out",
-                    seg.path.name, seq, seg.offsets[k],
+                    seg.path.name,
+                    seq,
+                    seg.offsets[k],
                 )
                 continue
             out.append(Record(seq, payload))

@@ -158,7 +158,9 @@ class _Connection:
                 chunk = b""
             if not chunk:
                 if partial or oversized:
-                    line_result = self._oversized() if oversized else prepare_record(partial, self.limit)
+                    line_result = (
+                        self._oversized() if oversized else prepare_record(partial, self.limit)
+                    )
                     await send.send(_submit(self.buffer, [line_result]))
                 return
             lines = (partial + chunk).split(b"\n")

@@ -73,7 +73,9 @@ def recover(d: Path, max_bytes: int) -> Recovered:
         data = path.read_bytes()
         header = decode_segment_header(data)
         if header is None:
-            log.warning("telemetry segment %s: damaged header; using the base in its name", path.name)
+            log.warning(
+                "telemetry segment %s: damaged header; using the base in its name", path.name
+            )
             base = name_base
         else:
             base = header[0]
@@ -89,7 +91,9 @@ def recover(d: Path, max_bytes: int) -> Recovered:
             known = [r.seq for r in tail if r.seq is not None]
             log.warning(
                 "telemetry segment %s: trimmed torn tail of %d bytes at offset %d%s",
-                path.name, cut, scan.valid_end,
+                path.name,
+                cut,
+                scan.valid_end,
                 f" (partial record(s) seq {known})" if known else "",
             )
             if any(r.seq is None for r in tail):
@@ -100,7 +104,9 @@ def recover(d: Path, max_bytes: int) -> Recovered:
                 os.fsync(fh.fileno())
             trimmed_bytes += cut
             data = data[: scan.valid_end]
-        elif not is_last and scan.bad and scan.bad[-1].end == len(data) and scan.bad[-1].seq is None:
+        elif (
+            not is_last and scan.bad and scan.bad[-1].end == len(data) and scan.bad[-1].seq is None
+        ):
             # Damage up to the end of a sealed segment: the next segment's header says
             # which numbers this one held.
             tail = scan.bad[-1]
@@ -117,13 +123,18 @@ def recover(d: Path, max_bytes: int) -> Recovered:
             log.error(
                 "telemetry segment %s: corrupt record(s) at offset %d (%d bytes, seq %s); "
                 "counted %d unacknowledged record(s) as lost",
-                path.name, region.start, region.end - region.start,
+                path.name,
+                region.start,
+                region.end - region.start,
                 region.seq if region.seq is not None else f"unknown, after {region.prev_seq}",
                 lost,
             )
         live = bool(scan.seqs) and scan.seqs[-1] > acked
         if (
-            is_last and header is not None and not scan.seqs and not scan.bad
+            is_last
+            and header is not None
+            and not scan.seqs
+            and not scan.bad
             and base == next_seq == name_base
         ):
             reuse = Segment(path, base, os.open(path, os.O_RDWR), len(data))
@@ -158,11 +169,16 @@ def recover(d: Path, max_bytes: int) -> Recovered:
     if bytes_used > max_bytes:
         log.warning(
             "telemetry buffer holds %d bytes, more than max_bytes %d (limit lowered?)",
-            bytes_used, max_bytes,
+            bytes_used,
+            max_bytes,
         )
     log.info(
         "telemetry buffer %s opened: next_seq %d, acked %d, %d segment(s), %d bytes",
-        d, next_seq, acked, len(segments), bytes_used,
+        d,
+        next_seq,
+        acked,
+        len(segments),
+        bytes_used,
     )
     return Recovered(
         segments=segments,

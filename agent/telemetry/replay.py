@@ -55,7 +55,8 @@ class TelemetryFeature:
         self.config = BufferConfig(
             max_bytes=cfg.buffer_max_bytes,
             policy=FullPolicy.REJECT if cfg.buffer_policy == "reject" else FullPolicy.DROP_OLDEST,
-            commit_window_s=cfg.commit_window_ms / 1000)
+            commit_window_s=cfg.commit_window_ms / 1000,
+        )
         self.buffer: TelemetryBuffer | None = None
         self._ready = anyio.Event()
         agent.background_tasks.append(self.run)
@@ -121,8 +122,12 @@ class TelemetryFeature:
                     idle = min(idle * 2, IDLE_POLL_MAX)
                     continue
                 idle = IDLE_POLL_MIN
-                stream.send(encode_batch([(r.seq, stream_name(r.payload), r.payload) for r in records],
-                                         oldest=buffer.first_seq))
+                stream.send(
+                    encode_batch(
+                        [(r.seq, stream_name(r.payload), r.payload) for r in records],
+                        oldest=buffer.first_seq,
+                    )
+                )
                 in_flight.append(records[-1].seq)
                 next_seq = records[-1].seq + 1
                 await anyio.sleep(YIELD_S)

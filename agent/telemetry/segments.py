@@ -137,7 +137,11 @@ def _resync(data: bytes, start: int, after_seq: int) -> int:
         if hdr is not None:
             length, seq, pcrc = hdr
             end = pos + REC_HDR_SIZE + length
-            if seq > after_seq and end <= len(data) and zlib.crc32(data[pos + REC_HDR_SIZE : end]) == pcrc:
+            if (
+                seq > after_seq
+                and end <= len(data)
+                and zlib.crc32(data[pos + REC_HDR_SIZE : end]) == pcrc
+            ):
                 return pos
         pos += 1
 
@@ -225,8 +229,9 @@ class Segment:
         self.retired = False
 
     @classmethod
-    def create(cls, directory: Path, base_seq: int, prev_last: int, *,
-               replace: bool = False) -> Segment:
+    def create(
+        cls, directory: Path, base_seq: int, prev_last: int, *, replace: bool = False
+    ) -> Segment:
         """Create a new empty segment (not yet fsynced). Raises OSError, leaving no file.
 
         With ``replace`` a file of that name (one recovery found useless, such as a segment

@@ -214,9 +214,16 @@ def _exec_child(
     os._exit(127)  # not reached: execve does not return
 
 
-async def write_all(fd_of: Callable[[], int | None], data: bytes, *, closed: str,
-                    hangup_errno: int, hangup: str, failed: str,
-                    written: Callable[[int], None]) -> None:
+async def write_all(
+    fd_of: Callable[[], int | None],
+    data: bytes,
+    *,
+    closed: str,
+    hangup_errno: int,
+    hangup: str,
+    failed: str,
+    written: Callable[[int], None],
+) -> None:
     """Write all of ``data`` to the non-blocking descriptor ``fd_of()`` names (``None``: closed,
     asked again after every wait), waiting while the kernel buffer is full; ``written(n)``
     after each write. ``TerminalClosed`` with ``closed`` or, on ``hangup_errno``, ``hangup``;
@@ -420,10 +427,15 @@ class PtySession:
     async def write(self, data: bytes) -> None:
         """Write all of ``data`` to the terminal, waiting while the kernel buffer is full."""
         async with self._write_lock:
-            await write_all(lambda: None if self._closing else self._master_fd, data,
-                            closed="the terminal session is closed", hangup_errno=errno.EIO,
-                            hangup="the terminal has hung up",
-                            failed="writing to the terminal failed", written=self._wrote)
+            await write_all(
+                lambda: None if self._closing else self._master_fd,
+                data,
+                closed="the terminal session is closed",
+                hangup_errno=errno.EIO,
+                hangup="the terminal has hung up",
+                failed="writing to the terminal failed",
+                written=self._wrote,
+            )
 
     def _wrote(self, n: int) -> None:
         self._bytes_in += n

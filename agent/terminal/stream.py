@@ -88,9 +88,11 @@ class PipeSession:
         for f in (proc.stdin, proc.stdout, proc.stderr):
             assert f is not None
             os.set_blocking(f.fileno(), False)
-        self._fds: dict[int, int | None] = {0: proc.stdin.fileno(),  # type: ignore[union-attr]
-                                            1: proc.stdout.fileno(),  # type: ignore[union-attr]
-                                            2: proc.stderr.fileno()}  # type: ignore[union-attr]
+        self._fds: dict[int, int | None] = {
+            0: proc.stdin.fileno(),  # type: ignore[union-attr]
+            1: proc.stdout.fileno(),  # type: ignore[union-attr]
+            2: proc.stderr.fileno(),
+        }  # type: ignore[union-attr]
 
     @classmethod
     def spawn(cls, command: list[str] | None, shell: str | None) -> PipeSession:
@@ -98,9 +100,16 @@ class PipeSession:
         home = env.get("HOME", "")
         try:
             proc = subprocess.Popen(  # noqa: S603 - the operator's command, on purpose
-                argv, executable=path, env=env, cwd=home if os.path.isdir(home) else "/",
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                start_new_session=True, close_fds=True)
+                argv,
+                executable=path,
+                env=env,
+                cwd=home if os.path.isdir(home) else "/",
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                close_fds=True,
+            )
         except OSError as exc:
             raise TerminalError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None
         try:
@@ -137,9 +146,15 @@ class PipeSession:
             return data
 
     async def write(self, data: bytes) -> None:
-        await write_all(lambda: self._fds.get(0), data, closed="the command's input is closed",
-                        hangup_errno=errno.EPIPE, hangup="the command closed its input",
-                        failed="writing to the command failed", written=self._wrote)
+        await write_all(
+            lambda: self._fds.get(0),
+            data,
+            closed="the command's input is closed",
+            hangup_errno=errno.EPIPE,
+            hangup="the command closed its input",
+            failed="writing to the command failed",
+            written=self._wrote,
+        )
 
     def _wrote(self, n: int) -> None:
         self.bytes_in += n
@@ -187,8 +202,11 @@ class PipeSession:
         self._closing = True
         try:
             with anyio.CancelScope(shield=True):
-                for sig, wait_s in ((signal.SIGHUP, grace_s), (signal.SIGTERM, grace_s),
-                                    (signal.SIGKILL, 5.0)):
+                for sig, wait_s in (
+                    (signal.SIGHUP, grace_s),
+                    (signal.SIGTERM, grace_s),
+                    (signal.SIGKILL, 5.0),
+                ):
                     if self.poll() is not None and not _group_alive(self.pid):
                         break
                     try:
@@ -232,8 +250,11 @@ class TerminalFeature:
     def __init__(self, agent: Agent) -> None:
         cfg = agent.config
         enabled = cfg.terminal_enabled and cfg.terminal_max_sessions >= 1
-        self.policy = TerminalPolicy(enabled=enabled, max_sessions=max(1, cfg.terminal_max_sessions),
-                                     idle_timeout_s=cfg.terminal_idle_timeout)
+        self.policy = TerminalPolicy(
+            enabled=enabled,
+            max_sessions=max(1, cfg.terminal_max_sessions),
+            idle_timeout_s=cfg.terminal_idle_timeout,
+        )
         self.manager = TerminalManager(self.policy)
         self._pipes: set[PipeSession] = set()
         self.counters = {"opened": 0, "refused": 0}
@@ -249,8 +270,10 @@ class TerminalFeature:
         if not self.policy.enabled:
             raise TerminalRefused(DISABLED_REASON)
         if self.active >= self.policy.max_sessions:
-            raise TerminalRefused(f"{self.active} terminal sessions already open on this device "
-                                  f"(limit {self.policy.max_sessions})")
+            raise TerminalRefused(
+                f"{self.active} terminal sessions already open on this device "
+                f"(limit {self.policy.max_sessions})"
+            )
 
     async def _open(self, req: m.TermOpen) -> Process:
         self._admit()  # checked and reserved without an await in between
@@ -276,13 +299,23 @@ class TerminalFeature:
         except TerminalError as exc:  # TerminalRefused included
             self.counters["refused"] += 1
             reason = getattr(exc, "reason", None) or str(exc)
-            log.info("terminal session %s refused: %s", first.session_id, reason,
-                     extra={"event": "terminal-refused"})
+            log.info(
+                "terminal session %s refused: %s",
+                first.session_id,
+                reason,
+                extra={"event": "terminal-refused"},
+            )
             _send(stream, m.Error(code=ErrorCode.TERMINAL_REFUSED, reason=reason[:1024]), end=True)
             return
         self.counters["opened"] += 1
-        log.info("terminal session %s started (%s, pid %d, %s)", first.session_id, what, proc.pid,
-                 "pty" if first.tty else "pipes", extra={"event": "terminal-opened"})
+        log.info(
+            "terminal session %s started (%s, pid %d, %s)",
+            first.session_id,
+            what,
+            proc.pid,
+            "pty" if first.tty else "pipes",
+            extra={"event": "terminal-opened"},
+        )
         relay = _Relay(stream, proc, self.policy.idle_timeout_s)
         try:
             await relay.run()
@@ -297,8 +330,13 @@ class TerminalFeature:
             session.conn.forget_stream(stream.stream_id)
             if isinstance(proc, PipeSession):
                 self._pipes.discard(proc)
-            log.info("terminal session %s ended: status %s (%s)", first.session_id,
-                     proc.returncode, relay.reason or "exited", extra={"event": "terminal-closed"})
+            log.info(
+                "terminal session %s ended: status %s (%s)",
+                first.session_id,
+                proc.returncode,
+                relay.reason or "exited",
+                extra={"event": "terminal-closed"},
+            )
 
 
 def _send(stream: MessageStream, message: Any, *, end: bool = False) -> bool:
@@ -387,7 +425,8 @@ class _Relay:
                 msg = await stream.receive()
                 if msg is None or isinstance(msg, m.TermClose):
                     self.reason = self.reason or (
-                        "closed by the operator" if msg is not None else "operator went away")
+                        "closed by the operator" if msg is not None else "operator went away"
+                    )
                     await proc.close(CLOSE_GRACE_S)
                     return
                 if isinstance(msg, m.TermData):
@@ -424,6 +463,7 @@ class _Relay:
     async def _idle(self) -> None:
         def note(_: Any) -> None:
             self.reason = f"idle for {self.idle_timeout_s:g} s"
+
         await run_idle_watchdog(self.proc, self.idle_timeout_s, note)  # type: ignore[arg-type]
 
 

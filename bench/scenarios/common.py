@@ -46,11 +46,14 @@ class Context:
         return [device_name(i) for i in range(self.agents)]
 
     def client(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.server.api, timeout=120,
-                                 headers={"Authorization": f"Bearer {self.token}"})
+        return httpx.AsyncClient(
+            base_url=self.server.api, timeout=120, headers={"Authorization": f"Bearer {self.token}"}
+        )
 
 
-async def apply(ctx: Context, devices: list[str], value: Any, *, blob: bytes | None = None) -> float:
+async def apply(
+    ctx: Context, devices: list[str], value: Any, *, blob: bytes | None = None
+) -> float:
     """The operator's apply (one parameter changed, and with ``blob`` one file of the
     deployment replaced) to ``devices``; returns the monotonic time the request was sent."""
     text = document(value)
@@ -109,50 +112,71 @@ async def fan_out(ctx: Context, value: Any, timeout: float) -> dict[str, Any]:
     acked.sort()
     udp1 = udp_counters()
     udp = {k: udp1[k] - udp0[k] for k in ("InDatagrams", "RcvbufErrors") if k in udp0 and k in udp1}
-    return {"devices": ctx.agents, "delivered": len(times), "missing": len(waiting),
-            "seconds": times[-1] if times and not waiting else None,
-            "status_all_seconds": acked[-1] if acked and not waiting else None,
-            "p50_s": percentile(times, 0.5) if times else None,
-            "status_p50_s": percentile(acked, 0.5) if acked else None,
-            "apply_request_s": ctx.extra.get("apply_seconds"),
-            "install_lag_ms": latency_summary(lags),
-            # every socket on this machine, so both ends: datagrams delivered (per device, the
-            # packets one push and its status exchange take) and dropped (receive buffer full)
-            "udp_datagrams": udp.get("InDatagrams"),
-            "udp_receive_drops": udp.get("RcvbufErrors"),
-            "curve": downsample_curve(times),
-            "status_curve": downsample_curve(acked)}
+    return {
+        "devices": ctx.agents,
+        "delivered": len(times),
+        "missing": len(waiting),
+        "seconds": times[-1] if times and not waiting else None,
+        "status_all_seconds": acked[-1] if acked and not waiting else None,
+        "p50_s": percentile(times, 0.5) if times else None,
+        "status_p50_s": percentile(acked, 0.5) if acked else None,
+        "apply_request_s": ctx.extra.get("apply_seconds"),
+        "install_lag_ms": latency_summary(lags),
+        # every socket on this machine, so both ends: datagrams delivered (per device, the
+        # packets one push and its status exchange take) and dropped (receive buffer full)
+        "udp_datagrams": udp.get("InDatagrams"),
+        "udp_receive_drops": udp.get("RcvbufErrors"),
+        "curve": downsample_curve(times),
+        "status_curve": downsample_curve(acked),
+    }
 
 
 def downsample_curve(times: list[float], limit: int = 200) -> list[list[float]]:
     """[[seconds, devices holding it], ...] with at most ``limit`` points."""
-    return [[round(t, 4), n] for t, n in downsample([(t, i + 1) for i, t in enumerate(times)], limit)]
+    return [
+        [round(t, 4), n] for t, n in downsample([(t, i + 1) for i, t in enumerate(times)], limit)
+    ]
 
 
 def latency_summary(values_s: list[float]) -> dict[str, Any]:
     ms = sorted(v * 1000 for v in values_s)
     if not ms:
         return {"n": 0}
-    return {"n": len(ms), "p50": percentile(ms, 0.5), "p90": percentile(ms, 0.9),
-            "p99": percentile(ms, 0.99), "max": ms[-1], "mean": sum(ms) / len(ms)}
+    return {
+        "n": len(ms),
+        "p50": percentile(ms, 0.5),
+        "p90": percentile(ms, 0.9),
+        "p99": percentile(ms, 0.99),
+        "max": ms[-1],
+        "mean": sum(ms) / len(ms),
+    }
 
 
-async def run_one(scenario: Any, transport: str, params: dict[str, Any], work: Path,
-                  tag: str) -> dict[str, Any]:
+async def run_one(
+    scenario: Any, transport: str, params: dict[str, Any], work: Path, tag: str
+) -> dict[str, Any]:
     """One run of ``scenario`` over ``transport``: everything started fresh and stopped."""
     agents = int(params["agents"])
     load_before = os.getloadavg()
     identities = await asyncio.to_thread(prepare_pki, work, agents)
     impairment = getattr(scenario, "impairment", lambda _p: None)(params)
-    server = ServerSide(transport, work, tag, keepalive=float(params.get("keepalive", 20.0)),
-                        impairment=impairment)
+    server = ServerSide(
+        transport, work, tag, keepalive=float(params.get("keepalive", 20.0)), impairment=impairment
+    )
     procs = int(params.get("procs", 1))
     if transport == "mqtt":  # paho's network loop uses select(): every fd must stay below 1024
         procs = max(procs, -(-agents // MQTT_PER_PROC))
-    fleet = Fleet(transport, identities, work, tag, agents, procs,
-                  poll_interval=float(params.get("poll_interval", 15.0)),
-                  concurrency=int(params.get("concurrency", 100)),
-                  pin=bool(int(params.get("pin", 1))))
+    fleet = Fleet(
+        transport,
+        identities,
+        work,
+        tag,
+        agents,
+        procs,
+        poll_interval=float(params.get("poll_interval", 15.0)),
+        concurrency=int(params.get("concurrency", 100)),
+        pin=bool(int(params.get("pin", 1))),
+    )
     ctx = Context(transport, params, work, server, fleet, operator_token(work))
     result: dict[str, Any] = {"transport": transport, "tag": tag, "procs": fleet.procs}
     try:
@@ -165,13 +189,17 @@ async def run_one(scenario: Any, transport: str, params: dict[str, Any], work: P
         await asyncio.sleep(float(params.get("settle", 1.0)))
         rss1, cpu1 = sample_rss_cpu(server.pids())
         result["connect"] = {
-            "connected": len(times), "registered": listed,
+            "connected": len(times),
+            "registered": listed,
             "seconds": times[-1] if times else None,
             "rate_per_s": len(times) / times[-1] if times and times[-1] > 0 else None,
-            "server_rss_before_kb": rss0, "server_rss_connected_kb": rss1,
+            "server_rss_before_kb": rss0,
+            "server_rss_connected_kb": rss1,
             "server_rss_per_device_kb": (rss1 - rss0) / max(len(times), 1),
             "server_cpu_ms_per_connect": 1000 * (cpu1 - cpu0) / max(len(times), 1),
-            "wall_s": time.monotonic() - t0, "curve": downsample_curve(times)}
+            "wall_s": time.monotonic() - t0,
+            "curve": downsample_curve(times),
+        }
         # (the connect scenario adds its idle figures to the connect phase's)
         result.setdefault(scenario.NAME, {}).update(await scenario.measure(ctx))
         result["fleet"] = await fleet.status()

@@ -33,8 +33,11 @@ async def measure(ctx: Context) -> dict[str, Any]:
     before = await ctx.fleet.status()
     _, cpu0 = sample_rss_cpu(ctx.server.pids())
     t0 = time.monotonic()
-    print(f"{ctx.transport}: idle window {window:.0f} s with {ctx.agents:,} devices",
-          file=__import__("sys").stderr, flush=True)
+    print(
+        f"{ctx.transport}: idle window {window:.0f} s with {ctx.agents:,} devices",
+        file=__import__("sys").stderr,
+        flush=True,
+    )
     await asyncio.sleep(window)
     after = await ctx.fleet.status()
     rss, cpu1 = sample_rss_cpu(ctx.server.pids())
@@ -42,25 +45,32 @@ async def measure(ctx: Context) -> dict[str, Any]:
     seconds = time.monotonic() - t0
     n = max(ctx.agents, 1)
     moved = sum(after[k] - before[k] for k in ("bytes_sent", "bytes_received"))
-    return {"idle_seconds": seconds,
-            "idle_bytes": moved,
-            "idle_bytes_sent": after["bytes_sent"] - before["bytes_sent"],
-            "idle_bytes_received": after["bytes_received"] - before["bytes_received"],
-            "idle_bytes_per_device_hour": moved / n / seconds * 3600,
-            "idle_requests_per_device_hour": (after["requests"] - before["requests"]) / n / seconds * 3600,
-            "idle_server_cpu_percent": 100 * (cpu1 - cpu0) / seconds,
-            "server_rss_kb": rss,
-            "alive_after": after.get("alive"),
-            "reconnects": after.get("connects", 0) - before.get("connects", 0),
-            "worker_rss_per_device_kb": worker_rss / n}
+    return {
+        "idle_seconds": seconds,
+        "idle_bytes": moved,
+        "idle_bytes_sent": after["bytes_sent"] - before["bytes_sent"],
+        "idle_bytes_received": after["bytes_received"] - before["bytes_received"],
+        "idle_bytes_per_device_hour": moved / n / seconds * 3600,
+        "idle_requests_per_device_hour": (after["requests"] - before["requests"])
+        / n
+        / seconds
+        * 3600,
+        "idle_server_cpu_percent": 100 * (cpu1 - cpu0) / seconds,
+        "server_rss_kb": rss,
+        "alive_after": after.get("alive"),
+        "reconnects": after.get("connects", 0) - before.get("connects", 0),
+        "worker_rss_per_device_kb": worker_rss / n,
+    }
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     c, idle = result.get("connect", {}), result.get(NAME, {})
-    return {"connect_rate_per_s": c.get("rate_per_s"),
-            "server_rss_per_device_kb": c.get("server_rss_per_device_kb"),
-            "server_cpu_ms_per_connect": c.get("server_cpu_ms_per_connect"),
-            "idle_bytes_per_device_hour": idle.get("idle_bytes_per_device_hour"),
-            "idle_requests_per_device_hour": idle.get("idle_requests_per_device_hour"),
-            "idle_server_cpu_percent": idle.get("idle_server_cpu_percent"),
-            "worker_rss_per_device_kb": idle.get("worker_rss_per_device_kb")}
+    return {
+        "connect_rate_per_s": c.get("rate_per_s"),
+        "server_rss_per_device_kb": c.get("server_rss_per_device_kb"),
+        "server_cpu_ms_per_connect": c.get("server_cpu_ms_per_connect"),
+        "idle_bytes_per_device_hour": idle.get("idle_bytes_per_device_hour"),
+        "idle_requests_per_device_hour": idle.get("idle_requests_per_device_hour"),
+        "idle_server_cpu_percent": idle.get("idle_server_cpu_percent"),
+        "worker_rss_per_device_kb": idle.get("worker_rss_per_device_kb"),
+    }

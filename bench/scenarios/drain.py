@@ -36,8 +36,14 @@ from bench.scenarios.storm import (
 )
 
 NAME = "drain"
-DEFAULTS: dict[str, Any] = {"backlog": 1000, "record_bytes": 200, "batch": 50, "in_flight": 4,
-                            "back_timeout": 180.0, "settle": 1.0}
+DEFAULTS: dict[str, Any] = {
+    "backlog": 1000,
+    "record_bytes": 200,
+    "batch": 50,
+    "in_flight": 4,
+    "back_timeout": 180.0,
+    "settle": 1.0,
+}
 
 
 async def measure(ctx: Any) -> dict[str, Any]:
@@ -58,25 +64,35 @@ async def measure(ctx: Any) -> dict[str, Any]:
         await asyncio.to_thread(ctx.server._start_controller)
         t_ready = time.monotonic()
         out["controller_down_s"] = t_ready - t_stop
-        print(f"quic: controller back after {t_ready - t_stop:.2f} s; {ctx.agents} devices drain "
-              f"{backlog} records each", file=sys.stderr, flush=True)
+        print(
+            f"quic: controller back after {t_ready - t_stop:.2f} s; {ctx.agents} devices drain "
+            f"{backlog} records each",
+            file=sys.stderr,
+            flush=True,
+        )
         replies = [await w.wait("posted", float(p["back_timeout"]) + 600) for w in fleet.workers]
         devices = await fleet.devices()
         done = [d[4] for d in devices if d[4] is not None]
         last = max(done) if done else None
-        per_device = sorted(d[4] - min([t for t in d[1] if t > t_stop] or [t_ready])
-                            for d in devices if d[4] is not None)
+        per_device = sorted(
+            d[4] - min([t for t in d[1] if t > t_stop] or [t_ready])
+            for d in devices
+            if d[4] is not None
+        )
         total = sum(d[3] for d in devices)
         out["drain"] = {
-            "devices": ctx.agents, "drained": len(done),
+            "devices": ctx.agents,
+            "drained": len(done),
             "posted": sum(r["posted"] for r in replies),
             "failures": sum(r["failures"] for r in replies),
             "seconds_from_ready": last - t_ready if last else None,
             "records_per_s": total / (last - t_ready) if last and last > t_ready else None,
             "per_device_p50_s": percentile(per_device, 0.5) if per_device else None,
-            "per_device_p100_s": per_device[-1] if per_device else None}
-        out["telemetry"] = telemetry_loss(devices, await asyncio.to_thread(stored_counts,
-                                                                           ctx.server.data))
+            "per_device_p100_s": per_device[-1] if per_device else None,
+        }
+        out["telemetry"] = telemetry_loss(
+            devices, await asyncio.to_thread(stored_counts, ctx.server.data)
+        )
         out["fleet_after"] = await fleet.status()
     finally:
         await fleet.stop()
@@ -89,8 +105,12 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(tele, dict):
         return {"telemetry_note": tele}
     d = r.get("drain", {})
-    return {"drain_s": d.get("seconds_from_ready"), "drain_per_s": d.get("records_per_s"),
-            "drain_device_p50_s": d.get("per_device_p50_s"),
-            "drain_device_p100_s": d.get("per_device_p100_s"),
-            "devices_drained": d.get("drained"), "drain_failures": d.get("failures"),
-            "telemetry_not_stored": tele.get("not_stored")}
+    return {
+        "drain_s": d.get("seconds_from_ready"),
+        "drain_per_s": d.get("records_per_s"),
+        "drain_device_p50_s": d.get("per_device_p50_s"),
+        "drain_device_p100_s": d.get("per_device_p100_s"),
+        "devices_drained": d.get("drained"),
+        "drain_failures": d.get("failures"),
+        "telemetry_not_stored": tele.get("not_stored"),
+    }

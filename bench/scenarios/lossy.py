@@ -28,9 +28,17 @@ from bench.scenarios.common import Context, apply, latency_summary
 from bench.scenarios.push import one_sample
 
 NAME = "lossy"
-DEFAULTS: dict[str, Any] = {"loss": 0.02, "delay_ms": 50.0, "jitter_ms": 0.0, "seed": 1,
-                            "samples": 20, "gap": 0.5, "bulk_bytes": 512 * 1024, "probes": 40,
-                            "probe_gap": 0.25}
+DEFAULTS: dict[str, Any] = {
+    "loss": 0.02,
+    "delay_ms": 50.0,
+    "jitter_ms": 0.0,
+    "seed": 1,
+    "samples": 20,
+    "gap": 0.5,
+    "bulk_bytes": 512 * 1024,
+    "probes": 40,
+    "probe_gap": 0.25,
+}
 
 
 def impairment(params: dict[str, Any]) -> dict[str, Any]:
@@ -42,7 +50,9 @@ async def bulk(ctx: Context, stop: asyncio.Event, size: int, moved: list[int]) -
     n = 0
     while not stop.is_set():
         n += 1
-        t0 = await apply(ctx, [ctx.devices()[0]], f"bulk-{n}-{time.time_ns()}", blob=os.urandom(size))
+        t0 = await apply(
+            ctx, [ctx.devices()[0]], f"bulk-{n}-{time.time_ns()}", blob=os.urandom(size)
+        )
         item = await ctx.fleet.wait_got(lambda it, t0=t0: it[0] == 0 and it[2] > t0, 120)
         if item is not None:
             moved.append(size)
@@ -55,7 +65,9 @@ async def measure(ctx: Context) -> dict[str, Any]:
     tasks = []
     for n in range(int(p["samples"])):
         index = picks[n % len(picks)]
-        tasks.append(asyncio.ensure_future(one_sample(ctx, index, f"l{n}-{time.time_ns()}", timeout)))
+        tasks.append(
+            asyncio.ensure_future(one_sample(ctx, index, f"l{n}-{time.time_ns()}", timeout))
+        )
         await asyncio.sleep(float(p["gap"]))
     pushes = [r for r in await asyncio.gather(*tasks) if r is not None]
 
@@ -71,19 +83,25 @@ async def measure(ctx: Context) -> dict[str, Any]:
     except TimeoutError:
         pass
     answered = [r for r in rtts if r is not None]
-    return {"impairment": impairment(p),
-            "push_ms": latency_summary([r[0] for r in pushes]),
-            "lost_push_samples": int(p["samples"]) - len(pushes),
-            "interactive_ms": latency_summary(answered),
-            "interactive_s": answered, "interactive_lost": len(rtts) - len(answered),
-            "bulk_downloads": len(moved), "bulk_seconds": seconds,
-            "bulk_mbit_s": 8 * sum(moved) / seconds / 1e6}
+    return {
+        "impairment": impairment(p),
+        "push_ms": latency_summary([r[0] for r in pushes]),
+        "lost_push_samples": int(p["samples"]) - len(pushes),
+        "interactive_ms": latency_summary(answered),
+        "interactive_s": answered,
+        "interactive_lost": len(rtts) - len(answered),
+        "bulk_downloads": len(moved),
+        "bulk_seconds": seconds,
+        "bulk_mbit_s": 8 * sum(moved) / seconds / 1e6,
+    }
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     r = result.get(NAME, {})
-    return {"lossy_push_p50_ms": r.get("push_ms", {}).get("p50"),
-            "lossy_push_p99_ms": r.get("push_ms", {}).get("p99"),
-            "interactive_p50_ms": r.get("interactive_ms", {}).get("p50"),
-            "interactive_p99_ms": r.get("interactive_ms", {}).get("p99"),
-            "bulk_mbit_s": r.get("bulk_mbit_s")}
+    return {
+        "lossy_push_p50_ms": r.get("push_ms", {}).get("p50"),
+        "lossy_push_p99_ms": r.get("push_ms", {}).get("p99"),
+        "interactive_p50_ms": r.get("interactive_ms", {}).get("p50"),
+        "interactive_p99_ms": r.get("interactive_ms", {}).get("p99"),
+        "bulk_mbit_s": r.get("bulk_mbit_s"),
+    }

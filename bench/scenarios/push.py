@@ -27,7 +27,9 @@ NAME = "push"
 DEFAULTS: dict[str, Any] = {"samples": 40, "gap": 0.25, "fanouts": 1}
 
 
-async def one_sample(ctx: Context, index: int, value: str, timeout: float) -> tuple[float, float] | None:
+async def one_sample(
+    ctx: Context, index: int, value: str, timeout: float
+) -> tuple[float, float] | None:
     t0 = await apply(ctx, [ctx.devices()[index]], value)
     item = await ctx.fleet.wait_got(lambda it: it[0] == index and it[2] > t0, timeout)
     if item is None:
@@ -38,30 +40,40 @@ async def one_sample(ctx: Context, index: int, value: str, timeout: float) -> tu
 async def measure(ctx: Context) -> dict[str, Any]:
     p = ctx.params
     timeout = float(p.get("poll_interval", 15.0)) * 2 + 30 + ctx.agents / 50
-    fanouts = [await fan_out(ctx, f"fan-{k}-{time.time_ns()}", timeout)
-               for k in range(int(p.get("fanouts", 1)))]
+    fanouts = [
+        await fan_out(ctx, f"fan-{k}-{time.time_ns()}", timeout)
+        for k in range(int(p.get("fanouts", 1)))
+    ]
     rng = random.Random(int(p.get("seed", 1)))
     picks = rng.sample(range(ctx.agents), min(int(p.get("samples", 40)), ctx.agents))
     tasks = []
     for n, index in enumerate(picks):
-        tasks.append(asyncio.ensure_future(one_sample(ctx, index, f"s{n}-{time.time_ns()}", timeout)))
+        tasks.append(
+            asyncio.ensure_future(one_sample(ctx, index, f"s{n}-{time.time_ns()}", timeout))
+        )
         await asyncio.sleep(float(p.get("gap", 0.25)))
     results = await asyncio.gather(*tasks)
     got = [r for r in results if r is not None]
-    return {"fanout": fanouts,
-            "latency_ms": latency_summary([r[0] for r in got]),
-            "status_rtt_ms": latency_summary([r[1] for r in got]),
-            "latencies_s": [round(r[0], 6) for r in got],
-            "lost_samples": len(results) - len(got)}
+    return {
+        "fanout": fanouts,
+        "latency_ms": latency_summary([r[0] for r in got]),
+        "status_rtt_ms": latency_summary([r[1] for r in got]),
+        "latencies_s": [round(r[0], 6) for r in got],
+        "lost_samples": len(results) - len(got),
+    }
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     push = result.get(NAME, {})
     fan = push.get("fanout", [{}])[0]
     lat = push.get("latency_ms", {})
-    return {"push_p50_ms": lat.get("p50"), "push_p99_ms": lat.get("p99"),
-            "status_rtt_p50_ms": push.get("status_rtt_ms", {}).get("p50"),
-            "fanout_s": fan.get("seconds"), "fanout_status_s": fan.get("status_all_seconds"),
-            "fanout_missing": fan.get("missing"),
-            "connect_rate_per_s": result.get("connect", {}).get("rate_per_s"),
-            "server_rss_per_device_kb": result.get("connect", {}).get("server_rss_per_device_kb")}
+    return {
+        "push_p50_ms": lat.get("p50"),
+        "push_p99_ms": lat.get("p99"),
+        "status_rtt_p50_ms": push.get("status_rtt_ms", {}).get("p50"),
+        "fanout_s": fan.get("seconds"),
+        "fanout_status_s": fan.get("status_all_seconds"),
+        "fanout_missing": fan.get("missing"),
+        "connect_rate_per_s": result.get("connect", {}).get("rate_per_s"),
+        "server_rss_per_device_kb": result.get("connect", {}).get("server_rss_per_device_kb"),
+    }

@@ -49,8 +49,15 @@ from bench.fleet_worker import main as fleet_worker_main
 from bench.report_util import percentile
 
 NAME = "storm"
-DEFAULTS: dict[str, Any] = {"before": 200, "during": 200, "record_bytes": 200, "batch": 50,
-                            "in_flight": 4, "back_timeout": 180.0, "settle": 1.0}
+DEFAULTS: dict[str, Any] = {
+    "before": 200,
+    "during": 200,
+    "record_bytes": 200,
+    "batch": 50,
+    "in_flight": 4,
+    "back_timeout": 180.0,
+    "settle": 1.0,
+}
 NO_TELEMETRY = "n/a (no telemetry path)"
 WORKER_MODULE = "bench.scenarios.storm"
 
@@ -75,8 +82,9 @@ class TelemetryWorker(Worker):
         if self.transport == "quic" and int(cfg.get("records", 0)) > 0:
             from bench.ingest_worker import make_batches
 
-            self.batches = make_batches(int(cfg["records"]), int(cfg.get("record_bytes", 200)),
-                                        self.batch)
+            self.batches = make_batches(
+                int(cfg["records"]), int(cfg.get("record_bytes", 200)), self.batch
+            )
 
     def make_client(self, dev: Device) -> Any:
         client = super().make_client(dev)
@@ -99,8 +107,16 @@ class TelemetryWorker(Worker):
 
     def counters(self) -> dict[str, Any]:
         out = super().counters()
-        out["devices"] = [[d.index, self.ok_times[d.index][-20:], self.produced[d.index],
-                           self.acked[d.index], self.done_at[d.index]] for d in self.devices]
+        out["devices"] = [
+            [
+                d.index,
+                self.ok_times[d.index][-20:],
+                self.produced[d.index],
+                self.acked[d.index],
+                self.done_at[d.index],
+            ]
+            for d in self.devices
+        ]
         return out
 
     # --- telemetry (QUIC) -------------------------------------------------------------------------
@@ -245,9 +261,17 @@ async def swap_fleet(ctx: Any, telemetry: dict[str, Any] | None = None) -> dict[
         # a --work directory used before: the store already holds these devices' records, and
         # their drain would be mostly duplicates
         raise RuntimeError(f"{ctx.server.data} already holds telemetry: use a fresh --work")
-    fleet = TelemetryFleet(ctx.transport, old.identities, ctx.work, old.state.name[len("state-"):],
-                           old.agents, old.procs, poll_interval=old.poll_interval,
-                           concurrency=old.concurrency, telemetry=telemetry)
+    fleet = TelemetryFleet(
+        ctx.transport,
+        old.identities,
+        ctx.work,
+        old.state.name[len("state-") :],
+        old.agents,
+        old.procs,
+        poll_interval=old.poll_interval,
+        concurrency=old.concurrency,
+        telemetry=telemetry,
+    )
     fleet.pin = getattr(old, "pin", True)  # type: ignore[attr-defined]
     ctx.fleet = fleet
     await fleet.start(*ctx.server.device_addr)
@@ -293,9 +317,14 @@ def stored_counts(data: Path) -> dict[str, int]:
     """Distinct telemetry records the controller's store holds per device."""
     counts: dict[str, int] = {}
     for path in sorted(data.glob("*.telemetry.db")):
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
-            for device, n in db.execute("SELECT device_id, COUNT(DISTINCT seq) FROM telemetry "
-                                        "WHERE tenant = ? GROUP BY device_id", (TENANT,)):
+        with contextlib.closing(
+            sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        ) as db:
+            for device, n in db.execute(
+                "SELECT device_id, COUNT(DISTINCT seq) FROM telemetry "
+                "WHERE tenant = ? GROUP BY device_id",
+                (TENANT,),
+            ):
                 counts[device] = counts.get(device, 0) + int(n)
     return counts
 
@@ -305,23 +334,37 @@ def telemetry_loss(devices: list[list[Any]], stored: dict[str, int]) -> dict[str
     acked = sum(d[3] for d in devices)
     lost_acked = sum(max(0, d[3] - stored.get(device_name(d[0]), 0)) for d in devices)
     missing = sum(max(0, d[2] - stored.get(device_name(d[0]), 0)) for d in devices)
-    return {"produced": produced, "acked": acked, "stored": sum(stored.values()),
-            "lost": lost_acked, "not_stored": missing,
-            "devices_losing": sum(1 for d in devices if d[3] > stored.get(device_name(d[0]), 0))}
+    return {
+        "produced": produced,
+        "acked": acked,
+        "stored": sum(stored.values()),
+        "lost": lost_acked,
+        "not_stored": missing,
+        "devices_losing": sum(1 for d in devices if d[3] > stored.get(device_name(d[0]), 0)),
+    }
 
 
 def reconnect_summary(back: dict[int, float], agents: int) -> dict[str, Any]:
     times = sorted(back.values())
-    return {"devices": agents, "back": len(times), "missing": agents - len(times),
-            "p50_s": percentile(times, 0.5) if times else None,
-            "p100_s": times[-1] if times else None,
-            "curve": [[round(t, 3), n + 1] for n, t in enumerate(times)][:: max(1, len(times) // 200)]}
+    return {
+        "devices": agents,
+        "back": len(times),
+        "missing": agents - len(times),
+        "p50_s": percentile(times, 0.5) if times else None,
+        "p100_s": times[-1] if times else None,
+        "curve": [[round(t, 3), n + 1] for n, t in enumerate(times)][:: max(1, len(times) // 200)],
+    }
 
 
 def telemetry_params(ctx: Any, records: int) -> dict[str, Any]:
     p = ctx.params
-    return {"records": records, "record_bytes": int(p["record_bytes"]), "batch": int(p["batch"]),
-            "in_flight": int(p["in_flight"]), "post_timeout": float(p["back_timeout"]) + 600}
+    return {
+        "records": records,
+        "record_bytes": int(p["record_bytes"]),
+        "batch": int(p["batch"]),
+        "in_flight": int(p["in_flight"]),
+        "post_timeout": float(p["back_timeout"]) + 600,
+    }
 
 
 async def measure(ctx: Any) -> dict[str, Any]:
@@ -340,28 +383,41 @@ async def measure(ctx: Any) -> dict[str, Any]:
             await asyncio.sleep(0.05)
         t_kill, t_ready = await restart_hard(ctx.server)
         out["restart_s"] = t_ready - t_kill
-        print(f"{ctx.transport}: controller killed and back in {t_ready - t_kill:.2f} s; "
-              f"waiting for {ctx.agents} devices", file=sys.stderr, flush=True)
+        print(
+            f"{ctx.transport}: controller killed and back in {t_ready - t_kill:.2f} s; "
+            f"waiting for {ctx.agents} devices",
+            file=sys.stderr,
+            flush=True,
+        )
         if ctx.transport == "mqtt":
             # the devices' sessions are with the broker, which keeps running: none reconnects
             await asyncio.sleep(float(p.get("settle", 1.0)))
             status = await fleet.status()
-            out["reconnect"] = {"devices": ctx.agents, "back": int(status.get("alive", 0)),
-                                "note": "broker sessions survive a controller restart"}
+            out["reconnect"] = {
+                "devices": ctx.agents,
+                "back": int(status.get("alive", 0)),
+                "note": "broker sessions survive a controller restart",
+            }
         else:
             # from the kill: a fast device may be back before the bench saw the ready file
             back = await wait_back(fleet, t_kill, float(p["back_timeout"]))
             out["reconnect"] = reconnect_summary(back, ctx.agents)
-            out["reconnect_from_ready_p100_s"] = (max(back.values()) - (t_ready - t_kill)
-                                                  if back else None)
+            out["reconnect_from_ready_p100_s"] = (
+                max(back.values()) - (t_ready - t_kill) if back else None
+            )
         if quic:
-            replies = [await w.wait("posted", float(p["back_timeout"]) + 600) for w in fleet.workers]
-            out["telemetry_after"] = {"seconds_from_ready": time.monotonic() - t_ready,
-                                      "posted": sum(r["posted"] for r in replies),
-                                      "failures": sum(r["failures"] for r in replies)}
+            replies = [
+                await w.wait("posted", float(p["back_timeout"]) + 600) for w in fleet.workers
+            ]
+            out["telemetry_after"] = {
+                "seconds_from_ready": time.monotonic() - t_ready,
+                "posted": sum(r["posted"] for r in replies),
+                "failures": sum(r["failures"] for r in replies),
+            }
             devices = await fleet.devices()
-            out["telemetry"] = telemetry_loss(devices, await asyncio.to_thread(stored_counts,
-                                                                               ctx.server.data))
+            out["telemetry"] = telemetry_loss(
+                devices, await asyncio.to_thread(stored_counts, ctx.server.data)
+            )
         else:
             out["telemetry"] = NO_TELEMETRY
         out["fleet_after"] = {k: v for k, v in (await fleet.status()).items()}
@@ -374,15 +430,22 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     r = result.get(NAME, {})
     rc = r.get("reconnect", {})
     tele = r.get("telemetry")
-    out = {"restart_s": r.get("restart_s"),
-           "reconnect_p50_s": rc.get("p50_s"), "reconnect_p100_s": rc.get("p100_s"),
-           "devices_back": rc.get("back")}
+    out = {
+        "restart_s": r.get("restart_s"),
+        "reconnect_p50_s": rc.get("p50_s"),
+        "reconnect_p100_s": rc.get("p100_s"),
+        "devices_back": rc.get("back"),
+    }
     if isinstance(tele, dict):
-        out.update(telemetry_lost=tele.get("lost"), telemetry_not_stored=tele.get("not_stored"),
-                   telemetry_acked=tele.get("acked"))
+        out.update(
+            telemetry_lost=tele.get("lost"),
+            telemetry_not_stored=tele.get("not_stored"),
+            telemetry_acked=tele.get("acked"),
+        )
     else:
         out["telemetry_note"] = tele
     return out
+
 
 if __name__ == "__main__":
     raise SystemExit(worker_main())

@@ -59,7 +59,9 @@ class DesiredUpdate:
             raise TrustError("manifest signature does not verify", "signature")
         manifest = parse_manifest(self.manifest_bytes)
         if (manifest.tenant, manifest.device_id) != (tenant, device_id):
-            raise TrustError(f"manifest is for {manifest.tenant}/{manifest.device_id}", "mix-and-match")
+            raise TrustError(
+                f"manifest is for {manifest.tenant}/{manifest.device_id}", "mix-and-match"
+            )
         if manifest.manifest_version != self.version:
             raise TrustError("transport version differs from the manifest's", "version")
         for digest, data in self.blobs.items():
@@ -86,37 +88,66 @@ class TransportClient(Protocol):
         """Wait for the next desired state newer than the last one returned."""
         ...
 
-    async def post_status(self, deployment_id: str, manifest_version: int, state: str,
-                          components: list[dict[str, Any]], error: dict[str, str] | None = None) -> None:
+    async def post_status(
+        self,
+        deployment_id: str,
+        manifest_version: int,
+        state: str,
+        components: list[dict[str, Any]],
+        error: dict[str, str] | None = None,
+    ) -> None:
         """Send a Margo deployment status (delivered, or an exception)."""
         ...
 
     async def close(self) -> None: ...
 
 
-def status_document(deployment_id: str, device_id: str, manifest_version: int, state: str,
-                    components: list[dict[str, Any]], error: dict[str, str] | None = None) -> dict[str, Any]:
+def status_document(
+    deployment_id: str,
+    device_id: str,
+    manifest_version: int,
+    state: str,
+    components: list[dict[str, Any]],
+    error: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Margo rc.3 ``DeploymentStatusManifest``."""
     status: dict[str, Any] = {"state": state}
     if error:
         status["error"] = error
-    return {"deploymentId": deployment_id, "deviceId": device_id,
-            "adoptedManifestVersion": manifest_version, "status": status,
-            "components": components}
+    return {
+        "deploymentId": deployment_id,
+        "deviceId": device_id,
+        "adoptedManifestVersion": manifest_version,
+        "status": status,
+        "components": components,
+    }
 
 
 def capabilities_document(device_id: str, **extra: Any) -> dict[str, Any]:
     """A minimal Margo rc.3 ``DeviceCapabilitiesManifest`` for a simulated device."""
-    props = {"id": device_id, "vendor": "margo-stream", "modelNumber": "sim-1",
-             "serialNumber": device_id, "cpus": [{"cores": 2, "architecture": "amd64"}],
-             "memory": "2 Gi", "storage": "16 Gi", "otelCollector": False,
-             "supportedRuntimes": ["custom"], "supportedDeploymentTypes": ["custom"]}
+    props = {
+        "id": device_id,
+        "vendor": "margo-stream",
+        "modelNumber": "sim-1",
+        "serialNumber": device_id,
+        "cpus": [{"cores": 2, "architecture": "amd64"}],
+        "memory": "2 Gi",
+        "storage": "16 Gi",
+        "otelCollector": False,
+        "supportedRuntimes": ["custom"],
+        "supportedDeploymentTypes": ["custom"],
+    }
     props.update(extra)
     return {"properties": props}
 
 
-__all__ = ["DesiredUpdate", "TransportClient", "TransportCounters", "capabilities_document",
-           "status_document"]
+__all__ = [
+    "DesiredUpdate",
+    "TransportClient",
+    "TransportCounters",
+    "capabilities_document",
+    "status_document",
+]
 
 
 class CountingStream:
@@ -149,8 +180,13 @@ class CountingStream:
         return self.inner.extra(attribute, *default)
 
 
-async def open_tls(host: str, port: int, ssl_context: Any, counters: TransportCounters,
-                   server_hostname: str | None = None) -> Any:
+async def open_tls(
+    host: str,
+    port: int,
+    ssl_context: Any,
+    counters: TransportCounters,
+    server_hostname: str | None = None,
+) -> Any:
     """TCP connect, count the raw bytes, then TLS on top; returns the TLS stream."""
     import anyio
     from anyio.streams.tls import TLSStream
@@ -158,8 +194,12 @@ async def open_tls(host: str, port: int, ssl_context: Any, counters: TransportCo
     tcp = await anyio.connect_tcp(host, port)
     counted = CountingStream(tcp, counters)
     try:
-        return await TLSStream.wrap(counted, hostname=server_hostname or host,  # type: ignore[arg-type]
-                                    ssl_context=ssl_context, standard_compatible=False)
+        return await TLSStream.wrap(
+            counted,
+            hostname=server_hostname or host,  # type: ignore[arg-type]
+            ssl_context=ssl_context,
+            standard_compatible=False,
+        )
     except BaseException:
         await tcp.aclose()
         raise

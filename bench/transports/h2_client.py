@@ -55,15 +55,17 @@ class _Pending:
 class H2PushClient:
     name = "h2-push"
 
-    def __init__(self, identity_dir: Path, host: str, port: int, *,
-                 report_capabilities: bool = True) -> None:
+    def __init__(
+        self, identity_dir: Path, host: str, port: int, *, report_capabilities: bool = True
+    ) -> None:
         self.creds = load_device_credentials(identity_dir)
         self.tenant, self.device_id = self.creds.tenant, self.creds.device_id
         self.host, self.port = host, port
         self.report_capabilities = report_capabilities
         self.counters = TransportCounters()
-        self._ctx = client_context(self.creds.cert_path, self.creds.key_path, self.creds.ca_path,
-                                   alpn=["h2"])
+        self._ctx = client_context(
+            self.creds.cert_path, self.creds.key_path, self.creds.ca_path, alpn=["h2"]
+        )
         self._tls: Any = None
         self._conn: h2.connection.H2Connection | None = None
         self._writer: H2Writer | None = None
@@ -71,7 +73,9 @@ class H2PushClient:
         self._pending: dict[int, _Pending] = {}
         self._push_stream: int | None = None
         self._buf = bytearray()
-        self._send, self._recv = anyio.create_memory_object_stream[DesiredUpdate | BaseException](16)
+        self._send, self._recv = anyio.create_memory_object_stream[DesiredUpdate | BaseException](
+            16
+        )
         self._version = 0
         self.blobs: dict[str, bytes] = {}
         self.closed = anyio.Event()
@@ -99,8 +103,10 @@ class H2PushClient:
         self._tg.start_soon(self._reader)
         if self.report_capabilities:
             status, body = await self.request(
-                "PUT", f"/api/v1/capabilities/{self.device_id}",
-                json.dumps(capabilities_document(self.device_id)).encode())
+                "PUT",
+                f"/api/v1/capabilities/{self.device_id}",
+                json.dumps(capabilities_document(self.device_id)).encode(),
+            )
             if status not in (200, 201):
                 raise H2Error(f"capabilities refused: {status} {body[:200]!r}")
         await self._open_stream()
@@ -110,9 +116,14 @@ class H2PushClient:
         sid = self._conn.get_next_available_stream_id()
         self._push_stream = sid
         self._pending[sid] = _Pending()
-        headers = [(":method", "GET"), (":scheme", "https"), (":authority", self.host),
-                   (":path", STREAM_PATH), ("x-margo-stream-version", str(self._version)),
-                   ("x-margo-stream-have", ",".join(sorted(self.blobs)))]
+        headers = [
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", self.host),
+            (":path", STREAM_PATH),
+            ("x-margo-stream-version", str(self._version)),
+            ("x-margo-stream-have", ",".join(sorted(self.blobs))),
+        ]
         self._conn.send_headers(sid, headers, end_stream=True)
         self.counters.requests += 1
         await self._writer.flush()
@@ -129,18 +140,35 @@ class H2PushClient:
                 if self._conn is not None and self._writer is not None:
                     self._conn.close_connection()
                     await self._writer.flush()
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream,
-                    OSError, h2.exceptions.ProtocolError):
+            except (
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                anyio.EndOfStream,
+                OSError,
+                h2.exceptions.ProtocolError,
+            ):
                 pass
             # the server may be gone without a word (kill -9): closing must not fail then
-            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError,
-                                     anyio.EndOfStream, OSError, ssl.SSLError):
+            with contextlib.suppress(
+                anyio.BrokenResourceError,
+                anyio.ClosedResourceError,
+                anyio.EndOfStream,
+                OSError,
+                ssl.SSLError,
+            ):
                 await self._tls.aclose()
         try:
             await tg.__aexit__(None, None, None)
         except BaseExceptionGroup as group:
-            rest = group.split((anyio.BrokenResourceError, anyio.ClosedResourceError, OSError,
-                                ssl.SSLError, anyio.EndOfStream))[1]
+            rest = group.split(
+                (
+                    anyio.BrokenResourceError,
+                    anyio.ClosedResourceError,
+                    OSError,
+                    ssl.SSLError,
+                    anyio.EndOfStream,
+                )
+            )[1]
             if rest is not None:
                 raise rest from None
         finally:
@@ -208,13 +236,17 @@ class H2PushClient:
                 raise H2Error(f"push record of {size} bytes is over the limit")
             if len(self._buf) < 4 + size:
                 return
-            raw = bytes(self._buf[4:4 + size])
-            del self._buf[:4 + size]
+            raw = bytes(self._buf[4 : 4 + size])
+            del self._buf[: 4 + size]
             rec = msgpack.unpackb(raw, raw=False)
             if not isinstance(rec, dict) or rec.get("t") != "desired":
                 continue
-            update = DesiredUpdate(int(rec["v"]), bytes(rec["m"]), bytes(rec["s"]),
-                                   {str(k): bytes(v) for k, v in rec.get("b", {}).items()})
+            update = DesiredUpdate(
+                int(rec["v"]),
+                bytes(rec["m"]),
+                bytes(rec["s"]),
+                {str(k): bytes(v) for k, v in rec.get("b", {}).items()},
+            )
             try:
                 self._send.send_nowait(update)
             except anyio.WouldBlock:
@@ -225,8 +257,12 @@ class H2PushClient:
             raise H2Error("not connected")
         sid = self._conn.get_next_available_stream_id()
         pending = self._pending[sid] = _Pending()
-        headers = [(":method", method), (":scheme", "https"), (":authority", self.host),
-                   (":path", path)]
+        headers = [
+            (":method", method),
+            (":scheme", "https"),
+            (":authority", self.host),
+            (":path", path),
+        ]
         if body:
             headers += [("content-type", "application/json"), ("content-length", str(len(body)))]
         self._conn.send_headers(sid, headers, end_stream=not body)
@@ -251,11 +287,20 @@ class H2PushClient:
             self.counters.updates += 1
             return item
 
-    async def post_status(self, deployment_id: str, manifest_version: int, state: str,
-                          components: list[dict[str, Any]], error: dict[str, str] | None = None) -> None:
-        doc = status_document(deployment_id, self.device_id, manifest_version, state, components, error)
-        status, body = await self.request("POST", f"/api/v1/deployments/{deployment_id}/status",
-                                          json.dumps(doc).encode())
+    async def post_status(
+        self,
+        deployment_id: str,
+        manifest_version: int,
+        state: str,
+        components: list[dict[str, Any]],
+        error: dict[str, str] | None = None,
+    ) -> None:
+        doc = status_document(
+            deployment_id, self.device_id, manifest_version, state, components, error
+        )
+        status, body = await self.request(
+            "POST", f"/api/v1/deployments/{deployment_id}/status", json.dumps(doc).encode()
+        )
         if status not in (200, 201):
             raise H2Error(f"status refused: {status} {body[:300]!r}")
 

@@ -75,7 +75,8 @@ QOS = 1
 def mosquitto_path() -> str | None:
     """The broker binary, or None (install the Debian package ``mosquitto``)."""
     return shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
 
 
 def _free_port() -> int:
@@ -105,8 +106,9 @@ def tcp_bytes(sock: socket.socket | None) -> tuple[int, int] | None:
 class MosquittoBroker:
     """Runs ``mosquitto -c <generated conf>``; one TLS listener per tenant plus the bridge's."""
 
-    def __init__(self, certs_dir: Path, run_dir: Path, tenants: Sequence[str], *,
-                 host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, certs_dir: Path, run_dir: Path, tenants: Sequence[str], *, host: str = "127.0.0.1"
+    ) -> None:
         self.certs_dir = Path(certs_dir)
         self.run_dir = Path(run_dir)
         self.tenants = list(tenants)
@@ -120,11 +122,19 @@ class MosquittoBroker:
 
     def _bridge_identity(self) -> Path:
         now = dt.datetime.now(dt.UTC)
-        ca, ca_key = make_ca("margo-stream bench bridge CA", not_before=now - dt.timedelta(minutes=5),
-                             not_after=now + dt.timedelta(days=2))
-        leaf, key = make_leaf(ca, ca_key, uris=(), common_name=BRIDGE_USER,
-                              not_before=now - dt.timedelta(minutes=5),
-                              not_after=now + dt.timedelta(days=1))
+        ca, ca_key = make_ca(
+            "margo-stream bench bridge CA",
+            not_before=now - dt.timedelta(minutes=5),
+            not_after=now + dt.timedelta(days=2),
+        )
+        leaf, key = make_leaf(
+            ca,
+            ca_key,
+            uris=(),
+            common_name=BRIDGE_USER,
+            not_before=now - dt.timedelta(minutes=5),
+            not_after=now + dt.timedelta(days=1),
+        )
         ca_path = self.run_dir / "bridge-ca.pem"
         ca_path.write_bytes(cert_to_pem(ca))
         self.bridge_cert.write_bytes(cert_to_pem(leaf))
@@ -137,16 +147,33 @@ class MosquittoBroker:
         server_cert = self.certs_dir / CONTROLLER_DIR / "cert.pem"
         server_key = self.certs_dir / CONTROLLER_DIR / "key.pem"
         bridge_ca = self._bridge_identity()
-        lines = ["per_listener_settings true", "persistence false", "log_dest stderr",
-                 "log_type error", "log_type warning", "log_type notice",
-                 f"user {getpass.getuser()}", "max_inflight_messages 100", ""]
+        lines = [
+            "per_listener_settings true",
+            "persistence false",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            f"user {getpass.getuser()}",
+            "max_inflight_messages 100",
+            "",
+        ]
 
         def listener(port: int, cafile: Path, acl: Path) -> None:
-            lines.extend([f"listener {port} {self.host}", f"cafile {cafile}",
-                          f"certfile {server_cert}", f"keyfile {server_key}",
-                          "tls_version tlsv1.3", "require_certificate true",
-                          "use_identity_as_username true", "allow_anonymous false",
-                          f"acl_file {acl}", ""])
+            lines.extend(
+                [
+                    f"listener {port} {self.host}",
+                    f"cafile {cafile}",
+                    f"certfile {server_cert}",
+                    f"keyfile {server_key}",
+                    "tls_version tlsv1.3",
+                    "require_certificate true",
+                    "use_identity_as_username true",
+                    "allow_anonymous false",
+                    f"acl_file {acl}",
+                    "",
+                ]
+            )
 
         for tenant in self.tenants:
             port = self.ports[tenant] = _free_port()
@@ -155,7 +182,8 @@ class MosquittoBroker:
                 f"pattern read margo/{tenant}/%u/desired\n"
                 f"pattern write margo/{tenant}/%u/status\n"
                 f"pattern write margo/{tenant}/%u/capabilities\n"
-                f"pattern readwrite margo/{tenant}/%u/online\n")
+                f"pattern readwrite margo/{tenant}/%u/online\n"
+            )
             listener(port, self.certs_dir / tenant / "ca.pem", acl)
         self.bridge_port = _free_port()
         bridge_acl = self.run_dir / "acl-bridge"
@@ -172,16 +200,22 @@ class MosquittoBroker:
         conf = self.write_config()
         log_file = open(self.log_path, "ab")  # noqa: SIM115 - handed to the process
         try:
-            self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log_file,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [binary, "-c", str(conf)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         finally:
             log_file.close()
         with anyio.fail_after(timeout):
             for port in [*self.ports.values(), self.bridge_port]:
                 while True:
                     if self.proc.poll() is not None:
-                        raise RuntimeError(f"mosquitto exited ({self.proc.returncode}): "
-                                           f"{self.log_path.read_text(errors='replace')[-2000:]}")
+                        raise RuntimeError(
+                            f"mosquitto exited ({self.proc.returncode}): "
+                            f"{self.log_path.read_text(errors='replace')[-2000:]}"
+                        )
                     try:
                         stream = await anyio.connect_tcp(self.host, port)
                     except OSError:
@@ -217,8 +251,9 @@ class _PahoAdapter:
         import paho.mqtt.client as paho
 
         self.loop = asyncio.get_running_loop()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  protocol=paho.MQTTv5)
+        self.client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+        )
         self.client.tls_set_context(ssl_context)
         self.send, self.recv = anyio.create_memory_object_stream[Any](math.inf)
         self.connected = asyncio.Event()
@@ -236,12 +271,16 @@ class _PahoAdapter:
         except RuntimeError:  # loop closed
             pass
 
-    def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+    def _on_connect(
+        self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None
+    ) -> None:
         if rc.is_failure:
             self.connect_error = str(rc)
         self._call(self.connected.set)
 
-    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None) -> None:
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, rc: Any, props: Any = None
+    ) -> None:
         if not self.connected.is_set():
             self.connect_error = f"disconnected: {rc}"
             self._call(self.connected.set)
@@ -261,7 +300,9 @@ class _PahoAdapter:
     def _on_publish(self, client: Any, userdata: Any, mid: int, rc: Any, props: Any = None) -> None:
         self._call(self._resolve, mid, rc)
 
-    def _on_subscribe(self, client: Any, userdata: Any, mid: int, rcs: Any, props: Any = None) -> None:
+    def _on_subscribe(
+        self, client: Any, userdata: Any, mid: int, rcs: Any, props: Any = None
+    ) -> None:
         self._call(self._resolve, mid, rcs)
 
     async def connect(self, host: str, port: int, timeout: float = 10.0) -> None:
@@ -277,8 +318,15 @@ class _PahoAdapter:
         self.acks[mid] = fut
         return fut
 
-    async def publish(self, topic_name: str, payload: bytes, *, retain: bool = False,
-                      wait: bool = True, timeout: float = 10.0) -> None:
+    async def publish(
+        self,
+        topic_name: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        wait: bool = True,
+        timeout: float = 10.0,
+    ) -> None:
         # register the future before paho can deliver the PUBACK on its thread
         info = self.client.publish(topic_name, payload, qos=QOS, retain=retain)
         if info.rc != 0:
@@ -325,9 +373,14 @@ class MqttBridge:
         self._dirty.update((tenant, d) for d in device_ids)
         self._wake.set()
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[MqttBridge] = anyio.TASK_STATUS_IGNORED) -> None:
-        ctx = client_context(self.broker.bridge_cert, self.broker.bridge_key,
-                             self.broker.certs_dir / CONTROLLER_DIR / "ca.pem")
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[MqttBridge] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        ctx = client_context(
+            self.broker.bridge_cert,
+            self.broker.bridge_key,
+            self.broker.certs_dir / CONTROLLER_DIR / "ca.pem",
+        )
         self.paho = _PahoAdapter(f"{BRIDGE_USER}-{id(self):x}", ctx)
         await self.paho.connect(self.broker.host, self.broker.bridge_port)
         try:
@@ -359,9 +412,16 @@ class MqttBridge:
                 if desired is None or desired.version <= self.published.get((tenant, device_id), 0):
                     continue
                 blobs = await self.backend.blobs(tenant, desired.digests)
-                payload = msgpack.packb({"t": "desired", "v": desired.version,
-                                         "m": desired.manifest_bytes, "s": desired.signature,
-                                         "b": blobs}, use_bin_type=True)
+                payload = msgpack.packb(
+                    {
+                        "t": "desired",
+                        "v": desired.version,
+                        "m": desired.manifest_bytes,
+                        "s": desired.signature,
+                        "b": blobs,
+                    },
+                    use_bin_type=True,
+                )
                 await self.paho.publish(topic(tenant, device_id, "desired"), payload, retain=True)
                 self.published[(tenant, device_id)] = desired.version
             except Exception:
@@ -397,8 +457,9 @@ class MqttBridge:
 class MqttClient:
     name = "mqtt"
 
-    def __init__(self, identity_dir: Path, host: str, port: int, *,
-                 report_capabilities: bool = True) -> None:
+    def __init__(
+        self, identity_dir: Path, host: str, port: int, *, report_capabilities: bool = True
+    ) -> None:
         self.creds = load_device_credentials(identity_dir)
         self.tenant, self.device_id = self.creds.tenant, self.creds.device_id
         self.host, self.port = host, port
@@ -426,8 +487,10 @@ class MqttClient:
         await self.paho.connect(self.host, self.port)
         await self.paho.subscribe(self._topic("desired"))
         if self.report_capabilities:
-            await self.paho.publish(self._topic("capabilities"),
-                                    json.dumps(capabilities_document(self.device_id)).encode())
+            await self.paho.publish(
+                self._topic("capabilities"),
+                json.dumps(capabilities_document(self.device_id)).encode(),
+            )
             self.counters.requests += 1
         await self.paho.publish(self._topic("online"), b"1", retain=True)
         self.counters.requests += 2
@@ -442,7 +505,11 @@ class MqttClient:
         assert self.paho is not None
         async for _name, payload in self.paho.recv:
             rec = msgpack.unpackb(payload, raw=False)
-            if not isinstance(rec, dict) or rec.get("t") != "desired" or int(rec["v"]) <= self._version:
+            if (
+                not isinstance(rec, dict)
+                or rec.get("t") != "desired"
+                or int(rec["v"]) <= self._version
+            ):
                 continue
             blobs = {str(k): bytes(v) for k, v in rec.get("b", {}).items()}
             update = DesiredUpdate(int(rec["v"]), bytes(rec["m"]), bytes(rec["s"]), blobs)
@@ -453,10 +520,18 @@ class MqttClient:
             return update
         raise ConnectionError("MQTT client closed")
 
-    async def post_status(self, deployment_id: str, manifest_version: int, state: str,
-                          components: list[dict[str, Any]], error: dict[str, str] | None = None) -> None:
+    async def post_status(
+        self,
+        deployment_id: str,
+        manifest_version: int,
+        state: str,
+        components: list[dict[str, Any]],
+        error: dict[str, str] | None = None,
+    ) -> None:
         assert self.paho is not None
-        doc = status_document(deployment_id, self.device_id, manifest_version, state, components, error)
+        doc = status_document(
+            deployment_id, self.device_id, manifest_version, state, components, error
+        )
         await self.paho.publish(self._topic("status"), json.dumps(doc).encode())
         self.counters.requests += 1
         self.sample()
@@ -478,5 +553,12 @@ class MqttClient:
         await self.close()
 
 
-__all__ = ["MosquittoBroker", "MqttBridge", "MqttClient", "PACKAGE", "mosquitto_path",
-           "tcp_bytes", "topic"]
+__all__ = [
+    "MosquittoBroker",
+    "MqttBridge",
+    "MqttClient",
+    "PACKAGE",
+    "mosquitto_path",
+    "tcp_bytes",
+    "topic",
+]

@@ -81,24 +81,40 @@ class _CountingProtocol(asyncio.DatagramProtocol):
 class QuicClient:
     name = "quic"
 
-    def __init__(self, identity_dir: Path, host: str, port: int, *, state_dir: Path,
-                 server_name: str = "localhost", idle_timeout: float = 60.0,
-                 connect_timeout: float = 20.0, keepalive: float | None = None,
-                 configuration: QuicConfiguration | None = None) -> None:
+    def __init__(
+        self,
+        identity_dir: Path,
+        host: str,
+        port: int,
+        *,
+        state_dir: Path,
+        server_name: str = "localhost",
+        idle_timeout: float = 60.0,
+        connect_timeout: float = 20.0,
+        keepalive: float | None = None,
+        configuration: QuicConfiguration | None = None,
+    ) -> None:
         self.creds = load_device_credentials(identity_dir)
         self.tenant, self.device_id = self.creds.tenant, self.creds.device_id
         self.host, self.port = host, port
         self.counters = TransportCounters()
         if configuration is None:
             configuration = client_configuration(
-                str(self.creds.cert_path), str(self.creds.key_path), str(self.creds.ca_path),
-                server_name=server_name, idle_timeout=idle_timeout)
+                str(self.creds.cert_path),
+                str(self.creds.key_path),
+                str(self.creds.ca_path),
+                server_name=server_name,
+                idle_timeout=idle_timeout,
+            )
         self.configuration = configuration
         self.config = SimConfig(connect_timeout=connect_timeout, keepalive=keepalive)
         self._sim = SimAgent(self.config, self.device_id)
-        self.verifier = DesiredStateVerifier(self.tenant, self.device_id,
-                                             load_signing_pub(self.creds.signing_pub_path),
-                                             Path(state_dir) / "trust.json")
+        self.verifier = DesiredStateVerifier(
+            self.tenant,
+            self.device_id,
+            load_signing_pub(self.creds.signing_pub_path),
+            Path(state_dir) / "trust.json",
+        )
         self.blobs: dict[str, bytes] = {}
         self.stream_handlers = {StreamKind.DESIRED: self._desired_stream}
         self.session_tasks = [self._status_stream]
@@ -118,10 +134,13 @@ class QuicClient:
 
     # --- the agent object AgentSession talks to ---------------------------------------------------
     def make_hello(self) -> m.Hello:
-        return self._sim.make_hello().model_copy(update={
-            "manifest_version": self.verifier.held_version,
-            "manifest_digest": self.verifier.held_digest,
-            "blobs": sorted(self.blobs)[:4096]})
+        return self._sim.make_hello().model_copy(
+            update={
+                "manifest_version": self.verifier.held_version,
+                "manifest_digest": self.verifier.held_digest,
+                "blobs": sorted(self.blobs)[:4096],
+            }
+        )
 
     # --- connection -------------------------------------------------------------------------------
     async def __aenter__(self) -> QuicClient:
@@ -137,7 +156,8 @@ class QuicClient:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         udp, protocol = await loop.create_datagram_endpoint(
-            lambda: _CountingProtocol(self.counters), local_addr=(self.host, 0), family=family)
+            lambda: _CountingProtocol(self.counters), local_addr=(self.host, 0), family=family
+        )
         self._udp = udp
         quic = QuicConnection(configuration=self.configuration)
         conn = self.conn = Connection(quic, Sender.AGENT, protocol.sendto, loop)
@@ -200,10 +220,16 @@ class QuicClient:
     async def apply(self, push: m.Desired, received: dict[str, bytes]) -> m.DesiredResult:
         """Verify the whole push; "install" = keep the blobs and advance the trust state."""
         try:
-            verdict = self.verifier.verify(push.manifest, push.signature,
-                                           ChainMap(received, self.blobs), now=dt.datetime.now(dt.UTC))
+            verdict = self.verifier.verify(
+                push.manifest,
+                push.signature,
+                ChainMap(received, self.blobs),
+                now=dt.datetime.now(dt.UTC),
+            )
         except TrustError as exc:
-            return m.DesiredResult(version=push.version, ok=False, code=exc.code, reason=str(exc)[:1000])
+            return m.DesiredResult(
+                version=push.version, ok=False, code=exc.code, reason=str(exc)[:1000]
+            )
         if verdict.unchanged:
             return m.DesiredResult(version=push.version, ok=True, unchanged=True)
         self.blobs.update(received)
@@ -214,9 +240,16 @@ class QuicClient:
         # then leave in the same packet
         held_at = time.monotonic()
         await anyio.to_thread.run_sync(self.verifier.accept, verdict)
-        self._updates_in.send_nowait(DesiredUpdate(verdict.version, push.manifest, push.signature,
-                                                   received, verified=verdict.manifest,
-                                                   held_at=held_at))
+        self._updates_in.send_nowait(
+            DesiredUpdate(
+                verdict.version,
+                push.manifest,
+                push.signature,
+                received,
+                verified=verdict.manifest,
+                held_at=held_at,
+            )
+        )
         return m.DesiredResult(version=push.version, ok=True)
 
     async def next_desired(self) -> DesiredUpdate:
@@ -238,16 +271,28 @@ class QuicClient:
         self._seq = max(self._seq + 1, time.time_ns() // 1000)
         return self._seq
 
-    async def post_status(self, deployment_id: str, manifest_version: int, state: str,
-                          components: list[dict[str, Any]], error: dict[str, str] | None = None) -> None:
+    async def post_status(
+        self,
+        deployment_id: str,
+        manifest_version: int,
+        state: str,
+        components: list[dict[str, Any]],
+        error: dict[str, str] | None = None,
+    ) -> None:
         if self._status is None or not self.alive:
             raise QuicError("not connected")
         seq = self._next_seq()
         acked = self._acks[seq] = anyio.Event()
-        self._status.send(m.Status(
-            seq=seq, deployment_id=deployment_id, manifest_version=manifest_version, state=state,
-            components=[m.ComponentStatusModel(**c) for c in components],
-            error=m.StatusErrorModel(**error) if error else None))
+        self._status.send(
+            m.Status(
+                seq=seq,
+                deployment_id=deployment_id,
+                manifest_version=manifest_version,
+                state=state,
+                components=[m.ComponentStatusModel(**c) for c in components],
+                error=m.StatusErrorModel(**error) if error else None,
+            )
+        )
         self.counters.requests += 1
         await acked.wait()
         if self._acks.pop(seq, None) is not None:  # woken by the connection's end, not an ack

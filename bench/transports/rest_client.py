@@ -45,9 +45,16 @@ class HttpError(Exception):
 class RestPollClient:
     name = "rest-poll"
 
-    def __init__(self, identity_dir: Path, host: str, port: int, *,
-                 interval: float = MARGO_POLL_INTERVAL, signed: bool = True,
-                 report_capabilities: bool = True) -> None:
+    def __init__(
+        self,
+        identity_dir: Path,
+        host: str,
+        port: int,
+        *,
+        interval: float = MARGO_POLL_INTERVAL,
+        signed: bool = True,
+        report_capabilities: bool = True,
+    ) -> None:
         self.creds = load_device_credentials(identity_dir)
         self.tenant, self.device_id = self.creds.tenant, self.creds.device_id
         self.host, self.port = host, port
@@ -55,8 +62,9 @@ class RestPollClient:
         self.signed = signed
         self.report_capabilities = report_capabilities
         self.counters = TransportCounters()
-        self._ctx = client_context(self.creds.cert_path, self.creds.key_path, self.creds.ca_path,
-                                   alpn=["http/1.1"])
+        self._ctx = client_context(
+            self.creds.cert_path, self.creds.key_path, self.creds.ca_path, alpn=["http/1.1"]
+        )
         self._stream: Any = None
         self._h11: h11.Connection | None = None
         self._lock = anyio.Lock()
@@ -89,8 +97,9 @@ class RestPollClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def request(self, method: str, path: str, headers: dict[str, str] | None = None,
-                      body: bytes = b"") -> tuple[int, dict[bytes, bytes], bytes]:
+    async def request(
+        self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""
+    ) -> tuple[int, dict[bytes, bytes], bytes]:
         """One exchange on the keep-alive connection (reopened once if it broke)."""
         async with self._lock:
             for attempt in (0, 1):
@@ -101,15 +110,21 @@ class RestPollClient:
                         self.counters.reconnects += 1
                 try:
                     return await self._exchange(method, path, headers or {}, body)
-                except (anyio.BrokenResourceError, anyio.EndOfStream, anyio.ClosedResourceError,
-                        h11.RemoteProtocolError, OSError):
+                except (
+                    anyio.BrokenResourceError,
+                    anyio.EndOfStream,
+                    anyio.ClosedResourceError,
+                    h11.RemoteProtocolError,
+                    OSError,
+                ):
                     await self.close()
                     if attempt:
                         raise
             raise AssertionError("unreachable")
 
-    async def _exchange(self, method: str, path: str, headers: dict[str, str],
-                        body: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    async def _exchange(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[bytes, bytes], bytes]:
         conn, stream = self._h11, self._stream
         assert conn is not None and stream is not None
         hdrs = [("host", f"{self.host}:{self.port}"), *headers.items()]
@@ -150,8 +165,11 @@ class RestPollClient:
 
     async def put_capabilities(self, doc: dict[str, Any]) -> int:
         status, _, body = await self.request(
-            "PUT", f"/api/v1/capabilities/{self.device_id}",
-            {"content-type": "application/json"}, json.dumps(doc).encode())
+            "PUT",
+            f"/api/v1/capabilities/{self.device_id}",
+            {"content-type": "application/json"},
+            json.dumps(doc).encode(),
+        )
         if status not in (200, 201):
             raise HttpError(status, body)
         return status
@@ -192,8 +210,11 @@ class RestPollClient:
         for digest, (dep_id, _name) in sorted(wanted.items()):
             if digest in self.blobs:
                 continue
-            path = (f"/api/v1/deployments/{dep_id}/{digest}" if dep_id
-                    else f"/api/v1/x-margo-stream/blobs/{digest}")
+            path = (
+                f"/api/v1/deployments/{dep_id}/{digest}"
+                if dep_id
+                else f"/api/v1/x-margo-stream/blobs/{digest}"
+            )
             bstatus, _, data = await self.request("GET", path)
             if bstatus != 200:
                 raise HttpError(bstatus, data)
@@ -215,12 +236,23 @@ class RestPollClient:
             if update is not None:
                 return update
 
-    async def post_status(self, deployment_id: str, manifest_version: int, state: str,
-                          components: list[dict[str, Any]], error: dict[str, str] | None = None) -> None:
-        doc = status_document(deployment_id, self.device_id, manifest_version, state, components, error)
+    async def post_status(
+        self,
+        deployment_id: str,
+        manifest_version: int,
+        state: str,
+        components: list[dict[str, Any]],
+        error: dict[str, str] | None = None,
+    ) -> None:
+        doc = status_document(
+            deployment_id, self.device_id, manifest_version, state, components, error
+        )
         status, _, body = await self.request(
-            "POST", f"/api/v1/deployments/{deployment_id}/status",
-            {"content-type": "application/json"}, json.dumps(doc).encode())
+            "POST",
+            f"/api/v1/deployments/{deployment_id}/status",
+            {"content-type": "application/json"},
+            json.dumps(doc).encode(),
+        )
         if status not in (200, 201):
             raise HttpError(status, body)
 

@@ -78,8 +78,9 @@ async def _store_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unexpected error answering %s %s", request.method, request.url.path,
-                  exc_info=exc)
+    log.exception(
+        "unexpected error answering %s %s", request.method, request.url.path, exc_info=exc
+    )
     return problem_response(500, "internal error; see the controller's log", kind="internal")
 
 

@@ -40,7 +40,9 @@ def load_operator_tokens(certs_dir: str | Path) -> dict[str, str]:
         if not token:
             raise ConfigError(f"operator token file {path} is empty")
         if token in tokens:
-            raise ConfigError(f"operator token {path} is also the token of tenant {tokens[token]!r}")
+            raise ConfigError(
+                f"operator token {path} is also the token of tenant {tokens[token]!r}"
+            )
         tokens[token] = tenant
     return tokens
 
@@ -96,7 +98,9 @@ class BearerAuthMiddleware:
                 else "invalid bearer token"
             )
             response = problem_response(
-                401, detail, kind="unauthorized",
+                401,
+                detail,
+                kind="unauthorized",
                 headers={"WWW-Authenticate": 'Bearer realm="margo-stream"'},
             )
             await response(scope, receive, send)

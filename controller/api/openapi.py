@@ -20,17 +20,29 @@ def _list_of(ref: str) -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["items"],
-        "properties": {"items": {"type": "array", "items": {"$ref": f"#/components/schemas/{ref}"}}},
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": f"#/components/schemas/{ref}"}}
+        },
     }
 
 
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "schema": schema,
-            "description": description}
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
 
 
-_DEVICE_ID = {"name": "deviceId", "in": "path", "required": True, "schema": {"type": "string"},
-              "description": "device id (may contain '/')"}
+_DEVICE_ID = {
+    "name": "deviceId",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "device id (may contain '/')",
+}
 _TS = {"type": ["string", "null"], "format": "date-time"}
 
 _SCHEMAS: dict[str, Any] = {
@@ -47,8 +59,18 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Device": {
         "type": "object",
-        "required": ["id", "tenant", "connected", "capabilities", "labels", "last_seen",
-                     "first_seen", "connection_count", "manifest_version", "stats"],
+        "required": [
+            "id",
+            "tenant",
+            "connected",
+            "capabilities",
+            "labels",
+            "last_seen",
+            "first_seen",
+            "connection_count",
+            "manifest_version",
+            "stats",
+        ],
         "properties": {
             "id": {"type": "string"},
             "tenant": {"type": "string"},
@@ -66,15 +88,24 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Deployment": {
         "type": "object",
-        "required": ["deploymentId", "device", "state", "components", "manifestVersion", "error",
-                     "updated_at"],
+        "required": [
+            "deploymentId",
+            "device",
+            "state",
+            "components",
+            "manifestVersion",
+            "error",
+            "updated_at",
+        ],
         "properties": {
             "deploymentId": {"type": "string"},
             "device": {"type": "string"},
             "digest": {"type": ["string", "null"]},
             "assigned": {"type": "boolean"},
-            "state": {"type": "string", "enum": ["pending", "installing", "installed", "failed",
-                                                  "removing", "removed"]},
+            "state": {
+                "type": "string",
+                "enum": ["pending", "installing", "installed", "failed", "removing", "removed"],
+            },
             "components": {"type": "array", "items": {"type": "object"}},
             "manifestVersion": {"type": ["integer", "null"]},
             "error": {"type": ["object", "null"]},
@@ -85,19 +116,34 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["documents"],
         "properties": {
-            "documents": {"type": "array", "items": {"type": "string"},
-                          "description": "Margo ApplicationDeployment YAML documents"},
+            "documents": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Margo ApplicationDeployment YAML documents",
+            },
             "devices": {"type": "array", "items": {"type": "string"}},
-            "selector": {"type": "object", "additionalProperties": {"type": "string"},
-                         "description": "every label must match"},
+            "selector": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "every label must match",
+            },
         },
     },
     "ApplyResult": {
         "type": "object",
         "properties": {
-            "deployments": {"type": "array", "items": {"type": "object", "properties": {
-                "deploymentId": {"type": "string"}, "digest": {"type": "string"},
-                "name": {"type": "string"}, "profile": {"type": "string"}}}},
+            "deployments": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "deploymentId": {"type": "string"},
+                        "digest": {"type": "string"},
+                        "name": {"type": "string"},
+                        "profile": {"type": "string"},
+                    },
+                },
+            },
             "devices": {"type": "array", "items": {"type": "string"}},
         },
     },
@@ -126,12 +172,19 @@ _SCHEMAS: dict[str, Any] = {
     "Session": {
         "type": "object",
         "properties": {
-            "id": {"type": "integer"}, "device": {"type": "string"},
-            "operator": {"type": "string"}, "command": {"type": ["string", "null"]},
-            "started_at": _TS, "ended_at": _TS, "active": {"type": "boolean"},
-            "bytes_in": {"type": "integer"}, "bytes_out": {"type": "integer"},
-            "exit_status": {"type": ["integer", "null"],
-                            "description": "the command's exit status; -N: killed by signal N"},
+            "id": {"type": "integer"},
+            "device": {"type": "string"},
+            "operator": {"type": "string"},
+            "command": {"type": ["string", "null"]},
+            "started_at": _TS,
+            "ended_at": _TS,
+            "active": {"type": "boolean"},
+            "bytes_in": {"type": "integer"},
+            "bytes_out": {"type": "integer"},
+            "exit_status": {
+                "type": ["integer", "null"],
+                "description": "the command's exit status; -N: killed by signal N",
+            },
             "reason": {"type": ["string", "null"]},
         },
     },
@@ -139,26 +192,43 @@ _SCHEMAS: dict[str, Any] = {
 
 _PATHS: dict[str, Any] = {
     "/healthz": {
-        "get": {"summary": "Liveness (no authentication)", "security": [],
-                "responses": {"200": _ok({"type": "object"})}},
+        "get": {
+            "summary": "Liveness (no authentication)",
+            "security": [],
+            "responses": {"200": _ok({"type": "object"})},
+        },
     },
     "/api/v1/openapi.json": {
-        "get": {"summary": "This document", "responses": {"200": _ok({"type": "object"}),
-                                                            "401": _PROBLEM}},
+        "get": {
+            "summary": "This document",
+            "responses": {"200": _ok({"type": "object"}), "401": _PROBLEM},
+        },
     },
     "/api/v1/devices": {
-        "get": {"summary": "The tenant's devices", "responses": {"200": _ok(_list_of("Device")),
-                                                                  **_ERRORS}},
+        "get": {
+            "summary": "The tenant's devices",
+            "responses": {"200": _ok(_list_of("Device")), **_ERRORS},
+        },
     },
     "/api/v1/devices/{deviceId}": {
-        "get": {"summary": "One device", "parameters": [_DEVICE_ID],
-                "responses": {"200": _ok({"$ref": "#/components/schemas/Device"}), **_ERRORS}},
+        "get": {
+            "summary": "One device",
+            "parameters": [_DEVICE_ID],
+            "responses": {"200": _ok({"$ref": "#/components/schemas/Device"}), **_ERRORS},
+        },
     },
     "/api/v1/devices/{deviceId}/deployments/{deploymentId}": {
         "delete": {
             "summary": "Remove a deployment from a device (it leaves the device's manifest)",
-            "parameters": [_DEVICE_ID, {"name": "deploymentId", "in": "path", "required": True,
-                                        "schema": {"type": "string"}}],
+            "parameters": [
+                _DEVICE_ID,
+                {
+                    "name": "deploymentId",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                },
+            ],
             "responses": {"204": {"description": "unassigned"}, **_ERRORS},
         },
     },
@@ -168,11 +238,13 @@ _PATHS: dict[str, Any] = {
             "parameters": [
                 _DEVICE_ID,
                 _query("stream", {"type": "string"}, "only this stream"),
-                _query("since", {"type": "string"},
-                       "RFC 3339, unix seconds or an age (5m, 2h); without it: the newest"),
+                _query(
+                    "since",
+                    {"type": "string"},
+                    "RFC 3339, unix seconds or an age (5m, 2h); without it: the newest",
+                ),
                 _query("after", {"type": "integer"}, "only records with a higher seq"),
-                _query("limit", {"type": "integer", "minimum": 1, "maximum": 10000},
-                       "default 100"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 10000}, "default 100"),
             ],
             "responses": {"200": _ok(_list_of("TelemetryRecord")), **_ERRORS},
         },
@@ -185,32 +257,53 @@ _PATHS: dict[str, Any] = {
         },
         "post": {
             "summary": "Store deployment documents and assign them to devices",
-            "requestBody": {"required": True, "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/ApplyRequest"}}}},
-            "responses": {"200": _ok({"$ref": "#/components/schemas/ApplyResult"}), **_ERRORS,
-                          "422": _PROBLEM},
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ApplyRequest"}}
+                },
+            },
+            "responses": {
+                "200": _ok({"$ref": "#/components/schemas/ApplyResult"}),
+                **_ERRORS,
+                "422": _PROBLEM,
+            },
         },
     },
     "/api/v1/events": {
         "get": {
             "summary": "The tenant's event feed after a cursor",
-            "parameters": [_query("after", {"type": "integer", "minimum": 0}, "event id cursor"),
-                           _query("limit", {"type": "integer", "minimum": 1}, "default 1000")],
+            "parameters": [
+                _query("after", {"type": "integer", "minimum": 0}, "event id cursor"),
+                _query("limit", {"type": "integer", "minimum": 1}, "default 1000"),
+            ],
             "responses": {"200": _ok(_list_of("Event")), **_ERRORS},
         },
     },
     "/api/v1/events/stream": {
         "get": {
             "summary": "The event feed as Server-Sent Events (id = event id; resumes from "
-                       "Last-Event-ID or ?after=)",
-            "parameters": [_query("after", {"type": "integer", "minimum": 0},
-                                  "event id cursor; without it (and Last-Event-ID) the stream "
-                                  "starts at the newest event; 0 replays everything"),
-                           _query("limit", {"type": "integer", "minimum": 1},
-                                  "close the stream after this many events")],
-            "responses": {"200": {"description": "event stream",
-                                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                          **_ERRORS},
+            "Last-Event-ID or ?after=)",
+            "parameters": [
+                _query(
+                    "after",
+                    {"type": "integer", "minimum": 0},
+                    "event id cursor; without it (and Last-Event-ID) the stream "
+                    "starts at the newest event; 0 replays everything",
+                ),
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1},
+                    "close the stream after this many events",
+                ),
+            ],
+            "responses": {
+                "200": {
+                    "description": "event stream",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                },
+                **_ERRORS,
+            },
         },
     },
     "/api/v1/devices/{deviceId}/terminal": {
@@ -219,23 +312,29 @@ _PATHS: dict[str, Any] = {
             "description": (
                 "Upgrade to a WebSocket. Operator -> controller: first a text message "
                 '{"type":"open","command":[..]|null,"rows":R,"cols":C,"tty":bool}, then binary '
-                "0x00+input bytes and text {\"type\":\"resize\",\"rows\":R,\"cols\":C}, "
+                '0x00+input bytes and text {"type":"resize","rows":R,"cols":C}, '
                 '{"type":"eof"}, {"type":"close"}. Controller -> operator: text '
                 '{"type":"opened","session":ID,"pid":PID}, binary 0x01+stdout / 0x02+stderr, and '
                 'at the end {"type":"exit","status":N,"reason":..} (close 1000) or '
                 '{"type":"error","code":KIND,"reason":..} (close 4400 bad request, 4404 no such '
                 "device or not connected, 4403 refused by the device, 4408 no answer, 1012 "
                 "controller shutting down). Every session gets an audit record "
-                "(/api/v1/sessions)."),
+                "(/api/v1/sessions)."
+            ),
             "parameters": [_DEVICE_ID],
-            "responses": {"101": {"description": "Switching Protocols: the session runs"},
-                          "426": _PROBLEM, "401": _PROBLEM},
+            "responses": {
+                "101": {"description": "Switching Protocols: the session runs"},
+                "426": _PROBLEM,
+                "401": _PROBLEM,
+            },
         },
     },
     "/api/v1/sessions": {
-        "get": {"summary": "Terminal session audit, newest first",
-                "parameters": [_query("limit", {"type": "integer", "minimum": 1}, "default 100")],
-                "responses": {"200": _ok(_list_of("Session")), **_ERRORS}},
+        "get": {
+            "summary": "Terminal session audit, newest first",
+            "parameters": [_query("limit", {"type": "integer", "minimum": 1}, "default 100")],
+            "responses": {"200": _ok(_list_of("Session")), **_ERRORS},
+        },
     },
 }
 
@@ -247,7 +346,7 @@ def openapi_document() -> dict[str, Any]:
             "title": "margo-stream operator API",
             "version": _version,
             "description": "Every route under /api/v1 works inside the tenant of the operator "
-                           "token presented. Errors are RFC 9457 problem details.",
+            "token presented. Errors are RFC 9457 problem details.",
         },
         "servers": [{"url": "/"}],
         "security": [{"operatorToken": []}],
@@ -255,10 +354,15 @@ def openapi_document() -> dict[str, Any]:
         "components": {
             "securitySchemes": {"operatorToken": {"type": "http", "scheme": "bearer"}},
             "schemas": _SCHEMAS,
-            "responses": {"Problem": {
-                "description": "problem details",
-                "content": {"application/problem+json": {
-                    "schema": {"$ref": "#/components/schemas/Problem"}}},
-            }},
+            "responses": {
+                "Problem": {
+                    "description": "problem details",
+                    "content": {
+                        "application/problem+json": {
+                            "schema": {"$ref": "#/components/schemas/Problem"}
+                        }
+                    },
+                }
+            },
         },
     }

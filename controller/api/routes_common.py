@@ -87,9 +87,7 @@ def tenant_of(request: Request) -> str:
 def rfc3339(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
@@ -124,7 +122,12 @@ def parse_time(text: str, *, name: str, now: float | None = None) -> float:
 
 
 def int_param(
-    request: Request, name: str, default: int | None, *, minimum: int = 0, maximum: int | None = None
+    request: Request,
+    name: str,
+    default: int | None,
+    *,
+    minimum: int = 0,
+    maximum: int | None = None,
 ) -> int | None:
     raw = request.query_params.get(name)
     if raw is None or raw == "":
@@ -133,13 +136,15 @@ def int_param(
         value = int(raw)
     except ValueError:
         raise ApiProblem(
-            400, f"query parameter {name!r} must be an integer, got {raw!r}",
+            400,
+            f"query parameter {name!r} must be an integer, got {raw!r}",
             kind="invalid-parameter",
         ) from None
     if value < minimum or (maximum is not None and value > maximum):
         upper = "" if maximum is None else f" and at most {maximum}"
         raise ApiProblem(
-            400, f"query parameter {name!r} must be at least {minimum}{upper}, got {value}",
+            400,
+            f"query parameter {name!r} must be at least {minimum}{upper}, got {value}",
             kind="invalid-parameter",
         )
     return value

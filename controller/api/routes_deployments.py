@@ -59,9 +59,7 @@ def _parse(data: bytes, source: str) -> Any:
     return documents.parse_deployment(data, source=source)
 
 
-async def _targets(
-    ctx: Any, tenant: str, body: dict[str, Any], parsed: list[Any]
-) -> list[str]:
+async def _targets(ctx: Any, tenant: str, body: dict[str, Any], parsed: list[Any]) -> list[str]:
     devices = body.get("devices") or []
     selector = body.get("selector") or {}
     if not isinstance(devices, list) or not all(isinstance(d, str) and d for d in devices):
@@ -90,7 +88,8 @@ async def _targets(
         for device_id in sorted(named):
             if device_id.endswith("/*"):
                 raise ApiProblem(
-                    400, f"metadata.deviceId {device_id!r} is a pattern; name devices explicitly",
+                    400,
+                    f"metadata.deviceId {device_id!r} is a pattern; name devices explicitly",
                     kind="no-targets",
                 )
             await ctx.store.get_device(tenant, device_id)
@@ -104,8 +103,9 @@ async def apply_deployments(request: Request) -> JSONResponse:
     body = await json_body(request)
     texts = body.get("documents")
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise ApiProblem(400, "'documents' must be a non-empty list of YAML texts",
-                         kind="invalid-body")
+        raise ApiProblem(
+            400, "'documents' must be a non-empty list of YAML texts", kind="invalid-body"
+        )
     docs: list[tuple[bytes, Any]] = []
     for i, text in enumerate(texts):
         source = f"documents[{i}]"
@@ -114,8 +114,7 @@ async def apply_deployments(request: Request) -> JSONResponse:
     if not docs:
         raise DocumentError("no YAML document found in 'documents'")
     if len(docs) > MAX_DOCUMENTS:
-        raise ApiProblem(400, f"at most {MAX_DOCUMENTS} documents per request",
-                         kind="invalid-body")
+        raise ApiProblem(400, f"at most {MAX_DOCUMENTS} documents per request", kind="invalid-body")
     ids = [d.deployment_id for _, d in docs]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -134,9 +133,7 @@ async def apply_deployments(request: Request) -> JSONResponse:
     wanted = [f.digest for _, d in docs for f in getattr(d, "files", ())]
     missing = [dg for dg in await ctx.store.missing_blobs(tenant, wanted) if dg not in offered]
     if missing:
-        raise DocumentError(
-            f"file blob {missing[0]} is neither stored nor included in 'blobs'"
-        )
+        raise DocumentError(f"file blob {missing[0]} is neither stored nor included in 'blobs'")
 
     targets = await _targets(ctx, tenant, body, [d for _, d in docs])
     for blob in decoded:
@@ -148,8 +145,14 @@ async def apply_deployments(request: Request) -> JSONResponse:
         )
         if targets:
             await ctx.store.assign(tenant, targets, record.deployment_id, record.digest)
-        applied.append({"deploymentId": record.deployment_id, "digest": record.digest,
-                        "name": record.name, "profile": record.profile})
+        applied.append(
+            {
+                "deploymentId": record.deployment_id,
+                "digest": record.digest,
+                "name": record.name,
+                "profile": record.profile,
+            }
+        )
     notified = await _notify(ctx, tenant, targets)
     return JSONResponse({"deployments": applied, "devices": targets, "notified": notified})
 
@@ -203,8 +206,7 @@ async def list_deployments(request: Request) -> JSONResponse:
         for a in await ctx.store.list_assignments(tenant, device_id)
     }
     statuses = {
-        (s.device_id, s.deployment_id): s
-        for s in await ctx.store.list_statuses(tenant, device_id)
+        (s.device_id, s.deployment_id): s for s in await ctx.store.list_statuses(tenant, device_id)
     }
     items = [
         deployment_item(key[0], assignments.get(key), statuses.get(key))

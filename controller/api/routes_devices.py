@@ -14,7 +14,9 @@ from controller.store.base import DeviceRecord
 from margo_stream.errors import NotFound
 
 
-def device_item(tenant: str, record: DeviceRecord | None, view: SessionView | None) -> dict[str, Any]:
+def device_item(
+    tenant: str, record: DeviceRecord | None, view: SessionView | None
+) -> dict[str, Any]:
     """One device as the API shows it. ``connected`` and, while connected, ``last_seen``,
     ``remote`` and ``manifest_version`` come from the live session; the rest from the store."""
     connected = view is not None

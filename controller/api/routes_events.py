@@ -38,10 +38,12 @@ async def list_events(request: Request) -> JSONResponse:
     after = int_param(request, "after", 0) or 0
     limit = int_param(request, "limit", PAGE, minimum=1, maximum=10_000) or PAGE
     events = await context(request).store.list_events(tenant, after, limit)
-    return JSONResponse({
-        "items": [event_item(e) for e in events],
-        "next": events[-1].id if events else after,
-    })
+    return JSONResponse(
+        {
+            "items": [event_item(e) for e in events],
+            "next": events[-1].id if events else after,
+        }
+    )
 
 
 def _sse(event: EventRecord) -> str:

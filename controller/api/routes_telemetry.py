@@ -45,8 +45,12 @@ def telemetry_item(record: TelemetryRecord) -> dict[str, Any]:
         item["value"] = value
     item.update(seq=record.seq, stream=record.stream, received_at=rfc3339(record.received_at))
     # seq, stream and received_at first, then the record's fields
-    return {"seq": item.pop("seq"), "stream": item.pop("stream"),
-            "received_at": item.pop("received_at"), **item}
+    return {
+        "seq": item.pop("seq"),
+        "stream": item.pop("stream"),
+        "received_at": item.pop("received_at"),
+        **item,
+    }
 
 
 async def device_telemetry(request: Request) -> JSONResponse:

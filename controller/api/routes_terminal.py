@@ -45,8 +45,14 @@ log = logging.getLogger("margo.controller.api.terminal")
 
 IN_DATA, OUT_STDOUT, OUT_STDERR = 0, 1, 2
 OPEN_TIMEOUT = 10.0
-CLOSE_CODES = {"bad-request": 4400, "not-found": 4404, "not-connected": 4404, "refused": 4403,
-               "timeout": 4408, "shutting-down": 1012}
+CLOSE_CODES = {
+    "bad-request": 4400,
+    "not-found": 4404,
+    "not-connected": 4404,
+    "refused": 4403,
+    "timeout": 4408,
+    "shutting-down": 1012,
+}
 
 
 class BadRequest(Exception):
@@ -68,8 +74,9 @@ def parse_open(text: str) -> tuple[list[str] | None, int, int, bool]:
     if not isinstance(body, dict) or body.get("type") != "open":
         raise BadRequest('the first message must be {"type": "open", ...}')
     command = body.get("command")
-    if command is not None and (not isinstance(command, list) or not command
-                                or not all(isinstance(a, str) for a in command)):
+    if command is not None and (
+        not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command)
+    ):
         raise BadRequest("'command' must be a non-empty list of strings, or null")
     tty = body.get("tty", True)
     if not isinstance(tty, bool):
@@ -102,8 +109,9 @@ class WebSocketOperator:
                 body = json.loads(msg.get("text") or "")
                 kind = body.get("type")
                 if kind == "resize":
-                    return OperatorInput(OpKind.RESIZE, rows=_size(body, "rows", 0),
-                                         cols=_size(body, "cols", 0))
+                    return OperatorInput(
+                        OpKind.RESIZE, rows=_size(body, "rows", 0), cols=_size(body, "cols", 0)
+                    )
                 if kind == "eof":
                     return OperatorInput(OpKind.EOF)
                 if kind == "close":
@@ -168,8 +176,9 @@ async def terminal(ws: WebSocket) -> None:
         return
     operator = operator_id(bearer_token(ws.scope) or "")
     try:
-        term = await service.open(tenant, device_id, operator=operator, command=command,
-                                  rows=rows, cols=cols, tty=tty)
+        term = await service.open(
+            tenant, device_id, operator=operator, command=command, rows=rows, cols=cols, tty=tty
+        )
     except TerminalUnavailable as exc:
         kind = "shutting-down" if exc.reason == SHUTDOWN_REASON else exc.kind
         await fail(kind, exc.reason)
@@ -198,12 +207,16 @@ class TerminalRoute(WebSocketRoute):
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if HTTPConnection(scope).scope.get("method", "GET") not in ("GET", "HEAD"):
-                response = problem_response(405, f"method {scope['method']} not allowed on "
-                                                 f"{scope['path']}")
+                response = problem_response(
+                    405, f"method {scope['method']} not allowed on {scope['path']}"
+                )
             else:
                 response = problem_response(
-                    426, "this route speaks WebSocket: connect with an Upgrade: websocket GET",
-                    kind="upgrade-required", headers={"Upgrade": "websocket"})
+                    426,
+                    "this route speaks WebSocket: connect with an Upgrade: websocket GET",
+                    kind="upgrade-required",
+                    headers={"Upgrade": "websocket"},
+                )
             await response(scope, receive, send)
             return
         await super().handle(scope, receive, send)

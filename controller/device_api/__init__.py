@@ -57,8 +57,15 @@ MAX_BODY = 1 << 20
 class ProblemError(Exception):
     """An RFC 9457 problem detail; ``status`` is the HTTP status code."""
 
-    def __init__(self, status: int, title: str, detail: str, *, kind: str | None = None,
-                 errors: list[dict[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        *,
+        kind: str | None = None,
+        errors: list[dict[str, str]] | None = None,
+    ) -> None:
         super().__init__(f"{status} {title}: {detail}")
         self.status = status
         self.title = title
@@ -104,8 +111,13 @@ class Desired:
 
 
 def _field_error(field: str, message: str) -> ProblemError:
-    return ProblemError(400, "Invalid request", f"{field}: {message}", kind="invalid-request",
-                        errors=[{"field": field, "message": message}])
+    return ProblemError(
+        400,
+        "Invalid request",
+        f"{field}: {message}",
+        kind="invalid-request",
+        errors=[{"field": field, "message": message}],
+    )
 
 
 def _version(value: Any, field: str) -> int:
@@ -134,13 +146,18 @@ def _error_obj(value: Any, field: str) -> dict[str, str]:
 
 def parse_json_body(body: bytes) -> Any:
     if len(body) > MAX_BODY:
-        raise ProblemError(413, "Content too large", f"body is {len(body)} bytes, more than {MAX_BODY}",
-                           kind="content-too-large")
+        raise ProblemError(
+            413,
+            "Content too large",
+            f"body is {len(body)} bytes, more than {MAX_BODY}",
+            kind="content-too-large",
+        )
     try:
         return json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProblemError(400, "Invalid request", f"body is not JSON: {exc}",
-                           kind="invalid-request") from None
+        raise ProblemError(
+            400, "Invalid request", f"body is not JSON: {exc}", kind="invalid-request"
+        ) from None
 
 
 def validate_status(doc: Any, deployment_id: str, device_id: str) -> dict[str, Any]:
@@ -153,15 +170,25 @@ def validate_status(doc: Any, deployment_id: str, device_id: str) -> dict[str, A
     if not isinstance(doc["deploymentId"], str) or not doc["deploymentId"]:
         raise _field_error("deploymentId", "must be a non-empty string")
     if doc["deploymentId"] != deployment_id:
-        raise ProblemError(422, "Unprocessable content",
-                           f"deploymentId {doc['deploymentId'][:80]!r} differs from the path's "
-                           f"{deployment_id[:80]!r}", kind="deployment-id-mismatch")
+        raise ProblemError(
+            422,
+            "Unprocessable content",
+            f"deploymentId {doc['deploymentId'][:80]!r} differs from the path's "
+            f"{deployment_id[:80]!r}",
+            kind="deployment-id-mismatch",
+        )
     if "deviceId" in doc and doc["deviceId"] != device_id:
-        raise ProblemError(403, "Forbidden", "deviceId names another device than the client "
-                           "certificate's", kind="forbidden")
-    out: dict[str, Any] = {"deploymentId": deployment_id, "deviceId": device_id,
-                           "adoptedManifestVersion": _version(doc["adoptedManifestVersion"],
-                                                              "adoptedManifestVersion")}
+        raise ProblemError(
+            403,
+            "Forbidden",
+            "deviceId names another device than the client certificate's",
+            kind="forbidden",
+        )
+    out: dict[str, Any] = {
+        "deploymentId": deployment_id,
+        "deviceId": device_id,
+        "adoptedManifestVersion": _version(doc["adoptedManifestVersion"], "adoptedManifestVersion"),
+    }
     status = doc["status"]
     if not isinstance(status, dict) or status.get("state") not in STATES:
         raise _field_error("status.state", f"must be one of {', '.join(sorted(STATES))}")
@@ -178,7 +205,9 @@ def validate_status(doc: Any, deployment_id: str, device_id: str) -> dict[str, A
         if not isinstance(comp.get("name"), str) or not comp["name"]:
             raise _field_error(f"components[{i}].name", "is required (a non-empty string)")
         if comp.get("state") not in STATES:
-            raise _field_error(f"components[{i}].state", f"must be one of {', '.join(sorted(STATES))}")
+            raise _field_error(
+                f"components[{i}].state", f"must be one of {', '.join(sorted(STATES))}"
+            )
         item: dict[str, Any] = {"name": comp["name"], "state": comp["state"]}
         if "error" in comp:
             item["error"] = _error_obj(comp["error"], f"components[{i}].error")
@@ -189,16 +218,24 @@ def validate_status(doc: Any, deployment_id: str, device_id: str) -> dict[str, A
 _CAP_ALLOWED = {"properties", "labels"}
 
 
-def validate_capabilities(doc: Any, path_device_id: str, device_id: str) -> tuple[dict[str, Any], dict[str, str]]:
+def validate_capabilities(
+    doc: Any, path_device_id: str, device_id: str
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Margo rc.3 ``DeviceCapabilitiesManifest`` -> (capability properties, string labels)."""
     if path_device_id != device_id:
-        raise ProblemError(403, "Forbidden", f"deviceId {path_device_id[:80]!r} is not the client "
-                           "certificate's device", kind="forbidden")
+        raise ProblemError(
+            403,
+            "Forbidden",
+            f"deviceId {path_device_id[:80]!r} is not the client certificate's device",
+            kind="forbidden",
+        )
     if not isinstance(doc, dict):
         raise _field_error("(body)", "must be a JSON object")
     for key in doc:
         if key not in _CAP_ALLOWED and not (key.startswith("x-") and key.endswith("-extensions")):
-            raise _field_error(key, "is not allowed (rc.3: properties, labels, x-<name>-extensions)")
+            raise _field_error(
+                key, "is not allowed (rc.3: properties, labels, x-<name>-extensions)"
+            )
     props = doc.get("properties")
     if not isinstance(props, dict):
         raise _field_error("properties", "is required (an object)")
@@ -206,8 +243,12 @@ def validate_capabilities(doc: Any, path_device_id: str, device_id: str) -> tupl
         if not isinstance(props.get(key), str):
             raise _field_error(f"properties.{key}", "is required (a string)")
     if props["id"] != device_id:
-        raise ProblemError(403, "Forbidden", "properties.id is not the client certificate's device",
-                           kind="forbidden")
+        raise ProblemError(
+            403,
+            "Forbidden",
+            "properties.id is not the client certificate's device",
+            kind="forbidden",
+        )
     labels_in = doc.get("labels", {})
     if not isinstance(labels_in, dict):
         raise _field_error("labels", "must be an object")
@@ -247,16 +288,32 @@ class DeviceBackend:
         try:
             manifest = parse_manifest(record.manifest)
         except DocumentError as exc:
-            log.error("stored manifest v%d of %s/%s is invalid: %s", record.version, tenant,
-                      device_id, exc)
-            raise ProblemError(500, "Internal error", "the stored manifest is invalid",
-                               kind="internal") from None
+            log.error(
+                "stored manifest v%d of %s/%s is invalid: %s",
+                record.version,
+                tenant,
+                device_id,
+                exc,
+            )
+            raise ProblemError(
+                500, "Internal error", "the stored manifest is invalid", kind="internal"
+            ) from None
         if manifest.tenant != tenant or manifest.device_id != device_id:
-            raise ProblemError(500, "Internal error", "the stored manifest names another device",
-                               kind="internal")
+            raise ProblemError(
+                500, "Internal error", "the stored manifest names another device", kind="internal"
+            )
         body = canonical_json(margo_manifest(manifest))
-        desired = Desired(tenant, device_id, record.version, record.manifest, record.signature,
-                          manifest, body, sha256_digest(body), sha256_digest(record.manifest))
+        desired = Desired(
+            tenant,
+            device_id,
+            record.version,
+            record.manifest,
+            record.signature,
+            manifest,
+            body,
+            sha256_digest(body),
+            sha256_digest(record.manifest),
+        )
         self._cache[key] = desired
         return desired
 
@@ -275,11 +332,13 @@ class DeviceBackend:
         try:
             await self.store.get_device(tenant, device_id)
         except NotFound:
-            await self.store.device_connected(tenant, device_id, capabilities={}, labels={},
-                                              manifest_version=None, remote=remote)
+            await self.store.device_connected(
+                tenant, device_id, capabilities={}, labels={}, manifest_version=None, remote=remote
+            )
 
-    async def put_status(self, tenant: str, device_id: str, doc: Any, deployment_id: str,
-                         remote: str = "") -> bool:
+    async def put_status(
+        self, tenant: str, device_id: str, doc: Any, deployment_id: str, remote: str = ""
+    ) -> bool:
         status = validate_status(doc, deployment_id, device_id)
         seq = self.next_seq(tenant, device_id)
         try:
@@ -298,8 +357,9 @@ class DeviceBackend:
         self.seen(tenant, device_id)
         return stored
 
-    async def put_capabilities(self, tenant: str, device_id: str, path_device_id: str, doc: Any,
-                               remote: str) -> bool:
+    async def put_capabilities(
+        self, tenant: str, device_id: str, path_device_id: str, doc: Any, remote: str
+    ) -> bool:
         """Store the capabilities; True when the device was not known before (201)."""
         caps, labels = validate_capabilities(doc, path_device_id, device_id)
         try:
@@ -307,12 +367,19 @@ class DeviceBackend:
             created, version = False, record.manifest_version
         except NotFound:
             created, version = True, None
-        await self.store.device_connected(tenant, device_id, capabilities=caps, labels=labels,
-                                          manifest_version=version, remote=remote)
+        await self.store.device_connected(
+            tenant,
+            device_id,
+            capabilities=caps,
+            labels=labels,
+            manifest_version=version,
+            remote=remote,
+        )
         return created
 
-    async def connected(self, tenant: str, device_id: str, remote: str,
-                        manifest_version: int | None) -> None:
+    async def connected(
+        self, tenant: str, device_id: str, remote: str, manifest_version: int | None
+    ) -> None:
         """A push transport's long-lived session started (capabilities kept as stored)."""
         try:
             record = await self.store.get_device(tenant, device_id)
@@ -320,8 +387,9 @@ class DeviceBackend:
             version = manifest_version if manifest_version else record.manifest_version
         except NotFound:
             caps, version = {}, manifest_version
-        await self.store.device_connected(tenant, device_id, capabilities=caps, labels={},
-                                          manifest_version=version, remote=remote)
+        await self.store.device_connected(
+            tenant, device_id, capabilities=caps, labels={}, manifest_version=version, remote=remote
+        )
 
     async def disconnected(self, tenant: str, device_id: str) -> None:
         try:

@@ -86,8 +86,9 @@ class H2Writer:
     async def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
         view = memoryview(data)
         while True:
-            window = min(self.conn.local_flow_control_window(stream_id),
-                         self.conn.max_outbound_frame_size)
+            window = min(
+                self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size
+            )
             if window <= 0 and len(view):
                 waiter = self.window
                 await self.flush()
@@ -127,9 +128,17 @@ class _Subscriber:
 
 
 class H2PushServer:
-    def __init__(self, store: Store, verifier: PeerVerifier, certfile: str | Path,
-                 keyfile: str | Path, ca_bundle_paths: Sequence[str | Path], *,
-                 ping_interval: float = 30.0, touch_interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        verifier: PeerVerifier,
+        certfile: str | Path,
+        keyfile: str | Path,
+        ca_bundle_paths: Sequence[str | Path],
+        *,
+        ping_interval: float = 30.0,
+        touch_interval: float = 5.0,
+    ) -> None:
         self.backend = DeviceBackend(store, touch_interval=touch_interval)
         self.router = DeviceRouter(self.backend)
         self.verifier = verifier
@@ -147,11 +156,17 @@ class H2PushServer:
             if sub is not None:
                 sub.poke()
 
-    async def serve(self, host: str, port: int, *,
-                    task_status: anyio.abc.TaskStatus[H2PushServer] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: anyio.abc.TaskStatus[H2PushServer] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port,
-                                                   family=family, backlog=1024)
+        listener = await anyio.create_tcp_listener(
+            local_host=host, local_port=port, family=family, backlog=1024
+        )
         async with listener, anyio.create_task_group() as tg:
             self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
             tg.start_soon(self.backend.touch_loop)
@@ -187,8 +202,14 @@ class H2PushServer:
 
 
 class _H2Session:
-    def __init__(self, server: H2PushServer, tls: TLSStream, identity: DeviceIdentity | None,
-                 refusal: str | None, remote: str) -> None:
+    def __init__(
+        self,
+        server: H2PushServer,
+        tls: TLSStream,
+        identity: DeviceIdentity | None,
+        refusal: str | None,
+        remote: str,
+    ) -> None:
         self.server = server
         self.identity = identity
         self.refusal = refusal
@@ -228,9 +249,17 @@ class _H2Session:
 
     def _dispatch(self, event: Any, tg: anyio.abc.TaskGroup) -> None:
         if isinstance(event, h2.events.RequestReceived):
-            self.requests[event.stream_id] = _Request(header_map(
-                [(k.encode() if isinstance(k, str) else k, v.encode() if isinstance(v, str) else v)
-                 for k, v in event.headers]))
+            self.requests[event.stream_id] = _Request(
+                header_map(
+                    [
+                        (
+                            k.encode() if isinstance(k, str) else k,
+                            v.encode() if isinstance(v, str) else v,
+                        )
+                        for k, v in event.headers
+                    ]
+                )
+            )
         elif isinstance(event, h2.events.DataReceived):
             req = self.requests.get(event.stream_id)
             self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -263,21 +292,32 @@ class _H2Session:
         method, path = req.headers.get(":method", ""), req.headers.get(":path", "")
         try:
             if self.identity is None:
-                err = ProblemError(403, "Forbidden", f"client certificate refused: {self.refusal}",
-                                   kind="forbidden")
+                err = ProblemError(
+                    403,
+                    "Forbidden",
+                    f"client certificate refused: {self.refusal}",
+                    kind="forbidden",
+                )
                 await self.writer.respond(stream_id, Response.problem(err, path))
             elif path.split("?")[0] == STREAM_PATH and method == "GET":
                 await self._push_stream(stream_id, req)
             else:
-                response = await self.server.router.handle(self.identity, method, path,
-                                                           req.headers, bytes(req.body), self.remote)
+                response = await self.server.router.handle(
+                    self.identity, method, path, req.headers, bytes(req.body), self.remote
+                )
                 await self.writer.respond(stream_id, response)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError,
-                anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        except (
+            h2.exceptions.StreamClosedError,
+            h2.exceptions.ProtocolError,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+            OSError,
+        ):
             pass
         except Exception:
-            log.exception("stream %d (%s %s) from %s failed", stream_id, method, path[:80],
-                          self.remote)
+            log.exception(
+                "stream %d (%s %s) from %s failed", stream_id, method, path[:80], self.remote
+            )
             with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
 
@@ -289,12 +329,17 @@ class _H2Session:
             sent_version = int(req.headers.get("x-margo-stream-version", "0") or 0)
         except ValueError:
             sent_version = 0
-        known = {d.strip() for d in req.headers.get("x-margo-stream-have", "").split(",")
-                 if is_digest(d.strip())}
+        known = {
+            d.strip()
+            for d in req.headers.get("x-margo-stream-have", "").split(",")
+            if is_digest(d.strip())
+        }
         if len(known) > MAX_HAVE:
             known = set()
-        self.conn.send_headers(stream_id, [(":status", "200"), ("content-type", PUSH_MEDIA_TYPE),
-                                           ("cache-control", "no-store")])
+        self.conn.send_headers(
+            stream_id,
+            [(":status", "200"), ("content-type", PUSH_MEDIA_TYPE), ("cache-control", "no-store")],
+        )
         await self.writer.flush()
         sub = _Subscriber(tenant, device_id)
         old = self.server.subscribers.get((tenant, device_id))
@@ -315,9 +360,15 @@ class _H2Session:
                     if desired is not None and desired.version > sent_version:
                         missing = desired.digests - known
                         blobs = await backend.blobs(tenant, missing)
-                        record = encode_record({"t": "desired", "v": desired.version,
-                                                "m": desired.manifest_bytes,
-                                                "s": desired.signature, "b": blobs})
+                        record = encode_record(
+                            {
+                                "t": "desired",
+                                "v": desired.version,
+                                "m": desired.manifest_bytes,
+                                "s": desired.signature,
+                                "b": blobs,
+                            }
+                        )
                         await self.writer.send_data(stream_id, record)
                         self.server.pushes += 1
                         known = (known & desired.digests) | missing
@@ -334,21 +385,41 @@ class _H2Session:
                     self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
                     with anyio.CancelScope(shield=True):
                         await self.writer.flush()
-                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError,
-                        anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                except (
+                    h2.exceptions.StreamClosedError,
+                    h2.exceptions.ProtocolError,
+                    anyio.BrokenResourceError,
+                    anyio.ClosedResourceError,
+                    OSError,
+                ):
                     pass
 
 
-async def serve_h2_push(store: Store, verifier: PeerVerifier, host: str, port: int,
-                        certfile: str | Path, keyfile: str | Path,
-                        ca_bundle_paths: Sequence[str | Path], *, ping_interval: float = 30.0,
-                        task_status: anyio.abc.TaskStatus[H2PushServer] = anyio.TASK_STATUS_IGNORED) -> None:
+async def serve_h2_push(
+    store: Store,
+    verifier: PeerVerifier,
+    host: str,
+    port: int,
+    certfile: str | Path,
+    keyfile: str | Path,
+    ca_bundle_paths: Sequence[str | Path],
+    *,
+    ping_interval: float = 30.0,
+    task_status: anyio.abc.TaskStatus[H2PushServer] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     """Run the HTTP/2 push server until cancelled; ``task_status.started(server)`` once
     listening. Call ``server.notify(tenant, device_ids)`` after a manifest was stored."""
-    server = H2PushServer(store, verifier, certfile, keyfile, ca_bundle_paths,
-                          ping_interval=ping_interval)
+    server = H2PushServer(
+        store, verifier, certfile, keyfile, ca_bundle_paths, ping_interval=ping_interval
+    )
     await server.serve(host, port, task_status=task_status)
 
 
-__all__ = ["H2PushServer", "H2Writer", "PUSH_MEDIA_TYPE", "STREAM_PATH", "encode_record",
-           "serve_h2_push"]
+__all__ = [
+    "H2PushServer",
+    "H2Writer",
+    "PUSH_MEDIA_TYPE",
+    "STREAM_PATH",
+    "encode_record",
+    "serve_h2_push",
+]

@@ -124,8 +124,15 @@ class DeviceRouter:
     def __init__(self, backend: DeviceBackend) -> None:
         self.backend = backend
 
-    async def handle(self, identity: DeviceIdentity, method: str, target: str,
-                     headers: dict[str, str], body: bytes, remote: str = "") -> Response:
+    async def handle(
+        self,
+        identity: DeviceIdentity,
+        method: str,
+        target: str,
+        headers: dict[str, str],
+        body: bytes,
+        remote: str = "",
+    ) -> Response:
         path = target.split("?", 1)[0]
         try:
             self.backend.seen(identity.tenant, identity.device_id)
@@ -134,20 +141,37 @@ class DeviceRouter:
             return Response.problem(err, path)
         except StoreError as exc:
             log.error("store error serving %s %s: %s", method, path, exc)
-            return Response.problem(ProblemError(503, "Service unavailable",
-                                                 "the controller's store failed; retry later",
-                                                 kind="store-unavailable"), path)
+            return Response.problem(
+                ProblemError(
+                    503,
+                    "Service unavailable",
+                    "the controller's store failed; retry later",
+                    kind="store-unavailable",
+                ),
+                path,
+            )
 
-    async def _route(self, ident: DeviceIdentity, method: str, path: str,
-                     headers: dict[str, str], body: bytes, remote: str) -> Response:
+    async def _route(
+        self,
+        ident: DeviceIdentity,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        remote: str,
+    ) -> Response:
         parts = path.split("/")
         if parts[:3] != ["", "api", "v1"]:
             raise ProblemError(404, "Not found", f"no route {path[:120]!r}", kind="not-found")
         rest = parts[3:]
         if len(rest) >= 2 and rest[0] == "clients":
             if rest[1] != ident.device_id:
-                raise ProblemError(403, "Forbidden", "clientId is not the client certificate's "
-                                   "device", kind="forbidden")
+                raise ProblemError(
+                    403,
+                    "Forbidden",
+                    "clientId is not the client certificate's device",
+                    kind="forbidden",
+                )
             rest = rest[2:]
         if rest == ["deployments"]:
             _allow(method, "GET")
@@ -166,32 +190,50 @@ class DeviceRouter:
         if len(rest) >= 2 and rest[0] == "capabilities":
             _allow(method, "PUT")
             doc = parse_json_body(body)
-            created = await self.backend.put_capabilities(ident.tenant, ident.device_id,
-                                                          "/".join(rest[1:]), doc, remote)
+            created = await self.backend.put_capabilities(
+                ident.tenant, ident.device_id, "/".join(rest[1:]), doc, remote
+            )
             return Response(201 if created else 200)
         raise ProblemError(404, "Not found", f"no route {path[:120]!r}", kind="not-found")
 
     async def manifest(self, ident: DeviceIdentity, headers: dict[str, str]) -> Response:
         media = negotiate(headers.get("accept"), (MARGO_MEDIA_TYPE, MEDIA_TYPE))
         if media is None:
-            raise ProblemError(406, "Not acceptable", f"this server offers {MARGO_MEDIA_TYPE} and "
-                               f"{MEDIA_TYPE}", kind="not-acceptable")
+            raise ProblemError(
+                406,
+                "Not acceptable",
+                f"this server offers {MARGO_MEDIA_TYPE} and {MEDIA_TYPE}",
+                kind="not-acceptable",
+            )
         desired = await self.backend.desired(ident.tenant, ident.device_id)
         if desired is None:
-            raise ProblemError(404, "Not found", "no desired state has been assigned to this "
-                               "device yet", kind="no-desired-state")
+            raise ProblemError(
+                404,
+                "Not found",
+                "no desired state has been assigned to this device yet",
+                kind="no-desired-state",
+            )
         signed = media == MEDIA_TYPE
-        body, etag = ((desired.manifest_bytes, desired.signed_etag) if signed
-                      else (desired.margo_body, desired.margo_etag))
-        common = [("etag", f'"{etag}"'), ("cache-control", "private"), ("vary", "Accept"),
-                  (VERSION_HEADER, str(desired.version))]
+        body, etag = (
+            (desired.manifest_bytes, desired.signed_etag)
+            if signed
+            else (desired.margo_body, desired.margo_etag)
+        )
+        common = [
+            ("etag", f'"{etag}"'),
+            ("cache-control", "private"),
+            ("vary", "Accept"),
+            (VERSION_HEADER, str(desired.version)),
+        ]
         if signed:
             common.append((SIGNATURE_HEADER, base64.b64encode(desired.signature).decode()))
         if _etag_matches(headers.get("if-none-match"), etag):
             return Response(304, common)
         return Response(200, [("content-type", media), *common], body)
 
-    async def _referenced(self, ident: DeviceIdentity, digest: str, deployment_id: str | None) -> None:
+    async def _referenced(
+        self, ident: DeviceIdentity, digest: str, deployment_id: str | None
+    ) -> None:
         if not is_digest(digest):
             raise ProblemError(404, "Not found", "not a sha256 digest", kind="not-found")
         desired = await self.backend.desired(ident.tenant, ident.device_id)
@@ -203,23 +245,30 @@ class DeviceRouter:
                 entry = desired.manifest.entry(deployment_id)
                 ok = entry is not None and entry.digest == digest
         if not ok:  # 404, never a deletion signal (desired-state.md)
-            raise ProblemError(404, "Not found", "this digest is not part of the device's "
-                               "current desired state", kind="not-found")
+            raise ProblemError(
+                404,
+                "Not found",
+                "this digest is not part of the device's current desired state",
+                kind="not-found",
+            )
 
-    async def _immutable(self, ident: DeviceIdentity, digest: str, headers: dict[str, str],
-                         content_type: str) -> Response:
+    async def _immutable(
+        self, ident: DeviceIdentity, digest: str, headers: dict[str, str], content_type: str
+    ) -> Response:
         common = [("etag", f'"{digest}"'), ("cache-control", IMMUTABLE)]
         if _etag_matches(headers.get("if-none-match"), digest):
             return Response(304, common)
         try:
             data = await self.backend.store.get_blob(ident.tenant, digest)
         except NotFound:
-            raise ProblemError(404, "Not found", "blob is missing from the store",
-                               kind="not-found") from None
+            raise ProblemError(
+                404, "Not found", "blob is missing from the store", kind="not-found"
+            ) from None
         return Response(200, [("content-type", content_type), *common], data)
 
-    async def document(self, ident: DeviceIdentity, deployment_id: str, digest: str,
-                       headers: dict[str, str]) -> Response:
+    async def document(
+        self, ident: DeviceIdentity, deployment_id: str, digest: str, headers: dict[str, str]
+    ) -> Response:
         await self._referenced(ident, digest, deployment_id)
         return await self._immutable(ident, digest, headers, "application/yaml")
 
@@ -230,9 +279,13 @@ class DeviceRouter:
 
 def _allow(method: str, allowed: str) -> None:
     if method != allowed:
-        raise ProblemError(405, "Method not allowed", f"{method} is not allowed here; use "
-                           f"{allowed}", kind="method-not-allowed",
-                           errors=[{"field": "method", "message": allowed}])
+        raise ProblemError(
+            405,
+            "Method not allowed",
+            f"{method} is not allowed here; use {allowed}",
+            kind="method-not-allowed",
+            errors=[{"field": "method", "message": allowed}],
+        )
 
 
 # --------------------------------------------------------------------------- server
@@ -241,9 +294,17 @@ def _allow(method: str, allowed: str) -> None:
 class RestPollServer:
     """The HTTP/1.1 server: one task per connection, requests served in order (keep-alive)."""
 
-    def __init__(self, store: Store, verifier: PeerVerifier, certfile: str | Path,
-                 keyfile: str | Path, ca_bundle_paths: Sequence[str | Path], *,
-                 idle_timeout: float = 120.0, touch_interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        verifier: PeerVerifier,
+        certfile: str | Path,
+        keyfile: str | Path,
+        ca_bundle_paths: Sequence[str | Path],
+        *,
+        idle_timeout: float = 120.0,
+        touch_interval: float = 5.0,
+    ) -> None:
         self.backend = DeviceBackend(store, touch_interval=touch_interval)
         self.router = DeviceRouter(self.backend)
         self.verifier = verifier
@@ -257,11 +318,17 @@ class RestPollServer:
     def notify(self, tenant: str, device_ids: Sequence[str]) -> None:
         """Pull model: nothing to do; devices see the change at their next poll."""
 
-    async def serve(self, host: str, port: int, *,
-                    task_status: anyio.abc.TaskStatus[RestPollServer] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: anyio.abc.TaskStatus[RestPollServer] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = await anyio.create_tcp_listener(local_host=host, local_port=port,
-                                                   family=family, backlog=1024)
+        listener = await anyio.create_tcp_listener(
+            local_host=host, local_port=port, family=family, backlog=1024
+        )
         async with listener, anyio.create_task_group() as tg:
             self.port = listener.extra(anyio.abc.SocketAttribute.local_port)
             tg.start_soon(self.backend.touch_loop)
@@ -299,8 +366,9 @@ class RestPollServer:
             with anyio.CancelScope(shield=True):
                 await tls.aclose()
 
-    async def _serve_http(self, tls: TLSStream, identity: DeviceIdentity | None,
-                          refusal: str | None, remote: str) -> None:
+    async def _serve_http(
+        self, tls: TLSStream, identity: DeviceIdentity | None, refusal: str | None, remote: str
+    ) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         while True:
             try:
@@ -316,8 +384,12 @@ class RestPollServer:
                         break
                     body += event.data
                     if len(body) > MAX_REQUEST_BODY:
-                        raise ProblemError(413, "Content too large", "request body over 1 MiB",
-                                           kind="content-too-large")
+                        raise ProblemError(
+                            413,
+                            "Content too large",
+                            "request body over 1 MiB",
+                            kind="content-too-large",
+                        )
             except h11.RemoteProtocolError as exc:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     err = ProblemError(400, "Bad request", str(exc), kind="invalid-request")
@@ -329,12 +401,19 @@ class RestPollServer:
             self.requests += 1
             target = request.target.decode("latin-1")
             if identity is None:
-                err = ProblemError(403, "Forbidden", f"client certificate refused: {refusal}",
-                                   kind="forbidden")
+                err = ProblemError(
+                    403, "Forbidden", f"client certificate refused: {refusal}", kind="forbidden"
+                )
                 await self._send(conn, tls, Response.problem(err, target), close=True)
                 return
-            response = await self.router.handle(identity, request.method.decode("ascii"), target,
-                                                 header_map(request.headers), bytes(body), remote)
+            response = await self.router.handle(
+                identity,
+                request.method.decode("ascii"),
+                target,
+                header_map(request.headers),
+                bytes(body),
+                remote,
+            )
             await self._send(conn, tls, response)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
@@ -363,8 +442,9 @@ class RestPollServer:
                 return event
             raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
 
-    async def _send(self, conn: h11.Connection, tls: TLSStream, response: Response,
-                    close: bool = False) -> None:
+    async def _send(
+        self, conn: h11.Connection, tls: TLSStream, response: Response, close: bool = False
+    ) -> None:
         headers = [(b"server", SERVER_NAME), (b"content-length", str(len(response.body)).encode())]
         if response.status == 304:
             headers = [(b"server", SERVER_NAME)]
@@ -378,15 +458,23 @@ class RestPollServer:
         await tls.send(out)
 
 
-async def serve_rest_poll(store: Store, verifier: PeerVerifier, host: str, port: int,
-                          certfile: str | Path, keyfile: str | Path,
-                          ca_bundle_paths: Sequence[str | Path], *,
-                          idle_timeout: float = 120.0,
-                          task_status: anyio.abc.TaskStatus[RestPollServer] = anyio.TASK_STATUS_IGNORED) -> None:
+async def serve_rest_poll(
+    store: Store,
+    verifier: PeerVerifier,
+    host: str,
+    port: int,
+    certfile: str | Path,
+    keyfile: str | Path,
+    ca_bundle_paths: Sequence[str | Path],
+    *,
+    idle_timeout: float = 120.0,
+    task_status: anyio.abc.TaskStatus[RestPollServer] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     """Run the Margo pull API until cancelled; ``task_status.started(server)`` once listening
     (``server.port`` is the bound port, ``server.notify`` a no-op for symmetry)."""
-    server = RestPollServer(store, verifier, certfile, keyfile, ca_bundle_paths,
-                            idle_timeout=idle_timeout)
+    server = RestPollServer(
+        store, verifier, certfile, keyfile, ca_bundle_paths, idle_timeout=idle_timeout
+    )
     await server.serve(host, port, task_status=task_status)
 
 

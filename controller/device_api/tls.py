@@ -34,14 +34,23 @@ HANDSHAKE_TIMEOUT = 10.0
 def tenant_bundle_paths(certs_dir: Path) -> list[Path]:
     """Every ``DIR/<tenant>/ca.pem`` (the controller's own CA is not a tenant)."""
     root = Path(certs_dir)
-    return sorted(p / "ca.pem" for p in root.iterdir()
-                  if p.is_dir() and p.name != CONTROLLER_DIR and not p.name.startswith(".")
-                  and (p / "ca.pem").exists())
+    return sorted(
+        p / "ca.pem"
+        for p in root.iterdir()
+        if p.is_dir()
+        and p.name != CONTROLLER_DIR
+        and not p.name.startswith(".")
+        and (p / "ca.pem").exists()
+    )
 
 
-def server_context(certfile: str | Path, keyfile: str | Path,
-                   ca_bundle_paths: Sequence[str | Path], *,
-                   alpn: Sequence[str] = ()) -> ssl.SSLContext:
+def server_context(
+    certfile: str | Path,
+    keyfile: str | Path,
+    ca_bundle_paths: Sequence[str | Path],
+    *,
+    alpn: Sequence[str] = (),
+) -> ssl.SSLContext:
     """TLS 1.3 server context that requires a client certificate from any tenant CA."""
     if not ca_bundle_paths:
         raise ValueError("no tenant CA bundles: a client certificate could never verify")
@@ -57,8 +66,9 @@ def server_context(certfile: str | Path, keyfile: str | Path,
     return ctx
 
 
-def client_context(certfile: str | Path, keyfile: str | Path, cafile: str | Path, *,
-                   alpn: Sequence[str] = ()) -> ssl.SSLContext:
+def client_context(
+    certfile: str | Path, keyfile: str | Path, cafile: str | Path, *, alpn: Sequence[str] = ()
+) -> ssl.SSLContext:
     """TLS 1.3 client context with the device's certificate, verifying the controller."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -84,12 +94,14 @@ def peer_identity(stream: TLSStream, verifier: PeerVerifier) -> DeviceIdentity:
     return identity_from_der(stream.extra(TLSAttribute.peer_certificate_binary, None), verifier)
 
 
-async def accept_tls(stream: ByteStream, ctx: ssl.SSLContext,
-                     timeout: float = HANDSHAKE_TIMEOUT) -> TLSStream:
+async def accept_tls(
+    stream: ByteStream, ctx: ssl.SSLContext, timeout: float = HANDSHAKE_TIMEOUT
+) -> TLSStream:
     """Server-side handshake with a deadline (OSError/SSLError/TimeoutError on failure)."""
     with anyio.fail_after(timeout):
-        return await TLSStream.wrap(stream, server_side=True, ssl_context=ctx,
-                                    standard_compatible=False)
+        return await TLSStream.wrap(
+            stream, server_side=True, ssl_context=ctx, standard_compatible=False
+        )
 
 
 def remote_address(stream: ByteStream) -> str:

@@ -273,7 +273,11 @@ class Store(Protocol):
     async def latest_manifest(self, tenant: str, device_id: str) -> ManifestRecord | None: ...
 
     async def put_manifests(
-        self, tenant: str, items: Sequence[tuple[str, int, bytes, bytes]], *, now: float | None = None
+        self,
+        tenant: str,
+        items: Sequence[tuple[str, int, bytes, bytes]],
+        *,
+        now: float | None = None,
     ) -> None:
         """``put_manifest`` for many ``(device_id, version, manifest, signature)`` at once,
         all or nothing (a fleet-wide change is one transaction, not thousands)."""

@@ -68,9 +68,14 @@ class SqliteStore:
     """``Store`` on one SQLite file. Use ``async with SqliteStore(path) as store:`` or call
     ``open()`` / ``close()``."""
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0,
-                 telemetry_path: str | os.PathLike[str] | None = None,
-                 _migrations: tuple[str, ...] = MIGRATIONS) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 5.0,
+        telemetry_path: str | os.PathLike[str] | None = None,
+        _migrations: tuple[str, ...] = MIGRATIONS,
+    ) -> None:
         self.path = str(Path(path))
         self._busy_timeout = busy_timeout
         self._migrations = _migrations
@@ -78,8 +83,11 @@ class SqliteStore:
         # control plane (pushes, statuses, the API) behind its transactions.
         self._bulk: SqliteStore | None = None
         if _migrations is MIGRATIONS:
-            self._bulk = SqliteStore(telemetry_path or telemetry_db_path(self.path),
-                                     busy_timeout=busy_timeout, _migrations=TELEMETRY_MIGRATIONS)
+            self._bulk = SqliteStore(
+                telemetry_path or telemetry_db_path(self.path),
+                busy_timeout=busy_timeout,
+                _migrations=TELEMETRY_MIGRATIONS,
+            )
         self._executor: ThreadPoolExecutor | None = None
         self._conn: StoreConnection | None = None
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None], str]] = set()
@@ -232,8 +240,14 @@ class SqliteStore:
         now: float | None = None,
     ) -> DeviceRecord:
         return await self._write(
-            devices.device_connected, tenant, device_id, capabilities, labels,
-            manifest_version, remote, _now(now),
+            devices.device_connected,
+            tenant,
+            device_id,
+            capabilities,
+            labels,
+            manifest_version,
+            remote,
+            _now(now),
         )
 
     async def device_disconnected(
@@ -361,7 +375,11 @@ class SqliteStore:
         return await self._read(desired.latest_manifest, tenant, device_id)
 
     async def put_manifests(
-        self, tenant: str, items: Sequence[tuple[str, int, bytes, bytes]], *, now: float | None = None
+        self,
+        tenant: str,
+        items: Sequence[tuple[str, int, bytes, bytes]],
+        *,
+        now: float | None = None,
     ) -> None:
         await self._write(desired.put_manifests, tenant, list(items), _now(now))
 
@@ -399,9 +417,7 @@ class SqliteStore:
 
         return await self._write(run) if items else 0
 
-    async def list_statuses(
-        self, tenant: str, device_id: str | None = None
-    ) -> list[StatusRecord]:
+    async def list_statuses(self, tenant: str, device_id: str | None = None) -> list[StatusRecord]:
         return await self._read(desired.list_statuses, tenant, device_id)
 
     # -- telemetry -----------------------------------------------------------------------
@@ -433,9 +449,15 @@ class SqliteStore:
     ) -> int:
         await self._read(devices.require_device, tenant, device_id)
         watermark = await self._telemetry._write(
-            telemetry.record_gap, tenant, device_id, first, last, _now(now))
-        await self.add_event(tenant, "telemetry.gap", device_id,
-                             {"first": first, "last": last, "count": last - first + 1}, now=now)
+            telemetry.record_gap, tenant, device_id, first, last, _now(now)
+        )
+        await self.add_event(
+            tenant,
+            "telemetry.gap",
+            device_id,
+            {"first": first, "last": last, "count": last - first + 1},
+            now=now,
+        )
         return watermark
 
     async def query_telemetry(
@@ -483,7 +505,13 @@ class SqliteStore:
         exit_status: int | None = None,
     ) -> None:
         await self._write(
-            events.finish_session_audit, audit_id, bytes_in, bytes_out, reason, _now(now), tenant,
+            events.finish_session_audit,
+            audit_id,
+            bytes_in,
+            bytes_out,
+            reason,
+            _now(now),
+            tenant,
             exit_status,
         )
 

@@ -141,8 +141,12 @@ def assign(
             (tenant, device_id, deployment_id, digest, now),
         )
         add_event(
-            conn, tenant, "deployment.assigned", device_id,
-            {"deploymentId": deployment_id, "digest": digest}, now,
+            conn,
+            tenant,
+            "deployment.assigned",
+            device_id,
+            {"deploymentId": deployment_id, "digest": digest},
+            now,
         )
 
 
@@ -160,21 +164,28 @@ def unassign(
     )
 
 
-def _per_deployment(conn: StoreConnection, columns: str, table: str, tenant: str,
-                    device_id: str | None) -> list[tuple[Any, ...]]:
+def _per_deployment(
+    conn: StoreConnection, columns: str, table: str, tenant: str, device_id: str | None
+) -> list[tuple[Any, ...]]:
     """Rows of a per-(device, deployment) table: the tenant's, or one device's."""
     sql = f"SELECT {columns} FROM {table} WHERE tenant = ?"
     if device_id is None:
         return conn.execute(sql + " ORDER BY device_id, deployment_id", (tenant,)).fetchall()
-    return conn.execute(sql + " AND device_id = ? ORDER BY deployment_id",
-                        (tenant, device_id)).fetchall()
+    return conn.execute(
+        sql + " AND device_id = ? ORDER BY deployment_id", (tenant, device_id)
+    ).fetchall()
 
 
 def list_assignments(
     conn: StoreConnection, tenant: str, device_id: str | None
 ) -> list[AssignmentRecord]:
-    rows = _per_deployment(conn, "tenant, device_id, deployment_id, digest, assigned_at",
-                           "assignments", tenant, device_id)
+    rows = _per_deployment(
+        conn,
+        "tenant, device_id, deployment_id, digest, assigned_at",
+        "assignments",
+        tenant,
+        device_id,
+    )
     return [AssignmentRecord(*r) for r in rows]
 
 
@@ -205,9 +216,7 @@ def put_manifest(
     add_event(conn, tenant, "manifest.created", device_id, {"manifestVersion": version}, now)
 
 
-def latest_manifest(
-    conn: StoreConnection, tenant: str, device_id: str
-) -> ManifestRecord | None:
+def latest_manifest(conn: StoreConnection, tenant: str, device_id: str) -> ManifestRecord | None:
     row = conn.execute(
         "SELECT tenant, device_id, version, manifest, signature, created FROM manifests"
         " WHERE tenant = ? AND device_id = ? ORDER BY version DESC LIMIT 1",
@@ -265,8 +274,7 @@ def put_status(
 ) -> bool:
     deployment_id = status_deployment_id(status)
     row = conn.execute(
-        "SELECT seq, status FROM statuses"
-        " WHERE tenant = ? AND device_id = ? AND deployment_id = ?",
+        "SELECT seq, status FROM statuses WHERE tenant = ? AND device_id = ? AND deployment_id = ?",
         (tenant, device_id, deployment_id),
     ).fetchone()
     if row is not None and seq <= row[0]:
@@ -284,16 +292,22 @@ def put_status(
     state = status_state(status)
     if state != previous:
         add_event(
-            conn, tenant, "deployment.status", device_id,
+            conn,
+            tenant,
+            "deployment.status",
+            device_id,
             {"deploymentId": deployment_id, "state": state, "previous": previous},
             now,
         )
     return True
 
 
-def list_statuses(
-    conn: StoreConnection, tenant: str, device_id: str | None
-) -> list[StatusRecord]:
-    rows = _per_deployment(conn, "tenant, device_id, deployment_id, status, seq, updated_at",
-                           "statuses", tenant, device_id)
+def list_statuses(conn: StoreConnection, tenant: str, device_id: str | None) -> list[StatusRecord]:
+    rows = _per_deployment(
+        conn,
+        "tenant, device_id, deployment_id, status, seq, updated_at",
+        "statuses",
+        tenant,
+        device_id,
+    )
     return [StatusRecord(r[0], r[1], r[2], loads(r[3]), r[4], r[5]) for r in rows]

@@ -86,9 +86,13 @@ def device_connected(
     )
     record = get_device(conn, tenant, device_id)
     add_event(
-        conn, tenant, "device.connected", device_id,
+        conn,
+        tenant,
+        "device.connected",
+        device_id,
         {
-            "remote": remote, "connectionCount": record.connection_count,
+            "remote": remote,
+            "connectionCount": record.connection_count,
             "manifestVersion": manifest_version,
         },
         now,
@@ -145,9 +149,7 @@ def set_device_stats(
         raise device_not_found(device_id)
 
 
-def set_manifest_version(
-    conn: StoreConnection, tenant: str, device_id: str, version: int
-) -> None:
+def set_manifest_version(conn: StoreConnection, tenant: str, device_id: str, version: int) -> None:
     cur = conn.execute(
         "UPDATE devices SET manifest_version = ? WHERE tenant = ? AND device_id = ?",
         (version, tenant, device_id),

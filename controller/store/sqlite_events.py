@@ -47,9 +47,7 @@ def add_event(
     return int(cur.lastrowid or 0)
 
 
-def list_events(
-    conn: StoreConnection, tenant: str, after_id: int, limit: int
-) -> list[EventRecord]:
+def list_events(conn: StoreConnection, tenant: str, after_id: int, limit: int) -> list[EventRecord]:
     rows = conn.execute(
         "SELECT id, tenant, ts, kind, device_id, payload FROM events"
         " WHERE tenant = ? AND id > ? ORDER BY id LIMIT ?",
@@ -93,8 +91,12 @@ def start_session_audit(
     )
     audit_id = int(cur.lastrowid or 0)
     add_event(
-        conn, tenant, "terminal.opened", device_id,
-        {"session": audit_id, "operator": operator, "command": command}, now,
+        conn,
+        tenant,
+        "terminal.opened",
+        device_id,
+        {"session": audit_id, "operator": operator, "command": command},
+        now,
     )
     return audit_id
 
@@ -120,10 +122,16 @@ def finish_session_audit(
         (now, bytes_in, bytes_out, reason, exit_status, audit_id),
     )
     add_event(
-        conn, row[0], "terminal.closed", row[1],
+        conn,
+        row[0],
+        "terminal.closed",
+        row[1],
         {
-            "session": audit_id, "reason": reason, "exitStatus": exit_status,
-            "bytesIn": bytes_in, "bytesOut": bytes_out,
+            "session": audit_id,
+            "reason": reason,
+            "exitStatus": exit_status,
+            "bytesIn": bytes_in,
+            "bytesOut": bytes_out,
             "seconds": round(now - row[2], 3),
         },
         now,

@@ -18,11 +18,14 @@ def fail(prog: str, message: str, code: int = 2) -> int:
     return code
 
 
-def run_service(prog: str, main: Callable[[], Awaitable[Any]], on_signal: Callable[[], None]) -> int:
+def run_service(
+    prog: str, main: Callable[[], Awaitable[Any]], on_signal: Callable[[], None]
+) -> int:
     """Run ``main`` on uvloop until it returns; SIGTERM/SIGINT call ``on_signal`` (a clean stop)."""
 
     async def runner() -> None:
         async with gc_policy_running(), anyio.create_task_group() as tg:
+
             async def signals() -> None:
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
                     async for _ in received:

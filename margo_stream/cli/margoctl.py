@@ -43,19 +43,37 @@ class _Parser(argparse.ArgumentParser):
 
 def _global_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
-    parser.add_argument("--api", metavar="URL", default=default,
-                        help=f"controller API (env MARGO_API, default {DEFAULT_API})")
-    parser.add_argument("--token-file", metavar="PATH", default=default,
-                        help="operator token file (env MARGO_TOKEN_FILE)")
-    parser.add_argument("--ca-file", metavar="PATH", default=default,
-                        help="CA bundle for an API served over TLS (env MARGO_CA_FILE)")
-    parser.add_argument("--timeout", type=float, metavar="SECONDS", default=default,
-                        help="per-request timeout (default 10)")
+    parser.add_argument(
+        "--api",
+        metavar="URL",
+        default=default,
+        help=f"controller API (env MARGO_API, default {DEFAULT_API})",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="PATH",
+        default=default,
+        help="operator token file (env MARGO_TOKEN_FILE)",
+    )
+    parser.add_argument(
+        "--ca-file",
+        metavar="PATH",
+        default=default,
+        help="CA bundle for an API served over TLS (env MARGO_CA_FILE)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        default=default,
+        help="per-request timeout (default 10)",
+    )
 
 
 def _output_flag(parser: argparse.ArgumentParser, choices: Sequence[str] = output.FORMATS) -> None:
-    parser.add_argument("-o", "--output", choices=choices, default="table",
-                        help="output format (default table)")
+    parser.add_argument(
+        "-o", "--output", choices=choices, default="table", help="output format (default table)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,12 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     _global_flags(parser, suppress=False)
     common = argparse.ArgumentParser(add_help=False)
     _global_flags(common, suppress=True)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
-                                     parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     get = commands.add_parser("get", help="show resources", parents=[common])
-    kinds = get.add_subparsers(dest="kind", required=True, metavar="RESOURCE",
-                               parser_class=_Parser)
+    kinds = get.add_subparsers(dest="kind", required=True, metavar="RESOURCE", parser_class=_Parser)
     p = kinds.add_parser("devices", help="the tenant's devices", parents=[common])
     _output_flag(p)
     p = kinds.add_parser("device", help="one device", parents=[common])
@@ -93,24 +111,48 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flag(p)
 
     p = commands.add_parser("apply", help="apply deployment documents", parents=[common])
-    p.add_argument("-f", "--file", dest="files", action="append", required=True, metavar="FILE",
-                   help="Margo ApplicationDeployment YAML ('-' for stdin); repeatable")
-    p.add_argument("--device", dest="devices", action="append", default=[], metavar="ID",
-                   help="target device; repeatable")
-    p.add_argument("--selector", dest="selectors", action="append", default=[], metavar="K=V",
-                   help="target every device with this label; repeatable (all must match)")
+    p.add_argument(
+        "-f",
+        "--file",
+        dest="files",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="Margo ApplicationDeployment YAML ('-' for stdin); repeatable",
+    )
+    p.add_argument(
+        "--device",
+        dest="devices",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="target device; repeatable",
+    )
+    p.add_argument(
+        "--selector",
+        dest="selectors",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="target every device with this label; repeatable (all must match)",
+    )
     _output_flag(p)
 
     delete = commands.add_parser("delete", help="remove resources", parents=[common])
-    kinds = delete.add_subparsers(dest="kind", required=True, metavar="RESOURCE",
-                                  parser_class=_Parser)
+    kinds = delete.add_subparsers(
+        dest="kind", required=True, metavar="RESOURCE", parser_class=_Parser
+    )
     p = kinds.add_parser("deployment", help="remove a deployment from a device", parents=[common])
     p.add_argument("id", metavar="ID")
     p.add_argument("--device", metavar="ID", required=True)
 
     p = commands.add_parser("watch", help="follow the event feed", parents=[common])
-    p.add_argument("--after", type=int, metavar="ID",
-                   help="replay events after this id (0: everything); default: new events only")
+    p.add_argument(
+        "--after",
+        type=int,
+        metavar="ID",
+        help="replay events after this id (0: everything); default: new events only",
+    )
     p.add_argument("--count", type=int, metavar="N", help="stop after N events")
     _output_flag(p, ("table", "json"))
     margoctl_terminal.add_parsers(commands, common)
@@ -160,8 +202,9 @@ def _cmd_get(client: ApiClient, args: argparse.Namespace) -> None:
     elif kind == "deployments":
         data = client.list_deployments(args.device)
     elif kind == "telemetry":
-        data = client.telemetry(args.device, stream=args.stream, since=args.since,
-                                after=args.after, limit=args.limit)
+        data = client.telemetry(
+            args.device, stream=args.stream, since=args.since, after=args.after, limit=args.limit
+        )
     elif kind == "sessions":
         data = client.list_sessions(args.limit)
     else:
@@ -211,8 +254,9 @@ def _read_documents(files: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _cmd_apply(client: ApiClient, args: argparse.Namespace) -> None:
     texts, blobs = _read_documents(args.files)
-    result = client.apply(texts, devices=args.devices, selector=_selector(args.selectors),
-                          blobs=blobs)
+    result = client.apply(
+        texts, devices=args.devices, selector=_selector(args.selectors), blobs=blobs
+    )
     if args.output != "table":
         _print(output.render_data(result, args.output))
         return
@@ -233,8 +277,11 @@ def _cmd_watch(client: ApiClient, args: argparse.Namespace) -> None:
     import json
 
     for event in client.stream_events(after=args.after, limit=args.count):
-        line = json.dumps(event, separators=(",", ":")) if args.output == "json" else (
-            output.event_line(event))
+        line = (
+            json.dumps(event, separators=(",", ":"))
+            if args.output == "json"
+            else (output.event_line(event))
+        )
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
@@ -246,8 +293,9 @@ def _run_terminal(args: argparse.Namespace) -> int:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 1
     client.close()
-    return margoctl_terminal.main(client.base_url, client.token, client.verify,
-                                  args.timeout or 10.0, args)
+    return margoctl_terminal.main(
+        client.base_url, client.token, client.verify, args.timeout or 10.0, args
+    )
 
 
 COMMANDS = {"get": _cmd_get, "apply": _cmd_apply, "delete": _cmd_delete, "watch": _cmd_watch}

@@ -42,17 +42,27 @@ class SessionError(Exception):
 
 
 def add_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
-    p = commands.add_parser("terminal", parents=[common],
-                            help="open a shell (or run CMD) on a device's terminal",
-                            description="Open an interactive terminal on DEVICE: its login "
-                                        "shell, or CMD after '--'.")
+    p = commands.add_parser(
+        "terminal",
+        parents=[common],
+        help="open a shell (or run CMD) on a device's terminal",
+        description="Open an interactive terminal on DEVICE: its login shell, or CMD after '--'.",
+    )
     p.add_argument("device", metavar="DEVICE")
-    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD",
-                   help="command and arguments (default: the device's login shell)")
-    p = commands.add_parser("exec", parents=[common], help="run a command on a device",
-                            description="Run CMD on DEVICE without a terminal: stdin is "
-                                        "forwarded, stdout and stderr come back, and the exit "
-                                        "status is the command's.")
+    p.add_argument(
+        "argv",
+        nargs=argparse.REMAINDER,
+        metavar="-- CMD",
+        help="command and arguments (default: the device's login shell)",
+    )
+    p = commands.add_parser(
+        "exec",
+        parents=[common],
+        help="run a command on a device",
+        description="Run CMD on DEVICE without a terminal: stdin is "
+        "forwarded, stdout and stderr come back, and the exit "
+        "status is the command's.",
+    )
     p.add_argument("device", metavar="DEVICE")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
 
@@ -65,8 +75,9 @@ class Target:
     open_timeout: float
 
 
-def make_target(base_url: str, token: str, device: str, verify: bool | str,
-                timeout: float) -> Target:
+def make_target(
+    base_url: str, token: str, device: str, verify: bool | str, timeout: float
+) -> Target:
     from urllib.parse import quote
 
     scheme, sep, rest = base_url.partition("://")
@@ -103,13 +114,22 @@ async def _read_input(fd: int, pollable: bool) -> bytes:
 
 
 # --- the session ---------------------------------------------------------------------------------
-async def _open(target: Target, command: list[str] | None, rows: int, cols: int,
-                tty: bool) -> tuple[ClientConnection, dict[str, Any]]:
+async def _open(
+    target: Target, command: list[str] | None, rows: int, cols: int, tty: bool
+) -> tuple[ClientConnection, dict[str, Any]]:
     try:
-        ws = await connect(target.url, additional_headers={"Authorization": f"Bearer {target.token}"},
-                           ssl=target.ssl, open_timeout=target.open_timeout, compression=None,
-                           proxy=None, max_size=4 << 20, ping_interval=20, ping_timeout=30,
-                           close_timeout=2)
+        ws = await connect(
+            target.url,
+            additional_headers={"Authorization": f"Bearer {target.token}"},
+            ssl=target.ssl,
+            open_timeout=target.open_timeout,
+            compression=None,
+            proxy=None,
+            max_size=4 << 20,
+            ping_interval=20,
+            ping_timeout=30,
+            close_timeout=2,
+        )
     except InvalidStatus as exc:
         status = exc.response.status_code
         if status in (401, 403):
@@ -118,11 +138,14 @@ async def _open(target: Target, command: list[str] | None, rows: int, cols: int,
     except (OSError, TimeoutError, InvalidHandshake) as exc:
         raise SessionError(f"cannot reach {target.url}: {exc}") from None
     try:
-        await ws.send(json.dumps({"type": "open", "command": command, "rows": rows, "cols": cols,
-                                  "tty": tty}))
+        await ws.send(
+            json.dumps({"type": "open", "command": command, "rows": rows, "cols": cols, "tty": tty})
+        )
         reply = json.loads(await ws.recv())
     except ConnectionClosed as exc:
-        raise SessionError(f"the controller closed the session: {exc.rcvd.reason if exc.rcvd else exc}") from None
+        raise SessionError(
+            f"the controller closed the session: {exc.rcvd.reason if exc.rcvd else exc}"
+        ) from None
     if reply.get("type") != "opened":
         await ws.close()
         raise SessionError(reply.get("reason") or f"unexpected answer {reply!r}")
@@ -195,16 +218,18 @@ async def _quietly(fn: Any) -> None:
         pass
 
 
-def main(base_url: str, token: str, verify: bool | str, timeout: float,
-         args: argparse.Namespace) -> int:
+def main(
+    base_url: str, token: str, verify: bool | str, timeout: float, args: argparse.Namespace
+) -> int:
     command = list(args.argv or []) or None
     if args.command == "exec" and command is None:
         sys.stderr.write(f"{PROG}: error: exec needs a command: margoctl exec DEVICE -- CMD ...\n")
         return 2
     target = make_target(base_url, token, args.device, verify, timeout)
     try:
-        return anyio.run(functools.partial(run_session, target, command,
-                                           tty=args.command == "terminal"))
+        return anyio.run(
+            functools.partial(run_session, target, command, tty=args.command == "terminal")
+        )
     except SessionError as exc:
         sys.stderr.write(f"{PROG}: error: {args.command} on {args.device}: {exc}\n")
         return SESSION_FAILED

@@ -112,7 +112,10 @@ def device_detail(item: dict[str, Any], now: float | None = None) -> str:
     for name, value in facts:
         if value is not None:
             out.append(f"{name}: {value}")
-    for title, mapping in (("Stats", item.get("stats")), ("Capabilities", item.get("capabilities"))):
+    for title, mapping in (
+        ("Stats", item.get("stats")),
+        ("Capabilities", item.get("capabilities")),
+    ):
         out.append(f"{title}:" + ("" if mapping else f" {NONE}"))
         for key, value in sorted((mapping or {}).items()):
             out.append(f"  {key}: {cell(value)}")
@@ -127,12 +130,17 @@ def deployments_table(items: Sequence[dict[str, Any]], now: float | None = None)
         error = i.get("error") or {}
         components = i.get("components") or []
         ready = sum(1 for c in components if isinstance(c, dict) and c.get("state") == "installed")
-        rows.append([
-            i.get("device"), i.get("deploymentId"), i.get("state"),
-            f"{ready}/{len(components)}" if components else "-",
-            i.get("manifestVersion"), age(i.get("updated_at"), now),
-            error.get("message") if isinstance(error, dict) else error,
-        ])
+        rows.append(
+            [
+                i.get("device"),
+                i.get("deploymentId"),
+                i.get("state"),
+                f"{ready}/{len(components)}" if components else "-",
+                i.get("manifestVersion"),
+                age(i.get("updated_at"), now),
+                error.get("message") if isinstance(error, dict) else error,
+            ]
+        )
     return render_table(
         ("DEVICE", "DEPLOYMENT", "STATE", "COMPONENTS", "MANIFEST", "UPDATED", "ERROR"), rows
     )
@@ -144,8 +152,14 @@ def telemetry_table(items: Sequence[dict[str, Any]], now: float | None = None) -
     rows = []
     for i in items:
         fields = {k: v for k, v in i.items() if k not in ("seq", "stream", "received_at")}
-        rows.append([i.get("seq"), i.get("stream"), age(i.get("received_at"), now),
-                     json.dumps(fields, separators=(",", ":"), ensure_ascii=False)])
+        rows.append(
+            [
+                i.get("seq"),
+                i.get("stream"),
+                age(i.get("received_at"), now),
+                json.dumps(fields, separators=(",", ":"), ensure_ascii=False),
+            ]
+        )
     return render_table(("SEQ", "STREAM", "AGE", "RECORD"), rows)
 
 
@@ -153,9 +167,15 @@ def sessions_table(items: Sequence[dict[str, Any]], now: float | None = None) ->
     if not items:
         return "No terminal sessions found."
     rows = [
-        [i.get("id"), i.get("device"), i.get("operator"), age(i.get("started_at"), now),
-         "active" if i.get("active") else i.get("reason") or "ended",
-         i.get("bytes_in"), i.get("bytes_out")]
+        [
+            i.get("id"),
+            i.get("device"),
+            i.get("operator"),
+            age(i.get("started_at"), now),
+            "active" if i.get("active") else i.get("reason") or "ended",
+            i.get("bytes_in"),
+            i.get("bytes_out"),
+        ]
         for i in items
     ]
     return render_table(("ID", "DEVICE", "OPERATOR", "STARTED", "STATE", "IN", "OUT"), rows)
@@ -165,8 +185,9 @@ def event_line(item: dict[str, Any]) -> str:
     payload = item.get("payload") or {}
     details = " ".join(f"{k}={cell(v)}" for k, v in payload.items())
     return "   ".join(
-        part for part in (str(item.get("ts")), str(item.get("kind")), item.get("device") or "-",
-                          details) if part
+        part
+        for part in (str(item.get("ts")), str(item.get("kind")), item.get("device") or "-", details)
+        if part
     )
 
 
@@ -174,8 +195,13 @@ def events_table(items: Sequence[dict[str, Any]], now: float | None = None) -> s
     if not items:
         return "No events found."
     rows = [
-        [i.get("id"), age(i.get("ts"), now), i.get("kind"), i.get("device"),
-         " ".join(f"{k}={cell(v)}" for k, v in (i.get("payload") or {}).items())]
+        [
+            i.get("id"),
+            age(i.get("ts"), now),
+            i.get("kind"),
+            i.get("device"),
+            " ".join(f"{k}={cell(v)}" for k, v in (i.get("payload") or {}).items()),
+        ]
         for i in items
     ]
     return render_table(("ID", "AGE", "KIND", "DEVICE", "DETAILS"), rows)

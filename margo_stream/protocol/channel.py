@@ -83,7 +83,9 @@ class ChannelCore:
                         kind = kind_of_opener(raw["t"], self.peer)
                         stream.machine = StreamMachine(kind, self.role)
                     stream.machine.process(self.peer, raw["t"])
-                    events.append(MessageReceived(stream_id, stream.machine.kind, parse_message(raw)))
+                    events.append(
+                        MessageReceived(stream_id, stream.machine.kind, parse_message(raw))
+                    )
             if end_stream:
                 stream.decoder.finish()
                 if stream.machine is not None:

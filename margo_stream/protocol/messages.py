@@ -225,19 +225,55 @@ class TermAck(_Model):
 
 
 Message = Annotated[
-    Hello | HelloAck | Ping | Pong | Stats | Error
-    | Desired | Blob | DesiredResult
-    | Status | StatusAck
-    | Telemetry | TelemetryAck
-    | TermOpen | TermOpened | TermData | TermEof | TermResize | TermExit | TermClose | TermAck,
+    Hello
+    | HelloAck
+    | Ping
+    | Pong
+    | Stats
+    | Error
+    | Desired
+    | Blob
+    | DesiredResult
+    | Status
+    | StatusAck
+    | Telemetry
+    | TelemetryAck
+    | TermOpen
+    | TermOpened
+    | TermData
+    | TermEof
+    | TermResize
+    | TermExit
+    | TermClose
+    | TermAck,
     Field(discriminator="t"),
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
 MESSAGE_TYPES: frozenset[str] = frozenset(
     m.model_fields["t"].default
-    for m in (Hello, HelloAck, Ping, Pong, Stats, Error, Desired, Blob, DesiredResult, Status,
-              StatusAck, Telemetry, TelemetryAck, TermOpen, TermOpened, TermData, TermEof,
-              TermResize, TermExit, TermClose, TermAck)
+    for m in (
+        Hello,
+        HelloAck,
+        Ping,
+        Pong,
+        Stats,
+        Error,
+        Desired,
+        Blob,
+        DesiredResult,
+        Status,
+        StatusAck,
+        Telemetry,
+        TelemetryAck,
+        TermOpen,
+        TermOpened,
+        TermData,
+        TermEof,
+        TermResize,
+        TermExit,
+        TermClose,
+        TermAck,
+    )
 )
 
 

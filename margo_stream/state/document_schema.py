@@ -107,7 +107,9 @@ def validate_model(model: type[BaseModel], data: Any, ctx: NodeContext, prefix: 
         raise ctx.error(prefix + loc, message) from None
 
 
-def check_keys(ctx: NodeContext, path: NodePath, data: Mapping[str, Any], allowed: Sequence[str]) -> None:
+def check_keys(
+    ctx: NodeContext, path: NodePath, data: Mapping[str, Any], allowed: Sequence[str]
+) -> None:
     """Refuse a key of ``data`` that is neither in ``allowed`` nor an ``x-<name>-extensions`` key."""
     for key in data:
         if key not in allowed and not (isinstance(key, str) and EXT_RE.fullmatch(key)):

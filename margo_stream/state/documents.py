@@ -220,21 +220,34 @@ def valid_id(value: str) -> bool:
 
 def _build(ctx: NodeContext, data: Any) -> Deployment:
     if not isinstance(data, dict):
-        raise ctx.error((), f"expected a mapping (an ApplicationDeployment), got {yaml_type_name(data)}")
+        raise ctx.error(
+            (), f"expected a mapping (an ApplicationDeployment), got {yaml_type_name(data)}"
+        )
     raw: RawDocument = validate_model(RawDocument, data, ctx, ())
     check_keys(ctx, (), data, ("apiVersion", "kind", "id", "metadata", "spec"))
     spec_d = data["spec"]
-    check_keys(ctx, ("spec",), spec_d, ("applicationId", "deploymentProfile", "parameters", "files"))
-    check_keys(ctx, ("spec", "deploymentProfile"), spec_d["deploymentProfile"],
-                ("type", "components", "deviceConstraints"))
+    check_keys(
+        ctx, ("spec",), spec_d, ("applicationId", "deploymentProfile", "parameters", "files")
+    )
+    check_keys(
+        ctx,
+        ("spec", "deploymentProfile"),
+        spec_d["deploymentProfile"],
+        ("type", "components", "deviceConstraints"),
+    )
 
     # form, ids
     if raw.apiVersion is not None or raw.kind is not None:
         form = DocumentForm.PUBLISHED
         if raw.apiVersion is None:
-            raise ctx.error(("apiVersion",), f"required field is missing (expected {PUBLISHED_API_VERSION!r})")
+            raise ctx.error(
+                ("apiVersion",), f"required field is missing (expected {PUBLISHED_API_VERSION!r})"
+            )
         if raw.apiVersion != PUBLISHED_API_VERSION:
-            raise ctx.error(("apiVersion",), f"unsupported apiVersion {show(raw.apiVersion)}; expected {PUBLISHED_API_VERSION!r}")
+            raise ctx.error(
+                ("apiVersion",),
+                f"unsupported apiVersion {show(raw.apiVersion)}; expected {PUBLISHED_API_VERSION!r}",
+            )
         if raw.kind is None:
             raise ctx.error(("kind",), f"required field is missing (expected {KIND!r})")
         if raw.kind != KIND:
@@ -247,7 +260,10 @@ def _build(ctx: NodeContext, data: Any) -> Deployment:
     if dep_id is None:
         raise ctx.error(ann_path + ("id",), "required field is missing (the deployment id)")
     if not isinstance(dep_id, str) or not valid_id(dep_id):
-        raise ctx.error(ann_path + ("id",), f"deployment id {show(dep_id)} must match [A-Za-z0-9._-]{{1,200}} (it names files)")
+        raise ctx.error(
+            ann_path + ("id",),
+            f"deployment id {show(dep_id)} must match [A-Za-z0-9._-]{{1,200}} (it names files)",
+        )
     if raw.id is not None and raw.id != dep_id:
         raise ctx.error(("id",), f"id {raw.id!r} differs from metadata.annotations.id {dep_id!r}")
 
@@ -265,27 +281,40 @@ def _build(ctx: NodeContext, data: Any) -> Deployment:
     if not isinstance(app_id, str) or not _APP_ID_RE.fullmatch(app_id):
         raise ctx.error(app_path, f"applicationId {show(app_id)} must match ^[-a-z0-9]{{1,200}}$")
     if ann_app is not None and spec_app is not None and ann_app != spec_app:
-        raise ctx.error(("spec", "applicationId"), f"differs from metadata.annotations.applicationId {ann_app!r}")
+        raise ctx.error(
+            ("spec", "applicationId"),
+            f"differs from metadata.annotations.applicationId {ann_app!r}",
+        )
     device_id = raw.metadata.deviceId
     if device_id is not None and not _DEVICE_ID_RE.fullmatch(device_id):
-        raise ctx.error(("metadata", "deviceId"), f"device id {show(device_id)} is not a Margo DeviceId")
+        raise ctx.error(
+            ("metadata", "deviceId"), f"device id {show(device_id)} is not a Margo DeviceId"
+        )
 
     # profile and components
     prof_path: NodePath = ("spec", "deploymentProfile")
     type_name = raw.spec.deploymentProfile.type
     profile = PROFILE_TYPES.get(type_name)
     if profile is None:
-        raise ctx.error(prof_path + ("type",), f"unknown deployment profile type {show(type_name)}; allowed: {_ALLOWED_TYPES}")
+        raise ctx.error(
+            prof_path + ("type",),
+            f"unknown deployment profile type {show(type_name)}; allowed: {_ALLOWED_TYPES}",
+        )
     raw_components = raw.spec.deploymentProfile.components
     if not raw_components:
         raise ctx.error(prof_path + ("components",), "at least one component is required")
     components: list[Component] = []
     seen: set[str] = set()
-    for i, (rc, rc_d) in enumerate(zip(raw_components, spec_d["deploymentProfile"]["components"], strict=True)):
+    for i, (rc, rc_d) in enumerate(
+        zip(raw_components, spec_d["deploymentProfile"]["components"], strict=True)
+    ):
         path = prof_path + ("components", i)
         check_keys(ctx, path, rc_d, ("name", "properties"))
         if not valid_id(rc.name):
-            raise ctx.error(path + ("name",), f"component name {show(rc.name)} must match [A-Za-z0-9._-]{{1,200}}")
+            raise ctx.error(
+                path + ("name",),
+                f"component name {show(rc.name)} must match [A-Za-z0-9._-]{{1,200}}",
+            )
         if rc.name in seen:
             raise ctx.error(path + ("name",), f"duplicate component name {rc.name!r}")
         seen.add(rc.name)
@@ -294,21 +323,31 @@ def _build(ctx: NodeContext, data: Any) -> Deployment:
     parameters = _parameters(ctx, raw, spec_d, profile, components)
     files = _files(ctx, spec_d)
     return Deployment(
-        form=form, deployment_id=dep_id, application_id=app_id, name=raw.metadata.name,
-        namespace=raw.metadata.namespace, device_id=device_id, profile=profile,
-        components=tuple(components), parameters=parameters, files=files,
+        form=form,
+        deployment_id=dep_id,
+        application_id=app_id,
+        name=raw.metadata.name,
+        namespace=raw.metadata.namespace,
+        device_id=device_id,
+        profile=profile,
+        components=tuple(components),
+        parameters=parameters,
+        files=files,
     )
 
 
-def _component(ctx: NodeContext, path: NodePath, rc: RawComponent, profile: ProfileType,
-               form: DocumentForm) -> Component:
+def _component(
+    ctx: NodeContext, path: NodePath, rc: RawComponent, profile: ProfileType, form: DocumentForm
+) -> Component:
     props = rc.properties
     ppath = path + ("properties",)
     if profile is ProfileType.PROCESS:
         proc: RawProcess = validate_model(RawProcess, props, ctx, ppath)
         check_keys(ctx, ppath, props, ("command", "env", "restart", "workingDir"))
         if not proc.command or not proc.command[0]:
-            raise ctx.error(ppath + ("command",), "command must be a non-empty list of strings (program first)")
+            raise ctx.error(
+                ppath + ("command",), "command must be a non-empty list of strings (program first)"
+            )
         env: dict[str, str] = {}
         for key, value in (proc.env or {}).items():
             if not _ENV_NAME_RE.fullmatch(key):
@@ -318,11 +357,18 @@ def _component(ctx: NodeContext, path: NodePath, rc: RawComponent, profile: Prof
             restart = RestartPolicy(proc.restart or RestartPolicy.ON_FAILURE)
         except ValueError:
             allowed = ", ".join(p.value for p in RestartPolicy)
-            raise ctx.error(ppath + ("restart",), f"restart {proc.restart!r} is not one of: {allowed}") from None
+            raise ctx.error(
+                ppath + ("restart",), f"restart {proc.restart!r} is not one of: {allowed}"
+            ) from None
         if proc.workingDir is not None and (not proc.workingDir or "\x00" in proc.workingDir):
             raise ctx.error(ppath + ("workingDir",), "workingDir must be a non-empty path")
-        return Component(name=rc.name, command=tuple(proc.command), env=tuple(sorted(env.items())),
-                         restart=restart, working_dir=proc.workingDir)
+        return Component(
+            name=rc.name,
+            command=tuple(proc.command),
+            env=tuple(sorted(env.items())),
+            restart=restart,
+            working_dir=proc.workingDir,
+        )
     if form is DocumentForm.RC3:
         _check_oci(ctx, ppath, props)
     out: dict[str, str] = {}
@@ -341,20 +387,36 @@ def _check_oci(ctx: NodeContext, ppath: NodePath, props: Mapping[str, Any]) -> N
         if key not in props:
             raise ctx.error(ppath + (key,), "required field is missing (rc.3 form)")
         if not isinstance(props[key], str):
-            raise ctx.error(ppath + (key,), f"expected a string, got {yaml_type_name(props[key])} (quote the value)")
+            raise ctx.error(
+                ppath + (key,),
+                f"expected a string, got {yaml_type_name(props[key])} (quote the value)",
+            )
     if not _OCI_RE.fullmatch(props["repository"]):
-        raise ctx.error(ppath + ("repository",), f"repository {props['repository']!r} must be an oci:// reference")
+        raise ctx.error(
+            ppath + ("repository",),
+            f"repository {props['repository']!r} must be an oci:// reference",
+        )
     if not _SEMVER_RE.fullmatch(props["revision"]):
-        raise ctx.error(ppath + ("revision",), f"revision {props['revision']!r} must be SemVer 2.0 without a leading v")
+        raise ctx.error(
+            ppath + ("revision",),
+            f"revision {props['revision']!r} must be SemVer 2.0 without a leading v",
+        )
     if "wait" in props and not isinstance(props["wait"], bool):
-        raise ctx.error(ppath + ("wait",), f"wait must be a boolean, got {yaml_type_name(props['wait'])}")
+        raise ctx.error(
+            ppath + ("wait",), f"wait must be a boolean, got {yaml_type_name(props['wait'])}"
+        )
     timeout = props.get("timeout")
     if timeout is not None and not (isinstance(timeout, str) and _TIMEOUT_RE.fullmatch(timeout)):
         raise ctx.error(ppath + ("timeout",), f"timeout {timeout!r} must look like 8m30s")
 
 
-def _parameters(ctx: NodeContext, raw: RawDocument, spec_d: dict[str, Any], profile: ProfileType,
-                components: list[Component]) -> tuple[Parameter, ...]:
+def _parameters(
+    ctx: NodeContext,
+    raw: RawDocument,
+    spec_d: dict[str, Any],
+    profile: ProfileType,
+    components: list[Component],
+) -> tuple[Parameter, ...]:
     names = [c.name for c in components]
     props_of = {c.name: dict(c.properties) for c in components}
     owner: dict[tuple[str, str], str] = {}  # (component, pointer) -> parameter
@@ -367,26 +429,45 @@ def _parameters(ctx: NodeContext, raw: RawDocument, spec_d: dict[str, Any], prof
         targets: list[ParameterTarget] = []
         for t, target in enumerate(param.targets):
             tpath = path + ("targets", t)
-            check_keys(ctx, tpath, spec_d["parameters"][pname]["targets"][t], ("pointer", "components"))
+            check_keys(
+                ctx, tpath, spec_d["parameters"][pname]["targets"][t], ("pointer", "components")
+            )
             pointer = target.pointer
             if profile is ProfileType.PROCESS:
                 env_name = pointer[4:] if pointer.startswith("ENV.") else ""
                 if not _ENV_NAME_RE.fullmatch(env_name):
-                    raise ctx.error(tpath + ("pointer",), f"bad pointer {pointer!r} for a process deployment: expected ENV.<NAME>, e.g. ENV.SITE_ID")
+                    raise ctx.error(
+                        tpath + ("pointer",),
+                        f"bad pointer {pointer!r} for a process deployment: expected ENV.<NAME>, e.g. ENV.SITE_ID",
+                    )
             elif not pointer or pointer != pointer.strip():
-                raise ctx.error(tpath + ("pointer",), f"bad pointer {pointer!r}: must be non-empty without surrounding spaces")
+                raise ctx.error(
+                    tpath + ("pointer",),
+                    f"bad pointer {pointer!r}: must be non-empty without surrounding spaces",
+                )
             if not target.components:
                 raise ctx.error(tpath + ("components",), "at least one component is required")
             for c, comp in enumerate(target.components):
                 if comp not in names:
-                    raise ctx.error(tpath + ("components", c), f"unknown component {comp!r}; components are: {', '.join(names)}")
+                    raise ctx.error(
+                        tpath + ("components", c),
+                        f"unknown component {comp!r}; components are: {', '.join(names)}",
+                    )
                 if pointer in props_of[comp]:
-                    raise ctx.error(tpath + ("pointer",), f"pointer {pointer!r} collides with property {pointer!r} of component {comp!r}")
+                    raise ctx.error(
+                        tpath + ("pointer",),
+                        f"pointer {pointer!r} collides with property {pointer!r} of component {comp!r}",
+                    )
                 if comp in target.components[:c]:
-                    raise ctx.error(tpath + ("components", c), f"component {comp!r} is listed twice")
+                    raise ctx.error(
+                        tpath + ("components", c), f"component {comp!r} is listed twice"
+                    )
                 previous = owner.setdefault((comp, pointer), pname)
                 if previous != pname:
-                    raise ctx.error(tpath + ("pointer",), f"pointer {pointer!r} of component {comp!r} is already set by parameter {previous!r}")
+                    raise ctx.error(
+                        tpath + ("pointer",),
+                        f"pointer {pointer!r} of component {comp!r} is already set by parameter {previous!r}",
+                    )
             targets.append(ParameterTarget(pointer=pointer, components=tuple(target.components)))
         out.append(Parameter(name=pname, value=stringify(param.value), targets=tuple(targets)))
     return tuple(out)
@@ -396,7 +477,9 @@ def _files(ctx: NodeContext, spec_d: dict[str, Any]) -> tuple[FileRef, ...]:
     ext = spec_d.get(EXTENSION_KEY)
     if isinstance(ext, dict) and "files" in ext:
         if "files" in spec_d:
-            raise ctx.error(("spec", EXTENSION_KEY, "files"), "give files in spec.files or here, not both")
+            raise ctx.error(
+                ("spec", EXTENSION_KEY, "files"), "give files in spec.files or here, not both"
+            )
         path: NodePath = ("spec", EXTENSION_KEY, "files")
         raw_list = ext["files"]
         if not isinstance(raw_list, list):
@@ -415,7 +498,10 @@ def _files(ctx: NodeContext, spec_d: dict[str, Any]) -> tuple[FileRef, ...]:
         except ValueError as exc:
             raise ctx.error(path + (i, "name"), str(exc)) from None
         if not is_digest(digest):
-            raise ctx.error(path + (i, "digest"), f"invalid digest {show(digest)}: expected sha256:<64 lowercase hex>")
+            raise ctx.error(
+                path + (i, "digest"),
+                f"invalid digest {show(digest)}: expected sha256:<64 lowercase hex>",
+            )
         if name in files:
             raise ctx.error(path + (i, "name"), f"duplicate file name {name!r}")
         files[name] = FileRef(name=name, digest=digest)
@@ -436,7 +522,10 @@ def parse_deployments(data: bytes, source: str = "<input>") -> list[Deployment]:
         ctx = NodeContext(source, node)
         dep = _build(ctx, value)
         if dep.deployment_id in ids:
-            raise ctx.error(("metadata", "annotations", "id"), f"duplicate deployment id {dep.deployment_id!r} in one file")
+            raise ctx.error(
+                ("metadata", "annotations", "id"),
+                f"duplicate deployment id {dep.deployment_id!r} in one file",
+            )
         ids.add(dep.deployment_id)
         out.append(dep)
     return out

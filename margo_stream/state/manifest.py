@@ -67,7 +67,9 @@ def format_time(value: dt.datetime) -> str:
 
 def _parse_time(value: str, field: str) -> dt.datetime:
     if not _TIME_RE.fullmatch(value):
-        raise DocumentError(f"manifest {field}: {value[:40]!r} is not RFC 3339 UTC like 2025-01-01T00:00:00Z")
+        raise DocumentError(
+            f"manifest {field}: {value[:40]!r} is not RFC 3339 UTC like 2025-01-01T00:00:00Z"
+        )
     try:
         return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError as exc:
@@ -93,9 +95,13 @@ class ManifestEntry(BaseModel):
     def check(self) -> ManifestEntry:
         """Validate ids, digests and file names; return the entry with files sorted by name."""
         if not valid_id(self.deployment_id):
-            raise DocumentError(f"deployment id {self.deployment_id[:60]!r} must match [A-Za-z0-9._-]{{1,200}}")
+            raise DocumentError(
+                f"deployment id {self.deployment_id[:60]!r} must match [A-Za-z0-9._-]{{1,200}}"
+            )
         if not is_digest(self.digest):
-            raise DocumentError(f"deployment {self.deployment_id!r}: invalid digest {self.digest[:80]!r}")
+            raise DocumentError(
+                f"deployment {self.deployment_id!r}: invalid digest {self.digest[:80]!r}"
+            )
         names: set[str] = set()
         for f in self.files:
             try:
@@ -103,9 +109,13 @@ class ManifestEntry(BaseModel):
             except ValueError as exc:
                 raise DocumentError(f"deployment {self.deployment_id!r}: {exc}") from None
             if not is_digest(f.digest):
-                raise DocumentError(f"deployment {self.deployment_id!r} file {f.name!r}: invalid digest {f.digest[:80]!r}")
+                raise DocumentError(
+                    f"deployment {self.deployment_id!r} file {f.name!r}: invalid digest {f.digest[:80]!r}"
+                )
             if f.name in names:
-                raise DocumentError(f"deployment {self.deployment_id!r}: duplicate file name {f.name!r}")
+                raise DocumentError(
+                    f"deployment {self.deployment_id!r}: duplicate file name {f.name!r}"
+                )
             names.add(f.name)
         return self.model_copy(update={"files": tuple(sorted(self.files, key=lambda f: f.name))})
 
@@ -173,12 +183,20 @@ def _check_header(version: int, tenant: str, device_id: str) -> None:
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
         raise DocumentError(f"manifestVersion {version!r} must be an integer in [1, 2^64-1]")
     if not isinstance(tenant, str) or not _TENANT_RE.fullmatch(tenant):
-        raise DocumentError(f"tenant {str(tenant)[:60]!r} must be a trust domain name ([a-z0-9._-]{{1,255}})")
-    if not isinstance(device_id, str) or not _DEVICE_ID_RE.fullmatch(device_id) or len(device_id) > 255:
+        raise DocumentError(
+            f"tenant {str(tenant)[:60]!r} must be a trust domain name ([a-z0-9._-]{{1,255}})"
+        )
+    if (
+        not isinstance(device_id, str)
+        or not _DEVICE_ID_RE.fullmatch(device_id)
+        or len(device_id) > 255
+    ):
         raise DocumentError(f"deviceId {str(device_id)[:60]!r} is not a Margo DeviceId")
 
 
-def _check_entries(entries: Iterable[ManifestEntry], *, require_sorted: bool) -> tuple[ManifestEntry, ...]:
+def _check_entries(
+    entries: Iterable[ManifestEntry], *, require_sorted: bool
+) -> tuple[ManifestEntry, ...]:
     checked = [e.check() for e in entries]
     ids = [e.deployment_id for e in checked]
     if len(set(ids)) != len(ids):
@@ -204,16 +222,18 @@ def build_manifest(
     issued, expiry = format_time(issued_at), format_time(expires)
     if expiry <= issued:
         raise DocumentError(f"expires {expiry} must be after issuedAt {issued}")
-    data = canonical_json({
-        "mediaType": MEDIA_TYPE,
-        "manifestVersion": version,
-        "tenant": tenant,
-        "deviceId": device_id,
-        "issuedAt": issued,
-        "expires": expiry,
-        "bundle": None,
-        "deployments": [e.wire() for e in entries],
-    })
+    data = canonical_json(
+        {
+            "mediaType": MEDIA_TYPE,
+            "manifestVersion": version,
+            "tenant": tenant,
+            "deviceId": device_id,
+            "issuedAt": issued,
+            "expires": expiry,
+            "bundle": None,
+            "deployments": [e.wire() for e in entries],
+        }
+    )
     if len(data) > MAX_MANIFEST_BYTES:
         raise DocumentError(f"manifest is {len(data)} bytes, more than {MAX_MANIFEST_BYTES}")
     return data
@@ -237,11 +257,15 @@ def parse_manifest(data: bytes) -> Manifest:
     if len(data) > MAX_MANIFEST_BYTES:
         raise DocumentError(f"manifest is {len(data)} bytes, more than {MAX_MANIFEST_BYTES}")
     try:
-        raw = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        raw = json.loads(
+            data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_no_constants
+        )
     except UnicodeDecodeError as exc:
         raise DocumentError(f"manifest is not UTF-8 (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
-        raise DocumentError(f"manifest is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise DocumentError(
+            f"manifest is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
     except RecursionError:
         raise DocumentError("manifest nests too deeply") from None
     try:
@@ -255,7 +279,9 @@ def parse_manifest(data: bytes) -> Manifest:
     issued = _parse_time(wire.issuedAt, "issuedAt")
     expires = _parse_time(wire.expires, "expires")
     if expires <= issued:
-        raise DocumentError(f"manifest expires {wire.expires} is not after issuedAt {wire.issuedAt}")
+        raise DocumentError(
+            f"manifest expires {wire.expires} is not after issuedAt {wire.issuedAt}"
+        )
     entries = []
     for i, d in enumerate(wire.deployments):
         entry = ManifestEntry(
@@ -267,7 +293,9 @@ def parse_manifest(data: bytes) -> Manifest:
         if checked.files != entry.files:
             raise DocumentError(f"manifest deployments[{i}].files are not sorted by name")
         if d.url != checked.url:
-            raise DocumentError(f"manifest deployments[{i}].url {d.url[:120]!r} is not {checked.url!r}")
+            raise DocumentError(
+                f"manifest deployments[{i}].url {d.url[:120]!r} is not {checked.url!r}"
+            )
         entries.append(entry)
     return Manifest(
         manifest_version=wire.manifestVersion,

@@ -51,7 +51,9 @@ class DeploymentStatus:
     error: StatusError | None = None
 
 
-def overall_state(components: tuple[ComponentStatus, ...] | list[ComponentStatus]) -> DeploymentState:
+def overall_state(
+    components: tuple[ComponentStatus, ...] | list[ComponentStatus],
+) -> DeploymentState:
     """The most severe state among ``components`` (``pending`` when there are none)."""
     if not components:
         return DeploymentState.PENDING

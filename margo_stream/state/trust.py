@@ -91,19 +91,28 @@ class TrustState:
     manifest_digest: str | None = None
 
     def to_json(self) -> bytes:
-        return json.dumps({
-            "format": STATE_FORMAT,
-            "tenant": self.tenant,
-            "deviceId": self.device_id,
-            "keyFingerprint": self.key_fingerprint,
-            "manifestVersion": self.manifest_version,
-            "manifestDigest": self.manifest_digest,
-        }, sort_keys=True, indent=1).encode() + b"\n"
+        return (
+            json.dumps(
+                {
+                    "format": STATE_FORMAT,
+                    "tenant": self.tenant,
+                    "deviceId": self.device_id,
+                    "keyFingerprint": self.key_fingerprint,
+                    "manifestVersion": self.manifest_version,
+                    "manifestDigest": self.manifest_digest,
+                },
+                sort_keys=True,
+                indent=1,
+            ).encode()
+            + b"\n"
+        )
 
     @classmethod
     def from_json(cls, data: bytes, path: Path) -> TrustState:
         def corrupt(why: str) -> TrustError:
-            return TrustError(f"trust state {path} is unreadable ({why}); re-enrol the device", STATE_CORRUPT)
+            return TrustError(
+                f"trust state {path} is unreadable ({why}); re-enrol the device", STATE_CORRUPT
+            )
 
         try:
             raw: Any = json.loads(data)
@@ -116,8 +125,12 @@ class TrustState:
             raise corrupt("tenant, deviceId and keyFingerprint must be strings")
         if (version is None) != (digest is None):
             raise corrupt("manifestVersion and manifestDigest must both be set or both null")
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1
-                                    or not is_digest(digest)):
+        if version is not None and (
+            isinstance(version, bool)
+            or not isinstance(version, int)
+            or version < 1
+            or not is_digest(digest)
+        ):
             raise corrupt("bad manifestVersion or manifestDigest")
         return cls(raw["tenant"], raw["deviceId"], raw["keyFingerprint"], version, digest)
 
@@ -125,7 +138,9 @@ class TrustState:
 class DesiredStateVerifier:
     """Decides whether a signed desired-state push may be applied, and remembers what was."""
 
-    def __init__(self, tenant: str, device_id: str, public_key: Ed25519PublicKey, state_path: Path) -> None:
+    def __init__(
+        self, tenant: str, device_id: str, public_key: Ed25519PublicKey, state_path: Path
+    ) -> None:
         self.tenant = tenant
         self.device_id = device_id
         self.public_key = public_key
@@ -185,21 +200,30 @@ class DesiredStateVerifier:
             raise ValueError("now must be an aware datetime")
         self._check_key()
         if not signature_valid(manifest_bytes, signature, self.public_key):
-            raise TrustError("desired-state signature does not verify with the pinned tenant key", BAD_SIGNATURE)
+            raise TrustError(
+                "desired-state signature does not verify with the pinned tenant key", BAD_SIGNATURE
+            )
         try:
             manifest = parse_manifest(manifest_bytes)
         except DocumentError as exc:
             raise TrustError(f"signed manifest is malformed: {exc}", MALFORMED) from None
         if manifest.tenant != self.tenant:
-            raise TrustError(f"manifest is for tenant {manifest.tenant!r}, not {self.tenant!r}", WRONG_TENANT)
+            raise TrustError(
+                f"manifest is for tenant {manifest.tenant!r}, not {self.tenant!r}", WRONG_TENANT
+            )
         if manifest.device_id != self.device_id:
-            raise TrustError(f"manifest is for device {manifest.device_id!r}, not {self.device_id!r}", WRONG_DEVICE)
+            raise TrustError(
+                f"manifest is for device {manifest.device_id!r}, not {self.device_id!r}",
+                WRONG_DEVICE,
+            )
 
         digest = sha256_digest(manifest_bytes)
         held = self._state.manifest_version
         version = manifest.manifest_version
         if held is not None and version < held:
-            raise TrustError(f"manifest version {version} is lower than the held version {held}", ROLLBACK)
+            raise TrustError(
+                f"manifest version {version} is lower than the held version {held}", ROLLBACK
+            )
         if held is not None and version == held and digest != self._state.manifest_digest:
             raise TrustError(
                 f"manifest version {version} was already accepted with other content "
@@ -229,28 +253,43 @@ class DesiredStateVerifier:
     def _check_blobs(manifest: Manifest, blobs: Mapping[str, bytes]) -> None:
         for digest, label in sorted(blob_labels(manifest).items(), key=lambda kv: kv[1]):
             if digest not in blobs:
-                raise TrustError(f"{label} ({digest}) was not received and is not held", MISSING_BLOB)
+                raise TrustError(
+                    f"{label} ({digest}) was not received and is not held", MISSING_BLOB
+                )
             actual = "sha256:" + hashlib.sha256(blobs[digest]).hexdigest()
             if actual != digest:
-                raise TrustError(f"{label}: content hashes to {actual}, manifest says {digest}", DIGEST_MISMATCH)
+                raise TrustError(
+                    f"{label}: content hashes to {actual}, manifest says {digest}", DIGEST_MISMATCH
+                )
 
     # ------------------------------------------------------------------ commit
 
     def accept(self, verdict: Verdict) -> None:
         """Durably record ``verdict`` as applied; call only after the apply succeeded."""
         self._check_key()
-        if verdict.key_fingerprint != self.fingerprint or verdict.manifest.tenant != self.tenant \
-                or verdict.manifest.device_id != self.device_id:
+        if (
+            verdict.key_fingerprint != self.fingerprint
+            or verdict.manifest.tenant != self.tenant
+            or verdict.manifest.device_id != self.device_id
+        ):
             raise TrustError("verdict was not issued by this verifier", KEY_CHANGED)
         held = self._state.manifest_version
         if held is not None and verdict.version < held:
-            raise TrustError(f"version {verdict.version} is lower than the held version {held}", ROLLBACK)
+            raise TrustError(
+                f"version {verdict.version} is lower than the held version {held}", ROLLBACK
+            )
         if held is not None and verdict.version == held:
             if verdict.manifest_digest != self._state.manifest_digest:
-                raise TrustError(f"version {held} already accepted with other content", VERSION_REUSE)
+                raise TrustError(
+                    f"version {held} already accepted with other content", VERSION_REUSE
+                )
             return
         state = TrustState(
-            self.tenant, self.device_id, self._state.key_fingerprint, verdict.version, verdict.manifest_digest
+            self.tenant,
+            self.device_id,
+            self._state.key_fingerprint,
+            verdict.version,
+            verdict.manifest_digest,
         )
         atomic_write(self.state_path, state.to_json(), mode=0o600)
         self._state = state

@@ -33,8 +33,15 @@ def show(value: object, limit: int = 60) -> str:
 
 def yaml_type_name(value: object) -> str:
     """The YAML name of a constructed value's type, for messages."""
-    names = {str: "string", int: "integer", float: "number", bool: "boolean", list: "sequence",
-             dict: "mapping", type(None): "null"}
+    names = {
+        str: "string",
+        int: "integer",
+        float: "number",
+        bool: "boolean",
+        list: "sequence",
+        dict: "mapping",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -127,7 +134,9 @@ def check_nodes(root: yaml.Node, source: str) -> None:
 def load_yaml(data: bytes, source: str) -> list[tuple[yaml.Node, Any]]:
     """Every document of ``data`` as (node tree, constructed value); empty documents skipped."""
     if len(data) > MAX_DOCUMENT_BYTES:
-        raise DocumentError(f"{source}: document is {len(data)} bytes, more than {MAX_DOCUMENT_BYTES}")
+        raise DocumentError(
+            f"{source}: document is {len(data)} bytes, more than {MAX_DOCUMENT_BYTES}"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -146,7 +155,9 @@ def load_yaml(data: bytes, source: str) -> list[tuple[yaml.Node, Any]]:
         what = exc.problem or "syntax error"
         if exc.context:
             cm = exc.context_mark
-            started = f" (started at {cm.line + 1}:{cm.column + 1})" if cm and cm is not mark else ""
+            started = (
+                f" (started at {cm.line + 1}:{cm.column + 1})" if cm and cm is not mark else ""
+            )
             what = f"{exc.context}{started}: {what}"
         where = f"{mark.line + 1}:{mark.column + 1}:" if mark else ""
         raise DocumentError(f"{source}:{where} invalid YAML: {what}") from None

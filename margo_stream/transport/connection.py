@@ -64,11 +64,23 @@ class ConnectionHandler(Protocol):
 
 
 class MessageStream:
-    __slots__ = ("conn", "stream_id", "kind", "on_message", "_queue", "_limit", "_waiter",
-                 "_ended", "_error", "_local_ended", "__weakref__")
+    __slots__ = (
+        "conn",
+        "stream_id",
+        "kind",
+        "on_message",
+        "_queue",
+        "_limit",
+        "_waiter",
+        "_ended",
+        "_error",
+        "_local_ended",
+        "__weakref__",
+    )
 
-    def __init__(self, conn: Connection, stream_id: int, kind: StreamKind | None,
-                 limit: int = DEFAULT_QUEUE) -> None:
+    def __init__(
+        self, conn: Connection, stream_id: int, kind: StreamKind | None, limit: int = DEFAULT_QUEUE
+    ) -> None:
         self.conn = conn
         self.stream_id = stream_id
         self.kind = kind
@@ -116,7 +128,9 @@ class MessageStream:
             return
         if len(self._queue) >= self._limit:
             self.reset(ErrorCode.PROTOCOL_ERROR)
-            log.warning("stream %d overran its %d-message queue; reset", self.stream_id, self._limit)
+            log.warning(
+                "stream %d overran its %d-message queue; reset", self.stream_id, self._limit
+            )
             return
         self._queue.append(message)
         self._wake()
@@ -142,8 +156,15 @@ class MessageStream:
 class Connection:
     """Drives one ``QuicConnection``. ``sendto`` puts one datagram on the wire."""
 
-    def __init__(self, quic: QuicConnection, role: Sender, sendto: Callable[[bytes, Any], None],
-                 loop: asyncio.AbstractEventLoop, *, max_frame: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        quic: QuicConnection,
+        role: Sender,
+        sendto: Callable[[bytes, Any], None],
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_frame: int = 1 << 20,
+    ) -> None:
         self.quic = quic
         self.role = role
         self.loop = loop
@@ -174,8 +195,11 @@ class Connection:
             # the controller no longer knows this connection (it restarted): RFC 9000 10.3.1,
             # the connection is over and nothing more is sent on it
             self.cancel_timer()
-            self._terminated(ErrorCode.NO_ERROR, "stateless reset: the controller no longer "
-                             "knows this connection (restarted?)", by_peer=True)
+            self._terminated(
+                ErrorCode.NO_ERROR,
+                "stateless reset: the controller no longer knows this connection (restarted?)",
+                by_peer=True,
+            )
             if self.on_terminated is not None:
                 self.on_terminated(self)
             return
@@ -377,8 +401,14 @@ class Connection:
         return self.closed
 
 
-__all__ = ["Connection", "ConnectionHandler", "ConnectionLost", "MessageStream", "StreamClosed",
-           "ProtocolError"]
+__all__ = [
+    "Connection",
+    "ConnectionHandler",
+    "ConnectionLost",
+    "MessageStream",
+    "StreamClosed",
+    "ProtocolError",
+]
 
 
 def is_link_loss(exc: BaseException) -> bool:

@@ -48,7 +48,11 @@ def check_aioquic() -> None:
             "install the version pinned in pyproject.toml"
         )
     context = tls.Context(is_client=False)
-    for attribute in ("_request_client_certificate", "_peer_certificate", "_peer_certificate_chain"):
+    for attribute in (
+        "_request_client_certificate",
+        "_peer_certificate",
+        "_peer_certificate_chain",
+    ):
         if not hasattr(context, attribute):
             raise UnsupportedAioquic(
                 f"aioquic {aioquic_version}: tls.Context has no {attribute!r}; "
@@ -62,7 +66,8 @@ def check_aioquic() -> None:
                 "stateless resets cannot work"
             )
     if not hasattr(client._host_cids[0], "stateless_reset_token") or not callable(
-            getattr(QuicConnection, "_replenish_connection_ids", None)):
+        getattr(QuicConnection, "_replenish_connection_ids", None)
+    ):
         raise UnsupportedAioquic(
             f"aioquic {aioquic_version}: connection IDs are issued differently; "
             "stateless resets cannot work"
@@ -108,7 +113,9 @@ def peer_reset_tokens(connection: QuicConnection) -> list[bytes]:
     return [c.stateless_reset_token for c in cids if c.stateless_reset_token]
 
 
-def peer_certificates(connection: QuicConnection) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
+def peer_certificates(
+    connection: QuicConnection,
+) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
     """The leaf and chain the peer presented (``None`` when it sent an empty Certificate)."""
     context = getattr(connection, "tls", None)
     if context is None:

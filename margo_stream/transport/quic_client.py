@@ -14,8 +14,15 @@ from margo_stream.protocol.codes import ALPN, Sender
 from margo_stream.transport.connection import Connection
 
 
-def client_configuration(cert_path: str, key_path: str, ca_path: str, *, server_name: str,
-                         idle_timeout: float = 60.0, max_datagram_size: int = 1350) -> QuicConfiguration:
+def client_configuration(
+    cert_path: str,
+    key_path: str,
+    ca_path: str,
+    *,
+    server_name: str,
+    idle_timeout: float = 60.0,
+    max_datagram_size: int = 1350,
+) -> QuicConfiguration:
     configuration = QuicConfiguration(
         is_client=True,
         alpn_protocols=[ALPN],
@@ -54,7 +61,9 @@ class _ClientProtocol(asyncio.DatagramProtocol):
         pass
 
 
-async def connect(host: str, port: int, configuration: QuicConfiguration) -> tuple[Connection, asyncio.DatagramTransport]:
+async def connect(
+    host: str, port: int, configuration: QuicConfiguration
+) -> tuple[Connection, asyncio.DatagramTransport]:
     """Start a handshake; the caller awaits ``connection.wait_handshake()`` with a timeout and
     closes the returned transport when done with the connection."""
     loop = asyncio.get_running_loop()

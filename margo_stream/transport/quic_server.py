@@ -42,8 +42,9 @@ Verifier = Callable[[Any, list[Any]], Any]
 Acceptor = Callable[[Connection, Any], None]
 
 
-def server_configuration(cert_path: str, key_path: str, *, idle_timeout: float = 60.0,
-                         max_datagram_size: int = 1350) -> QuicConfiguration:
+def server_configuration(
+    cert_path: str, key_path: str, *, idle_timeout: float = 60.0, max_datagram_size: int = 1350
+) -> QuicConfiguration:
     configuration = QuicConfiguration(
         is_client=False,
         alpn_protocols=[ALPN],
@@ -57,8 +58,15 @@ def server_configuration(cert_path: str, key_path: str, *, idle_timeout: float =
 
 
 class QuicServer(asyncio.DatagramProtocol):
-    def __init__(self, configuration: QuicConfiguration, verify: Verifier, accept: Acceptor,
-                 *, max_connections: int = 50_000, reset_tokens: ResetTokens | None = None) -> None:
+    def __init__(
+        self,
+        configuration: QuicConfiguration,
+        verify: Verifier,
+        accept: Acceptor,
+        *,
+        max_connections: int = 50_000,
+        reset_tokens: ResetTokens | None = None,
+    ) -> None:
         check_aioquic()
         self.configuration = configuration
         self.verify = verify
@@ -69,8 +77,13 @@ class QuicServer(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self._by_cid: dict[bytes, Connection] = {}
         self._connections: set[Connection] = set()
-        self.counters = {"handshakes": 0, "refused": 0, "accepted": 0, "dropped_datagrams": 0,
-                         "stateless_resets": 0}
+        self.counters = {
+            "handshakes": 0,
+            "refused": 0,
+            "accepted": 0,
+            "dropped_datagrams": 0,
+            "stateless_resets": 0,
+        }
 
     # --- asyncio.DatagramProtocol ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -78,17 +91,27 @@ class QuicServer(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=self.configuration.connection_id_length)
+            header = pull_quic_header(
+                Buffer(data=data), host_cid_length=self.configuration.connection_id_length
+            )
         except ValueError:
             self.counters["dropped_datagrams"] += 1
             return
         conn = self._by_cid.get(header.destination_cid)
         if conn is None:
-            if (header.version is not None and header.packet_type != QuicPacketType.VERSION_NEGOTIATION
-                    and header.version not in self.configuration.supported_versions):
-                self._sendto(encode_quic_version_negotiation(
-                    source_cid=header.destination_cid, destination_cid=header.source_cid,
-                    supported_versions=self.configuration.supported_versions), addr)
+            if (
+                header.version is not None
+                and header.packet_type != QuicPacketType.VERSION_NEGOTIATION
+                and header.version not in self.configuration.supported_versions
+            ):
+                self._sendto(
+                    encode_quic_version_negotiation(
+                        source_cid=header.destination_cid,
+                        destination_cid=header.source_cid,
+                        supported_versions=self.configuration.supported_versions,
+                    ),
+                    addr,
+                )
                 return
             if header.version is None and self.reset_tokens is not None:
                 # a connection we do not know (we restarted, or forgot it): tell the peer now
@@ -97,8 +120,11 @@ class QuicServer(asyncio.DatagramProtocol):
                     self.counters["stateless_resets"] += 1
                     self._sendto(reset, addr)
                     return
-            if (header.packet_type != QuicPacketType.INITIAL or len(data) < SMALLEST_MAX_DATAGRAM_SIZE
-                    or len(self._connections) >= self.max_connections):
+            if (
+                header.packet_type != QuicPacketType.INITIAL
+                or len(data) < SMALLEST_MAX_DATAGRAM_SIZE
+                or len(self._connections) >= self.max_connections
+            ):
                 self.counters["dropped_datagrams"] += 1
                 return
             conn = self._new_connection(header.destination_cid)
@@ -144,8 +170,12 @@ class QuicServer(asyncio.DatagramProtocol):
         except PeerRejected as exc:
             self.counters["refused"] += 1
             addr = conn.remote
-            log.warning("refused connection from %s: %s", addr, exc.reason,
-                        extra={"event": "peer-refused", "remote": str(addr), "reason": exc.reason})
+            log.warning(
+                "refused connection from %s: %s",
+                addr,
+                exc.reason,
+                extra={"event": "peer-refused", "remote": str(addr), "reason": exc.reason},
+            )
             conn.close(ErrorCode.IDENTITY_REFUSED, exc.reason)
             return
         self.counters["accepted"] += 1
@@ -168,14 +198,21 @@ class QuicServer(asyncio.DatagramProtocol):
             conn.close(code, reason)
 
 
-async def start_server(host: str, port: int, configuration: QuicConfiguration, verify: Verifier,
-                       accept: Acceptor, *, reset_tokens: ResetTokens | None = None
-                       ) -> tuple[asyncio.DatagramTransport, QuicServer]:
+async def start_server(
+    host: str,
+    port: int,
+    configuration: QuicConfiguration,
+    verify: Verifier,
+    accept: Acceptor,
+    *,
+    reset_tokens: ResetTokens | None = None,
+) -> tuple[asyncio.DatagramTransport, QuicServer]:
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     size_buffers(sock)
     sock.bind((host, port))
     transport, protocol = await loop.create_datagram_endpoint(
-        lambda: QuicServer(configuration, verify, accept, reset_tokens=reset_tokens), sock=sock)
+        lambda: QuicServer(configuration, verify, accept, reset_tokens=reset_tokens), sock=sock
+    )
     return transport, protocol  # type: ignore[return-value]

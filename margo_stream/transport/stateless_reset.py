@@ -61,9 +61,11 @@ def load_reset_key(data_dir: Path) -> bytes:
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
     if len(key) != KEY_SIZE:
-        raise ConfigError(f"{path} holds {len(key)} bytes, not a {KEY_SIZE}-byte key; remove it "
-                          "and restart (agents connected now will then notice a restart by "
-                          "their keepalives instead)")
+        raise ConfigError(
+            f"{path} holds {len(key)} bytes, not a {KEY_SIZE}-byte key; remove it "
+            "and restart (agents connected now will then notice a restart by "
+            "their keepalives instead)"
+        )
     return key
 
 

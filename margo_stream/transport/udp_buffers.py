@@ -22,9 +22,16 @@ log = logging.getLogger("margo.quic.server")
 WANTED = 64 << 20
 # Python does not export these; the values are Linux's generic ones (x86, arm, riscv)
 _LINUX = sys.platform == "linux" and platform.machine() in (
-    "x86_64", "i686", "aarch64", "armv7l", "riscv64")
-_FORCE = {socket.SO_RCVBUF: getattr(socket, "SO_RCVBUFFORCE", 33 if _LINUX else None),
-          socket.SO_SNDBUF: getattr(socket, "SO_SNDBUFFORCE", 32 if _LINUX else None)}
+    "x86_64",
+    "i686",
+    "aarch64",
+    "armv7l",
+    "riscv64",
+)
+_FORCE = {
+    socket.SO_RCVBUF: getattr(socket, "SO_RCVBUFFORCE", 33 if _LINUX else None),
+    socket.SO_SNDBUF: getattr(socket, "SO_SNDBUFFORCE", 32 if _LINUX else None),
+}
 _SYSCTL = {socket.SO_RCVBUF: "net.core.rmem_max", socket.SO_SNDBUF: "net.core.wmem_max"}
 
 
@@ -43,10 +50,15 @@ def size_buffers(sock: socket.socket, wanted: int = WANTED) -> dict[str, int]:
             except PermissionError:
                 pass
         if size < wanted:
-            log.warning("UDP %s buffer is %d KiB, not the %d KiB asked for: raise %s (bursts "
-                        "from many devices at once are dropped and retransmitted)",
-                        name, size >> 10, wanted >> 10, _SYSCTL[option],
-                        extra={"buffer": name, "granted": size, "wanted": wanted})
+            log.warning(
+                "UDP %s buffer is %d KiB, not the %d KiB asked for: raise %s (bursts "
+                "from many devices at once are dropped and retransmitted)",
+                name,
+                size >> 10,
+                wanted >> 10,
+                _SYSCTL[option],
+                extra={"buffer": name, "granted": size, "wanted": wanted},
+            )
         granted[name] = size
     return granted
 

@@ -15,15 +15,26 @@ from margo_stream.transport.connection import Connection
 from margo_stream.transport.quic_client import connect
 
 
-def craft(pki_dir: Path, out: Path, *, signer: str, uris: list[str], expired: bool = False,
-          common_name: str = "crafted") -> tuple[Path, Path]:
+def craft(
+    pki_dir: Path,
+    out: Path,
+    *,
+    signer: str,
+    uris: list[str],
+    expired: bool = False,
+    common_name: str = "crafted",
+) -> tuple[Path, Path]:
     """A client certificate signed by tenant ``signer``'s CA with the given URI SANs."""
     ca_cert, ca_key = load_tenant_ca(pki_dir, signer)
     now = datetime.now(UTC)
-    nb, na = (now - timedelta(days=3), now - timedelta(days=1)) if expired else (
-        now - timedelta(minutes=5), now + timedelta(days=1))
-    cert, key = make_leaf(ca_cert, ca_key, uris=uris, not_before=nb, not_after=na,
-                          common_name=common_name)
+    nb, na = (
+        (now - timedelta(days=3), now - timedelta(days=1))
+        if expired
+        else (now - timedelta(minutes=5), now + timedelta(days=1))
+    )
+    cert, key = make_leaf(
+        ca_cert, ca_key, uris=uris, not_before=nb, not_after=na, common_name=common_name
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "cert.pem").write_bytes(cert_to_pem(cert))
     (out / "key.pem").write_bytes(key_to_pem(key))
@@ -31,8 +42,9 @@ def craft(pki_dir: Path, out: Path, *, signer: str, uris: list[str], expired: bo
 
 
 def configuration(pki_dir: Path, cert: Path | None, key: Path | None) -> QuicConfiguration:
-    conf = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name="localhost",
-                             idle_timeout=10)
+    conf = QuicConfiguration(
+        is_client=True, alpn_protocols=[ALPN], server_name="localhost", idle_timeout=10
+    )
     if cert is not None:
         conf.load_cert_chain(str(cert), str(key))
     conf.load_verify_locations(cafile=str(pki_dir / "controller" / "ca.pem"))
@@ -48,8 +60,9 @@ async def open_connection(port: int, conf: QuicConfiguration) -> Connection:
 
 
 def hello(device_id: str) -> m.Hello:
-    return m.Hello(device_id=device_id, agent_version="test",
-                   capabilities=m.Capabilities(id=device_id))
+    return m.Hello(
+        device_id=device_id, agent_version="test", capabilities=m.Capabilities(id=device_id)
+    )
 
 
 async def say_hello(conn: Connection, device_id: str) -> object:

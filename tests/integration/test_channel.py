@@ -44,7 +44,8 @@ def test_agent_connects_and_operator_sees_it(pki, controller, tmp_path):
         missing = controller.get(pki.token("globex"), "/devices/no-such-device")
         assert other.status_code == missing.status_code == 404
         assert other.json()["detail"].replace("press-01", "X") == missing.json()["detail"].replace(
-            "no-such-device", "X")
+            "no-such-device", "X"
+        )
         assert controller.get(pki.token("globex"), "/devices").json()["items"] == []
         assert controller.get("not-a-token", "/devices").status_code == 401
     finally:
@@ -56,18 +57,21 @@ REFUSALS = {
     "unknown trust domain": dict(signer="acme", uris=["spiffe://initech/margo/client/x1"]),
     "another tenant's CA": dict(signer="globex", uris=["spiffe://acme/margo/client/press-01"]),
     "expired": dict(signer="acme", uris=["spiffe://acme/margo/client/old-01"], expired=True),
-    "several URI SANs": dict(signer="acme", uris=["spiffe://acme/margo/client/a",
-                                                  "spiffe://acme/margo/client/b"]),
+    "several URI SANs": dict(
+        signer="acme", uris=["spiffe://acme/margo/client/a", "spiffe://acme/margo/client/b"]
+    ),
     "no URI SAN": dict(signer="acme", uris=[]),
 }
 
 
 async def test_refusals_with_real_handshakes(pki, controller, tmp_path):
-    expect = {"unknown trust domain": "unknown trust domain 'initech'",
-              "another tenant's CA": "'acme' trust bundle",
-              "expired": "expired",
-              "several URI SANs": "2 URI SANs",
-              "no URI SAN": "0 URI SANs"}
+    expect = {
+        "unknown trust domain": "unknown trust domain 'initech'",
+        "another tenant's CA": "'acme' trust bundle",
+        "expired": "expired",
+        "several URI SANs": "2 URI SANs",
+        "no URI SAN": "0 URI SANs",
+    }
     for i, (case, spec) in enumerate(REFUSALS.items()):
         cert, key = craft(pki.dir, tmp_path / f"bad{i}", **spec)
         conn = await open_connection(controller.quic_port, configuration(pki.dir, cert, key))
@@ -91,8 +95,9 @@ async def test_refusals_with_real_handshakes(pki, controller, tmp_path):
 
 async def test_hello_for_another_device_closes_connection(pki, controller):
     ident = pki.device("acme", "press-01")
-    conn = await open_connection(controller.quic_port,
-                                 configuration(pki.dir, ident / "cert.pem", ident / "key.pem"))
+    conn = await open_connection(
+        controller.quic_port, configuration(pki.dir, ident / "cert.pem", ident / "key.pem")
+    )
     with pytest.raises(ConnectionLost) as info:
         await say_hello(conn, "press-02")
     assert info.value.code == ErrorCode.IDENTITY_MISMATCH
@@ -101,13 +106,16 @@ async def test_hello_for_another_device_closes_connection(pki, controller):
 
 async def test_malformed_stream_is_reset_and_connection_survives(pki, controller):
     ident = pki.device("acme", "press-01")
-    conn = await open_connection(controller.quic_port,
-                                 configuration(pki.dir, ident / "cert.pem", ident / "key.pem"))
+    conn = await open_connection(
+        controller.quic_port, configuration(pki.dir, ident / "cert.pem", ident / "key.pem")
+    )
     ack = await say_hello(conn, "press-01")
     assert isinstance(ack, m.HelloAck) and ack.tenant == "acme"
-    for garbage in (struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1",  # not msgpack
-                    struct.pack(">I", 64 << 20),  # announces a frame over the limit
-                    struct.pack(">I", 3) + b"\x93\x01\x02"):  # not a map
+    for garbage in (
+        struct.pack(">I", 5) + b"\xc1\xc1\xc1\xc1\xc1",  # not msgpack
+        struct.pack(">I", 64 << 20),  # announces a frame over the limit
+        struct.pack(">I", 3) + b"\x93\x01\x02",
+    ):  # not a map
         sid = conn.quic.get_next_available_stream_id()
         stream = conn.open_stream()
         assert stream.stream_id == sid
@@ -147,8 +155,12 @@ def test_agent_reconnects_after_controller_restart(pki, tmp_path):
     port = free_udp_port()
     ctl = Controller(pki, tmp_path / "data", quic_port=port)
     ident = pki.device("acme", "press-01")
-    agent = Agent(ident, f"127.0.0.1:{port}", tmp_path / "agent1",
-                  extra=["--keepalive", "0.3", "--idle-timeout", "5"])
+    agent = Agent(
+        ident,
+        f"127.0.0.1:{port}",
+        tmp_path / "agent1",
+        extra=["--keepalive", "0.3", "--idle-timeout", "5"],
+    )
     try:
         ctl.wait_connected(pki.token("acme"), "press-01")
         ctl.kill()  # SIGKILL: no goodbye to the agents
@@ -173,20 +185,27 @@ async def test_agent_reconnects_after_blackhole(pki, tmp_path):
     ident = pki.device("acme", "press-01")
     token = pki.token("acme")
     try:
-        async with UdpRelay(("127.0.0.1", 0), ("127.0.0.1", ctl.quic_port),
-                            Impairment(seed=1)) as relay:
-            agent = Agent(ident, f"127.0.0.1:{relay.port}", tmp_path / "agent1",
-                          extra=["--keepalive", "0.3", "--idle-timeout", "3"])
+        async with UdpRelay(
+            ("127.0.0.1", 0), ("127.0.0.1", ctl.quic_port), Impairment(seed=1)
+        ) as relay:
+            agent = Agent(
+                ident,
+                f"127.0.0.1:{relay.port}",
+                tmp_path / "agent1",
+                extra=["--keepalive", "0.3", "--idle-timeout", "3"],
+            )
             try:
                 await anyio.to_thread.run_sync(lambda: ctl.wait_connected(token, "press-01"))
                 relay.blackhole(True)
                 # the agent notices the dead link (3 silent keepalives) and retries;
                 # the controller's idle timeout marks it disconnected
-                await anyio.to_thread.run_sync(lambda: ctl.wait_connected(
-                    token, "press-01", connected=False, timeout=15))
+                await anyio.to_thread.run_sync(
+                    lambda: ctl.wait_connected(token, "press-01", connected=False, timeout=15)
+                )
                 relay.blackhole(False)
-                d = await anyio.to_thread.run_sync(lambda: ctl.wait_connected(
-                    token, "press-01", min_connections=2, timeout=20))
+                d = await anyio.to_thread.run_sync(
+                    lambda: ctl.wait_connected(token, "press-01", min_connections=2, timeout=20)
+                )
                 assert d["connected"]
                 assert "controller unresponsive" in agent.log() or "no answer" in agent.log()
             finally:
@@ -202,14 +221,35 @@ def test_bad_identity_files_give_one_line_errors(pki, tmp_path):
 
     ident = pki.device("acme", "press-01")
     (ident / "key.pem").write_text("not a key")
-    r = subprocess.run([str(BIN / "margo-agent"), "--identity", str(ident), "--controller",
-                        "127.0.0.1:1", "--state", str(tmp_path / "s")],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [
+            str(BIN / "margo-agent"),
+            "--identity",
+            str(ident),
+            "--controller",
+            "127.0.0.1:1",
+            "--state",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "key.pem" in lines[0], r.stderr
-    r = subprocess.run([str(BIN / "margo-controller"), "--certs", str(tmp_path / "nope"), "--data",
-                        str(tmp_path / "d")], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [
+            str(BIN / "margo-controller"),
+            "--certs",
+            str(tmp_path / "nope"),
+            "--data",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 2 and "nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
@@ -218,9 +258,20 @@ def test_non_loopback_api_without_tls_is_refused(pki, tmp_path):
 
     from tests.harness import BIN
 
-    r = subprocess.run([str(BIN / "margo-controller"), "--certs", str(pki.dir), "--data",
-                        str(tmp_path / "d"), "--api", "0.0.0.0:0"],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [
+            str(BIN / "margo-controller"),
+            "--certs",
+            str(pki.dir),
+            "--data",
+            str(tmp_path / "d"),
+            "--api",
+            "0.0.0.0:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 2 and "plain HTTP is only allowed on loopback" in r.stderr
 
 

@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 def anyio_backend():
     return "asyncio"
 
+
 DOC = """\
 apiVersion: application.margo.org/v1alpha1
 kind: ApplicationDeployment
@@ -47,16 +48,24 @@ def write_doc(tmp: Path, site: str, *, dep_id: str = "probe-1", files: str = "")
     return path
 
 
-def margoctl(ctl: Controller, token_file: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([str(BIN / "margoctl"), "--api", ctl.api, "--token-file", str(token_file), *args],
-                       capture_output=True, text=True, timeout=30)
+def margoctl(
+    ctl: Controller, token_file: Path, *args: str, check: bool = True
+) -> subprocess.CompletedProcess:
+    r = subprocess.run(
+        [str(BIN / "margoctl"), "--api", ctl.api, "--token-file", str(token_file), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     if check:
         assert r.returncode == 0, r.stderr
     return r
 
 
 def deployments(ctl: Controller, token_file: Path, device: str) -> list[dict]:
-    return json.loads(margoctl(ctl, token_file, "get", "deployments", "--device", device, "-o", "json").stdout)
+    return json.loads(
+        margoctl(ctl, token_file, "get", "deployments", "--device", device, "-o", "json").stdout
+    )
 
 
 def state_of(ctl: Controller, token_file: Path, device: str, dep: str) -> dict | None:
@@ -76,7 +85,9 @@ def env(pki, tmp_path):
     ctl = Controller(pki, tmp_path / "data")
     agents: list[Agent] = []
 
-    def start_agent(device: str = "press-01", state: str = "agent1", extra: list[str] | None = None) -> Agent:
+    def start_agent(
+        device: str = "press-01", state: str = "agent1", extra: list[str] | None = None
+    ) -> Agent:
         ident = tmp_path / "certs" / "acme" / "devices" / device
         if not ident.exists():
             pki.device("acme", device)
@@ -95,18 +106,24 @@ def test_apply_change_delete_with_real_processes(env, tmp_path):
     agent = start_agent()
     ctl.wait_connected(tok.read_text().strip(), "press-01")
     margoctl(ctl, tok, "apply", "-f", str(write_doc(tmp_path, "SITE-A")), "--device", "press-01")
-    wait_for(lambda: (state_of(ctl, tok, "press-01", "probe-1") or {}).get("state") == "installed",
-             what="installed")
+    wait_for(
+        lambda: (state_of(ctl, tok, "press-01", "probe-1") or {}).get("state") == "installed",
+        what="installed",
+    )
     site, pid1 = wait_for(lambda: workload_out(agent), what="workload output")
     assert site == "SITE-A"
     item = state_of(ctl, tok, "press-01", "probe-1")
     assert item["manifestVersion"] == 1 and item["components"][0]["state"] == "installed"
     # change a parameter: the component restarts with the new environment
     margoctl(ctl, tok, "apply", "-f", str(write_doc(tmp_path, "SITE-B")), "--device", "press-01")
-    site, pid2 = wait_for(lambda: (o := workload_out(agent)) and o[0] == "SITE-B" and o, what="restart")
+    site, pid2 = wait_for(
+        lambda: (o := workload_out(agent)) and o[0] == "SITE-B" and o, what="restart"
+    )
     assert pid2 != pid1
     wait_for(lambda: not pid_alive(pid1), what="old process gone")
-    wait_for(lambda: state_of(ctl, tok, "press-01", "probe-1")["manifestVersion"] == 2, what="v2 adopted")
+    wait_for(
+        lambda: state_of(ctl, tok, "press-01", "probe-1")["manifestVersion"] == 2, what="v2 adopted"
+    )
     # re-applying the same document changes nothing on the device
     margoctl(ctl, tok, "apply", "-f", str(write_doc(tmp_path, "SITE-B")), "--device", "press-01")
     time.sleep(0.5)  # give a (wrong) restart the chance to happen; the pid must not change
@@ -114,8 +131,13 @@ def test_apply_change_delete_with_real_processes(env, tmp_path):
     # delete: absence from the manifest removes it
     margoctl(ctl, tok, "delete", "deployment", "probe-1", "--device", "press-01")
     wait_for(lambda: not pid_alive(pid2), what="process stopped after delete")
-    wait_for(lambda: (state_of(ctl, tok, "press-01", "probe-1") or {"state": "removed"})["state"] == "removed",
-             what="removed status")
+    wait_for(
+        lambda: (
+            (state_of(ctl, tok, "press-01", "probe-1") or {"state": "removed"})["state"]
+            == "removed"
+        ),
+        what="removed status",
+    )
 
 
 def test_offline_agent_restart_restores_workloads(env, tmp_path, pki):
@@ -124,8 +146,10 @@ def test_offline_agent_restart_restores_workloads(env, tmp_path, pki):
     ctl.wait_connected(tok.read_text().strip(), "press-01")
     margoctl(ctl, tok, "apply", "-f", str(write_doc(tmp_path, "SITE-A")), "--device", "press-01")
     _, pid1 = wait_for(lambda: workload_out(agent), what="workload output")
-    wait_for(lambda: (state_of(ctl, tok, "press-01", "probe-1") or {}).get("state") == "installed",
-             what="installed")
+    wait_for(
+        lambda: (state_of(ctl, tok, "press-01", "probe-1") or {}).get("state") == "installed",
+        what="installed",
+    )
     ctl.stop()
     assert agent.stop() == 0
     assert not pid_alive(pid1)  # a stopped agent stops its workloads
@@ -162,17 +186,26 @@ def test_delta_push_sends_only_the_changed_blob(env, tmp_path):
     import base64
     import hashlib
 
-    listing = "".join(f"    - {{name: conf/f{i}.txt, digest: 'sha256:{hashlib.sha256(b).hexdigest()}'}}\n"
-                      for i, b in enumerate(blobs))
+    listing = "".join(
+        f"    - {{name: conf/f{i}.txt, digest: 'sha256:{hashlib.sha256(b).hexdigest()}'}}\n"
+        for i, b in enumerate(blobs)
+    )
     files = "  files:\n" + listing
     for site in ("SITE-A", "SITE-B"):
         doc = write_doc(tmp_path, site, files=files).read_text()
-        body = {"documents": [doc], "devices": ["press-01"],
-                "blobs": [base64.b64encode(b).decode() for b in blobs]}
+        body = {
+            "documents": [doc],
+            "devices": ["press-01"],
+            "blobs": [base64.b64encode(b).decode() for b in blobs],
+        }
         import httpx
 
-        r = httpx.post(f"{ctl.api}/api/v1/deployments", json=body,
-                       headers={"Authorization": f"Bearer {tok.read_text().strip()}"}, timeout=10)
+        r = httpx.post(
+            f"{ctl.api}/api/v1/deployments",
+            json=body,
+            headers={"Authorization": f"Bearer {tok.read_text().strip()}"},
+            timeout=10,
+        )
         assert r.status_code == 200, r.text
         wait_for(lambda s=site: (o := workload_out(agent)) and o[0] == s, what=f"{site} running")
     assert (agent.state / "work" / "probe-1" / "files" / "conf" / "f3.txt").read_bytes() == blobs[3]
@@ -180,8 +213,13 @@ def test_delta_push_sends_only_the_changed_blob(env, tmp_path):
     for line in ctl.log().splitlines():
         if "event=desired-adopted" in line:
             version = int(re.search(r"manifest version (\d+)", line).group(1))
-            first_adoption.setdefault(version, (int(re.search(r"blobs_sent=(\d+)", line).group(1)),
-                                                int(re.search(r"bytes=(\d+)", line).group(1))))
+            first_adoption.setdefault(
+                version,
+                (
+                    int(re.search(r"blobs_sent=(\d+)", line).group(1)),
+                    int(re.search(r"bytes=(\d+)", line).group(1)),
+                ),
+            )
     # the document + 5 files, then only the changed document
     assert [first_adoption[v][0] for v in (1, 2)] == [6, 1], first_adoption
     assert first_adoption[2][1] < 3000 < first_adoption[1][1]
@@ -199,10 +237,15 @@ def test_push_signed_with_another_key_is_refused(env, tmp_path, pki):
     (pki.dir / "acme" / "signing.key").write_bytes(globex_key)
     ctl2 = Controller(pki, tmp_path / "data", quic_port=ctl.quic_port)
     try:
-        margoctl(ctl2, tok, "apply", "-f", str(write_doc(tmp_path, "SITE-EVIL")), "--device", "press-01")
+        margoctl(
+            ctl2, tok, "apply", "-f", str(write_doc(tmp_path, "SITE-EVIL")), "--device", "press-01"
+        )
         wait_for(lambda: "bad-signature" in agent.log(), what="refusal")
         assert workload_out(agent)[0] == "SITE-A"  # still running the verified version
-        wait_for(lambda: "refused manifest version 2: bad-signature" in ctl2.log(), what="controller logs refusal")
+        wait_for(
+            lambda: "refused manifest version 2: bad-signature" in ctl2.log(),
+            what="controller logs refusal",
+        )
     finally:
         ctl2.stop()
 
@@ -222,31 +265,60 @@ async def test_torn_push_leaves_the_old_workload_running(pki, tmp_path):
     token = tok.read_text().strip()
     ident = pki.device("acme", "press-01")
     try:
-        async with UdpRelay(("127.0.0.1", 0), ("127.0.0.1", ctl.quic_port), Impairment(seed=2)) as relay:
-            agent = Agent(ident, f"127.0.0.1:{relay.port}", tmp_path / "agent1",
-                          extra=["--keepalive", "0.3", "--idle-timeout", "3"])
+        async with UdpRelay(
+            ("127.0.0.1", 0), ("127.0.0.1", ctl.quic_port), Impairment(seed=2)
+        ) as relay:
+            agent = Agent(
+                ident,
+                f"127.0.0.1:{relay.port}",
+                tmp_path / "agent1",
+                extra=["--keepalive", "0.3", "--idle-timeout", "3"],
+            )
             try:
                 await anyio.to_thread.run_sync(lambda: ctl.wait_connected(token, "press-01"))
-                margoctl(ctl, tok, "apply", "-f", str(write_doc(tmp_path, "SITE-A")), "--device", "press-01")
-                _, pid1 = await anyio.to_thread.run_sync(lambda: wait_for(lambda: workload_out(agent)))
+                margoctl(
+                    ctl,
+                    tok,
+                    "apply",
+                    "-f",
+                    str(write_doc(tmp_path, "SITE-A")),
+                    "--device",
+                    "press-01",
+                )
+                _, pid1 = await anyio.to_thread.run_sync(
+                    lambda: wait_for(lambda: workload_out(agent))
+                )
                 big = os.urandom(40 << 20)
                 files = f"  files:\n    - {{name: big.bin, digest: 'sha256:{hashlib.sha256(big).hexdigest()}'}}\n"
-                body = {"documents": [write_doc(tmp_path, "SITE-B", files=files).read_text()],
-                        "devices": ["press-01"], "blobs": [base64.b64encode(big).decode()]}
+                body = {
+                    "documents": [write_doc(tmp_path, "SITE-B", files=files).read_text()],
+                    "devices": ["press-01"],
+                    "blobs": [base64.b64encode(big).decode()],
+                }
                 async with httpx.AsyncClient(timeout=60) as client:
-                    r = await client.post(f"{ctl.api}/api/v1/deployments", json=body,
-                                          headers={"Authorization": f"Bearer {token}"})
+                    r = await client.post(
+                        f"{ctl.api}/api/v1/deployments",
+                        json=body,
+                        headers={"Authorization": f"Bearer {token}"},
+                    )
                 assert r.status_code == 200, r.text
                 await anyio.sleep(0.2)  # the push is under way: cut the link mid-transfer
                 relay.blackhole(True)
-                await anyio.to_thread.run_sync(lambda: wait_for(
-                    lambda: "controller unresponsive" in agent.log(), what="dead link noticed"))
+                await anyio.to_thread.run_sync(
+                    lambda: wait_for(
+                        lambda: "controller unresponsive" in agent.log(), what="dead link noticed"
+                    )
+                )
                 assert "applied manifest version 2" not in agent.log()
                 assert workload_out(agent) == ("SITE-A", pid1) and pid_alive(pid1)
                 relay.blackhole(False)
-                await anyio.to_thread.run_sync(lambda: wait_for(
-                    lambda: (o := workload_out(agent)) and o[0] == "SITE-B", timeout=60,
-                    what="v2 after reconnect"))
+                await anyio.to_thread.run_sync(
+                    lambda: wait_for(
+                        lambda: (o := workload_out(agent)) and o[0] == "SITE-B",
+                        timeout=60,
+                        what="v2 after reconnect",
+                    )
+                )
                 assert (agent.state / "work/probe-1/files/big.bin").stat().st_size == len(big)
             finally:
                 agent.stop()

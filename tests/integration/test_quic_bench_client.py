@@ -29,13 +29,20 @@ async def test_quic_client_apply_status_delete(tmp_path: Path) -> None:
     identities = prepare_pki(tmp_path, 1)
     server = ServerSide("quic", tmp_path, "t")
     await server.start()
-    client = QuicClient(identities / device_name(0), *server.device_addr, state_dir=tmp_path / "dev")
-    api = httpx.AsyncClient(base_url=server.api, timeout=30,
-                            headers={"Authorization": f"Bearer {operator_token(tmp_path)}"})
+    client = QuicClient(
+        identities / device_name(0), *server.device_addr, state_dir=tmp_path / "dev"
+    )
+    api = httpx.AsyncClient(
+        base_url=server.api,
+        timeout=30,
+        headers={"Authorization": f"Bearer {operator_token(tmp_path)}"},
+    )
     try:
         await client.connect()
         dev = client.device_id
-        r = await api.post("/api/v1/deployments", json={"documents": [document("one")], "devices": [dev]})
+        r = await api.post(
+            "/api/v1/deployments", json={"documents": [document("one")], "devices": [dev]}
+        )
         r.raise_for_status()
         with anyio.fail_after(WAIT):
             first = await client.next_desired()
@@ -44,8 +51,9 @@ async def test_quic_client_apply_status_delete(tmp_path: Path) -> None:
         with anyio.fail_after(WAIT):  # the trust state advances on disk right after delivery
             while client.verifier.held_version != first.version:
                 await anyio.sleep(0.01)
-        await client.post_status("bench-probe", first.version, "installed",
-                                 [{"name": "probe", "state": "installed"}])
+        await client.post_status(
+            "bench-probe", first.version, "installed", [{"name": "probe", "state": "installed"}]
+        )
         r = await api.get("/api/v1/deployments", params={"device": dev})
         item = r.json()["items"][0]
         assert (item["state"], item["manifestVersion"]) == ("installed", first.version)

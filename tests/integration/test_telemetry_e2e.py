@@ -65,7 +65,9 @@ def test_kill_9_while_producing_loses_and_duplicates_nothing(pki, tmp_path):
         for _ in range(4):
             time.sleep(rng.uniform(0.3, 1.0))
             agent.stop(signal.SIGKILL)
-            agent = Agent(ident, ctl.quic, state, extra=["--keepalive", "0.5", "--commit-window-ms", "1"])
+            agent = Agent(
+                ident, ctl.quic, state, extra=["--keepalive", "0.5", "--commit-window-ms", "1"]
+            )
         time.sleep(0.5)
         stop.set()
         for t in threads:
@@ -73,9 +75,15 @@ def test_kill_9_while_producing_loses_and_duplicates_nothing(pki, tmp_path):
         assert len(acked) > 100
         # everything acknowledged to a producer reaches the controller exactly once
         expected = set(acked)
-        items = wait_for(lambda: (got := fetch_all(ctl, token, "press-01")) and
-                         expected <= {i["seq"] for i in got} and got, timeout=30,
-                         what="all acknowledged records at the controller")
+        items = wait_for(
+            lambda: (
+                (got := fetch_all(ctl, token, "press-01"))
+                and expected <= {i["seq"] for i in got}
+                and got
+            ),
+            timeout=30,
+            what="all acknowledged records at the controller",
+        )
         seqs = [i["seq"] for i in items]
         assert len(seqs) == len(set(seqs)), "duplicates at the controller"
         for item in items:
@@ -97,8 +105,12 @@ def test_offline_buffering_replays_on_reconnect_and_shows_drops(pki, tmp_path):
     state = tmp_path / "agent1"
     quic_port = port_ctl.quic_port
     port_ctl.stop()  # the controller is gone: the agent keeps accepting records
-    agent = Agent(ident, f"127.0.0.1:{quic_port}", state,
-                  extra=["--buffer-max-bytes", str(1 << 20), "--keepalive", "0.5"])
+    agent = Agent(
+        ident,
+        f"127.0.0.1:{quic_port}",
+        state,
+        extra=["--buffer-max-bytes", str(1 << 20), "--keepalive", "0.5"],
+    )
     try:
         wait_for(lambda: (state / "telemetry.sock").exists(), what="socket")
         client = TelemetryClient(state / "telemetry.sock")
@@ -108,14 +120,27 @@ def test_offline_buffering_replays_on_reconnect_and_shows_drops(pki, tmp_path):
         ctl = Controller(pki, tmp_path / "data", quic_port=quic_port)
         try:
             ctl.wait_connected(token, "press-01", timeout=30)
-            items = wait_for(lambda: (got := fetch_all(ctl, token, "press-01")) and
-                             got[-1]["seq"] == seqs[-1] and got, timeout=30, what="replay")
+            items = wait_for(
+                lambda: (
+                    (got := fetch_all(ctl, token, "press-01"))
+                    and got[-1]["seq"] == seqs[-1]
+                    and got
+                ),
+                timeout=30,
+                what="replay",
+            )
             got = [i["seq"] for i in items if i["stream"] == "offline"]
             # a 1 MiB buffer cannot hold 3000 records of ~1 KB: the oldest were dropped,
             # the newest all arrived in order, and the drop is visible to operators
             assert got == sorted(got) and got[-1] == seqs[-1] and len(got) < 3000
-            dev = wait_for(lambda: (d := ctl.device(token, "press-01")) and
-                           d["stats"].get("telemetry_dropped_records") and d, what="drop counters")
+            dev = wait_for(
+                lambda: (
+                    (d := ctl.device(token, "press-01"))
+                    and d["stats"].get("telemetry_dropped_records")
+                    and d
+                ),
+                what="drop counters",
+            )
             assert dev["stats"]["telemetry_dropped_records"] > 0
             events = ctl.get(token, "/events", after=0).json()["items"]
             assert any(e["kind"] == "telemetry.gap" for e in events)
@@ -128,6 +153,18 @@ def test_offline_buffering_replays_on_reconnect_and_shows_drops(pki, tmp_path):
 def test_emit_command(pki, tmp_path):
     import subprocess
 
-    r = subprocess.run([str(BIN / "margo-agent"), "emit", "--state", str(tmp_path / "none"),
-                        "--stream", "s", json.dumps({"a": 1})], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [
+            str(BIN / "margo-agent"),
+            "emit",
+            "--state",
+            str(tmp_path / "none"),
+            "--stream",
+            "s",
+            json.dumps({"a": 1}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 1 and "not running" in r.stderr.lower() or "telemetry.sock" in r.stderr

@@ -74,7 +74,9 @@ def test_pipelined_lines_answered_in_order(tmp_path: Path) -> None:
                 # a long pipelined burst over several connections
                 async def burst(k: int) -> list[int]:
                     async with AsyncTelemetryClient(sock) as client:
-                        return await client.emit_many("burst", ({"k": k, "i": i} for i in range(2000)))
+                        return await client.emit_many(
+                            "burst", ({"k": k, "i": i} for i in range(2000))
+                        )
 
                 results: dict[int, list[int]] = {}
 

@@ -30,26 +30,47 @@ class Env:
         ident = self.pki.dir / tenant / "devices" / device
         if not ident.exists():
             self.pki.device(tenant, device)
-        agent = Agent(ident, self.ctl.quic, self.tmp / f"{tenant}-{device}",
-                      extra=["--keepalive", "0.5", *extra])
+        agent = Agent(
+            ident,
+            self.ctl.quic,
+            self.tmp / f"{tenant}-{device}",
+            extra=["--keepalive", "0.5", *extra],
+        )
         self.agents.append(agent)
         self.ctl.wait_connected(self.pki.token(tenant), device)
         return agent
 
     def margoctl_args(self, tenant: str = "acme") -> list[str]:
-        return [str(BIN / "margoctl"), "--api", self.ctl.api, "--token-file",
-                str(self.pki.token_file(tenant))]
+        return [
+            str(BIN / "margoctl"),
+            "--api",
+            self.ctl.api,
+            "--token-file",
+            str(self.pki.token_file(tenant)),
+        ]
 
-    def run(self, *args: str, tenant: str = "acme", stdin: str | None = None,
-            timeout: float = 30) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*self.margoctl_args(tenant), *args], input=stdin,
-                              stdin=None if stdin is not None else subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=timeout)
+    def run(
+        self, *args: str, tenant: str = "acme", stdin: str | None = None, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.margoctl_args(tenant), *args],
+            input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def spawn(self, *args: str, rows: int = 24, cols: int = 80) -> pexpect.spawn:
         argv = [*self.margoctl_args(), *args]
-        child = pexpect.spawn(argv[0], argv[1:], dimensions=(rows, cols), timeout=15,
-                              encoding="utf-8", env={**os.environ, "TERM": "xterm"})
+        child = pexpect.spawn(
+            argv[0],
+            argv[1:],
+            dimensions=(rows, cols),
+            timeout=15,
+            encoding="utf-8",
+            env={**os.environ, "TERM": "xterm"},
+        )
         self.children.append(child)
         return child
 
@@ -102,9 +123,14 @@ def test_interactive_session_echoes_and_follows_resizes(env):
     child.sendline("stty size")
     child.expect(r"24 80\s")
     child.setwinsize(40, 100)  # SIGWINCH to margoctl, which forwards the new size
-    wait_for(lambda: (child.sendline("stty size"), child.expect([r"40 100\s", r"24 80\s"],
-                                                                timeout=2) == 0)[1],
-             timeout=10, what="resized remote terminal")
+    wait_for(
+        lambda: (
+            child.sendline("stty size"),
+            child.expect([r"40 100\s", r"24 80\s"], timeout=2) == 0,
+        )[1],
+        timeout=10,
+        what="resized remote terminal",
+    )
     child.sendline("exit 7")
     child.expect(pexpect.EOF)
     child.close()
@@ -116,15 +142,21 @@ def test_interactive_session_echoes_and_follows_resizes(env):
 
 def test_closing_the_operator_side_kills_the_remote_process_group(env):
     env.agent()
-    child = env.spawn("terminal", "press-01", "--", "/bin/sh", "-c",
-                      "sleep 600 & echo pids $$ $!; wait")
+    child = env.spawn(
+        "terminal", "press-01", "--", "/bin/sh", "-c", "sleep 600 & echo pids $$ $!; wait"
+    )
     child.expect(r"pids (\d+) (\d+)")
     shell, sleeper = int(child.match.group(1)), int(child.match.group(2))
     assert pid_alive(shell) and pid_alive(sleeper)
     child.kill(signal.SIGKILL)  # the operator's side vanishes without a word
-    wait_for(lambda: not pid_alive(shell) and not pid_alive(sleeper), timeout=15,
-             what="remote process group killed")
-    audit = wait_for(lambda: (a := env.sessions()[0]) and not a["active"] and a, what="audit closed")
+    wait_for(
+        lambda: not pid_alive(shell) and not pid_alive(sleeper),
+        timeout=15,
+        what="remote process group killed",
+    )
+    audit = wait_for(
+        lambda: (a := env.sessions()[0]) and not a["active"] and a, what="audit closed"
+    )
     assert audit["reason"].startswith("exit") and "closed" in audit["reason"]
 
 
@@ -137,9 +169,23 @@ def test_a_device_of_another_tenant_cannot_be_reached(env):
     # and a wrong token is refused before anything happens
     bad = env.tmp / "bad.token"
     bad.write_text("not-a-token\n")
-    r = subprocess.run([str(BIN / "margoctl"), "--api", env.ctl.api, "--token-file", str(bad),
-                        "exec", "press-01", "--", "true"], capture_output=True, text=True,
-                       timeout=30, stdin=subprocess.DEVNULL)
+    r = subprocess.run(
+        [
+            str(BIN / "margoctl"),
+            "--api",
+            env.ctl.api,
+            "--token-file",
+            str(bad),
+            "exec",
+            "press-01",
+            "--",
+            "true",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
     assert r.returncode == 255 and "token" in r.stderr
 
 
@@ -172,10 +218,24 @@ def test_controller_restart_ends_sessions_with_a_clear_message(env):
     agent = env.agent()
     # margoctl inside a local shell, which reports margoctl's status and the terminal's
     # modes after it: raw mode must be undone even though the session ended in an error
-    local = " ".join([*env.margoctl_args(), "terminal", "press-01", "--", "/bin/sh", "-c",
-                      "'echo pid $$; sleep 600'"])
-    child = pexpect.spawn("/bin/sh", ["-c", f"stty -a; {local}; echo STATUS=$?; stty -a"],
-                          dimensions=(24, 80), timeout=15, encoding="utf-8")
+    local = " ".join(
+        [
+            *env.margoctl_args(),
+            "terminal",
+            "press-01",
+            "--",
+            "/bin/sh",
+            "-c",
+            "'echo pid $$; sleep 600'",
+        ]
+    )
+    child = pexpect.spawn(
+        "/bin/sh",
+        ["-c", f"stty -a; {local}; echo STATUS=$?; stty -a"],
+        dimensions=(24, 80),
+        timeout=15,
+        encoding="utf-8",
+    )
     env.children.append(child)
     child.expect(r"\bicanon\b")  # cooked mode before
     child.expect(r"pid (\d+)")

@@ -82,14 +82,16 @@ class Env:
         if site is not None:
             doc = EXAMPLE.read_bytes().replace(b"SID-123-ABC", site.encode())
             dep = parse_deployment(doc)
-            rec = await self.store.put_deployment(TENANT, dep.deployment_id, document=doc,
-                                                  name=dep.name, profile=dep.profile.value)
+            rec = await self.store.put_deployment(
+                TENANT, dep.deployment_id, document=doc, name=dep.name, profile=dep.profile.value
+            )
             digest = rec.digest
             assert digest == sha256_digest(doc)
             entries.append(ManifestEntry(deployment_id=dep.deployment_id, digest=digest))
         now = dt.datetime.now(dt.UTC)
-        data = build_manifest(TENANT, DEVICE, version, entries, issued_at=now,
-                              expires=now + dt.timedelta(days=1))
+        data = build_manifest(
+            TENANT, DEVICE, version, entries, issued_at=now, expires=now + dt.timedelta(days=1)
+        )
         await self.store.put_manifest(TENANT, DEVICE, version, data, sign(data, self.key))
         self.notify(TENANT, [DEVICE])
         return digest
@@ -101,8 +103,9 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     await store.open()
     try:
         e = Env(tmp_path, store)
-        await store.device_connected(TENANT, DEVICE, capabilities={}, labels={},
-                                     manifest_version=None, remote="test")
+        await store.device_connected(
+            TENANT, DEVICE, capabilities={}, labels={}, manifest_version=None, remote="test"
+        )
         yield e
     finally:
         await store.close()
@@ -115,22 +118,40 @@ async def running(kind: str, env: Env) -> AsyncIterator[Callable[..., TransportC
         if kind == "rest-poll":
             from bench.transports.rest_client import RestPollClient
 
-            server = await tg.start(serve_rest_poll, env.store, env.verifier, "127.0.0.1", 0,
-                                    env.server_cert, env.server_key, env.bundles)
+            server = await tg.start(
+                serve_rest_poll,
+                env.store,
+                env.verifier,
+                "127.0.0.1",
+                0,
+                env.server_cert,
+                env.server_key,
+                env.bundles,
+            )
             env.notify = server.notify
 
             def make(identity: Path) -> TransportClient:
                 return RestPollClient(identity, "127.0.0.1", server.port, interval=0.1)
+
             yield make
         elif kind == "h2-push":
             from bench.transports.h2_client import H2PushClient
 
-            server = await tg.start(serve_h2_push, env.store, env.verifier, "127.0.0.1", 0,
-                                    env.server_cert, env.server_key, env.bundles)
+            server = await tg.start(
+                serve_h2_push,
+                env.store,
+                env.verifier,
+                "127.0.0.1",
+                0,
+                env.server_cert,
+                env.server_key,
+                env.bundles,
+            )
             env.notify = server.notify
 
             def make(identity: Path) -> TransportClient:
                 return H2PushClient(identity, "127.0.0.1", server.port)
+
             yield make
         else:
             from bench.transports.mqtt import (
@@ -149,6 +170,7 @@ async def running(kind: str, env: Env) -> AsyncIterator[Callable[..., TransportC
                 def make(identity: Path) -> TransportClient:
                     tenant = identity.parent.parent.name
                     return MqttClient(identity, "127.0.0.1", broker.ports[tenant])
+
                 yield make
                 tg.cancel_scope.cancel()
         tg.cancel_scope.cancel()
@@ -202,7 +224,9 @@ async def test_conformance(kind: str, env: Env) -> None:
                 client.sample()
             counters = client.counters
             assert counters.updates == 3 and counters.requests >= 2
-            assert counters.bytes_received > sum(len(u.manifest_bytes) for u in (first, second, third))
+            assert counters.bytes_received > sum(
+                len(u.manifest_bytes) for u in (first, second, third)
+            )
             assert counters.bytes_sent > 0
 
             await _other_tenant_cannot_read(kind, env, make)
@@ -258,9 +282,15 @@ def _forged_identity(env: Env) -> Path:
     """A leaf signed by globex's CA that claims spiffe://acme/margo/client/edge-1."""
     ca, ca_key = load_tenant_ca(env.certs, "globex")
     now = dt.datetime.now(dt.UTC)
-    leaf, key = make_leaf(ca, ca_key, uris=[f"spiffe://{TENANT}/margo/client/{DEVICE}"],
-                          not_before=now - CLOCK_SKEW, not_after=now + dt.timedelta(days=1),
-                          eku=(ExtendedKeyUsageOID.CLIENT_AUTH,), common_name=DEVICE)
+    leaf, key = make_leaf(
+        ca,
+        ca_key,
+        uris=[f"spiffe://{TENANT}/margo/client/{DEVICE}"],
+        not_before=now - CLOCK_SKEW,
+        not_after=now + dt.timedelta(days=1),
+        eku=(ExtendedKeyUsageOID.CLIENT_AUTH,),
+        common_name=DEVICE,
+    )
     d = env.root / "forged"
     d.mkdir()
     (d / "cert.pem").write_bytes(cert_to_pem(leaf))
@@ -312,31 +342,43 @@ async def test_rest_poll_http_semantics(env: Env) -> None:
             assert set(doc) == {"manifestVersion", "bundle", "deployments"}
             assert doc["bundle"] is None and doc["deployments"][0]["digest"] == digest
             url = doc["deployments"][0]["url"]
-            status, _, _ = await client.request("GET", "/api/v1/deployments",
-                                                {"if-none-match": hdrs[b"etag"].decode()})
+            status, _, _ = await client.request(
+                "GET", "/api/v1/deployments", {"if-none-match": hdrs[b"etag"].decode()}
+            )
             assert status == 304
-            status, _, problem = await client.request("GET", "/api/v1/deployments",
-                                                      {"accept": "text/html"})
+            status, _, problem = await client.request(
+                "GET", "/api/v1/deployments", {"accept": "text/html"}
+            )
             assert status == 406 and json.loads(problem)["status"] == 406
-            status, shdrs, signed = await client.request("GET", "/api/v1/deployments",
-                                                         {"accept": MEDIA_TYPE})
+            status, shdrs, signed = await client.request(
+                "GET", "/api/v1/deployments", {"accept": MEDIA_TYPE}
+            )
             assert status == 200 and b"x-margo-stream-signature" in shdrs
-            DesiredUpdate(1, signed, base64.b64decode(shdrs[b"x-margo-stream-signature"])
-                          ).verify(env.pub, TENANT, DEVICE)
+            DesiredUpdate(1, signed, base64.b64decode(shdrs[b"x-margo-stream-signature"])).verify(
+                env.pub, TENANT, DEVICE
+            )
             status, yhdrs, yaml_bytes = await client.request("GET", url)
             assert status == 200 and sha256_digest(yaml_bytes) == digest
             assert yhdrs[b"content-type"] == b"application/yaml"
             assert b"immutable" in yhdrs[b"cache-control"]
             status, _, _ = await client.request("GET", f"/api/v1/deployments/other/{digest}")
             assert status == 404
-            bad = {"deploymentId": "heartbeat-0001", "adoptedManifestVersion": 1,
-                   "status": {"state": "sleeping"}, "components": []}
+            bad = {
+                "deploymentId": "heartbeat-0001",
+                "adoptedManifestVersion": 1,
+                "status": {"state": "sleeping"},
+                "components": [],
+            }
             status, _, problem = await client.request(
-                "POST", "/api/v1/deployments/heartbeat-0001/status", {}, json.dumps(bad).encode())
+                "POST", "/api/v1/deployments/heartbeat-0001/status", {}, json.dumps(bad).encode()
+            )
             assert status == 400 and "status.state" in json.loads(problem)["detail"]
             status, _, _ = await client.request(
-                "PUT", "/api/v1/capabilities/someone-else", {},
-                json.dumps({"properties": {"id": "someone-else"}}).encode())
+                "PUT",
+                "/api/v1/capabilities/someone-else",
+                {},
+                json.dumps({"properties": {"id": "someone-else"}}).encode(),
+            )
             assert status == 403
             status, _, _ = await client.request("DELETE", "/api/v1/deployments")
             assert status == 405

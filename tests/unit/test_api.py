@@ -68,8 +68,13 @@ async def env(tmp_path):
 
 async def add_device(store, tenant: str, device_id: str, *, labels=None, now=1000.0) -> None:
     await store.device_connected(
-        tenant, device_id, capabilities={"id": device_id, "vendor": "Acme"},
-        labels=labels or {}, manifest_version=None, remote="10.0.0.1:4433", now=now,
+        tenant,
+        device_id,
+        capabilities={"id": device_id, "vendor": "Acme"},
+        labels=labels or {},
+        manifest_version=None,
+        remote="10.0.0.1:4433",
+        now=now,
     )
     await store.device_disconnected(tenant, device_id, now + 1)
 
@@ -173,17 +178,23 @@ async def test_apply_list_and_delete_deployments(env) -> None:
 
     items = (await client.get("/api/v1/deployments", params={"device": "d1"})).json()["items"]
     assert [(i["deploymentId"], i["state"], i["assigned"]) for i in items] == [
-        ("db", "pending", True), ("web", "pending", True)
+        ("db", "pending", True),
+        ("web", "pending", True),
     ]
     await store.put_status(
-        "acme", "d1",
-        {"deploymentId": "web", "adoptedManifestVersion": 3,
-         "status": {"state": "failed", "error": {"code": "E1", "source": "x", "message": "m"}},
-         "components": [{"name": "main", "state": "failed"}]},
+        "acme",
+        "d1",
+        {
+            "deploymentId": "web",
+            "adoptedManifestVersion": 3,
+            "status": {"state": "failed", "error": {"code": "E1", "source": "x", "message": "m"}},
+            "components": [{"name": "main", "state": "failed"}],
+        },
         seq=1,
     )
     [web_item] = [
-        i for i in (await client.get("/api/v1/deployments")).json()["items"]
+        i
+        for i in (await client.get("/api/v1/deployments")).json()["items"]
         if i["deploymentId"] == "web"
     ]
     assert web_item["state"] == "failed" and web_item["manifestVersion"] == 3
@@ -196,7 +207,9 @@ async def test_apply_list_and_delete_deployments(env) -> None:
     is_problem(await client.delete("/api/v1/devices/g1/deployments/web"), 404)
     is_problem(await client.get("/api/v1/deployments", params={"device": "g1"}), 404)
 
-    bad = await client.post("/api/v1/deployments", json={"documents": ["kind: [1"], "devices": ["d1"]})
+    bad = await client.post(
+        "/api/v1/deployments", json={"documents": ["kind: [1"], "devices": ["d1"]}
+    )
     assert "invalid YAML" in is_problem(bad, 422)["detail"]
     unknown = await client.post(
         "/api/v1/deployments", json={"documents": [DOC.format(id="x")], "devices": ["g1"]}
@@ -211,18 +224,30 @@ async def test_telemetry_route(env) -> None:
     client, store, *_ = env
     await add_device(store, "acme", "d1")
     await add_device(store, "globex", "g1")
-    await store.ingest_telemetry("acme", "d1", [
-        (1, "metrics", json.dumps({"ts": 1.5, "temp": 21.5, "stream": "metrics"}).encode()),
-        (2, "logs", b'"plain string"'),
-        (3, "metrics", b"\xff\xfe"),
-    ], now=2000.0)
+    await store.ingest_telemetry(
+        "acme",
+        "d1",
+        [
+            (1, "metrics", json.dumps({"ts": 1.5, "temp": 21.5, "stream": "metrics"}).encode()),
+            (2, "logs", b'"plain string"'),
+            (3, "metrics", b"\xff\xfe"),
+        ],
+        now=2000.0,
+    )
     items = (await client.get("/api/v1/devices/d1/telemetry")).json()["items"]
-    assert items[0] == {"seq": 1, "stream": "metrics", "received_at": "1970-01-01T00:33:20.000Z",
-                        "ts": 1.5, "temp": 21.5}
+    assert items[0] == {
+        "seq": 1,
+        "stream": "metrics",
+        "received_at": "1970-01-01T00:33:20.000Z",
+        "ts": 1.5,
+        "temp": 21.5,
+    }
     assert items[1]["value"] == "plain string" and "payload_b64" in items[2]
     only = await client.get("/api/v1/devices/d1/telemetry", params={"stream": "logs"})
     assert [i["seq"] for i in only.json()["items"]] == [2]
-    later = await client.get("/api/v1/devices/d1/telemetry", params={"since": "1970-01-01T01:00:00Z"})
+    later = await client.get(
+        "/api/v1/devices/d1/telemetry", params={"since": "1970-01-01T01:00:00Z"}
+    )
     assert later.json()["items"] == []
     paged = await client.get("/api/v1/devices/d1/telemetry", params={"after": 1, "limit": 1})
     assert [i["seq"] for i in paged.json()["items"]] == [2]
@@ -245,7 +270,8 @@ async def test_events_pages_and_stream(env) -> None:
     assert resp.headers["content-type"].startswith("text/event-stream")
     frames = [f for f in resp.text.split("\n\n") if f.startswith("id:")]
     assert [f.splitlines()[1] for f in frames] == [
-        "event: device.connected", "event: device.disconnected"
+        "event: device.connected",
+        "event: device.disconnected",
     ]
     first_id = page["items"][0]["id"]
     resumed = await client.get(
@@ -319,6 +345,7 @@ async def test_websocket_without_token_is_refused(env) -> None:
     async def send(message: dict) -> None:
         sent.append(message)
 
-    await app({"type": "websocket", "path": "/api/v1/devices/d1/terminal", "headers": []},
-              receive, send)
+    await app(
+        {"type": "websocket", "path": "/api/v1/devices/d1/terminal", "headers": []}, receive, send
+    )
     assert sent == [{"type": "websocket.close", "code": 1008, "reason": "unauthorized"}]

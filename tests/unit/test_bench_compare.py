@@ -19,13 +19,36 @@ def test_compare_push_tiny(tmp_path: Path) -> None:
     if mosquitto_path() is not None:
         transports.append("mqtt")
     out = tmp_path / "out"
-    rc = main(["compare", "--scenario", "push", "--transports", ",".join(transports),
-               "--agents", "4", "--procs", "1", "--out", str(out), "--work", str(tmp_path / "w"),
-               "--set", "samples=4", "--set", "gap=0.05"])
+    rc = main(
+        [
+            "compare",
+            "--scenario",
+            "push",
+            "--transports",
+            ",".join(transports),
+            "--agents",
+            "4",
+            "--procs",
+            "1",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "w"),
+            "--set",
+            "samples=4",
+            "--set",
+            "gap=0.05",
+        ]
+    )
     assert rc == 0
     data = json.loads(next(out.glob("push-*.json")).read_text())
     labels = [r["label"] for r in data["runs"]]
-    assert labels == ["quic", "rest-poll 0.5 s", "h2-push", *(["mqtt"] if "mqtt" in transports else [])]
+    assert labels == [
+        "quic",
+        "rest-poll 0.5 s",
+        "h2-push",
+        *(["mqtt"] if "mqtt" in transports else []),
+    ]
     assert len(data["machine"]["loadavg_at_end"]) == 3
     for run in data["runs"]:
         assert run["connect"]["connected"] == 4 and run["connect"]["registered"] == 4

@@ -8,19 +8,50 @@ import json
 from bench import cli
 from bench.report_util import markdown_table, sample_process
 
-OURS_FIGURES = ("connected", "handshake_rate", "ramp_seconds", "handshake_latency_ms",
-                "rss_before_kb", "rss_connected_kb", "rss_per_agent_kb", "idle_cpu_percent",
-                "idle_window_seconds", "alive_after_idle", "api_devices_connected",
-                "server_cpu_ms_per_handshake", "timeline")
+OURS_FIGURES = (
+    "connected",
+    "handshake_rate",
+    "ramp_seconds",
+    "handshake_latency_ms",
+    "rss_before_kb",
+    "rss_connected_kb",
+    "rss_per_agent_kb",
+    "idle_cpu_percent",
+    "idle_window_seconds",
+    "alive_after_idle",
+    "api_devices_connected",
+    "server_cpu_ms_per_handshake",
+    "timeline",
+)
 BARE_FIGURES = ("connected", "handshake_rate", "rss_per_connection_kb", "timeline")
-SUMMARY = ("handshake_rate", "bare_handshake_rate", "rate_ratio", "rss_per_agent_kb",
-           "idle_cpu_percent", "all_agents_held", "met")
+SUMMARY = (
+    "handshake_rate",
+    "bare_handshake_rate",
+    "rate_ratio",
+    "rss_per_agent_kb",
+    "idle_cpu_percent",
+    "all_agents_held",
+    "met",
+)
 
 
 def test_connect_tiny_run(tmp_path):
     out = tmp_path / "out"
-    code = cli.main(["connect", "--agents", "20", "--procs", "1", "--idle-seconds", "1",
-                     "--settle", "0.2", "--out", str(out)])
+    code = cli.main(
+        [
+            "connect",
+            "--agents",
+            "20",
+            "--procs",
+            "1",
+            "--idle-seconds",
+            "1",
+            "--settle",
+            "0.2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     report = json.loads((out / "connect.json").read_text())
     assert report["params"]["agents"] == 20

@@ -58,7 +58,9 @@ class BufferMachine(RuleBasedStateMachine):
         self._open()
 
     def _open(self) -> None:
-        self._cm = self.portal.wrap_async_context_manager(TelemetryBuffer.open(self.dir, self.config))
+        self._cm = self.portal.wrap_async_context_manager(
+            TelemetryBuffer.open(self.dir, self.config)
+        )
         self.buf = self._cm.__enter__()
         self.dropped_seen = 0
 

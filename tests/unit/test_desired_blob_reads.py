@@ -33,8 +33,13 @@ class CountingStore(SqliteStore):
 async def desired(tmp_path):
     store = CountingStore(tmp_path / "controller.db")
     await store.open()
-    ctl = SimpleNamespace(store=store, config=SimpleNamespace(manifest_lifetime_days=30.0, push_window=512),
-                          ready_hooks=[], close_hooks=[], features={})
+    ctl = SimpleNamespace(
+        store=store,
+        config=SimpleNamespace(manifest_lifetime_days=30.0, push_window=512),
+        ready_hooks=[],
+        close_hooks=[],
+        features={},
+    )
     try:
         yield DesiredState(ctl)  # type: ignore[arg-type]
     finally:
@@ -58,7 +63,8 @@ async def test_a_fan_out_reads_each_blob_once(desired: DesiredState) -> None:
 
 
 async def test_a_failed_read_fails_every_waiter_and_the_next_push_reads_again(
-        desired: DesiredState) -> None:
+    desired: DesiredState,
+) -> None:
     store = desired.ctl.store
     missing = "sha256:" + "0" * 64
     errors: list[Exception] = []

@@ -29,16 +29,29 @@ from margo_stream.state.trust import DesiredStateVerifier
 T0 = dt.datetime(2025, 3, 1, tzinfo=dt.UTC)
 
 
-def signed(key: Ed25519PrivateKey, version: int, docs: dict[str, bytes], files: dict[str, bytes] | None = None
-           ) -> tuple[bytes, bytes, dict[str, bytes]]:
+def signed(
+    key: Ed25519PrivateKey,
+    version: int,
+    docs: dict[str, bytes],
+    files: dict[str, bytes] | None = None,
+) -> tuple[bytes, bytes, dict[str, bytes]]:
     files = files or {}
     ents = [
-        ManifestEntry(deployment_id=i, digest=sha256_digest(d),
-                      files=tuple(FileRef(name=n, digest=sha256_digest(b)) for n, b in files.items()))
+        ManifestEntry(
+            deployment_id=i,
+            digest=sha256_digest(d),
+            files=tuple(FileRef(name=n, digest=sha256_digest(b)) for n, b in files.items()),
+        )
         for i, d in docs.items()
     ]
-    data = build_manifest("plant-a.example", "edge-07", version, ents, issued_at=T0,
-                          expires=T0 + dt.timedelta(days=30))
+    data = build_manifest(
+        "plant-a.example",
+        "edge-07",
+        version,
+        ents,
+        issued_at=T0,
+        expires=T0 + dt.timedelta(days=30),
+    )
     blobs = {sha256_digest(b): b for b in [*docs.values(), *files.values()]}
     return data, sign(data, key), blobs
 
@@ -90,7 +103,9 @@ def test_corrupt_blob_is_detected_and_repaired(store: DesiredStore) -> None:
     assert store.get_blob(d) == b"payload"
 
 
-def test_current_replaced_atomically_after_blobs(store: DesiredStore, key: Ed25519PrivateKey) -> None:
+def test_current_replaced_atomically_after_blobs(
+    store: DesiredStore, key: Ed25519PrivateKey
+) -> None:
     assert store.load_current() is None
     m1, s1, b1 = signed(key, 1, {"a": b"doc a v1"}, {"f.txt": b"file"})
     with pytest.raises(DesiredStoreError, match="not stored yet"):
@@ -128,7 +143,9 @@ def test_corrupt_current_json(store: DesiredStore, key: Ed25519PrivateKey) -> No
     m1, s1, b1 = signed(key, 1, {"a": b"one"})
     store.install(b1, m1, s1)
     text = store.current_path.read_text()
-    store.current_path.write_text(text.replace('"manifestDigest": "sha256:', '"manifestDigest": "sha256:0'))
+    store.current_path.write_text(
+        text.replace('"manifestDigest": "sha256:', '"manifestDigest": "sha256:0')
+    )
     with pytest.raises(DesiredStoreError, match="current.json is corrupt"):
         store.load_current()
     store.current_path.write_text("{")
@@ -176,9 +193,13 @@ def test_disk_full_keeps_previous_current(store: DesiredStore, key: Ed25519Priva
     assert store.load_current() == (m2, s2)
 
 
-def test_verify_store_accept_flow(store: DesiredStore, key: Ed25519PrivateKey, tmp_path: Path) -> None:
+def test_verify_store_accept_flow(
+    store: DesiredStore, key: Ed25519PrivateKey, tmp_path: Path
+) -> None:
     """The agent's order: verify (received + held blobs), store, reconcile, then accept."""
-    verifier = DesiredStateVerifier("plant-a.example", "edge-07", key.public_key(), tmp_path / "trust.json")
+    verifier = DesiredStateVerifier(
+        "plant-a.example", "edge-07", key.public_key(), tmp_path / "trust.json"
+    )
     now = T0 + dt.timedelta(hours=1)
     m1, s1, b1 = signed(key, 1, {"a": b"doc a", "b": b"doc b"})
     v1 = verifier.verify(m1, s1, ChainMap(b1, store.blobs()), now)
@@ -191,8 +212,15 @@ def test_verify_store_accept_flow(store: DesiredStore, key: Ed25519PrivateKey, t
     v2 = verifier.verify(m2, s2, ChainMap(lacking, store.blobs()), now)
     store.install(lacking, m2, s2)
     # crash before accept: trust has not advanced, the same push verifies again
-    restarted = DesiredStateVerifier("plant-a.example", "edge-07", key.public_key(), tmp_path / "trust.json")
+    restarted = DesiredStateVerifier(
+        "plant-a.example", "edge-07", key.public_key(), tmp_path / "trust.json"
+    )
     assert restarted.held_version == 1
     assert not restarted.verify(m2, s2, store.blobs(), now).unchanged
     verifier.accept(v2)
-    assert DesiredStateVerifier("plant-a.example", "edge-07", key.public_key(), tmp_path / "trust.json").held_version == 2
+    assert (
+        DesiredStateVerifier(
+            "plant-a.example", "edge-07", key.public_key(), tmp_path / "trust.json"
+        ).held_version
+        == 2
+    )

@@ -48,8 +48,17 @@ def test_digest_form() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["", "sha256:", "sha256:" + "A" * 64, "sha512:" + "a" * 64, " sha256:" + "a" * 64,
-     "sha256:" + "a" * 63, "sha256:" + "a" * 65, None, 42],
+    [
+        "",
+        "sha256:",
+        "sha256:" + "A" * 64,
+        "sha512:" + "a" * 64,
+        " sha256:" + "a" * 64,
+        "sha256:" + "a" * 63,
+        "sha256:" + "a" * 65,
+        None,
+        42,
+    ],
 )
 def test_digest_rejects(bad: object) -> None:
     with pytest.raises(DocumentError, match="invalid digest"):
@@ -161,9 +170,14 @@ def test_extension_files_in_rc3() -> None:
 
 def test_multi_document_needs_parse_deployments() -> None:
     data = (DATA / "valid" / "multi.yaml").read_bytes()
-    with pytest.raises(DocumentError, match=r"multi.yaml:\d+:\d+: 2 documents in one file.*parse_deployments"):
+    with pytest.raises(
+        DocumentError, match=r"multi.yaml:\d+:\d+: 2 documents in one file.*parse_deployments"
+    ):
         parse_deployment(data, source="multi.yaml")
-    assert [d.deployment_id for d in parse_deployments(data, "multi.yaml")] == ["multi-1", "multi-2"]
+    assert [d.deployment_id for d in parse_deployments(data, "multi.yaml")] == [
+        "multi-1",
+        "multi-2",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -197,7 +211,10 @@ spec:
 """
     with pytest.raises(DocumentError, match="already set by parameter 'one'"):
         parse_deployment(doc)
-    collide = doc.replace(b"pointer: X, components: [c]}]}\n    two", b"pointer: packageLocation, components: [c]}]}\n    two")
+    collide = doc.replace(
+        b"pointer: X, components: [c]}]}\n    two",
+        b"pointer: packageLocation, components: [c]}]}\n    two",
+    )
     with pytest.raises(DocumentError, match="collides with property 'packageLocation'"):
         parse_deployment(collide)
 
@@ -213,7 +230,9 @@ def test_file_names_accepted(name: str) -> None:
     assert validate_file_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "/abs", "../x", "a/../b", "a//b", "a/", "./a", "a\\b", "a\x00b"])
+@pytest.mark.parametrize(
+    "name", ["", "/abs", "../x", "a/../b", "a//b", "a/", "./a", "a\\b", "a\x00b"]
+)
 def test_file_names_refused(name: str) -> None:
     with pytest.raises(ValueError):
         validate_file_name(name)

@@ -58,8 +58,9 @@ def test_sweep_needs_growth_and_the_minimum_interval() -> None:
 
 
 def test_a_due_sweep_waits_for_a_quiet_tick_but_not_forever() -> None:
-    p = GcPolicy(freeze_every=5, sweep_growth=0.5, sweep_min_interval=60, busy_above=0.5,
-                 max_defer=30)
+    p = GcPolicy(
+        freeze_every=5, sweep_growth=0.5, sweep_min_interval=60, busy_above=0.5, max_defer=30
+    )
     p.next_action(0.0, 1000, 0.0)
     assert p.next_action(60.0, 2000, 0.0) is GcAction.SWEEP  # idle so far: due and done
     p.swept(resident=1000, frozen=10, freed=0, seconds=0.0)
@@ -76,7 +77,9 @@ def test_a_due_sweep_waits_for_a_quiet_tick_but_not_forever() -> None:
     assert p.stats.deferred >= 2
 
 
-@pytest.mark.parametrize("kwargs", [{"freeze_every": 0}, {"sweep_growth": 0}, {"sweep_min_interval": -1}])
+@pytest.mark.parametrize(
+    "kwargs", [{"freeze_every": 0}, {"sweep_growth": 0}, {"sweep_min_interval": -1}]
+)
 def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="gc policy"):
         GcPolicy(**kwargs)

@@ -44,11 +44,18 @@ def entries(doc: bytes = EXAMPLE) -> tuple[list[ManifestEntry], dict[str, bytes]
     return [entry], blobs
 
 
-def manifest(version: int, doc: bytes = EXAMPLE, *, tenant: str = TENANT, device: str = DEVICE,
-             expires: dt.datetime | None = None) -> tuple[bytes, dict[str, bytes]]:
+def manifest(
+    version: int,
+    doc: bytes = EXAMPLE,
+    *,
+    tenant: str = TENANT,
+    device: str = DEVICE,
+    expires: dt.datetime | None = None,
+) -> tuple[bytes, dict[str, bytes]]:
     ents, blobs = entries(doc)
-    data = build_manifest(tenant, device, version, ents, issued_at=T0,
-                          expires=expires or T0 + dt.timedelta(days=7))
+    data = build_manifest(
+        tenant, device, version, ents, issued_at=T0, expires=expires or T0 + dt.timedelta(days=7)
+    )
     return data, blobs
 
 
@@ -62,8 +69,14 @@ def verifier(key: Ed25519PrivateKey, tmp_path: Path) -> DesiredStateVerifier:
     return DesiredStateVerifier(TENANT, DEVICE, key.public_key(), tmp_path / "trust.json")
 
 
-def refused(verifier: DesiredStateVerifier, data: bytes, sig: bytes, blobs: dict[str, bytes],
-            code: str, now: dt.datetime = NOW) -> str:
+def refused(
+    verifier: DesiredStateVerifier,
+    data: bytes,
+    sig: bytes,
+    blobs: dict[str, bytes],
+    code: str,
+    now: dt.datetime = NOW,
+) -> str:
     with pytest.raises(TrustError) as info:
         verifier.verify(data, sig, blobs, now)
     assert info.value.code == code, str(info.value)
@@ -75,12 +88,25 @@ def refused(verifier: DesiredStateVerifier, data: bytes, sig: bytes, blobs: dict
 
 def test_canonical_bytes_are_stable_and_sorted() -> None:
     a = ManifestEntry(deployment_id="b", digest=sha256_digest(b"b"))
-    b = ManifestEntry(deployment_id="a", digest=sha256_digest(b"a"),
-                      files=(FileRef(name="z", digest=sha256_digest(b"z")),
-                             FileRef(name="y/x", digest=sha256_digest(b"y"))))
-    one = build_manifest(TENANT, DEVICE, 3, [a, b], issued_at=T0, expires=T0 + dt.timedelta(hours=1))
-    two = build_manifest(TENANT, DEVICE, 3, [b, a], issued_at=T0.astimezone(dt.timezone(dt.timedelta(hours=2))),
-                         expires=T0 + dt.timedelta(hours=1, microseconds=7))
+    b = ManifestEntry(
+        deployment_id="a",
+        digest=sha256_digest(b"a"),
+        files=(
+            FileRef(name="z", digest=sha256_digest(b"z")),
+            FileRef(name="y/x", digest=sha256_digest(b"y")),
+        ),
+    )
+    one = build_manifest(
+        TENANT, DEVICE, 3, [a, b], issued_at=T0, expires=T0 + dt.timedelta(hours=1)
+    )
+    two = build_manifest(
+        TENANT,
+        DEVICE,
+        3,
+        [b, a],
+        issued_at=T0.astimezone(dt.timezone(dt.timedelta(hours=2))),
+        expires=T0 + dt.timedelta(hours=1, microseconds=7),
+    )
     assert one == two
     doc = json.loads(one)
     assert one == canonical_json(doc)
@@ -98,8 +124,13 @@ def test_margo_projection_and_blob_digests() -> None:
     assert view == {
         "manifestVersion": 5,
         "bundle": None,
-        "deployments": [{"deploymentId": "heartbeat-0001", "digest": sha256_digest(EXAMPLE),
-                         "url": f"/api/v1/deployments/heartbeat-0001/{sha256_digest(EXAMPLE)}"}],
+        "deployments": [
+            {
+                "deploymentId": "heartbeat-0001",
+                "digest": sha256_digest(EXAMPLE),
+                "url": f"/api/v1/deployments/heartbeat-0001/{sha256_digest(EXAMPLE)}",
+            }
+        ],
     }
     assert blob_digests(m) == set(blobs)
 
@@ -133,7 +164,9 @@ def test_parse_refuses_malformed(mutate, match: str) -> None:  # type: ignore[no
         parse_manifest(canonical_json(doc))
 
 
-@pytest.mark.parametrize("data", [b"", b"[]", b"{", b"\xff", b'{"a":1,"a":2}', b'{"manifestVersion": NaN}'])
+@pytest.mark.parametrize(
+    "data", [b"", b"[]", b"{", b"\xff", b'{"a":1,"a":2}', b'{"manifestVersion": NaN}']
+)
 def test_parse_refuses_non_manifests(data: bytes) -> None:
     with pytest.raises(DocumentError):
         parse_manifest(data)
@@ -148,25 +181,48 @@ def test_build_refuses_bad_input() -> None:
     with pytest.raises(DocumentError, match="appears twice"):
         build_manifest(TENANT, DEVICE, 1, ents + ents, issued_at=T0, expires=NOW)
     with pytest.raises(DocumentError, match="deployment id"):
-        build_manifest(TENANT, DEVICE, 1, [ManifestEntry(deployment_id="a/b", digest=sha256_digest(b""))],
-                       issued_at=T0, expires=NOW)
+        build_manifest(
+            TENANT,
+            DEVICE,
+            1,
+            [ManifestEntry(deployment_id="a/b", digest=sha256_digest(b""))],
+            issued_at=T0,
+            expires=NOW,
+        )
 
 
 _ids = st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,20}", fullmatch=True)
-_names = st.lists(st.from_regex(r"[a-z0-9_-]{1,8}", fullmatch=True), min_size=1, max_size=3).map("/".join)
+_names = st.lists(st.from_regex(r"[a-z0-9_-]{1,8}", fullmatch=True), min_size=1, max_size=3).map(
+    "/".join
+)
 
 
 @settings(max_examples=60, deadline=None)
 @given(
     version=st.integers(1, 2**64 - 1),
-    items=st.dictionaries(_ids, st.tuples(st.binary(max_size=16), st.dictionaries(_names, st.binary(max_size=8), max_size=3)), max_size=4),
-    issued=st.datetimes(min_value=dt.datetime(2000, 1, 1), max_value=dt.datetime(2200, 1, 1), timezones=st.just(dt.UTC)),
+    items=st.dictionaries(
+        _ids,
+        st.tuples(
+            st.binary(max_size=16), st.dictionaries(_names, st.binary(max_size=8), max_size=3)
+        ),
+        max_size=4,
+    ),
+    issued=st.datetimes(
+        min_value=dt.datetime(2000, 1, 1),
+        max_value=dt.datetime(2200, 1, 1),
+        timezones=st.just(dt.UTC),
+    ),
     lifetime=st.integers(1, 10**8),
 )
-def test_build_parse_round_trip(version: int, items: dict, issued: dt.datetime, lifetime: int) -> None:
+def test_build_parse_round_trip(
+    version: int, items: dict, issued: dt.datetime, lifetime: int
+) -> None:
     ents = [
-        ManifestEntry(deployment_id=i, digest=sha256_digest(doc),
-                      files=tuple(FileRef(name=n, digest=sha256_digest(b)) for n, b in files.items()))
+        ManifestEntry(
+            deployment_id=i,
+            digest=sha256_digest(doc),
+            files=tuple(FileRef(name=n, digest=sha256_digest(b)) for n, b in files.items()),
+        )
         for i, (doc, files) in items.items()
     ]
     expires = issued + dt.timedelta(seconds=lifetime)
@@ -176,15 +232,23 @@ def test_build_parse_round_trip(version: int, items: dict, issued: dt.datetime, 
     assert m.issued_at == issued.replace(microsecond=0)
     assert m.expires == expires.replace(microsecond=0)
     assert [e.deployment_id for e in m.deployments] == sorted(items)
-    again = build_manifest(m.tenant, m.device_id, m.manifest_version, list(m.deployments),
-                           issued_at=m.issued_at, expires=m.expires)
+    again = build_manifest(
+        m.tenant,
+        m.device_id,
+        m.manifest_version,
+        list(m.deployments),
+        issued_at=m.issued_at,
+        expires=m.expires,
+    )
     assert again == data
 
 
 # --------------------------------------------------------------------------- verifier
 
 
-def test_accepts_and_persists_after_apply(key: Ed25519PrivateKey, verifier: DesiredStateVerifier, tmp_path: Path) -> None:
+def test_accepts_and_persists_after_apply(
+    key: Ed25519PrivateKey, verifier: DesiredStateVerifier, tmp_path: Path
+) -> None:
     data, blobs = manifest(1)
     verdict = verifier.verify(data, sign(data, key), blobs, NOW)
     assert not verdict.unchanged and verdict.version == 1 and verdict.previous_version is None
@@ -198,7 +262,9 @@ def test_accepts_and_persists_after_apply(key: Ed25519PrivateKey, verifier: Desi
     assert reloaded.pinned_fingerprint == key_fingerprint(key.public_key())
 
 
-def test_same_version_same_bytes_is_a_no_op(key: Ed25519PrivateKey, verifier: DesiredStateVerifier) -> None:
+def test_same_version_same_bytes_is_a_no_op(
+    key: Ed25519PrivateKey, verifier: DesiredStateVerifier
+) -> None:
     data, blobs = manifest(4)
     verifier.accept(verifier.verify(data, sign(data, key), blobs, NOW))
     verdict = verifier.verify(data, sign(data, key), {}, NOW)  # no blobs needed
@@ -246,7 +312,9 @@ def test_rollback_and_version_reuse(key: Ed25519PrivateKey, verifier: DesiredSta
     assert verifier.held_version == 6
 
 
-def test_accept_refuses_older_verdict(key: Ed25519PrivateKey, verifier: DesiredStateVerifier) -> None:
+def test_accept_refuses_older_verdict(
+    key: Ed25519PrivateKey, verifier: DesiredStateVerifier
+) -> None:
     v2, b2 = manifest(2)
     v3, b3 = manifest(3)
     old = verifier.verify(v2, sign(v2, key), b2, NOW)
@@ -264,7 +332,9 @@ def test_wrong_device_and_tenant(key: Ed25519PrivateKey, verifier: DesiredStateV
     assert "plant-b.example" in refused(verifier, data, sign(data, key), blobs, "wrong-tenant")
 
 
-def test_missing_and_mismatched_blobs(key: Ed25519PrivateKey, verifier: DesiredStateVerifier) -> None:
+def test_missing_and_mismatched_blobs(
+    key: Ed25519PrivateKey, verifier: DesiredStateVerifier
+) -> None:
     data, blobs = manifest(1)
     sig = sign(data, key)
     doc_digest = sha256_digest(EXAMPLE)
@@ -276,7 +346,9 @@ def test_missing_and_mismatched_blobs(key: Ed25519PrivateKey, verifier: DesiredS
     assert "file heartbeat-0001/conf/hb.toml" in msg
 
 
-def test_key_change_is_refused(key: Ed25519PrivateKey, verifier: DesiredStateVerifier, tmp_path: Path) -> None:
+def test_key_change_is_refused(
+    key: Ed25519PrivateKey, verifier: DesiredStateVerifier, tmp_path: Path
+) -> None:
     other = Ed25519PrivateKey.generate()
     swapped = DesiredStateVerifier(TENANT, DEVICE, other.public_key(), tmp_path / "trust.json")
     data, blobs = manifest(1)
@@ -284,7 +356,9 @@ def test_key_change_is_refused(key: Ed25519PrivateKey, verifier: DesiredStateVer
     assert key_fingerprint(key.public_key()) in msg
 
 
-def test_state_of_another_device_or_corrupt(key: Ed25519PrivateKey, verifier: DesiredStateVerifier, tmp_path: Path) -> None:
+def test_state_of_another_device_or_corrupt(
+    key: Ed25519PrivateKey, verifier: DesiredStateVerifier, tmp_path: Path
+) -> None:
     path = tmp_path / "trust.json"
     with pytest.raises(TrustError) as info:
         DesiredStateVerifier(TENANT, "edge-99", key.public_key(), path)

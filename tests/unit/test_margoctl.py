@@ -79,8 +79,9 @@ def server(tmp_path) -> Iterator[Server]:
     thread = threading.Thread(target=lambda: asyncio.run(serve()), daemon=True)
     thread.start()
     assert ready.wait(10)
-    yield Server(f"http://127.0.0.1:{port}", str(token_file), box["store"], box["registry"],
-                 box["loop"])
+    yield Server(
+        f"http://127.0.0.1:{port}", str(token_file), box["store"], box["registry"], box["loop"]
+    )
     box["uv"].should_exit = True
     thread.join(10)
     sock.close()
@@ -96,13 +97,26 @@ def seed(server: Server) -> None:
     async def go() -> None:
         s = server.store
         for device_id, labels in (("press-1", {"line": "2", "site": "north"}), ("press-2", {})):
-            await s.device_connected("acme", device_id, capabilities={"vendor": "Acme"},
-                                     labels=labels, manifest_version=None, remote="r",
-                                     now=now - 600)
+            await s.device_connected(
+                "acme",
+                device_id,
+                capabilities={"vendor": "Acme"},
+                labels=labels,
+                manifest_version=None,
+                remote="r",
+                now=now - 600,
+            )
             await s.device_disconnected("acme", device_id, now - 300)
         await s.set_device_stats("acme", "press-1", {"bufferFill": 0.5, "dropped": 3})
-        await s.device_connected("globex", "other", capabilities={}, labels={},
-                                 manifest_version=None, remote="r", now=now)
+        await s.device_connected(
+            "globex",
+            "other",
+            capabilities={},
+            labels={},
+            manifest_version=None,
+            remote="r",
+            now=now,
+        )
 
     server.run(go())
     server.registry.register(SessionView("acme", "press-1", "192.0.2.1:999", now - 10, now - 2, 7))
@@ -112,8 +126,15 @@ def test_get_devices_table_json_yaml(server: Server, capsys) -> None:
     seed(server)
     assert main(ctl(server, "get", "devices")) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["ID", "CONNECTED", "LAST", "SEEN", "CONNECTIONS", "MANIFEST",
-                                "LABELS"]
+    assert lines[0].split() == [
+        "ID",
+        "CONNECTED",
+        "LAST",
+        "SEEN",
+        "CONNECTIONS",
+        "MANIFEST",
+        "LABELS",
+    ]
     assert lines[1].split() == ["press-1", "true", "2s", "1", "7", "line=2,site=north"]
     assert lines[2].split() == ["press-2", "false", "5m", "1", "-", "<none>"]
     assert len(lines) == 3  # nothing of the other tenant
@@ -160,8 +181,10 @@ def test_errors_are_one_line(server: Server, capsys, tmp_path) -> None:
     closed.close()
     assert main(["--api", dead, "--token-file", server.token_file, "get", "devices"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"margoctl: error: cannot reach {dead}/api/v1/devices") and err.count(
-        "\n") == 1
+    assert (
+        err.startswith(f"margoctl: error: cannot reach {dead}/api/v1/devices")
+        and err.count("\n") == 1
+    )
 
 
 def test_environment_stands_in_for_flags(server: Server, capsys, monkeypatch) -> None:
@@ -199,8 +222,11 @@ def test_apply_get_delete_deployments_and_watch(server: Server, capsys, tmp_path
 
     assert main(ctl(server, "watch", "--after", "0", "--count", "3", "-o", "json")) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [e["kind"] for e in events] == ["device.connected", "device.disconnected",
-                                           "device.connected"]
+    assert [e["kind"] for e in events] == [
+        "device.connected",
+        "device.disconnected",
+        "device.connected",
+    ]
     assert main(ctl(server, "get", "events", "--after", str(events[-1]["id"]))) == 0
     assert "deployment.assigned" in capsys.readouterr().out
 
@@ -216,8 +242,22 @@ def test_get_telemetry_and_sessions(server: Server, capsys) -> None:
         await server.store.finish_session_audit(sid, bytes_in=1, bytes_out=2, reason="exit 0")
 
     server.run(go())
-    assert main(ctl(server, "get", "telemetry", "--device", "press-1", "--stream", "metrics",
-                    "-o", "json")) == 0
+    assert (
+        main(
+            ctl(
+                server,
+                "get",
+                "telemetry",
+                "--device",
+                "press-1",
+                "--stream",
+                "metrics",
+                "-o",
+                "json",
+            )
+        )
+        == 0
+    )
     [rec] = json.loads(capsys.readouterr().out)
     assert rec["seq"] == 1 and rec["temp"] == 20.5 and rec["stream"] == "metrics"
     assert main(ctl(server, "get", "telemetry", "--device", "press-1", "--since", "1h")) == 0

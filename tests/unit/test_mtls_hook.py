@@ -32,7 +32,9 @@ def _handshake(client: QuicConnection, server: QuicConnection) -> None:
 
 def _pair(pki: Pki, with_cert: bool, tickets: list):
     server_conf = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
-    server_conf.load_cert_chain(str(pki.dir / "controller/cert.pem"), str(pki.dir / "controller/key.pem"))
+    server_conf.load_cert_chain(
+        str(pki.dir / "controller/cert.pem"), str(pki.dir / "controller/key.pem")
+    )
     client_conf = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name="localhost")
     client_conf.load_verify_locations(cafile=str(pki.dir / "controller/ca.pem"))
     if with_cert:
@@ -41,8 +43,8 @@ def _pair(pki: Pki, with_cert: bool, tickets: list):
     client = QuicConnection(configuration=client_conf, session_ticket_handler=tickets.append)
     # the server's original DCID is the client's initial destination id
     server = MutualTlsServerConnection(
-        configuration=server_conf,
-        original_destination_connection_id=client._peer_cid.cid)  # test-only peek
+        configuration=server_conf, original_destination_connection_id=client._peer_cid.cid
+    )  # test-only peek
     return client, server
 
 
@@ -57,8 +59,12 @@ def test_server_receives_client_certificate(tmp_path):
     _handshake(client, server)
     leaf, chain = peer_certificates(server)
     assert leaf is not None
-    uris = [u.value for u in leaf.extensions.get_extension_for_oid(
-        __import__("cryptography").x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value]
+    uris = [
+        u.value
+        for u in leaf.extensions.get_extension_for_oid(
+            __import__("cryptography").x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME
+        ).value
+    ]
     assert uris == ["spiffe://acme/margo/client/press-01"]
     # no session tickets: a resumed session could skip the client certificate
     assert tickets == []
@@ -77,9 +83,12 @@ def test_plain_server_connection_does_not_request_certificates(tmp_path):
     pki = Pki(tmp_path)
     client, _ = _pair(pki, True, [])
     server_conf = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
-    server_conf.load_cert_chain(str(pki.dir / "controller/cert.pem"), str(pki.dir / "controller/key.pem"))
-    server = QuicConnection(configuration=server_conf,
-                            original_destination_connection_id=client._peer_cid.cid)
+    server_conf.load_cert_chain(
+        str(pki.dir / "controller/cert.pem"), str(pki.dir / "controller/key.pem")
+    )
+    server = QuicConnection(
+        configuration=server_conf, original_destination_connection_id=client._peer_cid.cid
+    )
     _handshake(client, server)
     assert peer_certificates(server)[0] is None
 
@@ -93,7 +102,9 @@ def test_every_connection_id_the_server_issues_carries_the_derived_reset_token(t
     client, plain = _pair(pki, True, [])
     server = MutualTlsServerConnection(
         configuration=plain._configuration,  # test-only peek: the same server settings
-        original_destination_connection_id=client._peer_cid.cid, reset_tokens=tokens)
+        original_destination_connection_id=client._peer_cid.cid,
+        reset_tokens=tokens,
+    )
     _handshake(client, server)
     issued = host_reset_tokens(server)
     assert len(issued) > 1  # the first ID (transport parameter) and NEW_CONNECTION_ID ones

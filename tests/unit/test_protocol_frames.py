@@ -14,9 +14,15 @@ from margo_stream.protocol.codes import ErrorCode
 from margo_stream.protocol.frames import FrameDecoder, encode_frame
 
 values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.text(max_size=20)
-    | st.binary(max_size=50) | st.floats(allow_nan=False),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.text(max_size=20)
+    | st.binary(max_size=50)
+    | st.floats(allow_nan=False),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 messages = st.dictionaries(st.text(max_size=8), values, max_size=5).map(lambda d: {**d, "t": "x"})
@@ -51,8 +57,16 @@ def test_oversized_frame_refused_from_its_length_prefix_alone():
     assert "1001" in str(info.value)
 
 
-@pytest.mark.parametrize("payload", [b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"x": 1}),
-                                     msgpack.packb({"t": 5}), msgpack.packb({1: "a"})])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xc1",
+        msgpack.packb([1, 2]),
+        msgpack.packb({"x": 1}),
+        msgpack.packb({"t": 5}),
+        msgpack.packb({1: "a"}),
+    ],
+)
 def test_malformed_payloads(payload):
     decoder = FrameDecoder()
     with pytest.raises(RemoteProtocolError) as info:

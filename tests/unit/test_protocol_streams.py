@@ -28,19 +28,67 @@ def test_every_table_row_names_a_known_message_type():
         assert isinstance(new, State)
 
 
-@pytest.mark.parametrize("kind, steps, final", [
-    (StreamKind.CONTROL, [(A, "hello"), (C, "hello_ack"), (A, "ping"), (C, "pong"), (A, "stats")], State.READY),
-    (StreamKind.DESIRED, [(C, "desired"), (C, "blob"), (C, "blob"), (C, END), (A, "desired_result")], State.DONE),
-    (StreamKind.STATUS, [(A, "status"), (C, "status_ack"), (A, "status")], State.OPEN),
-    (StreamKind.TELEMETRY, [(A, "telemetry"), (A, "telemetry"), (C, "telemetry_ack")], State.OPEN),
-    (StreamKind.TERMINAL, [(C, "term_open"), (A, "term_opened"), (C, "term_data"), (A, "term_data"),
-                           (C, "term_resize"), (A, "term_exit"), (C, "term_close")], State.DONE),
-    (StreamKind.TERMINAL, [(C, "term_open"), (A, "term_opened"), (A, "term_data"), (C, "term_ack"),
-                           (C, "term_data"), (A, "term_ack"), (C, "term_close"), (A, "term_ack"),
-                           (A, "term_exit")], State.DONE),
-    (StreamKind.TERMINAL, [(C, "term_open"), (A, "term_opened"), (A, "term_data"), (A, "term_exit"),
-                           (C, "term_ack"), (C, "term_close")], State.DONE),
-])
+@pytest.mark.parametrize(
+    "kind, steps, final",
+    [
+        (
+            StreamKind.CONTROL,
+            [(A, "hello"), (C, "hello_ack"), (A, "ping"), (C, "pong"), (A, "stats")],
+            State.READY,
+        ),
+        (
+            StreamKind.DESIRED,
+            [(C, "desired"), (C, "blob"), (C, "blob"), (C, END), (A, "desired_result")],
+            State.DONE,
+        ),
+        (StreamKind.STATUS, [(A, "status"), (C, "status_ack"), (A, "status")], State.OPEN),
+        (
+            StreamKind.TELEMETRY,
+            [(A, "telemetry"), (A, "telemetry"), (C, "telemetry_ack")],
+            State.OPEN,
+        ),
+        (
+            StreamKind.TERMINAL,
+            [
+                (C, "term_open"),
+                (A, "term_opened"),
+                (C, "term_data"),
+                (A, "term_data"),
+                (C, "term_resize"),
+                (A, "term_exit"),
+                (C, "term_close"),
+            ],
+            State.DONE,
+        ),
+        (
+            StreamKind.TERMINAL,
+            [
+                (C, "term_open"),
+                (A, "term_opened"),
+                (A, "term_data"),
+                (C, "term_ack"),
+                (C, "term_data"),
+                (A, "term_ack"),
+                (C, "term_close"),
+                (A, "term_ack"),
+                (A, "term_exit"),
+            ],
+            State.DONE,
+        ),
+        (
+            StreamKind.TERMINAL,
+            [
+                (C, "term_open"),
+                (A, "term_opened"),
+                (A, "term_data"),
+                (A, "term_exit"),
+                (C, "term_ack"),
+                (C, "term_close"),
+            ],
+            State.DONE,
+        ),
+    ],
+)
 def test_happy_paths(kind, steps, final):
     machine = StreamMachine(kind, C)
     for sender, mtype in steps:
@@ -91,8 +139,9 @@ def test_channel_core_handshake_and_events():
     agent, ctl = pair()
     events = ctl.receive(0, agent.encode(0, hello()))
     assert events == [MessageReceived(0, StreamKind.CONTROL, hello())]
-    events = agent.receive(0, ctl.encode(0, m.HelloAck(tenant="acme", device_id="p1", server_time=0,
-                                                       keepalive_s=15)))
+    events = agent.receive(
+        0, ctl.encode(0, m.HelloAck(tenant="acme", device_id="p1", server_time=0, keepalive_s=15))
+    )
     assert isinstance(events[0].message, m.HelloAck)
     # a desired-state push is complete only at the controller's END
     frame = ctl.encode(1, m.Desired(version=1, manifest=b"{}", signature=b"s"))
@@ -111,7 +160,9 @@ def test_invalid_message_fails_only_its_stream():
     assert "seq" in events[0].reason
     assert ctl.receive(4, bad) == []  # ignored once failed
     # the control stream is unaffected
-    agent.receive(0, ctl.encode(0, m.HelloAck(tenant="a", device_id="p1", server_time=0, keepalive_s=1)))
+    agent.receive(
+        0, ctl.encode(0, m.HelloAck(tenant="a", device_id="p1", server_time=0, keepalive_s=1))
+    )
     assert ctl.receive(0, agent.encode(0, m.Ping(n=1))) != []
 
 

@@ -85,9 +85,7 @@ async def test_device_lifecycle(store: SqliteStore) -> None:
     assert await store.mark_all_disconnected() == 1
     assert not (await store.get_device("acme", "dev-1")).connected
     kinds = [e.kind for e in await store.list_events("acme")]
-    assert kinds == [
-        "device.connected", "device.disconnected", "device.connected", "device.labels"
-    ]
+    assert kinds == ["device.connected", "device.disconnected", "device.connected", "device.labels"]
 
 
 async def test_tenant_scoping(store: SqliteStore) -> None:
@@ -136,8 +134,9 @@ async def test_desired_state_tables(store: SqliteStore) -> None:
         "acme", "app", document=doc + b"# v2\n", name="app", profile="compose", now=2e9
     )
     assert (await store.get_deployment("acme", "app")).digest == v2.digest
-    await store.put_deployment("acme", "app", document=doc, name="app", profile="compose",
-                               now=3e9)  # re-applying v1 makes it the newest again
+    await store.put_deployment(
+        "acme", "app", document=doc, name="app", profile="compose", now=3e9
+    )  # re-applying v1 makes it the newest again
     assert (await store.get_deployment("acme", "app")).digest == dep.digest
     assert [d.digest for d in await store.list_deployments("acme")] == [dep.digest]
     await store.assign("acme", ["d1", "d2"], "app", dep.digest)
@@ -198,7 +197,10 @@ async def test_telemetry_dedup_watermark_and_gaps(store: SqliteStore) -> None:
     assert [r.seq for r in rows] == [1, 2, 3, 4, 5, 8, 9]
     assert [r.seq for r in await store.query_telemetry("acme", "d1", limit=2)] == [8, 9]
     assert [r.seq for r in await store.query_telemetry("acme", "d1", stream="logs")] == [8]
-    assert [r.seq for r in await store.query_telemetry("acme", "d1", after_seq=3, limit=2)] == [4, 5]
+    assert [r.seq for r in await store.query_telemetry("acme", "d1", after_seq=3, limit=2)] == [
+        4,
+        5,
+    ]
 
 
 async def test_telemetry_first_batch_sets_the_starting_point(store: SqliteStore) -> None:
@@ -291,9 +293,11 @@ async def test_data_survives_reopen(tmp_path) -> None:
 async def test_concurrent_callers_are_serialised(store: SqliteStore) -> None:
     devices = [f"dev-{i}" for i in range(40)]
     await asyncio.gather(*(connect(store, "acme", d) for d in devices))
-    marks = await asyncio.gather(*(
-        store.ingest_telemetry("acme", d, [(s, "m", b"{}") for s in range(1, 51)])
-        for d in devices
-    ))
+    marks = await asyncio.gather(
+        *(
+            store.ingest_telemetry("acme", d, [(s, "m", b"{}") for s in range(1, 51)])
+            for d in devices
+        )
+    )
     assert marks == [50] * len(devices)
     assert len(await store.list_devices("acme")) == len(devices)

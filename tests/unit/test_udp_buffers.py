@@ -25,8 +25,10 @@ def test_a_size_under_the_cap_is_granted() -> None:
 @pytest.mark.skipif(not Path("/proc/sys/net/core/rmem_max").exists(), reason="Linux only")
 def test_past_the_cap_root_forces_it_and_others_are_told_the_sysctl(caplog) -> None:
     wanted = rmem_max() * 4
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, \
-            caplog.at_level(logging.WARNING, logger="margo.quic.server"):
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
+        caplog.at_level(logging.WARNING, logger="margo.quic.server"),
+    ):
         granted = size_buffers(sock, wanted)
     if os.geteuid() == 0:  # CAP_NET_ADMIN: SO_RCVBUFFORCE
         assert granted["receive"] >= wanted and not caplog.records
