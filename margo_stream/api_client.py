@@ -173,6 +173,16 @@ class ApiClient:
                 status=resp.status_code,
             ) from None
 
+    def _object(self, method: str, path: str, **kwargs: Any) -> JsonDict:
+        """The answer's JSON, which must be an object."""
+        body = self._json(method, path, **kwargs)
+        if not isinstance(body, dict):
+            raise ApiError(
+                f"{method} {self._url(path)}: the answer is not a JSON object",
+                url=self._url(path),
+            )
+        return body
+
     def _items(self, path: str, params: Mapping[str, Any] | None = None) -> list[JsonDict]:
         body = self._json("GET", path, params=params)
         items = body.get("items") if isinstance(body, dict) else None
@@ -185,16 +195,16 @@ class ApiClient:
     # -- the API -------------------------------------------------------------------------
 
     def health(self) -> JsonDict:
-        return self._json("GET", "/healthz")
+        return self._object("GET", "/healthz")
 
     def openapi(self) -> JsonDict:
-        return self._json("GET", "/api/v1/openapi.json")
+        return self._object("GET", "/api/v1/openapi.json")
 
     def list_devices(self) -> list[JsonDict]:
         return self._items("/api/v1/devices")
 
     def get_device(self, device_id: str) -> JsonDict:
-        return self._json("GET", f"/api/v1/devices/{_device_path(device_id)}")
+        return self._object("GET", f"/api/v1/devices/{_device_path(device_id)}")
 
     def apply(
         self,
@@ -213,7 +223,7 @@ class ApiClient:
             body["selector"] = dict(selector)
         if blobs:
             body["blobs"] = list(blobs)
-        return self._json("POST", "/api/v1/deployments", body=body)
+        return self._object("POST", "/api/v1/deployments", body=body)
 
     def list_deployments(self, device: str | None = None) -> list[JsonDict]:
         return self._items("/api/v1/deployments", {"device": device})

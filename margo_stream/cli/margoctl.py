@@ -79,7 +79,7 @@ def _output_flag(parser: argparse.ArgumentParser, choices: Sequence[str] = outpu
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Operate a margo-stream controller.")
     _global_flags(parser, suppress=False)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     _global_flags(common, suppress=True)
     commands = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser

@@ -26,6 +26,7 @@ import struct
 import termios
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import anyio
 
@@ -37,7 +38,9 @@ log = logging.getLogger(__name__)
 _IFLAG, _OFLAG, _CFLAG, _LFLAG, _ISPEED, _OSPEED, _CC = range(7)
 
 
-def _raw_attributes(attrs: list) -> list:
+# termios.tcgetattr's list mixes integer flags with the list of control characters; typeshed
+# types it list[Any], and tcsetattr takes the same.
+def _raw_attributes(attrs: list[Any]) -> list[Any]:
     """The attributes of cfmakeraw(3) applied to a copy of ``attrs``."""
     raw = list(attrs)
     raw[_CC] = list(attrs[_CC])

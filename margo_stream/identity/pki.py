@@ -27,6 +27,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from margo_stream.errors import ConfigError, IdentityError
@@ -94,9 +95,9 @@ def key_from_pem(data: bytes) -> PrivateKey:
     return key
 
 
-def public_key_der(key: object) -> bytes:
+def public_key_der(key: PublicKeyTypes) -> bytes:
     """SubjectPublicKeyInfo DER of a public key, for comparing keys."""
-    return key.public_bytes(  # type: ignore[attr-defined]
+    return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 

@@ -94,9 +94,9 @@ def read_private_key(path: Path, what: str = "private key") -> ec.EllipticCurveP
 
 
 def _check_key_matches(
-    cert: x509.Certificate, key: object, key_path: Path, cert_path: Path
+    cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, key_path: Path, cert_path: Path
 ) -> None:
-    if public_key_der(key.public_key()) != public_key_der(cert.public_key()):  # type: ignore[attr-defined]
+    if public_key_der(key.public_key()) != public_key_der(cert.public_key()):
         raise IdentityError(f"{key_path}: key does not match certificate {cert_path.name}")
 
 

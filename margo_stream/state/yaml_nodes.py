@@ -146,6 +146,8 @@ def load_yaml(data: bytes, source: str) -> list[tuple[yaml.Node, Any]]:
     try:
         while loader.check_node():
             node = loader.get_node()
+            if node is None:  # check_node() said there is one
+                break
             check_nodes(node, source)
             value = loader.construct_document(node)
             if value is not None:

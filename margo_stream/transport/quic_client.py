@@ -80,4 +80,4 @@ async def connect(
     protocol.connection = conn
     quic.connect(addr, now=loop.time())
     conn.transmit()
-    return conn, transport  # type: ignore[return-value]
+    return conn, transport

@@ -215,4 +215,4 @@ async def start_server(
     transport, protocol = await loop.create_datagram_endpoint(
         lambda: QuicServer(configuration, verify, accept, reset_tokens=reset_tokens), sock=sock
     )
-    return transport, protocol  # type: ignore[return-value]
+    return transport, protocol
