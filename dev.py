@@ -2,7 +2,7 @@
 """The project's two entry points, on a fresh machine with only python3:
 
     python3 dev.py demo   # controller + agents on the embedded SQLite store, sample deployment
-    python3 dev.py test   # the whole test suite
+    python3 dev.py test   # lint, format and type checks, then the whole test suite
 
 Each creates .venv (if missing or out of date) and installs what it needs by itself.
 """
@@ -74,6 +74,30 @@ def ensure_mosquitto() -> None:
         )
 
 
+# Run before pytest by `dev.py test`; each must pass for the command to succeed.
+CHECKS = {
+    "lint (ruff check)": ["ruff", "check", "."],
+    "format (ruff format --check)": ["ruff", "format", "--check", "."],
+    "types (mypy, [tool.mypy] in pyproject.toml)": ["mypy"],
+}
+
+
+def run_tests(env: dict[str, str], pytest_args: list[str]) -> int:
+    """Every check, then pytest, all of them even after a failure; non-zero if any failed."""
+    failed = []
+    steps = {name: [str(BIN / "python"), "-m", *cmd] for name, cmd in CHECKS.items()}
+    steps["tests (pytest)"] = [str(BIN / "python"), "-m", "pytest", *pytest_args]
+    for name, cmd in steps.items():
+        print(f"== {name}", flush=True)
+        if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
+            print(f"FAILED: {name}", flush=True)
+            failed.append(name)
+    if failed:
+        print("failed checks: " + ", ".join(failed), flush=True)
+        return 1
+    return 0
+
+
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in ("demo", "test"):
         print(__doc__.strip())
@@ -82,10 +106,7 @@ def main() -> int:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     if sys.argv[1] == "test":
         ensure_mosquitto()
-        args = sys.argv[2:] or ["-q", "-p", "no:cacheprovider"]
-        return subprocess.run(
-            [str(BIN / "python"), "-m", "pytest", *args], cwd=ROOT, env=env
-        ).returncode
+        return run_tests(env, sys.argv[2:] or ["-q", "-p", "no:cacheprovider"])
     demo = subprocess.Popen(
         [str(BIN / "python"), "-m", "bench.demo", *sys.argv[2:]], cwd=ROOT, env=env
     )
