@@ -20,7 +20,8 @@ async def test_concurrent_items_share_one_write_and_get_their_results():
 
     async def write(items):
         batches.append(list(items))
-        await anyio.sleep(0.01)  # a transaction takes a while: others queue meanwhile
+        # a transaction takes a while: every other submitter queues meanwhile
+        await anyio.wait_all_tasks_blocked()
         return [i * 10 for i in items]
 
     batcher = WriteBatcher(write, max_items=50)
@@ -29,36 +30,40 @@ async def test_concurrent_items_share_one_write_and_get_their_results():
     async def one(i: int) -> None:
         results[i] = await batcher.submit(i)
 
-    async with anyio.create_task_group() as tg:
-        for i in range(120):
-            tg.start_soon(one, i)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for i in range(120):
+                tg.start_soon(one, i)
     assert results == {i: i * 10 for i in range(120)}
-    assert len(batches) < 10 and max(map(len, batches)) <= 50
-    assert sorted(x for b in batches for x in b) == list(range(120))
+    # the first item is written alone at once, the 119 queued behind it in batches of 50
+    assert batches == [[0], list(range(1, 51)), list(range(51, 101)), list(range(101, 120))]
 
 
 async def test_a_failed_write_reaches_every_item_of_its_batch_and_the_next_batch_runs():
-    calls = 0
+    batches: list[list[int]] = []
 
     async def write(items):
-        nonlocal calls
-        calls += 1
-        await anyio.sleep(0.01)
-        if calls == 1:
+        batches.append(list(items))
+        await anyio.wait_all_tasks_blocked()  # the others queue behind this write
+        if len(batches) == 2:
             raise OSError("disk full")
         return [True for _ in items]
 
-    batcher = WriteBatcher(write)
-    outcomes: list[object] = []
+    batcher = WriteBatcher(write, max_items=2)
+    outcomes: dict[int, object] = {}
 
     async def one(i: int) -> None:
         try:
-            outcomes.append(await batcher.submit(i))
+            outcomes[i] = await batcher.submit(i)
         except OSError as exc:
-            outcomes.append(exc)
+            outcomes[i] = exc
 
-    async with anyio.create_task_group() as tg:
-        for i in range(5):
-            tg.start_soon(one, i)
-            await anyio.sleep(0)
-    assert any(isinstance(o, OSError) for o in outcomes) and True in outcomes
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(one, i)
+    assert batches == [[0], [1, 2], [3, 4]]
+    error = outcomes[1]
+    assert isinstance(error, OSError) and outcomes[2] is error  # both items of the failed batch
+    assert outcomes[0] is True and outcomes[3] is True and outcomes[4] is True
+    assert await batcher.submit(5) is True  # the batcher still writes after a failure

@@ -109,14 +109,31 @@ def test_frozen_cycles_wait_for_a_sweep_which_frees_them(thawed: None) -> None:
     assert gc.get_freeze_count() == p.stats.frozen_after_sweep
 
 
+async def freezes_reach(policy: GcPolicy, count: int, timeout: float = 5.0) -> None:
+    """Wait until the policy's thread has frozen ``count`` times (its stats are plain ints)."""
+    with anyio.fail_after(timeout):
+        while policy.stats.freezes < count:
+            await anyio.sleep(0.005)
+
+
+async def no_more_freezes(policy: GcPolicy) -> None:
+    """The policy's thread is gone: for ten of its periods, its count does not move. A wait
+    that IS the check: there is no event for something that no longer happens."""
+    count = policy.stats.freezes
+    await anyio.sleep(10 * policy.freeze_every)
+    assert policy.stats.freezes == count
+
+
 def test_the_policy_task_stops_with_its_scope(thawed: None) -> None:
     async def main() -> None:
         policy = GcPolicy(freeze_every=0.01)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run_gc_policy, policy)
-            await anyio.sleep(0.05)
-            tg.cancel_scope.cancel()
+        with anyio.fail_after(5):  # the scope's exit waits for the ticking thread to return
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_gc_policy, policy)
+                await freezes_reach(policy, 2)
+                tg.cancel_scope.cancel()
         assert policy.stats.freezes >= 2
+        await no_more_freezes(policy)
 
     anyio.run(main)
 
@@ -125,8 +142,9 @@ def test_gc_policy_running_ends_with_its_block(thawed: None) -> None:
     async def main() -> None:
         with anyio.fail_after(5):
             async with gc_policy_running(GcPolicy(freeze_every=0.01)) as policy:
-                await anyio.sleep(0.05)
+                await freezes_reach(policy, 2)
         assert policy.stats.freezes >= 2
+        await no_more_freezes(policy)
 
     anyio.run(main)
 
