@@ -39,11 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     config = config_from_args(args)
-    from controller.features import install_features
     from controller.service import Controller
 
     controller = Controller(config)
-    install_features(controller)
     tenants = args.tenant or ["bench"]
     broker = MosquittoBroker(args.certs, args.broker_dir, tenants)  # started by the bench
     broker.bridge_port = args.bridge_port
@@ -58,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             await tg.start(controller_then_stop)
             bridge = MqttBridge(controller.store, broker, tenants)
             await tg.start(bridge.run)
-            controller.device_servers["mqtt"] = bridge
+            controller.add_device_transport("mqtt", args.bridge_port, bridge)
             atomic_write(
                 config.data / "mqtt-bridge.json",
                 json.dumps({"bridge_port": args.bridge_port}).encode(),

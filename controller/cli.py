@@ -90,11 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ConfigError as exc:
         return fail(PROG, str(exc))
-    from controller.features import install_features
     from controller.service import Controller
 
     controller = Controller(config)
-    install_features(controller)
     return run_service(PROG, controller.run, controller.shutdown)
 
 

@@ -16,24 +16,26 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
 
 from controller.batching import WriteBatcher
+from controller.document_cache import DocumentCache
+from controller.ports import DeviceLink, TaskSpawner
 from controller.push_window import PushWindow
-from controller.service import Controller
-from controller.session import ControllerSession
-from controller.store.base import AssignmentRecord, ManifestRecord
+from controller.registry import SessionRegistry
+from controller.store.base import AssignmentRecord, ManifestRecord, Store
 from margo_stream.errors import ConfigError, IdentityError
 from margo_stream.identity.trust import load_signing_key
 from margo_stream.protocol import messages as m
-from margo_stream.protocol.codes import ErrorCode
 from margo_stream.state.documents import parse_deployment
 from margo_stream.state.manifest import (
+    Manifest,
     ManifestEntry,
     blob_digests,
-    build_manifest,
+    build_typed_manifest,
     parse_manifest,
     sign,
 )
@@ -42,7 +44,6 @@ from margo_stream.transport.connection import ConnectionLost, StreamClosed
 log = logging.getLogger("margo.controller.desired")
 
 BLOB_CHUNK = 256 * 1024
-FILES_CACHE = 4096  # (tenant, document digest) -> the document's extra files
 BLOB_CACHE_BYTES = 64 << 20
 RESULT_TIMEOUT = 60.0
 WINDOW_HOLD = 2.0  # a push unanswered this long stops counting against the window
@@ -57,6 +58,27 @@ class _BlobRead:
     error: Exception | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Current:
+    """A device's newest manifest: the stored record and its typed form, parsed once."""
+
+    record: ManifestRecord
+    manifest: Manifest
+    digests: frozenset[str]
+
+    @classmethod
+    def of(cls, record: ManifestRecord, manifest: Manifest | None = None) -> _Current:
+        manifest = manifest if manifest is not None else parse_manifest(record.manifest)
+        return cls(record, manifest, frozenset(blob_digests(manifest)))
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredConfig:
+    certs: Path  # the tenants' signing keys: DIR/<tenant>/signing.key
+    manifest_lifetime_days: float
+    push_window: int
+
+
 @dataclass(slots=True)
 class _DeviceState:
     pushing: bool = False
@@ -65,32 +87,41 @@ class _DeviceState:
 
 
 class DesiredState:
-    def __init__(self, ctl: Controller) -> None:
-        self.ctl = ctl
-        self.lifetime = dt.timedelta(days=ctl.config.manifest_lifetime_days)
+    """Implements ``DesiredChanges`` for the API; ``on_ready``/``on_close`` are session hooks."""
+
+    def __init__(
+        self,
+        config: DesiredConfig,
+        store: Store,
+        registry: SessionRegistry,
+        tasks: TaskSpawner,
+        documents: DocumentCache,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.registry = registry
+        self.tasks = tasks
+        self.documents = documents
+        self.lifetime = dt.timedelta(days=config.manifest_lifetime_days)
         self._keys: dict[str, Any] = {}
         self._devices: dict[tuple[str, str], _DeviceState] = {}
-        self._locks: dict[tuple[str, str], anyio.Lock] = {}
-        self._files: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._locks: dict[str, anyio.Lock] = {}
         self._latest: dict[tuple[str, str], tuple[int, float]] = {}
-        self._records: dict[tuple[str, str], ManifestRecord] = {}  # connected devices' newest
+        self._current: dict[tuple[str, str], _Current] = {}  # connected devices' newest
         self._blobs: dict[tuple[str, str], bytes] = {}
         self._blob_bytes = 0
         self._blob_reads: dict[tuple[str, str], _BlobRead] = {}
-        self._window = PushWindow(ctl.config.push_window, hold=WINDOW_HOLD)
+        self._window = PushWindow(config.push_window, hold=WINDOW_HOLD)
         self._adoptions: WriteBatcher[tuple[str, str, int], None] = WriteBatcher(
-            ctl.store.set_manifest_versions
+            store.set_manifest_versions
         )
-        ctl.ready_hooks.append(self.on_ready)
-        ctl.close_hooks.append(self.on_close)
-        ctl.features["desired"] = self
         self.counters = {"pushes": 0, "bytes": 0, "blobs_sent": 0, "blobs_skipped": 0, "refused": 0}
 
     def _key(self, tenant: str) -> Any:
         key = self._keys.get(tenant)
         if key is None:
             try:
-                key = self._keys[tenant] = load_signing_key(self.ctl.config.certs, tenant)
+                key = self._keys[tenant] = load_signing_key(self.config.certs, tenant)
             except IdentityError as exc:
                 raise ConfigError(str(exc)) from None
         return key
@@ -104,17 +135,13 @@ class DesiredState:
     ) -> list[ManifestEntry]:
         entries = []
         for a in assignments:
-            files = self._files.get((tenant, a.digest))
-            if files is None:
-                document = await self.ctl.store.get_blob(tenant, a.digest)
-                files = tuple(
-                    parse_deployment(document, source=f"deployment {a.deployment_id}").files
-                )
-                if len(self._files) >= FILES_CACHE:
-                    self._files.pop(next(iter(self._files)))
-                self._files[(tenant, a.digest)] = files
+            document = self.documents.get(tenant, a.digest)
+            if document is None:  # applied before this process started
+                data = await self.store.get_blob(tenant, a.digest)
+                document = parse_deployment(data, source=f"deployment {a.deployment_id}")
+                self.documents.put(tenant, a.digest, document)
             entries.append(
-                ManifestEntry(deployment_id=a.deployment_id, digest=a.digest, files=files)
+                ManifestEntry(deployment_id=a.deployment_id, digest=a.digest, files=document.files)
             )
         return sorted(entries, key=lambda e: e.deployment_id)
 
@@ -136,7 +163,7 @@ class DesiredState:
         to the store per device. With ``only_if_changed`` a device whose deployments are those
         of its newest manifest already gets no new version (re-applying is idempotent)."""
         ids = list(dict.fromkeys(device_ids))
-        store = self.ctl.store
+        store = self.store
         async with self._lock(tenant):
             latest = await store.latest_manifests(tenant, ids)
             by_device: dict[str, list[AssignmentRecord]] = {d: [] for d in ids}
@@ -148,26 +175,28 @@ class DesiredState:
             created = time.time()
             key = self._key(tenant)
             items: list[tuple[str, int, bytes, bytes]] = []
+            built: list[Manifest] = []
             for device_id in ids:
                 entries = await self._entries(tenant, by_device[device_id])
                 prev = latest.get(device_id)
                 if (
                     only_if_changed
                     and prev is not None
-                    and [e.wire() for e in parse_manifest(prev.manifest).deployments]
+                    and [e.wire() for e in self._typed(prev).deployments]
                     == [e.check().wire() for e in entries]
                 ):
                     continue
                 version = max(prev.version if prev else 0, (floors or {}).get(device_id, 0)) + 1
-                data = build_manifest(
+                manifest, data = build_typed_manifest(
                     tenant, device_id, version, entries, issued_at=now, expires=expires
                 )
                 items.append((device_id, version, data, sign(data, key)))
+                built.append(manifest)
             if items:
                 await store.put_manifests(tenant, items, now=created)
-            for device_id, version, data, signature in items:
+            for (device_id, version, data, signature), manifest in zip(items, built, strict=True):
                 self._latest[(tenant, device_id)] = (version, expires.timestamp())
-                self._records[(tenant, device_id)] = ManifestRecord(
+                record = ManifestRecord(
                     tenant=tenant,
                     device_id=device_id,
                     version=version,
@@ -175,15 +204,23 @@ class DesiredState:
                     signature=signature,
                     created=created,
                 )
+                self._current[(tenant, device_id)] = _Current.of(record, manifest)
             return [item[0] for item in items]
 
-    async def _record(self, tenant: str, device_id: str) -> ManifestRecord | None:
-        record = self._records.get((tenant, device_id))
-        if record is None:
-            record = await self.ctl.store.latest_manifest(tenant, device_id)
+    def _typed(self, record: ManifestRecord) -> Manifest:
+        """The typed form of a stored manifest (from the cache when it is the current one)."""
+        current = self._current.get((record.tenant, record.device_id))
+        if current is not None and current.record.version == record.version:
+            return current.manifest
+        return parse_manifest(record.manifest)
+
+    async def _current_of(self, tenant: str, device_id: str) -> _Current | None:
+        current = self._current.get((tenant, device_id))
+        if current is None:
+            record = await self.store.latest_manifest(tenant, device_id)
             if record is not None:
-                self._records[(tenant, device_id)] = record
-        return record
+                current = self._current[(tenant, device_id)] = _Current.of(record)
+        return current
 
     async def _blob(self, tenant: str, digest: str) -> bytes:
         """Blobs of a fan-out are read from the store once, not once per device: the pushes
@@ -202,7 +239,7 @@ class DesiredState:
             return flight.data
         flight = self._blob_reads[key] = _BlobRead()
         try:
-            data = flight.data = await self.ctl.store.get_blob(tenant, digest)
+            data = flight.data = await self.store.get_blob(tenant, digest)
         except Exception as exc:
             flight.error = exc
             raise
@@ -219,9 +256,9 @@ class DesiredState:
     # --- hooks --------------------------------------------------------------------------------------
     async def desired_changed(self, tenant: str, device_ids: list[str]) -> None:
         for device_id in await self.rebuild_many(tenant, device_ids, only_if_changed=True):
-            view = self.ctl.registry.get(tenant, device_id)
-            if view is not None and isinstance(view.handle, ControllerSession):
-                self._schedule(view.handle)
+            link = self.registry.link(tenant, device_id)
+            if link is not None:
+                self._schedule(link)
 
     async def _latest_known(self, tenant: str, device_id: str) -> tuple[int, float] | None:
         """(version, expiry) of the device's newest manifest, ``(0, inf)`` when it has none and
@@ -230,18 +267,17 @@ class DesiredState:
         key = (tenant, device_id)
         known = self._latest.get(key)
         if known is None:
-            store = self.ctl.store
-            latest = await store.latest_manifest(tenant, device_id)
-            if latest is not None:
-                known = (latest.version, parse_manifest(latest.manifest).expires.timestamp())
-            elif await store.list_assignments(tenant, device_id):
+            current = await self._current_of(tenant, device_id)
+            if current is not None:
+                known = (current.record.version, current.manifest.expires.timestamp())
+            elif await self.store.list_assignments(tenant, device_id):
                 return None
             else:
                 known = (0, math.inf)
             self._latest[key] = known
         return known
 
-    async def on_ready(self, session: ControllerSession) -> None:
+    async def on_ready(self, session: DeviceLink) -> None:
         hello = session.hello
         assert hello is not None
         state = self._devices.setdefault((session.tenant, session.device_id), _DeviceState())
@@ -260,22 +296,23 @@ class DesiredState:
             return
         self._schedule(session)
 
-    def on_close(self, session: ControllerSession) -> None:
+    def on_close(self, session: DeviceLink) -> None:
         key = (session.tenant, session.device_id)
-        if self.ctl.registry.get(*key) in (None, session.view):  # gone, not replaced
-            self._records.pop(key, None)  # memory follows the connected fleet
+        view = self.registry.get(*key)
+        if view is None or view.handle is session:  # gone, not replaced
+            self._current.pop(key, None)  # memory follows the connected fleet
             state = self._devices.get(key)
             if state is not None:
                 state.again = False
 
     # --- pushing ------------------------------------------------------------------------------------
-    def _schedule(self, session: ControllerSession) -> None:
+    def _schedule(self, session: DeviceLink) -> None:
         key = (session.tenant, session.device_id)
         state = self._devices.setdefault(key, _DeviceState())
         state.again = True
         if not state.pushing:
             state.pushing = True
-            self.ctl.spawn(self._push_loop, key, state)
+            self.tasks.spawn(self._push_loop, key, state)
 
     async def _push_loop(self, key: tuple[str, str], state: _DeviceState) -> None:
         """Push the newest manifest to the device's *current* session until no change is
@@ -283,22 +320,20 @@ class DesiredState:
         try:
             while state.again:
                 state.again = False
-                view = self.ctl.registry.get(*key)
-                session = view.handle if view is not None else None
-                if not isinstance(session, ControllerSession) or session.conn.closed is not None:
+                session = self.registry.link(*key)
+                if session is None:
                     return  # offline: the next hello catches up
                 async with self._window.slot():
                     await self._push(session, state)
         finally:
             state.pushing = False
 
-    async def _push(self, session: ControllerSession, state: _DeviceState) -> None:
-        store = self.ctl.store
-        record = await self._record(session.tenant, session.device_id)
-        if record is None or session.conn.closed is not None:
+    async def _push(self, session: DeviceLink, state: _DeviceState) -> None:
+        current = await self._current_of(session.tenant, session.device_id)
+        if current is None or session.conn.closed is not None:
             return
-        manifest = parse_manifest(record.manifest)
-        needed = sorted(d for d in blob_digests(manifest) if d not in state.held)
+        record = current.record
+        needed = sorted(d for d in current.digests if d not in state.held)
         # the first blob is in hand before anything is sent, so that a small push (the
         # manifest and one document) leaves in one packet rather than a header first and the
         # document when the store has answered
@@ -329,7 +364,7 @@ class DesiredState:
             self.counters["pushes"] += 1
             self.counters["bytes"] += sent
             self.counters["blobs_sent"] += len(needed)
-            self.counters["blobs_skipped"] += len(blob_digests(manifest)) - len(needed)
+            self.counters["blobs_skipped"] += len(current.digests) - len(needed)
             with anyio.fail_after(RESULT_TIMEOUT):
                 result = await stream.receive()
         except (ConnectionLost, StreamClosed, TimeoutError) as exc:
@@ -350,9 +385,10 @@ class DesiredState:
             )
             return
         if result.ok:
-            state.held |= blob_digests(manifest)
-            if session.view is not None:
-                session.view.manifest_version = record.version
+            state.held |= current.digests
+            view = self.registry.get(session.tenant, session.device_id)
+            if view is not None and view.handle is session:
+                view.manifest_version = record.version
             await self._adoptions.submit((session.tenant, session.device_id, record.version))
             log.info(
                 "device %s/%s adopted manifest version %d",
@@ -372,16 +408,9 @@ class DesiredState:
                 result.reason,
                 extra={"event": "desired-refused", "code": result.code},
             )
-            await store.add_event(
+            await self.store.add_event(
                 session.tenant,
                 "desired.refused",
                 session.device_id,
                 {"manifestVersion": record.version, "code": result.code, "reason": result.reason},
             )
-
-
-def install(ctl: Controller) -> DesiredState:
-    return DesiredState(ctl)
-
-
-__all__ = ["DesiredState", "install", "ErrorCode"]

@@ -10,13 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-
-class SessionHandle(Protocol):
-    """What the registry needs from a live session (the QUIC session implements it)."""
-
-    def close(self, code: int, reason: str) -> None: ...
+from controller.ports import DeviceLink
 
 
 @dataclass(slots=True)
@@ -27,7 +23,7 @@ class SessionView:
     connected_since: float  # unix time
     last_seen: float  # unix time of the last packet/keepalive we know of
     manifest_version: int | None = None
-    handle: SessionHandle | None = field(default=None, repr=False)
+    handle: DeviceLink | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -52,6 +48,14 @@ class SessionRegistry:
 
     def get(self, tenant: str, device_id: str) -> SessionView | None:
         return self._sessions.get((tenant, device_id))
+
+    def link(self, tenant: str, device_id: str) -> DeviceLink | None:
+        """The device's live session, if it has one whose connection is still open."""
+        view = self._sessions.get((tenant, device_id))
+        handle = view.handle if view is not None else None
+        if handle is None or handle.conn.closed is not None:
+            return None
+        return handle
 
     def is_connected(self, tenant: str, device_id: str) -> bool:
         return (tenant, device_id) in self._sessions

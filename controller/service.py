@@ -2,8 +2,9 @@
 
 Everything runs inside one anyio task group started by ``Controller.run``; cancelling it (or
 ``shutdown()``) closes every device connection with SHUTTING_DOWN, stops the API and closes
-the store. Features (desired state, telemetry, terminals) plug in through ``stream_handlers``
-(per stream kind), ``ready_hooks`` (a device finished its hello) and ``close_hooks``.
+the store. The features (desired state, status, telemetry, terminals) are built once here by
+``build_features`` from the store, the registry and this controller as their task spawner;
+sessions and the API get the typed parts they use (``controller/ports.py``).
 """
 
 from __future__ import annotations
@@ -22,22 +23,24 @@ import anyio
 import uvicorn
 from anyio.abc import TaskGroup
 
+from controller.api.app import create_app
 from controller.config import ControllerConfig
+from controller.device_api.tls import tenant_bundle_paths
+from controller.features import build_features
+from controller.ports import DesiredChangeFanout, DeviceNotifier
 from controller.registry import SessionRegistry
-from controller.session import ControllerSession
+from controller.session import ControllerSession, SessionContext
 from controller.store.sqlite import SqliteStore
 from margo_stream.errors import ConfigError, IdentityError
 from margo_stream.fsutil import atomic_write
 from margo_stream.identity.trust import load_operator_tokens, load_server_credentials
 from margo_stream.identity.verify import PeerVerifier
-from margo_stream.protocol.codes import ErrorCode, StreamKind
-from margo_stream.transport.connection import Connection, MessageStream, is_link_loss
+from margo_stream.protocol.codes import ErrorCode
+from margo_stream.transport.connection import Connection, is_link_loss
 from margo_stream.transport.quic_server import QuicServer, server_configuration, start_server
 from margo_stream.transport.stateless_reset import ResetTokens, load_reset_key
 
 log = logging.getLogger("margo.controller")
-
-StreamHandler = Callable[[ControllerSession, MessageStream], None]
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -52,9 +55,16 @@ class Controller:
         self.config = config
         self.registry = SessionRegistry()
         self.store = SqliteStore(config.db_path)
-        self.stream_handlers: dict[StreamKind, StreamHandler] = {}
-        self.ready_hooks: list[Callable[[ControllerSession], Awaitable[None]]] = []
-        self.close_hooks: list[Callable[[ControllerSession], None]] = []
+        self.features = build_features(config, self.store, self.registry, self)
+        self.desired = DesiredChangeFanout(self.features.desired)
+        self.sessions = SessionContext(
+            store=self.store,
+            registry=self.registry,
+            hooks=self.features.hooks,
+            tasks=self,
+            hello_timeout=config.hello_timeout,
+            keepalive=config.keepalive,
+        )
         self.quic: QuicServer | None = None
         self.quic_port: int | None = None
         self.api_port: int | None = None
@@ -63,8 +73,12 @@ class Controller:
         self._tg: TaskGroup | None = None
         self._stop = anyio.Event()
         self._uvicorn: _EmbeddedUvicorn | None = None
-        self.features: dict[str, Any] = {}
-        self.device_servers: dict[str, Any] = {}  # Margo pull API / HTTP/2 push, when enabled
+        self.device_ports: dict[str, int] = {}  # Margo pull API / HTTP/2 push, when enabled
+
+    def add_device_transport(self, name: str, port: int, notifier: DeviceNotifier) -> None:
+        """Another way devices reach this controller: it hears of every desired change."""
+        self.device_ports[name] = port
+        self.desired.add(notifier)
 
     # --- tasks ----------------------------------------------------------------------------------
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
@@ -104,7 +118,7 @@ class Controller:
         )
 
     def _accept(self, conn: Connection, identity: Any) -> None:
-        ControllerSession(self, conn, identity)
+        ControllerSession(self.sessions, conn, identity)
 
     def _verify(self, leaf: Any, chain: list[Any]) -> Any:
         assert self.verifier is not None
@@ -175,24 +189,20 @@ class Controller:
         ]
         if not wanted:
             return
-        from controller.device_api.h2_push import serve_h2_push
-        from controller.device_api.rest_poll import serve_rest_poll
-        from controller.device_api.tls import tenant_bundle_paths
+        from controller.device_api.h2_push import H2PushServer, serve_h2_push
+        from controller.device_api.rest_poll import RestPollServer, serve_rest_poll
 
         creds = load_server_credentials(cfg.certs)
         bundles = tenant_bundle_paths(cfg.certs)
-        serve = {"margo_api": serve_rest_poll, "h2_push": serve_h2_push}
         for name, host, port in wanted:
-            self.device_servers[name] = await tg.start(
-                serve[name],
-                self.store,
-                self.verifier,
-                host,
-                port,
-                creds.cert_path,
-                creds.key_path,
-                bundles,
-            )
+            args = (self.store, self.verifier, host, port, creds.cert_path, creds.key_path, bundles)
+            server: RestPollServer | H2PushServer
+            if name == "margo_api":
+                server = await tg.start(serve_rest_poll, *args)
+            else:
+                server = await tg.start(serve_h2_push, *args)
+            assert server.port is not None
+            self.add_device_transport(name, server.port, server)
 
     def _write_ready_file(self) -> None:
         info = {
@@ -202,17 +212,20 @@ class Controller:
             "pid": os.getpid(),
             "started": time.time(),
             **{
-                name: f"{_url_host(getattr(self.config, name + '_host'))}:{srv.port}"
-                for name, srv in self.device_servers.items()
+                name: f"{_url_host(getattr(self.config, name + '_host'))}:{port}"
+                for name, port in self.device_ports.items()
             },
         }
         atomic_write(self.config.ready_file, json.dumps(info).encode())
 
     async def _serve_api(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        from controller.api.app import create_app
-
         app = create_app(
-            store=self.store, registry=self.registry, tokens=self.tokens, services=self
+            store=self.store,
+            registry=self.registry,
+            tokens=self.tokens,
+            desired=self.desired,
+            terminals=self.features.terminals,
+            documents=self.features.documents,
         )
         family = socket.AF_INET6 if ":" in self.config.api_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -253,7 +266,7 @@ class Controller:
             batch = []
             for view in self.registry:
                 handle = view.handle
-                if isinstance(handle, ControllerSession):
+                if handle is not None:
                     view.last_seen = now_wall - (now_loop - handle.conn.last_received)
                     batch.append((view.tenant, view.device_id, view.last_seen))
             if batch:
@@ -261,14 +274,6 @@ class Controller:
                     await self.store.touch_devices(batch)
                 except Exception:
                     log.exception("could not record last-seen times")
-
-    # --- services the API calls --------------------------------------------------------------------
-    async def desired_changed(self, tenant: str, device_ids: list[str]) -> None:
-        hook = self.features.get("desired")
-        if hook is not None:
-            await hook.desired_changed(tenant, device_ids)
-        for server in self.device_servers.values():
-            server.notify(tenant, device_ids)
 
 
 def _url_host(host: str) -> str:

@@ -10,24 +10,40 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
-from controller.registry import SessionView
+from pydantic import BaseModel
+
+from controller.ports import SessionHooks, TaskSpawner
+from controller.registry import SessionRegistry, SessionView
+from controller.store.base import Store
 from margo_stream.identity.spiffe import DeviceIdentity
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.channel import StreamFailed
 from margo_stream.protocol.codes import ErrorCode, StreamKind
 from margo_stream.transport.connection import Connection, ConnectionLost, MessageStream
 
-if TYPE_CHECKING:
-    from controller.service import Controller
-
 log = logging.getLogger("margo.controller.session")
 
 
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    """What every device session shares, built once at start-up."""
+
+    store: Store
+    registry: SessionRegistry
+    hooks: SessionHooks
+    tasks: TaskSpawner
+    hello_timeout: float
+    keepalive: float
+
+
 class ControllerSession:
-    def __init__(self, ctl: Controller, conn: Connection, identity: DeviceIdentity) -> None:
-        self.ctl = ctl
+    """Implements ``ConnectionHandler`` for the transport and ``DeviceLink`` for the features."""
+
+    def __init__(self, ctx: SessionContext, conn: Connection, identity: DeviceIdentity) -> None:
+        self.ctx = ctx
         self.conn = conn
         self.identity = identity
         self.tenant = identity.tenant
@@ -38,7 +54,7 @@ class ControllerSession:
         self.ready = False  # hello answered: other streams may flow
         self.streams_by_kind: dict[StreamKind, MessageStream] = {}
         conn.handler = self
-        self._hello_timer = conn.loop.call_later(ctl.config.hello_timeout, self._hello_timeout)
+        self._hello_timer = conn.loop.call_later(ctx.hello_timeout, self._hello_timeout)
 
     @property
     def remote(self) -> str:
@@ -64,7 +80,7 @@ class ControllerSession:
             stream.reset(ErrorCode.UNEXPECTED_MESSAGE)
             self._log(logging.INFO, "reset a %s stream opened before the hello was answered", kind)
             return
-        handler = self.ctl.stream_handlers.get(kind) if kind else None
+        handler = self.ctx.hooks.stream_handlers.get(kind) if kind else None
         if handler is None:
             stream.reset(ErrorCode.WRONG_STREAM_OPENER)
             return
@@ -81,11 +97,11 @@ class ControllerSession:
 
     def connection_lost(self, exc: ConnectionLost) -> None:
         self._hello_timer.cancel()
-        for hook in self.ctl.close_hooks:
+        for hook in self.ctx.hooks.closed:
             hook(self)
-        if self.view is not None and self.ctl.registry.unregister(self.view):
-            self.ctl.spawn(
-                self.ctl.store.device_disconnected, self.tenant, self.device_id, time.time()
+        if self.view is not None and self.ctx.registry.unregister(self.view):
+            self.ctx.tasks.spawn(
+                self.ctx.store.device_disconnected, self.tenant, self.device_id, time.time()
             )
             self._log(
                 logging.INFO,
@@ -112,14 +128,14 @@ class ControllerSession:
                 self.close(ErrorCode.IDENTITY_MISMATCH, reason)
                 return
             self.hello = message
-            self.ctl.spawn(self._welcome, message)
+            self.ctx.tasks.spawn(self._welcome, message)
         elif isinstance(message, m.Ping):
             self.send_control(m.Pong(n=message.n))
         elif isinstance(message, m.Stats):
             if self.view is not None:
                 self.view.extra["stats"] = message.values
-            self.ctl.spawn(
-                self.ctl.store.set_device_stats, self.tenant, self.device_id, dict(message.values)
+            self.ctx.tasks.spawn(
+                self.ctx.store.set_device_stats, self.tenant, self.device_id, dict(message.values)
             )
         elif isinstance(message, m.Error):
             self._log(
@@ -127,9 +143,9 @@ class ControllerSession:
             )
 
     async def _welcome(self, hello: m.Hello) -> None:
-        ctl = self.ctl
+        ctx = self.ctx
         now = time.time()
-        watermark = await ctl.store.telemetry_watermark(self.tenant, self.device_id)
+        watermark = await ctx.store.telemetry_watermark(self.tenant, self.device_id)
         if self.conn.closed is not None:
             return
         view = SessionView(
@@ -141,7 +157,7 @@ class ControllerSession:
             manifest_version=hello.manifest_version,
             handle=self,
         )
-        old = ctl.registry.register(view)
+        old = ctx.registry.register(view)
         self.view = view
         if old is not None and old.handle is not None and old.handle is not self:
             old.handle.close(
@@ -153,7 +169,7 @@ class ControllerSession:
                 tenant=self.tenant,
                 device_id=self.device_id,
                 server_time=now,
-                keepalive_s=ctl.config.keepalive,
+                keepalive_s=ctx.keepalive,
                 telemetry_acked=watermark,
             )
         )
@@ -162,7 +178,7 @@ class ControllerSession:
         # every hello behind every other device's write. The store runs calls in submission
         # order, so anything the device's streams make the controller store next (status,
         # telemetry) is queued behind this record.
-        await ctl.store.device_connected(
+        await ctx.store.device_connected(
             self.tenant,
             self.device_id,
             capabilities=hello.capabilities.model_dump(exclude_none=True),
@@ -178,14 +194,14 @@ class ControllerSession:
             event="device-connected",
             manifest_version=hello.manifest_version,
         )
-        for hook in ctl.ready_hooks:
+        for hook in ctx.hooks.ready:
             await hook(self)
 
-    def send_control(self, message: Any) -> None:
+    def send_control(self, message: BaseModel) -> None:
         if self.control is not None and self.conn.closed is None:
             self.control.send(message)
 
     def _hello_timeout(self) -> None:
         if self.hello is None:
-            self._log(logging.WARNING, "no hello within %.0f s", self.ctl.config.hello_timeout)
+            self._log(logging.WARNING, "no hello within %.0f s", self.ctx.hello_timeout)
             self.close(ErrorCode.HELLO_TIMEOUT, "no hello on a control stream in time")

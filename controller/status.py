@@ -7,10 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from controller.batching import WriteBatcher
-from controller.service import Controller
-from controller.session import ControllerSession
+from controller.ports import DeviceLink, TaskSpawner
+from controller.store.base import Store
 from margo_stream.protocol import messages as m
-from margo_stream.protocol.codes import StreamKind
 from margo_stream.transport.connection import MessageStream
 
 
@@ -28,23 +27,25 @@ def margo_status(device_id: str, s: m.Status) -> dict[str, Any]:
     }
 
 
-def install(ctl: Controller) -> None:
-    def handle(session: ControllerSession, stream: MessageStream) -> None:
+class StatusIngest:
+    """The handler of status streams: store each status (batched with the other devices'),
+    then ack its sequence number."""
+
+    def __init__(self, store: Store, tasks: TaskSpawner) -> None:
+        self.tasks = tasks
+        self._writes: WriteBatcher[tuple[str, str, dict[str, Any], int], bool] = WriteBatcher(
+            store.put_status_batch
+        )
+
+    def handle(self, session: DeviceLink, stream: MessageStream) -> None:
         def on_message(message: Any) -> None:
             if isinstance(message, m.Status):
-                ctl.spawn(store_and_ack, session, stream, message)
+                self.tasks.spawn(self._store_and_ack, session, stream, message)
 
         stream.on_message = on_message
 
-    writes: WriteBatcher[tuple[str, str, dict[str, Any], int], bool] = WriteBatcher(
-        ctl.store.put_status_batch
-    )
-
-    async def store_and_ack(session: ControllerSession, stream: MessageStream, s: m.Status) -> None:
-        await writes.submit(
-            (session.tenant, session.device_id, margo_status(session.device_id, s), s.seq)
-        )
+    async def _store_and_ack(self, session: DeviceLink, stream: MessageStream, s: m.Status) -> None:
+        item = (session.tenant, session.device_id, margo_status(session.device_id, s), s.seq)
+        await self._writes.submit(item)
         if session.conn.closed is None and not stream.ended:
             stream.send(m.StatusAck(seq=s.seq))
-
-    ctl.stream_handlers[StreamKind.STATUS] = handle

@@ -6,15 +6,13 @@ raises an event operators see; the agent never waits on records that no longer e
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import anyio
 
-from controller.service import Controller
-from controller.session import ControllerSession
+from controller.ports import DeviceLink, TaskSpawner
+from controller.store.base import Store
 from margo_stream.errors import ProtocolError
 from margo_stream.protocol import messages as m
-from margo_stream.protocol.codes import StreamKind
 from margo_stream.protocol.telemetry_codec import decode_batch
 from margo_stream.transport.connection import MessageStream
 
@@ -24,18 +22,17 @@ YIELD_S = 0.003
 
 
 class TelemetryIngest:
-    def __init__(self, ctl: Controller) -> None:
-        self.ctl = ctl
+    def __init__(self, store: Store, tasks: TaskSpawner) -> None:
+        self.store = store
+        self.tasks = tasks
         self.counters = {"records": 0, "batches": 0, "duplicates": 0, "gaps": 0}
-        ctl.stream_handlers[StreamKind.TELEMETRY] = self.handle
-        ctl.features["telemetry"] = self
 
-    def handle(self, session: ControllerSession, stream: MessageStream) -> None:
+    def handle(self, session: DeviceLink, stream: MessageStream) -> None:
         # one task per telemetry stream consumes it in order; the agent bounds what is in flight
-        self.ctl.spawn(self._consume, session, stream)
+        self.tasks.spawn(self._consume, session, stream)
 
-    async def _consume(self, session: ControllerSession, stream: MessageStream) -> None:
-        store = self.ctl.store
+    async def _consume(self, session: DeviceLink, stream: MessageStream) -> None:
+        store = self.store
         tenant, device = session.tenant, session.device_id
         watermark = await store.telemetry_watermark(tenant, device)
         while (batch := await stream.receive()) is not None:
@@ -71,10 +68,3 @@ class TelemetryIngest:
             # lets every task that became ready meanwhile (pushes, statuses, terminal bytes) run
             # first. The agent's bounded in-flight window turns this into backpressure.
             await anyio.sleep(YIELD_S)
-
-
-def install(ctl: Controller) -> TelemetryIngest:
-    return TelemetryIngest(ctl)
-
-
-__all__: list[Any] = ["TelemetryIngest", "install"]

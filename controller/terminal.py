@@ -34,8 +34,9 @@ from typing import Any, Protocol
 
 import anyio
 
-from controller.service import Controller
-from controller.session import ControllerSession
+from controller.ports import DeviceLink
+from controller.registry import SessionRegistry
+from controller.store.base import Store
 from margo_stream.errors import MargoError, NotFound, ProtocolError
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode
@@ -102,7 +103,7 @@ class TerminalSession:
     def __init__(
         self,
         service: TerminalService,
-        session: ControllerSession,
+        session: DeviceLink,
         stream: MessageStream,
         audit_id: int,
         pid: int,
@@ -225,7 +226,7 @@ class TerminalSession:
         else:
             reason = f"exit {outcome.status}"
         try:
-            await self.service.ctl.store.finish_session_audit(
+            await self.service.store.finish_session_audit(
                 self.audit_id,
                 bytes_in=self.bytes_in,
                 bytes_out=self.bytes_out,
@@ -254,11 +255,11 @@ def _lost_reason(exc: ConnectionLost) -> str:
 
 
 class TerminalService:
-    def __init__(self, ctl: Controller) -> None:
-        self.ctl = ctl
+    def __init__(self, store: Store, registry: SessionRegistry) -> None:
+        self.store = store
+        self.registry = registry
         self.active: dict[int, TerminalSession] = {}
         self.counters = {"opened": 0, "refused": 0}
-        ctl.features["terminal"] = self
 
     async def open(
         self,
@@ -272,16 +273,15 @@ class TerminalService:
         tty: bool,
     ) -> TerminalSession:
         """Open a session on a connected device of ``tenant``; ``TerminalUnavailable`` if not."""
-        view = self.ctl.registry.get(tenant, device_id)
-        session = view.handle if view is not None else None
-        if not isinstance(session, ControllerSession) or session.conn.closed is not None:
+        session = self.registry.link(tenant, device_id)
+        if session is None:
             try:
-                await self.ctl.store.get_device(tenant, device_id)
+                await self.store.get_device(tenant, device_id)
             except NotFound:
                 raise TerminalUnavailable("not-found", f"no device {device_id!r}") from None
             raise TerminalUnavailable("not-connected", f"device {device_id!r} is not connected")
         text = shlex.join(command) if command else None
-        audit_id = await self.ctl.store.start_session_audit(
+        audit_id = await self.store.start_session_audit(
             tenant, device_id, operator=operator, command=text
         )
         stream = session.conn.open_stream()
@@ -326,14 +326,10 @@ class TerminalService:
                 reason = ("refused", "the device ended the stream without an answer")
         self.counters["refused"] += 1
         session.conn.forget_stream(stream.stream_id)
-        await self.ctl.store.finish_session_audit(
+        await self.store.finish_session_audit(
             audit_id, reason=f"not opened: {reason[1]}", tenant=tenant
         )
         raise TerminalUnavailable(*reason)
-
-
-def install(ctl: Controller) -> TerminalService:
-    return TerminalService(ctl)
 
 
 __all__: list[Any] = [
@@ -344,6 +340,5 @@ __all__: list[Any] = [
     "TerminalService",
     "TerminalSession",
     "TerminalUnavailable",
-    "install",
     "operator_id",
 ]

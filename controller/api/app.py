@@ -30,7 +30,11 @@ from controller.api import (
 from controller.api.auth import BearerAuthMiddleware
 from controller.api.openapi import openapi_document
 from controller.api.routes_common import ApiContext, ApiProblem, problem_response
+from controller.document_cache import DocumentCache
+from controller.ports import DesiredChanges
 from controller.registry import SessionRegistry
+from controller.store.base import Store
+from controller.terminal import TerminalService
 from margo_stream.errors import ConfigError, DocumentError, NotFound, StoreError
 
 log = logging.getLogger("margo.controller.api")
@@ -86,16 +90,19 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 def create_app(
     *,
-    store: Any,
+    store: Store,
     registry: SessionRegistry,
     tokens: Mapping[str, str],
-    services: Any | None = None,
+    desired: DesiredChanges | None = None,
+    terminals: TerminalService | None = None,
+    documents: DocumentCache | None = None,
 ) -> Starlette:
-    """The operator API over ``store`` (a ``controller.store.base.Store``) and ``registry``.
+    """The operator API over ``store`` and ``registry``.
 
     ``tokens`` maps operator token -> tenant and is consulted on every request (update it in
-    place to rotate). ``services``, when given, is told about desired-state changes through
-    ``await services.desired_changed(tenant, device_ids)``."""
+    place to rotate). ``desired``, when given, is told about every stored desired-state change;
+    ``terminals`` serves terminal sessions; ``documents`` is where parsed deployment documents
+    are kept for the desired-state push (a private one when not given)."""
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/api/v1/openapi.json", openapi_json, methods=["GET"]),
@@ -122,6 +129,12 @@ def create_app(
         middleware=[Middleware(BearerAuthMiddleware, tokens=tokens)],
         exception_handlers=handlers,
     )
-    app.state.margo = ApiContext(store=store, registry=registry, services=services)
+    app.state.margo = ApiContext(
+        store=store,
+        registry=registry,
+        documents=documents if documents is not None else DocumentCache(),
+        desired=desired,
+        terminals=terminals,
+    )
     app.state.openapi = openapi_document()
     return app

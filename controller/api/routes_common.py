@@ -11,10 +11,14 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse
 
+from controller.document_cache import DocumentCache
+from controller.ports import DesiredChanges
 from controller.registry import SessionRegistry
+from controller.store.base import Store
+from controller.terminal import TerminalService
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_PREFIX = "urn:margo-stream:problem:"
@@ -68,13 +72,19 @@ def problem_response(
 
 @dataclass(slots=True)
 class ApiContext:
-    store: Any  # controller.store.base.Store
+    """What the routes work with, built once at start-up (``create_app``)."""
+
+    store: Store
     registry: SessionRegistry
-    services: Any | None  # optional: ``async def desired_changed(tenant, device_ids)``
+    documents: DocumentCache
+    desired: DesiredChanges | None = None  # told of every stored change, when pushing is served
+    terminals: TerminalService | None = None  # when terminal sessions are served
 
 
-def context(request: Request) -> ApiContext:
-    return request.app.state.margo
+def context(conn: HTTPConnection) -> ApiContext:
+    ctx = conn.app.state.margo
+    assert isinstance(ctx, ApiContext)
+    return ctx
 
 
 def tenant_of(request: Request) -> str:

@@ -3,7 +3,7 @@ runs, remove a deployment from a device.
 
 Applying stores each document's exact bytes as a content-addressed blob, records the
 deployment version and assigns it to the target devices; the controller's desired-state push
-(``services.desired_changed``) then builds, signs and sends the new manifests. A deployment is
+(``ApiContext.desired``) then builds, signs and sends the new manifests. A deployment is
 removed from a device by unassigning it: it leaves the device's next manifest, which is how
 Margo deletes (never by a 404).
 """
@@ -20,10 +20,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from controller.api.routes_common import ApiProblem, context, json_body, rfc3339, tenant_of
-from controller.store.base import AssignmentRecord, StatusRecord
+from controller.api.routes_common import (
+    ApiContext,
+    ApiProblem,
+    context,
+    json_body,
+    rfc3339,
+    tenant_of,
+)
+from controller.store.base import AssignmentRecord, DeploymentDraft, StatusRecord
 from margo_stream.errors import DocumentError
 from margo_stream.state.digest import sha256_digest
+from margo_stream.state.documents import Deployment, parse_deployment
 
 log = logging.getLogger("margo.controller.api")
 
@@ -77,7 +85,7 @@ async def _targets(ctx: Any, tenant: str, body: dict[str, Any], parsed: list[Any
             if all(record.labels.get(k) == v for k, v in selector.items()):
                 targets[record.device_id] = None
     if not devices and not selector:
-        named = {d.device_id for d in parsed if getattr(d, "device_id", None)}
+        named = {d.device_id for d in parsed if d.device_id}
         if not named:
             raise ApiProblem(
                 400,
@@ -106,11 +114,11 @@ async def apply_deployments(request: Request) -> JSONResponse:
         raise ApiProblem(
             400, "'documents' must be a non-empty list of YAML texts", kind="invalid-body"
         )
-    docs: list[tuple[bytes, Any]] = []
+    docs: list[tuple[bytes, Deployment]] = []
     for i, text in enumerate(texts):
         source = f"documents[{i}]"
         for data in split_documents(text, source):
-            docs.append((data, _parse(data, source)))
+            docs.append((data, parse_deployment(data, source=source)))
     if not docs:
         raise DocumentError("no YAML document found in 'documents'")
     if len(docs) > MAX_DOCUMENTS:
@@ -130,39 +138,39 @@ async def apply_deployments(request: Request) -> JSONResponse:
         except (binascii.Error, TypeError, ValueError):
             raise ApiProblem(400, f"blobs[{i}] is not valid base64", kind="invalid-body") from None
     offered = {sha256_digest(b) for b in decoded}
-    wanted = [f.digest for _, d in docs for f in getattr(d, "files", ())]
+    wanted = [f.digest for _, d in docs for f in d.files]
     missing = [dg for dg in await ctx.store.missing_blobs(tenant, wanted) if dg not in offered]
     if missing:
         raise DocumentError(f"file blob {missing[0]} is neither stored nor included in 'blobs'")
 
     targets = await _targets(ctx, tenant, body, [d for _, d in docs])
-    for blob in decoded:
-        await ctx.store.put_blob(tenant, blob)
-    applied = []
-    for data, dep in docs:
-        record = await ctx.store.put_deployment(
-            tenant, dep.deployment_id, document=data, name=dep.name, profile=str(dep.profile)
+    drafts = [
+        DeploymentDraft(
+            deployment_id=dep.deployment_id, document=data, name=dep.name, profile=str(dep.profile)
         )
-        if targets:
-            await ctx.store.assign(tenant, targets, record.deployment_id, record.digest)
-        applied.append(
-            {
-                "deploymentId": record.deployment_id,
-                "digest": record.digest,
-                "name": record.name,
-                "profile": record.profile,
-            }
-        )
+        for data, dep in docs
+    ]
+    records = await ctx.store.apply(tenant, blobs=decoded, deployments=drafts, devices=targets)
+    for record, (_, dep) in zip(records, docs, strict=True):
+        ctx.documents.put(tenant, record.digest, dep)
+    applied = [
+        {
+            "deploymentId": r.deployment_id,
+            "digest": r.digest,
+            "name": r.name,
+            "profile": r.profile,
+        }
+        for r in records
+    ]
     notified = await _notify(ctx, tenant, targets)
     return JSONResponse({"deployments": applied, "devices": targets, "notified": notified})
 
 
-async def _notify(ctx: Any, tenant: str, device_ids: list[str]) -> bool:
-    hook = getattr(ctx.services, "desired_changed", None)
-    if hook is None or not device_ids:
+async def _notify(ctx: ApiContext, tenant: str, device_ids: list[str]) -> bool:
+    if ctx.desired is None or not device_ids:
         return False
     try:
-        await hook(tenant, list(device_ids))
+        await ctx.desired.desired_changed(tenant, list(device_ids))
     except Exception:
         # The change is stored; the push happens on the next change or reconnect.
         log.exception("desired-state push failed for tenant %s", tenant)

@@ -169,8 +169,7 @@ async def terminal(ws: WebSocket) -> None:
     except BadRequest as exc:
         await fail("bad-request", str(exc))
         return
-    services = context(ws).services  # type: ignore[arg-type]
-    service = getattr(services, "features", {}).get("terminal")
+    service = context(ws).terminals
     if service is None:
         await fail("unavailable", "terminal sessions are not served by this controller")
         return

@@ -19,7 +19,8 @@ Rules every implementation keeps:
   therefore harmless.
 - **Events.** Methods that change something an operator watches append to the event feed in
   the same transaction, so callers must not add these events themselves:
-  ``device.connected``, ``device.disconnected``, ``device.labels``, ``deployment.assigned``,
+  ``device.connected``, ``device.disconnected``, ``device.labels``, ``deployment.applied``,
+  ``deployment.assigned``,
   ``deployment.unassigned``, ``deployment.status`` (only when the state changes),
   ``manifest.created``, ``telemetry.gap``, ``terminal.opened``, ``terminal.closed``.
 - **Errors.** Failures of the storage itself (disk full, corrupt file, locked database) raise
@@ -63,6 +64,16 @@ class DeploymentRecord:
     name: str
     profile: str
     created: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentDraft:
+    """A deployment document an operator applies: its exact bytes and what was parsed of it."""
+
+    deployment_id: str
+    document: bytes
+    name: str
+    profile: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +235,21 @@ class Store(Protocol):
     ) -> DeploymentRecord:
         """Store the document as a blob and record this version of the deployment
         (idempotent for the same bytes)."""
+        ...
+
+    async def apply(
+        self,
+        tenant: str,
+        *,
+        blobs: Sequence[bytes],
+        deployments: Sequence[DeploymentDraft],
+        devices: Sequence[str],
+        now: float | None = None,
+    ) -> list[DeploymentRecord]:
+        """One operator apply, all or nothing in one transaction: store the file ``blobs``,
+        record each deployment version and assign every one of them to every device of
+        ``devices`` (``NotFound`` for an unknown device, and nothing is written), with one
+        ``deployment.applied`` event naming the deployments and the devices."""
         ...
 
     async def get_deployment(

@@ -35,6 +35,7 @@ from controller.store import sqlite_events as events
 from controller.store import sqlite_telemetry as telemetry
 from controller.store.base import (
     AssignmentRecord,
+    DeploymentDraft,
     DeploymentRecord,
     DeviceRecord,
     EventRecord,
@@ -327,6 +328,19 @@ class SqliteStore:
     ) -> DeploymentRecord:
         return await self._write(
             desired.put_deployment, tenant, deployment_id, document, name, profile, _now(now)
+        )
+
+    async def apply(
+        self,
+        tenant: str,
+        *,
+        blobs: Sequence[bytes],
+        deployments: Sequence[DeploymentDraft],
+        devices: Sequence[str],
+        now: float | None = None,
+    ) -> list[DeploymentRecord]:
+        return await self._write(
+            desired.apply, tenant, list(blobs), list(deployments), list(devices), _now(now)
         )
 
     async def get_deployment(

@@ -7,7 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from controller.store.base import AssignmentRecord, DeploymentRecord, ManifestRecord, StatusRecord
+from controller.store.base import (
+    AssignmentRecord,
+    DeploymentDraft,
+    DeploymentRecord,
+    ManifestRecord,
+    StatusRecord,
+)
 from controller.store.sqlite_devices import require_device
 from controller.store.sqlite_events import StoreConnection, add_event, dumps, loads
 from margo_stream.errors import NotFound
@@ -122,10 +128,14 @@ def assign(
     deployment_id: str,
     digest: str,
     now: float,
-) -> None:
+    *,
+    events: bool = True,
+) -> list[str]:
+    """Assign the deployment version to the devices; returns the devices it changed."""
     get_deployment(conn, tenant, deployment_id, digest)
     for device_id in device_ids:
         require_device(conn, tenant, device_id)
+    changed = []
     for device_id in device_ids:
         row = conn.execute(
             "SELECT digest FROM assignments"
@@ -140,14 +150,55 @@ def assign(
             " DO UPDATE SET digest = excluded.digest, assigned_at = excluded.assigned_at",
             (tenant, device_id, deployment_id, digest, now),
         )
-        add_event(
-            conn,
-            tenant,
-            "deployment.assigned",
-            device_id,
-            {"deploymentId": deployment_id, "digest": digest},
-            now,
+        changed.append(device_id)
+        if events:
+            add_event(
+                conn,
+                tenant,
+                "deployment.assigned",
+                device_id,
+                {"deploymentId": deployment_id, "digest": digest},
+                now,
+            )
+    return changed
+
+
+def apply(
+    conn: StoreConnection,
+    tenant: str,
+    blobs: Sequence[bytes],
+    deployments: Sequence[DeploymentDraft],
+    devices: Sequence[str],
+    now: float,
+) -> list[DeploymentRecord]:
+    """Blobs, deployment versions and assignments of one apply, with one event (the caller's
+    transaction makes it all or nothing)."""
+    for blob in blobs:
+        put_blob(conn, tenant, blob, None, now)
+    records = []
+    changed: dict[str, None] = {}
+    for draft in deployments:
+        record = put_deployment(
+            conn, tenant, draft.deployment_id, draft.document, draft.name, draft.profile, now
         )
+        records.append(record)
+        for device_id in assign(
+            conn, tenant, devices, record.deployment_id, record.digest, now, events=False
+        ):
+            changed[device_id] = None
+    add_event(
+        conn,
+        tenant,
+        "deployment.applied",
+        None,
+        {
+            "deployments": [{"deploymentId": r.deployment_id, "digest": r.digest} for r in records],
+            "devices": list(devices),
+            "changed": list(changed),
+        },
+        now,
+    )
+    return records
 
 
 def unassign(

@@ -217,6 +217,22 @@ def build_manifest(
     expires: dt.datetime,
 ) -> bytes:
     """The canonical bytes of a manifest; raises ``DocumentError`` on any invalid input."""
+    return build_typed_manifest(
+        tenant, device_id, version, deployments, issued_at=issued_at, expires=expires
+    )[1]
+
+
+def build_typed_manifest(
+    tenant: str,
+    device_id: str,
+    version: int,
+    deployments: list[ManifestEntry],
+    *,
+    issued_at: dt.datetime,
+    expires: dt.datetime,
+) -> tuple[Manifest, bytes]:
+    """``build_manifest`` that also returns the typed manifest its bytes parse back to, so a
+    builder never parses what it has just built."""
     _check_header(version, tenant, device_id)
     entries = _check_entries(deployments, require_sorted=False)
     issued, expiry = format_time(issued_at), format_time(expires)
@@ -236,7 +252,15 @@ def build_manifest(
     )
     if len(data) > MAX_MANIFEST_BYTES:
         raise DocumentError(f"manifest is {len(data)} bytes, more than {MAX_MANIFEST_BYTES}")
-    return data
+    manifest = Manifest(
+        manifest_version=version,
+        tenant=tenant,
+        device_id=device_id,
+        issued_at=_parse_time(issued, "issuedAt"),
+        expires=_parse_time(expiry, "expires"),
+        deployments=entries,
+    )
+    return manifest, data
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -57,7 +57,7 @@ async def env(tmp_path):
     registry = SessionRegistry()
     services = Services()
     app = create_app(
-        store=store, registry=registry, tokens={ACME: "acme", GLOBEX: "globex"}, services=services
+        store=store, registry=registry, tokens={ACME: "acme", GLOBEX: "globex"}, desired=services
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:

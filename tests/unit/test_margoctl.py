@@ -228,7 +228,7 @@ def test_apply_get_delete_deployments_and_watch(server: Server, capsys, tmp_path
         "device.connected",
     ]
     assert main(ctl(server, "get", "events", "--after", str(events[-1]["id"]))) == 0
-    assert "deployment.assigned" in capsys.readouterr().out
+    assert "deployment.applied" in capsys.readouterr().out
 
 
 def test_get_telemetry_and_sessions(server: Server, capsys) -> None:
