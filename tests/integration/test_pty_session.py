@@ -317,8 +317,14 @@ def test_raw_mode_restores_attributes_after_exception() -> None:
 def test_raw_mode_is_a_no_op_on_a_pipe() -> None:
     read_fd, write_fd = os.pipe()
     try:
+        ran = False
         with raw_mode(read_fd):
-            pass
+            ran = True
+            os.write(write_fd, b"line\n")
+            assert os.read(read_fd, 16) == b"line\n"  # bytes pass through untouched
+        assert ran
+        with pytest.raises(termios.error):  # still not a terminal: nothing was made of it
+            termios.tcgetattr(read_fd)
     finally:
         os.close(read_fd)
         os.close(write_fd)

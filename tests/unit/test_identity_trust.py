@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from margo_stream.errors import IdentityError
@@ -161,7 +162,10 @@ def test_operator_token_empty(pki: Path) -> None:
 def test_signing_keys(pki: Path) -> None:
     key = load_signing_key(pki, "acme")
     pub = load_signing_pub(pki / "acme" / "devices" / "press-01" / "signing.pub")
-    pub.verify(key.sign(b"manifest"), b"manifest")
+    pub.verify(key.sign(b"manifest"), b"manifest")  # raises InvalidSignature on a mismatch
+    assert pub.public_bytes_raw() == key.public_key().public_bytes_raw()
+    with pytest.raises(InvalidSignature):
+        pub.verify(key.sign(b"manifest"), b"another manifest")
 
 
 def test_signing_key_wrong_type(pki: Path) -> None:
