@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -126,10 +125,14 @@ def test_apply_change_delete_with_real_processes(env, tmp_path):
     )
     # re-applying the same document changes nothing on the device
     margoctl(ctl, tok, "apply", "-f", str(write_doc(tmp_path, "SITE-B")), "--device", "press-01")
-    time.sleep(0.5)  # give a (wrong) restart the chance to happen; the pid must not change
     assert workload_out(agent)[1] == pid2
     # delete: absence from the manifest removes it
     margoctl(ctl, tok, "delete", "deployment", "probe-1", "--device", "press-01")
+    wait_for(lambda: "applied manifest version 3" in agent.log(), what="the delete's manifest")
+    # the delete is version 3: the re-apply made no manifest of its own, so nothing could have
+    # restarted the workload in between (manifests reach the agent in order)
+    applied = {int(v) for v in re.findall(r"applied manifest version (\d+)", agent.log())}
+    assert applied == {1, 2, 3}
     wait_for(lambda: not pid_alive(pid2), what="process stopped after delete")
     wait_for(
         lambda: (
@@ -295,6 +298,7 @@ async def test_torn_push_leaves_the_old_workload_running(pki, tmp_path):
                     "devices": ["press-01"],
                     "blobs": [base64.b64encode(big).decode()],
                 }
+                sent_before = relay.stats().downstream.bytes_forwarded
                 async with httpx.AsyncClient(timeout=60) as client:
                     r = await client.post(
                         f"{ctl.api}/api/v1/deployments",
@@ -302,7 +306,10 @@ async def test_torn_push_leaves_the_old_workload_running(pki, tmp_path):
                         headers={"Authorization": f"Bearer {token}"},
                     )
                 assert r.status_code == 200, r.text
-                await anyio.sleep(0.2)  # the push is under way: cut the link mid-transfer
+                # cut the link mid-transfer, once a megabyte of the 40 MiB blob has gone through
+                with anyio.fail_after(30):
+                    while relay.stats().downstream.bytes_forwarded < sent_before + (1 << 20):
+                        await anyio.sleep(0.001)
                 relay.blackhole(True)
                 await anyio.to_thread.run_sync(
                     lambda: wait_for(
