@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from controller.store.base import Store
+from controller.store.base import DeploymentDraft, Store
 from controller.store.sqlite import SqliteStore
 from controller.store.sqlite_schema import SCHEMA_VERSION
 from margo_stream.errors import NotFound, StoreError
@@ -158,6 +158,38 @@ async def test_desired_state_tables(store: SqliteStore) -> None:
     latest = await store.latest_manifest("acme", "d1")
     assert latest is not None and (latest.version, latest.manifest) == (2, b"m2")
     assert await store.latest_manifest("globex", "d1") is None
+
+
+async def test_apply_is_one_transaction_with_one_event(store: SqliteStore) -> None:
+    await connect(store, "acme", "d1")
+    await connect(store, "acme", "d2")
+    before = await store.latest_event_id("acme")
+    drafts = [
+        DeploymentDraft(
+            deployment_id=f"dep-{i}", document=f"doc {i}".encode(), name="n", profile="p"
+        )
+        for i in range(3)
+    ]
+    # an unknown target device: nothing of the apply is stored (no blob, no deployment, no
+    # assignment, no event), although it fails only after the deployments were written
+    with pytest.raises(NotFound, match="nope"):
+        await store.apply("acme", blobs=[b"file"], deployments=drafts, devices=["d1", "nope"])
+    assert not await store.has_blob("acme", sha256_digest(b"file"))
+    assert await store.list_deployments("acme") == []
+    assert await store.list_assignments("acme") == []
+    assert await store.latest_event_id("acme") == before
+
+    records = await store.apply("acme", blobs=[b"file"], deployments=drafts, devices=["d1", "d2"])
+    assert [r.deployment_id for r in records] == ["dep-0", "dep-1", "dep-2"]
+    assert await store.has_blob("acme", sha256_digest(b"file"))
+    assert len(await store.list_assignments("acme")) == 6
+    events = await store.list_events("acme", before, 100)
+    assert [e.kind for e in events] == ["deployment.applied"]
+    assert events[0].payload["changed"] == ["d1", "d2"]
+    # the same apply again changes nothing, and says so
+    await store.apply("acme", blobs=[], deployments=drafts, devices=["d1", "d2"])
+    events = await store.list_events("acme", before, 100)
+    assert events[-1].payload["changed"] == []
 
 
 async def test_status_dedup_by_seq(store: SqliteStore) -> None:
