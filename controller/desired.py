@@ -30,6 +30,7 @@ from controller.store.base import AssignmentRecord, ManifestRecord, Store
 from margo_stream.errors import ConfigError, IdentityError
 from margo_stream.identity.trust import load_signing_key
 from margo_stream.protocol import messages as m
+from margo_stream.protocol.push import blob_chunks, plan_push
 from margo_stream.state.documents import parse_deployment
 from margo_stream.state.manifest import (
     Manifest,
@@ -43,7 +44,6 @@ from margo_stream.transport.connection import ConnectionLost, StreamClosed
 
 log = logging.getLogger("margo.controller.desired")
 
-BLOB_CHUNK = 256 * 1024
 BLOB_CACHE_BYTES = 64 << 20
 RESULT_TIMEOUT = 60.0
 WINDOW_HOLD = 2.0  # a push unanswered this long stops counting against the window
@@ -333,7 +333,10 @@ class DesiredState:
         if current is None or session.conn.closed is not None:
             return
         record = current.record
-        needed = sorted(d for d in current.digests if d not in state.held)
+        opener = plan_push(
+            record.version, record.manifest, record.signature, current.digests, state.held
+        )
+        needed = opener.blobs
         # the first blob is in hand before anything is sent, so that a small push (the
         # manifest and one document) leaves in one packet rather than a header first and the
         # document when the store has answered
@@ -343,23 +346,13 @@ class DesiredState:
         stream = session.conn.open_stream(limit=4)
         sent = 0
         try:
-            stream.send(
-                m.Desired(
-                    version=record.version,
-                    manifest=record.manifest,
-                    signature=record.signature,
-                    blobs=needed,
-                )
-            )
+            stream.send(opener)
             sent += len(record.manifest) + len(record.signature)
             for n, digest in enumerate(needed):
                 data = first if n == 0 else await self._blob(session.tenant, digest)
-                for offset in range(0, max(len(data), 1), BLOB_CHUNK):
-                    chunk = data[offset : offset + BLOB_CHUNK]
-                    stream.send(
-                        m.Blob(digest=digest, data=chunk, more=offset + BLOB_CHUNK < len(data))
-                    )
-                    sent += len(chunk)
+                for chunk in blob_chunks(digest, data):
+                    stream.send(chunk)
+                sent += len(data)
             stream.end()
             self.counters["pushes"] += 1
             self.counters["bytes"] += sent
