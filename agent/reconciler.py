@@ -42,20 +42,15 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from types import TracebackType
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from agent.runtime.base import (
-    ComponentPaths,
-    ComponentRunner,
-    Runtime,
-    default_runtimes,
-    deployment_dir_for,
-    is_safe_name,
-)
+from agent.desired_specs import CheckedSpecs, check_specs, validate
+from agent.runtime.base import ComponentPaths, ComponentRunner, Runtime, deployment_dir_for
+from agent.runtime.defaults import default_runtimes
 from margo_stream.errors import DocumentError
 from margo_stream.fsutil import atomic_write
 from margo_stream.state.spec import ComponentSpec, DeploymentSpec, FileSpec, ProfileType
@@ -74,6 +69,8 @@ StatusCallback = Callable[[DeploymentStatus], Awaitable[None] | None]
 BlobReader = Callable[[str], bytes | Awaitable[bytes]]
 _MAX_REMOVED_STATUSES = 256
 _MAX_QUEUED_STATUSES = 4096
+
+__all__ = ["Action", "ActionKind", "Reconciler", "component_changes", "plan", "validate"]
 
 
 # -- planning (pure) ---------------------------------------------------------------------------
@@ -151,33 +148,6 @@ def plan(running: Mapping[str, DeploymentSpec], desired: Sequence[DeploymentSpec
                 reason = ", ".join(changes) + " changed"
                 actions.append(Action(ActionKind.RESTART, dep_id, comp.name, comp, reason))
     return actions
-
-
-def validate(desired: Sequence[DeploymentSpec]) -> None:
-    """Refuse specs the agent cannot lay out on disk safely (raises ``DocumentError``)."""
-    for dep in desired:
-        if not is_safe_name(dep.deployment_id):
-            raise DocumentError(f"deploymentId {dep.deployment_id!r} is not a safe name")
-        for comp in dep.components:
-            if not is_safe_name(comp.name):
-                raise DocumentError(
-                    f"{dep.deployment_id}: component name {comp.name!r} is not safe"
-                )
-            workdir = PurePosixPath(comp.working_dir or ".")
-            if not workdir.is_absolute() and ".." in workdir.parts:
-                raise DocumentError(
-                    f"{dep.deployment_id}: component {comp.name!r} working dir leaves the "
-                    f"deployment's directory: {comp.working_dir!r}"
-                )
-            if comp.deployment_id != dep.deployment_id:
-                raise DocumentError(
-                    f"{dep.deployment_id}: component {comp.name!r} names deployment "
-                    f"{comp.deployment_id!r}"
-                )
-        for f in dep.files:
-            path = PurePosixPath(f.name)
-            if not f.name or path.is_absolute() or ".." in path.parts or "\\" in f.name:
-                raise DocumentError(f"{dep.deployment_id}: file name {f.name!r} is not safe")
 
 
 # -- the reconciler ----------------------------------------------------------------------------
@@ -293,20 +263,22 @@ class Reconciler:
             await self._idle.wait()
 
     # -- apply ---------------------------------------------------------------------------------
-    async def apply(self, manifest_version: int, desired: Sequence[DeploymentSpec]) -> None:
+    async def apply(
+        self, manifest_version: int, desired: CheckedSpecs | Sequence[DeploymentSpec]
+    ) -> None:
         """Make the running deployments match ``desired`` (the whole desired state).
 
         Returns once components are stopped and started (not once they are healthy: watch the
-        statuses for that). Raises ``DocumentError`` for specs that cannot be run at all, before
-        changing anything.
+        statuses for that). Specs not yet checked (not ``CheckedSpecs``) are checked first:
+        ``DocumentError`` for specs that cannot be run at all, before changing anything.
         """
-        desired = list(desired)
-        validate(desired)
+        checked = desired if isinstance(desired, CheckedSpecs) else check_specs(desired)
+        specs = checked.specs
         async with self._lock:
             if self._closed or self._tg is None:
                 raise RuntimeError("the reconciler is not running")
             try:
-                actions = plan(self._running, desired)
+                actions = plan(self._running, specs)
             except ValueError as exc:
                 raise DocumentError(str(exc)) from exc
             self._manifest_version = manifest_version
@@ -321,11 +293,11 @@ class Reconciler:
                     action.component or "-",
                     action.reason,
                 )
-            desired_by_id = {d.deployment_id: d for d in desired}
+            desired_by_id = {d.deployment_id: d for d in specs}
             async with anyio.create_task_group() as tg:
                 for dep_id, dep_actions in by_deployment.items():
                     tg.start_soon(self._execute, dep_id, dep_actions, desired_by_id.get(dep_id))
-            for dep in desired:
+            for dep in specs:
                 if dep.deployment_id not in by_deployment:  # untouched: adopt metadata
                     self._running[dep.deployment_id] = dep
                     known = self._deployments.get(dep.deployment_id)

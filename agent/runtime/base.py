@@ -17,6 +17,8 @@ Files on disk, per deployment (``STATE`` is the agent's state directory)::
     STATE/work/<deployment>/files/<name>        extra files of the deployment
     STATE/work/<deployment>/<component>/        default working directory of a component
     STATE/work/<deployment>/<component>.log     stdout + stderr of a process component
+
+This module names no concrete runtime: ``agent.runtime.defaults`` assembles them.
 """
 
 from __future__ import annotations
@@ -132,21 +134,3 @@ class Runtime(abc.ABC):
 
 
 RuntimeRegistry = Mapping[ProfileType, Runtime]
-
-
-def default_runtimes(
-    *, stop_grace: float = 5.0, search_path: str | None = None
-) -> dict[ProfileType, Runtime]:
-    """The runtimes an agent has by default: process, compose and helm.v3.
-
-    ``search_path`` replaces ``$PATH`` when looking for ``docker``/``helm`` (tests use it).
-    """
-    from agent.runtime.external import ComposeRuntime, HelmRuntime
-    from agent.runtime.process import ProcessRuntime
-
-    runtimes: list[Runtime] = [
-        ProcessRuntime(stop_grace=stop_grace),
-        ComposeRuntime(search_path=search_path),
-        HelmRuntime(search_path=search_path),
-    ]
-    return {rt.profile: rt for rt in runtimes}

@@ -16,7 +16,7 @@ import anyio
 import pytest
 
 from agent.reconciler import Reconciler
-from agent.runtime.base import default_runtimes
+from agent.runtime.defaults import default_runtimes
 from agent.runtime.process import ProcessPhase, ProcessRunner, ProcessRuntime
 from margo_stream.state.spec import (
     ComponentSpec,
