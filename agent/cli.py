@@ -99,11 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             commit_window_ms=args.commit_window_ms,
             metrics_interval=args.metrics_interval,
         )
-        from agent.features import install_features
-        from agent.service import Agent
+        from agent.features import build_agent
 
-        agent = Agent(config)
-        install_features(agent)
+        agent = build_agent(config)
     except ValidationError as exc:
         first = exc.errors()[0]
         return fail(PROG, f"{'.'.join(map(str, first['loc']))}: {first['msg']}")

@@ -6,29 +6,29 @@ A push is applied only after the controller ended the stream cleanly and every c
 every blob's digest): a torn stream raises out of ``receive`` and nothing is touched. On
 success the blobs and the manifest are made durable (blobs first, then the manifest pointer,
 atomically), the reconciler converges, and only then does the trust state advance.
+
+Each document is parsed and checked once, here at the trust boundary
+(``agent.desired_specs.read_specs``); the reconciler is handed the resulting ``CheckedSpecs``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections import ChainMap
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import anyio
 
+from agent.desired_specs import read_specs
 from agent.desired_store import DesiredStore, DesiredStoreError
-from agent.reconciler import Reconciler, validate
-from agent.service import Agent
-from agent.session import AgentSession
+from agent.ports import AgentHost, LiveSession
+from agent.reconciler import Reconciler
 from agent.status import StatusReporter
 from margo_stream.errors import ConfigError, DocumentError, IdentityError, TrustError
 from margo_stream.identity.trust import load_signing_pub
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode, StreamKind
-from margo_stream.state.documents import parse_deployment, resolve
-from margo_stream.state.manifest import Manifest, blob_digests, parse_manifest, signature_valid
-from margo_stream.state.spec import DeploymentSpec
+from margo_stream.state.manifest import blob_digests, parse_manifest, signature_valid
 from margo_stream.state.trust import DesiredStateVerifier, Verdict
 from margo_stream.transport.connection import MessageStream
 
@@ -37,9 +37,30 @@ log = logging.getLogger("margo.agent.desired")
 MAX_PUSH_BYTES = 256 << 20
 
 
+class Overlay(Mapping[str, bytes]):
+    """The blobs of a push over the blobs held, read-only (the push's blobs win)."""
+
+    def __init__(self, top: Mapping[str, bytes], under: Mapping[str, bytes]) -> None:
+        self._top = top
+        self._under = under
+
+    def __getitem__(self, digest: str) -> bytes:
+        data = self._top.get(digest)
+        return data if data is not None else self._under[digest]
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._top or digest in self._under
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._top
+        yield from (d for d in self._under if d not in self._top)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 class DesiredFeature:
-    def __init__(self, agent: Agent, status: StatusReporter) -> None:
-        self.agent = agent
+    def __init__(self, agent: AgentHost, status: StatusReporter) -> None:
         state = agent.config.state
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = DesiredStore(state)
@@ -56,7 +77,6 @@ class DesiredFeature:
         agent.background_tasks.append(self.run)
         agent.hello_fields.append(self.hello_fields)
         agent.stream_handlers[StreamKind.DESIRED] = self.handle_stream
-        agent.features["desired"] = self
 
     # --- offline autonomy ----------------------------------------------------------------------
     async def run(self) -> None:
@@ -73,7 +93,7 @@ class DesiredFeature:
             if not signature_valid(manifest_bytes, signature, self.public_key):
                 raise DesiredStoreError("the stored manifest's signature does not verify")
             manifest = parse_manifest(manifest_bytes)
-            specs = self._specs(manifest, self.store.blobs())
+            specs = read_specs(manifest, self.store.blobs())
         except (DesiredStoreError, DocumentError, KeyError) as exc:
             log.error(
                 "cannot restore the last applied desired state: %s",
@@ -97,23 +117,8 @@ class DesiredFeature:
             "blobs": sorted(self.store.held_digests())[:4096],
         }
 
-    @staticmethod
-    def _specs(manifest: Manifest, blobs: Mapping[str, bytes]) -> list[DeploymentSpec]:
-        specs = []
-        for entry in manifest.deployments:
-            document = parse_deployment(
-                blobs[entry.digest], source=f"deployment {entry.deployment_id}"
-            )
-            if document.deployment_id != entry.deployment_id:
-                raise DocumentError(
-                    f"manifest entry {entry.deployment_id!r} points at a document "
-                    f"whose id is {document.deployment_id!r}"
-                )
-            specs.append(resolve(document, digest=entry.digest))
-        return specs
-
     # --- pushes ------------------------------------------------------------------------------------
-    async def handle_stream(self, session: AgentSession, stream: MessageStream) -> None:
+    async def handle_stream(self, session: LiveSession, stream: MessageStream) -> None:
         first = await stream.receive()
         assert isinstance(first, m.Desired)  # the stream table guarantees the opener
         expected = set(first.blobs)
@@ -148,15 +153,14 @@ class DesiredFeature:
 
     async def apply(self, push: m.Desired, received: dict[str, bytes]) -> m.DesiredResult:
         version = push.version
-        available = ChainMap(received, self.store.blobs())
+        available = Overlay(received, self.store.blobs())
         try:
             verdict = self.verifier.verify(
                 push.manifest, push.signature, available, now=dt.datetime.now(dt.UTC)
             )
             if verdict.unchanged:
                 return m.DesiredResult(version=version, ok=True, unchanged=True)
-            specs = self._specs(verdict.manifest, available)
-            validate(specs)
+            specs = read_specs(verdict.manifest, available)
         except TrustError as exc:
             log.warning(
                 "refused manifest version %d: %s",
@@ -219,6 +223,6 @@ class DesiredFeature:
             log.warning("blob garbage collection failed: %s", exc)
 
 
-def install(agent: Agent) -> DesiredFeature:
+def install(agent: AgentHost) -> DesiredFeature:
     status = StatusReporter(agent)
     return DesiredFeature(agent, status)

@@ -1,15 +1,53 @@
-"""The features that ride the channel, plugged into an agent."""
+"""Assembly: the agent's identity, its features and the ``Agent`` that runs them, built once.
+
+Every feature is handed the one ``agent.ports.AgentSetup`` (an ``AgentHost``) and plugs its
+stream handlers, session and background tasks, hello fields and shutdown hooks into it; the
+``Agent`` is then given the same setup. Nothing looks a feature up by name afterwards.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from agent import desired
+from agent.config import AgentConfig
+from agent.ports import AgentSetup
 from agent.service import Agent
 from agent.telemetry import replay
-from agent.terminal import stream as terminal
+from agent.terminal import feature as terminal
+from margo_stream.errors import ConfigError, IdentityError
+from margo_stream.identity.trust import load_device_credentials
 
 
-def install_features(agent: Agent) -> None:
-    """Desired state + status, telemetry and terminals register their handlers here."""
-    desired.install(agent)
-    replay.install(agent)
-    terminal.install(agent)
+def load_setup(config: AgentConfig) -> AgentSetup:
+    """The device's identity, checked (``ConfigError`` if it is unusable), and no features yet."""
+    try:
+        creds = load_device_credentials(config.identity)
+    except IdentityError as exc:
+        raise ConfigError(str(exc)) from None
+    return AgentSetup(config, creds)
+
+
+class _TelemetryHost:
+    """Transitional: ``agent/telemetry/replay.py`` still files itself under ``features`` (which
+    nothing reads); it moves to ``agent.ports.AgentHost`` next, and this adapter goes away."""
+
+    def __init__(self, setup: AgentSetup) -> None:
+        self._setup = setup
+        self.features: dict[str, object] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._setup, name)
+
+
+def install_features(setup: AgentSetup) -> None:
+    """Desired state + status, telemetry and terminals plug into ``setup`` here."""
+    desired.install(setup)
+    replay.install(_TelemetryHost(setup))  # type: ignore[arg-type]
+    terminal.install(setup)
+
+
+def build_agent(config: AgentConfig) -> Agent:
+    setup = load_setup(config)
+    install_features(setup)
+    return Agent(setup)

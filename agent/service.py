@@ -1,9 +1,10 @@
-"""The agent daemon: its state directory, its features, and the connect loop that keeps one
-mutual-TLS QUIC connection to the controller up through network failures.
+"""The agent daemon: its state directory and the connect loop that keeps one mutual-TLS QUIC
+connection to the controller up through network failures.
 
-Features that must keep working offline (the reconciler, the telemetry buffer and its producer
-socket) live for the whole process in ``background_tasks``; features that need the link run
-per connection in ``session_tasks`` and ``stream_handlers``.
+The agent is given its ``agent.ports.AgentSetup`` (identity, and what the features plugged in;
+``agent/features.py`` builds it). Features that must keep working offline (the reconciler, the
+telemetry buffer and its producer socket) live for the whole process in ``background_tasks``;
+features that need the link run per connection in ``session_tasks`` and ``stream_handlers``.
 """
 
 from __future__ import annotations
@@ -13,55 +14,54 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+from aioquic.quic.configuration import QuicConfiguration
 
 from agent.backoff import Backoff
 from agent.capabilities import collect
 from agent.config import AgentConfig
+from agent.ports import AgentSetup, SessionTask, StreamHandler
 from agent.session import AgentSession, HelloRefused
 from margo_stream import __version__
-from margo_stream.errors import ConfigError, IdentityError
+from margo_stream.errors import ConfigError
 from margo_stream.fsutil import atomic_write
-from margo_stream.identity.trust import DeviceCredentials, load_device_credentials
+from margo_stream.identity.trust import DeviceCredentials
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode, StreamKind
-from margo_stream.transport.connection import ConnectionLost, MessageStream
+from margo_stream.transport.connection import ConnectionLost
 from margo_stream.transport.quic_client import client_configuration, connect
 
 log = logging.getLogger("margo.agent")
 
-StreamHandler = Callable[[AgentSession, MessageStream], Awaitable[None]]
-
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
-        self.config = config
-        try:
-            self.creds: DeviceCredentials = load_device_credentials(config.identity)
-        except IdentityError as exc:
-            raise ConfigError(str(exc)) from None
-        self.device_id = self.creds.device_id
-        self.tenant = self.creds.tenant
-        self.stream_handlers: dict[StreamKind, StreamHandler] = {}
-        self.session_tasks: list[Callable[[AgentSession], Awaitable[None]]] = []
-        self.background_tasks: list[Callable[[], Awaitable[None]]] = []
-        self.shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
-        # what the hello reports, filled in by features: (manifest_version, digest, blobs)
-        self.hello_fields: list[Callable[[], dict[str, Any]]] = []
+    def __init__(self, setup: AgentSetup) -> None:
+        self.setup = setup
+        self.config: AgentConfig = setup.config
+        self.creds: DeviceCredentials = setup.creds
+        self.device_id = setup.device_id
+        self.tenant = setup.tenant
         self.session: AgentSession | None = None
         self.counters = {"connects": 0, "disconnects": 0, "refusals": 0}
         self.last_error: str | None = None
         self._stop = anyio.Event()
         self._lock_fd: int | None = None
-        self.features: dict[str, Any] = {}
+
+    # --- what a session needs (agent.session.SessionOwner) -----------------------------------------
+    @property
+    def stream_handlers(self) -> dict[StreamKind, StreamHandler]:
+        return self.setup.stream_handlers
+
+    @property
+    def session_tasks(self) -> list[SessionTask]:
+        return self.setup.session_tasks
 
     # --- hello ------------------------------------------------------------------------------------
     def make_hello(self) -> m.Hello:
         fields: dict[str, Any] = {}
-        for contribute in self.hello_fields:
+        for contribute in self.setup.hello_fields:
             fields.update(contribute())
         caps = collect(self.device_id, self.config.state, dict(self.config.labels))
         return m.Hello(
@@ -89,7 +89,7 @@ class Agent:
         self._lock_state_dir()
         try:
             async with anyio.create_task_group() as tg:
-                for task in self.background_tasks:
+                for task in self.setup.background_tasks:
                     tg.start_soon(task)
                 tg.start_soon(self._connect_loop)
                 task_status.started(self)
@@ -100,7 +100,7 @@ class Agent:
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                for hook in self.shutdown_hooks:
+                for hook in self.setup.shutdown_hooks:
                     try:
                         await hook()
                     except Exception:
@@ -135,7 +135,7 @@ class Agent:
             )
             await anyio.sleep(delay)
 
-    async def _one_connection(self, qconf: Any, backoff: Backoff, target: str) -> str:
+    async def _one_connection(self, qconf: QuicConfiguration, backoff: Backoff, target: str) -> str:
         cfg = self.config
         try:
             conn, transport = await connect(cfg.controller_host, cfg.controller_port, qconf)

@@ -2,24 +2,37 @@
 
 ``AgentSession.run`` opens the control stream, says hello (capabilities, the manifest version
 and blobs it holds, where its telemetry stands), waits for the controller's answer, then keeps
-the link alive with QUIC pings well inside the idle timeout. It declares the link dead after
-three pings in a row go unanswered (two seconds each), much sooner than the idle timeout.
-Features (desired state, status, telemetry, terminal) run as tasks in the session's
+the link alive with QUIC pings well inside the idle timeout. What the answer means and when the
+link is dead are decided by sans-IO cores (``margo_stream.protocol.control.AgentControl`` and
+``margo_stream.protocol.keepalive.Keepalive``); this module only carries their messages and
+timers. Features (desired state, status, telemetry, terminal) run as tasks in the session's
 task group, so all of them stop the moment the connection is gone.
+
+The session depends on a :class:`SessionOwner` (the ``Agent``, or a bench's simulated one),
+and is itself the ``agent.ports.LiveSession`` its features see.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
 
-from margo_stream.errors import MargoError
+from agent.ports import SessionTask, StreamHandler
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.channel import StreamFailed
 from margo_stream.protocol.codes import ErrorCode, StreamKind
+from margo_stream.protocol.control import (
+    AgentControl,
+    ControlEnded,
+    HelloRefused,
+    PeerError,
+    SendPong,
+)
+from margo_stream.protocol.keepalive import Keepalive, LinkDead, SendPing
 from margo_stream.transport.connection import (
     Connection,
     ConnectionLost,
@@ -27,33 +40,55 @@ from margo_stream.transport.connection import (
     is_link_loss,
 )
 
-if TYPE_CHECKING:
-    from agent.service import Agent
+__all__ = ["AgentSession", "HelloRefused", "SessionOwner", "SessionSettings"]
 
 log = logging.getLogger("margo.agent.session")
 
-PROBE_S = 2.0  # a ping unanswered this long is a miss
-DEAD_AFTER_MISSES = 3
+
+class SessionSettings(Protocol):
+    """The part of the agent's configuration a session reads."""
+
+    @property
+    def connect_timeout(self) -> float: ...
+
+    @property
+    def keepalive(self) -> float | None: ...
 
 
-class HelloRefused(MargoError):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(f"controller refused the hello: {ErrorCode.describe(code)}: {reason}")
-        self.code = code
+class SessionOwner(Protocol):
+    """What a session needs of whoever runs it."""
+
+    @property
+    def config(self) -> SessionSettings: ...
+
+    @property
+    def stream_handlers(self) -> Mapping[StreamKind, StreamHandler]: ...
+
+    @property
+    def session_tasks(self) -> Sequence[SessionTask]: ...
+
+    def make_hello(self) -> m.Hello: ...
 
 
 class AgentSession:
-    def __init__(self, agent: Agent, conn: Connection) -> None:
-        self.agent = agent
+    def __init__(self, owner: SessionOwner, conn: Connection) -> None:
+        self.owner = owner
         self.conn = conn
         self.control: MessageStream | None = None
-        self.ack: m.HelloAck | None = None
+        self._control = AgentControl(owner.config.keepalive)
         self._tg: TaskGroup | None = None
         conn.handler = self
 
+    @property
+    def ack(self) -> m.HelloAck:
+        """The controller's answer to the hello (features run only once it arrived)."""
+        if self._control.ack is None:
+            raise RuntimeError("the controller has not answered the hello yet")
+        return self._control.ack
+
     # --- ConnectionHandler ----------------------------------------------------------------------
     def stream_opened(self, stream: MessageStream, first: Any) -> None:
-        handler = self.agent.stream_handlers.get(stream.kind) if stream.kind else None
+        handler = self.owner.stream_handlers.get(stream.kind) if stream.kind else None
         if handler is None or self._tg is None:  # may arrive right behind the hello_ack
             stream.reset(
                 ErrorCode.WRONG_STREAM_OPENER if handler is None else ErrorCode.UNEXPECTED_MESSAGE
@@ -71,7 +106,7 @@ class AgentSession:
         pass  # run() is waiting on conn.wait_closed()
 
     # --- running ----------------------------------------------------------------------------------
-    async def _guard(self, handler: Any, stream: MessageStream) -> None:
+    async def _guard(self, handler: StreamHandler, stream: MessageStream) -> None:
         try:
             await handler(self, stream)
         except Exception as exc:
@@ -81,36 +116,31 @@ class AgentSession:
             if self.conn.closed is None:
                 stream.reset(ErrorCode.INTERNAL_ERROR)
 
-    def start_task(self, fn: Any, *args: Any) -> None:
+    def start_task(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
         assert self._tg is not None
         self._tg.start_soon(self._task_guard, fn, args)
 
-    async def _task_guard(self, fn: Any, args: tuple[Any, ...]) -> None:
+    async def _task_guard(
+        self, fn: Callable[..., Awaitable[object]], args: tuple[Any, ...]
+    ) -> None:
         try:
             await fn(*args)
         except Exception as exc:
             if not is_link_loss(exc):
                 raise
 
-    async def run(self, on_ready: Any = None) -> ConnectionLost:
-        agent = self.agent
+    async def run(self, on_ready: Callable[[AgentSession], object] | None = None) -> ConnectionLost:
+        owner = self.owner
         async with anyio.create_task_group() as tg:
             self._tg = tg
             control = self.control = self.conn.open_stream()
-            control.send(agent.make_hello())
-            with anyio.fail_after(agent.config.connect_timeout):
+            control.send(owner.make_hello())
+            with anyio.fail_after(owner.config.connect_timeout):
                 reply = await control.receive()
-            if isinstance(reply, m.Error):
-                raise HelloRefused(reply.code, reply.reason)
-            if not isinstance(reply, m.HelloAck):
-                raise HelloRefused(
-                    ErrorCode.UNEXPECTED_MESSAGE, f"unexpected {type(reply).__name__}"
-                )
-            self.ack = reply
-            keepalive = agent.config.keepalive or reply.keepalive_s
-            self.start_task(self._keepalive, keepalive)
+            accepted = self._control.hello_answer(reply)  # raises HelloRefused
+            self.start_task(self._keepalive, accepted.keepalive_s)
             self.start_task(self._read_control)
-            for task in agent.session_tasks:
+            for task in owner.session_tasks:
                 self.start_task(task, self)
             if on_ready is not None:
                 on_ready(self)
@@ -119,29 +149,19 @@ class AgentSession:
         return lost
 
     async def _keepalive(self, interval: float) -> None:
-        """Ping every ``interval``; a ping with no packet back within ``probe`` is a miss, and a
-        miss is re-probed at once: three misses in a row (seconds, not three whole intervals)
-        declare the link dead. A healthy controller answers a ping within milliseconds; one that
-        was restarted cannot even say the connection is gone (no stateless reset after a
-        restart), so this is how agents find it again quickly."""
-        probe = min(PROBE_S, interval / 2)
-        misses = 0
+        """Carry out the keepalive core's pings; close the connection when it says so."""
         loop = self.conn.loop
+        core = Keepalive(interval, loop.time())
         while self.conn.closed is None:
-            await anyio.sleep(interval if misses == 0 else probe)
-            sent = loop.time()
-            self.conn.ping()
-            await anyio.sleep(probe)
-            if self.conn.last_received >= sent:
-                misses = 0
-                continue
-            misses += 1
-            if misses >= DEAD_AFTER_MISSES:
-                silent = loop.time() - self.conn.last_received
+            await anyio.sleep(max(0.0, core.deadline - loop.time()))
+            action = core.timer(loop.time(), self.conn.last_received)
+            if isinstance(action, SendPing):
+                self.conn.ping()
+            elif isinstance(action, LinkDead):
                 log.warning(
                     "no packet from the controller for %.1f s (%d unanswered pings); reconnecting",
-                    silent,
-                    misses,
+                    action.silent_s,
+                    action.misses,
                 )
                 self.conn.close(ErrorCode.NO_ERROR, "controller unresponsive")
                 return
@@ -149,14 +169,14 @@ class AgentSession:
     async def _read_control(self) -> None:
         assert self.control is not None
         while True:
-            message = await self.control.receive()
-            if message is None:
+            event = self._control.received(await self.control.receive())
+            if isinstance(event, SendPong):
+                self.control.send(event.pong)
+            elif isinstance(event, PeerError):
+                log.warning("controller error: %s", event.reason)
+            elif isinstance(event, ControlEnded):
                 self.conn.close(ErrorCode.NO_ERROR, "controller ended the control stream")
                 return
-            if isinstance(message, m.Ping):
-                self.control.send(m.Pong(n=message.n))
-            elif isinstance(message, m.Error):
-                log.warning("controller error: %s", message.reason)
 
     def send_stats(self, values: dict[str, Any]) -> None:
         if self.control is not None and self.conn.closed is None:

@@ -15,38 +15,35 @@ from pathlib import Path
 
 import anyio
 
-from agent.service import Agent
-from agent.session import AgentSession
+from agent.ports import AgentHost, LiveSession
 from margo_stream.protocol import messages as m
-from margo_stream.state.status import DeploymentState, DeploymentStatus
+from margo_stream.state.status import DeploymentState, DeploymentStatus, StatusError
 
 log = logging.getLogger("margo.agent.status")
 
 
-def to_wire(seq: int, s: DeploymentStatus) -> m.Status:
-    def err(e):  # noqa: ANN001, ANN202
-        return (
-            None
-            if e is None
-            else m.StatusErrorModel(code=e.code, source=e.source, message=e.message)
-        )
+def error_to_wire(error: StatusError | None) -> m.StatusErrorModel | None:
+    if error is None:
+        return None
+    return m.StatusErrorModel(code=error.code, source=error.source, message=error.message)
 
+
+def to_wire(seq: int, s: DeploymentStatus) -> m.Status:
     return m.Status(
         seq=seq,
         deployment_id=s.deployment_id,
         manifest_version=s.manifest_version,
         state=s.state.value,
-        error=err(s.error),
+        error=error_to_wire(s.error),
         components=[
-            m.ComponentStatusModel(name=c.name, state=c.state.value, error=err(c.error))
+            m.ComponentStatusModel(name=c.name, state=c.state.value, error=error_to_wire(c.error))
             for c in s.components
         ],
     )
 
 
 class StatusReporter:
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, agent: AgentHost) -> None:
         self.seq_path: Path = agent.config.state / "status.seq"
         try:
             self._floor = int(self.seq_path.read_text().strip() or 0)
@@ -55,7 +52,6 @@ class StatusReporter:
         self.latest: dict[str, m.Status] = {}
         self._changed = anyio.Event()
         agent.session_tasks.append(self.run_session)
-        agent.features["status"] = self
 
     def _next_seq(self) -> int:
         # The floor only matters if the clock steps back across a restart, so it is written
@@ -73,7 +69,7 @@ class StatusReporter:
         self.latest[status.deployment_id] = to_wire(self._next_seq(), status)
         self._changed.set()
 
-    async def run_session(self, session: AgentSession) -> None:
+    async def run_session(self, session: LiveSession) -> None:
         stream = session.conn.open_stream()
         sent: dict[str, int] = {}
 
@@ -89,6 +85,6 @@ class StatusReporter:
                     if sent.get(deployment_id) != message.seq:
                         stream.send(message)
                         sent[deployment_id] = message.seq
-                    if message.state == DeploymentState.REMOVED:
+                    if message.state == DeploymentState.REMOVED.value:
                         self.latest.pop(deployment_id, None)
                 await self._changed.wait()

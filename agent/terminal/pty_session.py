@@ -43,8 +43,6 @@ import errno
 import fcntl
 import logging
 import os
-import pwd
-import shutil
 import signal
 import struct
 import termios
@@ -54,7 +52,14 @@ from typing import NoReturn
 
 import anyio
 
-from margo_stream.errors import MargoError
+from agent.terminal.command import (
+    DEFAULT_TERM,
+    TerminalClosed,
+    TerminalError,
+    login_shell,
+    resolve_command,
+    write_all,
+)
 
 __all__ = [
     "DEFAULT_TERM",
@@ -66,8 +71,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TERM = "xterm-256color"
-_FALLBACK_SHELL = "/bin/sh"
 _MAX_DIMENSION = 0xFFFF  # struct winsize holds unsigned shorts
 _KILL_REAP_TIMEOUT_S = 5.0  # how long close() waits for a SIGKILLed group to disappear
 
@@ -95,25 +98,6 @@ _RESET_SIGNALS = tuple(
 )
 
 
-class TerminalError(MargoError):
-    """A terminal session could not be started or used; the message says why."""
-
-
-class TerminalClosed(TerminalError):
-    """The terminal session was closed (by :meth:`PtySession.close`) and cannot be used."""
-
-
-def login_shell() -> str:
-    """The current user's login shell from the password database, or ``/bin/sh``."""
-    try:
-        shell = pwd.getpwuid(os.getuid()).pw_shell
-    except KeyError:  # uid without a passwd entry (common in containers)
-        shell = ""
-    if shell and os.path.isabs(shell) and os.access(shell, os.X_OK):
-        return shell
-    return _FALLBACK_SHELL
-
-
 def _check_size(rows: int, cols: int) -> None:
     for name, value in (("rows", rows), ("cols", cols)):
         if (
@@ -128,51 +112,6 @@ def _check_size(rows: int, cols: int) -> None:
 
 def _set_winsize(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def _user_env(shell: str) -> dict[str, str]:
-    """A clean login environment, like sshd builds: the agent's own variables do not leak."""
-    try:
-        entry = pwd.getpwuid(os.getuid())
-        home, user = entry.pw_dir, entry.pw_name
-    except KeyError:
-        home, user = os.environ.get("HOME", "/"), str(os.getuid())
-    env = {
-        "HOME": home,
-        "USER": user,
-        "LOGNAME": user,
-        "SHELL": shell,
-        "PATH": os.environ.get("PATH", os.defpath),
-    }
-    for key in ("LANG", "LC_ALL", "TZ"):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    return env
-
-
-def _resolve(
-    command: list[str] | None, shell: str | None, env: Mapping[str, str] | None
-) -> tuple[str, list[str], dict[str, str]]:
-    """Return (executable path, argv, environment) for the child."""
-    if command is None:
-        path = shell or login_shell()
-        if not (os.path.isabs(path) and os.access(path, os.X_OK)):
-            raise TerminalError(f"login shell {path!r} is not an executable absolute path")
-        # A leading "-" in argv[0] is how every Unix shell is told it is a login shell.
-        argv = ["-" + os.path.basename(path)]
-    else:
-        if not command or not all(isinstance(arg, str) for arg in command):
-            raise TerminalError("terminal command must be a non-empty list of strings")
-        argv = list(command)
-        path = argv[0]
-    child_env = _user_env(path) if env is None else dict(env)
-    child_env.setdefault("TERM", DEFAULT_TERM)
-    if "/" not in path:
-        found = shutil.which(path, path=child_env.get("PATH", os.defpath))
-        if found is None:
-            raise TerminalError(f"command not found: {path!r}")
-        path = found
-    return path, argv, child_env
 
 
 def _exec_child(
@@ -212,41 +151,6 @@ def _exec_child(
         finally:
             os._exit(127)
     os._exit(127)  # not reached: execve does not return
-
-
-async def write_all(
-    fd_of: Callable[[], int | None],
-    data: bytes,
-    *,
-    closed: str,
-    hangup_errno: int,
-    hangup: str,
-    failed: str,
-    written: Callable[[int], None],
-) -> None:
-    """Write all of ``data`` to the non-blocking descriptor ``fd_of()`` names (``None``: closed,
-    asked again after every wait), waiting while the kernel buffer is full; ``written(n)``
-    after each write. ``TerminalClosed`` with ``closed`` or, on ``hangup_errno``, ``hangup``;
-    ``TerminalError`` with ``failed`` on any other error."""
-    view = memoryview(data).cast("B")
-    while view:
-        fd = fd_of()
-        if fd is None:
-            raise TerminalClosed(closed)
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            try:
-                await anyio.wait_writable(fd)
-            except anyio.ClosedResourceError:
-                raise TerminalClosed(closed) from None
-            continue
-        except OSError as exc:
-            if exc.errno == hangup_errno:
-                raise TerminalClosed(hangup) from exc
-            raise TerminalError(f"{failed}: {exc}") from exc
-        view = view[n:]
-        written(n)
 
 
 class PtySession:
@@ -296,7 +200,7 @@ class PtySession:
         Raises :class:`TerminalError` if the program cannot be started.
         """
         _check_size(rows, cols)
-        path, argv, child_env = _resolve(command, shell, env)
+        path, argv, child_env = resolve_command(command, shell, env)
         if cwd is None:
             home = child_env.get("HOME", "")
             cwd = home if home and os.path.isdir(home) else "/"
