@@ -11,8 +11,8 @@ two pumps until the device reports the exit status:
 * device -> operator: ``term_data`` is handed to the operator as it arrives (one message,
   one write: nothing waits for a batch), and acknowledged with ``term_ack`` once passed on;
 * operator -> device: input, resizes, end of input and close become ``term_data``,
-  ``term_resize``, ``term_eof`` and ``term_close``; input waits while ``WINDOW`` bytes are
-  unacknowledged by the agent.
+  ``term_resize``, ``term_eof`` and ``term_close``; input waits while a window of bytes
+  is unacknowledged by the agent (``TerminalWindow`` keeps both directions' counts).
 
 When the operator goes away the agent is told to close (it kills the process group) and the
 bridge still waits a little for the exit status, so the audit record has it. When the
@@ -37,15 +37,14 @@ import anyio
 from controller.ports import DeviceLink
 from controller.registry import SessionRegistry
 from controller.store.base import Store
-from margo_stream.errors import MargoError, NotFound, ProtocolError
+from margo_stream.errors import MargoError, NotFound, ProtocolError, RemoteProtocolError
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode
+from margo_stream.protocol.terminal_window import TerminalWindow
 from margo_stream.transport.connection import ConnectionLost, MessageStream, StreamClosed
 
 log = logging.getLogger("margo.controller.terminal")
 
-WINDOW = 256 * 1024  # unacknowledged data bytes either way (same as the agent's)
-ACK_EVERY = WINDOW // 4
 OPEN_TIMEOUT = 15.0  # for the agent's term_opened
 EXIT_TIMEOUT = 5.0  # after we asked the agent to close, for its term_exit
 SHUTDOWN_REASON = "controller shutting down"
@@ -113,11 +112,10 @@ class TerminalSession:
         self.stream = stream
         self.audit_id = audit_id
         self.pid = pid
-        self.bytes_in = 0  # operator -> device
         self.bytes_out = 0  # device -> operator
-        self._acked_in = 0
-        self._window = anyio.Event()
-        self._window.set()
+        self.flow = TerminalWindow()  # sender half: operator -> device; receiver: device -> op
+        self._window_open = anyio.Event()
+        self._window_open.set()
         self._closing = False
         self._finished = False
         self._ended = False  # our direction of the stream is finished
@@ -157,7 +155,6 @@ class TerminalSession:
 
     async def _from_device(self, op: Operator) -> Outcome:
         stream = self.stream
-        delivered = acked = 0
         while True:
             try:
                 if self._closing:
@@ -182,13 +179,18 @@ class TerminalSession:
             if isinstance(msg, m.TermData):
                 self.bytes_out += len(msg.data)
                 await op.send_output(msg.fd, msg.data)
-                delivered += len(msg.data)
-                if delivered - acked >= ACK_EVERY and not self._closing:
-                    acked = delivered
-                    self._send(m.TermAck(consumed=delivered))
+                ack = self.flow.on_delivered(len(msg.data))
+                if ack is not None and not self._closing:
+                    self._send(m.TermAck(consumed=ack.consumed))
             elif isinstance(msg, m.TermAck):
-                self._acked_in = max(self._acked_in, msg.consumed)
-                self._window.set()
+                try:
+                    opened = self.flow.on_ack(msg.consumed)
+                except RemoteProtocolError as exc:
+                    self.outcome = Outcome(error=f"the device broke the terminal protocol: {exc}")
+                    self.stream.reset(exc.code)
+                    return self.outcome
+                if opened:
+                    self._window_open.set()
             elif isinstance(msg, m.TermExit):
                 self._end()
                 self.outcome = Outcome(status=msg.status, reason=msg.reason)
@@ -203,11 +205,11 @@ class TerminalSession:
                 self._send(m.TermClose(reason=reason), end=True)
                 return
             if item.kind is OpKind.DATA:
-                while self.bytes_in - self._acked_in >= WINDOW:
-                    self._window = anyio.Event()
-                    await self._window.wait()
+                while not self.flow.can_send():
+                    self._window_open = anyio.Event()
+                    await self._window_open.wait()
                 if self._send(m.TermData(data=item.data, fd=0)):
-                    self.bytes_in += len(item.data)
+                    self.flow.on_sent(len(item.data))
             elif item.kind is OpKind.RESIZE:
                 self._send(m.TermResize(rows=item.rows, cols=item.cols))
             elif item.kind is OpKind.EOF:
@@ -228,7 +230,7 @@ class TerminalSession:
         try:
             await self.service.store.finish_session_audit(
                 self.audit_id,
-                bytes_in=self.bytes_in,
+                bytes_in=self.flow.sent,
                 bytes_out=self.bytes_out,
                 reason=reason,
                 exit_status=outcome.status,
@@ -242,7 +244,7 @@ class TerminalSession:
             self.session.tenant,
             self.session.device_id,
             reason,
-            self.bytes_in,
+            self.flow.sent,
             self.bytes_out,
             extra={"event": "terminal-closed", "session": self.audit_id},
         )
