@@ -3,10 +3,14 @@
 Theory of operation
 -------------------
 Records are appended to the newest segment (see ``segments.py`` for the framing) with one
-``pwrite`` per call, straight into the page cache, on the event loop. Durability is a *group
+``pwrite`` per call, straight into the page cache, on the event loop. Each record keeps its
+stream name beside the payload (given by the caller, or found in the payload once, when it is
+appended), so reading it back never parses the payload. Durability is a *group
 commit* (``commit.py``): a committer task waits a short window (``commit_window_s``, default
 2 ms, or until ``commit_max_records`` are pending), fsyncs the touched files in a worker thread,
 then wakes every appender of that round. ``append`` returns the sequence number only after that.
+Each round that makes records durable also wakes ``wait_durable``: replay sleeps there, not on
+a timer, when it has sent everything.
 
 Sequence numbers start at 1, grow by one per stored record and are never reused: a write that
 fails consumes no number, and the recovery scan on open (``recovery.py``) sets ``next_seq`` above
@@ -44,12 +48,15 @@ from agent.telemetry.commit import GroupCommit, PendingAppend
 from agent.telemetry.disk_errors import describe_oserror
 from agent.telemetry.recovery import recover
 from agent.telemetry.segments import (
+    MAX_STREAM_BYTES,
     REC_HDR_SIZE,
     SEG_HDR_SIZE,
     Segment,
     decode_record,
-    encode_record,
+    encode_frame,
+    stream_field,
 )
+from agent.telemetry.streams import DEFAULT_STREAM, stream_of
 from margo_stream.errors import ConfigError, TelemetryBufferError
 
 log = logging.getLogger(__name__)
@@ -87,6 +94,7 @@ class BufferClosed(TelemetryBufferError):
 class Record:
     seq: int
     payload: bytes
+    stream: str = DEFAULT_STREAM
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +108,7 @@ class BufferConfig:
     ack_flush_s: float = 0.5
 
     def resolved_segment_bytes(self) -> int:
-        frame_max = REC_HDR_SIZE + self.max_record_bytes
+        frame_max = REC_HDR_SIZE + 1 + MAX_STREAM_BYTES + self.max_record_bytes
         if self.max_bytes < 2 * (SEG_HDR_SIZE + frame_max):
             raise ConfigError(
                 f"--buffer-max-bytes {self.max_bytes} is too small for records of up to "
@@ -149,6 +157,7 @@ class TelemetryBuffer:
         self._closing = False
         self._closed = False
         self._failed: BufferIOError | None = None
+        self._durable_moved = anyio.Event()  # set (and replaced) when durable_seq moves
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -239,13 +248,15 @@ class TelemetryBuffer:
 
     # ------------------------------------------------------------------ appending
 
-    async def append(self, payload: bytes) -> int:
+    async def append(self, payload: bytes, stream: str | None = None) -> int:
         """Store one record; returns its sequence number once it is durable."""
-        pending = self.submit((payload,))
+        pending = self.submit((payload,), streams=None if stream is None else (stream,))
         await pending.wait()
         return pending.seqs.start
 
-    async def append_many(self, payloads: Sequence[bytes]) -> list[int]:
+    async def append_many(
+        self, payloads: Sequence[bytes], streams: Sequence[str] | None = None
+    ) -> list[int]:
         """Store several records in one write; all or none pass the size and space checks.
 
         A disk error part way through a batch that spans segments may leave the earlier part
@@ -253,12 +264,19 @@ class TelemetryBuffer:
         """
         if not payloads:
             return []
-        pending = self.submit(payloads)
+        pending = self.submit(payloads, streams=streams)
         return list(await pending.wait())
 
-    def submit(self, payloads: Sequence[bytes], *, count_rejected: bool = True) -> PendingAppend:
+    def submit(
+        self,
+        payloads: Sequence[bytes],
+        *,
+        streams: Sequence[str] | None = None,
+        count_rejected: bool = True,
+    ) -> PendingAppend:
         """Write records now (no await); ``await result.wait()`` for durability.
 
+        ``streams`` names each record's stream; without it each payload's JSON names it.
         Raises ``RecordTooLarge``, ``BufferFull``, ``BufferIOError`` or ``BufferClosed``
         synchronously, having stored nothing. ``count_rejected=False`` leaves a refusal out
         of ``rejected_records`` (for a caller that retries the records one by one).
@@ -275,10 +293,15 @@ class TelemetryBuffer:
                     f"telemetry record of {len(p)} bytes exceeds the {limit}-byte record limit"
                 )
             total += REC_HDR_SIZE + len(p)
+        if streams is None:
+            streams = [stream_of(p) for p in payloads]
+        elif len(streams) != len(payloads):
+            raise ValueError(f"{len(streams)} stream names for {len(payloads)} records")
+        bodies = [stream_field(name) + p for name, p in zip(streams, payloads, strict=True)]
         # Room for the frames, a header for every roll the batch causes, and one header in
         # reserve: reopening the buffer always starts a fresh segment, and even then the files
         # must stay within max_bytes.
-        needed = self._space_needed(payloads) + SEG_HDR_SIZE
+        needed = self._space_needed(bodies) + SEG_HDR_SIZE
         if needed + SEG_HDR_SIZE > self.config.max_bytes:
             if count_rejected:
                 self.rejected_records += len(payloads)
@@ -298,7 +321,7 @@ class TelemetryBuffer:
         seq = first
         chunk: list[bytes] = []
         chunk_bytes = 0
-        for p in payloads:
+        for p in bodies:
             frame_len = REC_HDR_SIZE + len(p)
             if chunk and self._segments[-1].size + chunk_bytes + frame_len > self._segment_bytes:
                 self._write_chunk(chunk, seq - len(chunk))
@@ -311,12 +334,12 @@ class TelemetryBuffer:
         self._write_chunk(chunk, seq - len(chunk))
         return self._commit.written(range(first, first + len(payloads)))
 
-    def _space_needed(self, payloads: Sequence[bytes]) -> int:
-        """Bytes ``payloads`` add to the files: frames plus a header per roll, decided exactly
+    def _space_needed(self, bodies: Sequence[bytes]) -> int:
+        """Bytes ``bodies`` add to the files: frames plus a header per roll, decided exactly
         as the write loop decides them."""
         seg = self._segments[-1]
         size, count, added = seg.size, seg.count, 0
-        for p in payloads:
+        for p in bodies:
             frame_len = REC_HDR_SIZE + len(p)
             if count > 0 and size + frame_len > self._segment_bytes:
                 size, count = SEG_HDR_SIZE, 0
@@ -330,9 +353,9 @@ class TelemetryBuffer:
         seg = self._segments[-1]
         return seg.count > 0 and seg.size + frame_len > self._segment_bytes
 
-    def _write_chunk(self, payloads: list[bytes], first_seq: int) -> None:
+    def _write_chunk(self, bodies: list[bytes], first_seq: int) -> None:
         seg = self._segments[-1]
-        frames = [encode_record(first_seq + i, p) for i, p in enumerate(payloads)]
+        frames = [encode_frame(first_seq + i, p) for i, p in enumerate(bodies)]
         data = b"".join(frames)
         start = seg.size
         try:
@@ -350,14 +373,14 @@ class TelemetryBuffer:
             ) from exc
         off = start
         seqs, offsets, lengths = seg.seqs, seg.offsets, seg.lengths
-        for i, p in enumerate(payloads):
+        for i, p in enumerate(bodies):
             seqs.append(first_seq + i)
             offsets.append(off)
             lengths.append(len(p))
             off += REC_HDR_SIZE + len(p)
         seg.size = off
         self._bytes_used += off - start
-        self._next_seq = first_seq + len(payloads)
+        self._next_seq = first_seq + len(bodies)
         self._commit.dirty[seg] = None
 
     def _undo_partial(self, seg: Segment, size: int) -> None:
@@ -450,7 +473,10 @@ class TelemetryBuffer:
             )
             log.error("%s", self._failed)
         if self._failed is None:
-            self._durable_seq = max(self._durable_seq, target)
+            if target > self._durable_seq:
+                self._durable_seq = target
+                self._durable_moved.set()
+                self._durable_moved = anyio.Event()
         else:
             rnd.error = self._failed
         rnd.event.set()
@@ -486,6 +512,11 @@ class TelemetryBuffer:
                 break
         return out
 
+    async def wait_durable(self, beyond: int) -> None:
+        """Return once a record above ``beyond`` is durable (at once if one already is)."""
+        while self._durable_seq <= beyond:
+            await self._durable_moved.wait()
+
     def _read_range(self, seg: Segment, i: int, j: int, out: list[Record]) -> None:
         base = seg.offsets[i]
         end = seg.offsets[j - 1] + REC_HDR_SIZE + seg.lengths[j - 1]
@@ -496,8 +527,8 @@ class TelemetryBuffer:
             if seq in seg.bad_seqs:
                 continue
             off = seg.offsets[k] - base
-            payload = decode_record(view[off : off + REC_HDR_SIZE + seg.lengths[k]], seq)
-            if payload is None:
+            record = decode_record(view[off : off + REC_HDR_SIZE + seg.lengths[k]], seq)
+            if record is None:
                 seg.bad_seqs.add(seq)
                 self.corrupt_records += 1
                 log.error(
@@ -508,7 +539,8 @@ class TelemetryBuffer:
                     seg.offsets[k],
                 )
                 continue
-            out.append(Record(seq, payload))
+            stream, payload = record
+            out.append(Record(seq, payload, stream_of(payload) if stream is None else stream))
 
     # ------------------------------------------------------------------ acknowledgement
 

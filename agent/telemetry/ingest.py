@@ -29,6 +29,7 @@ import anyio
 import anyio.abc
 
 from agent.telemetry.buffer import PendingAppend, TelemetryBuffer
+from agent.telemetry.streams import DEFAULT_STREAM
 from margo_stream.errors import TelemetryBufferError
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,18 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "telemetry.sock"
 SOCKET_MODE = 0o660
 READ_SIZE = 65536
-DEFAULT_STREAM = "default"
 
 
 class SocketInUse(TelemetryBufferError):
     """Another live process already serves the telemetry socket."""
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A valid producer line: the payload to store and the stream it names."""
+
+    stream: str
+    payload: bytes
 
 
 @dataclass(slots=True)
@@ -50,8 +58,8 @@ class _Batch:
     pendings: list[PendingAppend]
 
 
-def prepare_record(line: bytes, limit: int) -> bytes | str:
-    """Validate one producer line; returns the payload to store or an error message."""
+def prepare_record(line: bytes, limit: int) -> Prepared | str:
+    """Validate one producer line; returns the record to store or an error message."""
     line = line.strip()
     if not line:
         return "empty line; expected one JSON object"
@@ -66,7 +74,7 @@ def prepare_record(line: bytes, limit: int) -> bytes | str:
     stream = obj.get("stream")
     changed = False
     if stream is None:
-        obj["stream"] = DEFAULT_STREAM
+        obj["stream"] = stream = DEFAULT_STREAM
         changed = True
     elif not isinstance(stream, str) or not stream:
         return '"stream" must be a non-empty string'
@@ -77,23 +85,27 @@ def prepare_record(line: bytes, limit: int) -> bytes | str:
         line = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
         if len(line) > limit:
             return f"record of {len(line)} bytes exceeds the {limit}-byte record limit"
-    return line
+    return Prepared(stream, line)
 
 
-def _submit(buffer: TelemetryBuffer, prepared: list[bytes | str]) -> _Batch:
+def _submit(buffer: TelemetryBuffer, prepared: list[Prepared | str]) -> _Batch:
     entries: list[str | tuple[int, int]] = []
     pendings: list[PendingAppend] = []
-    payloads = [p for p in prepared if isinstance(p, bytes)]
-    if payloads:
+    records = [p for p in prepared if isinstance(p, Prepared)]
+    if records:
         try:
-            pending = buffer.submit(payloads, count_rejected=False)
+            pending = buffer.submit(
+                [r.payload for r in records],
+                streams=[r.stream for r in records],
+                count_rejected=False,
+            )
         except TelemetryBufferError:
             pending = None
         if pending is not None:
             pendings.append(pending)
             seqs = iter(pending.seqs)
             for p in prepared:
-                entries.append((0, next(seqs)) if isinstance(p, bytes) else p)
+                entries.append((0, next(seqs)) if isinstance(p, Prepared) else p)
             return _Batch(entries, pendings)
     # Slow path (buffer full, disk error, or nothing valid): one record at a time, so every
     # line gets its own answer.
@@ -102,7 +114,7 @@ def _submit(buffer: TelemetryBuffer, prepared: list[bytes | str]) -> _Batch:
             entries.append(p)
             continue
         try:
-            pending = buffer.submit((p,))
+            pending = buffer.submit((p.payload,), streams=(p.stream,))
         except TelemetryBufferError as exc:
             entries.append(str(exc))
             continue
@@ -165,7 +177,7 @@ class _Connection:
                 return
             lines = (partial + chunk).split(b"\n")
             partial = lines.pop()
-            prepared: list[bytes | str] = []
+            prepared: list[Prepared | str] = []
             for line in lines:
                 if oversized:
                     prepared.append(self._oversized())

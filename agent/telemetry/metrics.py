@@ -58,7 +58,7 @@ async def run_agent_metrics(
         await anyio.sleep(interval_s)
         record = sample_agent_metrics(buffer, proc)
         try:
-            await buffer.append(json.dumps(record, separators=(",", ":")).encode())
+            await buffer.append(json.dumps(record, separators=(",", ":")).encode(), METRICS_STREAM)
         except TelemetryBufferError as exc:
             log.warning("agent metrics sample not stored: %s", exc)
         taken += 1

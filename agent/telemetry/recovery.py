@@ -109,9 +109,9 @@ def recover(d: Path, max_bytes: int) -> Recovered:
         ):
             # Damage up to the end of a sealed segment: the next segment's header says
             # which numbers this one held.
-            tail = scan.bad[-1]
+            end_region = scan.bad[-1]
             nxt = decode_segment_header(found[i + 1][1].read_bytes()[:SEG_HDR_SIZE])
-            tail.records = max(1, nxt[1] - tail.prev_seq) if nxt else 1
+            end_region.records = max(1, nxt[1] - end_region.prev_seq) if nxt else 1
         live_bad = []
         for region in scan.bad:
             first = region.seq if region.seq is not None else region.prev_seq + 1

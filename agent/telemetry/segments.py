@@ -7,15 +7,26 @@ with a 20-byte header and holds records with consecutive sequence numbers, appen
 
     segment header  = magic "MSTLSEG1" (8) | base_seq u64 | prev_last u64
                       | crc32 of the first 24 bytes u32
-    record frame    = magic F5 A7 (2) | length u32 | seq u64 | payload crc32 u32
-                      | header crc32 u32 (over the 18 bytes before it) | payload (length bytes)
+    record frame    = magic (2) | length u32 | seq u64 | body crc32 u32
+                      | header crc32 u32 (over the 18 bytes before it) | body (length bytes)
+    body, magic F5 A8 (version 2, written now)
+                    = stream name length u8 | stream name (UTF-8) | payload
+    body, magic F5 A7 (version 1, written before stream names were kept)
+                    = payload
+
+The record's version is in its magic, so one segment may hold both (a buffer written by an
+older agent keeps being read, and drained, after an upgrade); everything that frames, scans or
+counts records treats the body as opaque bytes and works the same on both. A version-2 record
+keeps its stream name so replay never parses a payload to find it; a name longer than
+``MAX_STREAM_BYTES`` is stored as length 0 and, like every version-1 record, found in the
+payload's JSON when the record is read (``streams.stream_of``).
 
 ``base_seq`` is the first sequence number the segment was created to hold; an empty segment
 still remembers it, so the newest segment alone proves which numbers were already handed out.
 ``prev_last`` is the highest sequence number the older segments can hold when this one is
 created, so damage at the very end of a sealed segment is counted exactly, even across the gap
 a recovery may leave.
-The record magic starts with 0xF5, a byte that never occurs in UTF-8 text, so the resync scan
+Both record magics start with 0xF5, a byte that never occurs in UTF-8 text, so the resync scan
 after a damaged header cannot lock onto JSON payload bytes; the separate header checksum tells
 a damaged length field (framing lost: scan forward for the next valid frame) from a damaged
 payload (framing intact: step over exactly one record).
@@ -36,7 +47,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SEGMENT_MAGIC = b"MSTLSEG1"
-RECORD_MAGIC = b"\xf5\xa7"
+RECORD_MAGIC = b"\xf5\xa8"  # version 2: the body starts with the stream name
+RECORD_MAGIC_V1 = b"\xf5\xa7"  # version 1: the body is the payload
+_MAGICS = (RECORD_MAGIC, RECORD_MAGIC_V1)
+MAX_STREAM_BYTES = 255
 SEGMENT_HEADER = struct.Struct("<8sQQI")
 RECORD_HEADER = struct.Struct("<2sIQII")
 SEG_HDR_SIZE = SEGMENT_HEADER.size  # 28
@@ -66,28 +80,60 @@ def decode_segment_header(data: bytes) -> tuple[int, int] | None:
     return base, prev_last
 
 
-def encode_record(seq: int, payload: bytes) -> bytes:
-    """Frame one record: header with both checksums, then the payload."""
-    head = struct.pack("<2sIQI", RECORD_MAGIC, len(payload), seq, zlib.crc32(payload))
-    return head + struct.pack("<I", zlib.crc32(head)) + payload
+def stream_field(stream: str | None) -> bytes:
+    """The stream-name prefix of a version-2 body (length 0: find the name in the payload)."""
+    if stream is None:
+        return b"\x00"
+    name = stream.encode()
+    if not name or len(name) > MAX_STREAM_BYTES:
+        return b"\x00"
+    return bytes((len(name),)) + name
 
 
-def decode_record(frame: bytes | memoryview, expect_seq: int) -> bytes | None:
-    """Return the payload of ``frame`` if it is an intact record for ``expect_seq``."""
+def encode_frame(seq: int, body: bytes, magic: bytes = RECORD_MAGIC) -> bytes:
+    """Frame one record body: header with both checksums, then the body."""
+    head = struct.pack("<2sIQI", magic, len(body), seq, zlib.crc32(body))
+    return head + struct.pack("<I", zlib.crc32(head)) + body
+
+
+def encode_record(seq: int, payload: bytes, stream: str | None = None) -> bytes:
+    """A version-2 record frame."""
+    return encode_frame(seq, stream_field(stream) + payload)
+
+
+def encode_record_v1(seq: int, payload: bytes) -> bytes:
+    """A version-1 record frame (no stream name), as agents before version 2 wrote them."""
+    return encode_frame(seq, payload, RECORD_MAGIC_V1)
+
+
+def decode_record(frame: bytes | memoryview, expect_seq: int) -> tuple[str | None, bytes] | None:
+    """``(stream name or None, payload)`` if ``frame`` is an intact record for ``expect_seq``.
+
+    The name is None for a version-1 record and for one stored without its name."""
     if len(frame) < REC_HDR_SIZE:
         return None
     magic, length, seq, pcrc, hcrc = RECORD_HEADER.unpack_from(frame, 0)
     if (
-        magic != RECORD_MAGIC
+        magic not in _MAGICS
         or seq != expect_seq
         or zlib.crc32(frame[:_HDR_CRC_SPAN]) != hcrc
         or len(frame) != REC_HDR_SIZE + length
     ):
         return None
-    payload = bytes(frame[REC_HDR_SIZE:])
-    if zlib.crc32(payload) != pcrc:
+    body = bytes(frame[REC_HDR_SIZE:])
+    if zlib.crc32(body) != pcrc:
         return None
-    return payload
+    if magic == RECORD_MAGIC_V1:
+        return None, body
+    n = body[0] if body else -1
+    if n < 0 or 1 + n > len(body):
+        return None
+    if n == 0:
+        return None, body[1:]
+    try:
+        return body[1 : 1 + n].decode(), body[1 + n :]
+    except UnicodeDecodeError:
+        return None
 
 
 @dataclass(slots=True)
@@ -118,7 +164,7 @@ class ScanResult:
 
 def _header_at(data: bytes, off: int) -> tuple[int, int, int] | None:
     """(length, seq, payload crc) of an intact record header at ``off``, else None."""
-    if len(data) - off < REC_HDR_SIZE or data[off : off + 2] != RECORD_MAGIC:
+    if len(data) - off < REC_HDR_SIZE or data[off : off + 2] not in _MAGICS:
         return None
     _magic, length, seq, pcrc, hcrc = RECORD_HEADER.unpack_from(data, off)
     if zlib.crc32(data[off : off + _HDR_CRC_SPAN]) != hcrc or length > LENGTH_SANITY:
@@ -130,7 +176,7 @@ def _resync(data: bytes, start: int, after_seq: int) -> int:
     """Offset of the next fully valid record at or after ``start``; len(data) if none."""
     pos = start
     while True:
-        pos = data.find(RECORD_MAGIC, pos)
+        pos = data.find(b"\xf5", pos)  # the first byte of both magics
         if pos < 0:
             return len(data)
         hdr = _header_at(data, pos)

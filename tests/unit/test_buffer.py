@@ -24,6 +24,7 @@ from agent.telemetry.segments import (
     encode_segment_header,
     scan_segment,
     segment_name,
+    stream_field,
 )
 from margo_stream.errors import ConfigError, TelemetryBufferError
 
@@ -134,13 +135,13 @@ def test_torn_tail_trimmed_and_corruption_counted(
 ) -> None:
     async def write() -> list[int]:
         async with TelemetryBuffer.open(tmp_path, SMALL) as buf:
-            return await buf.append_many([b"r%03d" % i for i in range(30)])
+            return await buf.append_many([b"r%03d" % i for i in range(30)], ["s"] * 30)
 
     seqs = run(write)
     (seg,) = sorted(tmp_path.glob("seg-*.log"))
     data = bytearray(seg.read_bytes())
-    frame = REC_HDR_SIZE + 4
-    data[SEG_HDR_SIZE + 5 * frame + REC_HDR_SIZE] ^= 0x55  # payload of seq 6
+    frame = REC_HDR_SIZE + len(stream_field("s")) + 4
+    data[SEG_HDR_SIZE + 5 * frame + REC_HDR_SIZE + 2] ^= 0x55  # payload of seq 6
     seg.write_bytes(bytes(data) + encode_record(31, b"torn-record")[:15])
 
     async def reopen() -> None:

@@ -28,6 +28,7 @@ from agent.telemetry.buffer import (
     TelemetryBuffer,
 )
 from agent.telemetry.segments import REC_HDR_SIZE, SEG_HDR_SIZE, encode_record
+from agent.telemetry.streams import stream_of
 
 LIMIT = 120
 payloads = st.binary(min_size=0, max_size=LIMIT)
@@ -110,7 +111,8 @@ class BufferMachine(RuleBasedStateMachine):
         except BufferFull:
             assert self.config.policy is FullPolicy.REJECT
             st_ = self.buf.stats()
-            assert st_.bytes_used + REC_HDR_SIZE + len(payload) + 2 * SEG_HDR_SIZE > st_.max_bytes
+            frame = len(encode_record(0, payload, stream_of(payload)))
+            assert st_.bytes_used + frame + 2 * SEG_HDR_SIZE > st_.max_bytes
             return
         assert seq > self.max_handed
         self.max_handed = seq
@@ -161,11 +163,12 @@ class BufferMachine(RuleBasedStateMachine):
         del self.model[seq]
         self.damaged[seq] = seg.path
 
-    @rule(cut=st.integers(1, REC_HDR_SIZE + LIMIT))
+    @rule(cut=st.integers(1, REC_HDR_SIZE + 1 + LIMIT))
     def crash_with_torn_tail(self, cut: int) -> None:
         """A crash part way through writing a record that was never acknowledged."""
         seg = self.buf._segments[-1]
-        frame = encode_record(self.buf.next_seq, b"t" * LIMIT)[: min(cut, REC_HDR_SIZE + LIMIT - 1)]
+        whole = encode_record(self.buf.next_seq, b"t" * LIMIT)
+        frame = whole[: min(cut, len(whole) - 1)]
         os.pwrite(seg.fd, frame, seg.size)
         self.reopen()
         assert self.buf.stats().trimmed_bytes >= len(frame)  # plus any damaged tail records
