@@ -53,8 +53,9 @@ from bench.transports.base import (
     capabilities_document,
     status_document,
 )
-from controller.device_api import DeviceBackend, ProblemError
+from controller.device_api.backend import DeviceBackend
 from controller.device_api.tls import client_context
+from controller.problems import Problem
 from controller.store.base import Store
 from margo_stream.identity.pki import (
     CONTROLLER_DIR,
@@ -448,7 +449,7 @@ class MqttBridge:
                     await self.backend.put_status(tenant, device_id, doc, str(dep), "mqtt")
                 elif leaf == "capabilities":
                     await self.backend.put_capabilities(tenant, device_id, device_id, doc, "mqtt")
-            except (ProblemError, ValueError) as exc:
+            except (Problem, ValueError) as exc:
                 log.warning("refused %s from %s/%s: %s", leaf, tenant, device_id, exc)
             except Exception:
                 log.exception("cannot store %s from %s/%s", leaf, tenant, device_id)

@@ -29,7 +29,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
@@ -41,9 +41,11 @@ import h2.exceptions
 import msgpack
 from anyio.streams.tls import TLSAttribute, TLSStream
 
-from controller.device_api import DeviceBackend, ProblemError, header_map
+from controller.device_api.backend import DeviceBackend
+from controller.device_api.http_messages import header_map
 from controller.device_api.rest_poll import DeviceRouter, Response
 from controller.device_api.tls import accept_tls, peer_identity, remote_address, server_context
+from controller.problems import Problem
 from controller.store.base import Store
 from margo_stream.errors import PeerRejected, StoreError
 from margo_stream.identity.spiffe import DeviceIdentity
@@ -51,6 +53,8 @@ from margo_stream.identity.verify import PeerVerifier
 from margo_stream.state.digest import is_digest
 
 log = logging.getLogger("margo.device_api.h2")
+
+_Family = Literal[socket.AddressFamily.AF_INET, socket.AddressFamily.AF_INET6]
 
 STREAM_PATH = "/v1/stream"
 PUSH_MEDIA_TYPE = "application/vnd.margo-stream.push.v1+msgpack"
@@ -163,7 +167,7 @@ class H2PushServer:
         *,
         task_status: anyio.abc.TaskStatus[H2PushServer] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        family: _Family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = await anyio.create_tcp_listener(
             local_host=host, local_port=port, family=family, backlog=1024
         )
@@ -292,10 +296,10 @@ class _H2Session:
         method, path = req.headers.get(":method", ""), req.headers.get(":path", "")
         try:
             if self.identity is None:
-                err = ProblemError(
+                err = Problem(
                     403,
-                    "Forbidden",
                     f"client certificate refused: {self.refusal}",
+                    title="Forbidden",
                     kind="forbidden",
                 )
                 await self.writer.respond(stream_id, Response.problem(err, path))
@@ -354,7 +358,7 @@ class _H2Session:
                     sub.wake = anyio.Event()
                     try:
                         desired = await backend.desired(tenant, device_id)
-                    except (ProblemError, StoreError) as exc:
+                    except (Problem, StoreError) as exc:
                         log.error("cannot read desired state of %s/%s: %s", tenant, device_id, exc)
                         desired = None
                     if desired is not None and desired.version > sent_version:

@@ -31,15 +31,17 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import anyio.abc
 import h11
 from anyio.streams.tls import TLSStream
 
-from controller.device_api import DeviceBackend, ProblemError, header_map, parse_json_body
+from controller.device_api.backend import DeviceBackend
+from controller.device_api.http_messages import header_map, parse_json_body
 from controller.device_api.tls import accept_tls, peer_identity, remote_address, server_context
+from controller.problems import DEVICE_PROBLEMS, Problem
 from controller.store.base import Store
 from margo_stream.errors import NotFound, PeerRejected, StoreError
 from margo_stream.identity.spiffe import DeviceIdentity
@@ -48,6 +50,8 @@ from margo_stream.state.digest import is_digest
 from margo_stream.state.manifest import MARGO_MEDIA_TYPE, MEDIA_TYPE
 
 log = logging.getLogger("margo.device_api.rest")
+
+_Family = Literal[socket.AddressFamily.AF_INET, socket.AddressFamily.AF_INET6]
 
 SIGNATURE_HEADER = "x-margo-stream-signature"
 VERSION_HEADER = "x-margo-stream-manifest-version"
@@ -63,11 +67,9 @@ class Response:
     body: bytes = b""
 
     @classmethod
-    def problem(cls, err: ProblemError, instance: str | None = None) -> Response:
-        headers = [("content-type", "application/problem+json")]
-        if err.status == 405 and err.errors:
-            headers.append(("allow", err.errors[0]["message"]))
-        return cls(err.status, headers, err.body(instance))
+    def problem(cls, err: Problem, instance: str | None = None) -> Response:
+        rendered = err.render(DEVICE_PROBLEMS, instance)
+        return cls(rendered.status, list(rendered.headers), rendered.body)
 
 
 # --------------------------------------------------------------------------- negotiation
@@ -137,15 +139,15 @@ class DeviceRouter:
         try:
             self.backend.seen(identity.tenant, identity.device_id)
             return await self._route(identity, method, path, headers, body, remote)
-        except ProblemError as err:
+        except Problem as err:
             return Response.problem(err, path)
         except StoreError as exc:
             log.error("store error serving %s %s: %s", method, path, exc)
             return Response.problem(
-                ProblemError(
+                Problem(
                     503,
-                    "Service unavailable",
                     "the controller's store failed; retry later",
+                    title="Service unavailable",
                     kind="store-unavailable",
                 ),
                 path,
@@ -162,14 +164,14 @@ class DeviceRouter:
     ) -> Response:
         parts = path.split("/")
         if parts[:3] != ["", "api", "v1"]:
-            raise ProblemError(404, "Not found", f"no route {path[:120]!r}", kind="not-found")
+            raise Problem(404, f"no route {path[:120]!r}", title="Not found", kind="not-found")
         rest = parts[3:]
         if len(rest) >= 2 and rest[0] == "clients":
             if rest[1] != ident.device_id:
-                raise ProblemError(
+                raise Problem(
                     403,
-                    "Forbidden",
                     "clientId is not the client certificate's device",
+                    title="Forbidden",
                     kind="forbidden",
                 )
             rest = rest[2:]
@@ -194,23 +196,23 @@ class DeviceRouter:
                 ident.tenant, ident.device_id, "/".join(rest[1:]), doc, remote
             )
             return Response(201 if created else 200)
-        raise ProblemError(404, "Not found", f"no route {path[:120]!r}", kind="not-found")
+        raise Problem(404, f"no route {path[:120]!r}", title="Not found", kind="not-found")
 
     async def manifest(self, ident: DeviceIdentity, headers: dict[str, str]) -> Response:
         media = negotiate(headers.get("accept"), (MARGO_MEDIA_TYPE, MEDIA_TYPE))
         if media is None:
-            raise ProblemError(
+            raise Problem(
                 406,
-                "Not acceptable",
                 f"this server offers {MARGO_MEDIA_TYPE} and {MEDIA_TYPE}",
+                title="Not acceptable",
                 kind="not-acceptable",
             )
         desired = await self.backend.desired(ident.tenant, ident.device_id)
         if desired is None:
-            raise ProblemError(
+            raise Problem(
                 404,
-                "Not found",
                 "no desired state has been assigned to this device yet",
+                title="Not found",
                 kind="no-desired-state",
             )
         signed = media == MEDIA_TYPE
@@ -235,7 +237,7 @@ class DeviceRouter:
         self, ident: DeviceIdentity, digest: str, deployment_id: str | None
     ) -> None:
         if not is_digest(digest):
-            raise ProblemError(404, "Not found", "not a sha256 digest", kind="not-found")
+            raise Problem(404, "not a sha256 digest", title="Not found", kind="not-found")
         desired = await self.backend.desired(ident.tenant, ident.device_id)
         ok = False
         if desired is not None:
@@ -245,10 +247,10 @@ class DeviceRouter:
                 entry = desired.manifest.entry(deployment_id)
                 ok = entry is not None and entry.digest == digest
         if not ok:  # 404, never a deletion signal (desired-state.md)
-            raise ProblemError(
+            raise Problem(
                 404,
-                "Not found",
                 "this digest is not part of the device's current desired state",
+                title="Not found",
                 kind="not-found",
             )
 
@@ -261,8 +263,8 @@ class DeviceRouter:
         try:
             data = await self.backend.store.get_blob(ident.tenant, digest)
         except NotFound:
-            raise ProblemError(
-                404, "Not found", "blob is missing from the store", kind="not-found"
+            raise Problem(
+                404, "blob is missing from the store", title="Not found", kind="not-found"
             ) from None
         return Response(200, [("content-type", content_type), *common], data)
 
@@ -279,12 +281,13 @@ class DeviceRouter:
 
 def _allow(method: str, allowed: str) -> None:
     if method != allowed:
-        raise ProblemError(
+        raise Problem(
             405,
-            "Method not allowed",
             f"{method} is not allowed here; use {allowed}",
+            title="Method not allowed",
             kind="method-not-allowed",
             errors=[{"field": "method", "message": allowed}],
+            headers={"allow": allowed},
         )
 
 
@@ -325,7 +328,7 @@ class RestPollServer:
         *,
         task_status: anyio.abc.TaskStatus[RestPollServer] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        family: _Family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = await anyio.create_tcp_listener(
             local_host=host, local_port=port, family=family, backlog=1024
         )
@@ -384,27 +387,30 @@ class RestPollServer:
                         break
                     body += event.data
                     if len(body) > MAX_REQUEST_BODY:
-                        raise ProblemError(
+                        raise Problem(
                             413,
-                            "Content too large",
                             "request body over 1 MiB",
+                            title="Content too large",
                             kind="content-too-large",
                         )
             except h11.RemoteProtocolError as exc:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    err = ProblemError(400, "Bad request", str(exc), kind="invalid-request")
-                    await self._send(conn, tls, Response.problem(err), close=True)
+                    bad = Problem(400, str(exc), title="Bad request", kind="invalid-request")
+                    await self._send(conn, tls, Response.problem(bad), close=True)
                 return
-            except ProblemError as err:
+            except Problem as err:
                 await self._send(conn, tls, Response.problem(err), close=True)
                 return
             self.requests += 1
             target = request.target.decode("latin-1")
             if identity is None:
-                err = ProblemError(
-                    403, "Forbidden", f"client certificate refused: {refusal}", kind="forbidden"
+                refused = Problem(
+                    403,
+                    f"client certificate refused: {refusal}",
+                    title="Forbidden",
+                    kind="forbidden",
                 )
-                await self._send(conn, tls, Response.problem(err, target), close=True)
+                await self._send(conn, tls, Response.problem(refused, target), close=True)
                 return
             response = await self.router.handle(
                 identity,

@@ -1,0 +1,128 @@
+"""RFC 9457 problem details: the one error type of every HTTP API the controller serves.
+
+Code raises :class:`Problem` wherever it finds the error; the server that catches it renders
+it with its API's :class:`ProblemDialect`:
+
+- :data:`OPERATOR_PROBLEMS`: the operator API (``controller.api``). Types are
+  ``urn:margo-stream:problem:<kind>``; the document holds ``type``, ``title``, ``status`` and
+  ``detail``.
+- :data:`DEVICE_PROBLEMS`: the device-facing HTTP APIs (``controller.device_api``). Types are
+  ``https://margo-stream.dev/problems#<kind>``; the document also holds ``retryable`` (true
+  for 5xx), and ``instance`` and ``errors`` when given; it is encoded as canonical JSON.
+
+Both are served as ``application/problem+json``. :meth:`Problem.render` gives the status,
+headers and body bytes, which each server wraps in its own response object.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from margo_stream.state.manifest import canonical_json
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+@dataclass(frozen=True, slots=True)
+class ProblemDialect:
+    """How one API spells its problem documents."""
+
+    type_prefix: str  # the document's ``type`` is this followed by the problem's kind
+    retryable: bool  # add the ``retryable`` member (true for 5xx)
+    canonical: bool  # encode as canonical JSON (sorted keys) rather than in member order
+
+
+OPERATOR_PROBLEMS = ProblemDialect("urn:margo-stream:problem:", retryable=False, canonical=False)
+DEVICE_PROBLEMS = ProblemDialect(
+    "https://margo-stream.dev/problems#", retryable=True, canonical=True
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedProblem:
+    """A problem ready to send: status, headers (content type first) and body bytes."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+class Problem(Exception):
+    """An RFC 9457 problem detail; raise it to answer with one.
+
+    ``status`` is the HTTP status code. ``title`` defaults to the status's reason phrase and
+    ``kind`` (the last part of the problem's type) to that phrase in kebab case. ``errors``
+    lists per-field messages (``{"field", "message"}``); ``headers`` are sent with the
+    response (``Allow``, ``WWW-Authenticate`` ...)."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        kind: str | None = None,
+        title: str | None = None,
+        errors: list[dict[str, str]] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        phrase = _phrase(status)
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.title = title or phrase
+        self.kind = kind or phrase.lower().replace(" ", "-").replace("'", "")
+        self.errors = errors
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.title}: {self.detail}"
+
+    def document(self, dialect: ProblemDialect, instance: str | None = None) -> dict[str, Any]:
+        """The problem details object as ``dialect`` spells it."""
+        doc: dict[str, Any] = {
+            "type": dialect.type_prefix + self.kind,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if dialect.retryable:
+            doc["retryable"] = self.status >= 500
+        if instance:
+            doc["instance"] = instance
+        if self.errors:
+            doc["errors"] = self.errors
+        return doc
+
+    def body(self, dialect: ProblemDialect, instance: str | None = None) -> bytes:
+        doc = self.document(dialect, instance)
+        if dialect.canonical:
+            return canonical_json(doc)
+        return json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8"
+        )
+
+    def render(self, dialect: ProblemDialect, instance: str | None = None) -> RenderedProblem:
+        """Status, headers and body of the response that answers with this problem."""
+        headers = (("content-type", PROBLEM_MEDIA_TYPE), *self.headers.items())
+        return RenderedProblem(self.status, headers, self.body(dialect, instance))
+
+
+__all__ = [
+    "DEVICE_PROBLEMS",
+    "OPERATOR_PROBLEMS",
+    "PROBLEM_MEDIA_TYPE",
+    "Problem",
+    "ProblemDialect",
+    "RenderedProblem",
+]
