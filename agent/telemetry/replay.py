@@ -4,26 +4,26 @@ from the oldest record the controller has not acknowledged.
 
 At most ``MAX_IN_FLIGHT`` batches are unacknowledged at a time, so a large backlog never
 crowds the connection: control, desired-state and terminal bytes always find room. Records
-are dropped from the buffer only after the controller acked them as durably stored.
+are dropped from the buffer only after the controller acked them as durably stored. The
+window and ack rules are the sans-IO ``ReplayWindow`` (``protocol/telemetry_window.py``);
+this module reads the buffer, sends, and sleeps until the buffer commits more records.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import deque
 from dataclasses import asdict
 
 import anyio
 
-from agent.service import Agent
-from agent.session import AgentSession
+from agent.ports import AgentHost, LiveSession
 from agent.telemetry.buffer import BufferConfig, FullPolicy, TelemetryBuffer
 from agent.telemetry.ingest import serve_telemetry_socket
 from agent.telemetry.metrics import run_agent_metrics
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import StreamKind
 from margo_stream.protocol.telemetry_codec import encode_batch
+from margo_stream.protocol.telemetry_window import AckAdvanced, ReplayWindow, resume_mark
 
 log = logging.getLogger("margo.agent.telemetry")
 
@@ -35,21 +35,11 @@ BATCH_BYTES = 128 * 1024
 # a terminal keystroke) would wait behind a whole batch; a short timer sleep lets every task
 # that became ready run first.
 YIELD_S = 0.003
-IDLE_POLL_MIN, IDLE_POLL_MAX = 0.005, 0.25  # an idle agent checks its buffer less and less often
 STATS_INTERVAL = 5.0
 
 
-def stream_name(payload: bytes) -> str:
-    """The record's series (the producer socket guarantees a JSON object with a string one)."""
-    try:
-        value = json.loads(payload).get("stream")
-    except (ValueError, AttributeError):
-        return "default"
-    return value if isinstance(value, str) and value else "default"
-
-
 class TelemetryFeature:
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: AgentHost) -> None:
         self.agent = agent
         cfg = agent.config
         self.config = BufferConfig(
@@ -62,7 +52,6 @@ class TelemetryFeature:
         agent.background_tasks.append(self.run)
         agent.session_tasks.append(self.replay)
         agent.hello_fields.append(self.hello_fields)
-        agent.features["telemetry"] = self
 
     def hello_fields(self) -> dict[str, object]:
         return {"telemetry_next_seq": self.buffer.next_seq if self.buffer else 1}
@@ -81,27 +70,34 @@ class TelemetryFeature:
             return {}
         return {f"telemetry_{k}": v for k, v in asdict(self.buffer.stats()).items()}
 
-    async def replay(self, session: AgentSession) -> None:
+    async def replay(self, session: LiveSession) -> None:
         await self._ready.wait()
         buffer = self.buffer
-        assert buffer is not None and session.ack is not None
-        if session.ack.telemetry_acked > buffer.acked_seq:
-            # the controller stored these but our ack was lost with the last link
-            await buffer.ack(min(session.ack.telemetry_acked, buffer.durable_seq))
+        assert buffer is not None
+        # the controller may have stored records whose ack was lost with the last link
+        mark = resume_mark(session.ack.telemetry_acked, buffer.acked_seq, buffer.durable_seq)
+        if mark > buffer.acked_seq:
+            await buffer.ack(mark)
         stream = session.conn.open_stream()
-        in_flight: deque[int] = deque()
+        window = ReplayWindow(buffer.acked_seq, max_in_flight=MAX_IN_FLIGHT)
         acked = anyio.Event()
-        next_seq = buffer.acked_seq + 1
-        idle = IDLE_POLL_MIN
 
         async def read_acks() -> None:
             nonlocal acked
             while (message := await stream.receive()) is not None:
-                if isinstance(message, m.TelemetryAck):
-                    while in_flight and in_flight[0] <= message.seq:
-                        in_flight.popleft()
-                    await buffer.ack(message.seq)
-                    acked.set()
+                if not isinstance(message, m.TelemetryAck):
+                    continue
+                event = window.ack_received(message.seq)
+                if not isinstance(event, AckAdvanced):
+                    continue
+                if event.clamped:
+                    log.warning(
+                        "controller acknowledged telemetry up to %d, beyond the %d sent",
+                        event.claimed,
+                        event.mark,
+                    )
+                await buffer.ack(event.mark)
+                acked.set()
 
         async def report_stats() -> None:
             while True:
@@ -112,28 +108,25 @@ class TelemetryFeature:
             tg.start_soon(read_acks)
             tg.start_soon(report_stats)
             while True:
-                if len(in_flight) >= MAX_IN_FLIGHT:
+                if not window.can_send:
                     acked = anyio.Event()
                     await acked.wait()
                     continue
-                records = buffer.read(next_seq, BATCH_RECORDS, BATCH_BYTES)
+                durable = buffer.durable_seq
+                records = buffer.read(window.next_seq, BATCH_RECORDS, BATCH_BYTES)
                 if not records:
-                    await anyio.sleep(idle)
-                    idle = min(idle * 2, IDLE_POLL_MAX)
+                    await buffer.wait_durable(durable)
                     continue
-                idle = IDLE_POLL_MIN
                 stream.send(
                     encode_batch(
-                        [(r.seq, stream_name(r.payload), r.payload) for r in records],
-                        oldest=buffer.first_seq,
+                        [(r.seq, r.stream, r.payload) for r in records], oldest=buffer.first_seq
                     )
                 )
-                in_flight.append(records[-1].seq)
-                next_seq = records[-1].seq + 1
+                window.batch_sent(records[0].seq, records[-1].seq)
                 await anyio.sleep(YIELD_S)
 
 
-def install(agent: Agent) -> TelemetryFeature:
+def install(agent: AgentHost) -> TelemetryFeature:
     return TelemetryFeature(agent)
 
 
