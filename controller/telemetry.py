@@ -13,7 +13,7 @@ from controller.ports import DeviceLink, TaskSpawner
 from controller.store.base import Store
 from margo_stream.errors import ProtocolError
 from margo_stream.protocol import messages as m
-from margo_stream.protocol.telemetry_codec import decode_batch
+from margo_stream.protocol.telemetry_ingest import IngestSession, RecordGap, SendAck
 from margo_stream.transport.connection import MessageStream
 
 log = logging.getLogger("margo.controller.telemetry")
@@ -34,37 +34,42 @@ class TelemetryIngest:
     async def _consume(self, session: DeviceLink, stream: MessageStream) -> None:
         store = self.store
         tenant, device = session.tenant, session.device_id
-        watermark = await store.telemetry_watermark(tenant, device)
+        ingest = IngestSession(await store.telemetry_watermark(tenant, device))
         while (batch := await stream.receive()) is not None:
             if not isinstance(batch, m.Telemetry):
                 continue
             try:
-                records = decode_batch(batch)
+                step = ingest.receive_batch(batch)
             except ProtocolError as exc:
                 log.warning("bad telemetry batch from %s/%s: %s", tenant, device, exc)
                 stream.reset(exc.code)
                 return
-            if batch.oldest > watermark + 1:
-                first, last = watermark + 1, batch.oldest - 1
-                watermark = await store.record_gap(tenant, device, first, last)
-                self.counters["gaps"] += 1
-                log.warning(
-                    "device %s/%s dropped telemetry %d..%d before it could be sent",
-                    tenant,
-                    device,
-                    first,
-                    last,
-                    extra={"event": "telemetry-gap", "first": first, "last": last},
-                )
-            fresh = [r for r in records if r[0] > watermark]
-            self.counters["duplicates"] += len(records) - len(fresh)
-            if fresh:
-                watermark = await store.ingest_telemetry(tenant, device, fresh)
-            self.counters["records"] += len(fresh)
+            while not isinstance(step, SendAck):
+                if isinstance(step, RecordGap):
+                    watermark = await store.record_gap(tenant, device, step.first, step.last)
+                    self.counters["gaps"] += 1
+                    _log_gap(tenant, device, step)
+                    step = ingest.gap_recorded(watermark)
+                else:
+                    watermark = await store.ingest_telemetry(tenant, device, step.records)
+                    step = ingest.records_stored(watermark)
+            self.counters["duplicates"] += step.duplicates
+            self.counters["records"] += step.records
             self.counters["batches"] += 1
             if session.conn.closed is None:
-                stream.send(m.TelemetryAck(seq=watermark))
+                stream.send(m.TelemetryAck(seq=step.seq))
             # Ingest is the controller's lowest-priority work: a timer sleep (not a zero one)
             # lets every task that became ready meanwhile (pushes, statuses, terminal bytes) run
             # first. The agent's bounded in-flight window turns this into backpressure.
             await anyio.sleep(YIELD_S)
+
+
+def _log_gap(tenant: str, device: str, gap: RecordGap) -> None:
+    log.warning(
+        "device %s/%s dropped telemetry %d..%d before it could be sent",
+        tenant,
+        device,
+        gap.first,
+        gap.last,
+        extra={"event": "telemetry-gap", "first": gap.first, "last": gap.last},
+    )
