@@ -30,8 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.connect import Worker, cpu_split, stop_process, wait_file
 from bench.fleet_worker import device_name
+from bench.processes import Worker, cpu_split, stop_process, wait_file
 from bench.report_util import sample_process
 
 TENANT = "bench"
@@ -241,7 +241,7 @@ class ServerSide:
 
 
 class WorkerProc(Worker):
-    """One ``bench.fleet_worker`` process: ``bench.connect``'s worker handle (commands, waits,
+    """One ``bench.fleet_worker`` process: ``bench.processes``' worker handle (commands, waits,
     progress, stop), with this worker's own events queued too; ``got`` reports go to
     ``on_got`` as they arrive."""
 
