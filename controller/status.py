@@ -10,21 +10,14 @@ from controller.batching import WriteBatcher
 from controller.ports import DeviceLink, TaskSpawner
 from controller.store.base import Store
 from margo_stream.protocol import messages as m
+from margo_stream.protocol.status_wire import status_from_wire
+from margo_stream.state.status import status_to_margo
 from margo_stream.transport.connection import MessageStream
 
 
 def margo_status(device_id: str, s: m.Status) -> dict[str, Any]:
-    """Our wire status in the shape of Margo's ``DeploymentStatus`` (deployment-status.md)."""
-    status: dict[str, Any] = {"state": s.state}
-    if s.error is not None:
-        status["error"] = s.error.model_dump()
-    return {
-        "deploymentId": s.deployment_id,
-        "deviceId": device_id,
-        "adoptedManifestVersion": s.manifest_version,
-        "status": status,
-        "components": [c.model_dump(exclude_none=True) for c in s.components],
-    }
+    """A validated wire status as Margo's ``DeploymentStatus`` document (what the store keeps)."""
+    return status_to_margo(device_id, status_from_wire(s))
 
 
 class StatusIngest:

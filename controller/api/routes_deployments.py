@@ -22,16 +22,17 @@ from starlette.routing import Route
 
 from controller.api.routes_common import (
     ApiContext,
-    ApiProblem,
     context,
     json_body,
     rfc3339,
     tenant_of,
 )
+from controller.problems import Problem
 from controller.store.base import AssignmentRecord, DeploymentDraft, StatusRecord
 from margo_stream.errors import DocumentError
 from margo_stream.state.digest import sha256_digest
 from margo_stream.state.documents import Deployment, parse_deployment
+from margo_stream.state.status import status_from_margo, status_to_margo
 
 log = logging.getLogger("margo.controller.api")
 
@@ -71,11 +72,11 @@ async def _targets(ctx: Any, tenant: str, body: dict[str, Any], parsed: list[Any
     devices = body.get("devices") or []
     selector = body.get("selector") or {}
     if not isinstance(devices, list) or not all(isinstance(d, str) and d for d in devices):
-        raise ApiProblem(400, "'devices' must be a list of device ids", kind="invalid-body")
+        raise Problem(400, "'devices' must be a list of device ids", kind="invalid-body")
     if not isinstance(selector, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in selector.items()
     ):
-        raise ApiProblem(400, "'selector' must map label names to values", kind="invalid-body")
+        raise Problem(400, "'selector' must map label names to values", kind="invalid-body")
     targets: dict[str, None] = {}
     for device_id in devices:
         await ctx.store.get_device(tenant, device_id)  # NotFound before anything is written
@@ -87,7 +88,7 @@ async def _targets(ctx: Any, tenant: str, body: dict[str, Any], parsed: list[Any
     if not devices and not selector:
         named = {d.device_id for d in parsed if d.device_id}
         if not named:
-            raise ApiProblem(
+            raise Problem(
                 400,
                 "no target devices: give 'devices', a 'selector', or metadata.deviceId in the"
                 " documents",
@@ -95,7 +96,7 @@ async def _targets(ctx: Any, tenant: str, body: dict[str, Any], parsed: list[Any
             )
         for device_id in sorted(named):
             if device_id.endswith("/*"):
-                raise ApiProblem(
+                raise Problem(
                     400,
                     f"metadata.deviceId {device_id!r} is a pattern; name devices explicitly",
                     kind="no-targets",
@@ -111,7 +112,7 @@ async def apply_deployments(request: Request) -> JSONResponse:
     body = await json_body(request)
     texts = body.get("documents")
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise ApiProblem(
+        raise Problem(
             400, "'documents' must be a non-empty list of YAML texts", kind="invalid-body"
         )
     docs: list[tuple[bytes, Deployment]] = []
@@ -122,7 +123,7 @@ async def apply_deployments(request: Request) -> JSONResponse:
     if not docs:
         raise DocumentError("no YAML document found in 'documents'")
     if len(docs) > MAX_DOCUMENTS:
-        raise ApiProblem(400, f"at most {MAX_DOCUMENTS} documents per request", kind="invalid-body")
+        raise Problem(400, f"at most {MAX_DOCUMENTS} documents per request", kind="invalid-body")
     ids = [d.deployment_id for _, d in docs]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -130,13 +131,13 @@ async def apply_deployments(request: Request) -> JSONResponse:
 
     blobs = body.get("blobs") or []
     if not isinstance(blobs, list):
-        raise ApiProblem(400, "'blobs' must be a list of base64 strings", kind="invalid-body")
+        raise Problem(400, "'blobs' must be a list of base64 strings", kind="invalid-body")
     decoded: list[bytes] = []
     for i, blob in enumerate(blobs):
         try:
             decoded.append(base64.b64decode(blob, validate=True))
         except (binascii.Error, TypeError, ValueError):
-            raise ApiProblem(400, f"blobs[{i}] is not valid base64", kind="invalid-body") from None
+            raise Problem(400, f"blobs[{i}] is not valid base64", kind="invalid-body") from None
     offered = {sha256_digest(b) for b in decoded}
     wanted = [f.digest for _, d in docs for f in d.files]
     missing = [dg for dg in await ctx.store.missing_blobs(tenant, wanted) if dg not in offered]
@@ -193,13 +194,24 @@ def deployment_item(
         "updated_at": rfc3339(assignment.assigned_at if assignment else None),
     }
     if status is not None:
-        doc = status.status
-        inner = doc.get("status") if isinstance(doc.get("status"), dict) else {}
-        item["state"] = inner.get("state") or doc.get("state") or "pending"
-        item["components"] = doc.get("components") or []
-        item["manifestVersion"] = doc.get("adoptedManifestVersion", doc.get("manifestVersion"))
-        item["error"] = inner.get("error") or doc.get("error")
         item["updated_at"] = rfc3339(status.updated_at)
+        try:
+            typed = status_from_margo(status.status)
+        except ValueError as exc:
+            log.warning(
+                "stored status of %s on %s is unreadable: %s", item["deploymentId"], device_id, exc
+            )
+            item["error"] = {
+                "code": "unreadable-status",
+                "source": "controller",
+                "message": str(exc),
+            }
+            return item
+        doc = status_to_margo(device_id, typed)
+        item["state"] = typed.state.value
+        item["components"] = doc["components"]
+        item["manifestVersion"] = typed.manifest_version
+        item["error"] = doc["status"].get("error")
     return item
 
 
