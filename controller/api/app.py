@@ -29,9 +29,10 @@ from controller.api import (
 )
 from controller.api.auth import BearerAuthMiddleware
 from controller.api.openapi import openapi_document
-from controller.api.routes_common import ApiContext, ApiProblem, problem_response
+from controller.api.routes_common import ApiContext, problem_response
 from controller.document_cache import DocumentCache
 from controller.ports import DesiredChanges
+from controller.problems import Problem
 from controller.registry import SessionRegistry
 from controller.store.base import Store
 from controller.terminal import TerminalService
@@ -48,9 +49,9 @@ async def openapi_json(request: Request) -> JSONResponse:
     return JSONResponse(request.app.state.openapi)
 
 
-async def _api_problem(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiProblem)
-    return problem_response(exc.status, exc.detail, kind=exc.kind, title=exc.title)
+async def _problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return problem_response(exc)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -61,31 +62,35 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
         detail = f"method {request.method} not allowed on {request.url.path}"
     else:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.status_code)
-    return problem_response(exc.status_code, detail, headers=dict(exc.headers or {}))
+    return problem_response(Problem(exc.status_code, detail, headers=exc.headers))
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
-    return problem_response(404, str(exc), kind="not-found")
+    return problem_response(Problem(404, str(exc), kind="not-found"))
 
 
 async def _invalid(request: Request, exc: Exception) -> Response:
-    return problem_response(422, str(exc), kind="invalid-document")
+    return problem_response(Problem(422, str(exc), kind="invalid-document"))
 
 
 async def _bad_request(request: Request, exc: Exception) -> Response:
-    return problem_response(400, str(exc), kind="invalid-request")
+    return problem_response(Problem(400, str(exc), kind="invalid-request"))
 
 
 async def _store_error(request: Request, exc: Exception) -> Response:
     log.error("store failure answering %s %s: %s", request.method, request.url.path, exc)
-    return problem_response(503, f"the controller's store failed: {exc}", kind="store-unavailable")
+    return problem_response(
+        Problem(503, f"the controller's store failed: {exc}", kind="store-unavailable")
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception(
         "unexpected error answering %s %s", request.method, request.url.path, exc_info=exc
     )
-    return problem_response(500, "internal error; see the controller's log", kind="internal")
+    return problem_response(
+        Problem(500, "internal error; see the controller's log", kind="internal")
+    )
 
 
 def create_app(
@@ -115,7 +120,7 @@ def create_app(
         *routes_sessions.routes(),
     ]
     handlers: dict[Any, Any] = {
-        ApiProblem: _api_problem,
+        Problem: _problem,
         HTTPException: _http_exception,
         NotFound: _not_found,
         DocumentError: _invalid,

@@ -16,6 +16,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from controller.api.routes_common import TENANT_SCOPE_KEY, problem_response
+from controller.problems import Problem
 from margo_stream.errors import ConfigError
 
 TOKEN_FILE = "operator.token"
@@ -98,10 +99,12 @@ class BearerAuthMiddleware:
                 else "invalid bearer token"
             )
             response = problem_response(
-                401,
-                detail,
-                kind="unauthorized",
-                headers={"WWW-Authenticate": 'Bearer realm="margo-stream"'},
+                Problem(
+                    401,
+                    detail,
+                    kind="unauthorized",
+                    headers={"WWW-Authenticate": 'Bearer realm="margo-stream"'},
+                )
             )
             await response(scope, receive, send)
             return

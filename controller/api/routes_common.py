@@ -1,5 +1,6 @@
-"""What every route module shares: RFC 9457 problem details, the request's tenant, the app's
-collaborators, and parsing/formatting of times and query parameters."""
+"""What every route module shares: problem responses (RFC 9457, ``controller.problems``), the
+request's tenant, the app's collaborators, and parsing/formatting of times and query
+parameters."""
 
 from __future__ import annotations
 
@@ -8,65 +9,28 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from http import HTTPStatus
 from typing import Any
 
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 from controller.document_cache import DocumentCache
 from controller.ports import DesiredChanges
+from controller.problems import OPERATOR_PROBLEMS, PROBLEM_MEDIA_TYPE, Problem
 from controller.registry import SessionRegistry
 from controller.store.base import Store
 from controller.terminal import TerminalService
 
-PROBLEM_MEDIA_TYPE = "application/problem+json"
-PROBLEM_TYPE_PREFIX = "urn:margo-stream:problem:"
 TENANT_SCOPE_KEY = "margo.tenant"
 
 
-class ApiProblem(Exception):
-    """Raise from a route to answer with problem details."""
-
-    def __init__(
-        self, status: int, detail: str, *, kind: str | None = None, title: str | None = None
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
-        self.kind = kind
-        self.title = title
-
-
-def problem_body(
-    status: int, detail: str, *, kind: str | None = None, title: str | None = None
-) -> dict[str, Any]:
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
-    slug = kind or phrase.lower().replace(" ", "-").replace("'", "")
-    return {
-        "type": PROBLEM_TYPE_PREFIX + slug,
-        "title": title or phrase,
-        "status": status,
-        "detail": detail,
-    }
-
-
-def problem_response(
-    status: int,
-    detail: str,
-    *,
-    kind: str | None = None,
-    title: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        problem_body(status, detail, kind=kind, title=title),
-        status_code=status,
+def problem_response(problem: Problem) -> Response:
+    """The operator API's answer with ``problem`` (``urn:margo-stream:problem:`` types)."""
+    return Response(
+        problem.body(OPERATOR_PROBLEMS),
+        status_code=problem.status,
+        headers=problem.headers,
         media_type=PROBLEM_MEDIA_TYPE,
-        headers=headers,
     )
 
 
@@ -90,7 +54,7 @@ def context(conn: HTTPConnection) -> ApiContext:
 def tenant_of(request: Request) -> str:
     tenant = request.scope.get(TENANT_SCOPE_KEY)
     if not tenant:  # the auth middleware guards every /api/ path; this is a second lock
-        raise ApiProblem(401, "missing or invalid bearer token", kind="unauthorized")
+        raise Problem(401, "missing or invalid bearer token", kind="unauthorized")
     return tenant
 
 
@@ -121,7 +85,7 @@ def parse_time(text: str, *, name: str, now: float | None = None) -> float:
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise ApiProblem(
+        raise Problem(
             400,
             f"invalid {name} {text!r}: expected RFC 3339, unix seconds or an age like 5m",
             kind="invalid-parameter",
@@ -145,14 +109,14 @@ def int_param(
     try:
         value = int(raw)
     except ValueError:
-        raise ApiProblem(
+        raise Problem(
             400,
             f"query parameter {name!r} must be an integer, got {raw!r}",
             kind="invalid-parameter",
         ) from None
     if value < minimum or (maximum is not None and value > maximum):
         upper = "" if maximum is None else f" and at most {maximum}"
-        raise ApiProblem(
+        raise Problem(
             400,
             f"query parameter {name!r} must be at least {minimum}{upper}, got {value}",
             kind="invalid-parameter",
@@ -164,7 +128,7 @@ async def json_body(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
     except ValueError:
-        raise ApiProblem(400, "request body is not valid JSON", kind="invalid-body") from None
+        raise Problem(400, "request body is not valid JSON", kind="invalid-body") from None
     if not isinstance(body, dict):
-        raise ApiProblem(400, "request body must be a JSON object", kind="invalid-body")
+        raise Problem(400, "request body must be a JSON object", kind="invalid-body")
     return body

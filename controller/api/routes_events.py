@@ -16,7 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from controller.api.routes_common import ApiProblem, context, int_param, rfc3339, tenant_of
+from controller.api.routes_common import context, int_param, rfc3339, tenant_of
+from controller.problems import Problem
 from controller.store.base import EventRecord
 
 KEEPALIVE = 15.0
@@ -59,7 +60,7 @@ async def stream_events(request: Request) -> StreamingResponse:
         last = request.headers.get("last-event-id", "").strip()
         if last:
             if not last.isdigit():
-                raise ApiProblem(400, f"invalid Last-Event-ID {last!r}", kind="invalid-parameter")
+                raise Problem(400, f"invalid Last-Event-ID {last!r}", kind="invalid-parameter")
             after = int(last)
     # Without a cursor a live feed starts now; ``after=0`` replays the whole history.
     cursor = after if after is not None else await store.latest_event_id(tenant)

@@ -33,6 +33,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from controller.api.auth import bearer_token
 from controller.api.routes_common import TENANT_SCOPE_KEY, context, problem_response
+from controller.problems import Problem
 from controller.terminal import (
     SHUTDOWN_REASON,
     OperatorInput,
@@ -207,14 +208,16 @@ class TerminalRoute(WebSocketRoute):
         if scope["type"] == "http":
             if HTTPConnection(scope).scope.get("method", "GET") not in ("GET", "HEAD"):
                 response = problem_response(
-                    405, f"method {scope['method']} not allowed on {scope['path']}"
+                    Problem(405, f"method {scope['method']} not allowed on {scope['path']}")
                 )
             else:
                 response = problem_response(
-                    426,
-                    "this route speaks WebSocket: connect with an Upgrade: websocket GET",
-                    kind="upgrade-required",
-                    headers={"Upgrade": "websocket"},
+                    Problem(
+                        426,
+                        "this route speaks WebSocket: connect with an Upgrade: websocket GET",
+                        kind="upgrade-required",
+                        headers={"Upgrade": "websocket"},
+                    )
                 )
             await response(scope, receive, send)
             return
