@@ -49,10 +49,14 @@ def split_documents(text: str, source: str) -> list[bytes]:
         raise DocumentError(f"{source}: invalid YAML: {exc}") from None
     out: list[bytes] = []
     start: int | None = None
-    for event in events:
-        if isinstance(event, yaml.DocumentStartEvent):
+    for event in events:  # the parser marks every event; the stubs allow None
+        if isinstance(event, yaml.DocumentStartEvent) and event.start_mark is not None:
             start = event.start_mark.index
-        elif isinstance(event, yaml.DocumentEndEvent) and start is not None:
+        elif (
+            isinstance(event, yaml.DocumentEndEvent)
+            and start is not None
+            and event.end_mark is not None
+        ):
             chunk = text[start : event.end_mark.index]
             if chunk.strip() and chunk.strip() != "---":
                 out.append(chunk.encode("utf-8"))
