@@ -11,8 +11,9 @@ import anyio
 
 from controller.ports import DeviceLink, TaskSpawner
 from controller.store.base import Store
-from margo_stream.errors import ProtocolError
+from margo_stream.errors import NotFound, ProtocolError
 from margo_stream.protocol import messages as m
+from margo_stream.protocol.codes import ErrorCode
 from margo_stream.protocol.telemetry_ingest import IngestSession, RecordGap, SendAck
 from margo_stream.transport.connection import MessageStream
 
@@ -32,9 +33,14 @@ class TelemetryIngest:
         self.tasks.spawn(self._consume, session, stream)
 
     async def _consume(self, session: DeviceLink, stream: MessageStream) -> None:
-        store = self.store
         tenant, device = session.tenant, session.device_id
-        ingest = IngestSession(await store.telemetry_watermark(tenant, device))
+        try:
+            writer = await self.store.telemetry_writer(tenant, device)  # the device, checked once
+        except NotFound:
+            log.warning("telemetry from %s/%s, which the store does not know", tenant, device)
+            stream.reset(ErrorCode.PROTOCOL_ERROR)
+            return
+        ingest = IngestSession(await writer.watermark())
         while (batch := await stream.receive()) is not None:
             if not isinstance(batch, m.Telemetry):
                 continue
@@ -46,12 +52,12 @@ class TelemetryIngest:
                 return
             while not isinstance(step, SendAck):
                 if isinstance(step, RecordGap):
-                    watermark = await store.record_gap(tenant, device, step.first, step.last)
+                    watermark = await writer.record_gap(step.first, step.last)
                     self.counters["gaps"] += 1
                     _log_gap(tenant, device, step)
                     step = ingest.gap_recorded(watermark)
                 else:
-                    watermark = await store.ingest_telemetry(tenant, device, step.records)
+                    watermark = await writer.ingest(step.records)
                     step = ingest.records_stored(watermark)
             self.counters["duplicates"] += step.duplicates
             self.counters["records"] += step.records

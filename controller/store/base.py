@@ -144,6 +144,20 @@ class EventRecord:
     payload: JsonDict
 
 
+class TelemetryWriter(Protocol):
+    """One device's telemetry, bound to it once its record was checked (a session's worth)."""
+
+    async def watermark(self) -> int: ...
+
+    async def ingest(self, records: Sequence[tuple[int, str, bytes]]) -> int:
+        """``Store.ingest_telemetry`` for this device."""
+        ...
+
+    async def record_gap(self, first: int, last: int) -> int:
+        """``Store.record_gap`` for this device."""
+        ...
+
+
 @runtime_checkable
 class Store(Protocol):
     """The controller's persistent state. All methods are coroutines; see the module doc."""
@@ -366,6 +380,11 @@ class Store(Protocol):
     ) -> int:
         """The device lost records ``first..last`` (inclusive): remember it, emit a
         ``telemetry.gap`` event, and return the watermark (which may move past the gap)."""
+        ...
+
+    async def telemetry_writer(self, tenant: str, device_id: str) -> TelemetryWriter:
+        """Check once that the device exists (``NotFound``) and return its telemetry writer,
+        which checks it no more: a session's telemetry stream is one device's for its life."""
         ...
 
     async def query_telemetry(

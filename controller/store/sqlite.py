@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,14 +46,13 @@ from controller.store.base import (
     StatusRecord,
     TelemetryRecord,
 )
+from controller.store.sqlite_errors import store_error
 from controller.store.sqlite_events import StoreConnection
 from controller.store.sqlite_schema import MIGRATIONS, TELEMETRY_MIGRATIONS, migrate
+from controller.store.sqlite_telemetry import BoundTelemetryWriter
 from margo_stream.errors import NotFound, StoreError
 
 T = TypeVar("T")
-
-_CORRUPT = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
-_BUSY = {"SQLITE_BUSY", "SQLITE_LOCKED"}
 
 
 def telemetry_db_path(path: str) -> str:
@@ -171,27 +171,7 @@ class SqliteStore:
         try:
             return fn(*args)
         except sqlite3.Error as exc:
-            raise self._store_error(exc) from exc
-
-    def _store_error(self, exc: sqlite3.Error) -> StoreError:
-        name = getattr(exc, "sqlite_errorname", "") or ""
-        text = str(exc)
-        if name == "SQLITE_FULL" or "disk is full" in text:
-            return StoreError(
-                f"database {self.path}: disk full ({text}); free space on its filesystem"
-            )
-        if name in _CORRUPT or "not a database" in text or "malformed" in text:
-            return StoreError(
-                f"database {self.path} is corrupt or not a SQLite database ({text}); restore it"
-                " from a backup or move it aside to start with an empty store"
-            )
-        if name in _BUSY or "locked" in text:
-            return StoreError(f"database {self.path} is locked by another process ({text})")
-        if name == "SQLITE_CANTOPEN" or "unable to open" in text:
-            return StoreError(f"cannot open database {self.path} ({text})")
-        if name == "SQLITE_READONLY" or "readonly" in text:
-            return StoreError(f"database {self.path} is read-only ({text})")
-        return StoreError(f"database {self.path}: {text}")
+            raise store_error(self.path, exc) from exc
 
     def _in_tx(self, write: bool, fn: Callable[..., T], *args: Any) -> T:
         conn = self._conn
@@ -451,8 +431,26 @@ class SqliteStore:
         now: float | None = None,
     ) -> int:
         await self._read(devices.require_device, tenant, device_id)
+        return await self._ingest(tenant, device_id, records, now=now)
+
+    async def _ingest(
+        self,
+        tenant: str,
+        device_id: str,
+        records: Sequence[tuple[int, str, bytes]],
+        *,
+        now: float | None,
+    ) -> int:
         return await self._telemetry._write(
             telemetry.ingest_telemetry, tenant, device_id, list(records), _now(now)
+        )
+
+    async def telemetry_writer(self, tenant: str, device_id: str) -> BoundTelemetryWriter:
+        await self._read(devices.require_device, tenant, device_id)
+        return BoundTelemetryWriter(
+            partial(self.telemetry_watermark, tenant, device_id),
+            partial(self._ingest, tenant, device_id, now=None),
+            partial(self._record_gap, tenant, device_id, now=None),
         )
 
     async def telemetry_watermark(self, tenant: str, device_id: str) -> int:
@@ -462,6 +460,11 @@ class SqliteStore:
         self, tenant: str, device_id: str, first: int, last: int, *, now: float | None = None
     ) -> int:
         await self._read(devices.require_device, tenant, device_id)
+        return await self._record_gap(tenant, device_id, first, last, now=now)
+
+    async def _record_gap(
+        self, tenant: str, device_id: str, first: int, last: int, *, now: float | None
+    ) -> int:
         watermark = await self._telemetry._write(
             telemetry.record_gap, tenant, device_id, first, last, _now(now)
         )

@@ -10,7 +10,7 @@ inside the caller's transaction; the main store checks the device and records ga
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from controller.store.base import TelemetryRecord
 from controller.store.sqlite_events import StoreConnection
@@ -148,3 +148,19 @@ def prune_telemetry(conn: StoreConnection, tenant: str, before: float) -> int:
     return conn.execute(
         "DELETE FROM telemetry WHERE tenant = ? AND received_at < ?", (tenant, before)
     ).rowcount
+
+
+class BoundTelemetryWriter:
+    """``TelemetryWriter`` over one device's store calls, bound once its record was checked."""
+
+    __slots__ = ("watermark", "ingest", "record_gap")
+
+    def __init__(
+        self,
+        watermark: Callable[[], Awaitable[int]],
+        ingest: Callable[[Sequence[tuple[int, str, bytes]]], Awaitable[int]],
+        record_gap: Callable[[int, int], Awaitable[int]],
+    ) -> None:
+        self.watermark = watermark
+        self.ingest = ingest
+        self.record_gap = record_gap
