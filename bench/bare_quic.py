@@ -80,7 +80,7 @@ async def open_client(
         lambda: BareClient(QuicConnection(configuration=configuration)), local_addr=(host, 0)
     )
     protocol.connect((host, port))
-    return transport, protocol  # type: ignore[return-value]
+    return transport, protocol
 
 
 async def serve(host: str, cert: str, key: str, idle_timeout: float) -> None:

@@ -25,7 +25,7 @@ def summarize(runs: list[dict[str, Any]], agents: int) -> dict[str, Any]:
         and r["ours"]["api_devices_connected"] == agents
         for r in runs
     )
-    s = {
+    s: dict[str, Any] = {
         "agents": agents,
         "runs": len(runs),
         "all_agents_held": held,

@@ -112,7 +112,7 @@ async def run(cfg: dict[str, Any]) -> None:
         try:
             with anyio.fail_after(30):
                 await conn.wait_handshake()
-            await AgentSession(agents[slot], conn).run()  # type: ignore[arg-type]
+            await AgentSession(agents[slot], conn).run()
         finally:
             conn.close()
             conn.cancel_timer()

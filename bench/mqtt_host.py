@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> None:
         async with anyio.create_task_group() as tg:
 
-            async def controller_then_stop(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            async def controller_then_stop(
+                *, task_status: anyio.abc.TaskStatus[Controller]
+            ) -> None:
                 await controller.run(task_status=task_status)  # returns after its own shutdown
                 tg.cancel_scope.cancel()
 

@@ -94,11 +94,19 @@ class Worker:
         self.reader.cancel()
 
 
+def program(proc: subprocess.Popen[bytes]) -> str:
+    """The program ``proc`` runs: the first word of its command line."""
+    args = proc.args
+    if isinstance(args, str | bytes | os.PathLike):
+        return os.fsdecode(args)
+    return os.fsdecode(args[0])
+
+
 def wait_file(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} (see its log)")
+            raise RuntimeError(f"{program(proc)} exited with {proc.returncode} (see its log)")
         with contextlib.suppress(OSError, ValueError):
             return json.loads(path.read_text())
         time.sleep(0.05)

@@ -50,7 +50,8 @@ class EventWatch:
         self._waiters: list[tuple[Any, anyio.Event, list[float]]] = []
 
     def expect(self, predicate: Any) -> tuple[anyio.Event, list[float]]:
-        event, stamp = anyio.Event(), []
+        event = anyio.Event()
+        stamp: list[float] = []
         self._waiters.append((predicate, event, stamp))
         return event, stamp
 

@@ -174,7 +174,9 @@ class TcpRelay(RelayProperties):
                 local_host=self._listen[0], local_port=self._listen[1], reuse_port=False
             )
             await stack.enter_async_context(listener)
-            host, port = listener.extra(SocketAttribute.local_address)[:2]
+            address = listener.extra(SocketAttribute.local_address)
+            assert isinstance(address, tuple)  # a TCP listener's (host, port), not a UNIX path
+            host, port = address[:2]
             self._address = (str(host), int(port))
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)  # runs before the task group exits

@@ -370,9 +370,9 @@ def bars(path: Path, values: Mapping[str, float | None], *, title: str, ylabel: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [k for k, v in values.items() if v is not None]
+    heights = {k: v for k, v in values.items() if v is not None}
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.bar(labels, [values[k] for k in labels])
+    ax.bar(list(heights), list(heights.values()))
     ax.set(title=title, ylabel=ylabel)
     fig.tight_layout()
     fig.savefig(path)

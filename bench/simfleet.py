@@ -201,7 +201,7 @@ class Fleet:
         try:
             with anyio.fail_after(self.timeout):
                 await conn.wait_handshake()
-            session = AgentSession(SimAgent(self.sim_config, device_id(index)), conn)  # type: ignore[arg-type]
+            session = AgentSession(SimAgent(self.sim_config, device_id(index)), conn)
 
             def on_ready(_: AgentSession) -> None:
                 ready[0] = True

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bench.scenarios.common import Context, apply, latency_summary
@@ -45,6 +46,11 @@ def impairment(params: dict[str, Any]) -> dict[str, Any]:
     return {k: params[k] for k in ("loss", "delay_ms", "jitter_ms", "seed")}
 
 
+def got_by_device0_after(t0: float) -> Callable[[list[Any]], bool]:
+    """The fleet's ``got`` items of device 0 delivered after ``t0``."""
+    return lambda it: it[0] == 0 and it[2] > t0
+
+
 async def bulk(ctx: Context, stop: asyncio.Event, size: int, moved: list[int]) -> None:
     """Back-to-back bulk downloads to device 0 until ``stop``."""
     n = 0
@@ -53,7 +59,7 @@ async def bulk(ctx: Context, stop: asyncio.Event, size: int, moved: list[int]) -
         t0 = await apply(
             ctx, [ctx.devices()[0]], f"bulk-{n}-{time.time_ns()}", blob=os.urandom(size)
         )
-        item = await ctx.fleet.wait_got(lambda it, t0=t0: it[0] == 0 and it[2] > t0, 120)
+        item = await ctx.fleet.wait_got(got_by_device0_after(t0), 120)
         if item is not None:
             moved.append(size)
 
@@ -71,7 +77,8 @@ async def measure(ctx: Context) -> dict[str, Any]:
         await asyncio.sleep(float(p["gap"]))
     pushes = [r for r in await asyncio.gather(*tasks) if r is not None]
 
-    stop, moved = asyncio.Event(), []
+    stop = asyncio.Event()
+    moved: list[int] = []
     t0 = time.monotonic()
     loader = asyncio.ensure_future(bulk(ctx, stop, int(p["bulk_bytes"]), moved))
     await asyncio.sleep(1.0)  # the first bulk download is under way

@@ -272,7 +272,7 @@ async def swap_fleet(ctx: Any, telemetry: dict[str, Any] | None = None) -> dict[
         concurrency=old.concurrency,
         telemetry=telemetry,
     )
-    fleet.pin = getattr(old, "pin", True)  # type: ignore[attr-defined]
+    fleet.pin = getattr(old, "pin", True)
     ctx.fleet = fleet
     await fleet.start(*ctx.server.device_addr)
     times = await fleet.connect_all(float(ctx.params.get("connect_timeout", 60 + ctx.agents / 20)))
