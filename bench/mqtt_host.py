@@ -4,9 +4,9 @@
 the bench's ``MosquittoBroker`` wrote its configuration and the bridge's certificate) and
 ``--bridge-port``. It runs the same ``Controller`` (QUIC listener, operator API, store,
 desired-state signing) and, in the same event loop, a ``bench.transports.mqtt.MqttBridge``
-on the controller's own store, registered as one more device server so the operator's apply
-reaches it through ``Controller.desired_changed`` exactly as it reaches the HTTP/2 push
-server. The broker is a separate process owned by the bench, so a controller restart (the
+on the controller's own store, added as one more device transport
+(``Controller.add_device_transport``) so the operator's apply reaches it through the
+controller's ``DesiredChangeFanout`` exactly as it reaches the HTTP/2 push server. The broker is a separate process owned by the bench, so a controller restart (the
 storm scenario) leaves devices connected to the broker, as an MQTT deployment would.
 
 When the bridge is subscribed it writes ``<data>/mqtt-bridge.json``.

@@ -2,7 +2,8 @@
 
 Each feature (desired state, status, telemetry, terminals), the device sessions and the
 operator API depend on these protocols, never on the controller object that assembles them:
-``controller/assembly.py`` builds every part once at start-up and passes each what it needs.
+``build_features`` (``controller/features.py``), called once by the ``Controller`` at start-up,
+builds every part and passes each what it needs.
 This module imports nothing of the controller, so anything may depend on it.
 """
 

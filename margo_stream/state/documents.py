@@ -1,6 +1,7 @@
 """Margo ``ApplicationDeployment`` documents: parse, validate, resolve to a runtime spec.
 
-Two forms are accepted (see MARGO.md and the margo/specification repository):
+Two forms are accepted (file names below are in the margo/specification repository, under
+``system-design/specification/margo-management-interface/`` and ``model/``):
 
 * **published** (desired-state.md, model/application-deployment.linkml.yaml):
   ``apiVersion: application.margo.org/v1alpha1``, ``kind: ApplicationDeployment``,

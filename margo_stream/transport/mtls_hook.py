@@ -1,4 +1,4 @@
-"""The one module that touches aioquic's private attributes (GUIDE section 2).
+"""The one module that touches aioquic's private attributes (aioquic is pinned in pyproject.toml).
 
 aioquic 1.7 has no public server-side client authentication: ``tls.Context`` only sends a
 CertificateRequest when its private ``_request_client_certificate`` flag is set ("for test
