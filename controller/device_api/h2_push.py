@@ -16,9 +16,8 @@ device, which reads the newest manifest and pushes it if it is newer than what i
 Theory of operation: h2 is sans-IO. Per connection one reader task feeds bytes into
 ``H2Connection`` and dispatches its events; every write goes through ``H2Writer.flush`` under
 one lock; ``send_data`` respects the peer's flow-control windows and waits on
-``WindowUpdated``. The
-server sends an HTTP/2 PING every ``ping_interval`` seconds so NAT bindings stay warm and a dead
-peer is noticed; that is the idle cost the bench measures.
+``WindowUpdated``. The server sends an HTTP/2 PING every ``ping_interval`` seconds so NAT
+bindings stay warm and a dead peer is noticed; that is the idle cost the bench measures.
 """
 
 from __future__ import annotations
