@@ -11,7 +11,9 @@ it with its API's :class:`ProblemDialect`:
   for 5xx), and ``instance`` and ``errors`` when given; it is encoded as canonical JSON.
 
 Both are served as ``application/problem+json``. :meth:`Problem.render` gives the status,
-headers and body bytes, which each server wraps in its own response object.
+headers and body bytes for a server that builds its own responses (``device_api.rest_poll``);
+the operator API wraps :meth:`Problem.body` in a Starlette response
+(``controller.api.routes_common.problem_response``).
 """
 
 from __future__ import annotations
