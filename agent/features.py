@@ -7,8 +7,6 @@ stream handlers, session and background tasks, hello fields and shutdown hooks i
 
 from __future__ import annotations
 
-from typing import Any
-
 from agent import desired
 from agent.config import AgentConfig
 from agent.ports import AgentSetup
@@ -28,22 +26,10 @@ def load_setup(config: AgentConfig) -> AgentSetup:
     return AgentSetup(config, creds)
 
 
-class _TelemetryHost:
-    """Transitional: ``agent/telemetry/replay.py`` still files itself under ``features`` (which
-    nothing reads); it moves to ``agent.ports.AgentHost`` next, and this adapter goes away."""
-
-    def __init__(self, setup: AgentSetup) -> None:
-        self._setup = setup
-        self.features: dict[str, object] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._setup, name)
-
-
 def install_features(setup: AgentSetup) -> None:
     """Desired state + status, telemetry and terminals plug into ``setup`` here."""
     desired.install(setup)
-    replay.install(_TelemetryHost(setup))  # type: ignore[arg-type]
+    replay.install(setup)
     terminal.install(setup)
 
 
