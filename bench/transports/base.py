@@ -13,14 +13,21 @@ over the exact bytes, that the manifest names this tenant and device, and every 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
+from anyio.abc import ByteStream
+from anyio.streams.tls import TLSStream
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from margo_stream.errors import TrustError
 from margo_stream.state.digest import sha256_digest
 from margo_stream.state.manifest import Manifest, parse_manifest, signature_valid
+
+# A deployment's (or a component's) state in a Margo deployment status, as the wire message
+# (margo_stream.protocol.messages.Status) spells it.
+StatusState = Literal["pending", "installing", "installed", "failed", "removing", "removed"]
 
 
 @dataclass(slots=True)
@@ -35,7 +42,7 @@ class TransportCounters:
     reconnects: int = 0
 
     def snapshot(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+        return {k: getattr(self, k) for k in self.__slots__}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +99,7 @@ class TransportClient(Protocol):
         self,
         deployment_id: str,
         manifest_version: int,
-        state: str,
+        state: StatusState,
         components: list[dict[str, Any]],
         error: dict[str, str] | None = None,
     ) -> None:
@@ -106,7 +113,7 @@ def status_document(
     deployment_id: str,
     device_id: str,
     manifest_version: int,
-    state: str,
+    state: StatusState,
     components: list[dict[str, Any]],
     error: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -143,6 +150,7 @@ def capabilities_document(device_id: str, **extra: Any) -> dict[str, Any]:
 
 __all__ = [
     "DesiredUpdate",
+    "StatusState",
     "TransportClient",
     "TransportCounters",
     "capabilities_document",
@@ -150,10 +158,10 @@ __all__ = [
 ]
 
 
-class CountingStream:
+class CountingStream(ByteStream):
     """Wraps an anyio byte stream (below TLS) and counts the bytes that cross it."""
 
-    def __init__(self, inner: Any, counters: TransportCounters) -> None:
+    def __init__(self, inner: ByteStream, counters: TransportCounters) -> None:
         self.inner = inner
         self.counters = counters
 
@@ -173,11 +181,8 @@ class CountingStream:
         await self.inner.aclose()
 
     @property
-    def extra_attributes(self) -> Any:
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
         return self.inner.extra_attributes
-
-    def extra(self, attribute: Any, *default: Any) -> Any:
-        return self.inner.extra(attribute, *default)
 
 
 async def open_tls(
@@ -186,17 +191,16 @@ async def open_tls(
     ssl_context: Any,
     counters: TransportCounters,
     server_hostname: str | None = None,
-) -> Any:
+) -> TLSStream:
     """TCP connect, count the raw bytes, then TLS on top; returns the TLS stream."""
     import anyio
-    from anyio.streams.tls import TLSStream
 
     tcp = await anyio.connect_tcp(host, port)
     counted = CountingStream(tcp, counters)
     try:
         return await TLSStream.wrap(
             counted,
-            hostname=server_hostname or host,  # type: ignore[arg-type]
+            hostname=server_hostname or host,
             ssl_context=ssl_context,
             standard_compatible=False,
         )

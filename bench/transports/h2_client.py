@@ -26,6 +26,7 @@ from anyio.streams.tls import TLSAttribute
 
 from bench.transports.base import (
     DesiredUpdate,
+    StatusState,
     TransportCounters,
     capabilities_document,
     open_tls,
@@ -41,6 +42,12 @@ MAX_RECORD = 64 << 20
 
 class H2Error(Exception):
     pass
+
+
+def _text(value: str | bytes) -> str:
+    """A header name or value as text: h2 hands out str with ``header_encoding`` set (as here),
+    though its annotations say bytes."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class _Pending:
@@ -203,7 +210,7 @@ class H2PushClient:
         if isinstance(event, h2.events.ResponseReceived):
             p = self._pending.get(event.stream_id)
             if p is not None:
-                p.headers = dict(event.headers)
+                p.headers = {_text(k): _text(v) for k, v in event.headers}
                 p.status = int(p.headers.get(":status", "0"))
         elif isinstance(event, h2.events.DataReceived):
             self._conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -291,7 +298,7 @@ class H2PushClient:
         self,
         deployment_id: str,
         manifest_version: int,
-        state: str,
+        state: StatusState,
         components: list[dict[str, Any]],
         error: dict[str, str] | None = None,
     ) -> None:

@@ -49,6 +49,7 @@ import msgpack
 
 from bench.transports.base import (
     DesiredUpdate,
+    StatusState,
     TransportCounters,
     capabilities_document,
     status_document,
@@ -90,9 +91,10 @@ def topic(tenant: str, device_id: str, leaf: str) -> str:
     return f"margo/{tenant}/{device_id}/{leaf}"
 
 
-def tcp_bytes(sock: socket.socket | None) -> tuple[int, int] | None:
-    """(bytes sent and acked, bytes received) of a TCP socket from Linux ``TCP_INFO``."""
-    if sock is None or not hasattr(socket, "TCP_INFO"):
+def tcp_bytes(sock: object) -> tuple[int, int] | None:
+    """(bytes sent and acked, bytes received) of a TCP socket from Linux ``TCP_INFO``; None for
+    anything else (no socket yet, or paho's socket-like wrappers)."""
+    if not isinstance(sock, socket.socket) or not hasattr(socket, "TCP_INFO"):
         return None
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
@@ -341,7 +343,7 @@ class _PahoAdapter:
 
     async def subscribe(self, topic_name: str, timeout: float = 10.0) -> None:
         rc, mid = self.client.subscribe(topic_name, qos=QOS)
-        if rc != 0:
+        if rc != 0 or mid is None:  # paho has no message id only with an error code
             raise ConnectionError(f"MQTT subscribe to {topic_name} failed (rc {rc})")
         fut = self._future(mid)
         with anyio.fail_after(timeout):
@@ -525,7 +527,7 @@ class MqttClient:
         self,
         deployment_id: str,
         manifest_version: int,
-        state: str,
+        state: StatusState,
         components: list[dict[str, Any]],
         error: dict[str, str] | None = None,
     ) -> None:

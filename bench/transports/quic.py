@@ -39,7 +39,7 @@ from aioquic.quic.connection import QuicConnection
 from agent.desired import DesiredFeature
 from agent.session import AgentSession
 from bench.simfleet import SimAgent, SimConfig
-from bench.transports.base import DesiredUpdate, TransportCounters
+from bench.transports.base import DesiredUpdate, StatusState, TransportCounters
 from margo_stream.errors import TrustError
 from margo_stream.identity.trust import load_device_credentials, load_signing_pub
 from margo_stream.protocol import messages as m
@@ -275,7 +275,7 @@ class QuicClient:
         self,
         deployment_id: str,
         manifest_version: int,
-        state: str,
+        state: StatusState,
         components: list[dict[str, Any]],
         error: dict[str, str] | None = None,
     ) -> None:

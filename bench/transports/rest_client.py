@@ -21,6 +21,7 @@ import h11
 
 from bench.transports.base import (
     DesiredUpdate,
+    StatusState,
     TransportCounters,
     capabilities_document,
     open_tls,
@@ -194,7 +195,9 @@ class RestPollClient:
             signature = base64.b64decode(hdrs.get(SIGNATURE_HEADER, b""))
             manifest = parse_manifest(body)
             version = manifest.manifest_version
-            wanted = {e.digest: (e.deployment_id, None) for e in manifest.deployments}
+            wanted: dict[str, tuple[str | None, str | None]] = {
+                e.digest: (e.deployment_id, None) for e in manifest.deployments
+            }
             for e in manifest.deployments:
                 for f in e.files:
                     wanted.setdefault(f.digest, (None, f.name))
@@ -240,7 +243,7 @@ class RestPollClient:
         self,
         deployment_id: str,
         manifest_version: int,
-        state: str,
+        state: StatusState,
         components: list[dict[str, Any]],
         error: dict[str, str] | None = None,
     ) -> None:
