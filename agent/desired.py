@@ -24,17 +24,24 @@ from agent.desired_store import DesiredStore, DesiredStoreError
 from agent.ports import AgentHost, LiveSession
 from agent.reconciler import Reconciler
 from agent.status import StatusReporter
-from margo_stream.errors import ConfigError, DocumentError, IdentityError, TrustError
+from margo_stream.errors import (
+    ConfigError,
+    DocumentError,
+    IdentityError,
+    RemoteProtocolError,
+    TrustError,
+)
 from margo_stream.identity.trust import load_signing_pub
 from margo_stream.protocol import messages as m
-from margo_stream.protocol.codes import ErrorCode, StreamKind
+from margo_stream.protocol.codes import Refusal, StreamKind
+from margo_stream.protocol.push import DEFAULT_MAX_PUSH_BYTES, PushAssembler
 from margo_stream.state.manifest import blob_digests, parse_manifest, signature_valid
 from margo_stream.state.trust import DesiredStateVerifier, Verdict
 from margo_stream.transport.connection import MessageStream
 
 log = logging.getLogger("margo.agent.desired")
 
-MAX_PUSH_BYTES = 256 << 20
+MAX_PUSH_BYTES = DEFAULT_MAX_PUSH_BYTES
 
 
 class Overlay(Mapping[str, bytes]):
@@ -121,29 +128,26 @@ class DesiredFeature:
     async def handle_stream(self, session: LiveSession, stream: MessageStream) -> None:
         first = await stream.receive()
         assert isinstance(first, m.Desired)  # the stream table guarantees the opener
-        expected = set(first.blobs)
-        parts: dict[str, bytearray] = {}
-        total = len(first.manifest)
-        while (message := await stream.receive()) is not None:
-            if not isinstance(message, m.Blob) or message.digest not in expected:
-                stream.reset(ErrorCode.PROTOCOL_ERROR)
-                return
-            total += len(message.data)
-            if total > MAX_PUSH_BYTES:
-                stream.send(
-                    m.DesiredResult(
+        try:
+            assembler = PushAssembler(first, max_bytes=MAX_PUSH_BYTES)
+            while (message := await stream.receive()) is not None:
+                refused = assembler.receive(message)
+                if refused is not None:
+                    result = m.DesiredResult(
                         version=first.version,
                         ok=False,
-                        code="too-large",
-                        reason=f"push exceeds {MAX_PUSH_BYTES} bytes",
-                    ),
-                    end=True,
-                )
-                return
-            parts.setdefault(message.digest, bytearray()).extend(message.data)
-        # the controller ended the stream cleanly: the push is whole
+                        code=Refusal(refused.code),
+                        reason=refused.reason,
+                    )
+                    stream.send(result, end=True)
+                    return
+            push = assembler.finish()  # the controller ended the stream cleanly
+        except RemoteProtocolError as exc:
+            log.warning("push of version %d broke the protocol: %s", first.version, exc)
+            stream.reset(exc.code)
+            return
         async with self._lock:
-            result = await self.apply(first, {d: bytes(b) for d, b in parts.items()})
+            result = await self.apply(push.desired, push.blobs)
         stream.send(result, end=True)
 
     def _read_blob(self, digest: str) -> bytes:
@@ -166,12 +170,12 @@ class DesiredFeature:
                 "refused manifest version %d: %s",
                 version,
                 exc,
-                extra={"event": "desired-refused", "code": exc.code},
+                extra={"event": "desired-refused", "refusal": exc.refusal},
             )
-            return m.DesiredResult(version=version, ok=False, code=exc.code, reason=str(exc))
+            return m.DesiredResult(version=version, ok=False, code=exc.refusal, reason=str(exc))
         except DocumentError as exc:
             return m.DesiredResult(
-                version=version, ok=False, code="invalid-document", reason=str(exc)
+                version=version, ok=False, code=Refusal.INVALID_DOCUMENT, reason=str(exc)
             )
         # Verified in full: nothing of it is untrusted any more. Persisting it (fsyncs, on a
         # worker thread) and converging the workloads run side by side, so the workloads do not
@@ -204,7 +208,7 @@ class DesiredFeature:
                 extra={"event": "desired-store-failed"},
             )
             return m.DesiredResult(
-                version=version, ok=False, code="store-failed", reason=str(stored[0])
+                version=version, ok=False, code=Refusal.STORE_FAILED, reason=str(stored[0])
             )
         await anyio.to_thread.run_sync(self._commit, verdict)
         log.info(

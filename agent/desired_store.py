@@ -27,6 +27,7 @@ from pathlib import Path
 
 from margo_stream.errors import DocumentError, MargoError, TrustError
 from margo_stream.fsutil import atomic_write
+from margo_stream.protocol.codes import Refusal
 from margo_stream.state.digest import digest_hex, sha256_digest, validate_digest
 from margo_stream.state.manifest import blob_digests, parse_manifest
 
@@ -87,7 +88,8 @@ class DesiredStore:
         actual = sha256_digest(data)
         if actual != digest:
             raise TrustError(
-                f"blob content hashes to {actual}, not {digest}; not stored", "digest-mismatch"
+                f"blob content hashes to {actual}, not {digest}; not stored",
+                Refusal.DIGEST_MISMATCH,
             )
         path = self.blob_path(digest)
         if path.is_file():

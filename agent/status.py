@@ -17,29 +17,10 @@ import anyio
 
 from agent.ports import AgentHost, LiveSession
 from margo_stream.protocol import messages as m
-from margo_stream.state.status import DeploymentState, DeploymentStatus, StatusError
+from margo_stream.protocol.status_wire import status_to_wire
+from margo_stream.state.status import DeploymentState, DeploymentStatus
 
 log = logging.getLogger("margo.agent.status")
-
-
-def error_to_wire(error: StatusError | None) -> m.StatusErrorModel | None:
-    if error is None:
-        return None
-    return m.StatusErrorModel(code=error.code, source=error.source, message=error.message)
-
-
-def to_wire(seq: int, s: DeploymentStatus) -> m.Status:
-    return m.Status(
-        seq=seq,
-        deployment_id=s.deployment_id,
-        manifest_version=s.manifest_version,
-        state=s.state.value,
-        error=error_to_wire(s.error),
-        components=[
-            m.ComponentStatusModel(name=c.name, state=c.state.value, error=error_to_wire(c.error))
-            for c in s.components
-        ],
-    )
 
 
 class StatusReporter:
@@ -66,7 +47,7 @@ class StatusReporter:
         return self._floor
 
     def on_status(self, status: DeploymentStatus) -> None:
-        self.latest[status.deployment_id] = to_wire(self._next_seq(), status)
+        self.latest[status.deployment_id] = status_to_wire(self._next_seq(), status)
         self._changed.set()
 
     async def run_session(self, session: LiveSession) -> None:

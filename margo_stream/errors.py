@@ -4,9 +4,17 @@ Every error a person can meet says what was wrong and, where it helps, what to d
 errors follow h11's model: one ``ProtocolError`` base with a wire ``code``, a
 ``LocalProtocolError`` when *we* were asked to do something the protocol forbids and a
 ``RemoteProtocolError`` when the peer sent something invalid.
+
+One error-code convention: an error's ``code`` is always an ``ErrorCode``, the number that goes
+on the wire (QUIC CONNECTION_CLOSE, RESET_STREAM, our ``error`` messages). Where one code
+covers several reasons a machine must tell apart, the error also carries a string enum naming
+the reason (``TrustError.refusal``: a ``Refusal``), which is what documents and
+``desired_result`` messages carry.
 """
 
 from __future__ import annotations
+
+from margo_stream.protocol.codes import ErrorCode, Refusal
 
 
 class MargoError(Exception):
@@ -24,7 +32,7 @@ class IdentityError(MargoError):
 class PeerRejected(IdentityError):
     """The peer's certificate was refused; ``reason`` is logged and sent to the peer."""
 
-    def __init__(self, reason: str, *, code: int | None = None) -> None:
+    def __init__(self, reason: str, *, code: ErrorCode = ErrorCode.IDENTITY_REFUSED) -> None:
         super().__init__(reason)
         self.reason = reason
         self.code = code
@@ -33,7 +41,7 @@ class PeerRejected(IdentityError):
 class ProtocolError(MargoError):
     """A violation of the margo-stream wire protocol. ``code`` is the application error code."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: ErrorCode) -> None:
         super().__init__(message)
         self.code = code
 
@@ -59,11 +67,14 @@ class DocumentError(MargoError):
 
 
 class TrustError(MargoError):
-    """Signed desired state was refused (bad signature, expired, rollback, digest mismatch)."""
+    """Signed desired state was refused (bad signature, expired, rollback, digest mismatch);
+    ``refusal`` says which."""
 
-    def __init__(self, message: str, code: str) -> None:
+    code = ErrorCode.DESIRED_REFUSED
+
+    def __init__(self, message: str, refusal: Refusal) -> None:
         super().__init__(message)
-        self.code = code
+        self.refusal = refusal
 
 
 class TelemetryBufferError(MargoError):

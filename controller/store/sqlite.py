@@ -45,6 +45,7 @@ from controller.store.base import (
     SessionAudit,
     StatusRecord,
     TelemetryRecord,
+    TelemetryWriter,
 )
 from controller.store.sqlite_errors import store_error
 from controller.store.sqlite_events import StoreConnection
@@ -445,7 +446,7 @@ class SqliteStore:
             telemetry.ingest_telemetry, tenant, device_id, list(records), _now(now)
         )
 
-    async def telemetry_writer(self, tenant: str, device_id: str) -> BoundTelemetryWriter:
+    async def telemetry_writer(self, tenant: str, device_id: str) -> TelemetryWriter:
         await self._read(devices.require_device, tenant, device_id)
         return BoundTelemetryWriter(
             partial(self.telemetry_watermark, tenant, device_id),

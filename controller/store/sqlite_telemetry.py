@@ -153,7 +153,7 @@ def prune_telemetry(conn: StoreConnection, tenant: str, before: float) -> int:
 class BoundTelemetryWriter:
     """``TelemetryWriter`` over one device's store calls, bound once its record was checked."""
 
-    __slots__ = ("watermark", "ingest", "record_gap")
+    __slots__ = ("_watermark", "_ingest", "_record_gap")
 
     def __init__(
         self,
@@ -161,6 +161,15 @@ class BoundTelemetryWriter:
         ingest: Callable[[Sequence[tuple[int, str, bytes]]], Awaitable[int]],
         record_gap: Callable[[int, int], Awaitable[int]],
     ) -> None:
-        self.watermark = watermark
-        self.ingest = ingest
-        self.record_gap = record_gap
+        self._watermark = watermark
+        self._ingest = ingest
+        self._record_gap = record_gap
+
+    async def watermark(self) -> int:
+        return await self._watermark()
+
+    async def ingest(self, records: Sequence[tuple[int, str, bytes]]) -> int:
+        return await self._ingest(records)
+
+    async def record_gap(self, first: int, last: int) -> int:
+        return await self._record_gap(first, last)

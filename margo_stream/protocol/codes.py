@@ -42,6 +42,26 @@ class ErrorCode(enum.IntEnum):
             return f"unknown-error-{code:#x}"
 
 
+class Refusal(enum.StrEnum):
+    """Why a device refused signed desired state: ``TrustError.refusal`` and the ``code`` of a
+    ``desired_result`` (a kind within ``ErrorCode.DESIRED_REFUSED``)."""
+
+    BAD_SIGNATURE = "bad-signature"
+    EXPIRED = "expired"
+    ROLLBACK = "rollback"
+    VERSION_REUSE = "version-reuse"
+    WRONG_DEVICE = "wrong-device"
+    WRONG_TENANT = "wrong-tenant"
+    DIGEST_MISMATCH = "digest-mismatch"
+    MISSING_BLOB = "missing-blob"
+    MALFORMED = "malformed"
+    KEY_CHANGED = "key-changed"
+    STATE_CORRUPT = "state-corrupt"  # the device's own trust-state file is unreadable
+    INVALID_DOCUMENT = "invalid-document"  # signed, but a document the agent cannot run
+    TOO_LARGE = "too-large"  # more bytes than the agent holds for one push
+    STORE_FAILED = "store-failed"  # verified and running, but not stored durably
+
+
 class StreamKind(enum.StrEnum):
     CONTROL = "control"
     DESIRED = "desired"

@@ -2,7 +2,7 @@
 
 Theory of operation. The agent pinned its tenant's signing key at enrolment. A desired-state
 push (manifest bytes, detached signature, the blobs the agent lacked) is checked in TUF's
-order, and the first failure refuses the whole push with a ``TrustError`` whose ``code`` says
+order, and the first failure refuses the whole push with a ``TrustError`` whose ``refusal`` says
 why:
 
 1. the pinned key is the one we were given               -> ``key-changed``
@@ -41,23 +41,24 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from margo_stream.errors import DocumentError, TrustError
 from margo_stream.fsutil import atomic_write
+from margo_stream.protocol.codes import Refusal
 from margo_stream.state.digest import is_digest, sha256_digest
 from margo_stream.state.manifest import Manifest, blob_labels, parse_manifest, signature_valid
 
 STATE_FORMAT = 1
 
-# Refusal codes (TrustError.code).
-BAD_SIGNATURE = "bad-signature"
-EXPIRED = "expired"
-ROLLBACK = "rollback"
-VERSION_REUSE = "version-reuse"
-WRONG_DEVICE = "wrong-device"
-WRONG_TENANT = "wrong-tenant"
-DIGEST_MISMATCH = "digest-mismatch"
-MISSING_BLOB = "missing-blob"
-MALFORMED = "malformed"
-KEY_CHANGED = "key-changed"
-STATE_CORRUPT = "state-corrupt"  # our own trust-state file is unreadable
+# Refusals (TrustError.refusal), by their short names.
+BAD_SIGNATURE = Refusal.BAD_SIGNATURE
+EXPIRED = Refusal.EXPIRED
+ROLLBACK = Refusal.ROLLBACK
+VERSION_REUSE = Refusal.VERSION_REUSE
+WRONG_DEVICE = Refusal.WRONG_DEVICE
+WRONG_TENANT = Refusal.WRONG_TENANT
+DIGEST_MISMATCH = Refusal.DIGEST_MISMATCH
+MISSING_BLOB = Refusal.MISSING_BLOB
+MALFORMED = Refusal.MALFORMED
+KEY_CHANGED = Refusal.KEY_CHANGED
+STATE_CORRUPT = Refusal.STATE_CORRUPT
 
 
 def key_fingerprint(key: Ed25519PublicKey) -> str:

@@ -11,10 +11,10 @@ import pytest
 from agent.desired import Overlay
 from agent.desired_specs import CheckedSpecs, check_specs, read_specs
 from agent.ports import AgentHost, AgentSetup
-from agent.status import error_to_wire, to_wire
 from margo_stream.errors import DocumentError
 from margo_stream.identity.trust import DeviceCredentials
 from margo_stream.protocol import messages as m
+from margo_stream.protocol.status_wire import status_to_wire
 from margo_stream.state.manifest import Manifest, ManifestEntry
 from margo_stream.state.spec import ComponentSpec, DeploymentSpec, ProfileType
 from margo_stream.state.status import (
@@ -134,7 +134,7 @@ def test_status_to_wire() -> None:
         ),
         err,
     )
-    wire = to_wire(7, status)
+    wire = status_to_wire(7, status)
     assert wire == m.Status(
         seq=7,
         deployment_id="dep-a",
@@ -150,4 +150,3 @@ def test_status_to_wire() -> None:
             m.ComponentStatusModel(name="db", state="installed"),
         ],
     )
-    assert error_to_wire(None) is None

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import anyio
 import pytest
 
-from controller.desired import DesiredState
+from controller.desired import DesiredConfig, DesiredState
+from controller.document_cache import DocumentCache
+from controller.registry import SessionRegistry
 from controller.store.sqlite import SqliteStore
 from margo_stream.errors import NotFound
 
@@ -33,21 +33,20 @@ class CountingStore(SqliteStore):
 async def desired(tmp_path):
     store = CountingStore(tmp_path / "controller.db")
     await store.open()
-    ctl = SimpleNamespace(
-        store=store,
-        config=SimpleNamespace(manifest_lifetime_days=30.0, push_window=512),
-        ready_hooks=[],
-        close_hooks=[],
-        features={},
-    )
+    config = DesiredConfig(certs=tmp_path / "certs", manifest_lifetime_days=30.0, push_window=512)
+
+    class NoTasks:
+        def spawn(self, fn, *args) -> None:
+            raise AssertionError("reading blobs spawns nothing")
+
     try:
-        yield DesiredState(ctl)  # type: ignore[arg-type]
+        yield DesiredState(config, store, SessionRegistry(), NoTasks(), DocumentCache())
     finally:
         await store.close()
 
 
 async def test_a_fan_out_reads_each_blob_once(desired: DesiredState) -> None:
-    store = desired.ctl.store
+    store = desired.store
     digest = await store.put_blob("acme", b"x" * 100_000)
     got: list[bytes] = []
 
@@ -65,7 +64,7 @@ async def test_a_fan_out_reads_each_blob_once(desired: DesiredState) -> None:
 async def test_a_failed_read_fails_every_waiter_and_the_next_push_reads_again(
     desired: DesiredState,
 ) -> None:
-    store = desired.ctl.store
+    store = desired.store
     missing = "sha256:" + "0" * 64
     errors: list[Exception] = []
 

@@ -86,7 +86,7 @@ def test_blob_round_trip(store: DesiredStore) -> None:
 def test_put_blob_verifies_digest_first(store: DesiredStore) -> None:
     with pytest.raises(TrustError) as info:
         store.put_blob(sha256_digest(b"a"), b"b")
-    assert info.value.code == "digest-mismatch"
+    assert info.value.refusal == "digest-mismatch"
     assert store.held_digests() == set()
     assert list(store.blob_dir.iterdir()) == []
 

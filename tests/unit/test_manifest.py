@@ -79,7 +79,7 @@ def refused(
 ) -> str:
     with pytest.raises(TrustError) as info:
         verifier.verify(data, sig, blobs, now)
-    assert info.value.code == code, str(info.value)
+    assert info.value.refusal == code, str(info.value)
     return str(info.value)
 
 
@@ -322,7 +322,7 @@ def test_accept_refuses_older_verdict(
     verifier.accept(new)
     with pytest.raises(TrustError) as info:
         verifier.accept(old)
-    assert info.value.code == "rollback"
+    assert info.value.refusal == "rollback"
 
 
 def test_wrong_device_and_tenant(key: Ed25519PrivateKey, verifier: DesiredStateVerifier) -> None:
@@ -362,11 +362,11 @@ def test_state_of_another_device_or_corrupt(
     path = tmp_path / "trust.json"
     with pytest.raises(TrustError) as info:
         DesiredStateVerifier(TENANT, "edge-99", key.public_key(), path)
-    assert info.value.code == "wrong-device"
+    assert info.value.refusal == "wrong-device"
     with pytest.raises(TrustError) as info:
         DesiredStateVerifier("plant-z", DEVICE, key.public_key(), path)
-    assert info.value.code == "wrong-tenant"
+    assert info.value.refusal == "wrong-tenant"
     path.write_bytes(b"{not json")
     with pytest.raises(TrustError) as info:
         DesiredStateVerifier(TENANT, DEVICE, key.public_key(), path)
-    assert info.value.code == "state-corrupt"
+    assert info.value.refusal == "state-corrupt"
