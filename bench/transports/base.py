@@ -22,6 +22,7 @@ from anyio.streams.tls import TLSStream
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from margo_stream.errors import TrustError
+from margo_stream.protocol.codes import Refusal
 from margo_stream.state.digest import sha256_digest
 from margo_stream.state.manifest import Manifest, parse_manifest, signature_valid
 
@@ -63,17 +64,20 @@ class DesiredUpdate:
         if self.verified is not None:
             return self.verified
         if not signature_valid(self.manifest_bytes, self.signature, key):
-            raise TrustError("manifest signature does not verify", "signature")
+            raise TrustError("manifest signature does not verify", Refusal.BAD_SIGNATURE)
         manifest = parse_manifest(self.manifest_bytes)
         if (manifest.tenant, manifest.device_id) != (tenant, device_id):
             raise TrustError(
-                f"manifest is for {manifest.tenant}/{manifest.device_id}", "mix-and-match"
+                f"manifest is for {manifest.tenant}/{manifest.device_id}",
+                Refusal.WRONG_TENANT if manifest.tenant != tenant else Refusal.WRONG_DEVICE,
             )
         if manifest.manifest_version != self.version:
-            raise TrustError("transport version differs from the manifest's", "version")
+            raise TrustError("transport version differs from the manifest's", Refusal.MALFORMED)
         for digest, data in self.blobs.items():
             if sha256_digest(data) != digest:
-                raise TrustError(f"blob {digest} does not match its digest", "digest")
+                raise TrustError(
+                    f"blob {digest} does not match its digest", Refusal.DIGEST_MISMATCH
+                )
         return manifest
 
     def as_tuple(self) -> tuple[int, bytes, bytes, dict[str, bytes]]:

@@ -228,7 +228,7 @@ class QuicClient:
             )
         except TrustError as exc:
             return m.DesiredResult(
-                version=push.version, ok=False, code=exc.code, reason=str(exc)[:1000]
+                version=push.version, ok=False, code=exc.refusal, reason=str(exc)[:1000]
             )
         if verdict.unchanged:
             return m.DesiredResult(version=push.version, ok=True, unchanged=True)
