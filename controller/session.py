@@ -22,6 +22,14 @@ from margo_stream.identity.spiffe import DeviceIdentity
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.channel import StreamFailed
 from margo_stream.protocol.codes import ErrorCode, StreamKind
+from margo_stream.protocol.control_server import (
+    ControllerControl,
+    HelloReceived,
+    IdentityMismatch,
+    PeerError,
+    SendPong,
+    StatsReported,
+)
 from margo_stream.transport.connection import Connection, ConnectionLost, MessageStream
 
 log = logging.getLogger("margo.controller.session")
@@ -50,11 +58,18 @@ class ControllerSession:
         self.device_id = identity.device_id
         self.control: MessageStream | None = None
         self.view: SessionView | None = None
-        self.hello: m.Hello | None = None
         self.ready = False  # hello answered: other streams may flow
-        self.streams_by_kind: dict[StreamKind, MessageStream] = {}
+        self.protocol = ControllerControl(
+            self.device_id, now=conn.loop.time(), hello_timeout=ctx.hello_timeout
+        )
         conn.handler = self
-        self._hello_timer = conn.loop.call_later(ctx.hello_timeout, self._hello_timeout)
+        deadline = self.protocol.deadline
+        assert deadline is not None
+        self._hello_timer = conn.loop.call_at(deadline, self._hello_timeout)
+
+    @property
+    def hello(self) -> m.Hello | None:
+        return self.protocol.hello
 
     @property
     def remote(self) -> str:
@@ -117,30 +132,24 @@ class ControllerSession:
 
     # --- control stream --------------------------------------------------------------------------
     def _on_control(self, message: Any) -> None:
-        if isinstance(message, m.Hello):
+        event = self.protocol.received(message)
+        if isinstance(event, HelloReceived):
             self._hello_timer.cancel()
-            if message.device_id != self.device_id:
-                reason = (
-                    f"hello names device {message.device_id!r} but the certificate is for "
-                    f"{self.device_id!r}"
-                )
-                self._log(logging.WARNING, "refused: %s", reason, event="identity-mismatch")
-                self.close(ErrorCode.IDENTITY_MISMATCH, reason)
-                return
-            self.hello = message
-            self.ctx.tasks.spawn(self._welcome, message)
-        elif isinstance(message, m.Ping):
-            self.send_control(m.Pong(n=message.n))
-        elif isinstance(message, m.Stats):
+            self.ctx.tasks.spawn(self._welcome, event.hello)
+        elif isinstance(event, IdentityMismatch):
+            self._hello_timer.cancel()
+            self._log(logging.WARNING, "refused: %s", event.reason, event="identity-mismatch")
+            self.close(ErrorCode.IDENTITY_MISMATCH, event.reason)
+        elif isinstance(event, SendPong):
+            self.send_control(event.pong)
+        elif isinstance(event, StatsReported):
             if self.view is not None:
-                self.view.extra["stats"] = message.values
+                self.view.extra["stats"] = event.values
             self.ctx.tasks.spawn(
-                self.ctx.store.set_device_stats, self.tenant, self.device_id, dict(message.values)
+                self.ctx.store.set_device_stats, self.tenant, self.device_id, event.values
             )
-        elif isinstance(message, m.Error):
-            self._log(
-                logging.WARNING, "agent reported an error: %s", message.reason, code=message.code
-            )
+        elif isinstance(event, PeerError):
+            self._log(logging.WARNING, "agent reported an error: %s", event.reason, code=event.code)
 
     async def _welcome(self, hello: m.Hello) -> None:
         ctx = self.ctx
@@ -202,6 +211,7 @@ class ControllerSession:
             self.control.send(message)
 
     def _hello_timeout(self) -> None:
-        if self.hello is None:
-            self._log(logging.WARNING, "no hello within %.0f s", self.ctx.hello_timeout)
-            self.close(ErrorCode.HELLO_TIMEOUT, "no hello on a control stream in time")
+        event = self.protocol.timer(self.conn.loop.time())
+        if event is not None:
+            self._log(logging.WARNING, "%s", event.reason, event="hello-timeout")
+            self.close(ErrorCode.HELLO_TIMEOUT, event.reason)
