@@ -77,5 +77,10 @@ class TrustError(MargoError):
         self.refusal = refusal
 
 
+class AuthorityError(TrustError):
+    """A document's authority did not check out against the tenant's root of trust (root
+    metadata, an operator certificate, an operator's signature or terminal grant)."""
+
+
 class TelemetryBufferError(MargoError):
     """The telemetry buffer refused or could not store a record."""

@@ -60,6 +60,11 @@ class Refusal(enum.StrEnum):
     INVALID_DOCUMENT = "invalid-document"  # signed, but a document the agent cannot run
     TOO_LARGE = "too-large"  # more bytes than the agent holds for one push
     STORE_FAILED = "store-failed"  # verified and running, but not stored durably
+    UNSIGNED = "unsigned"  # a deployment no operator signed
+    ROLE_MISSING = "role-missing"  # signed by an operator without the role it needs
+    STALE = "stale"  # an operator's older signature where a newer one was accepted
+    REPLAYED = "replayed"  # a terminal grant's nonce was used before
+    ROOT_ROLLBACK = "root-rollback"  # root metadata older than the one held
 
 
 class StreamKind(enum.StrEnum):
