@@ -191,7 +191,7 @@ class ControllerSession:
             self.tenant,
             self.device_id,
             capabilities=hello.capabilities.model_dump(exclude_none=True),
-            labels=dict(hello.capabilities.labels),
+            reported_labels=dict(hello.capabilities.labels),
             manifest_version=hello.manifest_version,
             remote=self.remote,
             now=now,

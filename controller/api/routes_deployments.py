@@ -27,6 +27,7 @@ from controller.api.routes_common import (
     rfc3339,
     tenant_of,
 )
+from controller.labels import selector_matches
 from controller.problems import Problem
 from controller.store.base import AssignmentRecord, DeploymentDraft, StatusRecord
 from margo_stream.errors import DocumentError
@@ -87,7 +88,8 @@ async def _targets(ctx: Any, tenant: str, body: dict[str, Any], parsed: list[Any
         targets[device_id] = None
     if selector:
         for record in await ctx.store.list_devices(tenant):
-            if all(record.labels.get(k) == v for k, v in selector.items()):
+            # operator labels only; ``reported.<key>`` asks for the device's own claim
+            if selector_matches(selector, record.labels, record.reported_labels):
                 targets[record.device_id] = None
     if not devices and not selector:
         named = {d.device_id for d in parsed if d.device_id}

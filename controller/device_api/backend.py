@@ -124,7 +124,12 @@ class DeviceBackend:
             await self.store.get_device(tenant, device_id)
         except NotFound:
             await self.store.device_connected(
-                tenant, device_id, capabilities={}, labels={}, manifest_version=None, remote=remote
+                tenant,
+                device_id,
+                capabilities={},
+                reported_labels=None,
+                manifest_version=None,
+                remote=remote,
             )
 
     async def put_status(
@@ -151,8 +156,9 @@ class DeviceBackend:
     async def put_capabilities(
         self, tenant: str, device_id: str, path_device_id: str, doc: Any, remote: str
     ) -> bool:
-        """Store the capabilities; True when the device was not known before (201)."""
-        caps, labels = validate_capabilities(doc, path_device_id, device_id)
+        """Store the capabilities; True when the device was not known before (201). The
+        document's labels are the device's claim: they replace its reported labels only."""
+        caps, reported = validate_capabilities(doc, path_device_id, device_id)
         try:
             record = await self.store.get_device(tenant, device_id)
             created, version = False, record.manifest_version
@@ -162,7 +168,7 @@ class DeviceBackend:
             tenant,
             device_id,
             capabilities=caps,
-            labels=labels,
+            reported_labels=reported,
             manifest_version=version,
             remote=remote,
         )
@@ -179,7 +185,12 @@ class DeviceBackend:
         except NotFound:
             caps, version = {}, manifest_version
         await self.store.device_connected(
-            tenant, device_id, capabilities=caps, labels={}, manifest_version=version, remote=remote
+            tenant,
+            device_id,
+            capabilities=caps,
+            reported_labels=None,
+            manifest_version=version,
+            remote=remote,
         )
 
     async def disconnected(self, tenant: str, device_id: str) -> None:

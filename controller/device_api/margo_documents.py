@@ -107,7 +107,10 @@ def validate_status(doc: Any, deployment_id: str, device_id: str) -> dict[str, A
 def validate_capabilities(
     doc: Any, path_device_id: str, device_id: str
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Margo rc.3 ``DeviceCapabilitiesManifest`` -> (capability properties, string labels)."""
+    """Margo rc.3 ``DeviceCapabilitiesManifest`` -> (capability properties, string labels).
+
+    The labels are the device's claim about itself: the caller stores them as its reported
+    labels, never as the operator labels that selectors match (``controller.labels``)."""
     if path_device_id != device_id:
         raise _forbidden(f"deviceId {path_device_id[:80]!r} is not the client certificate's device")
     if not isinstance(doc, dict):

@@ -44,7 +44,7 @@ class DeviceRecord:
     tenant: str
     device_id: str
     capabilities: JsonDict  # Margo device-capabilities fields as reported in the hello
-    labels: dict[str, str]
+    labels: dict[str, str]  # assigned by operators; what selectors match (controller.labels)
     connected: bool  # as last recorded; the live answer comes from the SessionRegistry
     last_seen: float | None
     first_seen: float
@@ -52,6 +52,9 @@ class DeviceRecord:
     manifest_version: int | None  # the manifest version the device reports it adopted
     stats: JsonDict = field(default_factory=dict)  # e.g. telemetry buffer fill, dropped counts
     remote: str | None = None  # address of the last connection
+    # what the device says of itself (hello, Margo capabilities); selectors read these only
+    # when asked to (``reported.<key>``)
+    reported_labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,14 +178,15 @@ class Store(Protocol):
         device_id: str,
         *,
         capabilities: JsonDict,
-        labels: dict[str, str],
+        reported_labels: dict[str, str] | None,
         manifest_version: int | None,
         remote: str,
         now: float | None = None,
     ) -> DeviceRecord:
         """Insert or update; connection_count += 1, connected, last_seen = now.
 
-        Reported labels are merged over the stored ones (operator labels stay)."""
+        ``reported_labels`` (the device's own claim) replace the stored reported labels; None
+        keeps them. The operator's ``labels`` are never touched here."""
         ...
 
     async def device_disconnected(
@@ -202,7 +206,16 @@ class Store(Protocol):
     async def get_device(self, tenant: str, device_id: str) -> DeviceRecord: ...
 
     async def set_labels(self, tenant: str, device_id: str, labels: dict[str, str]) -> None:
-        """Replace the device's labels."""
+        """Replace the device's operator labels (``ValueError``, a ``LabelError``, for a bad
+        one)."""
+        ...
+
+    async def update_labels(
+        self, tenant: str, device_id: str, changes: dict[str, str | None]
+    ) -> dict[str, str]:
+        """Merge ``changes`` into the device's operator labels in one transaction (a value sets
+        its key, None removes it); returns the resulting labels. ``LabelError`` (a
+        ``ValueError``) naming a bad label, ``NotFound`` for an unknown device."""
         ...
 
     async def set_device_stats(self, tenant: str, device_id: str, stats: JsonDict) -> None:

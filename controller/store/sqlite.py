@@ -216,7 +216,7 @@ class SqliteStore:
         device_id: str,
         *,
         capabilities: JsonDict,
-        labels: dict[str, str],
+        reported_labels: dict[str, str] | None,
         manifest_version: int | None,
         remote: str,
         now: float | None = None,
@@ -226,7 +226,7 @@ class SqliteStore:
             tenant,
             device_id,
             capabilities,
-            labels,
+            None if reported_labels is None else dict(reported_labels),
             manifest_version,
             remote,
             _now(now),
@@ -252,6 +252,13 @@ class SqliteStore:
 
     async def set_labels(self, tenant: str, device_id: str, labels: dict[str, str]) -> None:
         await self._write(devices.set_labels, tenant, device_id, dict(labels), time.time())
+
+    async def update_labels(
+        self, tenant: str, device_id: str, changes: dict[str, str | None]
+    ) -> dict[str, str]:
+        return await self._write(
+            devices.update_labels, tenant, device_id, dict(changes), time.time()
+        )
 
     async def set_device_stats(self, tenant: str, device_id: str, stats: JsonDict) -> None:
         await self._write(devices.set_device_stats, tenant, device_id, stats)

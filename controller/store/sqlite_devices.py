@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from controller.labels import apply_changes, check_labels
 from controller.store.base import DeviceRecord
 from controller.store.sqlite_events import StoreConnection, add_event, dumps, loads
 from margo_stream.errors import NotFound
 
 _COLUMNS = (
     "tenant, device_id, capabilities, labels, connected, last_seen, first_seen,"
-    " connection_count, manifest_version, stats, remote"
+    " connection_count, manifest_version, stats, remote, reported_labels"
 )
 
 
@@ -33,6 +34,7 @@ def _record(row: tuple[Any, ...]) -> DeviceRecord:
         manifest_version=row[8],
         stats=loads(row[9]),
         remote=row[10],
+        reported_labels=loads(row[11]),
     )
 
 
@@ -65,24 +67,38 @@ def device_connected(
     tenant: str,
     device_id: str,
     capabilities: dict[str, Any],
-    labels: dict[str, str],
+    reported_labels: dict[str, str] | None,
     manifest_version: int | None,
     remote: str,
     now: float,
 ) -> DeviceRecord:
-    row = conn.execute(
-        "SELECT labels FROM devices WHERE tenant = ? AND device_id = ?", (tenant, device_id)
-    ).fetchone()
-    merged = {**(loads(row[0]) if row else {}), **labels}
+    # The device's claim replaces its reported labels (None: keep them); the operator's
+    # ``labels`` are never written here.
+    if reported_labels is None:
+        row = conn.execute(
+            "SELECT reported_labels FROM devices WHERE tenant = ? AND device_id = ?",
+            (tenant, device_id),
+        ).fetchone()
+        reported_labels = loads(row[0]) if row else {}
     conn.execute(
-        "INSERT INTO devices (tenant, device_id, capabilities, labels, connected, last_seen,"
-        " first_seen, connection_count, manifest_version, remote)"
+        "INSERT INTO devices (tenant, device_id, capabilities, reported_labels, connected,"
+        " last_seen, first_seen, connection_count, manifest_version, remote)"
         " VALUES (?, ?, ?, ?, 1, ?, ?, 1, ?, ?)"
         " ON CONFLICT (tenant, device_id) DO UPDATE SET"
-        " capabilities = excluded.capabilities, labels = excluded.labels, connected = 1,"
-        " last_seen = excluded.last_seen, connection_count = devices.connection_count + 1,"
+        " capabilities = excluded.capabilities, reported_labels = excluded.reported_labels,"
+        " connected = 1, last_seen = excluded.last_seen,"
+        " connection_count = devices.connection_count + 1,"
         " manifest_version = excluded.manifest_version, remote = excluded.remote",
-        (tenant, device_id, dumps(capabilities), dumps(merged), now, now, manifest_version, remote),
+        (
+            tenant,
+            device_id,
+            dumps(capabilities),
+            dumps(reported_labels),
+            now,
+            now,
+            manifest_version,
+            remote,
+        ),
     )
     record = get_device(conn, tenant, device_id)
     add_event(
@@ -126,9 +142,7 @@ def mark_all_disconnected(conn: StoreConnection) -> int:
 def set_labels(
     conn: StoreConnection, tenant: str, device_id: str, labels: dict[str, str], now: float
 ) -> None:
-    for key, value in labels.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise ValueError(f"labels must map strings to strings, got {key!r}: {value!r}")
+    check_labels(labels)
     cur = conn.execute(
         "UPDATE devices SET labels = ? WHERE tenant = ? AND device_id = ?",
         (dumps(labels), tenant, device_id),
@@ -136,6 +150,27 @@ def set_labels(
     if cur.rowcount == 0:
         raise device_not_found(device_id)
     add_event(conn, tenant, "device.labels", device_id, {"labels": labels}, now)
+
+
+def update_labels(
+    conn: StoreConnection,
+    tenant: str,
+    device_id: str,
+    changes: dict[str, str | None],
+    now: float,
+) -> dict[str, str]:
+    row = conn.execute(
+        "SELECT labels FROM devices WHERE tenant = ? AND device_id = ?", (tenant, device_id)
+    ).fetchone()
+    if row is None:
+        raise device_not_found(device_id)
+    labels = apply_changes(loads(row[0]), changes)
+    conn.execute(
+        "UPDATE devices SET labels = ? WHERE tenant = ? AND device_id = ?",
+        (dumps(labels), tenant, device_id),
+    )
+    add_event(conn, tenant, "device.labels", device_id, {"labels": labels}, now)
+    return labels
 
 
 def set_device_stats(

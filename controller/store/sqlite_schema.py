@@ -145,6 +145,16 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE telemetry_state;
     DROP TABLE telemetry_gaps;
     """,
+    # 3 -> 4: two label sets per device. ``labels`` is now written by operators only (the API)
+    # and is what selectors match; ``reported_labels`` is what the device claims (hello,
+    # Margo capabilities). Until now ``labels`` held a merge of device-reported and operator
+    # labels that cannot be told apart, so all of it moves to ``reported_labels``: a device's
+    # claim must not keep selector power. Operators re-assign their labels
+    # (``margoctl label device``); ``--selector reported.k=v`` reaches the old values meanwhile.
+    """
+    ALTER TABLE devices ADD COLUMN reported_labels TEXT NOT NULL DEFAULT '{}';
+    UPDATE devices SET reported_labels = labels, labels = '{}';
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

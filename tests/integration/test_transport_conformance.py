@@ -104,7 +104,12 @@ async def env(tmp_path: Path) -> AsyncIterator[Env]:
     try:
         e = Env(tmp_path, store)
         await store.device_connected(
-            TENANT, DEVICE, capabilities={}, labels={}, manifest_version=None, remote="test"
+            TENANT,
+            DEVICE,
+            capabilities={},
+            reported_labels={},
+            manifest_version=None,
+            remote="test",
         )
         yield e
     finally:

@@ -66,17 +66,22 @@ async def env(tmp_path):
     await store.close()
 
 
-async def add_device(store, tenant: str, device_id: str, *, labels=None, now=1000.0) -> None:
+async def add_device(
+    store, tenant: str, device_id: str, *, labels=None, reported=None, now=1000.0
+) -> None:
+    """A device seen once; ``reported`` are its own labels, ``labels`` an operator's."""
     await store.device_connected(
         tenant,
         device_id,
         capabilities={"id": device_id, "vendor": "Acme"},
-        labels=labels or {},
+        reported_labels=reported or {},
         manifest_version=None,
         remote="10.0.0.1:4433",
         now=now,
     )
     await store.device_disconnected(tenant, device_id, now + 1)
+    if labels:
+        await store.set_labels(tenant, device_id, labels)
 
 
 def is_problem(resp: httpx.Response, status: int) -> dict:

@@ -96,23 +96,24 @@ def seed(server: Server) -> None:
 
     async def go() -> None:
         s = server.store
-        for device_id, labels in (("press-1", {"line": "2", "site": "north"}), ("press-2", {})):
+        for device_id in ("press-1", "press-2"):
             await s.device_connected(
                 "acme",
                 device_id,
                 capabilities={"vendor": "Acme"},
-                labels=labels,
+                reported_labels={"fw": "1.2"},
                 manifest_version=None,
                 remote="r",
                 now=now - 600,
             )
             await s.device_disconnected("acme", device_id, now - 300)
+        await s.set_labels("acme", "press-1", {"line": "2", "site": "north"})  # an operator's
         await s.set_device_stats("acme", "press-1", {"bufferFill": 0.5, "dropped": 3})
         await s.device_connected(
             "globex",
             "other",
             capabilities={},
-            labels={},
+            reported_labels={},
             manifest_version=None,
             remote="r",
             now=now,

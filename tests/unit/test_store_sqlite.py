@@ -37,7 +37,7 @@ async def connect(store: SqliteStore, tenant: str, device: str, now: float = 100
         tenant,
         device,
         capabilities=kw.get("capabilities", {"id": device, "cpus": [{"cores": 4}]}),
-        labels=kw.get("labels", {}),
+        reported_labels=kw.get("reported_labels", {}),
         manifest_version=kw.get("manifest_version"),
         remote=kw.get("remote", "127.0.0.1:5000"),
         now=now,
@@ -67,13 +67,16 @@ async def test_all_sqlite_calls_run_on_one_worker_thread(store: SqliteStore) -> 
 
 
 async def test_device_lifecycle(store: SqliteStore) -> None:
-    rec = await connect(store, "acme", "dev-1", now=100.0, labels={"site": "a"}, manifest_version=3)
+    rec = await connect(
+        store, "acme", "dev-1", now=100.0, reported_labels={"site": "a"}, manifest_version=3
+    )
     assert rec.connected and rec.connection_count == 1 and rec.first_seen == 100.0
     assert rec.capabilities["cpus"] == [{"cores": 4}] and rec.manifest_version == 3
     await store.device_disconnected("acme", "dev-1", 150.0)
-    rec = await connect(store, "acme", "dev-1", now=200.0, labels={"line": "2"})
+    rec = await connect(store, "acme", "dev-1", now=200.0, reported_labels={"line": "2"})
     assert rec.connection_count == 2 and rec.first_seen == 100.0 and rec.last_seen == 200.0
-    assert rec.labels == {"site": "a", "line": "2"}  # reported labels merge over stored ones
+    # the device's claim replaces its reported labels and never reaches the operator's
+    assert rec.reported_labels == {"line": "2"} and rec.labels == {}
 
     await store.touch_devices([("acme", "dev-1", 250.0), ("acme", "dev-1", 240.0)])
     assert (await store.get_device("acme", "dev-1")).last_seen == 250.0
@@ -81,6 +84,7 @@ async def test_device_lifecycle(store: SqliteStore) -> None:
     await store.set_device_stats("acme", "dev-1", {"bufferFill": 0.25, "dropped": 7})
     rec = await store.get_device("acme", "dev-1")
     assert rec.labels == {"site": "b"} and rec.stats == {"bufferFill": 0.25, "dropped": 7}
+    assert rec.reported_labels == {"line": "2"}
 
     assert await store.mark_all_disconnected() == 1
     assert not (await store.get_device("acme", "dev-1")).connected
