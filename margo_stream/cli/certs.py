@@ -1,7 +1,12 @@
 """``margo-certs``: create the per-tenant PKI and issue device identities.
 
     margo-certs init   --dir DIR --tenant acme [--tenant globex] [--host H ...] [--days N]
+                       [--wfm-id ID]
     margo-certs device --dir DIR --tenant acme --device press-01 [--days N]
+    margo-certs operator --dir DIR --tenant acme --name alice --role deployer [--role R] [--days N]
+    margo-certs rotate-root --dir DIR --tenant acme
+
+``operator`` and ``rotate-root`` need the tenant's offline root key (``DIR/<tenant>/root.key``).
 
 Errors are one line on stderr (``margo-certs: error: ...``) and exit status 2.
 """
@@ -24,6 +29,11 @@ from margo_stream.identity.pki import (
     init_pki,
     issue_device,
 )
+from margo_stream.identity.tenant_files import (
+    DEFAULT_OPERATOR_DAYS,
+    issue_operator,
+    rotate_root,
+)
 
 PROG = "margo-certs"
 
@@ -44,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Create margo-stream's per-tenant PKI and issue device identities.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{init,device}", parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", metavar="{init,device,operator,rotate-root}", parser_class=_Parser
+    )
     sub.required = True
 
     init = sub.add_parser(
@@ -73,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_CA_DAYS,
         help=f"lifetime of CAs and the server certificate (default {DEFAULT_CA_DAYS})",
     )
+    init.add_argument(
+        "--wfm-id",
+        metavar="ID",
+        help="id in each tenant's fleet-manager certificate, spiffe://<tenant>/margo/wfm/<ID> "
+        "(default: the id already issued, else 'controller')",
+    )
 
     device = sub.add_parser(
         "device",
@@ -88,6 +106,38 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_DEVICE_DAYS,
         help=f"certificate lifetime in days (default {DEFAULT_DEVICE_DAYS})",
     )
+
+    operator = sub.add_parser(
+        "operator",
+        help="certify a named operator with roles (needs the offline root key)",
+        description="Write DIR/<tenant>/operators/<name>/{operator.key, operator.cert.json, "
+        "operator.token}. Re-run to renew or change roles: key and token are kept.",
+    )
+    operator.add_argument("--dir", required=True, type=Path, help="PKI directory")
+    operator.add_argument("--tenant", required=True, metavar="NAME", help="the tenant")
+    operator.add_argument("--name", required=True, metavar="NAME", help="operator name")
+    operator.add_argument(
+        "--role",
+        action="append",
+        required=True,
+        metavar="ROLE",
+        help="viewer, deployer, terminal or admin; repeat for several",
+    )
+    operator.add_argument(
+        "--days",
+        type=int,
+        default=DEFAULT_OPERATOR_DAYS,
+        help=f"certificate lifetime in days (default {DEFAULT_OPERATOR_DAYS})",
+    )
+
+    rotate = sub.add_parser(
+        "rotate-root",
+        help="replace the tenant's root key (needs the offline root key)",
+        description="Write root metadata version N+1 signed by the old and the new root key; "
+        "the old key is kept as root.key.<N>; operator certificates are re-signed.",
+    )
+    rotate.add_argument("--dir", required=True, type=Path, help="PKI directory")
+    rotate.add_argument("--tenant", required=True, metavar="NAME", help="the tenant")
     return parser
 
 
@@ -101,11 +151,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command == "init":
-            groups = init_pki(args.dir, args.tenant, args.host, days=args.days)
+            groups = init_pki(args.dir, args.tenant, args.host, days=args.days, wfm_id=args.wfm_id)
             _print_groups(groups)
             kept = sum(g.action == "kept" for g in groups)
+            reissued = sum(g.action == "reissued" for g in groups)
             if kept:
-                print(f"kept {kept} existing file group(s); nothing was overwritten")
+                print(
+                    f"kept {kept} existing file group(s); "
+                    + (
+                        f"{reissued} fleet-manager certificate(s) reissued (keys kept)"
+                        if reissued
+                        else "nothing was overwritten"
+                    )
+                )
+        elif args.command == "operator":
+            group = issue_operator(args.dir, args.tenant, args.name, args.role, days=args.days)
+            _print_groups([FileGroup(*group)])
+        elif args.command == "rotate-root":
+            _print_groups([FileGroup(*g) for g in rotate_root(args.dir, args.tenant)])
+            print("move root.key (and the kept root.key.<N>) back offline")
         else:
             ddir = issue_device(args.dir, args.tenant, args.device, days=args.days)
             names = ", ".join(p.name for p in device_files(ddir))

@@ -38,6 +38,7 @@ from margo_stream.identity.spiffe import (
     validate_device_id,
     validate_tenant,
 )
+from margo_stream.identity.tenant_files import copy_root_pub, ensure_tenant_authority
 
 CONTROLLER_DIR = "controller"
 DEVICES_DIR = "devices"
@@ -495,6 +496,7 @@ def init_pki(
         groups.append(group)
         groups.append(_ensure_signing_key(tdir, tenant))
         groups.append(_ensure_token(tdir, tenant))
+        groups.extend(FileGroup(*g) for g in ensure_tenant_authority(tdir, tenant))
     return groups
 
 
@@ -557,12 +559,13 @@ def issue_device(dir: Path, tenant: str, device_id: str, days: int = DEFAULT_DEV
     atomic_write(ddir / "cert.pem", certs_to_pem([cert, *chain]), mode=PUBLIC_MODE)
     atomic_write(ddir / "ca.pem", controller_ca.read_bytes(), mode=PUBLIC_MODE)
     atomic_write(ddir / "signing.pub", signing_pub.read_bytes(), mode=PUBLIC_MODE)
+    copy_root_pub(dir / tenant, ddir)  # the tenant's offline root key, what the agent pins
     return ddir
 
 
 def device_files(identity_dir: Path) -> tuple[Path, ...]:
     d = Path(identity_dir)
-    return (d / "cert.pem", d / "key.pem", d / "ca.pem", d / "signing.pub")
+    return (d / "cert.pem", d / "key.pem", d / "ca.pem", d / "signing.pub", d / "root.pub")
 
 
 __all__ = [
