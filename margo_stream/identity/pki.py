@@ -32,6 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from margo_stream.errors import ConfigError, IdentityError
 from margo_stream.fsutil import atomic_write
+from margo_stream.identity.fleet_manager_certs import check_wfm_id, ensure_fleet_manager_cert
 from margo_stream.identity.spiffe import (
     SCHEME,
     device_spiffe_id,
@@ -454,6 +455,7 @@ def init_pki(
     tenants: list[str],
     hosts: list[str] | None = None,
     days: int = DEFAULT_CA_DAYS,
+    wfm_id: str | None = None,
 ) -> list[FileGroup]:
     """Create (or complete) the PKI under ``dir``; returns what was written and what was kept.
 
@@ -465,7 +467,8 @@ def init_pki(
     if days < 1:
         raise ConfigError(f"--days must be at least 1, not {days}")
     tenants = _check_tenants(tenants)
-    split_hosts(hosts)  # validate before writing anything
+    dns, ips = split_hosts(hosts)  # validate before writing anything
+    check_wfm_id(wfm_id)
     groups: list[FileGroup] = []
     _mkdir(dir)
     cdir = dir / CONTROLLER_DIR
@@ -484,7 +487,7 @@ def init_pki(
     for tenant in tenants:
         tdir = dir / tenant
         _mkdir(tdir)
-        group, _, _ = _ensure_ca(
+        group, tenant_ca, tenant_key = _ensure_ca(
             tdir / "ca.pem",
             tdir / "ca.key",
             f"{tenant} tenant CA",
@@ -494,6 +497,8 @@ def init_pki(
             days=days,
         )
         groups.append(group)
+        wfm = ensure_fleet_manager_cert(tdir, tenant_ca, tenant_key, (dns, ips), days, wfm_id)
+        groups.append(FileGroup(*wfm))  # DIR/<tenant>/controller/: the controller, for tenant
         groups.append(_ensure_signing_key(tdir, tenant))
         groups.append(_ensure_token(tdir, tenant))
         groups.extend(FileGroup(*g) for g in ensure_tenant_authority(tdir, tenant))
@@ -529,9 +534,9 @@ def issue_device(dir: Path, tenant: str, device_id: str, days: int = DEFAULT_DEV
         raise ConfigError(f"--days must be at least 1, not {days}")
     validate_device_id(device_id)
     ca_cert, ca_key = load_tenant_ca(dir, tenant)
-    controller_ca = dir / CONTROLLER_DIR / "ca.pem"
+    tenant_bundle = dir / tenant / "ca.pem"  # the agent trusts only its tenant's controller
     signing_pub = dir / tenant / "signing.pub"
-    for needed in (controller_ca, signing_pub):
+    for needed in (tenant_bundle, signing_pub):
         if not needed.exists():
             raise ConfigError(
                 f"{needed} not found (run: margo-certs init --dir {dir} --tenant {tenant})"
@@ -557,7 +562,7 @@ def issue_device(dir: Path, tenant: str, device_id: str, days: int = DEFAULT_DEV
     _mkdir(ddir)
     atomic_write(ddir / "key.pem", key_to_pem(key), mode=KEY_MODE)
     atomic_write(ddir / "cert.pem", certs_to_pem([cert, *chain]), mode=PUBLIC_MODE)
-    atomic_write(ddir / "ca.pem", controller_ca.read_bytes(), mode=PUBLIC_MODE)
+    atomic_write(ddir / "ca.pem", tenant_bundle.read_bytes(), mode=PUBLIC_MODE)
     atomic_write(ddir / "signing.pub", signing_pub.read_bytes(), mode=PUBLIC_MODE)
     copy_root_pub(dir / tenant, ddir)  # the tenant's offline root key, what the agent pins
     return ddir

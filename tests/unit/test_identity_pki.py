@@ -88,7 +88,7 @@ def test_device_certificate(pki: Path) -> None:
     lifetime = leaf.not_valid_after_utc - datetime.now(UTC)
     assert timedelta(days=6, hours=23) < lifetime <= timedelta(days=7)
     assert mode(ddir / "key.pem") == 0o600
-    assert (ddir / "ca.pem").read_bytes() == (pki / "controller" / "ca.pem").read_bytes()
+    assert (ddir / "ca.pem").read_bytes() == (pki / "acme" / "ca.pem").read_bytes()  # own tenant
     assert (ddir / "signing.pub").read_bytes() == (pki / "acme" / "signing.pub").read_bytes()
     again = read_certificates(issue_device(pki, "acme", "press-01") / "cert.pem")[0]
     assert again.serial_number != leaf.serial_number
@@ -108,7 +108,7 @@ def test_bad_device_id(pki: Path) -> None:
 
 def test_reinit_keeps_everything_and_adds_tenant(pki: Path) -> None:
     before = {p: p.read_bytes() for p in pki.rglob("*") if p.is_file()}
-    groups = init_pki(pki, ["acme", "initech"], ["localhost"])
+    groups = init_pki(pki, ["acme", "initech"], ["localhost", "127.0.0.1", "::1", "ctl.example"])
     assert {g.action for g in groups if "initech" not in g.label} == {"kept"}
     assert {g.action for g in groups if "initech" in g.label} == {"written"}
     assert all(p.read_bytes() == data for p, data in before.items())

@@ -89,7 +89,7 @@ def test_device_credentials(pki: Path) -> None:
     creds = load_device_credentials(pki / "acme" / "devices" / "press-01")
     assert (creds.tenant, creds.device_id) == ("acme", "press-01")
     assert creds.spiffe_id == "spiffe://acme/margo/client/press-01"
-    assert creds.ca_path.read_bytes() == (pki / "controller" / "ca.pem").read_bytes()
+    assert creds.ca_path.read_bytes() == (pki / "acme" / "ca.pem").read_bytes()
 
 
 @pytest.mark.parametrize(
