@@ -33,7 +33,8 @@ from controller.session import ControllerSession, SessionContext
 from controller.store.sqlite import SqliteStore
 from margo_stream.errors import ConfigError, IdentityError
 from margo_stream.fsutil import atomic_write
-from margo_stream.identity.trust import load_operator_tokens, load_server_credentials
+from margo_stream.identity.operator_files import OperatorDirectory
+from margo_stream.identity.trust import load_server_credentials
 from margo_stream.identity.verify import PeerVerifier
 from margo_stream.protocol.codes import ErrorCode
 from margo_stream.transport.connection import Connection, is_link_loss
@@ -69,7 +70,7 @@ class Controller:
         self.quic_port: int | None = None
         self.api_port: int | None = None
         self.verifier: PeerVerifier | None = None
-        self.tokens: dict[str, str] = {}
+        self.operators: OperatorDirectory | None = None  # who each operator token is
         self._tg: TaskGroup | None = None
         self._stop = anyio.Event()
         self._uvicorn: _EmbeddedUvicorn | None = None
@@ -105,7 +106,7 @@ class Controller:
             )
         try:
             self.verifier = PeerVerifier.from_dir(certs)
-            self.tokens = load_operator_tokens(certs)
+            self.operators = OperatorDirectory(certs)
             creds = load_server_credentials(certs)
         except IdentityError as exc:
             raise ConfigError(str(exc)) from None
@@ -219,10 +220,11 @@ class Controller:
         atomic_write(self.config.ready_file, json.dumps(info).encode())
 
     async def _serve_api(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        assert self.operators is not None  # _load_identity ran
         app = create_app(
             store=self.store,
             registry=self.registry,
-            tokens=self.tokens,
+            operators=self.operators,
             desired=self.desired,
             terminals=self.features.terminals,
             documents=self.features.documents,

@@ -254,6 +254,10 @@ class ApiClient:
     def list_sessions(self, limit: int | None = None) -> list[JsonDict]:
         return self._items("/api/v1/sessions", {"limit": limit})
 
+    def list_operators(self) -> list[JsonDict]:
+        """The tenant's operators: name, roles, certificate expiry (never tokens)."""
+        return self._items("/api/v1/operators")
+
     def stream_events(
         self, after: int = 0, limit: int | None = None, *, idle_timeout: float = 60.0
     ) -> Iterator[JsonDict]:

@@ -9,7 +9,6 @@ failures, is an RFC 9457 problem details document.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 from starlette.applications import Starlette
@@ -23,6 +22,7 @@ from controller.api import (
     routes_deployments,
     routes_devices,
     routes_events,
+    routes_operators,
     routes_sessions,
     routes_telemetry,
     routes_terminal,
@@ -37,6 +37,7 @@ from controller.registry import SessionRegistry
 from controller.store.base import Store
 from controller.terminal import TerminalService
 from margo_stream.errors import ConfigError, DocumentError, NotFound, StoreError
+from margo_stream.identity.operator_files import Operators
 
 log = logging.getLogger("margo.controller.api")
 
@@ -97,15 +98,16 @@ def create_app(
     *,
     store: Store,
     registry: SessionRegistry,
-    tokens: Mapping[str, str],
+    operators: Operators,
     desired: DesiredChanges | None = None,
     terminals: TerminalService | None = None,
     documents: DocumentCache | None = None,
 ) -> Starlette:
     """The operator API over ``store`` and ``registry``.
 
-    ``tokens`` maps operator token -> tenant and is consulted on every request (update it in
-    place to rotate). ``desired``, when given, is told about every stored desired-state change;
+    ``operators`` says who a bearer token is (tenant, name, roles, expiry) and is consulted on
+    every request; the route policy (``policy.py``) says which role each route needs.
+    ``desired``, when given, is told about every stored desired-state change;
     ``terminals`` serves terminal sessions; ``documents`` is where parsed deployment documents
     are kept for the desired-state push (a private one when not given)."""
     routes: list[BaseRoute] = [
@@ -118,6 +120,7 @@ def create_app(
         *routes_devices.routes(),
         *routes_events.routes(),
         *routes_sessions.routes(),
+        *routes_operators.routes(),
     ]
     handlers: dict[Any, Any] = {
         Problem: _problem,
@@ -131,7 +134,7 @@ def create_app(
     }
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(BearerAuthMiddleware, tokens=tokens)],
+        middleware=[Middleware(BearerAuthMiddleware, operators=operators)],
         exception_handlers=handlers,
     )
     app.state.margo = ApiContext(
@@ -142,4 +145,5 @@ def create_app(
         terminals=terminals,
     )
     app.state.openapi = openapi_document()
+    app.state.operators = operators
     return app

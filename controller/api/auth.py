@@ -1,65 +1,34 @@
-"""Operator authentication: ``Authorization: Bearer <token>``, one token per tenant.
+"""Operator authentication and the route policy: ``Authorization: Bearer <token>``.
 
-Tokens live in ``CERTS/<tenant>/operator.token`` (one line). A request is authenticated as the
-operator of exactly one tenant, and every route then works inside that tenant only. Tokens are
-compared in constant time against every known token (no early exit), so response timing says
-nothing about how much of a guess was right or which tenant it was close to.
+Each token belongs to one operator of one tenant (``margo_stream.identity.operator_files``:
+the tenant token is its ``admin``; named operators have the roles their certificate, signed by
+the tenant's root, gives them). The middleware authenticates the token to that principal
+(constant-time comparison against every token: timing says nothing about a guess), refuses an
+expired certificate, and requires the role ``policy.required_role`` names for the request's
+method and path (403 naming the missing role). Every route then works inside the principal's
+tenant only (``scope["margo.tenant"]``); the principal itself is ``scope["margo.operator"]``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from collections.abc import Mapping
-from pathlib import Path
+import datetime as dt
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from controller.api.policy import required_role
 from controller.api.routes_common import TENANT_SCOPE_KEY, problem_response
 from controller.problems import Problem
-from margo_stream.errors import ConfigError
+from margo_stream.identity.authority import format_time
+from margo_stream.identity.operator_files import Operators, Principal
 
-TOKEN_FILE = "operator.token"
+PRINCIPAL_SCOPE_KEY = "margo.operator"
 PROTECTED_PREFIX = "/api/"
 
 
-def load_operator_tokens(certs_dir: str | Path) -> dict[str, str]:
-    """``{token: tenant}`` from ``certs_dir/<tenant>/operator.token``.
-
-    ``ConfigError`` (naming the file) for an unreadable or empty token file, or a token shared
-    by two tenants."""
-    root = Path(certs_dir)
-    tokens: dict[str, str] = {}
-    if not root.is_dir():
-        raise ConfigError(f"certificate directory {root} does not exist")
-    for path in sorted(root.glob(f"*/{TOKEN_FILE}")):
-        tenant = path.parent.name
-        try:
-            token = path.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read operator token {path}: {exc}") from exc
-        if not token:
-            raise ConfigError(f"operator token file {path} is empty")
-        if token in tokens:
-            raise ConfigError(
-                f"operator token {path} is also the token of tenant {tokens[token]!r}"
-            )
-        tokens[token] = tenant
-    return tokens
-
-
-def _fingerprint(token: str) -> bytes:
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-
-
-def match_token(tokens: Mapping[str, str], presented: str) -> str | None:
-    """The tenant whose token is ``presented``, compared in constant time; None if none."""
-    probe = _fingerprint(presented)
-    found: str | None = None
-    for token, tenant in list(tokens.items()):
-        if hmac.compare_digest(probe, _fingerprint(token)) and found is None:
-            found = tenant
-    return found
+def principal_of(scope: Scope) -> Principal | None:
+    """The authenticated operator of a request (None outside ``/api/``)."""
+    principal = scope.get(PRINCIPAL_SCOPE_KEY)
+    return principal if isinstance(principal, Principal) else None
 
 
 def bearer_token(scope: Scope) -> str | None:
@@ -73,13 +42,13 @@ def bearer_token(scope: Scope) -> str | None:
 
 
 class BearerAuthMiddleware:
-    """Authenticates every HTTP and WebSocket request under ``/api/`` as one tenant's
-    operator and stores the tenant in ``scope["margo.tenant"]``. ``tokens`` is read on every
-    request, so the caller may update the mapping in place to rotate tokens."""
+    """Authenticates every HTTP and WebSocket request under ``/api/`` as one tenant's operator
+    and enforces the route policy. ``operators`` is consulted on every request (the operator
+    directory re-reads its files when they change)."""
 
-    def __init__(self, app: ASGIApp, tokens: Mapping[str, str]) -> None:
+    def __init__(self, app: ASGIApp, operators: Operators) -> None:
         self.app = app
-        self.tokens = tokens
+        self.operators = operators
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or not scope["path"].startswith(
@@ -88,26 +57,52 @@ class BearerAuthMiddleware:
             await self.app(scope, receive, send)
             return
         presented = bearer_token(scope)
-        tenant = match_token(self.tokens, presented) if presented is not None else None
-        if tenant is None:
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008, "reason": "unauthorized"})
-                return
+        principal = self.operators.authenticate(presented) if presented is not None else None
+        if principal is None:
             detail = (
                 "missing bearer token: send 'Authorization: Bearer <operator token>'"
                 if presented is None
                 else "invalid bearer token"
             )
-            response = problem_response(
-                Problem(
-                    401,
-                    detail,
-                    kind="unauthorized",
-                    headers={"WWW-Authenticate": 'Bearer realm="margo-stream"'},
-                )
+            await _refuse(scope, receive, send, _unauthorized(detail))
+            return
+        now = dt.datetime.now(dt.UTC)
+        if principal.expired(now):
+            assert principal.expires is not None
+            detail = (
+                f"operator {principal.name!r}'s certificate expired at "
+                f"{format_time(principal.expires)}"
             )
-            await response(scope, receive, send)
+            await _refuse(scope, receive, send, _unauthorized(detail))
+            return
+        method = scope.get("method", "GET") if scope["type"] == "http" else "WEBSOCKET"
+        role = required_role(method, scope["path"])
+        if not principal.may(role):
+            problem = Problem(
+                403,
+                f"operator {principal.name!r} lacks the {role.value!r} role",
+                kind="forbidden",
+            )
+            await _refuse(scope, receive, send, problem)
             return
         scope = dict(scope)
-        scope[TENANT_SCOPE_KEY] = tenant
+        scope[TENANT_SCOPE_KEY] = principal.tenant
+        scope[PRINCIPAL_SCOPE_KEY] = principal
         await self.app(scope, receive, send)
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(
+        401,
+        detail,
+        kind="unauthorized",
+        headers={"WWW-Authenticate": 'Bearer realm="margo-stream"'},
+    )
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, problem: Problem) -> None:
+    if scope["type"] == "websocket":
+        reason = "unauthorized" if problem.status == 401 else problem.detail[:120]
+        await send({"type": "websocket.close", "code": 1008, "reason": reason})
+        return
+    await problem_response(problem)(scope, receive, send)

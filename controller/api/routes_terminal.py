@@ -31,7 +31,7 @@ from starlette.routing import Match, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from controller.api.auth import bearer_token
+from controller.api.auth import principal_of
 from controller.api.routes_common import TENANT_SCOPE_KEY, context, problem_response
 from controller.problems import Problem
 from controller.terminal import (
@@ -39,7 +39,6 @@ from controller.terminal import (
     OperatorInput,
     OpKind,
     TerminalUnavailable,
-    operator_id,
 )
 
 log = logging.getLogger("margo.controller.api.terminal")
@@ -174,7 +173,8 @@ async def terminal(ws: WebSocket) -> None:
     if service is None:
         await fail("unavailable", "terminal sessions are not served by this controller")
         return
-    operator = operator_id(bearer_token(ws.scope) or "")
+    principal = principal_of(ws.scope)
+    operator = principal.name if principal is not None else "unknown"
     try:
         term = await service.open(
             tenant, device_id, operator=operator, command=command, rows=rows, cols=cols, tty=tty

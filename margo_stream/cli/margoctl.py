@@ -1,18 +1,20 @@
 """margoctl: the operator's command line for the controller's HTTP API.
 
-    margoctl [--api URL] [--token-file PATH] [--ca-file PATH] COMMAND ...
+    margoctl [--api URL] [--operator DIR | --token-file PATH] [--ca-file PATH] COMMAND ...
 
     get devices [-o table|json|yaml]          get device ID [-o ...]
     get deployments [--device ID] [-o ...]    get sessions [-o ...]
     get telemetry --device ID [--stream S] [--since T] [--after N] [--limit N] [-o ...]
-    get events [--after N] [-o ...]
+    get events [--after N] [-o ...]           get operators [-o ...]
     apply -f FILE [-f FILE ...] (--device ID ... | --selector k=v ...)
     delete deployment ID --device ID
     watch [--after N] [--count N] [-o table|json]
     terminal DEVICE [-- CMD ...]              exec DEVICE -- CMD ...
 
-``--api`` defaults to ``$MARGO_API`` or http://127.0.0.1:8080; ``--token-file`` to
-``$MARGO_TOKEN_FILE`` (the tenant's ``operator.token``). Global flags may come anywhere.
+``--api`` defaults to ``$MARGO_API`` or http://127.0.0.1:8080; ``--operator`` to
+``$MARGO_OPERATOR`` (an operator directory, ``DIR/<tenant>/operators/<name>``), ``--token-file``
+to ``$MARGO_TOKEN_FILE`` (e.g. the tenant's ``operator.token``; the key and certificate beside
+it are used when present). Global flags may come anywhere.
 Errors are one line, ``margoctl: error: ...``, with exit status 1.
 """
 
@@ -29,6 +31,7 @@ from typing import Any
 from margo_stream.api_client import ApiClient
 from margo_stream.cli import margoctl_terminal, output
 from margo_stream.errors import ConfigError, MargoError
+from margo_stream.identity.operator_files import OperatorCredentials, load_operator_credentials
 from margo_stream.state.digest import sha256_digest
 
 DEFAULT_API = "http://127.0.0.1:8080"
@@ -50,10 +53,18 @@ def _global_flags(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         help=f"controller API (env MARGO_API, default {DEFAULT_API})",
     )
     parser.add_argument(
+        "--operator",
+        metavar="DIR",
+        default=default,
+        help="operator directory: operator.token, operator.key, operator.cert.json "
+        "(env MARGO_OPERATOR)",
+    )
+    parser.add_argument(
         "--token-file",
         metavar="PATH",
         default=default,
-        help="operator token file (env MARGO_TOKEN_FILE)",
+        help="operator token file; operator.key and operator.cert.json beside it are used "
+        "when present (env MARGO_TOKEN_FILE)",
     )
     parser.add_argument(
         "--ca-file",
@@ -87,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     get = commands.add_parser("get", help="show resources", parents=[common])
     kinds = get.add_subparsers(dest="kind", required=True, metavar="RESOURCE", parser_class=_Parser)
+    p = kinds.add_parser("operators", help="the tenant's operators and roles", parents=[common])
+    _output_flag(p)
     p = kinds.add_parser("devices", help="the tenant's devices", parents=[common])
     _output_flag(p)
     p = kinds.add_parser("device", help="one device", parents=[common])
@@ -162,24 +175,22 @@ def build_parser() -> argparse.ArgumentParser:
 # -- configuration ---------------------------------------------------------------------------
 
 
-def _read_token(path_text: str | None) -> str:
-    path_text = path_text or os.environ.get("MARGO_TOKEN_FILE")
-    if not path_text:
-        raise ConfigError("no operator token: pass --token-file PATH or set MARGO_TOKEN_FILE")
-    path = Path(path_text).expanduser()
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(f"cannot read token file {path}: {reason}") from None
-    if not token or len(token.splitlines()) != 1:
-        raise ConfigError(f"token file {path} must hold the token on one line")
-    return token
+def operator_credentials(args: argparse.Namespace) -> OperatorCredentials:
+    """The operator's credentials: ``--operator`` or ``--token-file`` (flags before the
+    environment's MARGO_OPERATOR and MARGO_TOKEN_FILE)."""
+    operator, token_file = getattr(args, "operator", None), getattr(args, "token_file", None)
+    if operator is None and token_file is None:
+        operator = os.environ.get("MARGO_OPERATOR") or None
+        token_file = None if operator else os.environ.get("MARGO_TOKEN_FILE") or None
+    return load_operator_credentials(
+        operator_dir=Path(operator) if operator else None,
+        token_file=Path(token_file) if token_file else None,
+    )
 
 
 def make_client(args: argparse.Namespace) -> ApiClient:
     api = args.api or os.environ.get("MARGO_API") or DEFAULT_API
-    token = _read_token(args.token_file)
+    token = operator_credentials(args).token
     ca_file = args.ca_file or os.environ.get("MARGO_CA_FILE")
     if ca_file and not Path(ca_file).is_file():
         raise ConfigError(f"CA file {ca_file} does not exist")
@@ -207,6 +218,8 @@ def _cmd_get(client: ApiClient, args: argparse.Namespace) -> None:
         )
     elif kind == "sessions":
         data = client.list_sessions(args.limit)
+    elif kind == "operators":
+        data = client.list_operators()
     else:
         data = client.list_events(args.after, args.limit)
     _print(output.render(kind, data, args.output))

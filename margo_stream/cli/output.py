@@ -207,7 +207,18 @@ def events_table(items: Sequence[dict[str, Any]], now: float | None = None) -> s
     return render_table(("ID", "AGE", "KIND", "DEVICE", "DETAILS"), rows)
 
 
+def operators_table(items: Sequence[dict[str, Any]], now: float | None = None) -> str:
+    if not items:
+        return "No operators found."
+    rows = [
+        [i.get("name"), ",".join(i.get("roles") or []), i.get("expires") or "never (tenant token)"]
+        for i in items
+    ]
+    return render_table(("NAME", "ROLES", "EXPIRES"), rows)
+
+
 TABLES: dict[str, Callable[..., str]] = {
+    "operators": operators_table,
     "devices": devices_table,
     "deployments": deployments_table,
     "telemetry": telemetry_table,

@@ -112,6 +112,18 @@ def read_certificate(path: Path) -> dict[str, Any]:
 # --- client side ------------------------------------------------------------------------------
 
 
+def _client_token(path: Path) -> str:
+    """The one-line token a client sends (the controller judges it)."""
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot read token file {path}: {reason}") from None
+    if not token or len(token.splitlines()) != 1:
+        raise ConfigError(f"token file {path} must hold the token on one line")
+    return token
+
+
 @dataclass(frozen=True)
 class OperatorCredentials:
     token: str
@@ -144,7 +156,7 @@ def load_operator_credentials(
             "no operator credentials: pass --operator DIR or --token-file PATH "
             "(or set MARGO_OPERATOR or MARGO_TOKEN_FILE)"
         )
-    token = read_token(token_path)
+    token = _client_token(token_path)
     key_path, cert_path = directory / KEY_FILE, directory / CERT_FILE
     if not required and not key_path.exists() and not cert_path.exists():
         return OperatorCredentials(token, None, None, None, None)

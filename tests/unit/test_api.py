@@ -11,10 +11,10 @@ import httpx
 import pytest
 
 from controller.api.app import create_app
-from controller.api.auth import load_operator_tokens, match_token
 from controller.registry import SessionRegistry, SessionView
 from controller.store.sqlite import SqliteStore
-from margo_stream.errors import ConfigError
+from margo_stream.identity.authority import Role
+from margo_stream.identity.operator_files import OperatorTable, Principal
 
 pytestmark = pytest.mark.anyio
 
@@ -56,9 +56,8 @@ async def env(tmp_path):
     await store.open()
     registry = SessionRegistry()
     services = Services()
-    app = create_app(
-        store=store, registry=registry, tokens={ACME: "acme", GLOBEX: "globex"}, desired=services
-    )
+    operators = OperatorTable.admins({ACME: "acme", GLOBEX: "globex"})
+    app = create_app(store=store, registry=registry, operators=operators, desired=services)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
         client.headers["Authorization"] = f"Bearer {ACME}"
@@ -309,17 +308,13 @@ async def test_sessions_route(env) -> None:
     assert globex.json()["items"] == []
 
 
-def test_token_files_and_matching(tmp_path) -> None:
-    (tmp_path / "acme").mkdir()
-    (tmp_path / "acme" / "operator.token").write_text("tok-a\n")
-    (tmp_path / "globex").mkdir()
-    (tmp_path / "globex" / "operator.token").write_text("tok-g")
-    tokens = load_operator_tokens(tmp_path)
-    assert tokens == {"tok-a": "acme", "tok-g": "globex"}
-    assert match_token(tokens, "tok-g") == "globex" and match_token(tokens, "tok-") is None
-    (tmp_path / "globex" / "operator.token").write_text("tok-a")
-    with pytest.raises(ConfigError, match="globex"):
-        load_operator_tokens(tmp_path)
+def test_token_matching() -> None:
+    table = OperatorTable.admins({"tok-a": "acme", "tok-g": "globex"})
+    assert table.authenticate("tok-g") == Principal(
+        "globex", "admin", frozenset({Role.ADMIN}), None
+    )
+    assert table.authenticate("tok-") is None and table.authenticate("") is None
+    assert [p.name for p in table.operators("acme")] == ["admin"]
 
 
 async def test_single_document_is_stored_byte_for_byte_and_push_failure_is_reported(env) -> None:

@@ -4,6 +4,7 @@ real SQLite store and session registry."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import socket
 import threading
@@ -21,8 +22,17 @@ from controller.registry import SessionRegistry, SessionView
 from controller.store.sqlite import SqliteStore
 from margo_stream.cli import output
 from margo_stream.cli.margoctl import main
+from margo_stream.identity.authority import Role
+from margo_stream.identity.operator_files import OperatorTable, Principal
 
 TOKEN = "acme-operator-token"
+ALICE_TOKEN = "alice-operator-token"
+ALICE_EXPIRES = datetime.datetime(2031, 1, 1, tzinfo=datetime.UTC)
+OPERATORS = {
+    TOKEN: Principal("acme", "admin", frozenset({Role.ADMIN}), None),
+    "g": Principal("globex", "admin", frozenset({Role.ADMIN}), None),
+    ALICE_TOKEN: Principal("acme", "alice", frozenset({Role.VIEWER, Role.TERMINAL}), ALICE_EXPIRES),
+}
 DOC = """\
 apiVersion: application.margo.org/v1alpha1
 kind: ApplicationDeployment
@@ -67,7 +77,7 @@ def server(tmp_path) -> Iterator[Server]:
         store = SqliteStore(tmp_path / "c.db")
         await store.open()
         registry = SessionRegistry()
-        app = create_app(store=store, registry=registry, tokens={TOKEN: "acme", "g": "globex"})
+        app = create_app(store=store, registry=registry, operators=OperatorTable(OPERATORS))
         uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
         box.update(store=store, registry=registry, uv=uv, loop=asyncio.get_running_loop())
         ready.set()
@@ -279,3 +289,42 @@ def test_output_helpers() -> None:
         "A    LONG\nx    -\nyy   true"
     )
     assert output.render("devices", [], "table") == "No devices found."
+
+
+def test_get_operators(server: Server, capsys, tmp_path) -> None:
+    assert main(ctl(server, "get", "operators")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "ROLES", "EXPIRES"]
+    assert lines[1].split()[:2] == ["admin", "admin"]
+    assert lines[2].split() == ["alice", "terminal,viewer", "2031-01-01T00:00:00Z"]
+    assert main(ctl(server, "get", "operators", "-o", "json")) == 0
+    items = json.loads(capsys.readouterr().out)
+    assert items[1] == {
+        "name": "alice",
+        "roles": ["terminal", "viewer"],
+        "expires": "2031-01-01T00:00:00Z",
+    }
+    assert all("token" not in i for i in items)
+    alice = tmp_path / "alice"
+    alice.mkdir()
+    (alice / "operator.token").write_text(ALICE_TOKEN + "\n")
+    assert (
+        main(
+            [
+                "--api",
+                server.url,
+                "--token-file",
+                str(alice / "operator.token"),
+                "get",
+                "operators",
+                "-o",
+                "yaml",
+            ]
+        )
+        == 0
+    )
+    assert [i["name"] for i in yaml.safe_load(capsys.readouterr().out)] == ["admin", "alice"]
+    # alice is a viewer and a terminal user: she may not delete deployments
+    args = ["--api", server.url, "--token-file", str(alice / "operator.token")]
+    assert main([*args, "delete", "deployment", "web", "--device", "press-1"]) == 1
+    assert "operator 'alice' lacks the 'deployer' role" in capsys.readouterr().err
