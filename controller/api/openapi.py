@@ -9,7 +9,7 @@ from typing import Any
 from margo_stream import __version__ as _version
 
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
-_ERRORS = {"400": _PROBLEM, "401": _PROBLEM, "403": _PROBLEM, "404": _PROBLEM, "503": _PROBLEM}
+_ERRORS = {"400": _PROBLEM, "401": _PROBLEM, "404": _PROBLEM, "503": _PROBLEM}
 
 
 def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
@@ -65,6 +65,7 @@ _SCHEMAS: dict[str, Any] = {
             "connected",
             "capabilities",
             "labels",
+            "reported_labels",
             "last_seen",
             "first_seen",
             "connection_count",
@@ -76,7 +77,17 @@ _SCHEMAS: dict[str, Any] = {
             "tenant": {"type": "string"},
             "connected": {"type": "boolean", "description": "a live session exists now"},
             "capabilities": {"type": "object", "description": "Margo device capabilities"},
-            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "labels": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "assigned by operators (PATCH .../labels); selectors match these",
+            },
+            "reported_labels": {
+                "type": "object",
+                "additionalProperties": {"type": "string"},
+                "description": "what the device reports of itself (hello, Margo capabilities); "
+                "a selector reads them only as 'reported.<key>'",
+            },
             "last_seen": _TS,
             "first_seen": _TS,
             "connection_count": {"type": "integer"},
@@ -125,7 +136,31 @@ _SCHEMAS: dict[str, Any] = {
             "selector": {
                 "type": "object",
                 "additionalProperties": {"type": "string"},
-                "description": "every label must match",
+                "description": "every label must match: 'key' an operator label, "
+                "'reported.key' a label the device reports of itself",
+            },
+        },
+    },
+    "LabelsPatch": {
+        "type": "object",
+        "required": ["labels"],
+        "properties": {
+            "labels": {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": {
+                    "type": ["string", "null"],
+                    "pattern": "^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$",
+                    "minLength": 1,
+                    "maxLength": 63,
+                },
+                "propertyNames": {
+                    "pattern": "^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$",
+                    "maxLength": 128,
+                    "not": {"pattern": "^reported\\."},
+                },
+                "description": "merged into the operator labels: a string sets the key, null "
+                "removes it (JSON merge patch); at most 64 labels per device",
             },
         },
     },
@@ -188,17 +223,6 @@ _SCHEMAS: dict[str, Any] = {
             "reason": {"type": ["string", "null"]},
         },
     },
-    "Operator": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string"},
-            "roles": {
-                "type": "array",
-                "items": {"enum": ["viewer", "deployer", "terminal", "admin"]},
-            },
-            "expires": _TS,
-        },
-    },
 }
 
 _PATHS: dict[str, Any] = {
@@ -225,6 +249,24 @@ _PATHS: dict[str, Any] = {
         "get": {
             "summary": "One device",
             "parameters": [_DEVICE_ID],
+            "responses": {"200": _ok({"$ref": "#/components/schemas/Device"}), **_ERRORS},
+        },
+    },
+    "/api/v1/devices/{deviceId}/labels": {
+        "patch": {
+            "summary": "Set or remove a device's operator labels (what selectors match)",
+            "description": (
+                "A bad key or value is refused whole with a 400 problem naming the label "
+                "(kind invalid-label). Existing assignments stay; selectors use the new labels "
+                "from the next apply. Needs the deployer role."
+            ),
+            "parameters": [_DEVICE_ID],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/LabelsPatch"}}
+                },
+            },
             "responses": {"200": _ok({"$ref": "#/components/schemas/Device"}), **_ERRORS},
         },
     },
@@ -345,13 +387,6 @@ _PATHS: dict[str, Any] = {
             "summary": "Terminal session audit, newest first",
             "parameters": [_query("limit", {"type": "integer", "minimum": 1}, "default 100")],
             "responses": {"200": _ok(_list_of("Session")), **_ERRORS},
-        },
-    },
-    "/api/v1/operators": {
-        "get": {
-            "summary": "The tenant's operators: name, roles, certificate expiry (null: the "
-            "tenant token)",
-            "responses": {"200": _ok(_list_of("Operator")), **_ERRORS},
         },
     },
 }

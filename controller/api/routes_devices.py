@@ -1,4 +1,5 @@
-"""``/api/v1/devices``: the tenant's devices, live facts from the session registry."""
+"""``/api/v1/devices``: the tenant's devices, live facts from the session registry; operators
+assign a device's labels (``PATCH .../labels``, see ``controller.labels``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from controller.api.routes_common import context, rfc3339, tenant_of
+from controller.api.routes_common import context, json_body, rfc3339, tenant_of
+from controller.labels import LabelError
+from controller.problems import Problem
 from controller.registry import SessionView
 from controller.store.base import DeviceRecord
 from margo_stream.errors import NotFound
@@ -31,6 +34,7 @@ def device_item(
         "connected": connected,
         "capabilities": record.capabilities if record else {},
         "labels": record.labels if record else {},
+        "reported_labels": record.reported_labels if record else {},
         "last_seen": rfc3339(last_seen),
         "first_seen": rfc3339(record.first_seen if record else view.connected_since),  # type: ignore[union-attr]
         "connection_count": record.connection_count if record else 1,
@@ -69,10 +73,35 @@ async def get_device(request: Request) -> JSONResponse:
     return JSONResponse(device_item(tenant, record, view))
 
 
+async def patch_labels(request: Request) -> JSONResponse:
+    """``{"labels": {key: value | null}}`` merged into the operator labels (null removes the
+    key); answers with the device. Selectors match these labels on the next apply."""
+    tenant = tenant_of(request)
+    ctx = context(request)
+    device_id = request.path_params["device_id"]
+    changes = (await json_body(request)).get("labels")
+    if not isinstance(changes, dict) or not changes:
+        raise Problem(
+            400, "'labels' must be a non-empty object of key: value or null", kind="invalid-body"
+        )
+    try:
+        await ctx.store.update_labels(tenant, device_id, changes)
+    except LabelError as exc:
+        raise Problem(
+            400,
+            str(exc),
+            kind="invalid-label",
+            errors=[{"field": f"labels.{exc.key}", "message": str(exc)}],
+        ) from None
+    record = await ctx.store.get_device(tenant, device_id)
+    return JSONResponse(device_item(tenant, record, ctx.registry.get(tenant, device_id)))
+
+
 def routes() -> list[Route]:
     # ``:path`` because Margo device ids may contain '/'; the sub-resource routes of a device
     # are registered before these so they win.
     return [
+        Route("/api/v1/devices/{device_id:path}/labels", patch_labels, methods=["PATCH"]),
         Route("/api/v1/devices", list_devices, methods=["GET"]),
         Route("/api/v1/devices/{device_id:path}", get_device, methods=["GET"]),
     ]
