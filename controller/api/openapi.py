@@ -9,7 +9,7 @@ from typing import Any
 from margo_stream import __version__ as _version
 
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
-_ERRORS = {"400": _PROBLEM, "401": _PROBLEM, "404": _PROBLEM, "503": _PROBLEM}
+_ERRORS = {"400": _PROBLEM, "401": _PROBLEM, "403": _PROBLEM, "404": _PROBLEM, "503": _PROBLEM}
 
 
 def _ok(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
@@ -223,6 +223,17 @@ _SCHEMAS: dict[str, Any] = {
             "reason": {"type": ["string", "null"]},
         },
     },
+    "Operator": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "roles": {
+                "type": "array",
+                "items": {"enum": ["viewer", "deployer", "terminal", "admin"]},
+            },
+            "expires": _TS,
+        },
+    },
 }
 
 _PATHS: dict[str, Any] = {
@@ -387,6 +398,13 @@ _PATHS: dict[str, Any] = {
             "summary": "Terminal session audit, newest first",
             "parameters": [_query("limit", {"type": "integer", "minimum": 1}, "default 100")],
             "responses": {"200": _ok(_list_of("Session")), **_ERRORS},
+        },
+    },
+    "/api/v1/operators": {
+        "get": {
+            "summary": "The tenant's operators: name, roles, certificate expiry (null: the "
+            "tenant token)",
+            "responses": {"200": _ok(_list_of("Operator")), **_ERRORS},
         },
     },
 }
