@@ -206,6 +206,15 @@ class ApiClient:
     def get_device(self, device_id: str) -> JsonDict:
         return self._object("GET", f"/api/v1/devices/{_device_path(device_id)}")
 
+    def label_device(self, device_id: str, changes: Mapping[str, str | None]) -> JsonDict:
+        """Merge ``changes`` into the device's operator labels (None removes a key); returns
+        the device as the API shows it afterwards."""
+        return self._object(
+            "PATCH",
+            f"/api/v1/devices/{_device_path(device_id)}/labels",
+            body={"labels": dict(changes)},
+        )
+
     def apply(
         self,
         documents: Sequence[str],

@@ -8,6 +8,7 @@
     get events [--after N] [-o ...]           get operators [-o ...]
     apply -f FILE [-f FILE ...] (--device ID ... | --selector k=v ...)
     delete deployment ID --device ID
+    label device ID k=v ... [k- ...]          operator labels: what --selector k=v matches
     watch [--after N] [--count N] [-o table|json]
     terminal DEVICE [-- CMD ...]              exec DEVICE -- CMD ...
 
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from margo_stream.api_client import ApiClient
-from margo_stream.cli import margoctl_terminal, output
+from margo_stream.cli import margoctl_label, margoctl_terminal, output
 from margo_stream.errors import ConfigError, MargoError
 from margo_stream.identity.operator_files import OperatorCredentials, load_operator_credentials
 from margo_stream.state.digest import sha256_digest
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="K=V",
-        help="target every device with this label; repeatable (all must match)",
+        help="target every device with this operator label (reported.K=V: the label the "
+        "device reports of itself); repeatable (all must match)",
     )
     _output_flag(p)
 
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--count", type=int, metavar="N", help="stop after N events")
     _output_flag(p, ("table", "json"))
+    margoctl_label.add_parsers(commands, common)
     margoctl_terminal.add_parsers(commands, common)
     return parser
 
@@ -311,7 +314,13 @@ def _run_terminal(args: argparse.Namespace) -> int:
     )
 
 
-COMMANDS = {"get": _cmd_get, "apply": _cmd_apply, "delete": _cmd_delete, "watch": _cmd_watch}
+COMMANDS = {
+    "get": _cmd_get,
+    "apply": _cmd_apply,
+    "delete": _cmd_delete,
+    "watch": _cmd_watch,
+    "label": margoctl_label.cmd_label,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

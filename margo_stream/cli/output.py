@@ -112,6 +112,7 @@ def device_detail(item: dict[str, Any], now: float | None = None) -> str:
     for name, value in facts:
         if value is not None:
             out.append(f"{name}: {value}")
+    out.append(f"Reported labels: {labels_text(item.get('reported_labels'))}")
     for title, mapping in (
         ("Stats", item.get("stats")),
         ("Capabilities", item.get("capabilities")),

@@ -21,7 +21,7 @@ import anyio
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from bench.transports.base import DesiredUpdate, TransportClient
+from bench.transports.base import DesiredUpdate, TransportClient, capabilities_document
 from controller.device_api.h2_push import serve_h2_push
 from controller.device_api.rest_poll import serve_rest_poll
 from controller.device_api.tls import tenant_bundle_paths
@@ -389,5 +389,11 @@ async def test_rest_poll_http_semantics(env: Env) -> None:
             assert status == 405
             record = await env.store.get_device(TENANT, DEVICE)
             assert record.capabilities["vendor"] == "margo-stream"
+            # a device's capabilities labels are its claim: never the operator's labels
+            await env.store.set_labels(TENANT, DEVICE, {"line": "2"})
+            doc = {**capabilities_document(DEVICE), "labels": {"line": "1"}}
+            assert await client.put_capabilities(doc) == 200
+            record = await env.store.get_device(TENANT, DEVICE)
+            assert record.labels == {"line": "2"} and record.reported_labels == {"line": "1"}
         finally:
             await client.close()

@@ -22,10 +22,13 @@ from controller.registry import SessionRegistry
 from controller.store.sqlite import SqliteStore
 from controller.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, migrate
 from margo_stream.errors import NotFound
+from margo_stream.identity.authority import Role
+from margo_stream.identity.operator_files import OperatorTable, Principal
 
 pytestmark = pytest.mark.anyio
 
 ACME = "acme-token-0123456789"
+VIEWER = "acme-viewer-token-42"
 DOC = """\
 apiVersion: application.margo.org/v1alpha1
 kind: ApplicationDeployment
@@ -60,9 +63,14 @@ async def store(tmp_path):
 
 @pytest.fixture
 async def client(store):
-    app = create_app(
-        store=store, registry=SessionRegistry(), tokens={ACME: "acme", "globex-t": "globex"}
+    operators = OperatorTable(
+        {
+            ACME: Principal("acme", "admin", frozenset({Role.ADMIN}), None),
+            "globex-t": Principal("globex", "admin", frozenset({Role.ADMIN}), None),
+            VIEWER: Principal("acme", "vic", frozenset({Role.VIEWER}), None),
+        }
     )
+    app = create_app(store=store, registry=SessionRegistry(), operators=operators)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
         c.headers["Authorization"] = f"Bearer {ACME}"
@@ -247,6 +255,17 @@ async def test_labels_of_unknown_or_other_tenants_devices_are_not_found(store, c
         resp = await label(client, device_id, {"line": "1"})
         assert resp.status_code == 404
     assert (await store.get_device("globex", "secret")).labels == {}
+
+
+async def test_a_viewer_may_not_label(store, client) -> None:
+    await hello(store, "press-1", {})
+    resp = await client.patch(
+        "/api/v1/devices/press-1/labels",
+        json={"labels": {"line": "1"}},
+        headers={"Authorization": f"Bearer {VIEWER}"},
+    )
+    assert resp.status_code == 403 and "deployer" in resp.json()["detail"]
+    assert (await store.get_device("acme", "press-1")).labels == {}
 
 
 # -- the Margo REST capabilities path ----------------------------------------------------------

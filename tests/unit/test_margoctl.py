@@ -242,6 +242,39 @@ def test_apply_get_delete_deployments_and_watch(server: Server, capsys, tmp_path
     assert "deployment.applied" in capsys.readouterr().out
 
 
+def test_label_device_is_what_selectors_match(server: Server, capsys, tmp_path) -> None:
+    seed(server)  # press-2 reports fw=1.2 of itself and has no operator labels
+    doc = tmp_path / "web.yaml"
+    doc.write_text(DOC)
+    apply = ("apply", "-f", str(doc), "-o", "json")
+    assert main(ctl(server, *apply, "--selector", "fw=1.2")) == 0
+    assert json.loads(capsys.readouterr().out)["devices"] == []  # a claim targets nothing
+
+    assert main(ctl(server, "label", "device", "press-2", "fw=1.2", "line=7")) == 0
+    assert capsys.readouterr().out == "device press-2 labels: fw=1.2,line=7\n"
+    assert main(ctl(server, *apply, "--selector", "fw=1.2")) == 0
+    assert json.loads(capsys.readouterr().out)["devices"] == ["press-2"]
+    assert main(ctl(server, *apply, "--selector", "reported.fw=1.2")) == 0
+    assert json.loads(capsys.readouterr().out)["devices"] == ["press-1", "press-2"]
+
+    assert main(ctl(server, "label", "device", "press-2", "fw-", "-o", "json")) == 0
+    assert json.loads(capsys.readouterr().out) == {"id": "press-2", "labels": {"line": "7"}}
+    assert main(ctl(server, "get", "device", "press-2", "-o", "json")) == 0
+    item = json.loads(capsys.readouterr().out)
+    assert item["labels"] == {"line": "7"} and item["reported_labels"] == {"fw": "1.2"}
+    assert main(ctl(server, "get", "device", "press-2")) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].split()[-1] == "line=7" and "Reported labels: fw=1.2" in out
+
+    assert main(ctl(server, "label", "device", "press-2", "bad key=1")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("margoctl: error: PATCH ") and "'bad key'" in err
+    assert main(ctl(server, "label", "device", "press-2", "line")) == 1
+    assert "expected KEY=VALUE or KEY-" in capsys.readouterr().err
+    assert main(ctl(server, "label", "device", "other", "line=1")) == 1  # another tenant's
+    assert "404" in capsys.readouterr().err
+
+
 def test_get_telemetry_and_sessions(server: Server, capsys) -> None:
     seed(server)
 
