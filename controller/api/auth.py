@@ -25,6 +25,10 @@ PRINCIPAL_SCOPE_KEY = "margo.operator"
 PROTECTED_PREFIX = "/api/"
 
 
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
 def principal_of(scope: Scope) -> Principal | None:
     """The authenticated operator of a request (None outside ``/api/``)."""
     principal = scope.get(PRINCIPAL_SCOPE_KEY)
@@ -66,8 +70,7 @@ class BearerAuthMiddleware:
             )
             await _refuse(scope, receive, send, _unauthorized(detail))
             return
-        now = dt.datetime.now(dt.UTC)
-        if principal.expired(now):
+        if principal.expired(_now()):  # per request: no restart when a certificate expires
             assert principal.expires is not None
             detail = (
                 f"operator {principal.name!r}'s certificate expired at "
