@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="device identity directory made by margo-certs device",
     )
     p.add_argument("--controller", required=True, help="controller QUIC HOST:PORT")
-    p.add_argument("--server-name", help="controller TLS name (default: the --controller host)")
+    p.add_argument(
+        "--server-name",
+        help="controller TLS name (default: the device's tenant, which chooses the "
+        "certificate the controller presents)",
+    )
     p.add_argument("--state", required=True, type=Path, help="agent state directory")
     p.add_argument("--label", action="append", default=[], help="device label KEY=VALUE")
     p.add_argument("--keepalive", type=float, help="keepalive seconds (default: controller's)")

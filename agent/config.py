@@ -13,7 +13,7 @@ class AgentConfig(BaseModel):
     identity: Path
     controller_host: str
     controller_port: int = Field(ge=1, le=65535)
-    server_name: str | None = None  # TLS name of the controller; default controller_host
+    server_name: str | None = None  # TLS name of the controller; default: the tenant
     state: Path
     labels: dict[str, str] = {}
     keepalive: float | None = Field(default=None, gt=0)  # None: what the controller says

@@ -25,15 +25,20 @@ from agent.config import AgentConfig
 from agent.ports import AgentSetup, SessionTask, StreamHandler
 from agent.session import AgentSession, HelloRefused
 from margo_stream import __version__
-from margo_stream.errors import ConfigError
+from margo_stream.errors import ConfigError, PeerRejected
 from margo_stream.fsutil import atomic_write
 from margo_stream.identity.trust import DeviceCredentials
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode, StreamKind
 from margo_stream.transport.connection import ConnectionLost
-from margo_stream.transport.quic_client import client_configuration, connect
+from margo_stream.transport.quic_client import client_configuration, connect, controller_identity
 
 log = logging.getLogger("margo.agent")
+
+# TLS alerts (QUIC CRYPTO_ERROR 0x100 + alert) that mean "the controller's certificate failed
+# verification" when our handshake ends with them: bad, unsupported, revoked, expired,
+# unknown certificate, unknown CA
+CERTIFICATE_ALERTS = frozenset(0x100 + alert for alert in (42, 43, 44, 45, 46, 48))
 
 
 class Agent:
@@ -46,6 +51,7 @@ class Agent:
         self.session: AgentSession | None = None
         self.counters = {"connects": 0, "disconnects": 0, "refusals": 0}
         self.last_error: str | None = None
+        self.controller_id: str | None = None  # SPIFFE ID of the controller last accepted
         self._stop = anyio.Event()
         self._lock_fd: int | None = None
 
@@ -117,7 +123,7 @@ class Agent:
             str(creds.cert_path),
             str(creds.key_path),
             str(creds.ca_path),
-            server_name=cfg.server_name or cfg.controller_host,
+            server_name=cfg.server_name or self.tenant,  # the controller presents our tenant's
             idle_timeout=cfg.idle_timeout,
         )
         backoff = Backoff(base=cfg.backoff_base, cap=cfg.backoff_cap)
@@ -141,9 +147,16 @@ class Agent:
             conn, transport = await connect(cfg.controller_host, cfg.controller_port, qconf)
         except OSError as exc:
             return f"cannot reach {target}: {exc.strerror or exc}"
+        handshaken = False
         try:
             with anyio.fail_after(cfg.connect_timeout):
                 await conn.wait_handshake()
+            handshaken = True
+            try:
+                self.controller_id = controller_identity(conn, self.tenant)
+            except PeerRejected as exc:
+                conn.close(ErrorCode.IDENTITY_REFUSED, exc.reason)
+                return self._controller_refused(target, exc.reason)
             session = AgentSession(self, conn)
 
             def ready(s: AgentSession) -> None:
@@ -152,11 +165,12 @@ class Agent:
                 self.counters["connects"] += 1
                 self._write_status(connected=True)
                 log.info(
-                    "connected to %s as %s/%s",
+                    "connected to %s (%s) as %s/%s",
                     target,
+                    self.controller_id,
                     self.tenant,
                     self.device_id,
-                    extra={"event": "connected"},
+                    extra={"event": "connected", "controller_id": self.controller_id},
                 )
 
             lost = await session.run(on_ready=ready)
@@ -165,6 +179,8 @@ class Agent:
         except TimeoutError:
             return f"no answer from {target} within {cfg.connect_timeout:.0f} s"
         except ConnectionLost as exc:
+            if not handshaken and exc.code in CERTIFICATE_ALERTS:
+                return self._controller_refused(target, f"TLS: {exc.reason}")
             if exc.code == ErrorCode.IDENTITY_REFUSED:
                 self.counters["refusals"] += 1
                 log.error(
@@ -180,6 +196,18 @@ class Agent:
             conn.close(ErrorCode.NO_ERROR, "agent reconnecting")
             transport.close()
 
+    def _controller_refused(self, target: str, reason: str) -> str:
+        """The controller at ``target`` is not our tenant's: counted as a refusal."""
+        self.counters["refusals"] += 1
+        self.controller_id = None
+        log.error(
+            "refusing the controller at %s: %s",
+            target,
+            reason,
+            extra={"event": "controller-refused", "reason": reason},
+        )
+        return f"controller refused: {reason}"
+
     def _write_status(self, *, connected: bool) -> None:
         info = {
             "device": self.device_id,
@@ -188,6 +216,7 @@ class Agent:
             "controller": f"{self.config.controller_host}:{self.config.controller_port}",
             "updated": time.time(),
             "last_error": self.last_error,
+            "controller_id": self.controller_id,
             **self.counters,
         }
         try:

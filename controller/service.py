@@ -33,6 +33,7 @@ from controller.session import ControllerSession, SessionContext
 from controller.store.sqlite import SqliteStore
 from margo_stream.errors import ConfigError, IdentityError
 from margo_stream.fsutil import atomic_write
+from margo_stream.identity.fleet_manager import TenantCertificates
 from margo_stream.identity.operator_files import OperatorDirectory
 from margo_stream.identity.trust import load_server_credentials
 from margo_stream.identity.verify import PeerVerifier
@@ -70,6 +71,7 @@ class Controller:
         self.quic_port: int | None = None
         self.api_port: int | None = None
         self.verifier: PeerVerifier | None = None
+        self.server_certs = TenantCertificates({})  # per tenant, chosen by the TLS server name
         self.operators: OperatorDirectory | None = None  # who each operator token is
         self._tg: TaskGroup | None = None
         self._stop = anyio.Event()
@@ -108,6 +110,7 @@ class Controller:
             self.verifier = PeerVerifier.from_dir(certs)
             self.operators = OperatorDirectory(certs)
             creds = load_server_credentials(certs)
+            self.server_certs = TenantCertificates.from_dir(certs, self.verifier.tenants)
         except IdentityError as exc:
             raise ConfigError(str(exc)) from None
         if not self.verifier.tenants:
@@ -145,6 +148,7 @@ class Controller:
                     self._verify,
                     self._accept,
                     reset_tokens=ResetTokens(load_reset_key(self.config.data)),
+                    choose_certificate=self.server_certs.choose,
                 )
                 self.quic_port = transport.get_extra_info("sockname")[1]
                 await tg.start(self._serve_api)

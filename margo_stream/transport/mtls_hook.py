@@ -11,7 +11,12 @@ Certificate. So the controller:
    verifies it itself against the tenant's bundle before it accepts any stream;
 3. issues no session tickets and accepts no PSK (the server is built without ticket
    callbacks), so a resumed session can never skip the client certificate;
-4. derives the stateless reset token of every connection ID it issues from the ID and a
+4. presents, per connection, the certificate of the tenant the client's ClientHello names as
+   its server name (SNI), falling back to the configuration's (``DIR/controller/``): aioquic
+   holds one certificate per configuration, so ``_choose_by_server_name`` peeks at the
+   ClientHello just before aioquic's server handles it and sets the context's (public)
+   certificate, chain and key, which aioquic reads only after that point;
+5. derives the stateless reset token of every connection ID it issues from the ID and a
    kept key, and lets the agent read the tokens it was given, so a restarted controller can
    reset connections it no longer knows and the agent recognises the reset
    (``stateless_reset.py``; aioquic draws the tokens at random and ignores resets).
@@ -22,18 +27,26 @@ internals change under us.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import Any
 
 from aioquic import __version__ as aioquic_version
 from aioquic import tls
+from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from cryptography import x509
 
 from margo_stream.errors import MargoError
+from margo_stream.identity.fleet_manager import ServerCertificate
 from margo_stream.transport.stateless_reset import ResetTokens
 
 TESTED_AIOQUIC = ("1.7.",)
+HELLO_HANDLER_PARAMETERS = ["input_buf", "initial_buf", "handshake_buf"]
+
+# server name from the ClientHello (None: none sent) -> the certificate to present, or None
+CertificateChooser = Callable[[str | None], ServerCertificate | None]
 
 
 class UnsupportedAioquic(MargoError):
@@ -58,6 +71,7 @@ def check_aioquic() -> None:
                 f"aioquic {aioquic_version}: tls.Context has no {attribute!r}; "
                 "the client-certificate hook cannot work"
             )
+    _check_server_name_hook(context)
     client = QuicConnection(configuration=QuicConfiguration(is_client=True))
     for attribute in ("_host_cids", "_peer_cid", "_peer_cid_available"):
         if not hasattr(client, attribute):
@@ -79,11 +93,77 @@ def check_aioquic() -> None:
         )
 
 
+def _check_server_name_hook(context: tls.Context) -> None:
+    """What ``_choose_by_server_name`` relies on: the server's ClientHello handler and its
+    arguments, the ClientHello parser and its server name, the context's certificate slots."""
+    handler = getattr(context, "_server_handle_hello", None)
+    try:
+        parameters = list(inspect.signature(handler).parameters) if callable(handler) else None
+    except (TypeError, ValueError):
+        parameters = None
+    if parameters != HELLO_HANDLER_PARAMETERS:
+        raise UnsupportedAioquic(
+            f"aioquic {aioquic_version}: tls.Context._server_handle_hello is gone or takes "
+            f"{parameters} instead of {HELLO_HANDLER_PARAMETERS}; the per-tenant server "
+            "certificate cannot be chosen"
+        )
+    if not callable(getattr(tls, "pull_client_hello", None)) or "server_name" not in getattr(
+        tls.ClientHello, "__dataclass_fields__", {}
+    ):
+        raise UnsupportedAioquic(
+            f"aioquic {aioquic_version}: tls.pull_client_hello or ClientHello.server_name is "
+            "gone; the per-tenant server certificate cannot be chosen"
+        )
+    for attribute in ("certificate", "certificate_chain", "certificate_private_key"):
+        if not hasattr(context, attribute):
+            raise UnsupportedAioquic(
+                f"aioquic {aioquic_version}: tls.Context has no {attribute!r}; the per-tenant "
+                "server certificate cannot be chosen"
+            )
+
+
+def _choose_by_server_name(context: tls.Context, choose: CertificateChooser) -> None:
+    """Before aioquic's server handles the ClientHello (the only place it reads the server
+    name), read the name from it and present the certificate ``choose`` picks for it.
+
+    aioquic first uses the certificate's key later in that same handler (signature algorithm
+    negotiation, Certificate, CertificateVerify), so setting it here is in time. A ClientHello
+    that does not parse is left to aioquic, which refuses it with the proper alert.
+    """
+    handle_hello = context._server_handle_hello
+
+    def choosing_handle_hello(
+        input_buf: Buffer, initial_buf: Buffer, handshake_buf: Buffer
+    ) -> None:
+        start = input_buf.tell()
+        try:
+            server_name = tls.pull_client_hello(input_buf).server_name
+        except Exception:  # noqa: BLE001 - aioquic parses it again and raises its alert
+            server_name = None
+        input_buf.seek(start)
+        chosen = choose(server_name)
+        if chosen is not None:
+            context.certificate = chosen.certificate
+            context.certificate_chain = list(chosen.chain)
+            context.certificate_private_key = chosen.private_key
+        handle_hello(input_buf, initial_buf, handshake_buf)
+
+    setattr(context, "_server_handle_hello", choosing_handle_hello)  # noqa: B010 - an instance's
+
+
 class MutualTlsServerConnection(QuicConnection):
-    """A server connection whose TLS context requests a client certificate and whose
+    """A server connection whose TLS context requests a client certificate, presents the
+    certificate ``choose_certificate`` picks for the client's server name, and whose
     connection IDs carry reset tokens derived from them (``stateless_reset.py``)."""
 
-    def __init__(self, *args: Any, reset_tokens: ResetTokens | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        reset_tokens: ResetTokens | None = None,
+        choose_certificate: CertificateChooser | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self._margo_choose_certificate = choose_certificate  # _initialize may run in __init__
         super().__init__(*args, **kwargs)
         self._margo_reset_tokens = reset_tokens
         self._derive_reset_tokens()  # before the transport parameters carry the first one
@@ -91,6 +171,8 @@ class MutualTlsServerConnection(QuicConnection):
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
         self.tls._request_client_certificate = True
+        if self._margo_choose_certificate is not None:
+            _choose_by_server_name(self.tls, self._margo_choose_certificate)
 
     def _replenish_connection_ids(self) -> None:
         super()._replenish_connection_ids()

@@ -10,8 +10,10 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from margo_stream.errors import ConfigError
+from margo_stream.identity.fleet_manager import check_controller_certificate
 from margo_stream.protocol.codes import ALPN, Sender
 from margo_stream.transport.connection import Connection
+from margo_stream.transport.mtls_hook import peer_certificates
 
 
 def client_configuration(
@@ -35,6 +37,14 @@ def client_configuration(
     configuration.load_cert_chain(cert_path, key_path)
     configuration.load_verify_locations(cafile=ca_path)
     return configuration
+
+
+def controller_identity(conn: Connection, tenant: str) -> str:
+    """After the handshake: the SPIFFE ID of the controller's leaf, which must be a fleet
+    manager of ``tenant`` (``spiffe://<tenant>/margo/wfm/<id>``, serverAuth); ``PeerRejected``
+    otherwise. TLS already verified the chain against the device's bundle, its tenant's CA."""
+    leaf, _ = peer_certificates(conn.quic)
+    return check_controller_certificate(leaf, tenant)
 
 
 def parse_host_port(text: str, *, what: str = "address") -> tuple[str, int]:

@@ -27,6 +27,7 @@ from margo_stream.errors import PeerRejected
 from margo_stream.protocol.codes import ALPN, ErrorCode, Sender
 from margo_stream.transport.connection import Connection
 from margo_stream.transport.mtls_hook import (
+    CertificateChooser,
     MutualTlsServerConnection,
     check_aioquic,
     peer_certificates,
@@ -66,8 +67,12 @@ class QuicServer(asyncio.DatagramProtocol):
         *,
         max_connections: int = 50_000,
         reset_tokens: ResetTokens | None = None,
+        choose_certificate: CertificateChooser | None = None,
     ) -> None:
         check_aioquic()
+        # per connection: the certificate of the tenant the client's server name names (None:
+        # always the configuration's, DIR/controller/)
+        self.choose_certificate = choose_certificate
         self.configuration = configuration
         self.verify = verify
         self.accept = accept
@@ -140,6 +145,7 @@ class QuicServer(asyncio.DatagramProtocol):
             configuration=self.configuration,
             original_destination_connection_id=original_cid,
             reset_tokens=self.reset_tokens,
+            choose_certificate=self.choose_certificate,
         )
         conn = Connection(quic, Sender.CONTROLLER, self._sendto, self.loop)
         conn.on_handshake = self._handshake_completed
@@ -206,6 +212,7 @@ async def start_server(
     accept: Acceptor,
     *,
     reset_tokens: ResetTokens | None = None,
+    choose_certificate: CertificateChooser | None = None,
 ) -> tuple[asyncio.DatagramTransport, QuicServer]:
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -213,6 +220,13 @@ async def start_server(
     size_buffers(sock)
     sock.bind((host, port))
     transport, protocol = await loop.create_datagram_endpoint(
-        lambda: QuicServer(configuration, verify, accept, reset_tokens=reset_tokens), sock=sock
+        lambda: QuicServer(
+            configuration,
+            verify,
+            accept,
+            reset_tokens=reset_tokens,
+            choose_certificate=choose_certificate,
+        ),
+        sock=sock,
     )
     return transport, protocol

@@ -29,6 +29,7 @@ AIOQUIC_PRIVATE = frozenset(
         "_host_cids",
         "_initialize",
         "_replenish_connection_ids",
+        "_server_handle_hello",
     }
 )
 

@@ -121,3 +121,62 @@ def test_every_connection_id_the_server_issues_carries_the_derived_reset_token(t
     # a reset the restarted server would send for the ID the client uses is recognised
     reset = tokens.reset_for(client._peer_cid.cid, 60)  # test-only peek
     assert reset is not None and is_reset(reset, given)
+
+
+def _sni_pair(pki: Pki, server_name: str, cafile: Path):
+    from margo_stream.identity.fleet_manager import TenantCertificates
+
+    client_conf = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name=server_name)
+    client_conf.load_verify_locations(cafile=str(cafile))
+    ident = pki.device("acme", "press-01")
+    client_conf.load_cert_chain(str(ident / "cert.pem"), str(ident / "key.pem"))
+    server_conf = QuicConfiguration(is_client=False, alpn_protocols=[ALPN])
+    server_conf.load_cert_chain(
+        str(pki.dir / "controller/cert.pem"), str(pki.dir / "controller/key.pem")
+    )
+    client = QuicConnection(configuration=client_conf)
+    server = MutualTlsServerConnection(
+        configuration=server_conf,
+        original_destination_connection_id=client._peer_cid.cid,  # test-only peek
+        choose_certificate=TenantCertificates.from_dir(pki.dir).choose,
+    )
+    return client, server
+
+
+def _uris(cert) -> list[str]:
+    from margo_stream.identity.fleet_manager import uri_sans
+
+    return uri_sans(cert)
+
+
+def test_server_presents_the_certificate_the_server_name_chooses(tmp_path):
+    pki = Pki(tmp_path)
+    for tenant in ("acme", "globex"):
+        client, server = _sni_pair(pki, tenant, pki.dir / tenant / "ca.pem")
+        _handshake(client, server)
+        leaf, _ = peer_certificates(client)  # what the client was shown, and verified
+        assert leaf is not None and _uris(leaf) == [f"spiffe://{tenant}/margo/wfm/controller"]
+        assert peer_certificates(server)[0] is not None  # the client certificate still came
+
+
+def test_a_server_name_naming_no_tenant_gets_the_default_certificate(tmp_path):
+    pki = Pki(tmp_path)
+    client, server = _sni_pair(pki, "localhost", pki.dir / "controller" / "ca.pem")
+    _handshake(client, server)
+    leaf, _ = peer_certificates(client)
+    assert leaf is not None and _uris(leaf) == []  # DIR/controller/cert.pem: no SPIFFE ID
+    assert leaf.subject.rfc4514_string() == "CN=localhost"
+
+
+def test_check_aioquic_fails_loudly_when_the_hello_handler_moves(monkeypatch):
+    import pytest
+    from aioquic import tls
+
+    from margo_stream.transport.mtls_hook import UnsupportedAioquic
+
+    monkeypatch.setattr(tls.Context, "_server_handle_hello", lambda self, buf: None)
+    with pytest.raises(UnsupportedAioquic, match="_server_handle_hello"):
+        check_aioquic()
+    monkeypatch.delattr(tls.Context, "_server_handle_hello")
+    with pytest.raises(UnsupportedAioquic, match="per-tenant server certificate"):
+        check_aioquic()
