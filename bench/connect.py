@@ -106,7 +106,7 @@ async def measure_ours(
             "certs": str(certs),
             "tenant": TENANT,
             "template": str(certs / TENANT / "devices" / "bench-template"),
-            "server_name": "localhost",
+            "server_name": TENANT,  # the controller presents the tenant's certificate
             "idle_timeout": args.idle_timeout,
             "concurrency": args.concurrency,
             "timeout": args.handshake_timeout,

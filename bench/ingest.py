@@ -74,7 +74,7 @@ def one_run(
                     "certs": str(certs),
                     "tenant": TENANT,
                     "template": str(certs / TENANT / "devices" / "bench-template"),
-                    "server_name": "localhost",
+                    "server_name": TENANT,  # the controller presents the tenant's certificate
                     "idle_timeout": 60.0,
                     "first": k * per,
                     "count": count,

@@ -148,7 +148,7 @@ class Fleet:
             server_name=self.cfg["server_name"],
             idle_timeout=self.cfg["idle_timeout"],
         )
-        # the controller CA as bytes: no file read per handshake
+        # the tenant CA (what verifies the controller) as bytes: no file read per handshake
         base = dataclasses.replace(base, cadata=(template / "ca.pem").read_bytes(), cafile=None)
         ca_cert, ca_key = load_tenant_ca(Path(self.cfg["certs"]), self.cfg["tenant"])
         now = datetime.now(UTC)

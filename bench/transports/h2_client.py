@@ -96,7 +96,10 @@ class H2PushClient:
         await self.close()
 
     async def connect(self) -> None:
-        self._tls = await open_tls(self.host, self.port, self._ctx, self.counters)
+        # the tenant as the server name: the controller presents its identity for this tenant
+        self._tls = await open_tls(
+            self.host, self.port, self._ctx, self.counters, server_hostname=self.tenant
+        )
         if self._tls.extra(TLSAttribute.alpn_protocol, None) != "h2":
             await self._tls.aclose()
             raise H2Error("server did not negotiate h2")

@@ -58,6 +58,7 @@ from controller.device_api.backend import DeviceBackend
 from controller.device_api.tls import client_context
 from controller.problems import Problem
 from controller.store.base import Store
+from margo_stream.identity.fleet_manager import fleet_manager_paths
 from margo_stream.identity.pki import (
     CONTROLLER_DIR,
     cert_to_pem,
@@ -162,13 +163,15 @@ class MosquittoBroker:
             "",
         ]
 
-        def listener(port: int, cafile: Path, acl: Path) -> None:
+        def listener(
+            port: int, cafile: Path, acl: Path, cert: Path = server_cert, key: Path = server_key
+        ) -> None:
             lines.extend(
                 [
                     f"listener {port} {self.host}",
                     f"cafile {cafile}",
-                    f"certfile {server_cert}",
-                    f"keyfile {server_key}",
+                    f"certfile {cert}",
+                    f"keyfile {key}",
                     "tls_version tlsv1.3",
                     "require_certificate true",
                     "use_identity_as_username true",
@@ -187,7 +190,13 @@ class MosquittoBroker:
                 f"pattern write margo/{tenant}/%u/capabilities\n"
                 f"pattern readwrite margo/{tenant}/%u/online\n"
             )
-            listener(port, self.certs_dir / tenant / "ca.pem", acl)
+            # a tenant's devices trust only their tenant's CA: its listener presents the
+            # controller's fleet-manager certificate for that tenant
+            fm_cert, fm_key = fleet_manager_paths(self.certs_dir, tenant)
+            if fm_cert.exists():
+                listener(port, self.certs_dir / tenant / "ca.pem", acl, fm_cert, fm_key)
+            else:
+                listener(port, self.certs_dir / tenant / "ca.pem", acl)
         self.bridge_port = _free_port()
         bridge_acl = self.run_dir / "acl-bridge"
         bridge_acl.write_text(f"user {BRIDGE_USER}\ntopic readwrite margo/#\n")

@@ -88,7 +88,7 @@ class QuicClient:
         port: int,
         *,
         state_dir: Path,
-        server_name: str = "localhost",
+        server_name: str | None = None,  # default: the tenant, as the agent sends
         idle_timeout: float = 60.0,
         connect_timeout: float = 20.0,
         keepalive: float | None = None,
@@ -103,7 +103,7 @@ class QuicClient:
                 str(self.creds.cert_path),
                 str(self.creds.key_path),
                 str(self.creds.ca_path),
-                server_name=server_name,
+                server_name=server_name or self.tenant,
                 idle_timeout=idle_timeout,
             )
         self.configuration = configuration

@@ -82,7 +82,10 @@ class RestPollClient:
             await self.put_capabilities(capabilities_document(self.device_id))
 
     async def _open(self) -> None:
-        self._stream = await open_tls(self.host, self.port, self._ctx, self.counters)
+        # the tenant as the server name: the controller presents its identity for this tenant
+        self._stream = await open_tls(
+            self.host, self.port, self._ctx, self.counters, server_hostname=self.tenant
+        )
         self._h11 = h11.Connection(h11.CLIENT)
 
     async def close(self) -> None:

@@ -7,6 +7,12 @@ is only a first gate. :func:`peer_identity` then hands the peer's DER certificat
 against that tenant's bundle only, so a leaf signed by globex's CA that claims
 ``spiffe://acme/...`` passes OpenSSL's union check and is refused here.
 
+The server presents the controller's identity of the tenant the client names as its TLS
+server name (``DIR/<tenant>/controller/``, the fleet-manager certificate) through
+``SSLContext.sni_callback``; a name that is no tenant gets the default identity it was built
+with (``DIR/controller/``). Every per-tenant context is built like the default one, so the
+client-certificate rules do not depend on the name the client sent.
+
 Python 3.11's ``ssl`` gives the leaf only (no ``get_unverified_chain``), so intermediates are
 not passed to the verifier; ``margo-certs`` issues device leaves straight off each tenant's
 root, which is what the bundle holds.
@@ -15,7 +21,7 @@ root, which is what the bundle holds.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import anyio
@@ -24,6 +30,7 @@ from anyio.streams.tls import TLSAttribute, TLSStream
 from cryptography import x509
 
 from margo_stream.errors import PeerRejected
+from margo_stream.identity.fleet_manager import fleet_manager_paths
 from margo_stream.identity.pki import CONTROLLER_DIR
 from margo_stream.identity.spiffe import DeviceIdentity
 from margo_stream.identity.verify import PeerVerifier
@@ -50,8 +57,47 @@ def server_context(
     ca_bundle_paths: Sequence[str | Path],
     *,
     alpn: Sequence[str] = (),
+    by_server_name: Mapping[str, tuple[Path, Path]] | None = None,
 ) -> ssl.SSLContext:
-    """TLS 1.3 server context that requires a client certificate from any tenant CA."""
+    """TLS 1.3 server context that requires a client certificate from any tenant CA and
+    presents ``by_server_name[<SNI>]`` (cert, key) when the client names one; by default the
+    fleet-manager certificate beside each tenant bundle (``DIR/<tenant>/controller/``)."""
+    if by_server_name is None:
+        by_server_name = fleet_manager_identities(ca_bundle_paths)
+    ctx = _server_context(certfile, keyfile, ca_bundle_paths, alpn)
+    by_name = {
+        name: _server_context(cert, key, ca_bundle_paths, alpn)
+        for name, (cert, key) in by_server_name.items()
+    }
+    if by_name:
+
+        def choose(sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: object) -> None:
+            chosen = by_name.get((name or "").lower().rstrip("."))
+            if chosen is not None:
+                sock.context = chosen
+
+        ctx.sni_callback = choose
+    return ctx
+
+
+def fleet_manager_identities(ca_bundle_paths: Sequence[str | Path]) -> dict[str, tuple[Path, Path]]:
+    """``{tenant: (cert.pem, key.pem)}`` for each ``DIR/<tenant>/ca.pem`` whose tenant has a
+    fleet-manager certificate (``DIR/<tenant>/controller/``)."""
+    found: dict[str, tuple[Path, Path]] = {}
+    for bundle in ca_bundle_paths:
+        tdir = Path(bundle).parent
+        cert, key = fleet_manager_paths(tdir.parent, tdir.name)
+        if cert.exists() and key.exists():
+            found[tdir.name] = (cert, key)
+    return found
+
+
+def _server_context(
+    certfile: str | Path,
+    keyfile: str | Path,
+    ca_bundle_paths: Sequence[str | Path],
+    alpn: Sequence[str],
+) -> ssl.SSLContext:
     if not ca_bundle_paths:
         raise ValueError("no tenant CA bundles: a client certificate could never verify")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -117,6 +163,7 @@ def remote_address(stream: ByteStream) -> str:
 __all__ = [
     "accept_tls",
     "client_context",
+    "fleet_manager_identities",
     "identity_from_der",
     "peer_identity",
     "remote_address",
