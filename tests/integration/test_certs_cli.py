@@ -56,9 +56,9 @@ def test_init_device_and_reinit(tmp_path: Path) -> None:
     for rel in ["controller/ca.key", "controller/key.pem"]:
         assert mode(d / rel) == 0o600, rel
     for tenant in ["acme", "globex"]:
-        for name in ["ca.key", "signing.key", "operator.token"]:
+        for name in ["ca.key", "signing.key", "operator.token", "root.key", "operator.key"]:
             assert mode(d / tenant / name) == 0o600
-        for name in ["ca.pem", "signing.pub"]:
+        for name in ["ca.pem", "signing.pub", "root.pub", "root/1.json", "operator.cert.json"]:
             assert (d / tenant / name).is_file()
     load_server_credentials(d)
     token = (d / "acme" / "operator.token").read_text()
@@ -71,6 +71,7 @@ def test_init_device_and_reinit(tmp_path: Path) -> None:
         "ca.pem",
         "cert.pem",
         "key.pem",
+        "root.pub",
         "signing.pub",
     ]
     assert mode(ddir / "key.pem") == 0o600
