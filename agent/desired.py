@@ -36,6 +36,7 @@ from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import Refusal, StreamKind
 from margo_stream.protocol.push import DEFAULT_MAX_PUSH_BYTES, PushAssembler
 from margo_stream.state.manifest import blob_digests, parse_manifest, signature_valid
+from margo_stream.state.status import DeploymentState, DeploymentStatus, StatusError
 from margo_stream.state.trust import DesiredStateVerifier, Verdict
 from margo_stream.transport.connection import MessageStream
 
@@ -72,14 +73,15 @@ class DesiredFeature:
         state.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.store = DesiredStore(state)
         try:
-            self.public_key = load_signing_pub(agent.creds.signing_pub_path)
+            self.root_key = load_signing_pub(agent.creds.root_pub_path)
             self.verifier = DesiredStateVerifier(
-                agent.tenant, agent.device_id, self.public_key, state / "desired" / "trust.json"
+                agent.tenant, agent.device_id, self.root_key, state / "desired" / "trust.json"
             )
         except (IdentityError, TrustError) as exc:
             raise ConfigError(str(exc)) from None
         self._incoming: dict[str, bytes] = {}
         self.reconciler = Reconciler(state, read_blob=self._read_blob, on_status=status.on_status)
+        self._report = status.on_status
         self._lock = anyio.Lock()
         agent.background_tasks.append(self.run)
         agent.hello_fields.append(self.hello_fields)
@@ -97,8 +99,13 @@ class DesiredFeature:
             if current is None:
                 return
             manifest_bytes, signature = current
-            if not signature_valid(manifest_bytes, signature, self.public_key):
-                raise DesiredStoreError("the stored manifest's signature does not verify")
+            root = self.verifier.root
+            keys = root.role_keys("controller")[0].values() if root is not None else ()
+            if not any(signature_valid(manifest_bytes, signature, k) for k in keys):
+                raise DesiredStoreError(
+                    "the stored manifest's signature does not verify with a controller key of "
+                    "the held root metadata"
+                )
             manifest = parse_manifest(manifest_bytes)
             specs = read_specs(manifest, self.store.blobs())
         except (DesiredStoreError, DocumentError, KeyError) as exc:
@@ -121,6 +128,7 @@ class DesiredFeature:
         return {
             "manifest_version": self.verifier.held_version,
             "manifest_digest": self.verifier.held_digest,
+            "root_version": self.verifier.root_version,
             "blobs": sorted(self.store.held_digests())[:4096],
         }
 
@@ -160,7 +168,11 @@ class DesiredFeature:
         available = Overlay(received, self.store.blobs())
         try:
             verdict = self.verifier.verify(
-                push.manifest, push.signature, available, now=dt.datetime.now(dt.UTC)
+                push.manifest,
+                push.signature,
+                available,
+                now=dt.datetime.now(dt.UTC),
+                root=push.root,
             )
             if verdict.unchanged:
                 return m.DesiredResult(version=version, ok=True, unchanged=True)
@@ -172,6 +184,18 @@ class DesiredFeature:
                 exc,
                 extra={"event": "desired-refused", "refusal": exc.refusal},
             )
+            if exc.deployment_id is not None:
+                # the operator sees on the deployment itself why the device does not run it
+                # (the device keeps running what it ran)
+                error = StatusError(code=exc.refusal, source="agent", message=str(exc)[:1000])
+                self._report(
+                    DeploymentStatus(
+                        deployment_id=exc.deployment_id,
+                        manifest_version=version,
+                        state=DeploymentState.FAILED,
+                        error=error,
+                    )
+                )
             return m.DesiredResult(version=version, ok=False, code=exc.refusal, reason=str(exc))
         except DocumentError as exc:
             return m.DesiredResult(

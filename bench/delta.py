@@ -29,6 +29,7 @@ import httpx
 from bench.pushlat import installed, one_device_pki, watching
 from bench.relay import Impairment, UdpRelay
 from bench.report_util import machine_info, markdown_table, median, write_report
+from bench.signing import Signer
 
 BIN = Path(sys.executable).parent
 DEVICE = "delta-01"
@@ -89,6 +90,7 @@ async def one_run(file_bytes: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="margo-delta-") as tmp:
         root = Path(tmp)
         certs, ident, token = one_device_pki(root, DEVICE)
+        signer = Signer.for_tenant(certs, "bench")
         data = root / "data"
         data.mkdir()
         ctl = subprocess.Popen(
@@ -123,11 +125,9 @@ async def one_run(file_bytes: int) -> dict[str, Any]:
             encoded = [base64.b64encode(b).decode() for b in blobs]
 
             def body(value: str) -> dict[str, Any]:
-                return {
-                    "documents": [DOC.format(files=listing, value=value)],
-                    "devices": [DEVICE],
-                    "blobs": encoded,
-                }
+                return signer.body(
+                    [DOC.format(files=listing, value=value)], devices=[DEVICE], blobs=encoded
+                )
 
             async with UdpRelay(
                 ("127.0.0.1", 0), ("127.0.0.1", quic_port), Impairment(seed=1)

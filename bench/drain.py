@@ -27,6 +27,7 @@ import httpx
 
 from bench.pushlat import one_device_pki, one_push, watching
 from bench.report_util import machine_info, markdown_table, median, percentile, write_report
+from bench.signing import Signer
 from margo_stream.telemetry_client import AsyncTelemetryClient
 
 BIN = Path(sys.executable).parent
@@ -109,6 +110,7 @@ async def one_run(records: int, record_bytes: int, samples: int) -> dict[str, An
     with tempfile.TemporaryDirectory(prefix="margo-drain-") as tmp:
         root = Path(tmp)
         certs, ident, token = one_device_pki(root, DEVICE)
+        signer = Signer.for_tenant(certs, "bench")
         data, state = root / "data", root / "agent"
         data.mkdir()
         state.mkdir()
@@ -148,9 +150,12 @@ async def one_run(records: int, record_bytes: int, samples: int) -> dict[str, An
             async with watching(api, token) as (client, watch):
                 while not (await anyio.to_thread.run_sync(_device, api, token))["connected"]:
                     await anyio.sleep(0.05)
-                await one_push(client, watch, DEVICE, "warmup")
+                await one_push(client, signer, watch, DEVICE, "warmup")
                 _log(f"idle push latency, {samples} samples")
-                idle = [await one_push(client, watch, DEVICE, f"idle-{i}") for i in range(samples)]
+                idle = [
+                    await one_push(client, signer, watch, DEVICE, f"idle-{i}")
+                    for i in range(samples)
+                ]
             before = (await anyio.to_thread.run_sync(_device, api, token))["connection_count"]
             base = await anyio.to_thread.run_sync(_watermark, api, token)
             _stop(ctl)  # the link goes down; the agent keeps accepting records
@@ -173,7 +178,9 @@ async def one_run(records: int, record_bytes: int, samples: int) -> dict[str, An
                 progress_at = 0.0
                 while done_at is None:
                     if len(busy) < samples:
-                        busy.append(await one_push(client, watch, DEVICE, f"busy-{len(busy)}"))
+                        busy.append(
+                            await one_push(client, signer, watch, DEVICE, f"busy-{len(busy)}")
+                        )
                     else:
                         await anyio.sleep(0.05)
                     now = time.perf_counter()

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import httpx
 
+from bench.signing import Signer
 from margo_stream.identity.pki import init_pki, issue_device
 
 DOC = """\
@@ -101,20 +102,26 @@ def installed(device: str, dep: str = "bench-probe") -> Any:
     return match
 
 
-async def apply(client: httpx.AsyncClient, devices: list[str], value: Any, **kw: Any) -> None:
-    r = await client.post(
-        "/api/v1/deployments", json={"documents": [document(value, **kw)], "devices": devices}
-    )
+async def apply(
+    client: httpx.AsyncClient, signer: Signer, devices: list[str], value: Any, **kw: Any
+) -> None:
+    body = signer.body([document(value, **kw)], devices=devices)
+    r = await client.post("/api/v1/deployments", json=body)
     r.raise_for_status()
 
 
 async def one_push(
-    client: httpx.AsyncClient, watch: EventWatch, device: str, value: Any, timeout: float = 30.0
+    client: httpx.AsyncClient,
+    signer: Signer,
+    watch: EventWatch,
+    device: str,
+    value: Any,
+    timeout: float = 30.0,
 ) -> float:
     """Seconds from the apply to that device's ``installed`` event."""
     event, stamp = watch.expect(installed(device))
     t0 = time.perf_counter()
-    await apply(client, [device], value)
+    await apply(client, signer, [device], value)
     with anyio.fail_after(timeout):
         await event.wait()
     return stamp[0] - t0

@@ -12,6 +12,7 @@ time; changes arriving meanwhile coalesce into one follow-up push of the newest 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import math
 import time
@@ -22,10 +23,11 @@ from typing import Any
 import anyio
 
 from controller.batching import WriteBatcher
-from controller.document_cache import DocumentCache
+from controller.document_cache import CachedDocument, DocumentCache
 from controller.ports import DeviceLink, TaskSpawner
 from controller.push_window import PushWindow
 from controller.registry import SessionRegistry
+from controller.root_chains import RootChains
 from controller.store.base import AssignmentRecord, ManifestRecord, Store
 from margo_stream.errors import ConfigError, IdentityError
 from margo_stream.identity.trust import load_signing_key
@@ -84,6 +86,7 @@ class _DeviceState:
     pushing: bool = False
     again: bool = False
     held: set[str] = field(default_factory=set)  # blob digests the connected device holds
+    root_version: int | None = None  # newest root metadata version the device holds
 
 
 class DesiredState:
@@ -96,8 +99,10 @@ class DesiredState:
         registry: SessionRegistry,
         tasks: TaskSpawner,
         documents: DocumentCache,
+        roots: RootChains,
     ) -> None:
         self.config = config
+        self.roots = roots
         self.store = store
         self.registry = registry
         self.tasks = tasks
@@ -135,13 +140,24 @@ class DesiredState:
     ) -> list[ManifestEntry]:
         entries = []
         for a in assignments:
-            document = self.documents.get(tenant, a.digest)
-            if document is None:  # applied before this process started
+            cached = self.documents.get(tenant, a.digest)
+            if cached is None:  # applied before this process started
+                record = await self.store.get_deployment(tenant, a.deployment_id, a.digest)
                 data = await self.store.get_blob(tenant, a.digest)
-                document = parse_deployment(data, source=f"deployment {a.deployment_id}")
-                self.documents.put(tenant, a.digest, document)
+                cached = CachedDocument(
+                    parse_deployment(data, source=f"deployment {a.deployment_id}"),
+                    json.loads(record.signature) if record.signature else None,
+                    record.certificate,
+                )
+                self.documents.put(tenant, a.digest, cached)
             entries.append(
-                ManifestEntry(deployment_id=a.deployment_id, digest=a.digest, files=document.files)
+                ManifestEntry(
+                    deployment_id=a.deployment_id,
+                    digest=a.digest,
+                    files=cached.document.files,
+                    signature=cached.signature,
+                    certificate=cached.certificate,
+                )
             )
         return sorted(entries, key=lambda e: e.deployment_id)
 
@@ -282,6 +298,7 @@ class DesiredState:
         assert hello is not None
         state = self._devices.setdefault((session.tenant, session.device_id), _DeviceState())
         state.held = set(hello.blobs)
+        state.root_version = hello.root_version
         held = hello.manifest_version or 0
         known = await self._latest_known(session.tenant, session.device_id)
         if known is None or held > known[0]:
@@ -333,8 +350,9 @@ class DesiredState:
         if current is None or session.conn.closed is not None:
             return
         record = current.record
+        root = self.roots.newer_than(session.tenant, state.root_version)
         opener = plan_push(
-            record.version, record.manifest, record.signature, current.digests, state.held
+            record.version, record.manifest, record.signature, current.digests, state.held, root
         )
         needed = opener.blobs
         # the first blob is in hand before anything is sent, so that a small push (the
@@ -378,7 +396,9 @@ class DesiredState:
             )
             return
         if result.ok:
-            state.held |= current.digests
+            state.held = set(current.digests)  # the agent keeps only what its manifest names
+            if root:
+                state.root_version = (state.root_version or 0) + len(root)
             view = self.registry.get(session.tenant, session.device_id)
             if view is not None and view.handle is session:
                 view.manifest_version = record.version

@@ -15,6 +15,7 @@ from controller.desired import DesiredConfig, DesiredState
 from controller.document_cache import DocumentCache
 from controller.ports import SessionHooks, TaskSpawner
 from controller.registry import SessionRegistry
+from controller.root_chains import RootChains
 from controller.status import StatusIngest
 from controller.store.base import Store
 from controller.telemetry import TelemetryIngest
@@ -26,6 +27,7 @@ from margo_stream.protocol.codes import StreamKind
 class Features:
     hooks: SessionHooks
     documents: DocumentCache
+    roots: RootChains
     desired: DesiredState
     status: StatusIngest
     telemetry: TelemetryIngest
@@ -36,6 +38,7 @@ def build_features(
     config: ControllerConfig, store: Store, registry: SessionRegistry, tasks: TaskSpawner
 ) -> Features:
     documents = DocumentCache()
+    roots = RootChains(config.certs)
     desired = DesiredState(
         DesiredConfig(
             certs=config.certs,
@@ -46,6 +49,7 @@ def build_features(
         registry,
         tasks,
         documents,
+        roots,
     )
     status = StatusIngest(store, tasks)
     telemetry = TelemetryIngest(store, tasks)
@@ -60,6 +64,7 @@ def build_features(
     return Features(
         hooks=hooks,
         documents=documents,
+        roots=roots,
         desired=desired,
         status=status,
         telemetry=telemetry,

@@ -232,6 +232,7 @@ class Controller:
             desired=self.desired,
             terminals=self.features.terminals,
             documents=self.features.documents,
+            roots=self.features.roots,
         )
         family = socket.AF_INET6 if ":" in self.config.api_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

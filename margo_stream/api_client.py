@@ -222,10 +222,18 @@ class ApiClient:
         devices: Sequence[str] = (),
         selector: Mapping[str, str] | None = None,
         blobs: Sequence[str] = (),
+        signatures: Mapping[str, JsonDict] | None = None,
+        certificate: JsonDict | None = None,
     ) -> JsonDict:
         """Store deployment documents (YAML texts) and assign them; ``blobs`` are base64
-        contents of extra files the documents reference."""
+        contents of extra files the documents reference; ``signatures`` (document digest ->
+        the operator's signature envelope) and ``certificate`` (the operator's certificate)
+        say who authored them."""
         body: JsonDict = {"documents": list(documents)}
+        if signatures is not None:
+            body["signatures"] = dict(signatures)
+        if certificate is not None:
+            body["certificate"] = certificate
         if devices:
             body["devices"] = list(devices)
         if selector:

@@ -72,9 +72,10 @@ class TrustError(MargoError):
 
     code = ErrorCode.DESIRED_REFUSED
 
-    def __init__(self, message: str, refusal: Refusal) -> None:
+    def __init__(self, message: str, refusal: Refusal, *, deployment_id: str | None = None) -> None:
         super().__init__(message)
         self.refusal = refusal
+        self.deployment_id = deployment_id  # the deployment refused, when it is one
 
 
 class AuthorityError(TrustError):

@@ -216,3 +216,18 @@ class Agent(Proc):
             return json.loads((self.state / "agent-status.json").read_text())
         except (OSError, ValueError):
             return {}
+
+
+def signed_body(token_file: Path, documents: list[str], **fields: object) -> dict[str, object]:
+    """An apply request body as margoctl sends it: the documents signed with the key beside
+    the operator token."""
+    from margo_stream.cli.signing import sign_documents
+    from margo_stream.identity.operator_files import load_operator_credentials
+
+    creds = load_operator_credentials(operator_dir=None, token_file=token_file)
+    return {
+        "documents": documents,
+        "signatures": sign_documents(documents, creds),
+        "certificate": creds.certificate,
+        **fields,
+    }

@@ -19,10 +19,11 @@ from typing import Any
 
 import httpx
 
-from bench.fleet import Fleet, ServerSide, operator_token, prepare_pki, sample_rss_cpu
+from bench.fleet import TENANT, Fleet, ServerSide, operator_token, prepare_pki, sample_rss_cpu
 from bench.fleet_worker import device_name
 from bench.pushlat import document
 from bench.report_util import downsample, percentile, udp_counters
+from bench.signing import Signer
 from margo_stream.state.digest import sha256_digest
 
 MQTT_PER_PROC = 250  # paho client: its socket and a wake-up socket pair per device
@@ -36,6 +37,7 @@ class Context:
     server: ServerSide
     fleet: Fleet
     token: str
+    signer: Signer
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -57,11 +59,11 @@ async def apply(
     """The operator's apply (one parameter changed, and with ``blob`` one file of the
     deployment replaced) to ``devices``; returns the monotonic time the request was sent."""
     text = document(value)
-    body: dict[str, Any] = {"devices": devices}
+    fields: dict[str, Any] = {"devices": devices}
     if blob is not None:
         text += f"  files:\n    - {{name: bulk.bin, digest: '{sha256_digest(blob)}'}}\n"
-        body["blobs"] = [base64.b64encode(blob).decode()]
-    body["documents"] = [text]
+        fields["blobs"] = [base64.b64encode(blob).decode()]
+    body = ctx.signer.body([text], **fields)
     async with ctx.client() as client:
         t0 = time.monotonic()
         r = await client.post("/api/v1/deployments", json=body)
@@ -177,7 +179,8 @@ async def run_one(
         concurrency=int(params.get("concurrency", 100)),
         pin=bool(int(params.get("pin", 1))),
     )
-    ctx = Context(transport, params, work, server, fleet, operator_token(work))
+    signer = Signer.for_tenant(work / "certs", TENANT)
+    ctx = Context(transport, params, work, server, fleet, operator_token(work), signer)
     result: dict[str, Any] = {"transport": transport, "tag": tag, "procs": fleet.procs}
     try:
         await server.start()

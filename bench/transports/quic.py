@@ -112,7 +112,7 @@ class QuicClient:
         self.verifier = DesiredStateVerifier(
             self.tenant,
             self.device_id,
-            load_signing_pub(self.creds.signing_pub_path),
+            load_signing_pub(self.creds.root_pub_path),
             Path(state_dir) / "trust.json",
         )
         self.blobs: dict[str, bytes] = {}
@@ -138,6 +138,7 @@ class QuicClient:
             update={
                 "manifest_version": self.verifier.held_version,
                 "manifest_digest": self.verifier.held_digest,
+                "root_version": self.verifier.root_version,
                 "blobs": sorted(self.blobs)[:4096],
             }
         )
@@ -225,6 +226,7 @@ class QuicClient:
                 push.signature,
                 ChainMap(received, self.blobs),
                 now=dt.datetime.now(dt.UTC),
+                root=push.root,
             )
         except TrustError as exc:
             return m.DesiredResult(

@@ -34,6 +34,7 @@ from controller.document_cache import DocumentCache
 from controller.ports import DesiredChanges
 from controller.problems import Problem
 from controller.registry import SessionRegistry
+from controller.root_chains import RootChains
 from controller.store.base import Store
 from controller.terminal import TerminalService
 from margo_stream.errors import ConfigError, DocumentError, NotFound, StoreError
@@ -102,6 +103,7 @@ def create_app(
     desired: DesiredChanges | None = None,
     terminals: TerminalService | None = None,
     documents: DocumentCache | None = None,
+    roots: RootChains | None = None,
 ) -> Starlette:
     """The operator API over ``store`` and ``registry``.
 
@@ -143,6 +145,7 @@ def create_app(
         documents=documents if documents is not None else DocumentCache(),
         desired=desired,
         terminals=terminals,
+        roots=roots,
     )
     app.state.openapi = openapi_document()
     app.state.operators = operators

@@ -18,6 +18,7 @@ from controller.document_cache import DocumentCache
 from controller.ports import DesiredChanges
 from controller.problems import OPERATOR_PROBLEMS, PROBLEM_MEDIA_TYPE, Problem
 from controller.registry import SessionRegistry
+from controller.root_chains import RootChains
 from controller.store.base import Store
 from controller.terminal import TerminalService
 
@@ -43,6 +44,10 @@ class ApiContext:
     documents: DocumentCache
     desired: DesiredChanges | None = None  # told of every stored change, when pushing is served
     terminals: TerminalService | None = None  # when terminal sessions are served
+    # the tenants' root metadata, to check operators' signatures on apply; without it (an API
+    # over a bare store, in tests) documents are stored as signed, or not, and the devices,
+    # which check against the root they pinned, refuse what no operator signed
+    roots: RootChains | None = None
 
 
 def context(conn: HTTPConnection) -> ApiContext:

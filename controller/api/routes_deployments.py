@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
+import json
 import logging
 from typing import Any
 
-import yaml
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from controller.api.apply_authority import check_authority
 from controller.api.routes_common import (
     ApiContext,
     context,
@@ -27,53 +29,25 @@ from controller.api.routes_common import (
     rfc3339,
     tenant_of,
 )
+from controller.document_cache import CachedDocument
 from controller.labels import selector_matches
 from controller.problems import Problem
 from controller.store.base import AssignmentRecord, DeploymentDraft, StatusRecord
 from margo_stream.errors import DocumentError
+from margo_stream.identity.envelope import canonical
 from margo_stream.state.digest import sha256_digest
 from margo_stream.state.documents import Deployment, parse_deployment
 from margo_stream.state.status import status_from_margo, status_to_margo
+from margo_stream.state.yaml_split import split_documents
 
 log = logging.getLogger("margo.controller.api")
 
 MAX_DOCUMENTS = 100
 
 
-def split_documents(text: str, source: str) -> list[bytes]:
-    """The exact bytes of each YAML document in ``text`` (digests are over exact bytes, so a
-    multi-document file becomes one blob per document; a single document is kept whole,
-    comments included)."""
-    try:
-        events = list(yaml.parse(text, Loader=yaml.SafeLoader))
-    except yaml.YAMLError as exc:
-        raise DocumentError(f"{source}: invalid YAML: {exc}") from None
-    out: list[bytes] = []
-    start: int | None = None
-    for event in events:  # the parser marks every event; the stubs allow None
-        if isinstance(event, yaml.DocumentStartEvent) and event.start_mark is not None:
-            start = event.start_mark.index
-        elif (
-            isinstance(event, yaml.DocumentEndEvent)
-            and start is not None
-            and event.end_mark is not None
-        ):
-            chunk = text[start : event.end_mark.index]
-            if chunk.strip() and chunk.strip() != "---":
-                out.append(chunk.encode("utf-8"))
-            start = None
-    if len(out) == 1:
-        return [text.encode("utf-8")]  # a single document: exactly the bytes given
-    return out
-
-
-def _parse(data: bytes, source: str) -> Any:
-    from margo_stream.state import documents
-
-    return documents.parse_deployment(data, source=source)
-
-
-async def _targets(ctx: Any, tenant: str, body: dict[str, Any], parsed: list[Any]) -> list[str]:
+async def _targets(
+    ctx: ApiContext, tenant: str, body: dict[str, Any], parsed: list[Deployment]
+) -> list[str]:
     devices = body.get("devices") or []
     selector = body.get("selector") or {}
     if not isinstance(devices, list) or not all(isinstance(d, str) and d for d in devices):
@@ -150,16 +124,29 @@ async def apply_deployments(request: Request) -> JSONResponse:
     if missing:
         raise DocumentError(f"file blob {missing[0]} is neither stored nor included in 'blobs'")
 
+    authority = None
+    if ctx.roots is not None:
+        authority = check_authority(body, docs, ctx.roots.chain(tenant), dt.datetime.now(dt.UTC))
+        decoded.append(authority.certificate)
     targets = await _targets(ctx, tenant, body, [d for _, d in docs])
-    drafts = [
-        DeploymentDraft(
-            deployment_id=dep.deployment_id, document=data, name=dep.name, profile=str(dep.profile)
+    drafts = []
+    for data, dep in docs:
+        sig = authority.signatures[sha256_digest(data)] if authority else None
+        drafts.append(
+            DeploymentDraft(
+                deployment_id=dep.deployment_id,
+                document=data,
+                name=dep.name,
+                profile=str(dep.profile),
+                signature=canonical(sig).decode() if sig else None,
+                certificate=authority.certificate_digest if authority else None,
+            )
         )
-        for data, dep in docs
-    ]
     records = await ctx.store.apply(tenant, blobs=decoded, deployments=drafts, devices=targets)
     for record, (_, dep) in zip(records, docs, strict=True):
-        ctx.documents.put(tenant, record.digest, dep)
+        # what the store kept (an unchanged re-apply keeps its first signature)
+        kept = json.loads(record.signature) if record.signature else None
+        ctx.documents.put(tenant, record.digest, CachedDocument(dep, kept, record.certificate))
     applied = [
         {
             "deploymentId": r.deployment_id,

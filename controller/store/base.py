@@ -67,6 +67,8 @@ class DeploymentRecord:
     name: str
     profile: str
     created: float
+    signature: str | None = None  # the deploying operator's signature envelope (JSON)
+    certificate: str | None = None  # digest of the operator's certificate blob
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,8 @@ class DeploymentDraft:
     document: bytes
     name: str
     profile: str
+    signature: str | None = None  # the operator's signature envelope, canonical JSON
+    certificate: str | None = None  # digest of the operator's certificate (in the apply's blobs)
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,7 +57,9 @@ def missing_blobs(conn: StoreConnection, tenant: str, digests: Sequence[str]) ->
 
 # -- deployments -----------------------------------------------------------------------------
 
-_DEPLOYMENT_COLUMNS = "tenant, deployment_id, digest, name, profile, created"
+_DEPLOYMENT_COLUMNS = (
+    "tenant, deployment_id, digest, name, profile, created, signature, certificate"
+)
 
 
 def put_deployment(
@@ -68,17 +70,31 @@ def put_deployment(
     name: str,
     profile: str,
     now: float,
+    signature: str | None = None,
+    certificate: str | None = None,
 ) -> DeploymentRecord:
     if not deployment_id:
         raise ValueError("deployment id must not be empty")
     digest = put_blob(conn, tenant, document, None, now)
     # Re-applying an older version makes it the newest again: ``created`` is when this
-    # version was last applied.
+    # version was last applied. Re-applying the newest version unchanged keeps its signature
+    # (an idempotent apply changes nothing a device sees); bringing an older version back
+    # takes the new signature (devices refuse the old one as older than what they hold).
+    newest = conn.execute(
+        "SELECT digest, signature FROM deployments WHERE tenant = ? AND deployment_id = ?"
+        " ORDER BY created DESC LIMIT 1",
+        (tenant, deployment_id),
+    ).fetchone()
+    if newest is not None and newest[0] == digest and newest[1] is not None:
+        signature, certificate = None, None
     conn.execute(
-        "INSERT INTO deployments (tenant, deployment_id, digest, name, profile, created)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, deployment_id, digest) DO UPDATE SET"
-        " name = excluded.name, profile = excluded.profile, created = excluded.created",
-        (tenant, deployment_id, digest, name, profile, now),
+        "INSERT INTO deployments (tenant, deployment_id, digest, name, profile, created,"
+        " signature, certificate) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (tenant, deployment_id, digest) DO UPDATE SET"
+        " name = excluded.name, profile = excluded.profile, created = excluded.created,"
+        " signature = coalesce(excluded.signature, deployments.signature),"
+        " certificate = coalesce(excluded.certificate, deployments.certificate)",
+        (tenant, deployment_id, digest, name, profile, now, signature, certificate),
     )
     return get_deployment(conn, tenant, deployment_id, digest)
 
@@ -179,7 +195,15 @@ def apply(
     changed: dict[str, None] = {}
     for draft in deployments:
         record = put_deployment(
-            conn, tenant, draft.deployment_id, draft.document, draft.name, draft.profile, now
+            conn,
+            tenant,
+            draft.deployment_id,
+            draft.document,
+            draft.name,
+            draft.profile,
+            now,
+            draft.signature,
+            draft.certificate,
         )
         records.append(record)
         for device_id in assign(

@@ -155,6 +155,13 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE devices ADD COLUMN reported_labels TEXT NOT NULL DEFAULT '{}';
     UPDATE devices SET reported_labels = labels, labels = '{}';
     """,
+    # 4 -> 5: who authored each deployment version: the operator's signature envelope
+    # (canonical JSON) and the digest of the operator's certificate (a blob). Null for versions
+    # applied before operators signed: devices refuse those until an operator signs them.
+    """
+    ALTER TABLE deployments ADD COLUMN signature TEXT;
+    ALTER TABLE deployments ADD COLUMN certificate TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

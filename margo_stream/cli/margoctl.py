@@ -31,6 +31,7 @@ from typing import Any
 
 from margo_stream.api_client import ApiClient
 from margo_stream.cli import margoctl_label, margoctl_terminal, output
+from margo_stream.cli.signing import sign_documents
 from margo_stream.errors import ConfigError, MargoError
 from margo_stream.identity.operator_files import OperatorCredentials, load_operator_credentials
 from margo_stream.state.digest import sha256_digest
@@ -270,8 +271,15 @@ def _read_documents(files: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _cmd_apply(client: ApiClient, args: argparse.Namespace) -> None:
     texts, blobs = _read_documents(args.files)
+    creds = operator_credentials(args)
+    signatures = sign_documents(texts, creds)
     result = client.apply(
-        texts, devices=args.devices, selector=_selector(args.selectors), blobs=blobs
+        texts,
+        devices=args.devices,
+        selector=_selector(args.selectors),
+        blobs=blobs,
+        signatures=signatures,
+        certificate=creds.certificate,
     )
     if args.output != "table":
         _print(output.render_data(result, args.output))

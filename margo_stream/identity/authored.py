@@ -57,7 +57,7 @@ def sign_deployment(
         "tenant": tenant,
         "deploymentId": deployment_id,
         "digest": digest,
-        "signedAt": format_time(now),
+        "signedAt": format_time(now, precise=True),
     }
     return envelope.sign(signed, [key])
 

@@ -50,16 +50,21 @@ class Role(enum.StrEnum):
     ADMIN = "admin"
 
 
-def format_time(value: dt.datetime) -> str:
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def format_time(value: dt.datetime, *, precise: bool = False) -> str:
+    """RFC 3339 UTC with a ``Z``; whole seconds, or microseconds with ``precise`` (for times
+    that order documents, like a deployment signature's ``signedAt``)."""
+    fmt = "%Y-%m-%dT%H:%M:%S.%fZ" if precise else "%Y-%m-%dT%H:%M:%SZ"
+    return value.astimezone(dt.UTC).strftime(fmt)
 
 
 def parse_time(value: object, what: str) -> dt.datetime:
+    text = str(value)
     try:
-        parsed = dt.datetime.strptime(str(value), "%Y-%m-%dT%H:%M:%SZ")
+        fmt = "%Y-%m-%dT%H:%M:%S.%fZ" if "." in text else "%Y-%m-%dT%H:%M:%SZ"
+        parsed = dt.datetime.strptime(text, fmt)
     except ValueError:
         raise AuthorityError(
-            f"{what}: {str(value)[:40]!r} is not a time like 2030-01-01T00:00:00Z",
+            f"{what}: {text[:40]!r} is not a time like 2030-01-01T00:00:00Z",
             Refusal.MALFORMED,
         ) from None
     return parsed.replace(tzinfo=dt.UTC)

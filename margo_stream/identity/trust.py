@@ -38,7 +38,8 @@ class DeviceCredentials:
     cert_path: Path
     key_path: Path
     ca_path: Path  # bundle that verifies the controller
-    signing_pub_path: Path  # the tenant's desired-state key, pinned by the agent
+    signing_pub_path: Path  # the controller's online key (named again by the root metadata)
+    root_pub_path: Path  # the tenant's offline root key: what the agent pins
     tenant: str
     device_id: str
     spiffe_id: str
@@ -221,7 +222,8 @@ def load_signing_pub(path: Path) -> ed25519.Ed25519PublicKey:
 
 def load_device_credentials(identity_dir: Path) -> DeviceCredentials:
     """Check a device identity directory (``cert.pem``, ``key.pem``, ``ca.pem``,
-    ``signing.pub``) and read tenant and device id from the certificate's URI SAN."""
+    ``signing.pub``, ``root.pub``) and read tenant and device id from the certificate's URI
+    SAN."""
     d = Path(identity_dir)
     if not d.is_dir():
         raise IdentityError(f"{d}: identity directory is missing")
@@ -247,11 +249,19 @@ def load_device_credentials(identity_dir: Path) -> DeviceCredentials:
     _check_key_matches(leaf, key, key_path, cert_path)
     read_certificates(ca_path, "controller CA bundle")
     load_signing_pub(pub_path)
+    root_path = d / "root.pub"
+    if not root_path.exists():
+        raise IdentityError(
+            f"{root_path}: the tenant's root key is missing (issued before roots existed? "
+            "re-issue the identity with margo-certs device)"
+        )
+    load_signing_pub(root_path)
     return DeviceCredentials(
         cert_path=cert_path,
         key_path=key_path,
         ca_path=ca_path,
         signing_pub_path=pub_path,
+        root_pub_path=root_path,
         tenant=tenant,
         device_id=device_id,
         spiffe_id=device_spiffe_id(tenant, device_id),

@@ -62,6 +62,7 @@ class Hello(_Model):
     manifest_digest: str | None = Field(default=None, pattern=DIGEST_PATTERN)
     blobs: list[Annotated[str, Field(pattern=DIGEST_PATTERN)]] = Field(default=[], max_length=4096)
     telemetry_next_seq: U64 = 1
+    root_version: U64 | None = None  # newest root metadata version the agent trusts
 
 
 class HelloAck(_Model):
@@ -103,6 +104,8 @@ class Desired(_Model):
     manifest: bytes
     signature: bytes
     blobs: list[Annotated[str, Field(pattern=DIGEST_PATTERN)]] = Field(default=[], max_length=4096)
+    # the tenant's root metadata versions newer than the agent's (canonical JSON, oldest first)
+    root: list[Annotated[bytes, Field(max_length=64 * 1024)]] = Field(default=[], max_length=64)
 
 
 class Blob(_Model):

@@ -36,12 +36,20 @@ DEFAULT_MAX_PUSH_BYTES = 256 << 20
 
 
 def plan_push(
-    version: int, manifest: bytes, signature: bytes, digests: Iterable[str], held: Iterable[str]
+    version: int,
+    manifest: bytes,
+    signature: bytes,
+    digests: Iterable[str],
+    held: Iterable[str],
+    root: Iterable[bytes] = (),
 ) -> m.Desired:
-    """The opener of a push of ``version``: only the blobs the device does not hold, sorted."""
+    """The opener of a push of ``version``: only the blobs the device does not hold, sorted,
+    and the tenant's root metadata versions it does not hold yet (``root``)."""
     have = set(held)
     needed = sorted(d for d in set(digests) if d not in have)
-    return m.Desired(version=version, manifest=manifest, signature=signature, blobs=needed)
+    return m.Desired(
+        version=version, manifest=manifest, signature=signature, blobs=needed, root=list(root)
+    )
 
 
 def blob_chunks(digest: str, data: bytes, chunk: int = BLOB_CHUNK) -> Iterator[m.Blob]:

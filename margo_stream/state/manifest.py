@@ -87,6 +87,10 @@ class ManifestEntry(BaseModel):
     deployment_id: str
     digest: str
     files: tuple[FileRef, ...] = ()
+    # the deploying operator's signature envelope over (tenant, id, digest, signedAt), and the
+    # digest of that operator's certificate (a blob, pushed like the files)
+    signature: dict[str, Any] | None = None
+    certificate: str | None = None
 
     @property
     def url(self) -> str:
@@ -101,6 +105,14 @@ class ManifestEntry(BaseModel):
         if not is_digest(self.digest):
             raise DocumentError(
                 f"deployment {self.deployment_id!r}: invalid digest {self.digest[:80]!r}"
+            )
+        if self.certificate is not None and not is_digest(self.certificate):
+            raise DocumentError(
+                f"deployment {self.deployment_id!r}: invalid certificate digest {self.certificate[:80]!r}"
+            )
+        if (self.signature is None) != (self.certificate is None):
+            raise DocumentError(
+                f"deployment {self.deployment_id!r}: a signature and a certificate go together"
             )
         names: set[str] = set()
         for f in self.files:
@@ -120,12 +132,16 @@ class ManifestEntry(BaseModel):
         return self.model_copy(update={"files": tuple(sorted(self.files, key=lambda f: f.name))})
 
     def wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "deploymentId": self.deployment_id,
             "digest": self.digest,
             "url": self.url,
             "files": [{"name": f.name, "digest": f.digest} for f in self.files],
         }
+        if self.signature is not None:
+            wire["signature"] = self.signature
+            wire["certificate"] = self.certificate
+        return wire
 
 
 class Manifest(BaseModel):
@@ -163,6 +179,8 @@ class _WireDeployment(_Wire):
     digest: str
     url: str
     files: list[_WireFile]
+    signature: dict[str, Any] | None = None
+    certificate: str | None = None
 
 
 class _WireManifest(_Wire):
@@ -312,6 +330,8 @@ def parse_manifest(data: bytes) -> Manifest:
             deployment_id=d.deploymentId,
             digest=d.digest,
             files=tuple(FileRef(name=f.name, digest=f.digest) for f in d.files),
+            signature=d.signature,
+            certificate=d.certificate,
         )
         checked = entry.check()
         if checked.files != entry.files:
@@ -367,10 +387,13 @@ def blob_digests(manifest: Manifest) -> set[str]:
 
 
 def blob_labels(manifest: Manifest) -> dict[str, str]:
-    """digest -> a human label (``deployment <id>`` or ``file <id>/<name>``) for messages."""
+    """digest -> a human label (``deployment <id>``, ``file <id>/<name>`` or ``operator
+    certificate of <id>``) for messages."""
     labels: dict[str, str] = {}
     for e in manifest.deployments:
         labels.setdefault(e.digest, f"deployment {e.deployment_id}")
         for f in e.files:
             labels.setdefault(f.digest, f"file {e.deployment_id}/{f.name}")
+        if e.certificate is not None:
+            labels.setdefault(e.certificate, f"operator certificate of {e.deployment_id}")
     return labels

@@ -1,51 +1,63 @@
 """Agent-side verification of signed desired state, following TUF's rules for a client.
 
-Theory of operation. The agent pinned its tenant's signing key at enrolment. A desired-state
-push (manifest bytes, detached signature, the blobs the agent lacked) is checked in TUF's
-order, and the first failure refuses the whole push with a ``TrustError`` whose ``refusal`` says
-why:
+Theory of operation. The agent pinned its tenant's offline root key at enrolment. The root
+metadata it trusts (checked against that key, then by TUF's chain rule; see
+``margo_stream.identity.authority``) names the controller's online key, which signs manifests,
+and certifies the operators, who sign the deployments. A desired-state push (root metadata
+newer than the agent holds, manifest bytes, detached signature, the blobs the agent lacked) is
+checked in this order, and the first failure refuses the whole push with a ``TrustError`` whose
+``refusal`` says why:
 
-1. the pinned key is the one we were given               -> ``key-changed``
-2. the signature over the exact bytes                     -> ``bad-signature``
-3. the manifest parses strictly                           -> ``malformed``
-4. it names our tenant and our device (no mix-and-match)  -> ``wrong-tenant``, ``wrong-device``
-5. version: lower than held                               -> ``rollback``
+1. the pinned root key is the one we were given           -> ``key-changed``
+2. the root metadata chain from what we hold (or from the pinned key) to the newest
+                                                           -> ``bad-signature``, ``root-rollback``,
+                                                              ``expired``
+3. the manifest signature by a ``controller`` key of that root -> ``bad-signature``
+4. the manifest parses strictly                           -> ``malformed``
+5. it names our tenant and our device (no mix-and-match)  -> ``wrong-tenant``, ``wrong-device``
+6. version: lower than held                               -> ``rollback``
             equal to held with other bytes                -> ``version-reuse``
-6. not expired at ``now`` (no freeze attack)              -> ``expired``
-7. equal version with the same bytes: a no-op verdict (``unchanged=True``), no blobs needed
-8. every referenced blob is present                       -> ``missing-blob``
+7. not expired at ``now`` (no freeze attack)              -> ``expired``
+8. equal version with the same bytes: a no-op verdict (``unchanged=True``), no blobs needed
+9. every referenced blob is present                       -> ``missing-blob``
    and hashes to its digest                               -> ``digest-mismatch`` (names it)
+10. every new or changed deployment is signed by an operator the root certified with the
+    ``deployer`` (or ``admin``) role, not expired, over this exact document
+                                                           -> ``unsigned``, ``role-missing``,
+                                                              ``bad-signature``, ``expired``
+    and not older than the signature held for that deployment -> ``stale`` (a replay)
 
 ``verify`` changes nothing on disk. The caller applies the verdict (stores blobs, reconciles)
-and then calls ``accept``, which durably raises the held version. Two steps, so an apply that
-is torn by a crash never advances trust: the same manifest is accepted again after restart.
-
-Trust state (JSON, replaced with ``atomic_write``): format, tenant, deviceId, keyFingerprint,
-manifestVersion and manifestDigest of the highest accepted manifest. It is created, pinning the
-key, the first time a verifier is constructed for a state path; rotating the key means
-re-enrolling (removing the file), never accepting a new key from the wire.
+and then calls ``accept``, which durably records the manifest, the root metadata and the
+deployments' signatures. Two steps, so an apply that is torn by a crash never advances trust.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from margo_stream.errors import DocumentError, TrustError
+from margo_stream.errors import AuthorityError, DocumentError, TrustError
 from margo_stream.fsutil import atomic_write
+from margo_stream.identity import envelope
+from margo_stream.identity.authored import verify_deployment
+from margo_stream.identity.authority import RootMetadata, TrustedRoot, format_time, read_root
 from margo_stream.protocol.codes import Refusal
-from margo_stream.state.digest import is_digest, sha256_digest
-from margo_stream.state.manifest import Manifest, blob_labels, parse_manifest, signature_valid
-
-STATE_FORMAT = 1
+from margo_stream.state.digest import sha256_digest
+from margo_stream.state.manifest import (
+    Manifest,
+    ManifestEntry,
+    blob_labels,
+    parse_manifest,
+    signature_valid,
+)
+from margo_stream.state.trust_state import HeldSignature, TrustState
 
 # Refusals (TrustError.refusal), by their short names.
 BAD_SIGNATURE = Refusal.BAD_SIGNATURE
@@ -77,78 +89,29 @@ class Verdict:
     unchanged: bool  # same version and bytes as held: nothing to apply
     previous_version: int | None
     key_fingerprint: str
+    root: RootMetadata | None = None  # the root metadata the push was checked against
+    signed: Mapping[str, HeldSignature] = field(default_factory=dict)  # new or changed
 
     @property
     def version(self) -> int:
         return self.manifest.manifest_version
 
 
-@dataclass(frozen=True, slots=True)
-class TrustState:
-    tenant: str
-    device_id: str
-    key_fingerprint: str
-    manifest_version: int | None = None
-    manifest_digest: str | None = None
-
-    def to_json(self) -> bytes:
-        return (
-            json.dumps(
-                {
-                    "format": STATE_FORMAT,
-                    "tenant": self.tenant,
-                    "deviceId": self.device_id,
-                    "keyFingerprint": self.key_fingerprint,
-                    "manifestVersion": self.manifest_version,
-                    "manifestDigest": self.manifest_digest,
-                },
-                sort_keys=True,
-                indent=1,
-            ).encode()
-            + b"\n"
-        )
-
-    @classmethod
-    def from_json(cls, data: bytes, path: Path) -> TrustState:
-        def corrupt(why: str) -> TrustError:
-            return TrustError(
-                f"trust state {path} is unreadable ({why}); re-enrol the device", STATE_CORRUPT
-            )
-
-        try:
-            raw: Any = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise corrupt(f"not JSON: {exc}") from None
-        if not isinstance(raw, dict) or raw.get("format") != STATE_FORMAT:
-            raise corrupt("unknown format")
-        version, digest = raw.get("manifestVersion"), raw.get("manifestDigest")
-        if not all(isinstance(raw.get(k), str) for k in ("tenant", "deviceId", "keyFingerprint")):
-            raise corrupt("tenant, deviceId and keyFingerprint must be strings")
-        if (version is None) != (digest is None):
-            raise corrupt("manifestVersion and manifestDigest must both be set or both null")
-        if version is not None and (
-            isinstance(version, bool)
-            or not isinstance(version, int)
-            or version < 1
-            or not is_digest(digest)
-        ):
-            raise corrupt("bad manifestVersion or manifestDigest")
-        return cls(raw["tenant"], raw["deviceId"], raw["keyFingerprint"], version, digest)
-
-
 class DesiredStateVerifier:
     """Decides whether a signed desired-state push may be applied, and remembers what was."""
 
     def __init__(
-        self, tenant: str, device_id: str, public_key: Ed25519PublicKey, state_path: Path
+        self, tenant: str, device_id: str, pinned_root: Ed25519PublicKey, state_path: Path
     ) -> None:
         self.tenant = tenant
         self.device_id = device_id
-        self.public_key = public_key
-        self.fingerprint = key_fingerprint(public_key)
+        self.pinned_root = pinned_root
+        self.fingerprint = key_fingerprint(pinned_root)
         self.state_path = Path(state_path)
         if self.state_path.exists():
-            state = TrustState.from_json(self.state_path.read_bytes(), self.state_path)
+            state = TrustState.from_json(
+                self.state_path.read_bytes(), self.state_path, pinned=self.fingerprint
+            )
             if state.tenant != tenant:
                 raise TrustError(
                     f"trust state {self.state_path} belongs to tenant {state.tenant!r}, not {tenant!r}",
@@ -164,6 +127,7 @@ class DesiredStateVerifier:
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(self.state_path, state.to_json(), mode=0o600)
         self._state = state
+        self._root = read_root(state.root) if state.root is not None else None
 
     # ------------------------------------------------------------------ held state
 
@@ -179,15 +143,41 @@ class DesiredStateVerifier:
     def pinned_fingerprint(self) -> str:
         return self._state.key_fingerprint
 
+    @property
+    def root(self) -> RootMetadata | None:
+        """The newest root metadata accepted (with a manifest), if any."""
+        return self._root
+
+    @property
+    def root_version(self) -> int | None:
+        return self._root.version if self._root is not None else None
+
     # ------------------------------------------------------------------ checks
 
     def _check_key(self) -> None:
         if self._state.key_fingerprint != self.fingerprint:
             raise TrustError(
-                f"signing key {self.fingerprint} is not the pinned key {self._state.key_fingerprint}; "
-                "a new tenant key needs re-enrolment",
+                f"root key {self.fingerprint} is not the pinned key {self._state.key_fingerprint}; "
+                "a new tenant root needs re-enrolment",
                 KEY_CHANGED,
             )
+
+    def trusted_root(self, chain: Sequence[bytes], now: dt.datetime) -> TrustedRoot:
+        """The root metadata to check against: what is held, moved along ``chain`` (newer
+        versions, oldest first); with nothing held, the chain from its first version the
+        pinned key signed."""
+        if self._root is not None:
+            return TrustedRoot(self.tenant, self._root).update(list(chain), now)
+        kid = envelope.key_id(self.pinned_root)
+        for n, item in enumerate(chain):
+            if kid in read_root(item).roles["root"].keyids:
+                first = TrustedRoot.from_pinned(self.tenant, self.pinned_root, item, now)
+                return first.update(list(chain[n + 1 :]), now)
+        raise AuthorityError(
+            "no root metadata signed by the pinned root key was offered; the controller must "
+            "send the tenant's root metadata",
+            BAD_SIGNATURE,
+        )
 
     def verify(
         self,
@@ -195,14 +185,19 @@ class DesiredStateVerifier:
         signature: bytes,
         blobs: Mapping[str, bytes],
         now: dt.datetime,
+        root: Sequence[bytes] = (),
     ) -> Verdict:
         """Check a push; returns a ``Verdict`` or raises ``TrustError`` (nothing is persisted)."""
         if now.tzinfo is None or now.utcoffset() is None:
             raise ValueError("now must be an aware datetime")
         self._check_key()
-        if not signature_valid(manifest_bytes, signature, self.public_key):
+        trusted = self.trusted_root(root, now).current
+        keys, _ = trusted.role_keys("controller")
+        if not any(signature_valid(manifest_bytes, signature, k) for k in keys.values()):
             raise TrustError(
-                "desired-state signature does not verify with the pinned tenant key", BAD_SIGNATURE
+                "desired-state signature does not verify with a controller key the tenant's root "
+                f"metadata (version {trusted.version}) names",
+                BAD_SIGNATURE,
             )
         try:
             manifest = parse_manifest(manifest_bytes)
@@ -238,8 +233,10 @@ class DesiredStateVerifier:
                 EXPIRED,
             )
         unchanged = held is not None and version == held
+        signed: dict[str, HeldSignature] = {}
         if not unchanged:
             self._check_blobs(manifest, blobs)
+            signed = self._check_authors(manifest, blobs, trusted, now)
         return Verdict(
             manifest=manifest,
             manifest_bytes=bytes(manifest_bytes),
@@ -248,6 +245,8 @@ class DesiredStateVerifier:
             unchanged=unchanged,
             previous_version=held,
             key_fingerprint=self.fingerprint,
+            root=trusted,
+            signed=signed,
         )
 
     @staticmethod
@@ -262,6 +261,54 @@ class DesiredStateVerifier:
                 raise TrustError(
                     f"{label}: content hashes to {actual}, manifest says {digest}", DIGEST_MISMATCH
                 )
+
+    def _check_authors(
+        self, manifest: Manifest, blobs: Mapping[str, bytes], root: RootMetadata, now: dt.datetime
+    ) -> dict[str, HeldSignature]:
+        """Every deployment new or changed since the held signatures: signed by a deployer the
+        root certified, and not older than the signature held for it."""
+        out: dict[str, HeldSignature] = {}
+        for entry in manifest.deployments:
+            held = self._state.signatures.get(entry.deployment_id)
+            if held is not None and held.digest == entry.digest:
+                continue  # accepted before, with its signature checked then
+            try:
+                out[entry.deployment_id] = self._check_author(entry, held, blobs, root, now)
+            except TrustError as exc:
+                raise AuthorityError(
+                    str(exc), exc.refusal, deployment_id=entry.deployment_id
+                ) from None
+        return out
+
+    @staticmethod
+    def _check_author(
+        entry: ManifestEntry,
+        held: HeldSignature | None,
+        blobs: Mapping[str, bytes],
+        root: RootMetadata,
+        now: dt.datetime,
+    ) -> HeldSignature:
+        if entry.signature is None or entry.certificate is None:
+            raise AuthorityError(
+                f"deployment {entry.deployment_id!r} is not signed by an operator",
+                Refusal.UNSIGNED,
+            )
+        checked = verify_deployment(
+            entry.signature,
+            blobs[entry.certificate],
+            root,
+            deployment_id=entry.deployment_id,
+            digest=entry.digest,
+            now=now,
+        )
+        if held is not None and checked.signed_at <= held.signed_at:
+            raise AuthorityError(
+                f"deployment {entry.deployment_id!r}: signed at "
+                f"{format_time(checked.signed_at, precise=True)}, not newer than the held "
+                f"version signed at {format_time(held.signed_at, precise=True)} (a replay)",
+                Refusal.STALE,
+            )
+        return HeldSignature(entry.digest, checked.signed_at)
 
     # ------------------------------------------------------------------ commit
 
@@ -279,18 +326,23 @@ class DesiredStateVerifier:
             raise TrustError(
                 f"version {verdict.version} is lower than the held version {held}", ROLLBACK
             )
+        root = verdict.root if verdict.root is not None else self._root
         if held is not None and verdict.version == held:
             if verdict.manifest_digest != self._state.manifest_digest:
                 raise TrustError(
                     f"version {held} already accepted with other content", VERSION_REUSE
                 )
-            return
+            if root is self._root:
+                return
         state = TrustState(
             self.tenant,
             self.device_id,
             self._state.key_fingerprint,
             verdict.version,
             verdict.manifest_digest,
+            root.envelope if root is not None else None,
+            {**self._state.signatures, **verdict.signed},
         )
         atomic_write(self.state_path, state.to_json(), mode=0o600)
         self._state = state
+        self._root = root

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import BIN, Agent, Controller, pid_alive, wait_for
+from tests.harness import BIN, Agent, Controller, pid_alive, signed_body, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -196,11 +196,12 @@ def test_delta_push_sends_only_the_changed_blob(env, tmp_path):
     files = "  files:\n" + listing
     for site in ("SITE-A", "SITE-B"):
         doc = write_doc(tmp_path, site, files=files).read_text()
-        body = {
-            "documents": [doc],
-            "devices": ["press-01"],
-            "blobs": [base64.b64encode(b).decode() for b in blobs],
-        }
+        body = signed_body(
+            tok,
+            [doc],
+            devices=["press-01"],
+            blobs=[base64.b64encode(b).decode() for b in blobs],
+        )
         import httpx
 
         r = httpx.post(
@@ -223,8 +224,8 @@ def test_delta_push_sends_only_the_changed_blob(env, tmp_path):
                     int(re.search(r"bytes=(\d+)", line).group(1)),
                 ),
             )
-    # the document + 5 files, then only the changed document
-    assert [first_adoption[v][0] for v in (1, 2)] == [6, 1], first_adoption
+    # the document + 5 files + the operator's certificate, then only the changed document
+    assert [first_adoption[v][0] for v in (1, 2)] == [7, 1], first_adoption
     assert first_adoption[2][1] < 3000 < first_adoption[1][1]
 
 
@@ -293,11 +294,12 @@ async def test_torn_push_leaves_the_old_workload_running(pki, tmp_path):
                 )
                 big = os.urandom(40 << 20)
                 files = f"  files:\n    - {{name: big.bin, digest: 'sha256:{hashlib.sha256(big).hexdigest()}'}}\n"
-                body = {
-                    "documents": [write_doc(tmp_path, "SITE-B", files=files).read_text()],
-                    "devices": ["press-01"],
-                    "blobs": [base64.b64encode(big).decode()],
-                }
+                body = signed_body(
+                    tok,
+                    [write_doc(tmp_path, "SITE-B", files=files).read_text()],
+                    devices=["press-01"],
+                    blobs=[base64.b64encode(big).decode()],
+                )
                 sent_before = relay.stats().downstream.bytes_forwarded
                 async with httpx.AsyncClient(timeout=60) as client:
                     r = await client.post(

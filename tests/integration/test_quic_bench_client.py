@@ -11,10 +11,12 @@ import anyio
 import httpx
 import pytest
 
-from bench.fleet import ServerSide, operator_token, prepare_pki
+from bench.fleet import TENANT, ServerSide, operator_token, prepare_pki
 from bench.fleet_worker import device_name
 from bench.pushlat import document
+from bench.signing import Signer
 from bench.transports.quic import QuicClient
+from margo_stream.identity.trust import load_signing_pub
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.timeout(60)]
 WAIT = 10.0
@@ -40,13 +42,14 @@ async def test_quic_client_apply_status_delete(tmp_path: Path) -> None:
     try:
         await client.connect()
         dev = client.device_id
-        r = await api.post(
-            "/api/v1/deployments", json={"documents": [document("one")], "devices": [dev]}
-        )
+        signer = Signer.for_tenant(tmp_path / "certs", TENANT)
+        body = signer.body([document("one")], devices=[dev])
+        r = await api.post("/api/v1/deployments", json=body)
         r.raise_for_status()
         with anyio.fail_after(WAIT):
             first = await client.next_desired()
-        manifest = first.verify(client.verifier.public_key, client.tenant, dev)
+        controller_key = load_signing_pub(identities / device_name(0) / "signing.pub")
+        manifest = first.verify(controller_key, client.tenant, dev)
         assert [e.deployment_id for e in manifest.deployments] == ["bench-probe"]
         with anyio.fail_after(WAIT):  # the trust state advances on disk right after delivery
             while client.verifier.held_version != first.version:
@@ -63,7 +66,7 @@ async def test_quic_client_apply_status_delete(tmp_path: Path) -> None:
         with anyio.fail_after(WAIT):
             second = await client.next_desired()
         assert second.version > first.version
-        assert second.verify(client.verifier.public_key, client.tenant, dev).deployments == ()
+        assert second.verify(controller_key, client.tenant, dev).deployments == ()
         counters = client.counters
         assert counters.updates == 2 and counters.bytes_sent > 0
         assert counters.bytes_received > len(first.manifest_bytes) + len(second.manifest_bytes)

@@ -25,8 +25,16 @@ from margo_stream.state.digest import sha256_digest
 from margo_stream.state.documents import FileRef
 from margo_stream.state.manifest import ManifestEntry, build_manifest, sign
 from margo_stream.state.trust import DesiredStateVerifier
+from tests.authority_kit import Kit, KitVerifier
 
 T0 = dt.datetime(2025, 3, 1, tzinfo=dt.UTC)
+CONTROLLER_KEY = Ed25519PrivateKey.generate()
+KIT = Kit("plant-a.example", CONTROLLER_KEY)
+
+
+def kit_verifier(path: Path) -> KitVerifier:
+    inner = DesiredStateVerifier("plant-a.example", "edge-07", KIT.root_key.public_key(), path)
+    return KitVerifier(KIT, inner)
 
 
 def signed(
@@ -37,10 +45,12 @@ def signed(
 ) -> tuple[bytes, bytes, dict[str, bytes]]:
     files = files or {}
     ents = [
-        ManifestEntry(
-            deployment_id=i,
-            digest=sha256_digest(d),
-            files=tuple(FileRef(name=n, digest=sha256_digest(b)) for n, b in files.items()),
+        KIT.sign(
+            ManifestEntry(
+                deployment_id=i,
+                digest=sha256_digest(d),
+                files=tuple(FileRef(name=n, digest=sha256_digest(b)) for n, b in files.items()),
+            )
         )
         for i, d in docs.items()
     ]
@@ -52,13 +62,14 @@ def signed(
         issued_at=T0,
         expires=T0 + dt.timedelta(days=30),
     )
-    blobs = {sha256_digest(b): b for b in [*docs.values(), *files.values()]}
+    blobs = KIT.blobs({sha256_digest(b): b for b in [*docs.values(), *files.values()]})
     return data, sign(data, key), blobs
 
 
 @pytest.fixture
 def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
+    """The controller's online key, named by the kit's root metadata."""
+    return CONTROLLER_KEY
 
 
 @pytest.fixture
@@ -132,7 +143,7 @@ def test_gc_keeps_current_and_requested(store: DesiredStore, key: Ed25519Private
     store.put_blob(extra, b"keep me")
     (store.blob_dir / ".stale.tmp-1").write_bytes(b"torn")
     removed = store.gc({extra})
-    assert removed == set(b1)
+    assert removed == set(b1) - set(b2)  # the operator certificate is in both
     assert store.held_digests() == set(b2) | {extra}
     assert not (store.blob_dir / ".stale.tmp-1").exists()
     assert store.gc(set()) == {extra}  # the current manifest's blobs are always kept
@@ -197,9 +208,7 @@ def test_verify_store_accept_flow(
     store: DesiredStore, key: Ed25519PrivateKey, tmp_path: Path
 ) -> None:
     """The agent's order: verify (received + held blobs), store, reconcile, then accept."""
-    verifier = DesiredStateVerifier(
-        "plant-a.example", "edge-07", key.public_key(), tmp_path / "trust.json"
-    )
+    verifier = kit_verifier(tmp_path / "trust.json")
     now = T0 + dt.timedelta(hours=1)
     m1, s1, b1 = signed(key, 1, {"a": b"doc a", "b": b"doc b"})
     v1 = verifier.verify(m1, s1, ChainMap(b1, store.blobs()), now)
@@ -212,15 +221,8 @@ def test_verify_store_accept_flow(
     v2 = verifier.verify(m2, s2, ChainMap(lacking, store.blobs()), now)
     store.install(lacking, m2, s2)
     # crash before accept: trust has not advanced, the same push verifies again
-    restarted = DesiredStateVerifier(
-        "plant-a.example", "edge-07", key.public_key(), tmp_path / "trust.json"
-    )
+    restarted = kit_verifier(tmp_path / "trust.json")
     assert restarted.held_version == 1
     assert not restarted.verify(m2, s2, store.blobs(), now).unchanged
     verifier.accept(v2)
-    assert (
-        DesiredStateVerifier(
-            "plant-a.example", "edge-07", key.public_key(), tmp_path / "trust.json"
-        ).held_version
-        == 2
-    )
+    assert kit_verifier(tmp_path / "trust.json").held_version == 2

@@ -25,6 +25,7 @@ from margo_stream.state.manifest import (
     sign,
 )
 from margo_stream.state.trust import DesiredStateVerifier, key_fingerprint
+from tests.authority_kit import Kit, KitVerifier
 
 TENANT = "plant-a.example"
 DEVICE = "edge-07"
@@ -32,6 +33,9 @@ T0 = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
 NOW = T0 + dt.timedelta(minutes=5)
 EXAMPLE = (Path(__file__).resolve().parents[2] / "examples" / "process-heartbeat.yaml").read_bytes()
 CONFIG = b"interval = 5\n"
+CONTROLLER_KEY = Ed25519PrivateKey.generate()
+KIT = Kit(TENANT, CONTROLLER_KEY)
+ROOT_PUB = KIT.root_key.public_key()
 
 
 def entries(doc: bytes = EXAMPLE) -> tuple[list[ManifestEntry], dict[str, bytes]]:
@@ -41,7 +45,7 @@ def entries(doc: bytes = EXAMPLE) -> tuple[list[ManifestEntry], dict[str, bytes]
         digest=sha256_digest(doc),
         files=(FileRef(name="conf/hb.toml", digest=sha256_digest(CONFIG)),),
     )
-    return [entry], blobs
+    return [KIT.sign(entry)], KIT.blobs(blobs)
 
 
 def manifest(
@@ -61,16 +65,17 @@ def manifest(
 
 @pytest.fixture
 def key() -> Ed25519PrivateKey:
-    return Ed25519PrivateKey.generate()
+    """The controller's online key, which the kit's root metadata names."""
+    return CONTROLLER_KEY
 
 
 @pytest.fixture
-def verifier(key: Ed25519PrivateKey, tmp_path: Path) -> DesiredStateVerifier:
-    return DesiredStateVerifier(TENANT, DEVICE, key.public_key(), tmp_path / "trust.json")
+def verifier(tmp_path: Path) -> KitVerifier:
+    return KitVerifier(KIT, DesiredStateVerifier(TENANT, DEVICE, ROOT_PUB, tmp_path / "trust.json"))
 
 
 def refused(
-    verifier: DesiredStateVerifier,
+    verifier: KitVerifier,
     data: bytes,
     sig: bytes,
     blobs: dict[str, bytes],
@@ -247,24 +252,22 @@ def test_build_parse_round_trip(
 
 
 def test_accepts_and_persists_after_apply(
-    key: Ed25519PrivateKey, verifier: DesiredStateVerifier, tmp_path: Path
+    key: Ed25519PrivateKey, verifier: KitVerifier, tmp_path: Path
 ) -> None:
     data, blobs = manifest(1)
     verdict = verifier.verify(data, sign(data, key), blobs, NOW)
     assert not verdict.unchanged and verdict.version == 1 and verdict.previous_version is None
     assert verdict.manifest_digest == sha256_digest(data)
     # verify alone persists nothing: a torn apply does not advance trust
-    again = DesiredStateVerifier(TENANT, DEVICE, key.public_key(), tmp_path / "trust.json")
+    again = DesiredStateVerifier(TENANT, DEVICE, ROOT_PUB, tmp_path / "trust.json")
     assert again.held_version is None
     verifier.accept(verdict)
-    reloaded = DesiredStateVerifier(TENANT, DEVICE, key.public_key(), tmp_path / "trust.json")
+    reloaded = DesiredStateVerifier(TENANT, DEVICE, ROOT_PUB, tmp_path / "trust.json")
     assert reloaded.held_version == 1 and reloaded.held_digest == sha256_digest(data)
-    assert reloaded.pinned_fingerprint == key_fingerprint(key.public_key())
+    assert reloaded.pinned_fingerprint == key_fingerprint(ROOT_PUB)
 
 
-def test_same_version_same_bytes_is_a_no_op(
-    key: Ed25519PrivateKey, verifier: DesiredStateVerifier
-) -> None:
+def test_same_version_same_bytes_is_a_no_op(key: Ed25519PrivateKey, verifier: KitVerifier) -> None:
     data, blobs = manifest(4)
     verifier.accept(verifier.verify(data, sign(data, key), blobs, NOW))
     verdict = verifier.verify(data, sign(data, key), {}, NOW)  # no blobs needed
@@ -273,7 +276,7 @@ def test_same_version_same_bytes_is_a_no_op(
     assert verifier.held_version == 4
 
 
-def test_bad_signature(key: Ed25519PrivateKey, verifier: DesiredStateVerifier) -> None:
+def test_bad_signature(key: Ed25519PrivateKey, verifier: KitVerifier) -> None:
     data, blobs = manifest(1)
     sig = sign(data, key)
     refused(verifier, data + b" ", sig, blobs, "bad-signature")
@@ -283,20 +286,20 @@ def test_bad_signature(key: Ed25519PrivateKey, verifier: DesiredStateVerifier) -
     refused(verifier, data, sign(data, other), blobs, "bad-signature")
 
 
-def test_malformed_but_signed(key: Ed25519PrivateKey, verifier: DesiredStateVerifier) -> None:
+def test_malformed_but_signed(key: Ed25519PrivateKey, verifier: KitVerifier) -> None:
     data = b'{"manifestVersion": 1}'
     msg = refused(verifier, data, sign(data, key), {}, "malformed")
     assert "malformed" in msg
 
 
-def test_expired(key: Ed25519PrivateKey, verifier: DesiredStateVerifier) -> None:
+def test_expired(key: Ed25519PrivateKey, verifier: KitVerifier) -> None:
     data, blobs = manifest(1, expires=T0 + dt.timedelta(minutes=1))
     msg = refused(verifier, data, sign(data, key), blobs, "expired")
     assert "expired at 2025-03-01T12:01:00" in msg
     verifier.verify(data, sign(data, key), blobs, T0 + dt.timedelta(seconds=59))
 
 
-def test_rollback_and_version_reuse(key: Ed25519PrivateKey, verifier: DesiredStateVerifier) -> None:
+def test_rollback_and_version_reuse(key: Ed25519PrivateKey, verifier: KitVerifier) -> None:
     v5, blobs5 = manifest(5)
     verifier.accept(verifier.verify(v5, sign(v5, key), blobs5, NOW))
     v4, blobs4 = manifest(4)
@@ -312,9 +315,7 @@ def test_rollback_and_version_reuse(key: Ed25519PrivateKey, verifier: DesiredSta
     assert verifier.held_version == 6
 
 
-def test_accept_refuses_older_verdict(
-    key: Ed25519PrivateKey, verifier: DesiredStateVerifier
-) -> None:
+def test_accept_refuses_older_verdict(key: Ed25519PrivateKey, verifier: KitVerifier) -> None:
     v2, b2 = manifest(2)
     v3, b3 = manifest(3)
     old = verifier.verify(v2, sign(v2, key), b2, NOW)
@@ -325,16 +326,14 @@ def test_accept_refuses_older_verdict(
     assert info.value.refusal == "rollback"
 
 
-def test_wrong_device_and_tenant(key: Ed25519PrivateKey, verifier: DesiredStateVerifier) -> None:
+def test_wrong_device_and_tenant(key: Ed25519PrivateKey, verifier: KitVerifier) -> None:
     data, blobs = manifest(1, device="edge-08")
     assert "edge-08" in refused(verifier, data, sign(data, key), blobs, "wrong-device")
     data, blobs = manifest(1, tenant="plant-b.example")
     assert "plant-b.example" in refused(verifier, data, sign(data, key), blobs, "wrong-tenant")
 
 
-def test_missing_and_mismatched_blobs(
-    key: Ed25519PrivateKey, verifier: DesiredStateVerifier
-) -> None:
+def test_missing_and_mismatched_blobs(key: Ed25519PrivateKey, verifier: KitVerifier) -> None:
     data, blobs = manifest(1)
     sig = sign(data, key)
     doc_digest = sha256_digest(EXAMPLE)
@@ -347,17 +346,17 @@ def test_missing_and_mismatched_blobs(
 
 
 def test_key_change_is_refused(
-    key: Ed25519PrivateKey, verifier: DesiredStateVerifier, tmp_path: Path
+    key: Ed25519PrivateKey, verifier: KitVerifier, tmp_path: Path
 ) -> None:
     other = Ed25519PrivateKey.generate()
     swapped = DesiredStateVerifier(TENANT, DEVICE, other.public_key(), tmp_path / "trust.json")
     data, blobs = manifest(1)
     msg = refused(swapped, data, sign(data, other), blobs, "key-changed")
-    assert key_fingerprint(key.public_key()) in msg
+    assert key_fingerprint(ROOT_PUB) in msg
 
 
 def test_state_of_another_device_or_corrupt(
-    key: Ed25519PrivateKey, verifier: DesiredStateVerifier, tmp_path: Path
+    key: Ed25519PrivateKey, verifier: KitVerifier, tmp_path: Path
 ) -> None:
     path = tmp_path / "trust.json"
     with pytest.raises(TrustError) as info:
@@ -370,3 +369,106 @@ def test_state_of_another_device_or_corrupt(
     with pytest.raises(TrustError) as info:
         DesiredStateVerifier(TENANT, DEVICE, key.public_key(), path)
     assert info.value.refusal == "state-corrupt"
+
+
+# --------------------------------------------------------------------------- authority
+
+
+def _push(entries_: list[ManifestEntry], version: int, blobs: dict[str, bytes], key=None):
+    data = build_manifest(
+        TENANT, DEVICE, version, entries_, issued_at=T0, expires=T0 + dt.timedelta(days=7)
+    )
+    return data, sign(data, key or CONTROLLER_KEY), blobs
+
+
+def _entry(doc: bytes = EXAMPLE) -> tuple[ManifestEntry, dict[str, bytes]]:
+    return ManifestEntry(deployment_id="heartbeat-0001", digest=sha256_digest(doc)), {
+        sha256_digest(doc): doc
+    }
+
+
+def test_a_manifest_signed_by_a_key_the_root_does_not_name_is_refused(
+    verifier: KitVerifier,
+) -> None:
+    data, blobs = manifest(1)
+    intruder = Ed25519PrivateKey.generate()  # e.g. a controller that minted its own key
+    assert "controller key" in refused(verifier, data, sign(data, intruder), blobs, "bad-signature")
+
+
+def test_deployments_must_be_signed_by_a_deployer_for_these_exact_bytes(
+    verifier: KitVerifier,
+) -> None:
+    entry, blobs = _entry()
+    data, sig, blobs = _push([entry], 1, blobs)
+    assert "not signed" in refused(verifier, data, sig, blobs, "unsigned")
+
+    # a signature for another document does not cover this one
+    other = KIT.sign(ManifestEntry(deployment_id="heartbeat-0001", digest=sha256_digest(b"x")))
+    forged = entry.model_copy(update={"signature": other.signature, "certificate": KIT.cert_digest})
+    data, sig, blobs2 = _push([forged], 1, KIT.blobs(blobs))
+    refused(verifier, data, sig, blobs2, "digest-mismatch")
+
+    # the controller's own key cannot stand in for an operator's
+    from margo_stream.identity.authored import sign_deployment
+
+    by_ctl = entry.model_copy(
+        update={
+            "signature": sign_deployment(
+                TENANT, entry.deployment_id, entry.digest, CONTROLLER_KEY, now=T0
+            ),
+            "certificate": KIT.cert_digest,
+        }
+    )
+    data, sig, blobs3 = _push([by_ctl], 1, KIT.blobs(blobs))
+    refused(verifier, data, sig, blobs3, "bad-signature")
+
+    data, sig, good = _push([KIT.sign(entry)], 1, KIT.blobs(blobs))
+    verifier.accept(verifier.verify(data, sig, good, NOW))
+
+
+def test_an_older_signature_of_a_deployment_is_a_replay(verifier: KitVerifier) -> None:
+    new_doc = EXAMPLE + b"# v2\n"
+    old, old_blobs = _entry()
+    new, new_blobs = _entry(new_doc)
+    data, sig, blobs = _push([KIT.sign(new, T0)], 1, KIT.blobs(new_blobs))
+    verifier.accept(verifier.verify(data, sig, blobs, NOW))
+    # the controller brings back the older version, with its genuine but older signature
+    stale = KIT.sign(old, T0 - dt.timedelta(hours=1))
+    data, sig, blobs = _push([stale], 2, KIT.blobs(old_blobs))
+    assert "replay" in refused(verifier, data, sig, blobs, "stale")
+    # an operator re-signing the old document now is a legitimate rollback
+    data, sig, blobs = _push([KIT.sign(old, T0 + dt.timedelta(minutes=1))], 2, KIT.blobs(old_blobs))
+    verifier.accept(verifier.verify(data, sig, blobs, NOW))
+
+
+def test_root_rotation_arrives_with_a_push_and_rollback_is_refused(
+    verifier: KitVerifier, tmp_path: Path
+) -> None:
+    from margo_stream.identity.authority import make_root
+    from margo_stream.identity.envelope import canonical
+
+    data, blobs = manifest(1)
+    verifier.accept(verifier.verify(data, sign(data, CONTROLLER_KEY), blobs, NOW))
+    assert verifier.root_version == 1
+    new_ctl = Ed25519PrivateKey.generate()
+    v2 = make_root(
+        TENANT,
+        2,
+        dt.datetime(2099, 1, 1, tzinfo=dt.UTC),
+        root_keys=[ROOT_PUB],
+        controller_keys=[new_ctl.public_key()],
+        signers=[KIT.root_key],
+    )
+    data, blobs = manifest(2)
+    # the old controller key no longer counts once v2 is offered
+    with pytest.raises(TrustError) as info:
+        verifier.verify(data, sign(data, CONTROLLER_KEY), blobs, NOW, root=[canonical(v2)])
+    assert info.value.refusal == "bad-signature"
+    verifier.accept(verifier.verify(data, sign(data, new_ctl), blobs, NOW, root=[canonical(v2)]))
+    assert verifier.root_version == 2
+    restarted = DesiredStateVerifier(TENANT, DEVICE, ROOT_PUB, tmp_path / "trust.json")
+    assert restarted.root_version == 2
+    data, blobs = manifest(3)
+    with pytest.raises(TrustError) as info:  # v1 again: a rollback
+        restarted.verify(data, sign(data, CONTROLLER_KEY), blobs, NOW, root=KIT.chain)
+    assert info.value.refusal == "root-rollback"
