@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
-from margo_stream.identity.trust import load_device_credentials, load_server_credentials
+from margo_stream.identity.trust import load_device_credentials
 from margo_stream.identity.verify import PeerVerifier
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode
@@ -56,7 +56,7 @@ def anyio_backend() -> str:
 async def _client(pki: Any, device: str, port: int) -> tuple[Connection, asyncio.BaseTransport]:
     creds = load_device_credentials(pki.device("acme", device))
     qconf = client_configuration(
-        str(creds.cert_path), str(creds.key_path), str(creds.ca_path), server_name="localhost"
+        str(creds.cert_path), str(creds.key_path), str(creds.ca_path), server_name="acme"
     )
     conn, transport = await connect("127.0.0.1", port, qconf)
     with anyio.fail_after(10):
@@ -84,7 +84,7 @@ async def _ping(conn: Connection, n: int) -> Any:
 
 
 async def test_a_failing_handler_closes_only_its_own_connection(pki, caplog) -> None:
-    creds = load_server_credentials(pki.dir)
+    wfm = pki.dir / "acme" / "controller"  # acme's fleet-manager identity
     verifier = PeerVerifier.from_dir(pki.dir)
     accepted: list[Connection] = []
 
@@ -95,7 +95,7 @@ async def test_a_failing_handler_closes_only_its_own_connection(pki, caplog) -> 
     transport, server = await start_server(
         "127.0.0.1",
         0,
-        server_configuration(str(creds.cert_path), str(creds.key_path)),
+        server_configuration(str(wfm / "cert.pem"), str(wfm / "key.pem")),
         verifier.verify,
         accept,
     )

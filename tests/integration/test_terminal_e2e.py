@@ -104,12 +104,12 @@ def test_exec_gives_output_and_exit_status(env):
     # a command killed by a signal: 128 + N, like a shell
     r = env.run("exec", "press-01", "--", "sh", "-c", "kill -TERM $$")
     assert r.returncode == 128 + signal.SIGTERM
-    # the audit records each session: operator fingerprint, command, status, bytes
+    # the audit records each session: the operator's name, command, status, bytes
     audits = env.sessions()
     first = audits[-1]
     assert first["command"] == "sh -c 'echo out; echo err >&2; exit 3'"
     assert first["exit_status"] == 3 and first["active"] is False
-    assert first["operator"].startswith("token:") and env.pki.token("acme") not in first["operator"]
+    assert first["operator"] == "admin" and env.pki.token("acme") not in first["operator"]
     assert first["bytes_out"] == len("out\nerr\n") and first["ended_at"]
     assert audits[-2]["bytes_in"] == len("hello\nworld")
 

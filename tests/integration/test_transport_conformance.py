@@ -300,8 +300,9 @@ def _forged_identity(env: Env) -> Path:
     d.mkdir()
     (d / "cert.pem").write_bytes(cert_to_pem(leaf))
     (d / "key.pem").write_bytes(key_to_pem(key))
-    (d / "ca.pem").write_bytes((env.certs / "controller" / "ca.pem").read_bytes())
+    (d / "ca.pem").write_bytes((env.certs / TENANT / "ca.pem").read_bytes())
     (d / "signing.pub").write_bytes((env.certs / TENANT / "signing.pub").read_bytes())
+    (d / "root.pub").write_bytes((env.certs / TENANT / "root.pub").read_bytes())
     return d
 
 

@@ -39,6 +39,7 @@ def setup(tmp_path: Path) -> AgentSetup:
         key_path=tmp_path / "k",
         ca_path=tmp_path / "ca",
         signing_pub_path=tmp_path / "s",
+        root_pub_path=tmp_path / "r",
         tenant="acme",
         device_id="press-01",
         spiffe_id="spiffe://acme/margo/client/press-01",

@@ -8,6 +8,7 @@ import pytest
 from controller.desired import DesiredConfig, DesiredState
 from controller.document_cache import DocumentCache
 from controller.registry import SessionRegistry
+from controller.root_chains import RootChains
 from controller.store.sqlite import SqliteStore
 from margo_stream.errors import NotFound
 
@@ -40,7 +41,9 @@ async def desired(tmp_path):
             raise AssertionError("reading blobs spawns nothing")
 
     try:
-        yield DesiredState(config, store, SessionRegistry(), NoTasks(), DocumentCache())
+        yield DesiredState(
+            config, store, SessionRegistry(), NoTasks(), DocumentCache(), RootChains(tmp_path)
+        )
     finally:
         await store.close()
 

@@ -16,14 +16,18 @@ from typing import Any
 import pytest
 import uvicorn
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from controller.api.app import create_app
 from controller.registry import SessionRegistry, SessionView
+from controller.root_chains import RootChains
 from controller.store.sqlite import SqliteStore
 from margo_stream.cli import output
 from margo_stream.cli.margoctl import main
 from margo_stream.identity.authority import Role
 from margo_stream.identity.operator_files import OperatorTable, Principal
+from margo_stream.identity.pki import key_to_pem
+from tests.authority_kit import Kit
 
 TOKEN = "acme-operator-token"
 ALICE_TOKEN = "alice-operator-token"
@@ -70,6 +74,13 @@ def server(tmp_path) -> Iterator[Server]:
     port = sock.getsockname()[1]
     token_file = tmp_path / "operator.token"
     token_file.write_text(TOKEN + "\n")
+    # the operator's key and certificate beside the token (margoctl apply signs with them),
+    # certified by a root whose metadata the API checks signatures against
+    kit = Kit("acme", Ed25519PrivateKey.generate())
+    (tmp_path / "operator.key").write_bytes(key_to_pem(kit.operator_key))
+    (tmp_path / "operator.cert.json").write_bytes(kit.cert_bytes)
+    (tmp_path / "certs" / "acme" / "root").mkdir(parents=True)
+    (tmp_path / "certs" / "acme" / "root" / "1.json").write_bytes(kit.chain[0])
     ready = threading.Event()
     box: dict[str, Any] = {}
 
@@ -77,7 +88,12 @@ def server(tmp_path) -> Iterator[Server]:
         store = SqliteStore(tmp_path / "c.db")
         await store.open()
         registry = SessionRegistry()
-        app = create_app(store=store, registry=registry, operators=OperatorTable(OPERATORS))
+        app = create_app(
+            store=store,
+            registry=registry,
+            operators=OperatorTable(OPERATORS),
+            roots=RootChains(tmp_path / "certs"),
+        )
         uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
         box.update(store=store, registry=registry, uv=uv, loop=asyncio.get_running_loop())
         ready.set()
