@@ -23,7 +23,10 @@ from agent.desired_specs import read_specs
 from agent.desired_store import DesiredStore, DesiredStoreError
 from agent.ports import AgentHost, LiveSession
 from agent.reconciler import Reconciler
+from agent.runtime.defaults import default_runtimes
+from agent.runtime.workdirs import secure_state_dir
 from agent.status import StatusReporter
+from agent.users import workload_user
 from margo_stream.errors import (
     ConfigError,
     DocumentError,
@@ -70,7 +73,8 @@ class Overlay(Mapping[str, bytes]):
 class DesiredFeature:
     def __init__(self, agent: AgentHost, status: StatusReporter) -> None:
         state = agent.config.state
-        state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        run_as = workload_user(agent.config)  # ConfigError if it cannot be used
+        secure_state_dir(state, traversable=run_as.switches)
         self.store = DesiredStore(state)
         try:
             self.root_key = load_signing_pub(agent.creds.root_pub_path)
@@ -80,11 +84,17 @@ class DesiredFeature:
         except (IdentityError, TrustError) as exc:
             raise ConfigError(str(exc)) from None
         self._incoming: dict[str, bytes] = {}
-        self.reconciler = Reconciler(state, read_blob=self._read_blob, on_status=status.on_status)
+        self.reconciler = Reconciler(
+            state,
+            read_blob=self._read_blob,
+            on_status=status.on_status,
+            runtimes=default_runtimes(run_as=run_as),
+        )
         self._report = status.on_status
         self._lock = anyio.Lock()
         agent.background_tasks.append(self.run)
         agent.hello_fields.append(self.hello_fields)
+        agent.session_tasks.append(self.adopt_root)
         agent.stream_handlers[StreamKind.DESIRED] = self.handle_stream
 
     # --- offline autonomy ----------------------------------------------------------------------
@@ -123,6 +133,27 @@ class DesiredFeature:
             len(specs),
             extra={"event": "desired-restored"},
         )
+
+    async def adopt_root(self, session: LiveSession) -> None:
+        """The controller's answer to the hello carries the tenant's root metadata versions
+        newer than ours: check and keep them now, so terminal grants (and the next push) are
+        checked against the newest root the tenant published."""
+        chain = session.ack.root
+        if not chain:
+            return
+        try:
+            async with self._lock:  # never beside a push's verify or accept
+                root = await anyio.to_thread.run_sync(
+                    self.verifier.adopt_root, chain, dt.datetime.now(dt.UTC)
+                )
+        except TrustError as exc:
+            log.warning(
+                "refused the tenant's root metadata: %s",
+                exc,
+                extra={"event": "root-refused", "refusal": exc.refusal},
+            )
+            return
+        log.info("root metadata version %d trusted", root.version, extra={"event": "root-adopted"})
 
     def hello_fields(self) -> dict[str, object]:
         return {

@@ -28,9 +28,9 @@ def load_setup(config: AgentConfig) -> AgentSetup:
 
 def install_features(setup: AgentSetup) -> None:
     """Desired state + status, telemetry and terminals plug into ``setup`` here."""
-    desired.install(setup)
+    state = desired.install(setup)
     replay.install(setup)
-    terminal.install(setup)
+    terminal.install(setup, trust=state.verifier)  # grants are checked against its root
 
 
 def build_agent(config: AgentConfig) -> Agent:

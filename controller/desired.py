@@ -298,7 +298,12 @@ class DesiredState:
         assert hello is not None
         state = self._devices.setdefault((session.tenant, session.device_id), _DeviceState())
         state.held = set(hello.blobs)
-        state.root_version = hello.root_version
+        # the hello's answer carried every root metadata version newer than the device's
+        try:
+            newest = len(self.roots.chain(session.tenant))
+        except IdentityError:
+            newest = 0
+        state.root_version = max(hello.root_version or 0, newest) or None
         held = hello.manifest_version or 0
         known = await self._latest_known(session.tenant, session.device_id)
         if known is None or held > known[0]:

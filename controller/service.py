@@ -66,6 +66,7 @@ class Controller:
             tasks=self,
             hello_timeout=config.hello_timeout,
             keepalive=config.keepalive,
+            roots=self.features.roots,
         )
         self.quic: QuicServer | None = None
         self.quic_port: int | None = None

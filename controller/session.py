@@ -17,7 +17,9 @@ from pydantic import BaseModel
 
 from controller.ports import SessionHooks, TaskSpawner
 from controller.registry import SessionRegistry, SessionView
+from controller.root_chains import RootChains
 from controller.store.base import Store
+from margo_stream.errors import IdentityError
 from margo_stream.identity.spiffe import DeviceIdentity
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.channel import StreamFailed
@@ -45,6 +47,7 @@ class SessionContext:
     tasks: TaskSpawner
     hello_timeout: float
     keepalive: float
+    roots: RootChains  # the tenants' root metadata, relayed in the hello's answer
 
 
 class ControllerSession:
@@ -180,6 +183,7 @@ class ControllerSession:
                 server_time=now,
                 keepalive_s=ctx.keepalive,
                 telemetry_acked=watermark,
+                root=self._root_update(hello),
             )
         )
         self.ready = True
@@ -205,6 +209,14 @@ class ControllerSession:
         )
         for hook in ctx.hooks.ready:
             await hook(self)
+
+    def _root_update(self, hello: m.Hello) -> list[bytes]:
+        """The tenant's root metadata versions the device does not hold yet."""
+        try:
+            return self.ctx.roots.newer_than(self.tenant, hello.root_version)
+        except IdentityError as exc:
+            self._log(logging.ERROR, "cannot relay the tenant's root metadata: %s", exc)
+            return []
 
     def send_control(self, message: BaseModel) -> None:
         if self.control is not None and self.conn.closed is None:

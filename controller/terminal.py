@@ -106,12 +106,14 @@ class TerminalSession:
         stream: MessageStream,
         audit_id: int,
         pid: int,
+        operator: str | None = None,
     ) -> None:
         self.service = service
         self.session = session
         self.stream = stream
         self.audit_id = audit_id
         self.pid = pid
+        self.operator = operator  # the operator whose grant the device verified
         self.bytes_out = 0  # device -> operator
         self.flow = TerminalWindow()  # sender half: operator -> device; receiver: device -> op
         self._window_open = anyio.Event()
@@ -235,6 +237,7 @@ class TerminalSession:
                 reason=reason,
                 exit_status=outcome.status,
                 tenant=self.session.tenant,
+                operator=self.operator,
             )
         except Exception:
             log.exception("could not finish the audit record of terminal session %d", self.audit_id)
@@ -273,6 +276,8 @@ class TerminalService:
         rows: int,
         cols: int,
         tty: bool,
+        grant: bytes | None = None,
+        certificate: bytes | None = None,
     ) -> TerminalSession:
         """Open a session on a connected device of ``tenant``; ``TerminalUnavailable`` if not."""
         session = self.registry.link(tenant, device_id)
@@ -291,7 +296,15 @@ class TerminalService:
         reason = None
         try:
             stream.send(
-                m.TermOpen(session_id=str(audit_id), command=command, rows=rows, cols=cols, tty=tty)
+                m.TermOpen(
+                    session_id=str(audit_id),
+                    command=command,
+                    rows=rows,
+                    cols=cols,
+                    tty=tty,
+                    grant=grant,
+                    certificate=certificate,
+                )
             )
             with anyio.fail_after(OPEN_TIMEOUT):
                 reply = await stream.receive()
@@ -307,7 +320,7 @@ class TerminalService:
             stream.reset(ErrorCode.CANCELLED)
         else:
             if isinstance(reply, m.TermOpened):
-                term = TerminalSession(self, session, stream, audit_id, reply.pid)
+                term = TerminalSession(self, session, stream, audit_id, reply.pid, reply.operator)
                 self.active[audit_id] = term
                 self.counters["opened"] += 1
                 log.info(

@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 The controller opens the stream with ``term_open``. :class:`TerminalFeature` admits it against
-the device's policy (terminals enabled, fewer than ``terminal_max_sessions`` open) and starts
+the device's policy (terminals enabled, fewer than ``terminal_max_sessions`` open), checks the
+operator's signed grant it must carry (``agent.terminal.grants``: the controller only relays
+it) and starts
 the command: with ``tty`` on a real pseudo-terminal of the requested size (``PtySession``),
 without it on plain pipes (``PipeSession``), so a non-interactive ``exec`` gets stdout and
 stderr apart and a real end of input. It answers ``error`` with the reason (and ends the
@@ -15,12 +17,14 @@ dropping, the agent stopping), the ``finally`` closes the PTY and kills the proc
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 
 import anyio
 
 from agent.ports import AgentHost, LiveSession
 from agent.terminal.command import TerminalError
+from agent.terminal.grants import GrantChecker, RootOfTrust
 from agent.terminal.manager import (
     DISABLED_REASON,
     TerminalManager,
@@ -45,8 +49,9 @@ log = logging.getLogger("margo.agent.terminal")
 class TerminalFeature:
     """Serves ``StreamKind.TERMINAL`` streams within the device's terminal policy."""
 
-    def __init__(self, agent: AgentHost) -> None:
+    def __init__(self, agent: AgentHost, grants: GrantChecker) -> None:
         cfg = agent.config
+        self.grants = grants
         enabled = cfg.terminal_enabled and cfg.terminal_max_sessions >= 1
         self.policy = TerminalPolicy(
             enabled=enabled,
@@ -92,6 +97,8 @@ class TerminalFeature:
             return
         what = " ".join(first.command) if first.command else "login shell"
         try:
+            self._admit()  # first: a session the policy refuses spends no grant
+            grant = self.grants.check(first, dt.datetime.now(dt.UTC))
             proc = await self._open(first)
         except TerminalError as exc:  # TerminalRefused included
             self.counters["refused"] += 1
@@ -108,14 +115,15 @@ class TerminalFeature:
             return
         self.counters["opened"] += 1
         log.info(
-            "terminal session %s started (%s, pid %d, %s)",
+            "terminal session %s started for operator %s (%s, pid %d, %s)",
             first.session_id,
+            grant.operator.name,
             what,
             proc.pid,
             "pty" if first.tty else "pipes",
             extra={"event": "terminal-opened"},
         )
-        relay = TerminalRelay(stream, proc, self.policy.idle_timeout_s)
+        relay = TerminalRelay(stream, proc, self.policy.idle_timeout_s, grant.operator.name)
         try:
             await relay.run()
             if not relay.peer_gone:  # the controller ends its side after term_exit
@@ -138,5 +146,7 @@ class TerminalFeature:
             )
 
 
-def install(agent: AgentHost) -> TerminalFeature:
-    return TerminalFeature(agent)
+def install(agent: AgentHost, trust: RootOfTrust) -> TerminalFeature:
+    """Terminals whose grants are checked against ``trust`` (the device's root metadata)."""
+    grants = GrantChecker(agent.device_id, trust, agent.config.state)
+    return TerminalFeature(agent, grants)

@@ -57,9 +57,16 @@ def send_message(stream: MessageStream, message: m.Message, *, end: bool = False
 
 
 class TerminalRelay:
-    def __init__(self, stream: MessageStream, proc: Process, idle_timeout_s: float) -> None:
+    def __init__(
+        self,
+        stream: MessageStream,
+        proc: Process,
+        idle_timeout_s: float,
+        operator: str | None = None,
+    ) -> None:
         self.stream = stream
         self.proc = proc
+        self.operator = operator  # whose grant opened the session
         self.idle_timeout_s = idle_timeout_s
         self.reason: str | None = None
         self.window = TerminalWindow()
@@ -69,7 +76,7 @@ class TerminalRelay:
 
     async def run(self) -> None:
         stream, proc = self.stream, self.proc
-        if not send_message(stream, m.TermOpened(pid=proc.pid)):
+        if not send_message(stream, m.TermOpened(pid=proc.pid, operator=self.operator)):
             return
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._input)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -40,6 +41,7 @@ from controller.terminal import (
     OpKind,
     TerminalUnavailable,
 )
+from margo_stream.identity.envelope import MAX_ENVELOPE_BYTES, canonical
 
 log = logging.getLogger("margo.controller.api.terminal")
 
@@ -66,7 +68,29 @@ def _size(body: dict[str, Any], name: str, default: int) -> int:
     return value
 
 
-def parse_open(text: str) -> tuple[list[str] | None, int, int, bool]:
+@dataclass(frozen=True, slots=True)
+class OpenRequest:
+    command: list[str] | None
+    rows: int
+    cols: int
+    tty: bool
+    grant: bytes | None  # the operator's signed grant, canonical JSON, relayed to the device
+    certificate: bytes | None  # the operator's certificate, likewise
+
+
+def _envelope(body: dict[str, Any], name: str) -> bytes | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadRequest(f"{name!r} must be a signed envelope (a JSON object)")
+    data = canonical(value)
+    if len(data) > MAX_ENVELOPE_BYTES:
+        raise BadRequest(f"{name!r} is larger than {MAX_ENVELOPE_BYTES} bytes")
+    return data
+
+
+def parse_open(text: str) -> OpenRequest:
     try:
         body = json.loads(text)
     except ValueError:
@@ -81,7 +105,14 @@ def parse_open(text: str) -> tuple[list[str] | None, int, int, bool]:
     tty = body.get("tty", True)
     if not isinstance(tty, bool):
         raise BadRequest("'tty' must be true or false")
-    return command, _size(body, "rows", 24), _size(body, "cols", 80), tty
+    return OpenRequest(
+        command,
+        _size(body, "rows", 24),
+        _size(body, "cols", 80),
+        tty,
+        _envelope(body, "grant"),
+        _envelope(body, "certificate"),
+    )
 
 
 class WebSocketOperator:
@@ -162,7 +193,7 @@ async def terminal(ws: WebSocket) -> None:
             first = await ws.receive()
         if first["type"] == "websocket.disconnect":
             return
-        command, rows, cols, tty = parse_open(first.get("text") or "")
+        req = parse_open(first.get("text") or "")
     except TimeoutError:
         await fail("bad-request", f"no open message within {OPEN_TIMEOUT:g} s")
         return
@@ -177,7 +208,15 @@ async def terminal(ws: WebSocket) -> None:
     operator = principal.name if principal is not None else "unknown"
     try:
         term = await service.open(
-            tenant, device_id, operator=operator, command=command, rows=rows, cols=cols, tty=tty
+            tenant,
+            device_id,
+            operator=operator,
+            command=req.command,
+            rows=req.rows,
+            cols=req.cols,
+            tty=req.tty,
+            grant=req.grant,
+            certificate=req.certificate,
         )
     except TerminalUnavailable as exc:
         kind = "shutting-down" if exc.reason == SHUTDOWN_REASON else exc.kind

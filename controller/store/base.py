@@ -444,6 +444,7 @@ class Store(Protocol):
         now: float | None = None,
         tenant: str | None = None,
         exit_status: int | None = None,
+        operator: str | None = None,
     ) -> None:
         """``NotFound`` for an unknown id (or one of another tenant when ``tenant`` is given)."""
         ...

@@ -528,6 +528,7 @@ class SqliteStore:
         now: float | None = None,
         tenant: str | None = None,
         exit_status: int | None = None,
+        operator: str | None = None,
     ) -> None:
         await self._write(
             events.finish_session_audit,
@@ -538,6 +539,7 @@ class SqliteStore:
             _now(now),
             tenant,
             exit_status,
+            operator,
         )
 
     async def list_session_audits(self, tenant: str, limit: int = 100) -> list[SessionAudit]:

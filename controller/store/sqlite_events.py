@@ -110,6 +110,7 @@ def finish_session_audit(
     now: float,
     tenant: str | None,
     exit_status: int | None = None,
+    operator: str | None = None,
 ) -> None:
     row = conn.execute(
         "SELECT tenant, device_id, started_at FROM session_audits WHERE id = ?", (audit_id,)
@@ -121,6 +122,8 @@ def finish_session_audit(
         " exit_status = ? WHERE id = ?",
         (now, bytes_in, bytes_out, reason, exit_status, audit_id),
     )
+    if operator is not None:  # the operator the device verified the grant of
+        conn.execute("UPDATE session_audits SET operator = ? WHERE id = ?", (operator, audit_id))
     add_event(
         conn,
         row[0],

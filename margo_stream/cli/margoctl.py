@@ -318,7 +318,12 @@ def _run_terminal(args: argparse.Namespace) -> int:
         return 1
     client.close()
     return margoctl_terminal.main(
-        client.base_url, client.token, client.verify, args.timeout or 10.0, args
+        client.base_url,
+        client.token,
+        client.verify,
+        args.timeout or 10.0,
+        args,
+        operator_credentials(args),
     )
 
 

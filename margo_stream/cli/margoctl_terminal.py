@@ -16,6 +16,7 @@ by the device, controller shutting down, connection lost); a one-line message sa
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import functools
 import json
 import os
@@ -30,6 +31,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from margo_stream.cli.tty import get_winsize, raw_mode, winsize_changes
+from margo_stream.identity.authored import make_grant
+from margo_stream.identity.operator_files import OperatorCredentials
 
 PROG = "margoctl"
 SESSION_FAILED = 255
@@ -73,10 +76,37 @@ class Target:
     token: str
     ssl: ssl.SSLContext | None
     open_timeout: float
+    device: str = ""
+    creds: OperatorCredentials | None = None  # signs the session's grant
+
+    def grant(self, command: list[str] | None, tty: bool) -> dict[str, Any]:
+        """The open message's grant and certificate: signed here, on the operator's machine,
+        for this device and command only, valid a minute and once."""
+        creds = self.creds
+        if creds is None or creds.key is None or creds.certificate is None or not creds.name:
+            raise SessionError(
+                "terminals open only on a grant signed with the operator's key: use --operator "
+                "DIR, or a token file with operator.key and operator.cert.json beside it"
+            )
+        grant = make_grant(
+            creds.tenant or "",
+            self.device,
+            command,
+            tty=tty,
+            operator=creds.name,
+            key=creds.key,
+            now=dt.datetime.now(dt.UTC),
+        )
+        return {"grant": grant, "certificate": creds.certificate}
 
 
 def make_target(
-    base_url: str, token: str, device: str, verify: bool | str, timeout: float
+    base_url: str,
+    token: str,
+    device: str,
+    verify: bool | str,
+    timeout: float,
+    creds: OperatorCredentials | None = None,
 ) -> Target:
     from urllib.parse import quote
 
@@ -86,7 +116,9 @@ def make_target(
     context = None
     if ws_scheme == "wss":
         context = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
-    return Target(url=url, token=token, ssl=context, open_timeout=timeout)
+    return Target(
+        url=url, token=token, ssl=context, open_timeout=timeout, device=device, creds=creds
+    )
 
 
 def exit_code(status: int) -> int:
@@ -138,9 +170,8 @@ async def _open(
     except (OSError, TimeoutError, InvalidHandshake) as exc:
         raise SessionError(f"cannot reach {target.url}: {exc}") from None
     try:
-        await ws.send(
-            json.dumps({"type": "open", "command": command, "rows": rows, "cols": cols, "tty": tty})
-        )
+        opening = {"type": "open", "command": command, "rows": rows, "cols": cols, "tty": tty}
+        await ws.send(json.dumps({**opening, **target.grant(command, tty)}))
         reply = json.loads(await ws.recv())
     except ConnectionClosed as exc:
         raise SessionError(
@@ -219,13 +250,18 @@ async def _quietly(fn: Any) -> None:
 
 
 def main(
-    base_url: str, token: str, verify: bool | str, timeout: float, args: argparse.Namespace
+    base_url: str,
+    token: str,
+    verify: bool | str,
+    timeout: float,
+    args: argparse.Namespace,
+    creds: OperatorCredentials | None = None,
 ) -> int:
     command = list(args.argv or []) or None
     if args.command == "exec" and command is None:
         sys.stderr.write(f"{PROG}: error: exec needs a command: margoctl exec DEVICE -- CMD ...\n")
         return 2
-    target = make_target(base_url, token, args.device, verify, timeout)
+    target = make_target(base_url, token, args.device, verify, timeout, creds)
     try:
         return anyio.run(
             functools.partial(run_session, target, command, tty=args.command == "terminal")

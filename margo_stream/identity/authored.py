@@ -72,11 +72,27 @@ def verify_deployment(
     now: dt.datetime,
 ) -> SignedDeployment:
     """Who signed this exact deployment document, checked all the way to the root."""
-    what = f"deployment {deployment_id!r}"
     operator = verify_operator(certificate, root, now, role=Role.DEPLOYER)
+    return verify_signed_by(
+        signature, operator, root.tenant, deployment_id=deployment_id, digest=digest, now=now
+    )
+
+
+def verify_signed_by(
+    signature: bytes | str | Mapping[str, Any],
+    operator: Operator,
+    tenant: str,
+    *,
+    deployment_id: str,
+    digest: str,
+    now: dt.datetime,
+) -> SignedDeployment:
+    """``verify_deployment`` for an operator whose certificate was already verified (a
+    ``deployer`` of ``tenant``'s root, not expired at ``now``)."""
+    what = f"deployment {deployment_id!r}"
     env = envelope.parse(signature, DEPLOYMENT_TYPE, f"{what}'s signature")
     signed = envelope.verify(env, {operator.key_id: operator.key}, 1, f"{what}'s signature")
-    if signed.get("tenant") != root.tenant:
+    if signed.get("tenant") != tenant:
         raise AuthorityError(f"{what} was signed for another tenant", Refusal.WRONG_TENANT)
     if signed.get("deploymentId") != deployment_id or signed.get("digest") != digest:
         raise AuthorityError(

@@ -102,14 +102,9 @@ def parse(data: bytes | str | Mapping[str, Any], kind: str, what: str) -> dict[s
     return value
 
 
-def verify(
-    envelope: Mapping[str, Any],
-    keys: Mapping[str, Ed25519PublicKey],
-    threshold: int,
-    what: str,
-) -> dict[str, Any]:
-    """``envelope["signed"]`` once at least ``threshold`` of ``keys`` (key id -> key) signed
-    it; ``AuthorityError(bad-signature)`` otherwise."""
+def signers(envelope: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> set[str]:
+    """The ids of the keys of ``keys`` (key id -> key) whose signature over the envelope's
+    ``signed`` checks out (each counted once; unknown ids and bad signatures are skipped)."""
     data = canonical(envelope["signed"])
     good: set[str] = set()
     for entry in envelope["signatures"]:
@@ -126,6 +121,18 @@ def verify(
         except (InvalidSignature, binascii.Error, ValueError):
             continue
         good.add(kid)
+    return good
+
+
+def verify(
+    envelope: Mapping[str, Any],
+    keys: Mapping[str, Ed25519PublicKey],
+    threshold: int,
+    what: str,
+) -> dict[str, Any]:
+    """``envelope["signed"]`` once at least ``threshold`` of ``keys`` (key id -> key) signed
+    it; ``AuthorityError(bad-signature)`` otherwise."""
+    good = signers(envelope, keys)
     if threshold < 1 or len(good) < threshold:
         raise AuthorityError(
             f"{what}: {len(good)} valid signature(s) by the keys it must be signed by, "

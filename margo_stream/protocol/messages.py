@@ -72,6 +72,8 @@ class HelloAck(_Model):
     server_time: float
     keepalive_s: float
     telemetry_acked: U64 = 0
+    # the tenant's root metadata versions newer than the hello's root_version (oldest first)
+    root: list[Annotated[bytes, Field(max_length=64 * 1024)]] = Field(default=[], max_length=64)
 
 
 class Ping(_Model):
@@ -181,11 +183,16 @@ class TermOpen(_Model):
     rows: int = Field(default=24, ge=1, le=1000)
     cols: int = Field(default=80, ge=1, le=1000)
     tty: bool = True
+    # the operator's signed grant for this session and the operator's certificate (canonical
+    # JSON); the device opens nothing without them
+    grant: bytes | None = Field(default=None, max_length=16 * 1024)
+    certificate: bytes | None = Field(default=None, max_length=16 * 1024)
 
 
 class TermOpened(_Model):
     t: Literal["term_opened"] = "term_opened"
     pid: int
+    operator: str | None = Field(default=None, max_length=256)  # who the grant verified
 
 
 class TermData(_Model):

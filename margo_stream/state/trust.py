@@ -46,8 +46,16 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from margo_stream.errors import AuthorityError, DocumentError, TrustError
 from margo_stream.fsutil import atomic_write
 from margo_stream.identity import envelope
-from margo_stream.identity.authored import verify_deployment
-from margo_stream.identity.authority import RootMetadata, TrustedRoot, format_time, read_root
+from margo_stream.identity.authored import verify_signed_by
+from margo_stream.identity.authority import (
+    Operator,
+    Role,
+    RootMetadata,
+    TrustedRoot,
+    format_time,
+    read_root,
+    verify_operator,
+)
 from margo_stream.protocol.codes import Refusal
 from margo_stream.state.digest import sha256_digest
 from margo_stream.state.manifest import (
@@ -58,6 +66,8 @@ from margo_stream.state.manifest import (
     signature_valid,
 )
 from margo_stream.state.trust_state import HeldSignature, TrustState
+
+MAX_CACHED_OPERATORS = 64
 
 # Refusals (TrustError.refusal), by their short names.
 BAD_SIGNATURE = Refusal.BAD_SIGNATURE
@@ -128,6 +138,7 @@ class DesiredStateVerifier:
             atomic_write(self.state_path, state.to_json(), mode=0o600)
         self._state = state
         self._root = read_root(state.root) if state.root is not None else None
+        self._operators: dict[tuple[str, int], Operator] = {}
 
     # ------------------------------------------------------------------ held state
 
@@ -151,6 +162,26 @@ class DesiredStateVerifier:
     @property
     def root_version(self) -> int | None:
         return self._root.version if self._root is not None else None
+
+    def adopt_root(self, chain: Sequence[bytes], now: dt.datetime) -> RootMetadata:
+        """Move the trusted root metadata along ``chain`` (as ``trusted_root``) and keep it:
+        root metadata is checked and adopted on its own, before anything it vouches for."""
+        self._check_key()
+        trusted = self.trusted_root(chain, now).current
+        if trusted is not self._root:
+            state = TrustState(
+                self.tenant,
+                self.device_id,
+                self._state.key_fingerprint,
+                self._state.manifest_version,
+                self._state.manifest_digest,
+                trusted.envelope,
+                self._state.signatures,
+            )
+            atomic_write(self.state_path, state.to_json(), mode=0o600)
+            self._state = state
+            self._root = trusted
+        return trusted
 
     # ------------------------------------------------------------------ checks
 
@@ -280,8 +311,29 @@ class DesiredStateVerifier:
                 ) from None
         return out
 
-    @staticmethod
+    def _operator(
+        self, cert_digest: str, cert: bytes, root: RootMetadata, now: dt.datetime
+    ) -> Operator:
+        """The deployer a certificate names, verified against ``root``; remembered per
+        (certificate, root version), so a fan-out of one operator's changes costs one
+        certificate check per device, not one per push (expiry is checked every time)."""
+        key = (cert_digest, root.version)
+        operator = self._operators.get(key)
+        if operator is None:
+            operator = verify_operator(cert, root, now, role=Role.DEPLOYER)
+            if len(self._operators) >= MAX_CACHED_OPERATORS:
+                self._operators.clear()
+            self._operators[key] = operator
+        elif now >= operator.expires:
+            raise AuthorityError(
+                f"operator {operator.name!r}'s certificate expired at "
+                f"{format_time(operator.expires)}",
+                Refusal.EXPIRED,
+            )
+        return operator
+
     def _check_author(
+        self,
         entry: ManifestEntry,
         held: HeldSignature | None,
         blobs: Mapping[str, bytes],
@@ -293,10 +345,11 @@ class DesiredStateVerifier:
                 f"deployment {entry.deployment_id!r} is not signed by an operator",
                 Refusal.UNSIGNED,
             )
-        checked = verify_deployment(
+        operator = self._operator(entry.certificate, blobs[entry.certificate], root, now)
+        checked = verify_signed_by(
             entry.signature,
-            blobs[entry.certificate],
-            root,
+            operator,
+            root.tenant,
             deployment_id=entry.deployment_id,
             digest=entry.digest,
             now=now,

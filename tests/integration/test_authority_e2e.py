@@ -151,3 +151,94 @@ async def test_a_controller_without_operator_keys_cannot_change_a_workload(
         finally:
             agent.stop()
             ctl.shutdown()
+
+
+async def test_terminals_open_only_on_a_fresh_operator_grant(pki, tmp_path: Path) -> None:
+    import datetime as dt
+
+    from controller.terminal import TerminalUnavailable
+    from margo_stream.identity.authored import make_grant
+    from margo_stream.identity.operator_files import load_operator_credentials
+
+    config = ControllerConfig(certs=pki.dir, data=tmp_path / "data", listen_port=0, api_port=0)
+    ctl = Controller(config)
+    creds = load_operator_credentials(operator_dir=None, token_file=pki.token_file("acme"))
+    assert creds.key is not None and creds.name == "admin"
+    cert = canonical(creds.certificate or {})
+    terminals = ctl.features.terminals
+
+    def grant(command: list[str] | None, *, device: str = "press-01", seconds: int = 60) -> bytes:
+        assert creds.key is not None
+        env = make_grant(
+            "acme",
+            device,
+            command,
+            tty=False,
+            operator="admin",
+            key=creds.key,
+            now=dt.datetime.now(dt.UTC),
+            seconds=seconds,
+        )
+        return canonical(env)
+
+    async def run(command: list[str], grant_bytes: bytes | None, cert_bytes: bytes | None = cert):
+        return await terminals.open(
+            "acme",
+            "press-01",
+            operator="admin",
+            command=command,
+            rows=24,
+            cols=80,
+            tty=False,
+            grant=grant_bytes,
+            certificate=cert_bytes,
+        )
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(ctl.run)
+        agent = Agent(
+            pki.device("acme", "press-01"), f"127.0.0.1:{ctl.quic_port}", tmp_path / "agent"
+        )
+        try:
+            with anyio.fail_after(20):
+                while ctl.registry.link("acme", "press-01") is None:
+                    await anyio.sleep(0.05)
+            # a controller holding every key of its own, relaying no grant: no shell
+            with pytest.raises(TerminalUnavailable, match="no operator grant") as info:
+                await run(["id"], None)
+            assert info.value.kind == "refused"
+            # a grant for another command, another device, or signed with no certificate
+            with pytest.raises(TerminalUnavailable, match="another command"):
+                await run(["cat", "/etc/shadow"], grant(["id"]))
+            with pytest.raises(TerminalUnavailable, match="another device|device 'press-02'"):
+                await run(["id"], grant(["id"], device="press-02"))
+            # a genuine grant opens exactly one session; replayed, it opens nothing
+            good = grant(["id"])
+            session = await run(["id"], good)
+            assert session.operator == "admin"
+            await session.finish(session.outcome or _outcome())
+            with pytest.raises(TerminalUnavailable, match="used before"):
+                await run(["id"], good)
+            # and the agent remembers it across a restart
+            old = ctl.registry.link("acme", "press-01")
+            agent.stop()
+            agent = Agent(
+                pki.device("acme", "press-01"), f"127.0.0.1:{ctl.quic_port}", tmp_path / "agent"
+            )
+            with anyio.fail_after(20):
+                while (link := ctl.registry.link("acme", "press-01")) is None or link is old:
+                    await anyio.sleep(0.05)
+            await anyio.sleep(0.2)  # the hello's answer (and its root metadata) is processed
+            with pytest.raises(TerminalUnavailable, match="used before"):
+                await run(["id"], good)
+            audits = await ctl.store.list_session_audits("acme")
+            assert {a.operator for a in audits} == {"admin"}
+        finally:
+            agent.stop()
+            ctl.shutdown()
+
+
+def _outcome():
+    from controller.terminal import Outcome
+
+    return Outcome(error="closed by the test")
