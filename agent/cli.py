@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backoff-base", type=float, default=0.5)
     p.add_argument("--backoff-cap", type=float, default=30.0)
     p.add_argument("--no-terminal", action="store_true", help="refuse every terminal request")
+    p.add_argument(
+        "--terminal-user",
+        metavar="NAME",
+        help="user terminal sessions run as (default: nobody when the agent runs as root, "
+        "else the agent's own user; root only when named)",
+    )
+    p.add_argument(
+        "--workload-user",
+        metavar="NAME",
+        help="user process workloads run as (default: nobody when the agent runs as root, else "
+        "the agent's own user; root only when named); compose and helm run as the agent",
+    )
     p.add_argument("--terminal-max-sessions", type=int, default=4)
     p.add_argument("--terminal-idle-timeout", type=float, default=900.0)
     p.add_argument(
@@ -80,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["emit"]:
         return emit_main(argv[1:])
     args = build_parser().parse_args(argv)
+    # What the agent creates is its own: state files 0600, directories 0700. The few paths a
+    # workload needs are opened up explicitly (agent.runtime.workdirs); children start with 022.
+    os.umask(0o077)
     setup_logging(args.log_level, args.log_format)
     try:
         host, port = parse_host_port(args.controller, what="--controller")
@@ -102,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             buffer_policy=args.buffer_policy,
             commit_window_ms=args.commit_window_ms,
             metrics_interval=args.metrics_interval,
+            workload_user=args.workload_user,
+            terminal_user=args.terminal_user,
         )
         from agent.features import build_agent
 

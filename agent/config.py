@@ -28,3 +28,6 @@ class AgentConfig(BaseModel):
     buffer_policy: str = Field(default="drop-oldest", pattern="^(drop-oldest|reject)$")
     commit_window_ms: float = Field(default=2.0, ge=0)
     metrics_interval: float = Field(default=30.0, gt=0)
+    # Users process workloads and terminals run as (agent.users); None: the default
+    workload_user: str | None = None
+    terminal_user: str | None = None

@@ -542,6 +542,9 @@ class Reconciler:
 def _write_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data)
+    # 0644 whatever the agent's umask (077): containers may read a bind-mounted file as any
+    # user; the directories gate who reaches it (agent.runtime.workdirs)
+    os.chmod(path, 0o644)
 
 
 def _prune(files_dir: Path, keep: set[str]) -> None:

@@ -24,6 +24,7 @@ from agent.capabilities import collect
 from agent.config import AgentConfig
 from agent.ports import AgentSetup, SessionTask, StreamHandler
 from agent.session import AgentSession, HelloRefused
+from agent.users import terminal_user, workload_user
 from margo_stream import __version__
 from margo_stream.errors import ConfigError, PeerRejected
 from margo_stream.fsutil import atomic_write
@@ -93,6 +94,15 @@ class Agent:
         self, *, task_status: anyio.abc.TaskStatus[Agent] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         self._lock_state_dir()
+        log.info(
+            "agent %s/%s started; process workloads run as %s, terminals as %s "
+            "(compose and helm as the agent)",
+            self.tenant,
+            self.device_id,
+            workload_user(self.config).describe(),
+            terminal_user(self.config).describe(),
+            extra={"event": "agent-started"},
+        )
         try:
             async with anyio.create_task_group() as tg:
                 for task in self.setup.background_tasks:

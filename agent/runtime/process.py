@@ -35,9 +35,11 @@ from pathlib import Path
 import anyio
 from anyio.abc import ByteReceiveStream, TaskStatus
 
+from agent.users import RunAs
 from margo_stream.state.spec import ComponentSpec, ProfileType, RestartPolicy
 from margo_stream.state.status import ComponentStatus, DeploymentState, StatusError
 
+from . import workdirs
 from .base import ComponentPaths, ComponentRunner, Runtime, StatusSink
 from .spawn import Child, spawn
 
@@ -67,7 +69,8 @@ class _LaunchError(Exception):
 
 
 class ProcessRuntime(Runtime):
-    """Runs ``process`` components as supervised child processes."""
+    """Runs ``process`` components as supervised child processes, as ``run_as`` (``None``: as
+    the agent; see ``agent.runtime.workdirs`` for the directories another user is given)."""
 
     profile = ProfileType.PROCESS
 
@@ -82,7 +85,9 @@ class ProcessRuntime(Runtime):
         crash_loop_after: int = 3,
         log_max_bytes: int = 1 << 20,
         base_env: dict[str, str] | None = None,
+        run_as: RunAs | None = None,
     ) -> None:
+        self.run_as = run_as
         self.stop_grace = stop_grace
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
@@ -103,16 +108,20 @@ class ProcessRuntime(Runtime):
 class _Log:
     """Appends to ``path``, rotating to ``path.1`` when it would grow past ``max_bytes``."""
 
-    def __init__(self, path: Path, max_bytes: int) -> None:
+    def __init__(self, path: Path, max_bytes: int, owner: RunAs | None = None) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        self.owner = owner if owner is not None and owner.switches else None
         self._fd: int | None = None
         self._size = 0
 
     def _open(self) -> int:
         if self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+            self._fd = os.open(self.path, flags, 0o640)
+            if self.owner is not None:  # the workload's own log, readable by it
+                os.fchown(self._fd, self.owner.uid, self.owner.gid)
             self._size = os.fstat(self._fd).st_size
         return self._fd
 
@@ -169,7 +178,7 @@ class ProcessRunner(ComponentRunner):
         super().__init__(spec, paths, on_change)
         self._rt = runtime
         self._proc: Child | None = None
-        self._log = _Log(paths.log_path, runtime.log_max_bytes)
+        self._log = _Log(paths.log_path, runtime.log_max_bytes, runtime.run_as)
         self._tail = b""
         self._wake = anyio.Event()
         self.phase = ProcessPhase.STARTING
@@ -270,6 +279,9 @@ class ProcessRunner(ComponentRunner):
 
     def _environment(self) -> dict[str, str]:
         env = dict(self._rt.base_env)
+        run_as = self._rt.run_as
+        if run_as is not None and run_as.switches:
+            env.update(HOME=run_as.home, USER=run_as.name, LOGNAME=run_as.name)
         env["MARGO_DEPLOYMENT_ID"] = self.spec.deployment_id
         env["MARGO_COMPONENT"] = self.spec.name
         env["MARGO_FILES_DIR"] = str(self.paths.files_dir)
@@ -283,18 +295,18 @@ class ProcessRunner(ComponentRunner):
         cwd = self.paths.working_dir
         # The agent's own directories (default or relative to the deployment's) are created;
         # an absolute working_dir belongs to the device and must exist.
-        if self.spec.working_dir is None or not Path(self.spec.working_dir).is_absolute():
-            try:
-                cwd.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise _LaunchError(
-                    "working-dir", f"cannot create working directory {cwd}: {exc.strerror}"
-                ) from exc
-        elif not cwd.is_dir():
-            raise _LaunchError("working-dir", f"working directory {cwd} does not exist")
+        if self.spec.working_dir is not None and Path(self.spec.working_dir).is_absolute():
+            if not cwd.is_dir():
+                raise _LaunchError("working-dir", f"working directory {cwd} does not exist")
+        try:
+            workdirs.prepare(self.paths, self.spec, self._rt.run_as)
+        except OSError as exc:
+            raise _LaunchError(
+                "working-dir", f"cannot prepare working directory {cwd}: {exc.strerror or exc}"
+            ) from exc
         exe = argv[0]
         try:
-            proc = await spawn(argv, cwd=cwd, env=self._environment())
+            proc = await spawn(argv, cwd=cwd, env=self._environment(), run_as=self._rt.run_as)
         except FileNotFoundError as exc:
             where = "" if "/" in exe else " on PATH"
             raise _LaunchError(

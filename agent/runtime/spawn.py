@@ -5,6 +5,11 @@ whose cost grows with the agent's memory: 15-17 ms with a few hundred MB residen
 large telemetry backlog is indexed. CPython's ``subprocess`` uses ``vfork()`` and takes well
 under a millisecond whatever the agent's size. The child's exit is awaited on a pidfd and its
 output read from a non-blocking pipe, both through anyio, so no thread waits on a child.
+
+Run as another user (``run_as`` that switches): the child drops to the user's uid and primary
+group with no supplementary groups (``subprocess``'s ``user``/``group``/``extra_groups``)
+between fork and exec. CPython then uses ``fork()``, not ``vfork()`` (changing ids in a child
+that shares the parent's memory is unsafe), so the start cost grows with the agent's size again.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from pathlib import Path
 
 import anyio
 from anyio.abc import ByteReceiveStream
+
+from agent.users import RunAs, popen_args
 
 
 class PipeReader(ByteReceiveStream):
@@ -73,8 +80,11 @@ class Child:
             os.close(fd)
 
 
-async def spawn(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str]) -> Child:
-    """Start ``argv`` in its own session, stdout and stderr into one pipe, stdin empty.
+async def spawn(
+    argv: Sequence[str], *, cwd: Path, env: Mapping[str, str], run_as: RunAs | None = None
+) -> Child:
+    """Start ``argv`` in its own session, stdout and stderr into one pipe, stdin empty, as
+    ``run_as`` (``None``: as the agent).
 
     Raises ``FileNotFoundError`` / ``PermissionError`` / ``OSError`` as ``subprocess`` does."""
     popen = subprocess.Popen(  # noqa: S603 - the command is the signed deployment's
@@ -86,5 +96,6 @@ async def spawn(argv: Sequence[str], *, cwd: Path, env: Mapping[str, str]) -> Ch
         env=dict(env),
         start_new_session=True,
         close_fds=True,
+        **popen_args(run_as),
     )
     return Child(popen)
