@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 
 import anyio
 
+from agent.users import RunAs
 from margo_stream.errors import MargoError
 
 DEFAULT_TERM = "xterm-256color"
@@ -25,28 +26,30 @@ class TerminalClosed(TerminalError):
     """The terminal session was closed (by :meth:`PtySession.close`) and cannot be used."""
 
 
-def login_shell() -> str:
-    """The current user's login shell from the password database, or ``/bin/sh``."""
-    try:
-        shell = pwd.getpwuid(os.getuid()).pw_shell
-    except KeyError:  # uid without a passwd entry (common in containers)
-        shell = ""
+def login_shell(user: RunAs | None = None) -> str:
+    """``user``'s (default: the current user's) login shell from the password database, or
+    ``/bin/sh``. A user whose shell is ``nologin`` gets that: no interactive login."""
+    if user is not None:
+        shell = user.shell
+    else:
+        try:
+            shell = pwd.getpwuid(os.getuid()).pw_shell
+        except KeyError:  # uid without a passwd entry (common in containers)
+            shell = ""
     if shell and os.path.isabs(shell) and os.access(shell, os.X_OK):
         return shell
     return _FALLBACK_SHELL
 
 
-def _user_env(shell: str) -> dict[str, str]:
-    """A clean login environment, like sshd builds: the agent's own variables do not leak."""
-    try:
-        entry = pwd.getpwuid(os.getuid())
-        home, user = entry.pw_dir, entry.pw_name
-    except KeyError:
-        home, user = os.environ.get("HOME", "/"), str(os.getuid())
+def _user_env(shell: str, user: RunAs | None) -> dict[str, str]:
+    """A clean login environment, like sshd builds: the agent's own variables do not leak.
+    HOME, USER and LOGNAME are ``user``'s (default: the current user's)."""
+    if user is None:
+        user = RunAs.current()
     env = {
-        "HOME": home,
-        "USER": user,
-        "LOGNAME": user,
+        "HOME": user.home,
+        "USER": user.name,
+        "LOGNAME": user.name,
         "SHELL": shell,
         "PATH": os.environ.get("PATH", os.defpath),
     }
@@ -57,11 +60,15 @@ def _user_env(shell: str) -> dict[str, str]:
 
 
 def resolve_command(
-    command: list[str] | None, shell: str | None, env: Mapping[str, str] | None
+    command: list[str] | None,
+    shell: str | None,
+    env: Mapping[str, str] | None,
+    user: RunAs | None = None,
 ) -> tuple[str, list[str], dict[str, str]]:
-    """Return (executable path, argv, environment) for the child."""
+    """Return (executable path, argv, environment) for the child, which runs as ``user``
+    (``None``: the current user)."""
     if command is None:
-        path = shell or login_shell()
+        path = shell or login_shell(user)
         if not (os.path.isabs(path) and os.access(path, os.X_OK)):
             raise TerminalError(f"login shell {path!r} is not an executable absolute path")
         # A leading "-" in argv[0] is how every Unix shell is told it is a login shell.
@@ -71,7 +78,7 @@ def resolve_command(
             raise TerminalError("terminal command must be a non-empty list of strings")
         argv = list(command)
         path = argv[0]
-    child_env = _user_env(path) if env is None else dict(env)
+    child_env = _user_env(path, user) if env is None else dict(env)
     child_env.setdefault("TERM", DEFAULT_TERM)
     if "/" not in path:
         found = shutil.which(path, path=child_env.get("PATH", os.defpath))
@@ -79,6 +86,12 @@ def resolve_command(
             raise TerminalError(f"command not found: {path!r}")
         path = found
     return path, argv, child_env
+
+
+def home_or_root(env: Mapping[str, str]) -> str:
+    """The working directory a session starts in: ``HOME`` if it is a directory, else ``/``."""
+    home = env.get("HOME", "")
+    return home if home and os.path.isdir(home) else "/"
 
 
 async def write_all(

@@ -39,6 +39,7 @@ from agent.terminal.relay import (
     TerminalRelay,
     send_message,
 )
+from agent.users import terminal_user
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode, StreamKind
 from margo_stream.transport.connection import ConnectionLost, MessageStream, StreamClosed
@@ -57,6 +58,7 @@ class TerminalFeature:
             enabled=enabled,
             max_sessions=max(1, cfg.terminal_max_sessions),
             idle_timeout_s=cfg.terminal_idle_timeout,
+            user=terminal_user(cfg),  # ConfigError if it cannot be used
         )
         self.manager = TerminalManager(self.policy)
         self._pipes: set[PipeSession] = set()
@@ -81,7 +83,7 @@ class TerminalFeature:
         self._admit()  # checked and reserved without an await in between
         if req.tty:
             return await self.manager.open(req.command, req.rows, req.cols)
-        pipe = PipeSession.spawn(req.command, self.policy.shell)
+        pipe = PipeSession.spawn(req.command, self.policy.shell, self.policy.user)
         self._pipes.add(pipe)
         return pipe
 

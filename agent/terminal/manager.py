@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import anyio
 
+from agent.users import RunAs
 from margo_stream.errors import ConfigError
 
 from .pty_session import PtySession, TerminalError
@@ -48,12 +49,14 @@ class TerminalRefused(TerminalError):
 
 @dataclass(frozen=True, slots=True)
 class TerminalPolicy:
-    """What the device allows. ``shell=None`` means the user's login shell."""
+    """What the device allows. ``shell=None`` means the user's login shell; ``user`` is who
+    sessions run as (``None``: the agent's own user)."""
 
     enabled: bool = True
     max_sessions: int = 4
     idle_timeout_s: float = 900.0
     shell: str | None = None
+    user: RunAs | None = None
 
     def __post_init__(self) -> None:
         if (
@@ -128,7 +131,13 @@ class TerminalManager:
         self._starting += 1  # reserve the slot across the await below
         try:
             session = await PtySession.spawn(
-                command, rows=rows, cols=cols, env=env, cwd=cwd, shell=self._policy.shell
+                command,
+                rows=rows,
+                cols=cols,
+                env=env,
+                cwd=cwd,
+                shell=self._policy.shell,
+                user=self._policy.user,
             )
         finally:
             self._starting -= 1

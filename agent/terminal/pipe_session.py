@@ -15,7 +15,8 @@ import time
 
 import anyio
 
-from agent.terminal.command import TerminalError, resolve_command, write_all
+from agent.terminal.command import TerminalError, home_or_root, resolve_command, write_all
+from agent.users import RunAs, popen_args
 
 READ_CHUNK = 32 * 1024
 
@@ -44,20 +45,23 @@ class PipeSession:
             self._fds[fd] = f.fileno()
 
     @classmethod
-    def spawn(cls, command: list[str] | None, shell: str | None) -> PipeSession:
-        path, argv, env = resolve_command(command, shell, None)
-        home = env.get("HOME", "")
+    def spawn(
+        cls, command: list[str] | None, shell: str | None, user: RunAs | None = None
+    ) -> PipeSession:
+        """Start ``command`` (``None``: the login shell) as ``user`` (``None``: the agent's)."""
+        path, argv, env = resolve_command(command, shell, None, user)
         try:
             proc = subprocess.Popen(  # noqa: S603 - the operator's command, on purpose
                 argv,
                 executable=path,
                 env=env,
-                cwd=home if os.path.isdir(home) else "/",
+                cwd=home_or_root(env),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
                 close_fds=True,
+                **popen_args(user),
             )
         except OSError as exc:
             raise TerminalError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from None

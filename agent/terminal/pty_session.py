@@ -11,7 +11,9 @@ execs, it
 * makes the slave its controlling terminal (``TIOCSCTTY``) and its stdin, stdout and stderr,
 * resets signal dispositions and the signal mask the agent may have changed (an ignored
   ``SIGHUP`` or ``SIGPIPE`` would otherwise survive ``exec``),
-* changes to the working directory.
+* when it runs as another user (``user``): hands the slave to that user, as ``login`` does,
+  and drops to the user's primary group with no supplementary groups and then to its uid,
+* sets umask 022 (the agent's own is 077) and changes to the working directory as that user.
 
 The window size is set on the pair with ``TIOCSWINSZ`` before the fork, so the program sees
 the right size from its first instruction. Exec failures (no such file, bad directory) travel
@@ -56,10 +58,12 @@ from agent.terminal.command import (
     DEFAULT_TERM,
     TerminalClosed,
     TerminalError,
+    home_or_root,
     login_shell,
     resolve_command,
     write_all,
 )
+from agent.users import RunAs
 
 __all__ = [
     "DEFAULT_TERM",
@@ -115,7 +119,13 @@ def _set_winsize(fd: int, rows: int, cols: int) -> None:
 
 
 def _exec_child(
-    path: str, argv: list[str], env: dict[str, str], cwd: str, slave_fd: int, err_fd: int
+    path: str,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    slave_fd: int,
+    err_fd: int,
+    user: RunAs | None,
 ) -> NoReturn:
     """Runs in the forked child: become a session leader on the slave, then exec."""
     step = "prepare file descriptors"
@@ -140,6 +150,13 @@ def _exec_child(
         for fd in (0, 1, 2):
             os.dup2(slave_fd, fd)  # dup2 makes the copies inheritable
         os.close(slave_fd)
+        if user is not None and user.switches:
+            step = f"switch to user {user.name}"
+            os.fchown(0, user.uid, -1)  # the terminal is the user's, as after a login
+            os.setgroups([])
+            os.setgid(user.gid)
+            os.setuid(user.uid)
+        os.umask(0o022)
         step = f"chdir to {cwd!r}"
         os.chdir(cwd)
         step = f"exec {path!r}"
@@ -189,6 +206,7 @@ class PtySession:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         shell: str | None = None,
+        user: RunAs | None = None,
     ) -> PtySession:
         """Start ``command`` (argv list) on a new pseudo-terminal of ``rows`` x ``cols``.
 
@@ -197,13 +215,13 @@ class PtySession:
         environment (HOME, USER, LOGNAME, SHELL, PATH, LANG/LC_ALL/TZ if set); a mapping is
         used as the whole environment. ``TERM`` defaults to ``xterm-256color`` either way.
         ``cwd=None`` means the user's home directory (``HOME`` of the child environment).
+        ``user``: who the program runs as (``None``: the agent's user).
         Raises :class:`TerminalError` if the program cannot be started.
         """
         _check_size(rows, cols)
-        path, argv, child_env = resolve_command(command, shell, env)
+        path, argv, child_env = resolve_command(command, shell, env, user)
         if cwd is None:
-            home = child_env.get("HOME", "")
-            cwd = home if home and os.path.isdir(home) else "/"
+            cwd = home_or_root(child_env)
 
         master_fd, slave_fd = os.openpty()  # both close-on-exec
         err_r = err_w = -1
@@ -213,7 +231,7 @@ class PtySession:
             err_r, err_w = os.pipe()  # close-on-exec: EOF on err_r means exec succeeded
             pid = os.fork()
             if pid == 0:  # pragma: no cover - child side, ends in exec or _exit
-                _exec_child(path, argv, child_env, cwd, slave_fd, err_w)
+                _exec_child(path, argv, child_env, cwd, slave_fd, err_w, user)
         except BaseException:
             for fd in (master_fd, slave_fd, err_r, err_w):
                 if fd >= 0:
