@@ -22,7 +22,8 @@ Rules every implementation keeps:
   ``device.connected``, ``device.disconnected``, ``device.labels``, ``deployment.applied``,
   ``deployment.assigned``,
   ``deployment.unassigned``, ``deployment.status`` (only when the state changes),
-  ``manifest.created``, ``telemetry.gap``, ``terminal.opened``, ``terminal.closed``.
+  ``manifest.created``, ``telemetry.gap``, ``terminal.opened``, ``terminal.closed``,
+  ``device.allowed``, ``device.revoked``.
 - **Errors.** Failures of the storage itself (disk full, corrupt file, locked database) raise
   ``StoreError`` naming the database; missing things raise ``NotFound``; invalid arguments
   raise ``ValueError``.
@@ -55,6 +56,26 @@ class DeviceRecord:
     # what the device says of itself (hello, Margo capabilities); selectors read these only
     # when asked to (``reported.<key>``)
     reported_labels: dict[str, str] = field(default_factory=dict)
+
+
+IDENTITY_ALLOWED = "allowed"
+IDENTITY_REVOKED = "revoked"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityRecord:
+    """A device identity on the tenant's allow-list: admitted only with this key, until revoked.
+
+    ``key_sha256`` is the lowercase hex SHA-256 of the DER SubjectPublicKeyInfo of the
+    certificate's key; ``not_after`` (unix seconds) the expiry of the newest certificate issued
+    or seen for it; ``updated`` when the record last changed."""
+
+    tenant: str
+    device_id: str
+    key_sha256: str
+    state: str  # IDENTITY_ALLOWED | IDENTITY_REVOKED
+    not_after: float
+    updated: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +261,47 @@ class Store(Protocol):
     ) -> list[bool]:
         """``put_status`` for many ``(tenant, device_id, status, seq)`` in one transaction;
         returns for each whether it was stored (False: older seq, or an unknown device)."""
+        ...
+
+    # -- device identities (the allow-list) ------------------------------------------------
+    async def allow_identity(
+        self,
+        tenant: str,
+        device_id: str,
+        key_sha256: str,
+        not_after: float,
+        *,
+        now: float | None = None,
+    ) -> None:
+        """Allow (or re-allow, with a new key) the identity: state ``allowed``, this key."""
+        ...
+
+    async def revoke_identity(
+        self, tenant: str, device_id: str, *, now: float | None = None
+    ) -> None:
+        """State ``revoked`` (a revoked identity must enrol again); ``NotFound`` if unknown."""
+        ...
+
+    async def get_identity(self, tenant: str, device_id: str) -> IdentityRecord:
+        """``NotFound`` if the identity is not on the allow-list."""
+        ...
+
+    async def list_identities(self) -> list[IdentityRecord]:
+        """Every tenant's identities (the controller loads them into memory at start)."""
+        ...
+
+    async def import_identities(
+        self,
+        items: Sequence[tuple[str, str, str, float, float | None]],
+        *,
+        now: float | None = None,
+    ) -> list[IdentityRecord]:
+        """``(tenant, device_id, key_sha256, not_after, issued)`` read from allow files, in one
+        transaction; returns the records it changed. An item changes an identity only when it
+        is newer than the record: unknown, or ``issued`` after the record's ``updated`` (an
+        item without ``issued`` counts as newer only with another key). A newer item with the
+        recorded key keeps the record's state (a revoked identity stays revoked) and takes the
+        later ``not_after``; with another key it allows the identity again."""
         ...
 
     # -- desired state -------------------------------------------------------------------

@@ -49,6 +49,7 @@ from controller.store.base import (
 )
 from controller.store.sqlite_errors import store_error
 from controller.store.sqlite_events import StoreConnection
+from controller.store.sqlite_identities import SqliteIdentities
 from controller.store.sqlite_schema import MIGRATIONS, TELEMETRY_MIGRATIONS, migrate
 from controller.store.sqlite_telemetry import BoundTelemetryWriter
 from margo_stream.errors import NotFound, StoreError
@@ -66,9 +67,9 @@ def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
 
-class SqliteStore:
+class SqliteStore(SqliteIdentities):
     """``Store`` on one SQLite file. Use ``async with SqliteStore(path) as store:`` or call
-    ``open()`` / ``close()``."""
+    ``open()`` / ``close()``. The allow-list's methods come from ``SqliteIdentities``."""
 
     def __init__(
         self,

@@ -162,6 +162,21 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE deployments ADD COLUMN signature TEXT;
     ALTER TABLE deployments ADD COLUMN certificate TEXT;
     """,
+    # 5 -> 6: the tenants' allow-lists (controller/allowlist.py): a device is admitted only
+    # when (tenant, device_id) is here, ``allowed``, with its certificate's key (lowercase hex
+    # SHA-256 of the DER SubjectPublicKeyInfo); ``not_after`` (unix seconds) is the expiry of
+    # the newest certificate issued or seen for it. Revocation survives restarts here.
+    """
+    CREATE TABLE device_identities (
+        tenant TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        key_sha256 TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('allowed', 'revoked')),
+        not_after REAL NOT NULL,
+        updated REAL NOT NULL,
+        PRIMARY KEY (tenant, device_id)
+    ) WITHOUT ROWID;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
