@@ -32,6 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from margo_stream.errors import ConfigError, IdentityError
 from margo_stream.fsutil import atomic_write
+from margo_stream.identity.allowed_files import write_allowed
 from margo_stream.identity.fleet_manager_certs import check_wfm_id, ensure_fleet_manager_cert
 from margo_stream.identity.spiffe import (
     SCHEME,
@@ -565,6 +566,7 @@ def issue_device(dir: Path, tenant: str, device_id: str, days: int = DEFAULT_DEV
     atomic_write(ddir / "ca.pem", tenant_bundle.read_bytes(), mode=PUBLIC_MODE)
     atomic_write(ddir / "signing.pub", signing_pub.read_bytes(), mode=PUBLIC_MODE)
     copy_root_pub(dir / tenant, ddir)  # the tenant's offline root key, what the agent pins
+    write_allowed(dir, tenant, device_id, cert)  # the controller's allow-list: DIR/<t>/allowed/
     return ddir
 
 

@@ -51,6 +51,7 @@ class DeviceIdentity:
     spiffe_id: str
     not_after: datetime
     fingerprint: str  # sha256 hex of the leaf certificate's DER
+    key_sha256: str = ""  # sha256 hex of the leaf's SubjectPublicKeyInfo DER (the allow-list's pin)
 
 
 def _show(text: str, limit: int = 80) -> str:

@@ -205,6 +205,9 @@ class PeerVerifier:
             spiffe_id=str(spiffe),
             not_after=not_after,
             fingerprint=hashlib.sha256(leaf_der).hexdigest(),
+            key_sha256=hashlib.sha256(
+                leaf.public_key().public_bytes(_DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+            ).hexdigest(),
         )
         path = [leaf, *verified.chain[1:]] if verified.chain else [leaf]
         return _Cached(
