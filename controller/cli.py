@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     from controller.service import Controller
 
     controller = Controller(config)
-    return run_service(PROG, controller.run, controller.shutdown)
+    return run_service(
+        PROG, controller.run, controller.shutdown, on_reload=controller.request_reload
+    )
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@ This module imports nothing of the controller, so anything may depend on it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
+from cryptography import x509
 from pydantic import BaseModel
 
+from margo_stream.identity.spiffe import DeviceIdentity
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import StreamKind
 from margo_stream.transport.connection import Connection, MessageStream
@@ -24,6 +27,18 @@ class TaskSpawner(Protocol):
     """Runs background work in the controller's task group (failures are logged)."""
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None: ...
+
+
+class PeerCheck(Protocol):
+    """Who a client certificate proves, or ``PeerRejected``: every device transport asks this.
+    The controller's is ``controller.identities.Admission`` (chain, then the allow-list)."""
+
+    def verify(
+        self,
+        leaf: x509.Certificate | None,
+        chain: Sequence[x509.Certificate] = (),
+        now: datetime | None = None,
+    ) -> DeviceIdentity: ...
 
 
 class DeviceLink(Protocol):

@@ -5,6 +5,11 @@ Everything runs inside one anyio task group started by ``Controller.run``; cance
 the store. The features (desired state, status, telemetry, terminals) are built once here by
 ``build_features`` from the store, the registry and this controller as their task spawner;
 sessions and the API get the typed parts they use (``controller/ports.py``).
+
+Every device transport admits a certificate through ``self.admission``: the chain against the
+tenant's bundle, then the tenant's allow-list (``controller/identities.py``). ``reload`` (SIGHUP,
+``POST /api/v1/admin/reload``) re-reads the trust bundles, the fleet-manager certificates, the
+operators and the allow files without a restart; when anything fails to load, nothing changes.
 """
 
 from __future__ import annotations
@@ -27,15 +32,17 @@ from controller.api.app import create_app
 from controller.config import ControllerConfig
 from controller.device_api.tls import tenant_bundle_paths
 from controller.features import build_features
+from controller.identities import Admission, IdentityBook
 from controller.ports import DesiredChangeFanout, DeviceNotifier
 from controller.registry import SessionRegistry
 from controller.session import ControllerSession, SessionContext
 from controller.store.sqlite import SqliteStore
-from margo_stream.errors import ConfigError, IdentityError
+from margo_stream.errors import ConfigError, IdentityError, MargoError
 from margo_stream.fsutil import atomic_write
+from margo_stream.identity.allowed_files import AllowedFile, read_allowed_dir
 from margo_stream.identity.fleet_manager import TenantCertificates
-from margo_stream.identity.operator_files import OperatorDirectory
-from margo_stream.identity.trust import load_server_credentials
+from margo_stream.identity.operator_files import OperatorDirectory, scan_operators
+from margo_stream.identity.trust import load_server_credentials, load_trust_bundles
 from margo_stream.identity.verify import PeerVerifier
 from margo_stream.protocol.codes import ErrorCode
 from margo_stream.transport.connection import Connection, is_link_loss
@@ -68,6 +75,12 @@ class Controller:
             keepalive=config.keepalive,
             roots=self.features.roots,
         )
+        # the allow-list: every device transport admits through self.admission
+        self.identities = IdentityBook(self.store, self.registry, config.certs, self)
+        self.features.hooks.ready.append(self.identities.recheck)
+        self.admission: Admission | None = None
+        self._allowed_files: list[AllowedFile] = []
+        self._reload_lock = anyio.Lock()
         self.quic: QuicServer | None = None
         self.quic_port: int | None = None
         self.api_port: int | None = None
@@ -112,22 +125,70 @@ class Controller:
             self.operators = OperatorDirectory(certs)
             creds = load_server_credentials(certs)
             self.server_certs = TenantCertificates.from_dir(certs, self.verifier.tenants)
+            self._allowed_files = read_allowed_dir(certs, self.verifier.tenants)
         except IdentityError as exc:
             raise ConfigError(str(exc)) from None
         if not self.verifier.tenants:
             raise ConfigError(
                 f"no tenant CA found under {certs} (run margo-certs init --tenant ...)"
             )
+        self.admission = Admission(self.verifier, self.identities)
         return server_configuration(
             str(creds.cert_path), str(creds.key_path), idle_timeout=self.config.idle_timeout
         )
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the tenants' trust bundles, fleet-manager certificates, operators and allow
+        files. Everything is read and checked first: on failure (``ConfigError`` saying why,
+        also logged) the old state stays in force."""
+        assert self.verifier is not None and self.operators is not None, "not started"
+        certs = self.config.certs
+        async with self._reload_lock:
+            try:
+                bundles = load_trust_bundles(certs)
+                PeerVerifier(bundles, cache_size=0)  # every bundle builds a trust store
+                tenants = sorted(bundles)
+                scan_operators(certs, strict=True)
+                server_certs = TenantCertificates.from_dir(certs, tenants)
+                files = read_allowed_dir(certs, tenants)
+            except (MargoError, OSError) as exc:
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                log.warning("reload failed, nothing changed: %s", reason)
+                raise ConfigError(f"reload failed, nothing changed: {reason}") from None
+            self.verifier.reload(bundles)
+            self.server_certs.by_tenant = server_certs.by_tenant
+            self.operators.refresh(force=True)
+            changed = await self.identities.load(files)
+        log.info(
+            "reloaded: tenants %s, %d allow files (%d changed), %d identities",
+            ",".join(tenants),
+            len(files),
+            len(changed),
+            len(self.identities.allowlist),
+            extra={"event": "controller-reloaded"},
+        )
+        return {
+            "tenants": tenants,
+            "allow_files": len(files),
+            "identities_changed": len(changed),
+            "identities": len(self.identities.allowlist),
+        }
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload in the background (a failure is logged and changes nothing)."""
+        if self._tg is not None:
+            self._tg.start_soon(self._reload_logged)
+
+    async def _reload_logged(self) -> None:
+        with contextlib.suppress(ConfigError):  # logged by reload
+            await self.reload()
 
     def _accept(self, conn: Connection, identity: Any) -> None:
         ControllerSession(self.sessions, conn, identity)
 
     def _verify(self, leaf: Any, chain: list[Any]) -> Any:
-        assert self.verifier is not None
-        return self.verifier.verify(leaf, chain)
+        assert self.admission is not None
+        return self.admission.verify(leaf, chain)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[Controller] = anyio.TASK_STATUS_IGNORED
@@ -140,6 +201,7 @@ class Controller:
         await self.store.open()
         try:
             marked = await self.store.mark_all_disconnected()
+            await self.identities.load(self._allowed_files)
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 transport, self.quic = await start_server(
@@ -201,7 +263,15 @@ class Controller:
         creds = load_server_credentials(cfg.certs)
         bundles = tenant_bundle_paths(cfg.certs)
         for name, host, port in wanted:
-            args = (self.store, self.verifier, host, port, creds.cert_path, creds.key_path, bundles)
+            args = (
+                self.store,
+                self.admission,
+                host,
+                port,
+                creds.cert_path,
+                creds.key_path,
+                bundles,
+            )
             server: RestPollServer | H2PushServer
             if name == "margo_api":
                 server = await tg.start(serve_rest_poll, *args)
@@ -234,6 +304,8 @@ class Controller:
             terminals=self.features.terminals,
             documents=self.features.documents,
             roots=self.features.roots,
+            identities=self.identities,
+            reload=self.reload,
         )
         family = socket.AF_INET6 if ":" in self.config.api_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

@@ -9,6 +9,7 @@ failures, is an RFC 9457 problem details document.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
@@ -22,6 +23,7 @@ from controller.api import (
     routes_deployments,
     routes_devices,
     routes_events,
+    routes_identities,
     routes_operators,
     routes_sessions,
     routes_telemetry,
@@ -31,6 +33,7 @@ from controller.api.auth import BearerAuthMiddleware
 from controller.api.openapi import openapi_document
 from controller.api.routes_common import ApiContext, problem_response
 from controller.document_cache import DocumentCache
+from controller.identities import IdentityBook
 from controller.ports import DesiredChanges
 from controller.problems import Problem
 from controller.registry import SessionRegistry
@@ -104,6 +107,8 @@ def create_app(
     terminals: TerminalService | None = None,
     documents: DocumentCache | None = None,
     roots: RootChains | None = None,
+    identities: IdentityBook | None = None,
+    reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> Starlette:
     """The operator API over ``store`` and ``registry``.
 
@@ -111,7 +116,8 @@ def create_app(
     every request; the route policy (``policy.py``) says which role each route needs.
     ``desired``, when given, is told about every stored desired-state change;
     ``terminals`` serves terminal sessions; ``documents`` is where parsed deployment documents
-    are kept for the desired-state push (a private one when not given)."""
+    are kept for the desired-state push (a private one when not given); ``identities`` is the
+    controller's allow-list (device state, revoke, allow) and ``reload`` re-reads its files."""
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/api/v1/openapi.json", openapi_json, methods=["GET"]),
@@ -119,6 +125,7 @@ def create_app(
         *routes_deployments.routes(),
         *routes_telemetry.routes(),
         *routes_terminal.routes(),
+        *routes_identities.routes(),
         *routes_devices.routes(),
         *routes_events.routes(),
         *routes_sessions.routes(),
@@ -146,6 +153,8 @@ def create_app(
         desired=desired,
         terminals=terminals,
         roots=roots,
+        identities=identities,
+        reload=reload,
     )
     app.state.openapi = openapi_document()
     app.state.operators = operators

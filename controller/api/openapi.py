@@ -95,6 +95,25 @@ _SCHEMAS: dict[str, Any] = {
             "stats": {"type": "object", "description": "telemetry buffer fill, drop counters"},
             "remote": {"type": "string", "description": "peer address, only when connected"},
             "connected_since": {"type": "string", "format": "date-time"},
+            "state": {
+                "type": "string",
+                "enum": ["allowed", "revoked", "unknown"],
+                "description": "the identity on the tenant's allow-list (unknown: not on it)",
+            },
+            "not_after": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "expiry of the identity's newest certificate issued or seen",
+            },
+        },
+    },
+    "Identity": {
+        "type": "object",
+        "required": ["id", "state", "not_after"],
+        "properties": {
+            "id": {"type": "string"},
+            "state": {"type": "string", "enum": ["allowed", "revoked"]},
+            "not_after": {"type": "string", "format": "date-time"},
         },
     },
     "Deployment": {
@@ -279,6 +298,33 @@ _PATHS: dict[str, Any] = {
                 },
             },
             "responses": {"200": _ok({"$ref": "#/components/schemas/Device"}), **_ERRORS},
+        },
+    },
+    "/api/v1/devices/{deviceId}/revoke": {
+        "post": {
+            "summary": "Revoke a device identity (admin): its live session is closed at once, "
+            "later handshakes are refused; it survives restarts",
+            "parameters": [_DEVICE_ID],
+            "responses": {"200": _ok({"$ref": "#/components/schemas/Identity"}), **_ERRORS},
+        },
+    },
+    "/api/v1/devices/{deviceId}/allow": {
+        "post": {
+            "summary": "Allow a device identity (admin); a revoked one is refused (409): it "
+            "must enrol again",
+            "parameters": [_DEVICE_ID],
+            "responses": {
+                "200": _ok({"$ref": "#/components/schemas/Identity"}),
+                "409": _PROBLEM,
+                **_ERRORS,
+            },
+        },
+    },
+    "/api/v1/admin/reload": {
+        "post": {
+            "summary": "Re-read the tenants' CA bundles, fleet-manager certificates, operators "
+            "and allow files (admin), as SIGHUP does; on failure (422) nothing changes",
+            "responses": {"200": _ok({"type": "object"}), "422": _PROBLEM, **_ERRORS},
         },
     },
     "/api/v1/devices/{deviceId}/deployments/{deploymentId}": {

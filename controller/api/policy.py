@@ -29,11 +29,14 @@ POLICY: Sequence[tuple[str, str, Role]] = (
     ("GET", DEVICE + "/telemetry", Role.VIEWER),
     ("GET", DEVICE + "/terminal", Role.TERMINAL),
     ("PATCH", DEVICE + "/labels", Role.DEPLOYER),
+    ("POST", DEVICE + "/revoke", Role.ADMIN),
+    ("POST", DEVICE + "/allow", Role.ADMIN),
     ("GET", V1 + "/devices", Role.VIEWER),
     ("GET", DEVICE, Role.VIEWER),
     ("GET", V1 + "/events", Role.VIEWER),
     ("GET", V1 + "/events/stream", Role.VIEWER),
     ("GET", V1 + "/sessions", Role.VIEWER),
+    ("POST", V1 + "/admin/reload", Role.ADMIN),
 )
 DEFAULT_ROLE = Role.ADMIN
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -15,6 +16,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from controller.document_cache import DocumentCache
+from controller.identities import IdentityBook
 from controller.ports import DesiredChanges
 from controller.problems import OPERATOR_PROBLEMS, PROBLEM_MEDIA_TYPE, Problem
 from controller.registry import SessionRegistry
@@ -48,6 +50,10 @@ class ApiContext:
     # over a bare store, in tests) documents are stored as signed, or not, and the devices,
     # which check against the root they pinned, refuse what no operator signed
     roots: RootChains | None = None
+    # the allow-list (device state, revoke, allow); None for an API over a bare store
+    identities: IdentityBook | None = None
+    # re-read bundles, operators and allow files (POST /admin/reload); ConfigError: why not
+    reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
 
 def context(conn: HTTPConnection) -> ApiContext:

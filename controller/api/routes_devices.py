@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from controller.allowlist import UNKNOWN, AllowList
 from controller.api.routes_common import context, json_body, rfc3339, tenant_of
 from controller.labels import LabelError
 from controller.problems import Problem
@@ -18,10 +19,15 @@ from margo_stream.errors import NotFound
 
 
 def device_item(
-    tenant: str, record: DeviceRecord | None, view: SessionView | None
+    tenant: str,
+    record: DeviceRecord | None,
+    view: SessionView | None,
+    allowlist: AllowList | None = None,
 ) -> dict[str, Any]:
     """One device as the API shows it. ``connected`` and, while connected, ``last_seen``,
-    ``remote`` and ``manifest_version`` come from the live session; the rest from the store."""
+    ``remote`` and ``manifest_version`` come from the live session; ``state`` (allowed,
+    revoked, unknown) and ``not_after`` (of the identity's newest certificate) from the
+    allow-list; the rest from the store."""
     connected = view is not None
     last_seen = view.last_seen if view is not None else (record.last_seen if record else None)
     manifest_version = record.manifest_version if record else None
@@ -41,6 +47,9 @@ def device_item(
         "manifest_version": manifest_version,
         "stats": record.stats if record else {},
     }
+    identity = allowlist.get(tenant, device_id) if allowlist is not None else None
+    item["state"] = identity.state if identity is not None else UNKNOWN
+    item["not_after"] = rfc3339(identity.not_after) if identity is not None else None
     if view is not None:
         item["remote"] = view.remote
         item["connected_since"] = rfc3339(view.connected_since)
@@ -52,8 +61,9 @@ async def list_devices(request: Request) -> JSONResponse:
     ctx = context(request)
     records = {r.device_id: r for r in await ctx.store.list_devices(tenant)}
     live = {v.device_id: v for v in ctx.registry.of_tenant(tenant)}
+    allowlist = ctx.identities.allowlist if ctx.identities is not None else None
     items = [
-        device_item(tenant, records.get(device_id), live.get(device_id))
+        device_item(tenant, records.get(device_id), live.get(device_id), allowlist)
         for device_id in sorted(records.keys() | live.keys())
     ]
     return JSONResponse({"items": items})
@@ -70,7 +80,8 @@ async def get_device(request: Request) -> JSONResponse:
         if view is None:
             raise
         record = None  # connected a moment ago; the store has not caught up yet
-    return JSONResponse(device_item(tenant, record, view))
+    allowlist = ctx.identities.allowlist if ctx.identities is not None else None
+    return JSONResponse(device_item(tenant, record, view, allowlist))
 
 
 async def patch_labels(request: Request) -> JSONResponse:
@@ -94,7 +105,9 @@ async def patch_labels(request: Request) -> JSONResponse:
             errors=[{"field": f"labels.{exc.key}", "message": str(exc)}],
         ) from None
     record = await ctx.store.get_device(tenant, device_id)
-    return JSONResponse(device_item(tenant, record, ctx.registry.get(tenant, device_id)))
+    allowlist = ctx.identities.allowlist if ctx.identities is not None else None
+    view = ctx.registry.get(tenant, device_id)
+    return JSONResponse(device_item(tenant, record, view, allowlist))
 
 
 def routes() -> list[Route]:

@@ -45,11 +45,11 @@ from controller.device_api.backend import DeviceBackend
 from controller.device_api.http_messages import header_map
 from controller.device_api.rest_poll import DeviceRouter, Response
 from controller.device_api.tls import accept_tls, peer_identity, remote_address, server_context
+from controller.ports import PeerCheck
 from controller.problems import Problem
 from controller.store.base import Store
 from margo_stream.errors import PeerRejected, StoreError
 from margo_stream.identity.spiffe import DeviceIdentity
-from margo_stream.identity.verify import PeerVerifier
 from margo_stream.state.digest import is_digest
 
 log = logging.getLogger("margo.device_api.h2")
@@ -135,7 +135,7 @@ class H2PushServer:
     def __init__(
         self,
         store: Store,
-        verifier: PeerVerifier,
+        verifier: PeerCheck,
         certfile: str | Path,
         keyfile: str | Path,
         ca_bundle_paths: Sequence[str | Path],
@@ -401,7 +401,7 @@ class _H2Session:
 
 async def serve_h2_push(
     store: Store,
-    verifier: PeerVerifier,
+    verifier: PeerCheck,
     host: str,
     port: int,
     certfile: str | Path,

@@ -41,11 +41,11 @@ from anyio.streams.tls import TLSStream
 from controller.device_api.backend import DeviceBackend
 from controller.device_api.http_messages import header_map, parse_json_body
 from controller.device_api.tls import accept_tls, peer_identity, remote_address, server_context
+from controller.ports import PeerCheck
 from controller.problems import DEVICE_PROBLEMS, Problem
 from controller.store.base import Store
 from margo_stream.errors import NotFound, PeerRejected, StoreError
 from margo_stream.identity.spiffe import DeviceIdentity
-from margo_stream.identity.verify import PeerVerifier
 from margo_stream.state.digest import is_digest
 from margo_stream.state.manifest import MARGO_MEDIA_TYPE, MEDIA_TYPE
 
@@ -300,7 +300,7 @@ class RestPollServer:
     def __init__(
         self,
         store: Store,
-        verifier: PeerVerifier,
+        verifier: PeerCheck,
         certfile: str | Path,
         keyfile: str | Path,
         ca_bundle_paths: Sequence[str | Path],
@@ -466,7 +466,7 @@ class RestPollServer:
 
 async def serve_rest_poll(
     store: Store,
-    verifier: PeerVerifier,
+    verifier: PeerCheck,
     host: str,
     port: int,
     certfile: str | Path,

@@ -5,7 +5,8 @@ every tenant's CA bundle: OpenSSL cannot choose a bundle by the certificate's SP
 is only a first gate. :func:`peer_identity` then hands the peer's DER certificate to
 ``PeerVerifier``, which takes the tenant from the single URI SAN and verifies the chain again
 against that tenant's bundle only, so a leaf signed by globex's CA that claims
-``spiffe://acme/...`` passes OpenSSL's union check and is refused here.
+``spiffe://acme/...`` passes OpenSSL's union check and is refused here. The controller passes
+its ``Admission`` (``controller/identities.py``), which then checks the tenant's allow-list.
 
 The server presents the controller's identity of the tenant the client names as its TLS
 server name (``DIR/<tenant>/controller/``, the fleet-manager certificate) through
@@ -29,11 +30,11 @@ from anyio.abc import ByteStream
 from anyio.streams.tls import TLSAttribute, TLSStream
 from cryptography import x509
 
+from controller.ports import PeerCheck
 from margo_stream.errors import PeerRejected
 from margo_stream.identity.fleet_manager import fleet_manager_paths
 from margo_stream.identity.pki import CONTROLLER_DIR
 from margo_stream.identity.spiffe import DeviceIdentity
-from margo_stream.identity.verify import PeerVerifier
 
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -125,8 +126,9 @@ def client_context(
     return ctx
 
 
-def identity_from_der(der: bytes | None, verifier: PeerVerifier) -> DeviceIdentity:
-    """``PeerVerifier`` on a DER leaf; ``PeerRejected`` when absent or refused."""
+def identity_from_der(der: bytes | None, verifier: PeerCheck) -> DeviceIdentity:
+    """``verifier`` (the controller's: ``PeerVerifier``, then the tenant's allow-list) on a DER
+    leaf; ``PeerRejected`` when absent or refused."""
     if not der:
         raise PeerRejected("no client certificate")
     try:
@@ -136,7 +138,7 @@ def identity_from_der(der: bytes | None, verifier: PeerVerifier) -> DeviceIdenti
     return verifier.verify(leaf, [])
 
 
-def peer_identity(stream: TLSStream, verifier: PeerVerifier) -> DeviceIdentity:
+def peer_identity(stream: TLSStream, verifier: PeerCheck) -> DeviceIdentity:
     return identity_from_der(stream.extra(TLSAttribute.peer_certificate_binary, None), verifier)
 
 

@@ -78,6 +78,29 @@ class IdentityRecord:
     updated: float
 
 
+# An allow file's facts: (tenant, device_id, key_sha256, not_after, issued or None).
+IdentityImport = tuple[str, str, str, float, float | None]
+
+
+def import_is_newer(item: IdentityImport, old: IdentityRecord | None) -> bool:
+    """Whether an allow file says something newer than the record (``import_identities``)."""
+    key, issued = item[2], item[4]
+    if old is None:
+        return True
+    if issued is None:
+        return key != old.key_sha256
+    return issued > old.updated
+
+
+def import_merged(item: IdentityImport, old: IdentityRecord | None, now: float) -> IdentityRecord:
+    """What a newer allow file makes of the record: the same key keeps the state (a revoked
+    identity stays revoked) and the later expiry; another key allows the identity again."""
+    tenant, device_id, key, not_after, _ = item
+    if old is not None and old.key_sha256 == key:
+        return IdentityRecord(tenant, device_id, key, old.state, max(old.not_after, not_after), now)
+    return IdentityRecord(tenant, device_id, key, IDENTITY_ALLOWED, not_after, now)
+
+
 @dataclass(frozen=True, slots=True)
 class DeploymentRecord:
     """One version of one deployment document; the document bytes are the blob ``digest``."""
@@ -292,7 +315,7 @@ class Store(Protocol):
 
     async def import_identities(
         self,
-        items: Sequence[tuple[str, str, str, float, float | None]],
+        items: Sequence[IdentityImport],
         *,
         now: float | None = None,
     ) -> list[IdentityRecord]:

@@ -11,14 +11,19 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from controller.store.base import IDENTITY_ALLOWED, IDENTITY_REVOKED, IdentityRecord
+from controller.store.base import (
+    IDENTITY_ALLOWED,
+    IDENTITY_REVOKED,
+    IdentityImport,
+    IdentityRecord,
+    import_is_newer,
+    import_merged,
+)
 from controller.store.sqlite_events import StoreConnection, add_event
 from margo_stream.errors import NotFound
 
 _COLUMNS = "tenant, device_id, key_sha256, state, not_after, updated"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-ImportItem = tuple[str, str, str, float, float | None]
 
 
 def identity_not_found(device_id: str) -> NotFound:
@@ -100,34 +105,16 @@ def list_identities(conn: StoreConnection) -> list[IdentityRecord]:
     return [_record(r) for r in rows]
 
 
-def newer(item: ImportItem, old: IdentityRecord | None) -> bool:
-    """Whether an allow file's item is newer than the stored record (see ``Store``)."""
-    _, _, key, _, issued = item
-    if old is None:
-        return True
-    if issued is None:
-        return key != old.key_sha256
-    return issued > old.updated
-
-
-def merged(item: ImportItem, old: IdentityRecord | None, now: float) -> IdentityRecord:
-    """What a newer item makes of the record: same key keeps the state, a new key allows."""
-    tenant, device_id, key, not_after, _ = item
-    if old is not None and old.key_sha256 == key:
-        return IdentityRecord(tenant, device_id, key, old.state, max(old.not_after, not_after), now)
-    return IdentityRecord(tenant, device_id, key, IDENTITY_ALLOWED, not_after, now)
-
-
 def import_identities(
-    conn: StoreConnection, items: Sequence[ImportItem], now: float
+    conn: StoreConnection, items: Sequence[IdentityImport], now: float
 ) -> list[IdentityRecord]:
     changed = []
     for item in items:
         _check_key(item[2])
         old = _get(conn, item[0], item[1])
-        if not newer(item, old):
+        if not import_is_newer(item, old):
             continue
-        rec = merged(item, old, now)
+        rec = import_merged(item, old, now)
         if old is not None and (old.key_sha256, old.state, old.not_after) == (
             rec.key_sha256,
             rec.state,
@@ -177,7 +164,7 @@ class SqliteIdentities:
         return await self._read(list_identities)
 
     async def import_identities(
-        self, items: Sequence[ImportItem], *, now: float | None = None
+        self, items: Sequence[IdentityImport], *, now: float | None = None
     ) -> list[IdentityRecord]:
         if not items:
             return []

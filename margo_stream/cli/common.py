@@ -19,17 +19,25 @@ def fail(prog: str, message: str, code: int = 2) -> int:
 
 
 def run_service(
-    prog: str, main: Callable[[], Awaitable[Any]], on_signal: Callable[[], None]
+    prog: str,
+    main: Callable[[], Awaitable[Any]],
+    on_signal: Callable[[], None],
+    on_reload: Callable[[], None] | None = None,
 ) -> int:
-    """Run ``main`` on uvloop until it returns; SIGTERM/SIGINT call ``on_signal`` (a clean stop)."""
+    """Run ``main`` on uvloop until it returns; SIGTERM/SIGINT call ``on_signal`` (a clean stop)
+    and, when ``on_reload`` is given, SIGHUP calls it (re-read configuration, no restart)."""
+    wanted = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if on_reload else [])
 
     async def runner() -> None:
         async with gc_policy_running(), anyio.create_task_group() as tg:
 
             async def signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
-                    async for _ in received:
-                        on_signal()
+                with anyio.open_signal_receiver(*wanted) as received:
+                    async for signum in received:
+                        if signum == signal.SIGHUP and on_reload is not None:
+                            on_reload()
+                        else:
+                            on_signal()
 
             tg.start_soon(signals)
             await main()
