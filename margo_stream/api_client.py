@@ -215,6 +215,18 @@ class ApiClient:
             body={"labels": dict(changes)},
         )
 
+    def revoke_device(self, device_id: str) -> JsonDict:
+        """Revoke the device's identity (admin); returns ``{"id", "state", "not_after"}``."""
+        return self._object("POST", f"/api/v1/devices/{_device_path(device_id)}/revoke")
+
+    def allow_device(self, device_id: str) -> JsonDict:
+        """Allow the device's identity (admin); a revoked one is refused (409)."""
+        return self._object("POST", f"/api/v1/devices/{_device_path(device_id)}/allow")
+
+    def reload(self) -> JsonDict:
+        """Make the controller re-read its bundles, operators and allow files (admin)."""
+        return self._object("POST", "/api/v1/admin/reload")
+
     def apply(
         self,
         documents: Sequence[str],

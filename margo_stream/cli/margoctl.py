@@ -9,6 +9,8 @@
     apply -f FILE [-f FILE ...] (--device ID ... | --selector k=v ...)
     delete deployment ID --device ID
     label device ID k=v ... [k- ...]          operator labels: what --selector k=v matches
+    device revoke ID | device allow ID        the device's identity on the allow-list (admin)
+    reload                                    re-read CA bundles, operators, allow files (admin)
     watch [--after N] [--count N] [-o table|json]
     terminal DEVICE [-- CMD ...]              exec DEVICE -- CMD ...
 
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from margo_stream.api_client import ApiClient
-from margo_stream.cli import margoctl_label, margoctl_terminal, output
+from margo_stream.cli import margoctl_device, margoctl_label, margoctl_terminal, output
 from margo_stream.cli.signing import sign_documents
 from margo_stream.errors import ConfigError, MargoError
 from margo_stream.identity.operator_files import OperatorCredentials, load_operator_credentials
@@ -172,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, metavar="N", help="stop after N events")
     _output_flag(p, ("table", "json"))
     margoctl_label.add_parsers(commands, common)
+    margoctl_device.add_parsers(commands, common)
     margoctl_terminal.add_parsers(commands, common)
     return parser
 
@@ -333,6 +336,8 @@ COMMANDS = {
     "delete": _cmd_delete,
     "watch": _cmd_watch,
     "label": margoctl_label.cmd_label,
+    "device": margoctl_device.cmd_device,
+    "reload": margoctl_device.cmd_reload,
 }
 
 

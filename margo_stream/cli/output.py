@@ -104,6 +104,8 @@ def device_detail(item: dict[str, Any], now: float | None = None) -> str:
     """The device's row, then what does not fit a row: where from, stats, capabilities."""
     out = [render_table(DEVICE_HEADERS, [device_row(item, now)]), ""]
     facts = [
+        ("Identity", item.get("state")),
+        ("Certificate expires", item.get("not_after")),
         ("Remote", item.get("remote")),
         ("Connected since", item.get("connected_since")),
         ("First seen", item.get("first_seen")),
