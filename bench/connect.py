@@ -113,6 +113,7 @@ async def measure_ours(
             "profile": args.profile_workers,
         }
         workers = await start_workers(cfg, args.agents, args.procs, work, cpus[1])
+        reload_allow_list(work, info["api"])  # the workers' devices, before the ramp
         await asyncio.sleep(1.0)
         base = sample_process(ctl.pid)
         result = await ramp(
@@ -164,6 +165,17 @@ async def measure_ours(
                 f"controller exited with {ctl.returncode}; log: {data / 'controller.log'}",
                 file=sys.stderr,
             )
+
+
+def reload_allow_list(work: Path, api: str) -> None:
+    """The controller imports the allow files the workers wrote for their devices."""
+    import httpx
+
+    token = (work / "certs" / TENANT / "operator.token").read_text().strip()
+    r = httpx.post(
+        f"{api}/api/v1/admin/reload", headers={"Authorization": f"Bearer {token}"}, timeout=300
+    )
+    r.raise_for_status()
 
 
 def api_devices(work: Path, api: str) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from bench import bare_quic
 from bench.report_util import raise_nofile_limit
 from margo_stream import __version__
 from margo_stream.gcpolicy import gc_policy_running
+from margo_stream.identity.allowed_files import ALLOWED_DIR, allowed_document
 from margo_stream.identity.pki import load_tenant_ca, make_leaf
 from margo_stream.identity.spiffe import device_spiffe_id
 from margo_stream.protocol import messages as m
@@ -151,6 +152,10 @@ class Fleet:
         # the tenant CA (what verifies the controller) as bytes: no file read per handshake
         base = dataclasses.replace(base, cadata=(template / "ca.pem").read_bytes(), cafile=None)
         ca_cert, ca_key = load_tenant_ca(Path(self.cfg["certs"]), self.cfg["tenant"])
+        # the controller admits only allowed identities: one allow file per simulated device
+        # (read by the controller's reload, or at the device's first handshake)
+        allowed = Path(self.cfg["certs"]) / self.cfg["tenant"] / ALLOWED_DIR
+        allowed.mkdir(mode=0o700, exist_ok=True)
         now = datetime.now(UTC)
         for i in range(self.first, self.first + self.count):
             cert, key = make_leaf(
@@ -162,6 +167,9 @@ class Fleet:
                 eku=(ExtendedKeyUsageOID.CLIENT_AUTH,),
                 common_name=device_id(i),
             )
+            tmp = allowed / f".{device_id(i)}.json.tmp"
+            tmp.write_bytes(allowed_document(device_id(i), cert))
+            os.replace(tmp, allowed / f"{device_id(i)}.json")  # no fsync: a bench's scratch
             self.configs.append(
                 dataclasses.replace(base, certificate=cert, private_key=key, certificate_chain=[])
             )

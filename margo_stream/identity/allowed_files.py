@@ -57,6 +57,17 @@ def allowed_path(certs_dir: Path, tenant: str, device_id: str) -> Path:
     return Path(certs_dir) / tenant / ALLOWED_DIR / f"{device_id}.json"
 
 
+def allowed_document(device_id: str, cert: x509.Certificate, *, now: float | None = None) -> bytes:
+    """The allow file's bytes for ``cert`` issued to ``device_id`` (at ``now``)."""
+    body = {
+        "device": validate_device_id(device_id),
+        "key_sha256": spki_sha256(cert),
+        "not_after": int(cert.not_valid_after_utc.timestamp()),
+        "issued": time.time() if now is None else now,
+    }
+    return (json.dumps(body, sort_keys=True) + "\n").encode()
+
+
 def write_allowed(
     certs_dir: Path,
     tenant: str,
@@ -66,16 +77,10 @@ def write_allowed(
     now: float | None = None,
 ) -> Path:
     """Record that ``cert`` (just issued to ``device_id``) is allowed; returns the file."""
-    validate_device_id(device_id)
     path = allowed_path(certs_dir, tenant, device_id)
+    document = allowed_document(device_id, cert, now=now)
     path.parent.mkdir(mode=0o700, exist_ok=True)
-    body = {
-        "device": device_id,
-        "key_sha256": spki_sha256(cert),
-        "not_after": int(cert.not_valid_after_utc.timestamp()),
-        "issued": time.time() if now is None else now,
-    }
-    atomic_write(path, (json.dumps(body, sort_keys=True) + "\n").encode(), mode=0o644)
+    atomic_write(path, document, mode=0o644)
     return path
 
 
@@ -135,6 +140,7 @@ def _is_number(value: object) -> bool:
 __all__ = [
     "ALLOWED_DIR",
     "AllowedFile",
+    "allowed_document",
     "allowed_path",
     "read_allowed",
     "read_allowed_dir",
