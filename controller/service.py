@@ -81,6 +81,7 @@ class Controller:
         self.admission: Admission | None = None
         self._allowed_files: list[AllowedFile] = []
         self._reload_lock = anyio.Lock()
+        self._device_servers: list[Any] = []  # RestPollServer, H2PushServer: their TLS trust
         self.quic: QuicServer | None = None
         self.quic_port: int | None = None
         self.api_port: int | None = None
@@ -151,12 +152,16 @@ class Controller:
                 scan_operators(certs, strict=True)
                 server_certs = TenantCertificates.from_dir(certs, tenants)
                 files = read_allowed_dir(certs, tenants)
-            except (MargoError, OSError) as exc:
+                bundle_paths = tenant_bundle_paths(certs)
+                contexts = [(srv, srv.trust_context(bundle_paths)) for srv in self._device_servers]
+            except (MargoError, OSError, ValueError) as exc:
                 reason = " ".join(str(exc).split()) or type(exc).__name__
                 log.warning("reload failed, nothing changed: %s", reason)
                 raise ConfigError(f"reload failed, nothing changed: {reason}") from None
             self.verifier.reload(bundles)
             self.server_certs.by_tenant = server_certs.by_tenant
+            for server, context in contexts:
+                server.ssl_context = context
             self.operators.refresh(force=True)
             changed = await self.identities.load(files)
         log.info(
@@ -278,6 +283,7 @@ class Controller:
             else:
                 server = await tg.start(serve_h2_push, *args)
             assert server.port is not None
+            self._device_servers.append(server)
             self.add_device_transport(name, server.port, server)
 
     def _write_ready_file(self) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -147,11 +148,17 @@ class H2PushServer:
         self.router = DeviceRouter(self.backend)
         self.verifier = verifier
         self.ssl_context = server_context(certfile, keyfile, ca_bundle_paths, alpn=["h2"])
+        self._identity_files = (certfile, keyfile)
         self.ping_interval = ping_interval
         self.subscribers: dict[tuple[str, str], _Subscriber] = {}
         self.port: int | None = None
         self.pushes = 0
         self.rejected = 0
+
+    def trust_context(self, ca_bundle_paths: Sequence[str | Path]) -> ssl.SSLContext:
+        """A TLS context like this server's with other tenant CA bundles (for a reload)."""
+        certfile, keyfile = self._identity_files
+        return server_context(certfile, keyfile, ca_bundle_paths, alpn=["h2"])
 
     def notify(self, tenant: str, device_ids: Sequence[str]) -> None:
         """Push the newest manifest to each of these devices that is connected, now."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import logging
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,11 +313,17 @@ class RestPollServer:
         self.router = DeviceRouter(self.backend)
         self.verifier = verifier
         self.ssl_context = server_context(certfile, keyfile, ca_bundle_paths, alpn=["http/1.1"])
+        self._identity_files = (certfile, keyfile)
         self.idle_timeout = idle_timeout
         self.port: int | None = None
         self.connections = 0
         self.requests = 0
         self.rejected = 0
+
+    def trust_context(self, ca_bundle_paths: Sequence[str | Path]) -> ssl.SSLContext:
+        """A TLS context like this server's with other tenant CA bundles (for a reload)."""
+        certfile, keyfile = self._identity_files
+        return server_context(certfile, keyfile, ca_bundle_paths, alpn=["http/1.1"])
 
     def notify(self, tenant: str, device_ids: Sequence[str]) -> None:
         """Pull model: nothing to do; devices see the change at their next poll."""
