@@ -40,6 +40,7 @@ from margo_stream.identity.spiffe import DeviceIdentity, device_id_from_spiffe, 
 DEFAULT_CACHE_SIZE = 4096
 
 _DER = serialization.Encoding.DER
+_SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
 
 
 def _ts(when: datetime) -> str:
@@ -205,9 +206,7 @@ class PeerVerifier:
             spiffe_id=str(spiffe),
             not_after=not_after,
             fingerprint=hashlib.sha256(leaf_der).hexdigest(),
-            key_sha256=hashlib.sha256(
-                leaf.public_key().public_bytes(_DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-            ).hexdigest(),
+            key_sha256=hashlib.sha256(leaf.public_key().public_bytes(_DER, _SPKI)).hexdigest(),
         )
         path = [leaf, *verified.chain[1:]] if verified.chain else [leaf]
         return _Cached(
