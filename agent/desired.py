@@ -136,16 +136,13 @@ class DesiredFeature:
 
     async def adopt_root(self, session: LiveSession) -> None:
         """The controller's answer to the hello carries the tenant's root metadata versions
-        newer than ours: check and keep them now, so terminal grants (and the next push) are
-        checked against the newest root the tenant published."""
+        newer than ours: check and keep them now (synchronously, first thing in the session),
+        so terminal grants and the next push are checked against the newest root."""
         chain = session.ack.root
         if not chain:
             return
         try:
-            async with self._lock:  # never beside a push's verify or accept
-                root = await anyio.to_thread.run_sync(
-                    self.verifier.adopt_root, chain, dt.datetime.now(dt.UTC)
-                )
+            root = self.verifier.adopt_root(chain, dt.datetime.now(dt.UTC))
         except TrustError as exc:
             log.warning(
                 "refused the tenant's root metadata: %s",

@@ -100,7 +100,7 @@ class TerminalFeature:
         what = " ".join(first.command) if first.command else "login shell"
         try:
             self._admit()  # first: a session the policy refuses spends no grant
-            grant = self.grants.check(first, dt.datetime.now(dt.UTC))
+            grant = self.grants.check(first, dt.datetime.now(dt.UTC), session.ack.root)
             proc = await self._open(first)
         except TerminalError as exc:  # TerminalRefused included
             self.counters["refused"] += 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -34,6 +35,8 @@ class RootOfTrust(Protocol):
     @property
     def root(self) -> RootMetadata | None: ...
 
+    def adopt_root(self, chain: Sequence[bytes], now: dt.datetime) -> RootMetadata: ...
+
 
 class GrantChecker:
     def __init__(self, device_id: str, trust: RootOfTrust, state_dir: Path) -> None:
@@ -51,14 +54,21 @@ class GrantChecker:
             # after saying so (the grants it held expire within minutes anyway)
             log.warning("unreadable %s (%s); used grants are forgotten", self.path, exc)
 
-    def check(self, req: m.TermOpen, now: dt.datetime) -> Grant:
-        """The verified grant of ``req`` (its nonce now used); ``TerminalRefused`` naming why."""
+    def check(self, req: m.TermOpen, now: dt.datetime, offered: Sequence[bytes] = ()) -> Grant:
+        """The verified grant of ``req`` (its nonce now used); ``TerminalRefused`` naming why.
+        ``offered``: the root metadata of this session's hello answer, taken first when the
+        device holds none yet (a terminal may arrive before the session adopted it)."""
         if req.grant is None or req.certificate is None:
             raise TerminalRefused(
                 "no operator grant: terminals open only on a grant signed by an operator with "
                 "the terminal role (margoctl terminal/exec signs one)"
             )
         root = self.trust.root
+        if root is None and offered:
+            try:
+                root = self.trust.adopt_root(offered, now)
+            except MargoError as exc:
+                raise TerminalRefused(f"the tenant's root metadata was refused: {exc}") from None
         if root is None:
             raise TerminalRefused(
                 "this device holds no root metadata of its tenant yet, so it cannot check "

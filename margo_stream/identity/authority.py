@@ -248,15 +248,23 @@ class TrustedRoot:
         """Follow ``chain`` (versions after the current one, oldest first; the current one may
         lead) to its newest version; refuses a rollback and any broken link."""
         meta = self.current
-        for item in chain:
-            new = read_root(item)
-            if new.version == meta.version and new.envelope == meta.envelope:
+        offered = [read_root(item) for item in chain]
+        if offered and max(o.version for o in offered) < meta.version:
+            raise AuthorityError(
+                f"root metadata version {max(o.version for o in offered)} is older than the "
+                f"held version {meta.version}",
+                Refusal.ROOT_ROLLBACK,
+            )
+        for new in offered:
+            if new.version < meta.version:
+                continue  # already behind us (sent again with newer ones): never go back
+            if new.version == meta.version:
+                if new.envelope != meta.envelope:
+                    raise AuthorityError(
+                        f"root metadata version {new.version} differs from the one held",
+                        Refusal.ROOT_ROLLBACK,
+                    )
                 continue
-            if new.version <= meta.version:
-                raise AuthorityError(
-                    f"root metadata version {new.version} is not newer than the held {meta.version}",
-                    Refusal.ROOT_ROLLBACK,
-                )
             if new.version != meta.version + 1:
                 raise AuthorityError(
                     f"root metadata version {new.version} skips version {meta.version + 1}",
