@@ -67,12 +67,11 @@ def prepare(paths: ComponentPaths, spec: ComponentSpec, run_as: RunAs | None) ->
     dep.mkdir(parents=True, exist_ok=True)
     for d in (dep.parent.parent, dep.parent, dep):  # STATE, STATE/work, the deployment's
         os.chmod(d, TRAVERSE_MODE)
-    share_files(paths.files_dir, run_as.gid)
-    if absolute:
-        return
-    parts = PurePosixPath(spec.working_dir or spec.name).parts
-    parts = tuple(p for p in parts if p != ".")
-    _make_under(dep, parts, None if not parts or parts[0] == "files" else run_as)
+    if not absolute:
+        parts = PurePosixPath(spec.working_dir or spec.name).parts
+        parts = tuple(p for p in parts if p != ".")
+        _make_under(dep, parts, None if not parts or parts[0] == "files" else run_as)
+    share_files(paths.files_dir, run_as.gid)  # after: a working dir in files/ is shared too
 
 
 def share_files(files_dir: Path, gid: int) -> None:
