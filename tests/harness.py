@@ -52,6 +52,24 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def traversable_to(state: Path) -> Path:
+    """Let other users pass through (execute only, 0711) every directory on the way to
+    ``state`` that they cannot pass yet, and create ``state``.
+
+    An agent run as root starts process workloads as ``nobody``, which must reach its working
+    directory under ``STATE/work/``. pytest's ``tmp_path`` and its parents are 0700 root
+    directories: without this only the agent could enter them. Nothing here becomes readable
+    or listable; the agent itself makes STATE and what is in it as open as a workload needs.
+    (pytest puts its own root, /tmp/pytest-of-<user>, back to 0700 at its next session.)
+    """
+    state.mkdir(parents=True, exist_ok=True)
+    for d in reversed(state.resolve().parents):
+        st = d.stat()
+        if st.st_uid == os.geteuid() and st.st_mode & 0o011 != 0o011:
+            d.chmod((st.st_mode & 0o7777) | 0o011)
+    return state
+
+
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))

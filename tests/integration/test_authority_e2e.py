@@ -23,7 +23,7 @@ from controller.service import Controller
 from controller.store.base import DeploymentDraft
 from margo_stream.identity.envelope import canonical
 from margo_stream.state.digest import sha256_digest
-from tests.harness import Agent, signed_body, wait_for
+from tests.harness import Agent, signed_body, traversable_to, wait_for
 from tests.integration.test_desired import workload_out, write_doc
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
@@ -83,7 +83,8 @@ async def test_a_controller_without_operator_keys_cannot_change_a_workload(
     token_file = pki.token_file("acme")
     async with anyio.create_task_group() as tg:
         await tg.start(ctl.run)
-        agent = Agent(ident, f"127.0.0.1:{ctl.quic_port}", tmp_path / "agent")
+        # the workload runs as nobody, which must pass through tmp_path's 0700 parents
+        agent = Agent(ident, f"127.0.0.1:{ctl.quic_port}", traversable_to(tmp_path / "agent"))
         api = f"http://127.0.0.1:{ctl.api_port}/api/v1"
         headers = {"Authorization": f"Bearer {pki.token('acme')}"}
         try:

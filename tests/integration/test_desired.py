@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+import pwd
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.harness import BIN, Agent, Controller, pid_alive, signed_body, wait_for
+from tests.harness import (
+    BIN,
+    Agent,
+    Controller,
+    pid_alive,
+    signed_body,
+    traversable_to,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -79,6 +88,19 @@ def workload_out(agent: Agent, dep: str = "probe-1") -> tuple[str, int] | None:
         return None
 
 
+def proc_status(pid: int, key: str) -> list[str]:
+    """The values of one line of /proc/<pid>/status (``Uid``: real, effective, saved, fs)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, values = line.partition(":")
+        if name == key:
+            return values.split()
+    raise KeyError(key)
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o7777
+
+
 @pytest.fixture
 def env(pki, tmp_path):
     ctl = Controller(pki, tmp_path / "data")
@@ -90,7 +112,10 @@ def env(pki, tmp_path):
         ident = tmp_path / "certs" / "acme" / "devices" / device
         if not ident.exists():
             pki.device("acme", device)
-        a = Agent(ident, ctl.quic, tmp_path / state, extra=["--keepalive", "1", *(extra or [])])
+        # workloads run as nobody: it must pass through tmp_path's 0700 parents to its
+        # working directory (traversable_to: execute only, on that chain of directories)
+        state_dir = traversable_to(tmp_path / state)
+        a = Agent(ident, ctl.quic, state_dir, extra=["--keepalive", "1", *(extra or [])])
         agents.append(a)
         return a
 
@@ -111,6 +136,20 @@ def test_apply_change_delete_with_real_processes(env, tmp_path):
     )
     site, pid1 = wait_for(lambda: workload_out(agent), what="workload output")
     assert site == "SITE-A"
+    # least privilege: the workload runs as nobody with no supplementary group and wrote its
+    # own working directory; the directories on the way let it pass, not read; the agent's
+    # own state stays private
+    nobody = pwd.getpwnam("nobody")
+    assert proc_status(pid1, "Uid") == [str(nobody.pw_uid)] * 4
+    assert proc_status(pid1, "Gid") == [str(nobody.pw_gid)] * 4
+    assert proc_status(pid1, "Groups") == []
+    work = agent.state / "work" / "probe-1"
+    assert (work / "probe" / "out").stat().st_uid == nobody.pw_uid
+    assert (work / "probe").stat().st_uid == nobody.pw_uid and mode(work / "probe") == 0o700
+    assert (work / "probe.log").stat().st_uid == nobody.pw_uid
+    assert [mode(d) for d in (agent.state, agent.state / "work", work)] == [0o711] * 3
+    assert mode(agent.state / "desired") == 0o700
+    assert mode(agent.state / "agent-status.json") == 0o600
     item = state_of(ctl, tok, "press-01", "probe-1")
     assert item["manifestVersion"] == 1 and item["components"][0]["state"] == "installed"
     # change a parameter: the component restarts with the new environment
@@ -212,7 +251,13 @@ def test_delta_push_sends_only_the_changed_blob(env, tmp_path):
         )
         assert r.status_code == 200, r.text
         wait_for(lambda s=site: (o := workload_out(agent)) and o[0] == s, what=f"{site} running")
-    assert (agent.state / "work" / "probe-1" / "files" / "conf" / "f3.txt").read_bytes() == blobs[3]
+    files_dir = agent.state / "work" / "probe-1" / "files"
+    assert (files_dir / "conf" / "f3.txt").read_bytes() == blobs[3]
+    # the workload (nobody) reads its files through its group; they stay the agent's
+    nobody = pwd.getpwnam("nobody")
+    for d in (files_dir, files_dir / "conf"):
+        assert (d.stat().st_uid, d.stat().st_gid, mode(d)) == (0, nobody.pw_gid, 0o750)
+    assert mode(files_dir / "conf" / "f3.txt") == 0o644
     first_adoption: dict[int, tuple[int, int]] = {}  # version -> (blobs sent, bytes)
     for line in ctl.log().splitlines():
         if "event=desired-adopted" in line:
@@ -275,7 +320,7 @@ async def test_torn_push_leaves_the_old_workload_running(pki, tmp_path):
             agent = Agent(
                 ident,
                 f"127.0.0.1:{relay.port}",
-                tmp_path / "agent1",
+                traversable_to(tmp_path / "agent1"),  # the workload runs as nobody
                 extra=["--keepalive", "0.3", "--idle-timeout", "3"],
             )
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -187,6 +188,40 @@ def test_a_device_of_another_tenant_cannot_be_reached(env):
         stdin=subprocess.DEVNULL,
     )
     assert r.returncode == 255 and "token" in r.stderr
+
+
+def test_sessions_run_as_nobody_unless_root_is_named(env):
+    nobody = pwd.getpwnam("nobody")
+    env.agent()  # an agent run as root, no --terminal-user: nobody, its home or /
+    r = env.run("exec", "press-01", "--", "sh", "-c", "exec id -u")
+    assert (r.returncode, r.stdout) == (0, f"{nobody.pw_uid}\n"), r.stderr
+    r = env.run("exec", "press-01", "--", "sh", "-c", 'id -G; echo "$HOME $USER"; pwd')
+    home_cwd = nobody.pw_dir if os.path.isdir(nobody.pw_dir) else "/"
+    assert r.stdout == f"{nobody.pw_gid}\n{nobody.pw_dir} nobody\n{home_cwd}\n", r.stderr
+    # on a PTY too, and the terminal is the user's, as after a login
+    child = env.spawn(
+        "terminal", "press-01", "--", "sh", "-c", "echo u=$(id -u)/$(stat -c %u $(tty))"
+    )
+    child.expect_exact(f"u={nobody.pw_uid}/{nobody.pw_uid}")
+    child.expect(pexpect.EOF)
+    # root only when named
+    env.agent("press-02", "acme", "--terminal-user", "root")
+    r = env.run("exec", "press-02", "--", "sh", "-c", "exec id -u")
+    assert (r.returncode, r.stdout) == (0, "0\n"), r.stderr
+
+
+def test_an_unknown_user_is_a_clear_start_up_error(env):
+    ident = env.pki.device("acme", "press-03")
+    for flag in ("--terminal-user", "--workload-user"):
+        r = subprocess.run(
+            [str(BIN / "margo-agent"), "--identity", str(ident), "--controller", env.ctl.quic]
+            + ["--state", str(env.tmp / "press-03"), flag, "no-such-user"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 2
+        assert f"{flag} no-such-user: no such user on this device" in r.stderr
 
 
 def test_a_disabled_agent_refuses(env):
