@@ -25,6 +25,7 @@ stay the agent's, so such a component can read them but not write them.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path, PurePosixPath
@@ -32,6 +33,8 @@ from pathlib import Path, PurePosixPath
 from agent.runtime.base import ComponentPaths
 from agent.users import RunAs
 from margo_stream.state.spec import ComponentSpec
+
+log = logging.getLogger("margo.agent.runtime")
 
 TRAVERSE_MODE = 0o711
 PRIVATE_DIR_MODE = 0o700
@@ -42,8 +45,19 @@ _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 def secure_state_dir(state: Path, *, traversable: bool) -> None:
     """Create ``state`` and ``state/work``; make both 0711 if workloads of another user must
     pass through them (``traversable``), else 0700; take group and other access away from
-    everything else directly in ``state`` (left by an older agent or another umask)."""
-    state.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    everything else directly in ``state`` (left by an older agent or another umask).
+
+    Missing directories above ``state`` are created 0711 (a path, nothing to read). Existing
+    ones are the operator's: a warning names any that another user cannot pass through."""
+    missing = []
+    parent = state.absolute().parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+        os.chmod(d, TRAVERSE_MODE)
+    state.mkdir(exist_ok=True, mode=PRIVATE_DIR_MODE)
     work = state / "work"
     work.mkdir(exist_ok=True, mode=PRIVATE_DIR_MODE)
     for child in state.iterdir():
@@ -53,6 +67,15 @@ def secure_state_dir(state: Path, *, traversable: bool) -> None:
     mode = TRAVERSE_MODE if traversable else PRIVATE_DIR_MODE
     os.chmod(state, mode)
     os.chmod(work, mode)
+    closed = [d for d in state.resolve().parents if not os.stat(d).st_mode & stat.S_IXOTH]
+    if traversable and closed:
+        log.warning(
+            "process workloads run as another user but cannot pass through %s to their "
+            "working directories under %s (give it execute-only access for others, 0711)",
+            ", ".join(map(str, closed)),
+            state,
+            extra={"event": "state-dir-closed"},
+        )
 
 
 def prepare(paths: ComponentPaths, spec: ComponentSpec, run_as: RunAs | None) -> None:

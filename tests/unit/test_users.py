@@ -89,6 +89,18 @@ def test_a_workload_user_gets_its_directory_and_passes_through_the_rest(tmp_path
     assert _mode(state) == 0o700
 
 
+def test_missing_parents_are_made_passable_and_closed_ones_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    state = tmp_path / "made" / "by" / "agent" / "state"
+    workdirs.secure_state_dir(state, traversable=True)
+    assert [_mode(d) for d in (state.parent, state.parent.parent)] == [0o711] * 2
+    assert f"cannot pass through {tmp_path}" in caplog.text  # pytest makes it 0700
+    caplog.clear()
+    workdirs.secure_state_dir(state, traversable=False)
+    assert "cannot pass through" not in caplog.text
+
+
 def test_a_symlink_planted_on_the_way_is_not_followed(tmp_path: Path) -> None:
     state = tmp_path / "state"
     workdirs.secure_state_dir(state, traversable=True)
