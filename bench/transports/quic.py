@@ -117,7 +117,8 @@ class QuicClient:
         )
         self.blobs: dict[str, bytes] = {}
         self.stream_handlers = {StreamKind.DESIRED: self._desired_stream}
-        self.session_tasks = [self._status_stream]
+        # as the agent: the root metadata of the hello's answer first, then the status stream
+        self.session_tasks = [self._adopt_root, self._status_stream]
         self.hello_fields: list[Any] = []
         self.conn: Connection | None = None
         self.session: AgentSession | None = None
@@ -261,6 +262,10 @@ class QuicClient:
             raise QuicError(f"connection lost: {self.last_error}") from None
 
     # --- status -----------------------------------------------------------------------------------
+    async def _adopt_root(self, session: AgentSession) -> None:
+        """The agent's own root adoption (``DesiredFeature.adopt_root``)."""
+        await DesiredFeature.adopt_root(self, session)  # type: ignore[arg-type]
+
     async def _status_stream(self, session: AgentSession) -> None:
         stream = self._status = session.conn.open_stream()
         self._status_ready.set()
