@@ -258,6 +258,9 @@ def test_delta_push_sends_only_the_changed_blob(env, tmp_path):
     for d in (files_dir, files_dir / "conf"):
         assert (d.stat().st_uid, d.stat().st_gid, mode(d)) == (0, nobody.pw_gid, 0o750)
     assert mode(files_dir / "conf" / "f3.txt") == 0o644
+    # the controller logs the adoption once the device's answer arrives, which can be just
+    # after the restarted workload wrote its output
+    wait_for(lambda: "adopted manifest version 2" in ctl.log(), what="v2 adoption logged")
     first_adoption: dict[int, tuple[int, int]] = {}  # version -> (blobs sent, bytes)
     for line in ctl.log().splitlines():
         if "event=desired-adopted" in line:
