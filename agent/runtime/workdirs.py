@@ -18,9 +18,10 @@ by default ``nobody``), that user is given exactly what its component needs::
   writable: the agent writes them as root, and a directory the workload could write would let
   it plant a symlink that turns one of those writes onto any file of the device.
 
-A working directory the agent does not create for the component is left alone: an absolute
-one belongs to the device; ``.`` (the deployment's directory) and anything under ``files/``
-stay the agent's, so such a component can read them but not write them.
+A working directory the agent does not create for the component is not handed over: an
+absolute one belongs to the device; ``.`` (the deployment's directory, which the user can only
+pass through) and anything under ``files/`` (readable through its group) stay the agent's, so
+such a component cannot write its working directory.
 """
 
 from __future__ import annotations
