@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"PKI for tenants acme and globex in {certs}")
     init_pki(certs, ["acme", "globex"], ["localhost", "127.0.0.1"])
     for tenant, device, _ in DEVICES:
-        if not (certs / tenant / "devices" / device / "cert.pem").exists():
-            issue_device(certs, tenant, device)
+        # a fresh identity every start: an older demo directory's identities may predate what
+        # the controller now requires of them (the root key, the allow-list)
+        issue_device(certs, tenant, device)
 
     quic, api = _free(socket.SOCK_DGRAM, 4433), _free(socket.SOCK_STREAM, 8080)
     logs = base / "logs"
