@@ -25,7 +25,6 @@ bytes each way and the reason.
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
 import shlex
 import time
@@ -48,11 +47,6 @@ log = logging.getLogger("margo.controller.terminal")
 OPEN_TIMEOUT = 15.0  # for the agent's term_opened
 EXIT_TIMEOUT = 5.0  # after we asked the agent to close, for its term_exit
 SHUTDOWN_REASON = "controller shutting down"
-
-
-def operator_id(token: str) -> str:
-    """A non-secret name for the operator token used: ``token:`` + 8 hex of its SHA-256."""
-    return "token:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()[:8]
 
 
 class TerminalUnavailable(MargoError):
@@ -355,5 +349,4 @@ __all__: list[Any] = [
     "TerminalService",
     "TerminalSession",
     "TerminalUnavailable",
-    "operator_id",
 ]
