@@ -18,7 +18,7 @@ When the operator goes away the agent is told to close (it kills the process gro
 bridge still waits a little for the exit status, so the audit record has it. When the
 device's connection drops or the controller shuts down, the operator is told why ("device
 disconnected: ...", "controller shutting down"). Every session, however it ends, finishes
-its audit record: the operator's token fingerprint, device, command, start, end, exit status,
+its audit record: the operator (whose grant the device verified), device, command, start, end, exit status,
 bytes each way and the reason.
 """
 
