@@ -80,9 +80,8 @@ class IdentityBook:
         returns the records the files changed."""
         changed = await self.store.import_identities([as_import(f) for f in files])
         self.allowlist.replace(await self.store.list_identities())
-        for rec in changed:
-            if rec.state == IDENTITY_ALLOWED:
-                log.info("allow file imported: %s/%s", rec.tenant, rec.device_id)
+        if changed:
+            log.info("allow files imported: %d identities allowed or updated", len(changed))
         return changed
 
     # --- changes --------------------------------------------------------------------------------
