@@ -250,3 +250,31 @@ async def test_api_revoke_allow_reload_and_device_state(pki, store) -> None:
         r = await client.post("/api/v1/admin/reload")
         assert r.status_code == 422 and "not PEM" in r.json()["detail"]
     assert json.loads(allowed_path(pki, "acme", "api-01").read_text())["device"] == "api-01"
+
+
+def test_simulated_bench_devices_are_allowed(pki) -> None:
+    """margo-bench's simulated devices mint their certificates in the worker: each gets an
+    allow file the controller's reload imports."""
+    from bench.simfleet import Fleet, device_id
+
+    issue_device(pki, "acme", "bench-template")
+    fleet = Fleet(
+        {
+            "mode": "margo",
+            "host": "127.0.0.1",
+            "port": 1,
+            "first": 7,
+            "count": 3,
+            "certs": str(pki),
+            "tenant": "acme",
+            "template": str(pki / "acme" / "devices" / "bench-template"),
+            "server_name": "acme",
+            "idle_timeout": 10.0,
+        }
+    )
+    fleet.prepare()
+    files = {f.device_id: f for f in read_allowed_dir(pki, ["acme"])}
+    for slot, index in enumerate(range(7, 10)):
+        cert = fleet.configs[slot].certificate
+        assert cert is not None
+        assert files[device_id(index)].key_sha256 == spki_sha256(cert)
