@@ -5,6 +5,7 @@
     margo-certs device --dir DIR --tenant acme --device press-01 [--days N]
     margo-certs operator --dir DIR --tenant acme --name alice --role deployer [--role R] [--days N]
     margo-certs rotate-root --dir DIR --tenant acme
+    margo-certs bootstrap --dir DIR --tenant acme --device press-09 [--ttl 24h]
 
 ``operator`` and ``rotate-root`` need the tenant's offline root key (``DIR/<tenant>/root.key``).
 
@@ -16,10 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
 from margo_stream.errors import MargoError
+from margo_stream.identity.bootstrap import issue_bootstrap_token, parse_duration
 from margo_stream.identity.pki import (
     DEFAULT_CA_DAYS,
     DEFAULT_DEVICE_DAYS,
@@ -55,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Create margo-stream's per-tenant PKI and issue device identities.",
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{init,device,operator,rotate-root}", parser_class=_Parser
+        dest="command",
+        metavar="{init,device,operator,rotate-root,bootstrap}",
+        parser_class=_Parser,
     )
     sub.required = True
 
@@ -138,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument("--dir", required=True, type=Path, help="PKI directory")
     rotate.add_argument("--tenant", required=True, metavar="NAME", help="the tenant")
+
+    boot = sub.add_parser(
+        "bootstrap",
+        help="write a one-time enrolment token for a device (EST, margo-agent enroll)",
+        description="Write DIR/<tenant>/bootstrap/<device>.token (the secret, for the device's "
+        "installer) and <device>.json (what the controller checks). The token works once, for "
+        "this tenant and device only, until it expires; re-run to replace it.",
+    )
+    boot.add_argument("--dir", required=True, type=Path, help="PKI directory")
+    boot.add_argument("--tenant", required=True, metavar="NAME", help="the device's tenant")
+    boot.add_argument("--device", required=True, metavar="ID", help="device id")
+    boot.add_argument("--ttl", default="24h", metavar="DURATION", help="e.g. 15m, 24h, 7d")
     return parser
 
 
@@ -167,6 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "operator":
             group = issue_operator(args.dir, args.tenant, args.name, args.role, days=args.days)
             _print_groups([FileGroup(*group)])
+        elif args.command == "bootstrap":
+            ttl = parse_duration(args.ttl, what="--ttl")
+            path, expires = issue_bootstrap_token(args.dir, args.tenant, args.device, ttl)
+            when = datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            print(
+                f"written   {args.tenant} bootstrap token for {args.device} "
+                f"(one use, until {when}): {path}"
+            )
         elif args.command == "rotate-root":
             _print_groups([FileGroup(*g) for g in rotate_root(args.dir, args.tenant)])
             print("move root.key (and the kept root.key.<N>) back offline")
