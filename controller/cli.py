@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from controller.config import ControllerConfig
 from margo_stream.cli.common import fail, run_service
 from margo_stream.errors import ConfigError
+from margo_stream.identity.bootstrap import parse_duration
 from margo_stream.logs import setup_logging
 from margo_stream.transport.quic_client import parse_host_port
 
@@ -33,6 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--h2-push",
         metavar="HOST:PORT",
         help="also serve the HTTP/2 push transport (used by the transport bench)",
+    )
+    p.add_argument(
+        "--enroll",
+        metavar="HOST:PORT",
+        help="also serve EST enrolment (RFC 7030) over HTTPS for devices with a bootstrap token",
+    )
+    p.add_argument(
+        "--device-cert-lifetime",
+        default="30d",
+        metavar="DURATION",
+        help="lifetime of certificates issued by --enroll, e.g. 90s, 12h, 30d (default 30d)",
+    )
+    p.add_argument(
+        "--max-connection-age",
+        default="24h",
+        metavar="DURATION",
+        help="close device connections older than this, jittered by 10%% (default 24h)",
     )
     p.add_argument("--idle-timeout", type=float, default=60.0, help="QUIC idle timeout, seconds")
     p.add_argument(
@@ -58,6 +76,9 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     api_host, api_port = parse_host_port(args.api, what="--api")
     margo = parse_host_port(args.margo_api, what="--margo-api") if args.margo_api else (None, 0)
     h2 = parse_host_port(args.h2_push, what="--h2-push") if args.h2_push else (None, 0)
+    enroll = parse_host_port(args.enroll, what="--enroll") if args.enroll else (None, 0)
+    lifetime = parse_duration(args.device_cert_lifetime, what="--device-cert-lifetime")
+    max_age = parse_duration(args.max_connection_age, what="--max-connection-age")
     try:
         return ControllerConfig(
             certs=args.certs,
@@ -75,6 +96,10 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
             idle_timeout=args.idle_timeout,
             keepalive=args.keepalive,
             push_window=args.push_window,
+            enroll_host=enroll[0],
+            enroll_port=enroll[1],
+            device_cert_lifetime=lifetime,
+            max_connection_age=max_age,
         )
     except ValidationError as exc:
         first = exc.errors()[0]

@@ -40,6 +40,10 @@ class ControllerConfig(BaseModel):
     manifest_lifetime_days: float = Field(default=30.0, gt=0)
     push_window: int = Field(default=512, ge=1)  # pushes awaiting their device's answer at once
     touch_interval: float = Field(default=5.0, gt=0)
+    enroll_host: str | None = None  # EST enrolment over HTTPS (controller/enroll.py)
+    enroll_port: int = Field(default=0, ge=0, le=65535)
+    device_cert_lifetime: float = Field(default=30 * 86400.0, ge=1)  # seconds, EST-issued
+    max_connection_age: float = Field(default=86400.0, ge=1)  # seconds, jittered +-10%
 
     @model_validator(mode="after")
     def _check(self) -> ControllerConfig:

@@ -15,6 +15,7 @@ operators and the allow files without a restart; when anything fails to load, no
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from anyio.abc import TaskGroup
 
 from controller.api.app import create_app
 from controller.config import ControllerConfig
+from controller.conn_limits import close_at_limits
 from controller.device_api.tls import tenant_bundle_paths
 from controller.features import build_features
 from controller.identities import Admission, IdentityBook
@@ -190,6 +192,8 @@ class Controller:
 
     def _accept(self, conn: Connection, identity: Any) -> None:
         ControllerSession(self.sessions, conn, identity)
+        # closed at its certificate's expiry or --max-connection-age, whichever comes first
+        self.spawn(close_at_limits, conn, identity, self.config.max_connection_age)
 
     def _verify(self, leaf: Any, chain: list[Any]) -> Any:
         assert self.admission is not None
@@ -221,6 +225,7 @@ class Controller:
                 self.quic_port = transport.get_extra_info("sockname")[1]
                 await tg.start(self._serve_api)
                 await self._serve_device_apis(tg)
+                await self._serve_enroll(tg)
                 tg.start_soon(self._touch_loop)
                 self._write_ready_file()
                 log.info(
@@ -285,6 +290,30 @@ class Controller:
             assert server.port is not None
             self._device_servers.append(server)
             self.add_device_transport(name, server.port, server)
+
+    async def _serve_enroll(self, tg: TaskGroup) -> None:
+        """EST enrolment (``--enroll``, controller/enroll.py): certificates for device keys."""
+        cfg = self.config
+        if cfg.enroll_host is None:
+            return
+        from controller.enroll import serve_enroll
+
+        assert self.verifier is not None and self.admission is not None
+        server = await tg.start(
+            functools.partial(
+                serve_enroll,
+                cfg.certs,
+                self.store,
+                self.admission,  # simplereenroll: the chain, then the allow-list
+                self.verifier.tenants,
+                cfg.enroll_host,
+                cfg.enroll_port,
+                lifetime=cfg.device_cert_lifetime,
+                allow=self.identities.allow,  # the store and the allow-list in memory
+            )
+        )
+        assert server.port is not None
+        self.device_ports["enroll"] = server.port
 
     def _write_ready_file(self) -> None:
         info = {
