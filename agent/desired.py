@@ -183,6 +183,9 @@ class DesiredFeature:
             stream.reset(exc.code)
             return
         async with self._lock:
+            if not push.desired.root and self.verifier.root is None:
+                # the root came with the hello's answer, and this push overtook its adoption
+                await DesiredFeature.adopt_root(self, session)
             result = await self.apply(push.desired, push.blobs)
         stream.send(result, end=True)
 

@@ -298,10 +298,13 @@ class DesiredState:
         assert hello is not None
         state = self._devices.setdefault((session.tenant, session.device_id), _DeviceState())
         state.held = set(hello.blobs)
-        # pushes carry the root metadata versions newer than what the device said it holds
-        # (the hello's answer carries them too, but a push must not depend on when the device
-        # got to them); a push the device adopted moves this on
-        state.root_version = hello.root_version
+        # the hello's answer carried every root metadata version newer than the device's (the
+        # device adopts them before it applies a push); pushes carry only later rotations
+        try:
+            newest = len(self.roots.chain(session.tenant))
+        except IdentityError:
+            newest = 0
+        state.root_version = max(hello.root_version or 0, newest) or None
         held = hello.manifest_version or 0
         known = await self._latest_known(session.tenant, session.device_id)
         if known is None or held > known[0]:
