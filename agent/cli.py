@@ -88,10 +88,53 @@ def emit_main(argv: list[str]) -> int:
     return run_emit(args.state, args.stream, args.json)
 
 
+def enroll_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} enroll",
+        description="Enrol this device over EST: a key generated here, a one-time bootstrap token.",
+    )
+    p.add_argument("--controller", required=True, help="the controller's EST HOST:PORT")
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--device", required=True, help="this device's id")
+    p.add_argument("--token-file", required=True, type=Path, help="from margo-certs bootstrap")
+    p.add_argument(
+        "--ca-file", required=True, type=Path, help="CA of the EST server (DIR/controller/ca.pem)"
+    )
+    p.add_argument("--identity", required=True, type=Path, help="identity directory to write")
+    args = p.parse_args(argv)
+    os.umask(0o077)
+    import anyio
+
+    from agent.enroll import enroll
+
+    try:
+        parse_host_port(args.controller, what="--controller")
+        cert = anyio.run(
+            enroll,
+            args.controller,
+            args.tenant,
+            args.device,
+            args.token_file,
+            args.ca_file,
+            args.identity,
+        )
+    except MargoError as exc:
+        return fail(f"{PROG} enroll", str(exc))
+    except OSError as exc:
+        return fail(f"{PROG} enroll", f"{exc.filename or args.identity}: {exc.strerror or exc}")
+    print(
+        f"enrolled {args.tenant}/{args.device} until "
+        f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}: {args.identity}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["emit"]:
         return emit_main(argv[1:])
+    if argv[:1] == ["enroll"]:
+        return enroll_main(argv[1:])
     args = build_parser().parse_args(argv)
     # What the agent creates is its own: state files 0600, directories 0700. The few paths a
     # workload needs are opened up explicitly (agent.runtime.workdirs); children start with 022.
@@ -121,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             workload_user=args.workload_user,
             terminal_user=args.terminal_user,
         )
+        from agent.enroll import recover_identity
         from agent.features import build_agent
 
+        recover_identity(config.identity)  # a renewal a crash interrupted
         agent = build_agent(config)
     except ValidationError as exc:
         first = exc.errors()[0]

@@ -23,6 +23,7 @@ from agent.backoff import Backoff
 from agent.capabilities import collect
 from agent.config import AgentConfig
 from agent.ports import AgentSetup, SessionTask, StreamHandler
+from agent.renewal import renewal_loop
 from agent.session import AgentSession, HelloRefused
 from agent.users import terminal_user, workload_user
 from margo_stream import __version__
@@ -107,6 +108,9 @@ class Agent:
             async with anyio.create_task_group() as tg:
                 for task in self.setup.background_tasks:
                     tg.start_soon(task)
+                tg.start_soon(
+                    renewal_loop, self.config.identity, self.tenant, self.device_id, self._renewed
+                )
                 tg.start_soon(self._connect_loop)
                 task_status.started(self)
                 await self._stop.wait()
@@ -126,19 +130,24 @@ class Agent:
                 os.close(self._lock_fd)
             log.info("agent stopped", extra={"event": "agent-stopped"})
 
+    def _renewed(self) -> None:
+        """A renewed certificate and key are on disk: reconnect with them now."""
+        if self.session is not None:
+            self.session.conn.close(ErrorCode.NO_ERROR, "certificate renewed")
+
     async def _connect_loop(self) -> None:
         cfg = self.config
         creds = self.creds
-        qconf = client_configuration(
-            str(creds.cert_path),
-            str(creds.key_path),
-            str(creds.ca_path),
-            server_name=cfg.server_name or self.tenant,  # the controller presents our tenant's
-            idle_timeout=cfg.idle_timeout,
-        )
         backoff = Backoff(base=cfg.backoff_base, cap=cfg.backoff_cap)
         target = f"{cfg.controller_host}:{cfg.controller_port}"
         while True:
+            qconf = client_configuration(  # read per connection: renewal replaces the files
+                str(creds.cert_path),
+                str(creds.key_path),
+                str(creds.ca_path),
+                server_name=cfg.server_name or self.tenant,  # the controller presents our tenant's
+                idle_timeout=cfg.idle_timeout,
+            )
             reason = await self._one_connection(qconf, backoff, target)
             self.last_error = reason
             self._write_status(connected=False)
@@ -183,7 +192,10 @@ class Agent:
                     extra={"event": "connected", "controller_id": self.controller_id},
                 )
 
-            lost = await session.run(on_ready=ready)
+            try:
+                lost = await session.run(on_ready=ready)
+            except BaseExceptionGroup as group:  # anyio wraps what ended the session's tasks
+                raise _first_leaf(group) from None
             self.counters["disconnects"] += 1
             return f"connection lost: {ErrorCode.describe(lost.code)}: {lost.reason}"
         except TimeoutError:
@@ -233,3 +245,11 @@ class Agent:
             atomic_write(self.config.state / "agent-status.json", json.dumps(info).encode())
         except OSError as exc:
             log.warning("could not write agent-status.json: %s", exc)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception that ended a session (a refusal at hello arrives as a one-leaf group)."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
