@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -73,6 +73,9 @@ class IdentityBook:
         self.certs = Path(certs)
         self.tasks = tasks
         self.allowlist = AllowList()
+        # told (tenant, device id) of every revocation: device transports with long-lived
+        # streams (HTTP/2 push) wake them, and they re-check and close
+        self.revoked_listeners: list[Callable[[str, str], None]] = []
 
     # --- loading --------------------------------------------------------------------------------
     async def load(self, files: Sequence[AllowedFile]) -> list[IdentityRecord]:
@@ -98,6 +101,8 @@ class IdentityBook:
         link = self.registry.link(tenant, device_id)
         if link is not None:
             link.close(ErrorCode.IDENTITY_REFUSED, "revoked")
+        for listener in self.revoked_listeners:
+            listener(tenant, device_id)
         log.info("identity revoked: %s/%s", tenant, device_id, extra={"event": "revoked"})
         return record
 
@@ -173,6 +178,10 @@ class Admission:
         identity = self.verifier.verify(leaf, chain, now)
         self.book.admit(identity)
         return identity
+
+    def readmit(self, identity: DeviceIdentity, now: datetime | None = None) -> None:
+        self.verifier.readmit(identity, now)
+        self.book.admit(identity)
 
 
 __all__ = ["Admission", "IdentityBook", "MustEnrolAgain", "as_import"]

@@ -40,6 +40,11 @@ class PeerCheck(Protocol):
         now: datetime | None = None,
     ) -> DeviceIdentity: ...
 
+    def readmit(self, identity: DeviceIdentity, now: datetime | None = None) -> None:
+        """``PeerRejected`` when an identity admitted earlier no longer is (its certificate
+        expired, it was revoked): asked again on every request of a kept-alive connection."""
+        ...
+
 
 class DeviceLink(Protocol):
     """What a feature may use of one device's live, verified session."""

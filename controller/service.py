@@ -84,6 +84,7 @@ class Controller:
         self._allowed_files: list[AllowedFile] = []
         self._reload_lock = anyio.Lock()
         self._device_servers: list[Any] = []  # RestPollServer, H2PushServer: their TLS trust
+        self.identities.revoked_listeners.append(self._revoked)
         self.quic: QuicServer | None = None
         self.quic_port: int | None = None
         self.api_port: int | None = None
@@ -189,6 +190,12 @@ class Controller:
     async def _reload_logged(self) -> None:
         with contextlib.suppress(ConfigError):  # logged by reload
             await self.reload()
+
+    def _revoked(self, tenant: str, device_id: str) -> None:
+        """A revocation wakes the device's long-lived streams on the other transports (HTTP/2
+        push), which check its identity again and close."""
+        for server in self._device_servers:
+            server.notify(tenant, [device_id])
 
     def _accept(self, conn: Connection, identity: Any) -> None:
         ControllerSession(self.sessions, conn, identity)

@@ -299,10 +299,24 @@ class _H2Session:
             self.conn.ping(counter.to_bytes(8, "big"))
             await self.writer.flush()
 
+    def _readmit(self) -> bool:
+        """Whether the identity is still admitted (not expired, not revoked); if not, it is
+        forgotten and later requests are refused."""
+        if self.identity is None:
+            return False
+        try:
+            self.server.verifier.readmit(self.identity)
+        except PeerRejected as exc:
+            self.identity, self.refusal = None, exc.reason
+            log.info("refused client %s: %s", self.remote, exc.reason)
+            return False
+        return True
+
     async def _handle(self, stream_id: int, req: _Request) -> None:
         method, path = req.headers.get(":method", ""), req.headers.get(":path", "")
         try:
-            if self.identity is None:
+            identity = self.identity if self._readmit() else None
+            if identity is None:
                 err = Problem(
                     403,
                     f"client certificate refused: {self.refusal}",
@@ -314,7 +328,7 @@ class _H2Session:
                 await self._push_stream(stream_id, req)
             else:
                 response = await self.server.router.handle(
-                    self.identity, method, path, req.headers, bytes(req.body), self.remote
+                    identity, method, path, req.headers, bytes(req.body), self.remote
                 )
                 await self.writer.respond(stream_id, response)
         except (
@@ -363,6 +377,11 @@ class _H2Session:
             with sub.scope:
                 while True:
                     sub.wake = anyio.Event()
+                    if not self._readmit():  # revoked (the revocation woke us) or expired
+                        self.conn.close_connection(h2.errors.ErrorCodes.REFUSED_STREAM)
+                        await self.writer.flush()
+                        await self.tls.aclose()
+                        return
                     try:
                         desired = await backend.desired(tenant, device_id)
                     except (Problem, StoreError) as exc:

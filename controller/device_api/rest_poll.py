@@ -410,6 +410,12 @@ class RestPollServer:
                 return
             self.requests += 1
             target = request.target.decode("latin-1")
+            if identity is not None:
+                try:  # a kept-alive connection: expired or revoked since the handshake?
+                    self.verifier.readmit(identity)
+                except PeerRejected as exc:
+                    identity, refusal = None, exc.reason
+                    log.info("refused client %s: %s", remote, exc.reason)
             if identity is None:
                 refused = Problem(
                     403,

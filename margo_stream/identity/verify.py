@@ -155,6 +155,13 @@ class PeerVerifier:
                     state.cache.popitem(last=False)
         return entry.identity
 
+    def readmit(self, identity: DeviceIdentity, now: datetime | None = None) -> None:
+        """``PeerRejected`` once the certificate ``identity`` came from has expired (a
+        connection kept alive must not outlive it)."""
+        now = datetime.now(UTC) if now is None else now.astimezone(UTC)
+        if now > identity.not_after:
+            raise PeerRejected(f"certificate expired at {_ts(identity.not_after)}")
+
     def _verify_uncached(
         self,
         state: _State,
