@@ -45,6 +45,7 @@ from controller.device_api.http_messages import header_map
 from controller.device_api.tls import accept_tls, remote_address
 from controller.store.base import IDENTITY_ALLOWED, Store
 from margo_stream.errors import ConfigError, IdentityError, NotFound, PeerRejected
+from margo_stream.identity.allowed_files import spki_sha256
 from margo_stream.identity.bootstrap import BootstrapTokens, Refused
 from margo_stream.identity.est import (
     CERTS_TYPE,
@@ -52,7 +53,6 @@ from margo_stream.identity.est import (
     certs_only,
     csr_device_id,
     issue_from_csr,
-    key_sha256,
     load_csr,
 )
 from margo_stream.identity.pki import CONTROLLER_DIR, load_tenant_ca
@@ -282,7 +282,7 @@ class EnrollServer:
             raise Refused(403, f"client certificate refused: {exc}") from None
         if identity.tenant != tenant:
             raise Refused(403, f"the client certificate is of tenant {identity.tenant!r}")
-        current = key_sha256(x509.load_der_x509_certificate(der))
+        current = spki_sha256(x509.load_der_x509_certificate(der))
         try:  # the store is the source of truth: a revoked identity must enrol again
             record = await self.store.get_identity(tenant, identity.device_id)
         except NotFound:
@@ -295,7 +295,7 @@ class EnrollServer:
         device = csr_device_id(csr)
         if device != identity.device_id:
             raise Refused(403, f"the CSR names {device!r}, the certificate {identity.device_id!r}")
-        if key_sha256(csr.public_key()) == current:
+        if spki_sha256(csr.public_key()) == current:
             raise Refused(400, "simplereenroll needs a new key, not the current one")
         return await self._issue(tenant, device, csr, "device.renewed", None)
 
@@ -307,7 +307,7 @@ class EnrollServer:
             cert = issue_from_csr(ca_cert, ca_key, csr, tenant, device, self.lifetime)
         except ValueError as exc:
             raise Refused(400, f"cannot issue for this CSR: {exc}") from None
-        digest = key_sha256(cert)
+        digest = spki_sha256(cert)
         not_after = cert.not_valid_after_utc.timestamp()
         await self.allow(tenant, device, digest, not_after)
         self.counters["enrolled" if kind == "device.enrolled" else "renewed"] += 1

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs7
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -31,15 +29,6 @@ MAX_SKEW = timedelta(minutes=5)
 
 class CsrError(ValueError):
     """A CSR the controller will not sign (the message names why)."""
-
-
-def key_sha256(key: PublicKeyTypes | x509.Certificate) -> str:
-    """Lowercase hex SHA-256 of the DER SubjectPublicKeyInfo (what the allow-list pins)."""
-    public = key.public_key() if isinstance(key, x509.Certificate) else key
-    der = public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).hexdigest()
 
 
 def _b64decode(body: bytes) -> bytes:
@@ -163,7 +152,6 @@ __all__ = [
     "certs_only",
     "csr_device_id",
     "issue_from_csr",
-    "key_sha256",
     "load_certs_only",
     "load_csr",
     "make_csr",

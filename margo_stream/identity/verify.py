@@ -35,12 +35,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from margo_stream.errors import IdentityError, PeerRejected
+from margo_stream.identity.allowed_files import spki_sha256
 from margo_stream.identity.spiffe import DeviceIdentity, device_id_from_spiffe, parse_spiffe_id
 
 DEFAULT_CACHE_SIZE = 4096
 
 _DER = serialization.Encoding.DER
-_SPKI = serialization.PublicFormat.SubjectPublicKeyInfo
 
 
 def _ts(when: datetime) -> str:
@@ -213,7 +213,7 @@ class PeerVerifier:
             spiffe_id=str(spiffe),
             not_after=not_after,
             fingerprint=hashlib.sha256(leaf_der).hexdigest(),
-            key_sha256=hashlib.sha256(leaf.public_key().public_bytes(_DER, _SPKI)).hexdigest(),
+            key_sha256=spki_sha256(leaf),
         )
         path = [leaf, *verified.chain[1:]] if verified.chain else [leaf]
         return _Cached(

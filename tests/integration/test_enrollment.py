@@ -14,8 +14,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from margo_stream.identity.allowed_files import spki_sha256
 from margo_stream.identity.bootstrap import issue_bootstrap_token
-from margo_stream.identity.est import key_sha256
 from margo_stream.telemetry_client import TelemetryClient
 from tests.harness import BIN, Agent, Controller, Pki, wait_for
 
@@ -77,7 +77,7 @@ def test_enrolment_end_to_end(pki, tmp_path):
         assert stat.S_IMODE((out / "key.pem").stat().st_mode) == 0o600
         key = serialization.load_pem_private_key((out / "key.pem").read_bytes(), None)
         cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
-        assert key_sha256(cert) == key_sha256(key.public_key())
+        assert spki_sha256(cert) == spki_sha256(key.public_key())
         key_pem = (out / "key.pem").read_bytes()
         assert not any(key_pem in p.read_bytes() for p in pki.dir.rglob("*") if p.is_file())
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

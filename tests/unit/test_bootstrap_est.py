@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from margo_stream.errors import ConfigError
+from margo_stream.identity.allowed_files import spki_sha256
 from margo_stream.identity.bootstrap import (
     BootstrapTokens,
     Refused,
@@ -25,7 +26,6 @@ from margo_stream.identity.est import (
     certs_only,
     csr_device_id,
     issue_from_csr,
-    key_sha256,
     load_certs_only,
     load_csr,
     make_csr,
@@ -106,7 +106,7 @@ def test_csr_to_certificate(certs):
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     assert cert.not_valid_after_utc == now + timedelta(seconds=90)
     assert now - cert.not_valid_before_utc <= timedelta(seconds=5)
-    assert key_sha256(cert) == key_sha256(key.public_key())
+    assert spki_sha256(cert) == spki_sha256(key.public_key())
     cert.verify_directly_issued_by(ca_cert)
     (back,) = load_certs_only(certs_only([cert]))
     assert back == cert
