@@ -80,12 +80,13 @@ def render_data(data: Any, fmt: str) -> str:
 
 # -- tables per resource -------------------------------------------------------------------
 
-DEVICE_HEADERS = ("ID", "CONNECTED", "LAST SEEN", "CONNECTIONS", "MANIFEST", "LABELS")
+DEVICE_HEADERS = ("ID", "STATE", "CONNECTED", "LAST SEEN", "CONNECTIONS", "MANIFEST", "LABELS")
 
 
 def device_row(item: dict[str, Any], now: float | None = None) -> list[Any]:
     return [
         item.get("id"),
+        item.get("state") or "-",  # allowed | revoked | unknown (the identity's allow-list state)
         bool(item.get("connected")),
         age(item.get("last_seen"), now),
         item.get("connection_count"),

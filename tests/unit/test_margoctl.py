@@ -155,6 +155,7 @@ def test_get_devices_table_json_yaml(server: Server, capsys) -> None:
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == [
         "ID",
+        "STATE",
         "CONNECTED",
         "LAST",
         "SEEN",
@@ -162,8 +163,9 @@ def test_get_devices_table_json_yaml(server: Server, capsys) -> None:
         "MANIFEST",
         "LABELS",
     ]
-    assert lines[1].split() == ["press-1", "true", "2s", "1", "7", "line=2,site=north"]
-    assert lines[2].split() == ["press-2", "false", "5m", "1", "-", "<none>"]
+    # seeded straight into the store: no identity on the allow-list, so their state is unknown
+    assert lines[1].split() == ["press-1", "unknown", "true", "2s", "1", "7", "line=2,site=north"]
+    assert lines[2].split() == ["press-2", "unknown", "false", "5m", "1", "-", "<none>"]
     assert len(lines) == 3  # nothing of the other tenant
 
     assert main(ctl(server, "get", "devices", "-o", "json")) == 0
