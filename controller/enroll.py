@@ -109,15 +109,26 @@ class EnrollServer:
         self.port: int | None = None
         self.counters = {"enrolled": 0, "renewed": 0, "refused": 0}
         self.active = 0
-        self.ssl_context = self._context()
+        self.ssl_context = self.context_for(self.tenants)
 
-    def _context(self) -> ssl.SSLContext:
+    def retrust(self, tenants: Sequence[str]) -> Callable[[], None]:
+        """The TLS context for ``tenants`` (the tenants' CA bundles as they are now), built and
+        checked; returns the swap to call once every other part of a reload is ready."""
+        context = self.context_for(tenants)
+
+        def swap() -> None:
+            self.tenants = list(tenants)
+            self.ssl_context = context
+
+        return swap
+
+    def context_for(self, tenants: Sequence[str]) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         cdir = self.certs / CONTROLLER_DIR
         try:
             ctx.load_cert_chain(str(cdir / "cert.pem"), str(cdir / "key.pem"))
-            for tenant in self.tenants:
+            for tenant in tenants:
                 ctx.load_verify_locations(cafile=str(self.certs / tenant / "ca.pem"))
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(

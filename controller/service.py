@@ -33,6 +33,7 @@ from controller.api.app import create_app
 from controller.config import ControllerConfig
 from controller.conn_limits import close_at_limits
 from controller.device_api.tls import tenant_bundle_paths
+from controller.enroll import EnrollServer
 from controller.features import build_features
 from controller.identities import Admission, IdentityBook
 from controller.ports import DesiredChangeFanout, DeviceNotifier
@@ -84,6 +85,7 @@ class Controller:
         self._allowed_files: list[AllowedFile] = []
         self._reload_lock = anyio.Lock()
         self._device_servers: list[Any] = []  # RestPollServer, H2PushServer: their TLS trust
+        self._enroll_server: EnrollServer | None = None  # --enroll: its tenants and CA trust
         self.identities.revoked_listeners.append(self._revoked)
         self.quic: QuicServer | None = None
         self.quic_port: int | None = None
@@ -157,6 +159,11 @@ class Controller:
                 files = read_allowed_dir(certs, tenants)
                 bundle_paths = tenant_bundle_paths(certs)
                 contexts = [(srv, srv.trust_context(bundle_paths)) for srv in self._device_servers]
+                enroll_swap = (
+                    self._enroll_server.retrust(tenants)
+                    if self._enroll_server is not None
+                    else None
+                )
             except (MargoError, OSError, ValueError) as exc:
                 reason = " ".join(str(exc).split()) or type(exc).__name__
                 log.warning("reload failed, nothing changed: %s", reason)
@@ -165,6 +172,8 @@ class Controller:
             self.server_certs.by_tenant = server_certs.by_tenant
             for server, context in contexts:
                 server.ssl_context = context
+            if enroll_swap is not None:  # enrolment serves the tenants and CAs of now, too
+                enroll_swap()
             self.operators.refresh(force=True)
             changed = await self.identities.load(files)
         log.info(
@@ -320,6 +329,7 @@ class Controller:
             )
         )
         assert server.port is not None
+        self._enroll_server = server
         self.device_ports["enroll"] = server.port
 
     def _write_ready_file(self) -> None:
