@@ -13,6 +13,7 @@ from margo_stream.errors import ConfigError
 from margo_stream.identity.bootstrap import parse_duration
 from margo_stream.logs import setup_logging
 from margo_stream.transport.quic_client import parse_host_port
+from margo_stream.units import parse_size
 
 PROG = "margo-controller"
 
@@ -66,6 +67,62 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="desired-state pushes awaiting their device's answer at once (default 512)",
     )
+    p.add_argument(
+        "--quic-retry",
+        choices=("always", "auto", "never"),
+        default="auto",
+        help="QUIC address validation (Retry): always, only under load (default), or never",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        default="5s",
+        metavar="DURATION",
+        help="free a QUIC handshake that has not completed after this (default 5s)",
+    )
+    p.add_argument(
+        "--max-half-open",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="QUIC handshakes in progress at once, all sources (default 2048)",
+    )
+    p.add_argument(
+        "--max-half-open-per-address",
+        type=int,
+        default=256,
+        metavar="N",
+        help="unvalidated QUIC handshakes in progress per source address (default 256)",
+    )
+    p.add_argument(
+        "--api-max-body",
+        default="8MiB",
+        metavar="SIZE",
+        help="largest operator API request body; larger ones get 413 (default 8MiB)",
+    )
+    p.add_argument(
+        "--telemetry-retention",
+        default="7d",
+        metavar="DURATION",
+        help="delete telemetry older than this (default 7d)",
+    )
+    p.add_argument(
+        "--telemetry-max-bytes",
+        default="1GiB",
+        metavar="SIZE",
+        help="per tenant, delete the oldest telemetry beyond this size (default 1GiB)",
+    )
+    p.add_argument(
+        "--event-retention",
+        default="90d",
+        metavar="DURATION",
+        help="delete events older than this (default 90d)",
+    )
+    p.add_argument(
+        "--audit-retention",
+        default="365d",
+        metavar="DURATION",
+        help="delete terminal session audit records older than this (default 365d)",
+    )
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", choices=("json", "text"), default="json")
     return p
@@ -79,6 +136,12 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     enroll = parse_host_port(args.enroll, what="--enroll") if args.enroll else (None, 0)
     lifetime = parse_duration(args.device_cert_lifetime, what="--device-cert-lifetime")
     max_age = parse_duration(args.max_connection_age, what="--max-connection-age")
+    handshake_timeout = parse_duration(args.handshake_timeout, what="--handshake-timeout")
+    api_max_body = parse_size(args.api_max_body, what="--api-max-body")
+    telemetry_retention = parse_duration(args.telemetry_retention, what="--telemetry-retention")
+    telemetry_max_bytes = parse_size(args.telemetry_max_bytes, what="--telemetry-max-bytes")
+    event_retention = parse_duration(args.event_retention, what="--event-retention")
+    audit_retention = parse_duration(args.audit_retention, what="--audit-retention")
     try:
         return ControllerConfig(
             certs=args.certs,
@@ -100,6 +163,15 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
             enroll_port=enroll[1],
             device_cert_lifetime=lifetime,
             max_connection_age=max_age,
+            quic_retry=args.quic_retry,
+            handshake_timeout=handshake_timeout,
+            max_half_open=args.max_half_open,
+            max_half_open_per_address=args.max_half_open_per_address,
+            api_max_body=api_max_body,
+            telemetry_retention=telemetry_retention,
+            telemetry_max_bytes=telemetry_max_bytes,
+            event_retention=event_retention,
+            audit_retention=audit_retention,
         )
     except ValidationError as exc:
         first = exc.errors()[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -44,6 +45,17 @@ class ControllerConfig(BaseModel):
     enroll_port: int = Field(default=0, ge=0, le=65535)
     device_cert_lifetime: float = Field(default=30 * 86400.0, ge=1)  # seconds, EST-issued
     max_connection_age: float = Field(default=86400.0, ge=1)  # seconds, jittered +-10%
+    # --- hostile input (issue 14) ---
+    # QUIC address validation: Retry always, only while many handshakes are half-open, or never
+    quic_retry: Literal["always", "auto", "never"] = "auto"
+    handshake_timeout: float = Field(default=5.0, gt=0)  # half-open state freed after this
+    max_half_open: int = Field(default=2048, ge=1)  # handshakes in progress, all sources
+    max_half_open_per_address: int = Field(default=256, ge=1)  # unvalidated, per source IP
+    api_max_body: int = Field(default=8 << 20, ge=1024)  # operator request bodies, bytes
+    telemetry_retention: float = Field(default=7 * 86400.0, ge=60)  # seconds
+    telemetry_max_bytes: int = Field(default=1 << 30, ge=1 << 20)  # per tenant, bytes
+    event_retention: float = Field(default=90 * 86400.0, ge=60)  # seconds
+    audit_retention: float = Field(default=365 * 86400.0, ge=60)  # terminal audit, seconds
 
     @model_validator(mode="after")
     def _check(self) -> ControllerConfig:
