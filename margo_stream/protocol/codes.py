@@ -24,6 +24,8 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_STREAM_KIND = 0x105
     WRONG_STREAM_OPENER = 0x106
     TRUNCATED_STREAM = 0x107
+    STREAM_LIMIT = 0x108  # too many failed streams on one connection (closes the connection)
+    BUFFER_LIMIT = 0x109  # more buffered, unparsed bytes across streams than the budget
     IDENTITY_REFUSED = 0x200
     IDENTITY_MISMATCH = 0x201
     REPLACED = 0x202
@@ -32,6 +34,7 @@ class ErrorCode(enum.IntEnum):
     DESIRED_REFUSED = 0x300
     TERMINAL_REFUSED = 0x301
     CANCELLED = 0x302
+    STATUS_REFUSED = 0x303  # status for a deployment not assigned, or a version never issued
     INTERNAL_ERROR = 0x3FF
 
     @classmethod
