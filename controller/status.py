@@ -1,6 +1,13 @@
 """Deployment status events from devices: stored in Margo's deployment-status shape, acked by
 sequence number once stored. The store keeps the newest status per deployment (an older or
-repeated sequence number changes nothing) and turns state changes into operator events."""
+repeated sequence number changes nothing) and turns state changes into operator events.
+
+A status claiming a manifest version or a deployment never issued to the device is refused by
+the store (``controller.store.claims``: logged with ``ErrorCode.STATUS_REFUSED``, not stored)
+and still acked: the ``status_ack`` message has no error member, and both ends parse messages
+strictly (an unknown member is an invalid message), so a refusal sent in a new member would
+make agents of today reset their status stream and lose their session on every refusal. The
+ack only tells the device to stop resending; what it claimed is never shown to operators."""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from typing import Any
 from controller.batching import WriteBatcher
 from controller.ports import DeviceLink, TaskSpawner
 from controller.store.base import Store
+from controller.store.claims import StatusRefusal
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.status_wire import status_from_wire
 from margo_stream.state.status import status_to_margo
@@ -26,8 +34,8 @@ class StatusIngest:
 
     def __init__(self, store: Store, tasks: TaskSpawner) -> None:
         self.tasks = tasks
-        self._writes: WriteBatcher[tuple[str, str, dict[str, Any], int], bool] = WriteBatcher(
-            store.put_status_batch
+        self._writes: WriteBatcher[tuple[str, str, dict[str, Any], int], bool | StatusRefusal] = (
+            WriteBatcher(store.put_status_batch)
         )
 
     def handle(self, session: DeviceLink, stream: MessageStream) -> None:

@@ -21,6 +21,7 @@ import anyio
 from controller.device_api.margo_documents import validate_capabilities, validate_status
 from controller.problems import Problem
 from controller.store.base import Store
+from controller.store.claims import UNKNOWN_VERSION, StatusRefusal, StatusRefused
 from margo_stream.errors import DocumentError, NotFound
 from margo_stream.state.digest import sha256_digest
 from margo_stream.state.manifest import (
@@ -51,6 +52,19 @@ class Desired:
     @property
     def digests(self) -> set[str]:
         return blob_digests(self.manifest)
+
+
+def refused_problem(refusal: StatusRefusal) -> Problem:
+    """409 for a status claiming what the device was never issued (not retryable: the same
+    claim is refused again)."""
+    field = "adoptedManifestVersion" if refusal.reason == UNKNOWN_VERSION else "deploymentId"
+    return Problem(
+        409,
+        refusal.describe(),
+        title="Status refused",
+        kind="status-refused",
+        errors=[{"field": field, "message": refusal.reason}],
+    )
 
 
 class DeviceBackend:
@@ -135,13 +149,19 @@ class DeviceBackend:
     async def put_status(
         self, tenant: str, device_id: str, doc: Any, deployment_id: str, remote: str = ""
     ) -> bool:
+        """Validate and store a Margo status document (``Problem`` 400 for a bad one, 409 for
+        a claim the store refuses: a manifest version or deployment never issued to the
+        device); the adopted version is recorded only for a status the store accepted."""
         status = validate_status(doc, deployment_id, device_id)
         seq = self.next_seq(tenant, device_id)
         try:
-            stored = await self.store.put_status(tenant, device_id, status, seq)
-        except NotFound:
-            await self._ensure_device(tenant, device_id, remote)
-            stored = await self.store.put_status(tenant, device_id, status, seq)
+            try:
+                stored = await self.store.put_status(tenant, device_id, status, seq)
+            except NotFound:
+                await self._ensure_device(tenant, device_id, remote)
+                stored = await self.store.put_status(tenant, device_id, status, seq)
+        except StatusRefused as exc:  # the store logged it
+            raise refused_problem(exc.refusal) from None
         adopted = status["adoptedManifestVersion"]
         key = (tenant, device_id)
         if adopted > self._adopted.get(key, 0):

@@ -37,6 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from controller.store.claims import StatusRefusal
+
 JsonDict = dict[str, Any]
 
 
@@ -281,9 +283,10 @@ class Store(Protocol):
 
     async def put_status_batch(
         self, items: Sequence[tuple[str, str, JsonDict, int]], *, now: float | None = None
-    ) -> list[bool]:
+    ) -> list[bool | StatusRefusal]:
         """``put_status`` for many ``(tenant, device_id, status, seq)`` in one transaction;
-        returns for each whether it was stored (False: older seq, or an unknown device)."""
+        returns for each whether it was stored (False: older seq, or an unknown device) or,
+        for a claim the device may not make, the refusal (logged; nothing stored)."""
         ...
 
     # -- device identities (the allow-list) ------------------------------------------------
@@ -441,7 +444,9 @@ class Store(Protocol):
         now: float | None = None,
     ) -> bool:
         """Store the latest status of ``status["deploymentId"]``; returns False (and changes
-        nothing) when a status with this or a later ``seq`` is already stored."""
+        nothing) when a status with this or a later ``seq`` is already stored. ``StatusRefused``
+        (logged) when its ``adoptedManifestVersion`` or its deployment was never issued to the
+        device (``controller.store.claims``)."""
         ...
 
     async def put_statuses(
@@ -505,7 +510,8 @@ class Store(Protocol):
         ...
 
     async def prune_telemetry(self, tenant: str, before: float) -> int:
-        """Delete records received before ``before``; returns how many."""
+        """Delete records received before ``before``; returns how many. (Retention's batched
+        deletions: ``controller.retention.RetentionStore``.)"""
         ...
 
     # -- terminal audit ------------------------------------------------------------------

@@ -43,14 +43,15 @@ from controller.store.base import (
     JsonDict,
     ManifestRecord,
     SessionAudit,
-    StatusRecord,
     TelemetryRecord,
     TelemetryWriter,
 )
 from controller.store.sqlite_errors import store_error
 from controller.store.sqlite_events import StoreConnection
 from controller.store.sqlite_identities import SqliteIdentities
+from controller.store.sqlite_retention import SqliteRetention
 from controller.store.sqlite_schema import MIGRATIONS, TELEMETRY_MIGRATIONS, migrate
+from controller.store.sqlite_statuses import SqliteStatuses
 from controller.store.sqlite_telemetry import BoundTelemetryWriter
 from margo_stream.errors import NotFound, StoreError
 
@@ -67,9 +68,10 @@ def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
 
-class SqliteStore(SqliteIdentities):
+class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention):
     """``Store`` on one SQLite file. Use ``async with SqliteStore(path) as store:`` or call
-    ``open()`` / ``close()``. The allow-list's methods come from ``SqliteIdentities``."""
+    ``open()`` / ``close()``. The methods of the allow-list, of statuses and of retention
+    come from ``SqliteIdentities``, ``SqliteStatuses`` and ``SqliteRetention``."""
 
     def __init__(
         self,
@@ -275,22 +277,6 @@ class SqliteStore(SqliteIdentities):
 
         await self._submit(self._in_tx, True, run)
 
-    async def put_status_batch(
-        self, items: Sequence[tuple[str, str, JsonDict, int]], *, now: float | None = None
-    ) -> list[bool]:
-        when = _now(now)
-
-        def run(conn: StoreConnection) -> list[bool]:
-            stored = []
-            for tenant, device_id, status, seq in items:
-                try:
-                    stored.append(desired.put_status(conn, tenant, device_id, status, seq, when))
-                except NotFound:
-                    stored.append(False)
-            return stored
-
-        return await self._submit(self._in_tx, True, run)
-
     # -- desired state -------------------------------------------------------------------
 
     async def put_blob(self, tenant: str, data: bytes, *, digest: str | None = None) -> str:
@@ -391,38 +377,6 @@ class SqliteStore(SqliteIdentities):
     ) -> dict[str, ManifestRecord]:
         return await self._read(desired.latest_manifests, tenant, list(device_ids))
 
-    async def put_status(
-        self,
-        tenant: str,
-        device_id: str,
-        status: JsonDict,
-        seq: int,
-        *,
-        now: float | None = None,
-    ) -> bool:
-        return await self._write(desired.put_status, tenant, device_id, status, seq, _now(now))
-
-    async def put_statuses(
-        self,
-        tenant: str,
-        device_id: str,
-        items: Sequence[tuple[JsonDict, int]],
-        *,
-        now: float | None = None,
-    ) -> int:
-        when = _now(now)
-
-        def run(conn: StoreConnection) -> int:
-            return sum(
-                desired.put_status(conn, tenant, device_id, status, seq, when)
-                for status, seq in items
-            )
-
-        return await self._write(run) if items else 0
-
-    async def list_statuses(self, tenant: str, device_id: str | None = None) -> list[StatusRecord]:
-        return await self._read(desired.list_statuses, tenant, device_id)
-
     # -- telemetry -----------------------------------------------------------------------
 
     @property
@@ -500,9 +454,6 @@ class SqliteStore(SqliteIdentities):
         return await self._telemetry._read(
             telemetry.query_telemetry, tenant, device_id, stream, since, limit, after_seq
         )
-
-    async def prune_telemetry(self, tenant: str, before: float) -> int:
-        return await self._telemetry._write(telemetry.prune_telemetry, tenant, before)
 
     # -- terminal audit ------------------------------------------------------------------
 

@@ -1,21 +1,21 @@
-"""SQLite store, part: desired state (blobs, deployments, assignments, manifests) and the
-deployment statuses devices report. Runs on the worker thread inside the caller's transaction.
+"""SQLite store, part: desired state (blobs, deployments, assignments, manifests). Runs on the
+worker thread inside the caller's transaction. Storing a manifest records which deployments it
+issued to the device (``sqlite_statuses.record_issued``): what the device may report on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from controller.store.base import (
     AssignmentRecord,
     DeploymentDraft,
     DeploymentRecord,
     ManifestRecord,
-    StatusRecord,
 )
 from controller.store.sqlite_devices import require_device
-from controller.store.sqlite_events import StoreConnection, add_event, dumps, loads
+from controller.store.sqlite_events import StoreConnection, add_event
+from controller.store.sqlite_statuses import per_deployment, record_issued
 from margo_stream.errors import NotFound
 from margo_stream.state.digest import sha256_digest
 
@@ -239,22 +239,10 @@ def unassign(
     )
 
 
-def _per_deployment(
-    conn: StoreConnection, columns: str, table: str, tenant: str, device_id: str | None
-) -> list[tuple[Any, ...]]:
-    """Rows of a per-(device, deployment) table: the tenant's, or one device's."""
-    sql = f"SELECT {columns} FROM {table} WHERE tenant = ?"
-    if device_id is None:
-        return conn.execute(sql + " ORDER BY device_id, deployment_id", (tenant,)).fetchall()
-    return conn.execute(
-        sql + " AND device_id = ? ORDER BY deployment_id", (tenant, device_id)
-    ).fetchall()
-
-
 def list_assignments(
     conn: StoreConnection, tenant: str, device_id: str | None
 ) -> list[AssignmentRecord]:
-    rows = _per_deployment(
+    rows = per_deployment(
         conn,
         "tenant, device_id, deployment_id, digest, assigned_at",
         "assignments",
@@ -288,6 +276,7 @@ def put_manifest(
         " VALUES (?, ?, ?, ?, ?, ?)",
         (tenant, device_id, version, bytes(manifest), bytes(signature), now),
     )
+    record_issued(conn, tenant, device_id, version, manifest)
     add_event(conn, tenant, "manifest.created", device_id, {"manifestVersion": version}, now)
 
 
@@ -318,71 +307,3 @@ def latest_manifests(
 ) -> dict[str, ManifestRecord]:
     """The newest manifest of each of ``device_ids`` that has one."""
     return {d: m for d in device_ids if (m := latest_manifest(conn, tenant, d)) is not None}
-
-
-# -- statuses --------------------------------------------------------------------------------
-
-
-def status_deployment_id(status: dict[str, Any]) -> str:
-    value = status.get("deploymentId", status.get("deployment_id"))
-    if not isinstance(value, str) or not value:
-        raise ValueError("a deployment status needs a non-empty 'deploymentId'")
-    return value
-
-
-def status_state(status: dict[str, Any]) -> str | None:
-    """The overall state of a status dict, in Margo's form (``status.state``) or flat."""
-    inner = status.get("status")
-    if isinstance(inner, dict) and isinstance(inner.get("state"), str):
-        return inner["state"]
-    state = status.get("state")
-    return state if isinstance(state, str) else None
-
-
-def put_status(
-    conn: StoreConnection,
-    tenant: str,
-    device_id: str,
-    status: dict[str, Any],
-    seq: int,
-    now: float,
-) -> bool:
-    deployment_id = status_deployment_id(status)
-    row = conn.execute(
-        "SELECT seq, status FROM statuses WHERE tenant = ? AND device_id = ? AND deployment_id = ?",
-        (tenant, device_id, deployment_id),
-    ).fetchone()
-    if row is not None and seq <= row[0]:
-        return False
-    if row is None:
-        require_device(conn, tenant, device_id)
-    conn.execute(
-        "INSERT INTO statuses (tenant, device_id, deployment_id, status, seq, updated_at)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, device_id, deployment_id)"
-        " DO UPDATE SET status = excluded.status, seq = excluded.seq,"
-        " updated_at = excluded.updated_at",
-        (tenant, device_id, deployment_id, dumps(status), seq, now),
-    )
-    previous = status_state(loads(row[1])) if row is not None else None
-    state = status_state(status)
-    if state != previous:
-        add_event(
-            conn,
-            tenant,
-            "deployment.status",
-            device_id,
-            {"deploymentId": deployment_id, "state": state, "previous": previous},
-            now,
-        )
-    return True
-
-
-def list_statuses(conn: StoreConnection, tenant: str, device_id: str | None) -> list[StatusRecord]:
-    rows = _per_deployment(
-        conn,
-        "tenant, device_id, deployment_id, status, seq, updated_at",
-        "statuses",
-        tenant,
-        device_id,
-    )
-    return [StatusRecord(r[0], r[1], r[2], loads(r[3]), r[4], r[5]) for r in rows]

@@ -177,6 +177,28 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (tenant, device_id)
     ) WITHOUT ROWID;
     """,
+    # 6 -> 7: what a device may claim (controller/store/claims.py): every deployment a manifest
+    # issued to the device, with the first version that listed it; filled from the manifests
+    # already stored (all versions are kept). And indexes for retention by age
+    # (controller/retention.py): events by time, terminal session audits by their end.
+    """
+    CREATE TABLE issued_deployments (
+        tenant TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        deployment_id TEXT NOT NULL,
+        first_version INTEGER NOT NULL,
+        PRIMARY KEY (tenant, device_id, deployment_id)
+    ) WITHOUT ROWID;
+    INSERT OR IGNORE INTO issued_deployments (tenant, device_id, deployment_id, first_version)
+        SELECT m.tenant, m.device_id, json_extract(d.value, '$.deploymentId'), MIN(m.version)
+        FROM (SELECT tenant, device_id, version, CAST(manifest AS TEXT) AS doc FROM manifests
+              WHERE json_valid(CAST(manifest AS TEXT))) AS m,
+             json_each(m.doc, '$.deployments') AS d
+        WHERE json_type(d.value, '$.deploymentId') = 'text'
+        GROUP BY m.tenant, m.device_id, json_extract(d.value, '$.deploymentId');
+    CREATE INDEX events_by_ts ON events (ts);
+    CREATE INDEX session_audits_by_end ON session_audits (ended_at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -211,6 +233,18 @@ TELEMETRY_MIGRATIONS: tuple[str, ...] = (
         recorded_at REAL NOT NULL,
         PRIMARY KEY (tenant, device_id, first)
     ) WITHOUT ROWID;
+    """,
+    # 1 -> 2: retention (controller/retention.py). The bytes of each tenant's payloads, kept
+    # by ingest and deletions (so the size cap never sums the table), and an index to find a
+    # tenant's oldest records, by age or beyond its cap.
+    """
+    CREATE TABLE telemetry_usage (
+        tenant TEXT PRIMARY KEY,
+        bytes INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO telemetry_usage (tenant, bytes)
+        SELECT tenant, SUM(length(payload)) FROM telemetry GROUP BY tenant;
+    CREATE INDEX telemetry_by_tenant_received ON telemetry (tenant, received_at);
     """,
 )
 

@@ -10,6 +10,7 @@ inside the caller's transaction; the main store checks the device and records ga
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 
 from controller.store.base import TelemetryRecord
@@ -62,6 +63,42 @@ def _save_watermark(
     )
 
 
+_INSERT = (
+    "INSERT INTO telemetry (tenant, device_id, seq, stream, received_at, payload)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+_INSERT_NEW = _INSERT.replace("INSERT", "INSERT OR IGNORE", 1)
+
+
+def _insert(conn: StoreConnection, rows: list[tuple[str, str, int, str, float, bytes]]) -> int:
+    """Insert the rows not stored yet; returns the payload bytes added. A batch without
+    duplicates (the rule) is one ``executemany``; a retransmission falls back to row by row,
+    so the tenant's byte count stays exact."""
+    conn.execute("SAVEPOINT telemetry_batch")
+    try:
+        conn.executemany(_INSERT, rows)
+    except sqlite3.IntegrityError:
+        conn.execute("ROLLBACK TO telemetry_batch")
+        added = 0
+        for row in rows:
+            if conn.execute(_INSERT_NEW, row).rowcount:
+                added += len(row[5])
+        return added
+    finally:
+        conn.execute("RELEASE telemetry_batch")
+    return sum(len(r[5]) for r in rows)
+
+
+def add_usage(conn: StoreConnection, tenant: str, delta: int) -> None:
+    """The tenant's payload bytes (``telemetry_usage``) change by ``delta``."""
+    if delta:
+        conn.execute(
+            "INSERT INTO telemetry_usage (tenant, bytes) VALUES (?, ?)"
+            " ON CONFLICT (tenant) DO UPDATE SET bytes = MAX(0, bytes + excluded.bytes)",
+            (tenant, delta),
+        )
+
+
 def ingest_telemetry(
     conn: StoreConnection,
     tenant: str,
@@ -77,11 +114,7 @@ def ingest_telemetry(
     stored = _stored_watermark(conn, tenant, device_id)
     if not rows:
         return stored or 0
-    conn.executemany(
-        "INSERT OR IGNORE INTO telemetry (tenant, device_id, seq, stream, received_at, payload)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        rows,
-    )
+    add_usage(conn, tenant, _insert(conn, rows))
     start = stored if stored is not None else min(r[2] for r in rows) - 1
     w = _advance(conn, tenant, device_id, start)
     _save_watermark(conn, tenant, device_id, stored, w)
@@ -142,12 +175,6 @@ def query_telemetry(
     if newest:
         rows.reverse()
     return [TelemetryRecord(r[0], r[1], r[2], r[3], r[4], bytes(r[5])) for r in rows]
-
-
-def prune_telemetry(conn: StoreConnection, tenant: str, before: float) -> int:
-    return conn.execute(
-        "DELETE FROM telemetry WHERE tenant = ? AND received_at < ?", (tenant, before)
-    ).rowcount
 
 
 class BoundTelemetryWriter:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 
 import pytest
 
 from controller.store.base import DeploymentDraft, Store
+from controller.store.claims import NOT_ISSUED, UNKNOWN_VERSION, StatusRefusal, StatusRefused
 from controller.store.sqlite import SqliteStore
-from controller.store.sqlite_schema import SCHEMA_VERSION
+from controller.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, migrate
 from margo_stream.errors import NotFound, StoreError
 from margo_stream.state.digest import sha256_digest
 
@@ -196,10 +198,25 @@ async def test_apply_is_one_transaction_with_one_event(store: SqliteStore) -> No
     assert events[-1].payload["changed"] == []
 
 
+def manifest(*deployment_ids: str) -> bytes:
+    """A manifest's bytes as far as the store reads them: the deployments it lists."""
+    return json.dumps({"deployments": [{"deploymentId": d} for d in deployment_ids]}).encode()
+
+
+def status(deployment_id: str, version: int | None, state: str = "installed") -> dict:
+    return {
+        "deploymentId": deployment_id,
+        "adoptedManifestVersion": version,
+        "status": {"state": state},
+        "components": [],
+    }
+
+
 async def test_status_dedup_by_seq(store: SqliteStore) -> None:
     await connect(store, "acme", "d1")
-    installing = {"deploymentId": "app", "status": {"state": "installing"}, "components": []}
-    installed = {"deploymentId": "app", "status": {"state": "installed"}, "components": []}
+    await store.put_manifest("acme", "d1", 1, manifest("app", "b"), b"s")
+    installing = {**status("app", 1), "status": {"state": "installing"}}
+    installed = status("app", 1)
     assert await store.put_status("acme", "d1", installing, 1)
     assert await store.put_status("acme", "d1", installed, 2)
     assert not await store.put_status("acme", "d1", installing, 1)  # retransmission
@@ -207,13 +224,93 @@ async def test_status_dedup_by_seq(store: SqliteStore) -> None:
     [st] = await store.list_statuses("acme", "d1")
     assert st.status["status"]["state"] == "installed" and st.seq == 2
     stored = await store.put_statuses(
-        "acme", "d1", [({"deploymentId": "b", "state": "pending"}, 3), (installed, 2)]
+        "acme", "d1", [({**status("b", 1), "status": {"state": "pending"}}, 3), (installed, 2)]
     )
     assert stored == 1
     assert len(await store.list_statuses("acme")) == 2
     assert await store.list_statuses("globex") == []
     changes = [e.payload for e in await store.list_events("acme") if e.kind == "deployment.status"]
     assert [c["state"] for c in changes] == ["installing", "installed", "pending"]
+
+
+async def test_status_claims_only_what_was_issued(store: SqliteStore) -> None:
+    """A device reports on deployments and versions the controller issued to it, nothing
+    else: a made-up version, a deployment never in one of its manifests (or only in a later
+    one, or another device's) is refused and nothing is stored; a deployment removed since
+    (its ``removed`` report carries the version that dropped it) is still accepted."""
+    await connect(store, "acme", "d1")
+    await connect(store, "acme", "d2")
+    await connect(store, "globex", "d1")
+    await store.put_manifest("acme", "d1", 1, manifest("web"), b"s")
+    await store.put_manifest("acme", "d1", 2, manifest("web", "db"), b"s")
+    await store.put_manifest("acme", "d1", 3, manifest("db"), b"s")  # web removed
+    await store.put_manifest("acme", "d2", 1, manifest("cache"), b"s")
+    events = await store.latest_event_id("acme")
+
+    refused = [
+        (status("web", 999999), UNKNOWN_VERSION),
+        (status("web", 0), UNKNOWN_VERSION),
+        (status("web", None), UNKNOWN_VERSION),
+        (status("web", 2**70), UNKNOWN_VERSION),
+        ({**status("web", 1), "adoptedManifestVersion": "1"}, UNKNOWN_VERSION),
+        (status("cache", 1), NOT_ISSUED),  # d2's deployment
+        (status("ghost", 3), NOT_ISSUED),
+        (status("db", 1), NOT_ISSUED),  # issued only from version 2 on
+    ]
+    for doc, reason in refused:
+        with pytest.raises(StatusRefused) as err:
+            await store.put_status("acme", "d1", doc, 5)
+        assert err.value.refusal.reason == reason
+        assert err.value.refusal.deployment_id == doc["deploymentId"]
+    with pytest.raises(StatusRefused):  # globex/d1 was issued nothing
+        await store.put_status("globex", "d1", status("web", 1), 5)
+    with pytest.raises(StatusRefused):  # a batch with one bad claim is refused whole
+        await store.put_statuses("acme", "d1", [(status("db", 2), 5), (status("x", 2), 6)])
+    assert await store.list_statuses("acme") == [] and await store.list_statuses("globex") == []
+    assert await store.latest_event_id("acme") == events  # not even an event
+
+    assert await store.put_status("acme", "d1", status("web", 1), 1)
+    assert await store.put_status("acme", "d1", status("db", 2, "installing"), 2)
+    assert await store.put_status("acme", "d1", status("web", 3, "removed"), 3)
+    results = await store.put_status_batch(
+        [
+            ("acme", "d1", status("db", 3), 4),
+            ("acme", "d2", status("web", 1), 4),  # d2 was never issued web
+            ("acme", "d2", status("cache", 7), 4),  # nor version 7
+            ("acme", "nobody", status("web", 1), 4),
+        ]
+    )
+    assert results[0] is True and results[3] is False
+    assert isinstance(results[1], StatusRefusal) and results[1].reason == NOT_ISSUED
+    assert isinstance(results[2], StatusRefusal) and results[2].claimed_version == 7
+    got = {(r.device_id, r.deployment_id): r.status for r in await store.list_statuses("acme")}
+    assert set(got) == {("d1", "web"), ("d1", "db")}
+    assert got["d1", "web"]["status"]["state"] == "removed"
+
+
+async def test_migration_records_what_old_manifests_issued(tmp_path) -> None:
+    """A database of schema 6 (manifests stored before issued deployments were recorded):
+    the upgrade reads every stored manifest, so its devices' honest reports stay accepted."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, str(path), MIGRATIONS[:6])
+    conn.execute("INSERT INTO devices (tenant, device_id, first_seen) VALUES ('acme', 'd1', 1)")
+    rows = [(1, manifest("web")), (2, manifest("web", "db")), (3, b"not json"), (4, manifest())]
+    for version, data in rows:
+        conn.execute(
+            "INSERT INTO manifests (tenant, device_id, version, manifest, signature, created)"
+            " VALUES ('acme', 'd1', ?, ?, x'00', 1)",
+            (version, data),
+        )
+    conn.close()
+    async with SqliteStore(path) as s:
+        assert await s.put_status("acme", "d1", status("web", 1), 1)
+        assert await s.put_status("acme", "d1", status("db", 4), 2)
+        with pytest.raises(StatusRefused):
+            await s.put_status("acme", "d1", status("db", 1), 3)
+        with pytest.raises(StatusRefused):
+            await s.put_status("acme", "d1", status("web", 5), 3)
+        assert len(await s.list_statuses("acme")) == 2
 
 
 async def test_telemetry_dedup_watermark_and_gaps(store: SqliteStore) -> None:
