@@ -24,6 +24,17 @@ The policy, run every ``freeze_every`` seconds:
   A sweep that falls due while the process is busy (more than ``busy_above`` of a core since
   the last tick: devices connecting, a push fanning out) waits for a quieter tick, at most
   ``max_defer`` seconds.
+- a sweep also falls due after a **mass disconnect**: resident memory does not shrink when
+  connections close, so growth alone would never notice that a flood of half-open handshakes
+  or a fleet's worth of sessions just became garbage (cycles among frozen objects, which only
+  a sweep frees). The QUIC server reports every connection it creates and forgets
+  (:func:`connection_opened`, :func:`connections_released`); once the connections released
+  since the last sweep reach ``release_count`` or ``release_share`` of the most held at once
+  since then, a sweep is due after ``release_min_interval`` seconds (the busy rule applies).
+  Tying it to the peak keeps the garbage held back within a share of the live heap, as for
+  growth; the count cap bounds it in absolute terms on a large controller.
+- after a sweep, glibc's ``malloc_trim(0)`` hands the freed pages back to the kernel (on
+  glibc only): without it the process keeps them and its resident memory stays at the peak.
 
 :class:`GcPolicy` decides (the time, resident memory and CPU used in, an action out);
 :func:`run_gc_policy` applies it from a thread of its own.
@@ -31,16 +42,20 @@ The policy, run every ``freeze_every`` seconds:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import enum
 import gc
 import logging
 import os
+import platform
 import resource
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import anyio
 
@@ -62,6 +77,8 @@ class GcStats:
     freed_by_sweeps: int = 0
     frozen_after_sweep: int = 0  # objects in the permanent generation after the last sweep
     deferred: int = 0  # ticks at which a due sweep waited because the process was busy
+    release_sweeps: int = 0  # sweeps that fell due because connections were released
+    trims: int = 0  # malloc_trim calls that handed memory back
 
 
 @dataclass(slots=True)
@@ -73,33 +90,50 @@ class GcPolicy:
     sweep_min_interval: float = 600.0
     busy_above: float = 0.5  # share of a core used since the last tick that counts as busy
     max_defer: float = 600.0  # a due sweep waits at most this long for a quiet tick
+    release_share: float = 0.25  # released since the last sweep / most connections held since
+    release_count: int = 1000  # ... or this many released, whatever the peak
+    release_min_interval: float = 10.0  # a release-triggered sweep: at most once per this
     stats: GcStats = field(default_factory=GcStats)
     _last_tick: float | None = None
     _last_cpu: float = 0.0
     _last_sweep: float = 0.0
     _due_since: float | None = None
     _baseline: int = 0  # resident bytes right after the last sweep
+    _released_at_sweep: int = 0  # the released-connections count at the last sweep
+    _peak: int = 0  # most connections held at a tick since the last sweep
 
     def __post_init__(self) -> None:
         if self.freeze_every <= 0 or self.sweep_growth <= 0 or self.sweep_min_interval < 0:
             raise ValueError(
                 "gc policy: freeze_every and sweep_growth must be > 0, sweep_min_interval >= 0"
             )
+        if self.release_share <= 0 or self.release_count < 1 or self.release_min_interval < 0:
+            raise ValueError(
+                "gc policy: release_share must be > 0, release_count >= 1, "
+                "release_min_interval >= 0"
+            )
 
-    def next_action(self, now: float, resident: int, cpu: float) -> GcAction:
-        """What to do at ``now``, the process holding ``resident`` bytes of memory and having
-        used ``cpu`` seconds of CPU in all (``time.process_time()``)."""
+    def next_action(
+        self, now: float, resident: int, cpu: float, released: int = 0, live: int = 0
+    ) -> GcAction:
+        """What to do at ``now``, the process holding ``resident`` bytes of memory, having
+        used ``cpu`` seconds of CPU in all (``time.process_time()``), released ``released``
+        connections in all and holding ``live`` now."""
+        self._peak = max(self._peak, live)
         if self._last_tick is None:  # the first tick: what the process built so far is frozen
             self._last_tick, self._last_cpu, self._last_sweep = now, cpu, now
-            self._baseline = resident
+            self._baseline, self._released_at_sweep = resident, released
             return GcAction.FREEZE
         elapsed = now - self._last_tick
         if elapsed < self.freeze_every:
             return GcAction.NONE
         busy = (cpu - self._last_cpu) / elapsed > self.busy_above
         self._last_tick, self._last_cpu = now, cpu
+        since = now - self._last_sweep
         grown = resident > self._baseline * (1.0 + self.sweep_growth)
-        if not grown or now - self._last_sweep < self.sweep_min_interval:
+        by_growth = grown and since >= self.sweep_min_interval
+        by_release = self._mass_release(released) and since >= self.release_min_interval
+        if not (by_growth or by_release):
             return GcAction.FREEZE
         if self._due_since is None:
             self._due_since = now
@@ -107,7 +141,16 @@ class GcPolicy:
             self.stats.deferred += 1
             return GcAction.FREEZE  # a full pass now would stall the work in progress
         self._last_sweep, self._due_since = now, None
+        self._released_at_sweep, self._peak = released, live
+        if by_release and not by_growth:
+            self.stats.release_sweeps += 1
         return GcAction.SWEEP
+
+    def _mass_release(self, released: int) -> bool:
+        count = released - self._released_at_sweep
+        return count > 0 and (
+            count >= self.release_count or count >= self.release_share * self._peak
+        )
 
     def swept(self, resident: int, frozen: int, freed: int, seconds: float) -> None:
         self._baseline = resident
@@ -137,6 +180,8 @@ def apply_action(policy: GcPolicy, action: GcAction) -> None:
         gc.unfreeze()
         freed = gc.collect()
         gc.freeze()
+        if trim_heap():
+            policy.stats.trims += 1
         seconds = time.perf_counter() - t0
         frozen = gc.get_freeze_count()  # walks the whole list: only here, never per tick
         policy.swept(resident_bytes(), frozen, freed, seconds)
@@ -149,9 +194,57 @@ def apply_action(policy: GcPolicy, action: GcAction) -> None:
         )
 
 
+class ConnectionTally:
+    """How many connections this process holds and has released in all: the servers report
+    (on the event loop), the policy's thread reads (plain ints under the GIL)."""
+
+    __slots__ = ("live", "released")
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.released = 0
+
+
+CONNECTIONS = ConnectionTally()
+
+
+def connection_opened() -> None:
+    """A server created a connection (its state now counts in this process's heap)."""
+    CONNECTIONS.live += 1
+
+
+def connections_released(count: int = 1) -> None:
+    """A server forgot ``count`` connections: their memory is garbage for the next sweep."""
+    CONNECTIONS.live -= count
+    CONNECTIONS.released += count
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return cast(Callable[[int], int], trim)
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def trim_heap() -> bool:
+    """glibc's ``malloc_trim(0)``: free pages in malloc's heaps go back to the kernel (the
+    call releases the GIL). False where there is no glibc or nothing was handed back."""
+    return _MALLOC_TRIM is not None and bool(_MALLOC_TRIM(0))
+
+
 def tick(policy: GcPolicy, now: float) -> GcAction:
     """One step of the policy against the live collector."""
-    action = policy.next_action(now, resident_bytes(), time.process_time())
+    action = policy.next_action(
+        now, resident_bytes(), time.process_time(), CONNECTIONS.released, CONNECTIONS.live
+    )
     apply_action(policy, action)
     return action
 
@@ -191,11 +284,16 @@ async def gc_policy_running(policy: GcPolicy | None = None) -> AsyncIterator[GcP
 
 
 __all__ = [
+    "CONNECTIONS",
+    "ConnectionTally",
     "GcAction",
     "GcPolicy",
     "GcStats",
     "apply_action",
+    "connection_opened",
+    "connections_released",
     "gc_policy_running",
     "run_gc_policy",
     "tick",
+    "trim_heap",
 ]

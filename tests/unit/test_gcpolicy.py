@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import gc
+import platform
 import weakref
 
 import anyio
 import pytest
 
 from margo_stream.gcpolicy import (
+    CONNECTIONS,
     GcAction,
     GcPolicy,
     apply_action,
+    connection_opened,
+    connections_released,
     gc_policy_running,
     resident_bytes,
     run_gc_policy,
     tick,
+    trim_heap,
 )
 
 
@@ -77,8 +82,80 @@ def test_a_due_sweep_waits_for_a_quiet_tick_but_not_forever() -> None:
     assert p.stats.deferred >= 2
 
 
+def test_a_mass_disconnect_makes_a_sweep_due_without_any_growth() -> None:
+    p = GcPolicy(freeze_every=1, sweep_min_interval=600, release_min_interval=10)
+    p.next_action(0.0, 1000, 0.0, released=0, live=0)
+    assert p.next_action(5.0, 1000, 0.0, released=0, live=4000) is GcAction.FREEZE
+    # 999 of 4,000 released: under a quarter of the peak and under the count
+    assert p.next_action(6.0, 1000, 0.0, released=999, live=3001) is GcAction.FREEZE
+    # a quarter of the peak, but only 7 s after the start (release_min_interval 10 s)
+    assert p.next_action(7.0, 1000, 0.0, released=1000, live=3000) is GcAction.FREEZE
+    assert p.next_action(10.0, 1000, 0.0, released=1000, live=3000) is GcAction.SWEEP
+    assert p.stats.release_sweeps == 1
+    p.swept(resident=1000, frozen=1, freed=1, seconds=0.0)
+    # the peak is now what is held at that sweep (3,000): 749 more is under a quarter of it
+    assert p.next_action(30.0, 1000, 0.0, released=1749, live=2251) is GcAction.FREEZE
+    assert p.next_action(31.0, 1000, 0.0, released=1750, live=2250) is GcAction.SWEEP
+
+
+def test_a_small_server_sweeps_after_a_quarter_and_a_large_one_after_the_count() -> None:
+    small = GcPolicy(freeze_every=1, release_min_interval=0)
+    small.next_action(0.0, 1000, 0.0, released=0, live=4)
+    assert small.next_action(1.0, 1000, 0.0, released=0, live=4) is GcAction.FREEZE
+    assert small.next_action(2.0, 1000, 0.0, released=1, live=3) is GcAction.SWEEP
+    large = GcPolicy(freeze_every=1, release_min_interval=0, release_count=1000)
+    large.next_action(0.0, 1000, 0.0, released=0, live=50_000)
+    assert large.next_action(1.0, 1000, 0.0, released=999, live=49_001) is GcAction.FREEZE
+    assert large.next_action(2.0, 1000, 0.0, released=1000, live=49_000) is GcAction.SWEEP
+
+
+def test_a_release_sweep_waits_for_a_quiet_tick_like_any_other() -> None:
+    p = GcPolicy(freeze_every=1, release_min_interval=0, busy_above=0.5, max_defer=30)
+    p.next_action(0.0, 1000, 0.0, released=0, live=100)
+    assert p.next_action(1.0, 1000, 0.9, released=50, live=50) is GcAction.FREEZE  # busy
+    assert p.stats.deferred == 1
+    assert p.next_action(2.0, 1000, 1.0, released=50, live=50) is GcAction.SWEEP  # quiet
+
+
+def test_the_servers_tally_feeds_the_policy(thawed: None) -> None:
+    live, released = CONNECTIONS.live, CONNECTIONS.released
+    try:
+        p = GcPolicy(freeze_every=1, sweep_min_interval=1e9, release_min_interval=0)
+        tick(p, 0.0)
+        for _ in range(8):
+            connection_opened()
+        assert tick(p, 1.0) is GcAction.FREEZE  # the peak: 8 more than before
+        connections_released(8)
+        assert (CONNECTIONS.live, CONNECTIONS.released) == (live, released + 8)
+        assert tick(p, 2.0) is GcAction.SWEEP
+    finally:
+        CONNECTIONS.live, CONNECTIONS.released = live, released
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_trimming_hands_freed_heap_pages_back_to_the_kernel() -> None:
+    """Freed memory in the middle of malloc's heap stays resident until it is trimmed."""
+    mib = 1 << 20
+    chunks = [bytes(1500) for _ in range(40_000)]  # ~57 MiB through malloc (> 512 bytes each)
+    kept = chunks[::10]  # one in ten stays: the heap cannot shrink from the top
+    del chunks
+    before = resident_bytes()
+    assert trim_heap()
+    after = resident_bytes()
+    assert before - after > 25 * mib, (before / mib, after / mib)
+    assert len(kept) == 4000
+
+
 @pytest.mark.parametrize(
-    "kwargs", [{"freeze_every": 0}, {"sweep_growth": 0}, {"sweep_min_interval": -1}]
+    "kwargs",
+    [
+        {"freeze_every": 0},
+        {"sweep_growth": 0},
+        {"sweep_min_interval": -1},
+        {"release_share": 0},
+        {"release_count": 0},
+        {"release_min_interval": -1},
+    ],
 )
 def test_bad_settings_are_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError, match="gc policy"):
