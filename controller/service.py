@@ -237,6 +237,10 @@ class Controller:
                     self._accept,
                     reset_tokens=ResetTokens(load_reset_key(self.config.data)),
                     choose_certificate=self.server_certs.choose,
+                    quic_retry=self.config.quic_retry,
+                    handshake_timeout=self.config.handshake_timeout,
+                    max_half_open=self.config.max_half_open,
+                    max_half_open_per_address=self.config.max_half_open_per_address,
                 )
                 self.quic_port = transport.get_extra_info("sockname")[1]
                 await tg.start(self._serve_api)
