@@ -17,9 +17,27 @@ from typing import Any
 import yaml
 
 from margo_stream.errors import DocumentError
+from margo_stream.state.yaml_guard import (
+    DEFAULT_LIMITS,
+    MAX_DOCUMENT_BYTES,
+    MAX_NODES,
+    GuardedLoader,
+    YamlLimitError,
+    YamlLimits,
+    yaml_error,
+)
 
-MAX_DOCUMENT_BYTES = 1 << 20
-MAX_NODES = 100_000  # after alias expansion; stops "billion laughs" documents
+__all__ = [
+    "MAX_DOCUMENT_BYTES",
+    "MAX_NODES",
+    "NodeContext",
+    "NodePath",
+    "check_nodes",
+    "format_path",
+    "load_yaml",
+    "show",
+    "yaml_type_name",
+]
 
 # A place inside a document: mapping keys and sequence indexes from the root.
 NodePath = tuple[str | int, ...]
@@ -90,8 +108,9 @@ class NodeContext:
         )
 
 
-def check_nodes(root: yaml.Node, source: str) -> None:
-    """Refuse duplicate mapping keys, recursive aliases and documents that expand too far."""
+def check_nodes(root: yaml.Node, source: str, max_nodes: int = MAX_NODES) -> None:
+    """Refuse duplicate mapping keys, recursive aliases and documents that expand past
+    ``max_nodes`` nodes (alias bombs)."""
     sizes: dict[int, int] = {}
     active: set[int] = set()
 
@@ -119,11 +138,11 @@ def check_nodes(root: yaml.Node, source: str) -> None:
         elif isinstance(node, yaml.SequenceNode):
             total += sum(size(child) for child in node.value)
         active.discard(key)
-        if total > MAX_NODES:
+        if total > max_nodes:
             m = node.start_mark
-            raise DocumentError(
+            raise YamlLimitError(
                 f"{source}:{m.line + 1}:{m.column + 1}: document expands to more than "
-                f"{MAX_NODES} YAML nodes (alias bomb?)"
+                f"{max_nodes} YAML nodes (the limit; an alias bomb?)"
             )
         sizes[key] = total
         return total
@@ -131,40 +150,36 @@ def check_nodes(root: yaml.Node, source: str) -> None:
     size(root)
 
 
-def load_yaml(data: bytes, source: str) -> list[tuple[yaml.Node, Any]]:
-    """Every document of ``data`` as (node tree, constructed value); empty documents skipped."""
-    if len(data) > MAX_DOCUMENT_BYTES:
-        raise DocumentError(
-            f"{source}: document is {len(data)} bytes, more than {MAX_DOCUMENT_BYTES}"
+def load_yaml(
+    data: bytes, source: str, limits: YamlLimits = DEFAULT_LIMITS
+) -> list[tuple[yaml.Node, Any]]:
+    """Every document of ``data`` as (node tree, constructed value); empty documents skipped.
+
+    The size is checked before parsing; depth, nodes and the deadline while the events are
+    read (``yaml_guard``); alias expansion, duplicate keys and recursive aliases on the node
+    tree (:func:`check_nodes`), before anything is constructed."""
+    if len(data) > limits.max_document_bytes:
+        raise YamlLimitError(
+            f"{source}: document is {len(data)} bytes, more than "
+            f"{limits.max_document_bytes} (the limit)"
         )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DocumentError(f"{source}: not UTF-8 (byte {exc.start}): {exc.reason}") from None
     docs: list[tuple[yaml.Node, Any]] = []
-    loader = yaml.SafeLoader(text)
+    loader = GuardedLoader(text, source, limits)
     try:
         while loader.check_node():
             node = loader.get_node()
             if node is None:  # check_node() said there is one
                 break
-            check_nodes(node, source)
+            check_nodes(node, source, limits.max_nodes)
             value = loader.construct_document(node)
             if value is not None:
                 docs.append((node, value))
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        what = exc.problem or "syntax error"
-        if exc.context:
-            cm = exc.context_mark
-            started = (
-                f" (started at {cm.line + 1}:{cm.column + 1})" if cm and cm is not mark else ""
-            )
-            what = f"{exc.context}{started}: {what}"
-        where = f"{mark.line + 1}:{mark.column + 1}:" if mark else ""
-        raise DocumentError(f"{source}:{where} invalid YAML: {what}") from None
     except yaml.YAMLError as exc:
-        raise DocumentError(f"{source}: invalid YAML: {exc}") from None
+        raise yaml_error(exc, source) from None
     finally:
         loader.dispose()
     return docs

@@ -2,27 +2,27 @@
 
 Digests are over exact bytes, so the operator's ``margoctl`` (which signs each document) and
 the controller (which stores each as a blob) must cut a multi-document text the same way: this
-one function does it for both.
+one function does it for both. The text is read through ``yaml_guard.guarded_events``, so a
+hostile text stops at the first limit it passes (depth, nodes, size of one document, number
+of documents, deadline) without being composed.
 """
 
 from __future__ import annotations
 
 import yaml
 
-from margo_stream.errors import DocumentError
+from margo_stream.state.yaml_guard import DEFAULT_LIMITS, YamlLimits, guarded_events
 
 
-def split_documents(text: str, source: str) -> list[bytes]:
+def split_documents(text: str, source: str, limits: YamlLimits = DEFAULT_LIMITS) -> list[bytes]:
     """The exact bytes of each YAML document in ``text`` (digests are over exact bytes, so a
     multi-document file becomes one blob per document; a single document is kept whole,
-    comments included)."""
-    try:
-        events = list(yaml.parse(text, Loader=yaml.SafeLoader))
-    except yaml.YAMLError as exc:
-        raise DocumentError(f"{source}: invalid YAML: {exc}") from None
+    comments included). Raises ``DocumentError`` (``YamlLimitError`` for a limit)."""
     out: list[bytes] = []
     start: int | None = None
-    for event in events:  # the parser marks every event; the stubs allow None
+    # marks count characters after a byte order mark (libyaml never counts it): cut without it
+    body = text[1:] if text.startswith("\ufeff") else text
+    for event in guarded_events(body, source, limits):  # the parser marks every event
         if isinstance(event, yaml.DocumentStartEvent) and event.start_mark is not None:
             start = event.start_mark.index
         elif (
@@ -30,7 +30,7 @@ def split_documents(text: str, source: str) -> list[bytes]:
             and start is not None
             and event.end_mark is not None
         ):
-            chunk = text[start : event.end_mark.index]
+            chunk = body[start : event.end_mark.index]
             if chunk.strip() and chunk.strip() != "---":
                 out.append(chunk.encode("utf-8"))
             start = None
