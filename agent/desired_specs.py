@@ -1,19 +1,20 @@
 """Deployment documents to runnable specs, parsed and checked once, at the trust boundary.
 
 A manifest that passed the verifier names its deployment documents by digest; :func:`read_specs`
-parses each document once, resolves it into a ``DeploymentSpec`` and checks that the agent can
-lay it out on disk safely. The result, :class:`CheckedSpecs`, is what the reconciler applies:
-holding one means the checks were done, so nothing downstream parses or checks again.
+parses each document once (``parse_deployment``: the validation the controller ran when the
+document was applied), resolves it into a ``DeploymentSpec`` and checks it against the shared
+content rules (``content_rules.check_spec``). The result, :class:`CheckedSpecs`, is what the
+reconciler applies: holding one means the checks were done, so nothing downstream parses or
+checks again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
-from agent.runtime.base import is_safe_name
 from margo_stream.errors import DocumentError
+from margo_stream.state.content_rules import check_spec
 from margo_stream.state.documents import parse_deployment, resolve
 from margo_stream.state.manifest import Manifest
 from margo_stream.state.spec import DeploymentSpec
@@ -34,30 +35,12 @@ class CheckedSpecs:
 
 
 def validate(desired: Sequence[DeploymentSpec]) -> None:
-    """Refuse specs the agent cannot lay out on disk safely (raises ``DocumentError``)."""
+    """Refuse specs the agent cannot lay out on disk safely or run (raises ``DocumentError``).
+
+    The rules are the shared ones (``margo_stream.state.content_rules``) that the controller
+    also runs on every document an operator applies, so nothing it accepts is refused here."""
     for dep in desired:
-        if not is_safe_name(dep.deployment_id):
-            raise DocumentError(f"deploymentId {dep.deployment_id!r} is not a safe name")
-        for comp in dep.components:
-            if not is_safe_name(comp.name):
-                raise DocumentError(
-                    f"{dep.deployment_id}: component name {comp.name!r} is not safe"
-                )
-            workdir = PurePosixPath(comp.working_dir or ".")
-            if not workdir.is_absolute() and ".." in workdir.parts:
-                raise DocumentError(
-                    f"{dep.deployment_id}: component {comp.name!r} working dir leaves the "
-                    f"deployment's directory: {comp.working_dir!r}"
-                )
-            if comp.deployment_id != dep.deployment_id:
-                raise DocumentError(
-                    f"{dep.deployment_id}: component {comp.name!r} names deployment "
-                    f"{comp.deployment_id!r}"
-                )
-        for f in dep.files:
-            path = PurePosixPath(f.name)
-            if not f.name or path.is_absolute() or ".." in path.parts or "\\" in f.name:
-                raise DocumentError(f"{dep.deployment_id}: file name {f.name!r} is not safe")
+        check_spec(dep)
 
 
 def check_specs(specs: Sequence[DeploymentSpec]) -> CheckedSpecs:

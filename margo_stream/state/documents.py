@@ -46,6 +46,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from margo_stream.errors import DocumentError
+from margo_stream.state.content_rules import (
+    ID_RULE,
+    check_spec,
+    valid_id,
+    validate_file_name,
+    working_dir_problem,
+)
 from margo_stream.state.digest import is_digest, sha256_digest, validate_digest
 from margo_stream.state.document_schema import (
     EXT_RE,
@@ -63,6 +70,7 @@ from margo_stream.state.spec import (
     ProfileType,
     RestartPolicy,
 )
+from margo_stream.state.yaml_guard import DEFAULT_LIMITS, YamlLimits
 from margo_stream.state.yaml_nodes import (
     MAX_DOCUMENT_BYTES,
     MAX_NODES,
@@ -74,7 +82,8 @@ from margo_stream.state.yaml_nodes import (
     yaml_type_name,
 )
 
-# The public API; MAX_DOCUMENT_BYTES, MAX_NODES and format_path live in yaml_nodes.py.
+# The public API; MAX_DOCUMENT_BYTES, MAX_NODES and format_path live in yaml_nodes.py,
+# valid_id and validate_file_name in content_rules.py.
 __all__ = [
     "EXTENSION_KEY",
     "KIND",
@@ -110,7 +119,6 @@ PROFILE_TYPES: dict[str, ProfileType] = {
 }
 _ALLOWED_TYPES = "compose, helm.v3 (rc.3: helm), process"
 
-_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,200}")
 _APP_ID_RE = re.compile(r"[-a-z0-9]{1,200}")
 _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*(/\*)?")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -197,25 +205,6 @@ def stringify(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def validate_file_name(name: str) -> str:
-    """A relative path inside a deployment's files directory; raises ``ValueError`` otherwise."""
-    if not name or len(name) > 255:
-        raise ValueError("file name must be 1-255 characters")
-    if "\x00" in name or "\\" in name:
-        raise ValueError(f"file name {name!r} contains NUL or backslash")
-    if name.startswith("/"):
-        raise ValueError(f"file name {name!r} is absolute; use a relative path")
-    parts = name.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"file name {name!r} has an empty, '.' or '..' path component")
-    return name
-
-
-def valid_id(value: str) -> bool:
-    """A deployment or component id that is safe as a single file name component."""
-    return _ID_RE.fullmatch(value) is not None and value not in (".", "..")
-
-
 # --------------------------------------------------------------------------- semantic checks
 
 
@@ -263,7 +252,7 @@ def _build(ctx: NodeContext, data: Any) -> Deployment:
     if not isinstance(dep_id, str) or not valid_id(dep_id):
         raise ctx.error(
             ann_path + ("id",),
-            f"deployment id {show(dep_id)} must match [A-Za-z0-9._-]{{1,200}} (it names files)",
+            f"deployment id {show(dep_id)} must match {ID_RULE} (it names files)",
         )
     if raw.id is not None and raw.id != dep_id:
         raise ctx.error(("id",), f"id {raw.id!r} differs from metadata.annotations.id {dep_id!r}")
@@ -314,7 +303,7 @@ def _build(ctx: NodeContext, data: Any) -> Deployment:
         if not valid_id(rc.name):
             raise ctx.error(
                 path + ("name",),
-                f"component name {show(rc.name)} must match [A-Za-z0-9._-]{{1,200}}",
+                f"component name {show(rc.name)} must match {ID_RULE} (it names files)",
             )
         if rc.name in seen:
             raise ctx.error(path + ("name",), f"duplicate component name {rc.name!r}")
@@ -361,8 +350,9 @@ def _component(
             raise ctx.error(
                 ppath + ("restart",), f"restart {proc.restart!r} is not one of: {allowed}"
             ) from None
-        if proc.workingDir is not None and (not proc.workingDir or "\x00" in proc.workingDir):
-            raise ctx.error(ppath + ("workingDir",), "workingDir must be a non-empty path")
+        problem = None if proc.workingDir is None else working_dir_problem(proc.workingDir)
+        if problem:
+            raise ctx.error(ppath + ("workingDir",), problem)
         return Component(
             name=rc.name,
             command=tuple(proc.command),
@@ -512,16 +502,27 @@ def _files(ctx: NodeContext, spec_d: dict[str, Any]) -> tuple[FileRef, ...]:
 # --------------------------------------------------------------------------- public functions
 
 
-def parse_deployments(data: bytes, source: str = "<input>") -> list[Deployment]:
+def _checked(dep: Deployment, data: bytes, source: str) -> Deployment:
+    """``dep`` once the agents' rules passed on it resolved (``content_rules.check_spec``)."""
+    try:
+        check_spec(resolve(dep, digest=sha256_digest(data)))
+    except DocumentError as exc:
+        raise DocumentError(f"{source}: {exc}") from None
+    return dep
+
+
+def parse_deployments(
+    data: bytes, source: str = "<input>", limits: YamlLimits = DEFAULT_LIMITS
+) -> list[Deployment]:
     """Every ApplicationDeployment in ``data`` (multi-document YAML); ids must be unique."""
-    docs = load_yaml(data, source)
+    docs = load_yaml(data, source, limits)
     if not docs:
         raise DocumentError(f"{source}: no YAML document found")
     out: list[Deployment] = []
     ids: set[str] = set()
     for node, value in docs:
         ctx = NodeContext(source, node)
-        dep = _build(ctx, value)
+        dep = _checked(_build(ctx, value), data, source)
         if dep.deployment_id in ids:
             raise ctx.error(
                 ("metadata", "annotations", "id"),
@@ -532,9 +533,13 @@ def parse_deployments(data: bytes, source: str = "<input>") -> list[Deployment]:
     return out
 
 
-def parse_deployment(data: bytes, *, source: str = "<input>") -> Deployment:
-    """The single ApplicationDeployment in ``data``; raises ``DocumentError`` on any problem."""
-    docs = load_yaml(data, source)
+def parse_deployment(
+    data: bytes, *, source: str = "<input>", limits: YamlLimits = DEFAULT_LIMITS
+) -> Deployment:
+    """The single ApplicationDeployment in ``data``; raises ``DocumentError`` on any problem
+    (``YamlLimitError`` when the YAML passes a limit of ``limits``). The controller and the
+    agent both run exactly this, so what one accepts the other does."""
+    docs = load_yaml(data, source, limits)
     if not docs:
         raise DocumentError(f"{source}: no YAML document found")
     if len(docs) > 1:
@@ -544,7 +549,7 @@ def parse_deployment(data: bytes, *, source: str = "<input>") -> Deployment:
             "a deployment is one document (use parse_deployments for multi-document files)"
         )
     node, value = docs[0]
-    return _build(NodeContext(source, node), value)
+    return _checked(_build(NodeContext(source, node), value), data, source)
 
 
 def resolve(deployment: Deployment, *, digest: str) -> DeploymentSpec:

@@ -34,8 +34,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from margo_stream.errors import DocumentError
+from margo_stream.state.content_rules import ID_RULE, valid_id, validate_file_name
 from margo_stream.state.digest import is_digest
-from margo_stream.state.documents import FileRef, format_path, valid_id, validate_file_name
+from margo_stream.state.documents import FileRef, format_path
 
 MEDIA_TYPE = "application/vnd.margo-stream.desired-state.v1+json"
 MARGO_MEDIA_TYPE = "application/vnd.margo.manifest.v1+json"
@@ -99,9 +100,7 @@ class ManifestEntry(BaseModel):
     def check(self) -> ManifestEntry:
         """Validate ids, digests and file names; return the entry with files sorted by name."""
         if not valid_id(self.deployment_id):
-            raise DocumentError(
-                f"deployment id {self.deployment_id[:60]!r} must match [A-Za-z0-9._-]{{1,200}}"
-            )
+            raise DocumentError(f"deployment id {self.deployment_id[:60]!r} must match {ID_RULE}")
         if not is_digest(self.digest):
             raise DocumentError(
                 f"deployment {self.deployment_id!r}: invalid digest {self.digest[:80]!r}"
