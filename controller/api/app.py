@@ -30,6 +30,7 @@ from controller.api import (
     routes_terminal,
 )
 from controller.api.auth import BearerAuthMiddleware
+from controller.api.body_limit import DEFAULT_MAX_BODY, BodyLimitMiddleware
 from controller.api.openapi import openapi_document
 from controller.api.routes_common import ApiContext, problem_response
 from controller.document_cache import DocumentCache
@@ -42,6 +43,7 @@ from controller.store.base import Store
 from controller.terminal import TerminalService
 from margo_stream.errors import ConfigError, DocumentError, NotFound, StoreError
 from margo_stream.identity.operator_files import Operators
+from margo_stream.state.yaml_guard import YamlLimitError
 
 log = logging.getLogger("margo.controller.api")
 
@@ -78,6 +80,30 @@ async def _invalid(request: Request, exc: Exception) -> Response:
     return problem_response(Problem(422, str(exc), kind="invalid-document"))
 
 
+async def _too_complex(request: Request, exc: Exception) -> Response:
+    return problem_response(Problem(422, str(exc), kind="document-too-complex"))
+
+
+async def _exhausted(request: Request, exc: Exception) -> Response:
+    # the input limits should keep these from happening; if one does, it is the request's
+    # doing (too deep, too large): one log line and a 4xx, never a traceback flood
+    what = type(exc).__name__
+    log.warning(
+        "%s answering %s %s: refused as too large or too deeply nested",
+        what,
+        request.method,
+        request.url.path,
+        extra={"event": "request-exhausted"},
+    )
+    return problem_response(
+        Problem(
+            422,
+            f"the request is too large or too deeply nested to process ({what})",
+            kind="request-too-complex",
+        )
+    )
+
+
 async def _bad_request(request: Request, exc: Exception) -> Response:
     return problem_response(Problem(400, str(exc), kind="invalid-request"))
 
@@ -109,6 +135,7 @@ def create_app(
     roots: RootChains | None = None,
     identities: IdentityBook | None = None,
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    max_body: int = DEFAULT_MAX_BODY,
 ) -> Starlette:
     """The operator API over ``store`` and ``registry``.
 
@@ -117,7 +144,8 @@ def create_app(
     ``desired``, when given, is told about every stored desired-state change;
     ``terminals`` serves terminal sessions; ``documents`` is where parsed deployment documents
     are kept for the desired-state push (a private one when not given); ``identities`` is the
-    controller's allow-list (device state, revoke, allow) and ``reload`` re-reads its files."""
+    controller's allow-list (device state, revoke, allow) and ``reload`` re-reads its files.
+    ``max_body`` bounds every request body (``--api-max-body``; 413 beyond it)."""
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/api/v1/openapi.json", openapi_json, methods=["GET"]),
@@ -135,7 +163,10 @@ def create_app(
         Problem: _problem,
         HTTPException: _http_exception,
         NotFound: _not_found,
+        YamlLimitError: _too_complex,
         DocumentError: _invalid,
+        RecursionError: _exhausted,
+        MemoryError: _exhausted,
         ConfigError: _bad_request,
         ValueError: _bad_request,
         StoreError: _store_error,
@@ -143,7 +174,10 @@ def create_app(
     }
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(BearerAuthMiddleware, operators=operators)],
+        middleware=[
+            Middleware(BodyLimitMiddleware, max_body=max_body),
+            Middleware(BearerAuthMiddleware, operators=operators),
+        ],
         exception_handlers=handlers,
     )
     app.state.margo = ApiContext(

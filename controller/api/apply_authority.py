@@ -18,7 +18,7 @@ from typing import Any
 from controller.problems import Problem
 from margo_stream.errors import MargoError
 from margo_stream.identity.authored import verify_deployment
-from margo_stream.identity.authority import Role, read_root, verify_operator
+from margo_stream.identity.authority import Role, RootMetadata, read_root, verify_operator
 from margo_stream.identity.envelope import canonical
 from margo_stream.state.digest import sha256_digest
 from margo_stream.state.documents import Deployment
@@ -32,14 +32,22 @@ class ApplyAuthority:
     signatures: Mapping[str, dict[str, Any]]  # document digest -> signature envelope
 
 
-def check_authority(
-    body: Mapping[str, Any],
-    docs: Sequence[tuple[bytes, Deployment]],
-    root_chain: Sequence[bytes],
-    now: dt.datetime,
-) -> ApplyAuthority:
-    """The apply's authority, verified: every document signed by one deployer whom the
-    tenant's root certified; a 422 problem naming the first document that is not."""
+@dataclass(frozen=True, slots=True)
+class OperatorClaim:
+    """The operator certificate of an apply, verified; the signatures not yet."""
+
+    certificate: dict[str, Any]
+    signatures: Mapping[str, Any]
+    root: RootMetadata  # the tenant's newest
+    operator: str
+
+
+def check_operator(
+    body: Mapping[str, Any], root_chain: Sequence[bytes], now: dt.datetime
+) -> OperatorClaim:
+    """The apply's operator certificate, verified against the tenant's root (a deployer); a 422
+    problem if it is missing or refused. Cheap, so it runs before any document is parsed:
+    only a certified deployer makes the controller read YAML."""
     cert = body.get("certificate")
     sigs = body.get("signatures")
     if not isinstance(cert, dict) or not isinstance(sigs, dict):
@@ -57,19 +65,43 @@ def check_authority(
         raise Problem(
             422, f"operator certificate refused: {exc}", kind="invalid-signature"
         ) from None
+    return OperatorClaim(cert, sigs, root, operator.name)
+
+
+def check_signatures(
+    claim: OperatorClaim, docs: Sequence[tuple[bytes, Deployment]], now: dt.datetime
+) -> ApplyAuthority:
+    """The apply's authority: every document signed by the claim's operator; a 422 problem
+    naming the first document that is not."""
     checked: dict[str, dict[str, Any]] = {}
     for i, (data, dep) in enumerate(docs):
         digest = sha256_digest(data)
-        sig = sigs.get(digest)
+        sig = claim.signatures.get(digest)
         what = f"document {i} (deployment {dep.deployment_id!r}, {digest})"
         if not isinstance(sig, dict):
             raise Problem(422, f"{what} is not signed", kind="unsigned-document")
         try:
             verify_deployment(
-                sig, cert, root, deployment_id=dep.deployment_id, digest=digest, now=now
+                sig,
+                claim.certificate,
+                claim.root,
+                deployment_id=dep.deployment_id,
+                digest=digest,
+                now=now,
             )
         except MargoError as exc:
             raise Problem(422, f"{what}: {exc}", kind="invalid-signature") from None
         checked[digest] = sig
-    cert_bytes = canonical(cert)
-    return ApplyAuthority(cert_bytes, sha256_digest(cert_bytes), operator.name, checked)
+    cert_bytes = canonical(claim.certificate)
+    return ApplyAuthority(cert_bytes, sha256_digest(cert_bytes), claim.operator, checked)
+
+
+def check_authority(
+    body: Mapping[str, Any],
+    docs: Sequence[tuple[bytes, Deployment]],
+    root_chain: Sequence[bytes],
+    now: dt.datetime,
+) -> ApplyAuthority:
+    """The apply's authority, verified: every document signed by one deployer whom the
+    tenant's root certified; a 422 problem naming the first document that is not."""
+    return check_signatures(check_operator(body, root_chain, now), docs, now)

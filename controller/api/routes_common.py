@@ -4,14 +4,17 @@ parameters."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
@@ -25,6 +28,8 @@ from controller.store.base import Store
 from controller.terminal import TerminalService
 
 TENANT_SCOPE_KEY = "margo.tenant"
+WORKER_THREADS = 2  # CPU-heavy request work (YAML, large JSON) in threads at once, per API
+JSON_ON_LOOP_MAX = 64 << 10  # a JSON body larger than this is decoded in a worker thread
 
 
 def problem_response(problem: Problem) -> Response:
@@ -54,6 +59,13 @@ class ApiContext:
     identities: IdentityBook | None = None
     # re-read bundles, operators and allow files (POST /admin/reload); ConfigError: why not
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    _workers: anyio.CapacityLimiter | None = field(default=None, init=False)
+
+    def workers(self) -> anyio.CapacityLimiter:
+        """The worker threads CPU-heavy request work runs in (made in the serving loop)."""
+        if self._workers is None:
+            self._workers = anyio.CapacityLimiter(WORKER_THREADS)
+        return self._workers
 
 
 def context(conn: HTTPConnection) -> ApiContext:
@@ -135,11 +147,20 @@ def int_param(
     return value
 
 
-async def json_body(request: Request) -> dict[str, Any]:
+def _decode_json(raw: bytes) -> Any:
     try:
-        body = await request.json()
-    except ValueError:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
         raise Problem(400, "request body is not valid JSON", kind="invalid-body") from None
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object; a large body is decoded in a worker thread."""
+    raw = await request.body()
+    if len(raw) > JSON_ON_LOOP_MAX:
+        body = await anyio.to_thread.run_sync(_decode_json, raw, limiter=context(request).workers())
+    else:
+        body = _decode_json(raw)
     if not isinstance(body, dict):
         raise Problem(400, "request body must be a JSON object", kind="invalid-body")
     return body

@@ -21,7 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from controller.api.apply_authority import check_authority
+from controller.api.apply_authority import check_operator, check_signatures
+from controller.api.document_intake import read_documents_off_loop
 from controller.api.routes_common import (
     ApiContext,
     context,
@@ -36,13 +37,10 @@ from controller.store.base import AssignmentRecord, DeploymentDraft, StatusRecor
 from margo_stream.errors import DocumentError
 from margo_stream.identity.envelope import canonical
 from margo_stream.state.digest import sha256_digest
-from margo_stream.state.documents import Deployment, parse_deployment
+from margo_stream.state.documents import Deployment
 from margo_stream.state.status import status_from_margo, status_to_margo
-from margo_stream.state.yaml_split import split_documents
 
 log = logging.getLogger("margo.controller.api")
-
-MAX_DOCUMENTS = 100
 
 
 async def _targets(
@@ -95,15 +93,11 @@ async def apply_deployments(request: Request) -> JSONResponse:
         raise Problem(
             400, "'documents' must be a non-empty list of YAML texts", kind="invalid-body"
         )
-    docs: list[tuple[bytes, Deployment]] = []
-    for i, text in enumerate(texts):
-        source = f"documents[{i}]"
-        for data in split_documents(text, source):
-            docs.append((data, parse_deployment(data, source=source)))
-    if not docs:
-        raise DocumentError("no YAML document found in 'documents'")
-    if len(docs) > MAX_DOCUMENTS:
-        raise Problem(400, f"at most {MAX_DOCUMENTS} documents per request", kind="invalid-body")
+    # the operator's certificate first (cheap): only a certified deployer makes us read YAML
+    claim = None
+    if ctx.roots is not None:
+        claim = check_operator(body, ctx.roots.chain(tenant), dt.datetime.now(dt.UTC))
+    docs = await read_documents_off_loop(texts, ctx.workers())
     ids = [d.deployment_id for _, d in docs]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -125,8 +119,8 @@ async def apply_deployments(request: Request) -> JSONResponse:
         raise DocumentError(f"file blob {missing[0]} is neither stored nor included in 'blobs'")
 
     authority = None
-    if ctx.roots is not None:
-        authority = check_authority(body, docs, ctx.roots.chain(tenant), dt.datetime.now(dt.UTC))
+    if claim is not None:
+        authority = check_signatures(claim, docs, dt.datetime.now(dt.UTC))
         decoded.append(authority.certificate)
     targets = await _targets(ctx, tenant, body, [d for _, d in docs])
     drafts = []

@@ -1,0 +1,94 @@
+"""The deployment documents of an apply request: read in a worker thread, within limits.
+
+YAML is the operator API's most expensive input, so nothing of it is parsed on the event loop
+(which also carries every device session and ``/healthz``): :func:`read_documents_off_loop`
+runs :func:`read_documents` in a worker thread, at most ``routes_common.WORKER_THREADS`` at a
+time per API, so operators cannot occupy every thread of the pool. The thread is bounded too:
+
+- the request's YAML is at most :data:`MAX_REQUEST_YAML_BYTES` (a 413 before any parsing);
+- each document at most ``yaml_guard.MAX_DOCUMENT_BYTES``, nested at most ``MAX_DEPTH``,
+  with at most ``MAX_NODES`` nodes, at most :data:`MAX_DOCUMENTS` documents per request;
+- all of it within :data:`PARSE_TIME_LIMIT` seconds (a deadline checked on every event).
+
+Every refusal is a ``DocumentError`` (``YamlLimitError`` for a limit) or a ``Problem`` that
+the API answers with a 4xx problem; ``RecursionError`` and ``MemoryError`` from the parser,
+which the limits are there to prevent, become a ``YamlLimitError`` too, logged in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import anyio
+import anyio.to_thread
+
+from controller.problems import Problem
+from margo_stream.errors import DocumentError
+from margo_stream.state.documents import Deployment, parse_deployment
+from margo_stream.state.yaml_guard import YamlLimitError, YamlLimits
+from margo_stream.state.yaml_split import split_documents
+
+log = logging.getLogger("margo.controller.api")
+
+MAX_DOCUMENTS = 100  # per request
+MAX_REQUEST_YAML_BYTES = 4 << 20  # all of a request's YAML texts together
+PARSE_TIME_LIMIT = 2.0  # seconds for all of a request's documents
+
+
+def read_documents(
+    texts: Sequence[str], *, time_limit: float = PARSE_TIME_LIMIT
+) -> list[tuple[bytes, Deployment]]:
+    """Each document of ``texts`` as (exact bytes, validated deployment), in order.
+
+    Blocking and CPU-bound: call it from a worker thread (:func:`read_documents_off_loop`)."""
+    total = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+    if total > MAX_REQUEST_YAML_BYTES:
+        raise Problem(
+            413,
+            f"the request's documents are {total} bytes of YAML, more than "
+            f"{MAX_REQUEST_YAML_BYTES} (the limit per request); apply them in several requests",
+            kind="documents-too-large",
+        )
+    limits = YamlLimits(max_documents=MAX_DOCUMENTS).within(time_limit)
+    docs: list[tuple[bytes, Deployment]] = []
+    source = "documents"
+    try:
+        for i, text in enumerate(texts):
+            source = f"documents[{i}]"
+            for data in split_documents(text, source, limits):
+                docs.append((data, parse_deployment(data, source=source, limits=limits)))
+                if len(docs) > MAX_DOCUMENTS:
+                    raise Problem(
+                        400, f"at most {MAX_DOCUMENTS} documents per request", kind="invalid-body"
+                    )
+    except (RecursionError, MemoryError) as exc:
+        # the limits should make this unreachable; one line, never a traceback flood
+        log.warning(
+            "apply refused: %s: %s while parsing",
+            source,
+            type(exc).__name__,
+            extra={"event": "document-parse-exhausted"},
+        )
+        raise YamlLimitError(
+            f"{source}: the YAML is too deeply nested or too large to parse ({type(exc).__name__})"
+        ) from None
+    if not docs:
+        raise DocumentError("no YAML document found in 'documents'")
+    return docs
+
+
+async def read_documents_off_loop(
+    texts: Sequence[str], limiter: anyio.CapacityLimiter
+) -> list[tuple[bytes, Deployment]]:
+    """:func:`read_documents` in a worker thread, ``limiter`` bounding how many run at once."""
+    return await anyio.to_thread.run_sync(lambda: read_documents(texts), limiter=limiter)
+
+
+__all__ = [
+    "MAX_DOCUMENTS",
+    "MAX_REQUEST_YAML_BYTES",
+    "PARSE_TIME_LIMIT",
+    "read_documents",
+    "read_documents_off_loop",
+]
