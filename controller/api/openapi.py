@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from controller.api.document_intake import MAX_DOCUMENTS, MAX_REQUEST_YAML_BYTES, PARSE_TIME_LIMIT
 from margo_stream import __version__ as _version
+from margo_stream.state.yaml_guard import MAX_DEPTH, MAX_DOCUMENT_BYTES, MAX_NODES
 
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
 _ERRORS = {"400": _PROBLEM, "401": _PROBLEM, "403": _PROBLEM, "404": _PROBLEM, "503": _PROBLEM}
@@ -367,6 +369,14 @@ _PATHS: dict[str, Any] = {
         },
         "post": {
             "summary": "Store deployment documents and assign them to devices",
+            "description": (
+                "The documents are parsed and validated in a worker thread within limits: "
+                f"{MAX_REQUEST_YAML_BYTES >> 20} MiB of YAML and {MAX_DOCUMENTS} documents "
+                f"per request, {MAX_DOCUMENT_BYTES >> 20} MiB, {MAX_DEPTH} levels of nesting "
+                f"and {MAX_NODES} nodes per document, {PARSE_TIME_LIMIT:g} s in all (422 "
+                "document-too-complex, 413 documents-too-large); the body itself is limited "
+                "by --api-max-body (413 body-too-large)"
+            ),
             "requestBody": {
                 "required": True,
                 "content": {
@@ -376,6 +386,7 @@ _PATHS: dict[str, Any] = {
             "responses": {
                 "200": _ok({"$ref": "#/components/schemas/ApplyResult"}),
                 **_ERRORS,
+                "413": _PROBLEM,
                 "422": _PROBLEM,
             },
         },

@@ -200,3 +200,16 @@ def test_a_raw_client_gets_its_413_before_sending_the_body(fleet) -> None:
     assert head.startswith(b"HTTP/1.1 413 "), head
     assert b"connection: close" in head.lower()
     assert b"body-too-large" in payload and b"--api-max-body" in payload
+
+
+def test_the_limit_is_the_api_max_body_flag(pki, tmp_path) -> None:
+    ctl = Controller(pki, tmp_path / "data", extra=["--api-max-body", "1MiB"])
+    try:
+        token = pki.token("acme")
+        resp, took = post(ctl, token, content=b"x" * ((1 << 20) + 1))
+        detail = is_problem(resp, 413, "body-too-large")
+        assert "the limit is 1 MiB (1048576 bytes" in detail and took < 2.0
+        resp, _ = post(ctl, token, json={"documents": ["a: " + "x" * 900_000]})
+        assert resp.status_code == 422  # under the limit: read, and judged as a document
+    finally:
+        ctl.stop()

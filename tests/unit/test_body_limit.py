@@ -9,6 +9,7 @@ import httpx
 import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from controller.api.app import create_app
@@ -134,5 +135,39 @@ async def test_the_operator_api_refuses_a_long_body_with_its_problem(tmp_path) -
             nested = b"[" * 20_000 + b"]" * 20_000  # RecursionError in the JSON decoder
             deep = await client.post("/api/v1/deployments", content=nested)
             assert deep.status_code == 400 and "not valid JSON" in deep.json()["detail"]
+    finally:
+        await store.close()
+
+
+async def test_recursion_and_memory_errors_are_a_4xx_in_one_log_line(tmp_path, caplog) -> None:
+    """The last resort behind the input limits: never a 500 with a traceback flood."""
+    store = SqliteStore(tmp_path / "c.db")
+    await store.open()
+    try:
+        app = create_app(
+            store=store, registry=SessionRegistry(), operators=OperatorTable.admins({})
+        )
+
+        def recurse(depth: int) -> int:
+            return recurse(depth + 1) + 1
+
+        async def deep(request: Request) -> JSONResponse:
+            return JSONResponse(recurse(0))
+
+        async def hungry(request: Request) -> JSONResponse:
+            raise MemoryError
+
+        app.router.routes.append(Route("/deep", deep))  # faults no real input reaches now
+        app.router.routes.append(Route("/hungry", hungry))
+        async with client_for(app) as client:
+            for path, what in (("/deep", "RecursionError"), ("/hungry", "MemoryError")):
+                caplog.clear()
+                resp = await client.get(path)
+                assert resp.status_code == 422, resp.text
+                doc = resp.json()
+                assert doc["type"] == "urn:margo-stream:problem:request-too-complex"
+                assert what in doc["detail"]
+                [record] = [r for r in caplog.records if r.name == "margo.controller.api"]
+                assert record.exc_info is None and what in record.getMessage()
     finally:
         await store.close()
