@@ -65,15 +65,15 @@ def issued_deployment_ids(manifest: bytes) -> list[str]:
 def record_issued(
     conn: StoreConnection, tenant: str, device_id: str, version: int, manifest: bytes
 ) -> None:
-    """Remember which deployments manifest ``version`` issued to the device (the first version
-    that listed each one is kept)."""
+    """Remember which deployments manifest ``version`` issued to the device. A device's
+    versions only grow (``put_manifest``), so the first version that listed a deployment is
+    the one already recorded: later ones are ignored."""
     ids = issued_deployment_ids(manifest)
     if ids:
         conn.executemany(
-            "INSERT INTO issued_deployments (tenant, device_id, deployment_id, first_version)"
-            " VALUES (?, ?, ?, ?) ON CONFLICT (tenant, device_id, deployment_id)"
-            " DO UPDATE SET first_version = MIN(first_version, excluded.first_version)",
-            [(tenant, device_id, d, version) for d in dict.fromkeys(ids)],
+            "INSERT OR IGNORE INTO issued_deployments"
+            " (tenant, device_id, deployment_id, first_version) VALUES (?, ?, ?, ?)",
+            [(tenant, device_id, d, version) for d in ids],
         )
 
 

@@ -1,0 +1,180 @@
+"""What a device may claim, against a real controller process: a status for a deployment never
+issued to the device, or naming a manifest version the controller never issued it, is
+refused, logged (tenant, device, deployment, claimed version, error code) and never shown by
+the operator API; an honest status next to them is stored. Over QUIC (a raw client speaking
+the real protocol with the device's real certificate) and over Margo's REST pull API."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from bench.transports.base import status_document
+from bench.transports.rest_client import RestPollClient
+from margo_stream.protocol import messages as m
+from margo_stream.protocol.codes import ErrorCode
+from tests.harness import Controller, signed_body, wait_for
+from tests.integration.rawclient import configuration, open_connection, say_hello
+
+pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(90)]
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "process-heartbeat.yaml"
+DEPLOYMENT = "heartbeat-0001"
+DEVICE = "edge-1"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def apply_heartbeat(pki, ctl: Controller) -> None:
+    body = signed_body(pki.token_file("acme"), [EXAMPLE.read_text()], devices=[DEVICE])
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.post(
+            f"{ctl.api}/api/v1/deployments",
+            json=body,
+            headers={"Authorization": f"Bearer {pki.token('acme')}"},
+        )
+    assert r.status_code == 200, r.text
+
+
+async def listed(pki, ctl: Controller) -> list[tuple[str, str | None, int | None]]:
+    """What the operator API shows of the device's deployments."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        r = await client.get(
+            f"{ctl.api}/api/v1/deployments",
+            params={"device": DEVICE},
+            headers={"Authorization": f"Bearer {pki.token('acme')}"},
+        )
+    assert r.status_code == 200, r.text
+    return [(i["deploymentId"], i["state"], i["manifestVersion"]) for i in r.json()["items"]]
+
+
+def refusals(ctl: Controller) -> list[str]:
+    return [line for line in ctl.log().splitlines() if "event=status-refused" in line]
+
+
+def assert_refusals_logged(ctl: Controller, version: int) -> None:
+    lines = wait_for(lambda: (found := refusals(ctl)) and len(found) >= 2 and found, 5)
+    assert len(lines) == 2, lines
+    code = f"code={int(ErrorCode.STATUS_REFUSED)}"
+    foreign, made_up = sorted(lines, key=lambda line: "deployment=not-mine" not in line)
+    for part in ("tenant=acme", f"device={DEVICE}", "deployment=not-mine", code):
+        assert part in foreign, foreign
+    assert f"claimed_version={version}" in foreign and "reason=deployment-not-issued" in foreign
+    for part in (f"deployment={DEPLOYMENT}", "claimed_version=999999", code):
+        assert part in made_up, made_up
+    assert "reason=unknown-manifest-version" in made_up
+
+
+class PushCatcher:
+    """The raw client's connection handler: keeps the desired-state pushes it is sent."""
+
+    def __init__(self) -> None:
+        self.pushes: list[m.Desired] = []
+
+    def stream_opened(self, stream: Any, first: Any) -> None:
+        if isinstance(first, m.Desired):
+            self.pushes.append(first)
+        stream.on_message = lambda message: None
+
+    def stream_failed(self, stream: Any, event: Any) -> None:
+        pass
+
+    def connection_lost(self, exc: Any) -> None:
+        pass
+
+
+async def test_quic_status_claims(pki, tmp_path) -> None:
+    ctl = Controller(pki, tmp_path / "data")
+    try:
+        identity = pki.device("acme", DEVICE)
+        conf = configuration(pki.dir, identity / "cert.pem", identity / "key.pem")
+        conn = await open_connection(ctl.quic_port, conf)
+        catcher = PushCatcher()
+        conn.handler = catcher
+        assert isinstance(await say_hello(conn, DEVICE), m.HelloAck)
+        await apply_heartbeat(pki, ctl)
+        with anyio.fail_after(10):
+            while not catcher.pushes:
+                await anyio.sleep(0.02)
+        version = catcher.pushes[0].version
+
+        stream = conn.open_stream()
+        claims = [
+            ("not-mine", version),  # a deployment the device was never issued
+            (DEPLOYMENT, 999999),  # a manifest version the controller never issued
+            (DEPLOYMENT, version),  # the truth
+        ]
+        for seq, (deployment, claimed) in enumerate(claims, start=1):
+            stream.send(
+                m.Status(
+                    seq=seq, deployment_id=deployment, manifest_version=claimed, state="installed"
+                )
+            )
+        acked = set()
+        with anyio.fail_after(10):
+            while len(acked) < 3:
+                ack = await stream.receive()
+                assert isinstance(ack, m.StatusAck)
+                acked.add(ack.seq)
+        assert acked == {1, 2, 3}  # every one acked: the device stops resending the refused
+
+        assert await listed(pki, ctl) == [(DEPLOYMENT, "installed", version)]
+        assert_refusals_logged(ctl, version)
+        conn.close()
+    finally:
+        ctl.stop()
+
+
+async def test_rest_status_claims(pki, tmp_path) -> None:
+    data = tmp_path / "data"
+    ctl = Controller(pki, data, extra=["--margo-api", "127.0.0.1:0"])
+    try:
+        port = int(json.loads((data / "controller.json").read_text())["margo_api"].rsplit(":")[1])
+        identity = pki.device("acme", DEVICE)
+        client = RestPollClient(identity, "127.0.0.1", port, interval=0.1)
+        await client.connect()  # its capabilities make the device known
+        try:
+            await apply_heartbeat(pki, ctl)
+            with anyio.fail_after(10):
+                version = (await client.next_desired()).version
+
+            async def post(deployment: str, claimed: int) -> tuple[int, dict[str, Any]]:
+                doc = status_document(deployment, DEVICE, claimed, "installed", [])
+                status, _, body = await client.request(
+                    "POST",
+                    f"/api/v1/deployments/{deployment}/status",
+                    {"content-type": "application/json"},
+                    json.dumps(doc).encode(),
+                )
+                return status, json.loads(body) if body else {}
+
+            status, problem = await post("not-mine", version)
+            assert status == 409 and problem["type"].endswith("#status-refused"), problem
+            assert problem["retryable"] is False and "not-mine" in problem["detail"]
+            assert problem["errors"] == [
+                {"field": "deploymentId", "message": "deployment-not-issued"}
+            ]
+            status, problem = await post(DEPLOYMENT, 999999)
+            assert status == 409 and re.search(
+                r"version 999999 was never issued", problem["detail"]
+            )
+            assert problem["errors"][0]["field"] == "adoptedManifestVersion"
+            assert (await post(DEPLOYMENT, version))[0] == 200
+        finally:
+            await client.close()
+
+        assert await listed(pki, ctl) == [(DEPLOYMENT, "installed", version)]
+        device = ctl.device(pki.token("acme"), DEVICE)
+        assert device is not None and device["manifest_version"] == version  # not 999999
+        assert_refusals_logged(ctl, version)
+    finally:
+        ctl.stop()
