@@ -6,20 +6,28 @@ A pure ASGI middleware in front of the operator API:
   problem (``urn:margo-stream:problem:body-too-large``), before a byte of its body is read;
 - a body without a declared length (chunked) is counted as the application reads it: the read
   that passes the limit raises :class:`BodyTooLarge`, a ``Problem`` the API answers with the
-  same 413. What was read is no more than the limit plus one chunk of the server's.
+  same 413.
 
-Either answer carries ``Connection: close``: the server closes the connection after it rather
-than reading the rest of a body nobody wants. WebSocket requests (terminals) pass untouched.
+Either answer carries ``Connection: close``, and nothing of the body is kept. Theory of the
+close: a client that writes its whole body before it reads the answer (httpx, both flavours;
+the asyncio one drops what it received once a write fails) must not find the connection reset
+under its feet, so the rest of a body that could still end soon is read and dropped first (a
+"lingering close": at most another ``max_body`` bytes, for at most :data:`LINGER_SECONDS`);
+a body past that is cut off by the close. For a declared length the answer's status, headers
+and body go out at once and only its end waits for the lingering, so a client reading early
+has the whole 413 at once. WebSocket requests (terminals) pass untouched.
 """
 
 from __future__ import annotations
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.api.routes_common import problem_response
-from controller.problems import Problem
+from controller.problems import OPERATOR_PROBLEMS, Problem
 
 DEFAULT_MAX_BODY = 8 << 20
+LINGER_SECONDS = 2.0  # how long the rest of a refused body is read and dropped, at most
 
 
 def _size(n: int) -> str:
@@ -55,6 +63,20 @@ def declared_length(scope: Scope) -> int | None:
     return None
 
 
+async def linger(receive: Receive, budget: int, seconds: float = LINGER_SECONDS) -> bool:
+    """Read and drop at most ``budget`` more bytes of the request body, for at most
+    ``seconds``; True if the body (or the connection) ended."""
+    with anyio.move_on_after(seconds):
+        while budget >= 0:
+            message = await receive()
+            if message["type"] != "http.request":
+                return True
+            budget -= len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return True
+    return False
+
+
 class BodyLimitMiddleware:
     """Refuses HTTP request bodies longer than ``max_body`` bytes with a 413 problem."""
 
@@ -70,7 +92,7 @@ class BodyLimitMiddleware:
             return
         declared = declared_length(scope)
         if declared is not None and declared > self.max_body:
-            await problem_response(BodyTooLarge(self.max_body, declared))(scope, receive, send)
+            await self._refuse_declared(declared, receive, send)
             return
         limit = self.max_body
         read = 0
@@ -81,6 +103,8 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 read += len(message.get("body", b""))
                 if read > limit:
+                    if message.get("more_body", False):
+                        await linger(receive, limit)
                     raise BodyTooLarge(limit)
             return message
 
@@ -98,5 +122,26 @@ class BodyLimitMiddleware:
                 raise
             await problem_response(exc)(scope, receive, send)
 
+    async def _refuse_declared(self, declared: int, receive: Receive, send: Send) -> None:
+        problem = BodyTooLarge(self.max_body, declared)
+        body = problem.body(OPERATOR_PROBLEMS)
+        rendered = problem.render(OPERATOR_PROBLEMS)
+        headers = [(k.lower().encode(), v.encode()) for k, v in rendered.headers]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        if declared - self.max_body > self.max_body:  # too much to wait for: close at once
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        await linger(receive, declared)
+        await send({"type": "http.response.body", "body": b""})
 
-__all__ = ["DEFAULT_MAX_BODY", "BodyLimitMiddleware", "BodyTooLarge", "declared_length"]
+
+__all__ = [
+    "DEFAULT_MAX_BODY",
+    "LINGER_SECONDS",
+    "BodyLimitMiddleware",
+    "BodyTooLarge",
+    "declared_length",
+    "linger",
+]

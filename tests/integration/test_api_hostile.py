@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -180,9 +181,26 @@ def test_hostile_yaml_and_bodies_are_refused_while_everything_else_keeps_going(f
     assert resp.status_code == 422
 
 
-def test_a_raw_client_gets_its_413_before_sending_the_body(fleet) -> None:
-    """Headers only, then wait: the answer comes without a byte of the body."""
+def test_the_413_reaches_a_client_that_reads_first_and_one_that_writes_first(fleet) -> None:
+    """A raw client sends headers only and waits: the answer comes without a byte of the
+    body. httpx's asyncio client writes its whole body before reading and drops what it
+    received once a write fails: for a body up to twice the limit the controller reads and
+    drops the rest before it closes, so that client gets its 413 too."""
     ctl, _, token = fleet
+
+    async def write_first() -> list[int]:
+        statuses = []
+        async with httpx.AsyncClient(timeout=30) as client:
+            for size in (MAX_BODY + 1, 2 * MAX_BODY - 4096):
+                resp = await client.post(
+                    f"{ctl.api}/api/v1/deployments",
+                    content=b"x" * size,
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                statuses.append(resp.status_code)
+        return statuses
+
+    assert anyio.run(write_first) == [413, 413]
     host, port = ctl.api.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=5) as sock:
         sock.sendall(

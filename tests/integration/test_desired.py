@@ -312,7 +312,8 @@ async def test_torn_push_leaves_the_old_workload_running(pki, tmp_path):
 
     from bench.relay import Impairment, UdpRelay
 
-    ctl = Controller(pki, tmp_path / "data")
+    # the 40 MiB blob travels base64 in one apply body: past the default --api-max-body
+    ctl = Controller(pki, tmp_path / "data", extra=["--api-max-body", "64MiB"])
     tok = pki.token_file("acme")
     token = tok.read_text().strip()
     ident = pki.device("acme", "press-01")
