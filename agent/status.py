@@ -55,8 +55,15 @@ class StatusReporter:
         sent: dict[str, int] = {}
 
         async def read_acks() -> None:
-            while await stream.receive() is not None:
-                pass
+            while (ack := await stream.receive()) is not None:
+                if isinstance(ack, m.StatusAck) and ack.code is not None:
+                    # refused (a claim the controller never issued); acked, so not resent
+                    log.warning(
+                        "the controller refused status %d: %s",
+                        ack.seq,
+                        ack.reason,
+                        extra={"event": "status-refused", "code": ack.code},
+                    )
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(read_acks)

@@ -3,11 +3,10 @@ sequence number once stored. The store keeps the newest status per deployment (a
 repeated sequence number changes nothing) and turns state changes into operator events.
 
 A status claiming a manifest version or a deployment never issued to the device is refused by
-the store (``controller.store.claims``: logged with ``ErrorCode.STATUS_REFUSED``, not stored)
-and still acked: the ``status_ack`` message has no error member, and both ends parse messages
-strictly (an unknown member is an invalid message), so a refusal sent in a new member would
-make agents of today reset their status stream and lose their session on every refusal. The
-ack only tells the device to stop resending; what it claimed is never shown to operators."""
+the store (``controller.store.claims``: logged, not stored) and acked with ``code``
+``STATUS_REFUSED`` and the reason, so the device stops resending it and can say why. Agents
+whose hello predates these members (``proto`` below ``PROTO_STATUS_REFUSALS``) parse messages
+strictly and would reset the stream on them: they get the plain ack."""
 
 from __future__ import annotations
 
@@ -47,6 +46,17 @@ class StatusIngest:
 
     async def _store_and_ack(self, session: DeviceLink, stream: MessageStream, s: m.Status) -> None:
         item = (session.tenant, session.device_id, margo_status(session.device_id, s), s.seq)
-        await self._writes.submit(item)
+        result = await self._writes.submit(item)
         if session.conn.closed is None and not stream.ended:
-            stream.send(m.StatusAck(seq=s.seq))
+            stream.send(ack(session, s.seq, result))
+
+
+def ack(session: DeviceLink, seq: int, result: bool | StatusRefusal | None) -> m.StatusAck:
+    """The ack of a stored (or stale) status, or of a refused one: with the refusal for agents
+    that read it."""
+    hello = session.hello
+    if not isinstance(result, StatusRefusal) or hello is None:
+        return m.StatusAck(seq=seq)
+    if hello.proto < m.PROTO_STATUS_REFUSALS:
+        return m.StatusAck(seq=seq)
+    return m.StatusAck(seq=seq, code=result.code, reason=result.describe()[:1024])

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+)
 
 from margo_stream.errors import RemoteProtocolError
 from margo_stream.protocol.codes import ErrorCode
@@ -52,9 +60,14 @@ class Capabilities(_Model):
 
 
 # --- control stream ----------------------------------------------------------------------------
+# The hello's ``proto`` from which an agent reads the refusal members of a ``status_ack``.
+# Agents before it say 1 (nothing checks the number otherwise), so they never get them.
+PROTO_STATUS_REFUSALS = 2
+
+
 class Hello(_Model):
     t: Literal["hello"] = "hello"
-    proto: int = 1
+    proto: int = PROTO_STATUS_REFUSALS
     device_id: str = Field(pattern=DEVICE_ID_PATTERN, max_length=200)
     agent_version: str = Field(max_length=64)
     capabilities: Capabilities
@@ -150,8 +163,24 @@ class Status(_Model):
 
 
 class StatusAck(_Model):
+    """The status ``seq`` was handled: stored, or (``code`` ``STATUS_REFUSED`` and a
+    ``reason``) refused because it claims what the device was never issued. Either way the
+    agent does not send it again. The refusal members are sent only to agents whose hello says
+    ``proto`` >= ``PROTO_STATUS_REFUSALS`` and are left off the wire when unset, so a plain
+    ack is the same map as before and older agents, which parse strictly, never see them."""
+
     t: Literal["status_ack"] = "status_ack"
     seq: U64
+    code: int | None = None
+    reason: str | None = Field(default=None, max_length=1024)
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for key in ("code", "reason"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
 
 
 # --- telemetry (agent-opened) -------------------------------------------------------------------

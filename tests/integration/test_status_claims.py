@@ -2,7 +2,9 @@
 issued to the device, or naming a manifest version the controller never issued it, is
 refused, logged (tenant, device, deployment, claimed version, error code) and never shown by
 the operator API; an honest status next to them is stored. Over QUIC (a raw client speaking
-the real protocol with the device's real certificate) and over Margo's REST pull API."""
+the real protocol with the device's real certificate: the refusal comes back in the status
+ack, ``STATUS_REFUSED``; an agent whose hello predates that gets the plain ack) and over
+Margo's REST pull API (409, problem ``status-refused``)."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from bench.transports.rest_client import RestPollClient
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode
 from tests.harness import Controller, signed_body, wait_for
-from tests.integration.rawclient import configuration, open_connection, say_hello
+from tests.integration.rawclient import configuration, hello, open_connection, say_hello
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(90)]
 
@@ -63,7 +65,7 @@ def refusals(ctl: Controller) -> list[str]:
 
 def assert_refusals_logged(ctl: Controller, version: int) -> None:
     lines = wait_for(lambda: (found := refusals(ctl)) and len(found) >= 2 and found, 5)
-    assert len(lines) == 2, lines
+    assert len(lines) == 2, lines  # one line per refusal
     code = f"code={int(ErrorCode.STATUS_REFUSED)}"
     foreign, made_up = sorted(lines, key=lambda line: "deployment=not-mine" not in line)
     for part in ("tenant=acme", f"device={DEVICE}", "deployment=not-mine", code):
@@ -92,6 +94,33 @@ class PushCatcher:
         pass
 
 
+async def send_claims(
+    conn: Any, claims: list[tuple[str, int]], first_seq: int = 1
+) -> dict[int, m.StatusAck]:
+    """Send ``(deployment, claimed version)`` statuses on a new status stream; their acks."""
+    stream = conn.open_stream()
+    for seq, (deployment, claimed) in enumerate(claims, start=first_seq):
+        stream.send(
+            m.Status(seq=seq, deployment_id=deployment, manifest_version=claimed, state="installed")
+        )
+    acks: dict[int, m.StatusAck] = {}
+    with anyio.fail_after(10):
+        while len(acks) < len(claims):
+            ack = await stream.receive()
+            assert isinstance(ack, m.StatusAck)
+            acks[ack.seq] = ack
+    return acks
+
+
+def test_a_plain_status_ack_is_the_map_older_agents_parse() -> None:
+    """The refusal members are off the wire unless set: a plain ack is the map agents before
+    them parse (strictly); today's hello says it reads them."""
+    assert m.to_wire(m.StatusAck(seq=7)) == {"t": "status_ack", "seq": 7}
+    refused = m.StatusAck(seq=7, code=int(ErrorCode.STATUS_REFUSED), reason="never issued")
+    assert m.parse_message(m.to_wire(refused)) == refused
+    assert hello(DEVICE).proto == m.PROTO_STATUS_REFUSALS
+
+
 async def test_quic_status_claims(pki, tmp_path) -> None:
     ctl = Controller(pki, tmp_path / "data")
     try:
@@ -107,29 +136,34 @@ async def test_quic_status_claims(pki, tmp_path) -> None:
                 await anyio.sleep(0.02)
         version = catcher.pushes[0].version
 
-        stream = conn.open_stream()
-        claims = [
-            ("not-mine", version),  # a deployment the device was never issued
-            (DEPLOYMENT, 999999),  # a manifest version the controller never issued
-            (DEPLOYMENT, version),  # the truth
-        ]
-        for seq, (deployment, claimed) in enumerate(claims, start=1):
-            stream.send(
-                m.Status(
-                    seq=seq, deployment_id=deployment, manifest_version=claimed, state="installed"
-                )
-            )
-        acked = set()
-        with anyio.fail_after(10):
-            while len(acked) < 3:
-                ack = await stream.receive()
-                assert isinstance(ack, m.StatusAck)
-                acked.add(ack.seq)
-        assert acked == {1, 2, 3}  # every one acked: the device stops resending the refused
-
+        acks = await send_claims(
+            conn,
+            [
+                ("not-mine", version),  # a deployment the device was never issued
+                (DEPLOYMENT, 999999),  # a manifest version the controller never issued
+                (DEPLOYMENT, version),  # the truth
+            ],
+        )
+        refused = int(ErrorCode.STATUS_REFUSED)
+        assert acks[1].code == refused and "'not-mine' was not issued" in (acks[1].reason or "")
+        assert acks[2].code == refused and "999999 was never issued" in (acks[2].reason or "")
+        assert acks[3].code is None and acks[3].reason is None
         assert await listed(pki, ctl) == [(DEPLOYMENT, "installed", version)]
         assert_refusals_logged(ctl, version)
         conn.close()
+
+        # an agent from before the refusal members (hello proto 1) gets the plain ack
+        old = await open_connection(ctl.quic_port, conf)
+        old.handler = PushCatcher()
+        control = old.open_stream()
+        control.send(hello(DEVICE).model_copy(update={"proto": 1}))
+        with anyio.fail_after(5):
+            assert isinstance(await control.receive(), m.HelloAck)
+        [ack] = (await send_claims(old, [("not-mine", version)], first_seq=4)).values()
+        assert ack == m.StatusAck(seq=4)
+        assert await listed(pki, ctl) == [(DEPLOYMENT, "installed", version)]
+        wait_for(lambda: len(refusals(ctl)) == 3, 5)
+        old.close()
     finally:
         ctl.stop()
 
