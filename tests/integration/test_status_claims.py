@@ -21,7 +21,14 @@ from bench.transports.base import status_document
 from bench.transports.rest_client import RestPollClient
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode
-from tests.harness import Controller, signed_body, wait_for
+from tests.harness import (
+    Agent,
+    Controller,
+    free_udp_port,
+    signed_body,
+    traversable_to,
+    wait_for,
+)
 from tests.integration.rawclient import configuration, hello, open_connection, say_hello
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio, pytest.mark.timeout(90)]
@@ -36,25 +43,20 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def apply_heartbeat(pki, ctl: Controller) -> None:
+def apply_heartbeat(pki, ctl: Controller) -> None:
     body = signed_body(pki.token_file("acme"), [EXAMPLE.read_text()], devices=[DEVICE])
-    async with httpx.AsyncClient(timeout=10) as client:
-        r = await client.post(
-            f"{ctl.api}/api/v1/deployments",
-            json=body,
-            headers={"Authorization": f"Bearer {pki.token('acme')}"},
-        )
+    r = httpx.post(
+        f"{ctl.api}/api/v1/deployments",
+        json=body,
+        headers={"Authorization": f"Bearer {pki.token('acme')}"},
+        timeout=10,
+    )
     assert r.status_code == 200, r.text
 
 
-async def listed(pki, ctl: Controller) -> list[tuple[str, str | None, int | None]]:
+def listed(pki, ctl: Controller) -> list[tuple[str, str | None, int | None]]:
     """What the operator API shows of the device's deployments."""
-    async with httpx.AsyncClient(timeout=10) as client:
-        r = await client.get(
-            f"{ctl.api}/api/v1/deployments",
-            params={"device": DEVICE},
-            headers={"Authorization": f"Bearer {pki.token('acme')}"},
-        )
+    r = ctl.get(pki.token("acme"), "/deployments", device=DEVICE)
     assert r.status_code == 200, r.text
     return [(i["deploymentId"], i["state"], i["manifestVersion"]) for i in r.json()["items"]]
 
@@ -130,7 +132,7 @@ async def test_quic_status_claims(pki, tmp_path) -> None:
         catcher = PushCatcher()
         conn.handler = catcher
         assert isinstance(await say_hello(conn, DEVICE), m.HelloAck)
-        await apply_heartbeat(pki, ctl)
+        await anyio.to_thread.run_sync(apply_heartbeat, pki, ctl)
         with anyio.fail_after(10):
             while not catcher.pushes:
                 await anyio.sleep(0.02)
@@ -148,7 +150,9 @@ async def test_quic_status_claims(pki, tmp_path) -> None:
         assert acks[1].code == refused and "'not-mine' was not issued" in (acks[1].reason or "")
         assert acks[2].code == refused and "999999 was never issued" in (acks[2].reason or "")
         assert acks[3].code is None and acks[3].reason is None
-        assert await listed(pki, ctl) == [(DEPLOYMENT, "installed", version)]
+        assert await anyio.to_thread.run_sync(listed, pki, ctl) == [
+            (DEPLOYMENT, "installed", version)
+        ]
         assert_refusals_logged(ctl, version)
         conn.close()
 
@@ -161,7 +165,9 @@ async def test_quic_status_claims(pki, tmp_path) -> None:
             assert isinstance(await control.receive(), m.HelloAck)
         [ack] = (await send_claims(old, [("not-mine", version)], first_seq=4)).values()
         assert ack == m.StatusAck(seq=4)
-        assert await listed(pki, ctl) == [(DEPLOYMENT, "installed", version)]
+        assert await anyio.to_thread.run_sync(listed, pki, ctl) == [
+            (DEPLOYMENT, "installed", version)
+        ]
         wait_for(lambda: len(refusals(ctl)) == 3, 5)
         old.close()
     finally:
@@ -177,7 +183,7 @@ async def test_rest_status_claims(pki, tmp_path) -> None:
         client = RestPollClient(identity, "127.0.0.1", port, interval=0.1)
         await client.connect()  # its capabilities make the device known
         try:
-            await apply_heartbeat(pki, ctl)
+            await anyio.to_thread.run_sync(apply_heartbeat, pki, ctl)
             with anyio.fail_after(10):
                 version = (await client.next_desired()).version
 
@@ -206,9 +212,57 @@ async def test_rest_status_claims(pki, tmp_path) -> None:
         finally:
             await client.close()
 
-        assert await listed(pki, ctl) == [(DEPLOYMENT, "installed", version)]
+        assert await anyio.to_thread.run_sync(listed, pki, ctl) == [
+            (DEPLOYMENT, "installed", version)
+        ]
         device = ctl.device(pki.token("acme"), DEVICE)
         assert device is not None and device["manifest_version"] == version  # not 999999
         assert_refusals_logged(ctl, version)
     finally:
         ctl.stop()
+
+
+def test_a_real_agent_keeps_its_session_when_refused(pki, tmp_path) -> None:
+    """A real agent holding a manifest that another controller database issued (a controller
+    brought back without its store) reports on it: refused, the agent logs the refusal, keeps
+    its session, and what the new controller issues next is accepted."""
+    port = free_udp_port()
+    identity = pki.device("acme", DEVICE)
+    state = traversable_to(tmp_path / "agent")  # the workload runs as nobody
+    token = pki.token("acme")
+
+    def installed(ctl: Controller) -> list[int | None]:
+        return [v for d, s, v in listed(pki, ctl) if d == DEPLOYMENT and s == "installed"]
+
+    first = Controller(pki, tmp_path / "data1", quic_port=port)
+    try:
+        agent = Agent(identity, first.quic, state)
+        try:
+            first.wait_connected(token, DEVICE)
+            apply_heartbeat(pki, first)
+            wait_for(lambda: installed(first), 30, what=f"installed\n{first.log_tail()}")
+        finally:
+            agent.stop()
+    finally:
+        first.stop()
+    assert "refused status" not in agent.log()
+
+    second = Controller(pki, tmp_path / "data2", quic_port=port)
+    try:
+        agent = Agent(identity, second.quic, state)
+        try:
+            second.wait_connected(token, DEVICE)
+            # the restored version 1 was never issued by this store: refused, and so is the
+            # report of the heartbeat's removal (the new store never issued the heartbeat)
+            wait_for(lambda: refusals(second), 15, what=f"refusal\n{second.log_tail()}")
+            wait_for(lambda: "the controller refused status" in agent.log(), 10)
+            assert "code=771" in agent.log()
+            assert listed(pki, second) == []
+            apply_heartbeat(pki, second)
+            wait_for(lambda: installed(second), 30, what=f"installed\n{second.log_tail()}")
+            device = second.device(token, DEVICE)
+            assert device is not None and device["connection_count"] == 1  # never dropped
+        finally:
+            agent.stop()
+    finally:
+        second.stop()
