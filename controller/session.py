@@ -36,6 +36,11 @@ from margo_stream.transport.connection import Connection, ConnectionLost, Messag
 
 log = logging.getLogger("margo.controller.session")
 
+# the per-connection bounds a device can hit (margo_stream.protocol.channel); closing for one
+# is logged as a warning naming the device
+_LIMITS = (ErrorCode.STREAM_LIMIT, ErrorCode.BUFFER_LIMIT)
+_LOGGED_RESETS = 10  # stream resets logged per connection; the rest only count
+
 
 @dataclass(frozen=True, slots=True)
 class SessionContext:
@@ -62,6 +67,7 @@ class ControllerSession:
         self.control: MessageStream | None = None
         self.view: SessionView | None = None
         self.ready = False  # hello answered: other streams may flow
+        self._resets = 0
         self.protocol = ControllerControl(
             self.device_id, now=conn.loop.time(), hello_timeout=ctx.hello_timeout
         )
@@ -109,12 +115,22 @@ class ControllerSession:
             self._log(logging.WARNING, "control stream failed: %s", event.reason, code=event.code)
             self.close(event.code, f"control stream failed: {event.reason}")
         elif not event.reset_by_peer:
-            self._log(
-                logging.INFO, "reset a %s stream: %s", event.kind, event.reason, code=event.code
-            )
+            self._resets += 1
+            level = logging.INFO if self._resets <= _LOGGED_RESETS else logging.DEBUG
+            self._log(level, "reset a %s stream: %s", event.kind, event.reason, code=event.code)
 
     def connection_lost(self, exc: ConnectionLost) -> None:
         self._hello_timer.cancel()
+        if not exc.by_peer and exc.code in _LIMITS:
+            self._log(
+                logging.WARNING,
+                "closed the connection from %s: %s",
+                self.remote,
+                exc.reason,
+                event="connection-limit",
+                code=exc.code,
+                streams_reset=self._resets,
+            )
         for hook in self.ctx.hooks.closed:
             hook(self)
         if self.view is not None and self.ctx.registry.unregister(self.view):

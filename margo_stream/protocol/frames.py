@@ -33,12 +33,17 @@ def encode_frame(message: dict[str, Any], *, max_frame: int = DEFAULT_MAX_FRAME)
 
 
 def decode_payload(payload: bytes) -> dict[str, Any]:
+    problem: str | None = None
     try:
         message = msgpack.unpackb(payload, raw=False, strict_map_key=True, use_list=True)
     except Exception as exc:  # msgpack raises several unrelated types
+        problem = (str(exc) or type(exc).__name__)[:200]
+    if problem is not None:
+        # raised outside the handler: the msgpack error (and its traceback) stays no one's
+        # __context__
         raise RemoteProtocolError(
-            f"frame is not valid msgpack: {exc}", ErrorCode.MALFORMED_FRAME
-        ) from None
+            f"frame is not valid msgpack: {problem}", ErrorCode.MALFORMED_FRAME
+        )
     if not isinstance(message, dict) or not isinstance(message.get("t"), str):
         raise RemoteProtocolError(
             "frame is not a msgpack map with a string 't' (message type)",
@@ -48,23 +53,30 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
 
 
 class FrameDecoder:
-    """Incremental decoder. Errors are sticky: after one, every call raises it again."""
+    """Incremental decoder. Errors are sticky: after one, every call raises it again (a fresh
+    exception each time: the decoder keeps the code and text, never an exception object, whose
+    traceback would pin the frames and the bytes of the call that raised it)."""
 
     __slots__ = ("_buf", "_max_frame", "_error")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._buf = bytearray()
         self._max_frame = max_frame
-        self._error: RemoteProtocolError | None = None
+        self._error: tuple[ErrorCode, str] | None = None
 
     @property
     def buffered(self) -> int:
+        """Bytes held: the start of one unfinished frame (at most its header and body)."""
         return len(self._buf)
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         """Add ``data``; return every complete message it finishes, in order."""
         if self._error is not None:
-            raise self._error
+            raise RemoteProtocolError(self._error[1], self._error[0])
         buf = self._buf
         buf += data
         out: list[dict[str, Any]] = []
@@ -84,20 +96,22 @@ class FrameDecoder:
                 out.append(decode_payload(bytes(buf[offset + HEADER_SIZE : end])))
                 offset = end
         except RemoteProtocolError as exc:
-            self._error = exc
-            buf.clear()
+            self._error = (exc.code, str(exc))
+            self._buf = bytearray()
             raise
-        if offset:
+        if offset == available:
+            self._buf = bytearray()  # give the memory of a finished big frame back at once
+        elif offset:
             del buf[:offset]
         return out
 
     def finish(self) -> None:
         """The stream ended: leftover bytes mean a truncated frame."""
-        if self._error is not None:
-            raise self._error
-        if self._buf:
-            self._error = RemoteProtocolError(
-                f"stream ended inside a frame ({len(self._buf)} bytes left over)",
+        if self._error is None and self._buf:
+            self._error = (
                 ErrorCode.TRUNCATED_STREAM,
+                f"stream ended inside a frame ({len(self._buf)} bytes left over)",
             )
-            raise self._error
+            self._buf = bytearray()
+        if self._error is not None:
+            raise RemoteProtocolError(self._error[1], self._error[0])

@@ -22,7 +22,13 @@ from aioquic.quic.connection import QuicConnection
 from pydantic import BaseModel
 
 from margo_stream.errors import MargoError, ProtocolError
-from margo_stream.protocol.channel import ChannelCore, MessageReceived, StreamEnded, StreamFailed
+from margo_stream.protocol.channel import (
+    ChannelCore,
+    ConnectionFailed,
+    MessageReceived,
+    StreamEnded,
+    StreamFailed,
+)
 from margo_stream.protocol.codes import ErrorCode, Sender, StreamKind
 from margo_stream.transport.mtls_hook import peer_reset_tokens
 from margo_stream.transport.stateless_reset import is_reset
@@ -288,6 +294,8 @@ class Connection:
 
     def _protocol_events(self, events: list[Any]) -> None:
         for ev in events:
+            if self.closed is not None:
+                return  # a handler (or a bound) closed the connection: the rest is moot
             if isinstance(ev, MessageReceived):
                 stream = self.streams.get(ev.stream_id)
                 if stream is None:
@@ -305,15 +313,38 @@ class Connection:
                 stream = self.streams.get(ev.stream_id)
                 if stream is not None:
                     stream._end()
+                    self._release_if_done(ev.stream_id)
+                else:
+                    # the peer opened a stream and ended it without a message: end ours too,
+                    # so that neither QUIC nor the core keeps it
+                    self.core.forget(ev.stream_id)
+                    self._finish_quic_stream(ev.stream_id)
             elif isinstance(ev, StreamFailed):
                 stream = self.streams.pop(ev.stream_id, None)
                 if not ev.reset_by_peer:
                     self._reset_quic_stream(ev.stream_id, ev.code)
-                    log.info("stream %d (%s) failed: %s", ev.stream_id, ev.kind, ev.reason)
+                    log.debug("stream %d (%s) failed: %s", ev.stream_id, ev.kind, ev.reason)
                 if stream is not None:
                     stream._fail(StreamClosed(ev.stream_id, ev.code, ev.reason))
                 if self.handler is not None:
                     self.handler.stream_failed(stream, ev)
+            elif isinstance(ev, ConnectionFailed):
+                self._connection_failed(ev)
+
+    def _connection_failed(self, ev: ConnectionFailed) -> None:
+        """The peer exceeded a per-connection bound: close the connection with its code."""
+        log.warning(
+            "closing the connection from %s: %s",
+            self.remote,
+            ev.reason,
+            extra={"event": "connection-limit", "remote": str(self.remote), "code": int(ev.code)},
+        )
+        self.close(ev.code, ev.reason)
+
+    def _release_if_done(self, stream_id: int) -> None:
+        """Both directions of ``stream_id`` are over (the core let go of it): drop ours."""
+        if stream_id not in self.core:
+            self.streams.pop(stream_id, None)
 
     # --- sending -----------------------------------------------------------------------------------
     def open_stream(self, *, limit: int = DEFAULT_QUEUE) -> MessageStream:
@@ -333,6 +364,7 @@ class Connection:
             stream.kind = self.core.kind(stream_id)
         if end:
             self.core.end(stream_id)
+            self._release_if_done(stream_id)
         self.quic.send_stream_data(stream_id, frame, end_stream=end)
         self.schedule_transmit()
 
@@ -340,15 +372,25 @@ class Connection:
         if self.closed is not None:
             return
         self.core.end(stream_id)
+        self._release_if_done(stream_id)
         self.quic.send_stream_data(stream_id, b"", end_stream=True)
         self.schedule_transmit()
 
     def reset_stream(self, stream_id: int, code: int) -> None:
-        self.core.fail(stream_id)
+        failed = self.core.fail(stream_id, code)
         self.streams.pop(stream_id, None)
         if self.closed is None:
             self._reset_quic_stream(stream_id, code)
             self.schedule_transmit()
+        for ev in failed:
+            if isinstance(ev, ConnectionFailed) and self.closed is None:
+                self._connection_failed(ev)
+
+    def _finish_quic_stream(self, stream_id: int) -> None:
+        try:
+            self.quic.send_stream_data(stream_id, b"", end_stream=True)
+        except (ValueError, AssertionError):
+            pass  # a stream we cannot send on (unidirectional), or already finished
 
     def _reset_quic_stream(self, stream_id: int, code: int) -> None:
         try:
@@ -381,17 +423,21 @@ class Connection:
         if self.closed is not None:
             return
         exc = self.closed = ConnectionLost(code, reason, by_peer=by_peer)
-        for stream in list(self.streams.values()):
+        self.core.close()  # every stream's buffers and state go now, not with the object
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
             stream._fail(exc)
-        self.streams.clear()
-        if self._handshake_waiter is not None and not self._handshake_waiter.done():
-            self._handshake_waiter.set_exception(exc)
-        for waiter in self._closed_waiters:
+        waiter, self._handshake_waiter = self._handshake_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        if self.handler is not None:
+        handler, self.handler = self.handler, None  # no cycle session <-> connection outlives us
+        if handler is not None:
             try:
-                self.handler.connection_lost(exc)
+                handler.connection_lost(exc)
             except Exception:
                 log.exception(
                     "the connection-lost handler failed", extra={"event": "handler-failed"}
