@@ -185,6 +185,9 @@ async def test_apply_list_and_delete_deployments(env) -> None:
         ("db", "pending", True),
         ("web", "pending", True),
     ]
+    # a device reports only on what a manifest issued to it (controller/store/claims.py)
+    issued = json.dumps({"deployments": [{"deploymentId": "web"}]}).encode()
+    await store.put_manifest("acme", "d1", 3, issued, b"sig")
     await store.put_status(
         "acme",
         "d1",
