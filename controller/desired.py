@@ -12,6 +12,7 @@ time; changes arriving meanwhile coalesce into one follow-up push of the newest 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from controller.push_window import PushWindow
 from controller.registry import SessionRegistry
 from controller.root_chains import RootChains
 from controller.store.base import AssignmentRecord, ManifestRecord, Store
-from margo_stream.errors import ConfigError, IdentityError
+from margo_stream.errors import ConfigError, DocumentError, IdentityError
 from margo_stream.identity.trust import load_signing_key
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.push import blob_chunks, plan_push
@@ -144,8 +145,26 @@ class DesiredState:
             if cached is None:  # applied before this process started
                 record = await self.store.get_deployment(tenant, a.deployment_id, a.digest)
                 data = await self.store.get_blob(tenant, a.digest)
+                source = f"deployment {a.deployment_id}"
+                try:
+                    # parsing is bounded (yaml_guard) but not free: off the event loop
+                    document = await anyio.to_thread.run_sync(
+                        functools.partial(parse_deployment, data, source=source)
+                    )
+                except DocumentError as exc:
+                    # stored under older, looser rules; every agent refuses it, so leave it
+                    # out rather than hold back the device's other deployments
+                    log.warning(
+                        "leaving %s out of %s/%s's manifest: %s",
+                        a.deployment_id,
+                        tenant,
+                        a.device_id,
+                        exc,
+                        extra={"event": "deployment-skipped", "deployment": a.deployment_id},
+                    )
+                    continue
                 cached = CachedDocument(
-                    parse_deployment(data, source=f"deployment {a.deployment_id}"),
+                    document,
                     json.loads(record.signature) if record.signature else None,
                     record.certificate,
                 )
