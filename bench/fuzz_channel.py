@@ -530,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(elapsed, 2),
         "inputs_per_s": round(stats.inputs / elapsed),
         "seed": args.seed,
+        "decoder_inputs": args.decoder_inputs,
         "crashes": len(stats.crashes),
         "events": dict(sorted(stats.events.items())),
     }

@@ -127,7 +127,7 @@ class ControllerSession:
                 "closed the connection from %s: %s",
                 self.remote,
                 exc.reason,
-                event="connection-limit",
+                event="connection-bounds",
                 code=exc.code,
                 streams_reset=self._resets,
             )

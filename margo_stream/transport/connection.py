@@ -337,7 +337,7 @@ class Connection:
             "closing the connection from %s: %s",
             self.remote,
             ev.reason,
-            extra={"event": "connection-limit", "remote": str(self.remote), "code": int(ev.code)},
+            extra={"event": "connection-bounds", "remote": str(self.remote), "code": int(ev.code)},
         )
         self.close(ev.code, ev.reason)
 

@@ -103,7 +103,7 @@ bounds = st.one_of(
 )
 
 
-@FUZZ
+@settings(FUZZ, max_examples=1000)
 @given(role=st.sampled_from(list(Sender)), limits=bounds, ops=st.lists(operations, max_size=30))
 def test_channel_core_survives_any_interleaving(role, limits, ops):
     core = ChannelCore(role, **limits)
@@ -136,3 +136,24 @@ def test_mutation_fuzzer_short_run():
     assert stats.crashes == []
     assert stats.events["MessageReceived"] > 100  # the seeds reach the parser, not only errors
     assert stats.events["ConnectionFailed:stream-limit"] > 0
+
+
+def test_mutation_fuzzer_reports_a_crash_with_a_reproducer(monkeypatch):
+    """The fuzzer finds a planted bug (an escape from ``receive``) and its reproducer replays it."""
+    real = ChannelCore.receive
+
+    def buggy(self, stream_id, data, end_stream=False):
+        if b"\xc1" in data:
+            raise IndexError("planted")
+        return real(self, stream_id, data, end_stream)
+
+    monkeypatch.setattr(ChannelCore, "receive", buggy)
+    stats = fuzz(500, seed=3, progress=None)
+    assert stats.crashes and "IndexError: planted" in stats.crashes[0]["error"]
+    repro = stats.crashes[0]["repro"]
+    try:
+        exec(compile(repro, "<repro>", "exec"), {})
+    except IndexError as exc:
+        assert str(exc) == "planted"
+    else:
+        raise AssertionError("the reproducer did not reproduce")
