@@ -43,6 +43,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "one scenario over quic, rest-poll, h2-push and mqtt side by side, then the report",
     ),
     "report": ("bench.report", "markdown table and PNG plots from a run/compare directory"),
+    "fuzz": (
+        "bench.fuzz_channel",
+        "mutation fuzzing of the frame decoder and ChannelCore (1,000,000 inputs by default)",
+    ),
 }
 
 
