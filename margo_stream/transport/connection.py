@@ -6,7 +6,11 @@ events into protocol events and hands them to its ``ConnectionHandler``. Sends a
 many messages written in one loop turn leave in as few packets as possible (one transmit per
 turn). Each ``MessageStream`` delivers inbound messages either to a callback (cheap, for the
 controller's many idle sessions) or to a bounded queue a task awaits; a peer that overruns the
-queue gets its stream reset rather than growing our memory.
+queue gets its stream reset rather than growing our memory. The core bounds the rest of
+what a peer can make us hold (failed streams, unparsed bytes: ``margo_stream.protocol.channel``);
+a peer over a bound gets the whole connection closed with ``STREAM_LIMIT`` or ``BUFFER_LIMIT``.
+A stream's state goes when both its directions are over, and everything at the close (the core,
+the streams, the waiters and the handler, so no session outlives its connection through us).
 """
 
 from __future__ import annotations
