@@ -17,6 +17,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "bench.connect",
         "agents one controller holds: handshake rate vs bare aioquic, RSS and idle CPU",
     ),
+    "handshake-rate": (
+        "bench.handshake_rate",
+        "QUIC handshakes/s with --quic-retry always against never, in the same run",
+    ),
     "append": ("bench.append", "durable append rate of the agent's telemetry buffer"),
     "delta": (
         "bench.delta",
