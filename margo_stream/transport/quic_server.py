@@ -17,8 +17,8 @@ disconnect and hands the memory back.
 
 ``counters``: ``retries`` (Retry packets sent), ``tokens_refused`` (Initials whose token did
 not open, expired or named another connection ID), ``half_open_dropped`` (Initials the caps
-dropped), ``half_open_expired`` (handshakes timed out); ``half_open`` is how many are in
-progress now.
+dropped), ``half_open_expired`` (handshakes timed out); ``half_open_now`` is how many are
+in progress.
 """
 
 from __future__ import annotations
@@ -256,9 +256,11 @@ class QuicServer(asyncio.DatagramProtocol):
             if not self._end_half_open(conn):
                 continue  # its handshake completed, or it ended, in time
             expired += 1
+            # a peer we heard a ClientHello from is told; one whose packets never decrypted
+            # (garbage, perhaps spoofed) gets nothing: no datagram reflected at its source
             if _client_hello_seen(conn):
                 conn.close(ErrorCode.HELLO_TIMEOUT, "handshake not completed in time")
-            self._forget(conn)  # nothing decrypted: nothing to answer (it may be spoofed)
+            self._forget(conn)
         if expired:
             self.counters["half_open_expired"] += expired
             self._pressure(now)

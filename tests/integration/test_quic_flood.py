@@ -27,6 +27,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from aioquic.buffer import Buffer
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
 from margo_stream.transport.stateless_reset import KEY_FILE, ResetTokens
 from tests.harness import Agent, Controller, Pki, wait_for
@@ -43,11 +45,12 @@ SLACK = 3.0  # seconds beyond the handshake timeout, for a loaded 2-core machine
 # --------------------------------------------------------------------------- the flood process
 
 
-def garbage_initial(dcid: bytes) -> bytes:
+def garbage_initial(dcid: bytes, token: bytes = b"") -> bytes:
     """A 1,200-byte QUIC v1 Initial to ``dcid`` whose payload no key decrypts."""
+    assert len(token) < 64
     scid = os.urandom(8)
     head = bytes([0xC3]) + (1).to_bytes(4, "big") + bytes([len(dcid)]) + dcid
-    head += bytes([len(scid)]) + scid + b"\x00"  # no token
+    head += bytes([len(scid)]) + scid + bytes([len(token)]) + token
     rest = 1200 - len(head) - 2
     return head + (0x4000 | rest).to_bytes(2, "big") + os.urandom(rest)
 
@@ -295,6 +298,43 @@ def test_memory_is_given_back_once_the_half_open_state_is_freed(pki: Pki, tmp_pa
             what=f"memory given back (peak +{(peak - before) / MIB:.0f} MiB)\n{ctl.log_tail()}",
         )
         wait_for(lambda: "gc sweep" in ctl.log(), 5.0, what="the sweep's log line")
+    finally:
+        ctl.stop()
+
+
+def retry_for(sock: socket.socket, port: int) -> tuple[bytes, bytes]:
+    """Send a garbage Initial from ``sock``; the Retry's new connection ID and token."""
+    sock.sendto(garbage_initial(os.urandom(8)), ("127.0.0.1", port))
+    header = pull_quic_header(Buffer(data=sock.recv(2048)), host_cid_length=8)
+    assert header.packet_type == QuicPacketType.RETRY and header.token
+    return header.source_cid, header.token
+
+
+def test_a_token_is_worth_nothing_from_another_address_or_altered(pki: Pki, tmp_path: Path) -> None:
+    """``always``: a token taken from one client's Retry, used from another address, or
+    altered, is dropped (no connection, no second Retry); from its own address it opens."""
+    ctl = Controller(pki, tmp_path / "data", extra=["--quic-retry", "always"])
+    target = ("127.0.0.1", ctl.quic_port)
+    try:
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as mine,
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other,
+        ):
+            for s in (mine, other):
+                s.bind(("127.0.0.1", 0))
+                s.settimeout(2.0)
+            cid, token = retry_for(mine, ctl.quic_port)
+            altered = token[:-1] + bytes([token[-1] ^ 1])
+            other.sendto(garbage_initial(cid, token), target)  # someone else's token
+            mine.sendto(garbage_initial(cid, altered), target)
+            mine.sendto(garbage_initial(os.urandom(8), os.urandom(40)), target)  # garbage
+            for s in (mine, other):
+                s.settimeout(0.5)
+                with pytest.raises(TimeoutError):  # dropped: no Retry, nothing
+                    s.recv(2048)
+            assert held(ctl, [cid]) == set()  # and no state
+            mine.sendto(garbage_initial(cid, token), target)  # the token's own address
+            assert held(ctl, [cid]) == {cid}  # taken up: a (half-open) connection
     finally:
         ctl.stop()
 
