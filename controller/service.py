@@ -38,6 +38,7 @@ from controller.features import build_features
 from controller.identities import Admission, IdentityBook
 from controller.ports import DesiredChangeFanout, DeviceNotifier
 from controller.registry import SessionRegistry
+from controller.retention import RetentionPolicy, run_retention
 from controller.session import ControllerSession, SessionContext
 from controller.store.sqlite import SqliteStore
 from margo_stream.errors import ConfigError, IdentityError, MargoError
@@ -247,6 +248,7 @@ class Controller:
                 await self._serve_device_apis(tg)
                 await self._serve_enroll(tg)
                 tg.start_soon(self._touch_loop)
+                tg.start_soon(run_retention, self.store, RetentionPolicy.from_config(self.config))
                 self._write_ready_file()
                 log.info(
                     "controller listening: quic %s:%d, api %s:%d, tenants %s",
@@ -362,6 +364,7 @@ class Controller:
             roots=self.features.roots,
             identities=self.identities,
             reload=self.reload,
+            max_body=self.config.api_max_body,
         )
         family = socket.AF_INET6 if ":" in self.config.api_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)

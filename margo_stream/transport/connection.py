@@ -189,6 +189,7 @@ class Connection:
         self._transmit_handle: asyncio.Handle | None = None
         self._closed_waiters: list[asyncio.Future[None]] = []
         self._handshake_waiter: asyncio.Future[None] | None = None
+        self.handshake_done = False
         # endpoint hooks (server: identity check at handshake; both: drop state at the end)
         self.on_handshake: Callable[[Connection, qe.HandshakeCompleted], None] | None = None
         self.on_terminated: Callable[[Connection], None] | None = None
@@ -291,6 +292,7 @@ class Connection:
         elif isinstance(event, qe.StreamReset):
             self._protocol_events(self.core.reset_received(event.stream_id, event.error_code))
         elif isinstance(event, qe.HandshakeCompleted):
+            self.handshake_done = True
             if self.on_handshake is not None:
                 self.on_handshake(self, event)
             if self._handshake_waiter is not None and not self._handshake_waiter.done():
@@ -454,8 +456,11 @@ class Connection:
             self._timer_at = None
 
     async def wait_handshake(self) -> None:
+        """Return once the handshake has completed (at once if it already has)."""
         if self.closed is not None:
             raise self.closed
+        if self.handshake_done:
+            return
         self._handshake_waiter = self.loop.create_future()
         await self._handshake_waiter
 

@@ -105,6 +105,17 @@ async def test_hello_for_another_device_closes_connection(pki, controller):
     conn._test_transport.close()
 
 
+async def test_waiting_for_a_completed_handshake_returns_at_once(pki, controller):
+    # a waiter that starts after HandshakeCompleted was processed must not wait forever
+    ident = pki.device("acme", "press-01")
+    conn = await open_connection(
+        controller.quic_port, configuration(pki.dir, ident / "cert.pem", ident / "key.pem")
+    )
+    with anyio.fail_after(2):
+        await conn.wait_handshake()
+    conn._test_transport.close()
+
+
 async def test_malformed_stream_is_reset_and_connection_survives(pki, controller):
     ident = pki.device("acme", "press-01")
     conn = await open_connection(
