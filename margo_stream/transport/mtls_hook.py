@@ -19,7 +19,12 @@ Certificate. So the controller:
 5. derives the stateless reset token of every connection ID it issues from the ID and a
    kept key, and lets the agent read the tokens it was given, so a restarted controller can
    reset connections it no longer knows and the agent recognises the reset
-   (``stateless_reset.py``; aioquic draws the tokens at random and ignores resets).
+   (``stateless_reset.py``; aioquic draws the tokens at random and ignores resets);
+6. bounds what a peer can make us buffer undelivered (``bound_receive_credit``): aioquic
+   doubles its connection credit (MAX_DATA) from the highest offsets *received*, so a peer
+   that leaves a gap (never sends offset 0 of a stream) grows aioquic's receive buffers
+   without bound; the credit here slides over the bytes *delivered* to the application
+   instead, so at most one window (the configuration's ``max_data``) is ever held undelivered.
 
 ``check_aioquic()`` fails loudly, at controller start and in the test suite, if aioquic's
 internals change under us.
@@ -35,7 +40,9 @@ from aioquic import __version__ as aioquic_version
 from aioquic import tls
 from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import Limit, QuicConnection
+from aioquic.quic.packet import QuicFrameType
+from aioquic.quic.stream import QuicStream, QuicStreamReceiver
 from cryptography import x509
 
 from margo_stream.errors import MargoError
@@ -43,6 +50,7 @@ from margo_stream.identity.fleet_manager import ServerCertificate
 from margo_stream.transport.stateless_reset import ResetTokens
 
 TESTED_AIOQUIC = ("1.7.",)
+LIMIT_ATTRIBUTES = {"frame_type", "name", "sent", "used", "value"}
 HELLO_HANDLER_PARAMETERS = ["input_buf", "initial_buf", "handshake_buf"]
 
 # server name from the ClientHello (None: none sent) -> the certificate to present, or None
@@ -90,6 +98,37 @@ def check_aioquic() -> None:
         raise UnsupportedAioquic(
             f"aioquic {aioquic_version}: QuicConnection._initialize is gone; "
             "the client-certificate hook cannot work"
+        )
+    _check_receive_credit_hook(client)
+
+
+def _check_receive_credit_hook(connection: QuicConnection) -> None:
+    """What ``bound_receive_credit`` relies on: the connection credit is a ``Limit`` with plain
+    attributes in ``_local_max_data``, assigned once, raised only by assigning its ``value``;
+    the live streams are in ``_streams``, each receiver buffering in ``_buffer``."""
+    problem = None
+    limit = getattr(connection, "_local_max_data", None)
+    try:
+        source = inspect.getsource(QuicConnection)
+        raises = inspect.getsource(QuicConnection._write_connection_limits)
+    except (AttributeError, OSError, TypeError) as exc:
+        source = raises = f"unreadable: {exc}"
+    if source.startswith("unreadable"):
+        problem = f"QuicConnection's source is {source}"
+    elif not isinstance(limit, Limit) or set(vars(limit)) != LIMIT_ATTRIBUTES:
+        problem = f"_local_max_data is not a Limit with exactly {sorted(LIMIT_ATTRIBUTES)}"
+    elif limit.frame_type != QuicFrameType.MAX_DATA:
+        problem = "_local_max_data is not the MAX_DATA limit"
+    elif source.count("self._local_max_data =") != 1 or "max_data.value *= 2" not in raises:
+        problem = "the MAX_DATA credit is assigned or raised differently"
+    elif not isinstance(getattr(connection, "_streams", None), dict):
+        problem = "QuicConnection has no _streams dict"
+    elif not isinstance(getattr(QuicStreamReceiver(0, True), "_buffer", None), bytearray):
+        problem = "QuicStreamReceiver has no _buffer bytearray"
+    if problem is not None:
+        raise UnsupportedAioquic(
+            f"aioquic {aioquic_version}: {problem}; the receive credit cannot be bounded "
+            "by the delivered bytes"
         )
 
 
@@ -151,10 +190,74 @@ def _choose_by_server_name(context: tls.Context, choose: CertificateChooser) -> 
     setattr(context, "_server_handle_hello", choosing_handle_hello)  # noqa: B010 - an instance's
 
 
+class SlidingMaxData(Limit):
+    """The connection's MAX_DATA credit as a window sliding over the delivered bytes.
+
+    aioquic assigns ``value`` only to raise the credit (``value *= 2`` whenever the highest
+    offsets received pass half of it). Here any such assignment is only the signal: the
+    credit becomes (bytes delivered to the application, as StreamDataReceived events)
+    + ``window``, and only once the credit the peer has left (``value - used``) falls below
+    half a window, so MAX_DATA frames stay batched (one per half window in a steady
+    transfer). It never shrinks. ``window`` is the initial credit, the configuration's
+    ``max_data``.
+
+    Delivered = ``used`` (the highest offsets received, summed over streams, as aioquic counts
+    them) minus what aioquic still holds undelivered: the receive buffers of its live streams
+    (``_buffer`` spans ``_buffer_start`` to the highest offset received, gaps included). A
+    reset stream's final size and a discarded stream's bytes hold no memory, so they count as
+    delivered (RFC 9000 4.5: a reset's final size consumes the credit). Since ``used`` never
+    passes ``value`` and ``value`` never passes (delivered at the last raise) + ``window``,
+    aioquic never holds more than ``window`` undelivered bytes across all streams, whatever a
+    peer leaves out: the per-stream windows (MAX_STREAM_DATA) may keep doubling, the
+    connection credit bounds their sum.
+    """
+
+    def __init__(self, limit: Limit, streams: dict[int, QuicStream]) -> None:
+        # not Limit.__init__: its ``self.value = ...`` would be taken for a raise
+        self.frame_type = limit.frame_type
+        self.name = limit.name
+        self.sent = limit.sent
+        self.used = limit.used
+        self._margo_value = limit.value
+        self._margo_window = limit.value
+        self._margo_streams = streams  # the dict itself: no reference back to the connection
+
+    @property
+    def value(self) -> int:
+        return self._margo_value
+
+    @value.setter
+    def value(self, _proposed: int) -> None:
+        if self._margo_value - self.used >= self._margo_window // 2:
+            return
+        delivered = self.used - undelivered_bytes(self._margo_streams)
+        self._margo_value = max(self._margo_value, delivered + self._margo_window)
+
+
+def undelivered_bytes(streams: dict[int, QuicStream]) -> int:
+    """What aioquic holds received but not yet delivered, over the given streams."""
+    return sum(len(stream.receiver._buffer) for stream in streams.values())
+
+
+def connection_undelivered_bytes(connection: QuicConnection) -> int:
+    """What ``connection`` holds received but not yet delivered to the application."""
+    return undelivered_bytes(connection._streams)
+
+
+def bound_receive_credit(connection: QuicConnection) -> None:
+    """Make ``connection``'s MAX_DATA credit slide over the delivered bytes (``SlidingMaxData``),
+    its window the configuration's ``max_data``. Call it right after constructing the
+    connection, before any packet is received."""
+    limit = connection._local_max_data
+    if not isinstance(limit, SlidingMaxData):
+        connection._local_max_data = SlidingMaxData(limit, connection._streams)
+
+
 class MutualTlsServerConnection(QuicConnection):
     """A server connection whose TLS context requests a client certificate, presents the
-    certificate ``choose_certificate`` picks for the client's server name, and whose
-    connection IDs carry reset tokens derived from them (``stateless_reset.py``)."""
+    certificate ``choose_certificate`` picks for the client's server name, whose connection
+    IDs carry reset tokens derived from them (``stateless_reset.py``) and whose receive credit
+    slides over the delivered bytes (``SlidingMaxData``)."""
 
     def __init__(
         self,
@@ -167,6 +270,7 @@ class MutualTlsServerConnection(QuicConnection):
         super().__init__(*args, **kwargs)
         self._margo_reset_tokens = reset_tokens
         self._derive_reset_tokens()  # before the transport parameters carry the first one
+        bound_receive_credit(self)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
