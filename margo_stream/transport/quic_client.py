@@ -13,7 +13,7 @@ from margo_stream.errors import ConfigError
 from margo_stream.identity.fleet_manager import check_controller_certificate
 from margo_stream.protocol.codes import ALPN, Sender
 from margo_stream.transport.connection import Connection
-from margo_stream.transport.mtls_hook import peer_certificates
+from margo_stream.transport.mtls_hook import bound_receive_credit, peer_certificates
 
 
 def client_configuration(
@@ -86,6 +86,7 @@ async def connect(
         local = (addr[0], 0)
     transport, protocol = await loop.create_datagram_endpoint(_ClientProtocol, local_addr=local)
     quic = QuicConnection(configuration=configuration)
+    bound_receive_credit(quic)  # a hostile controller cannot grow our receive buffers either
     conn = Connection(quic, Sender.AGENT, transport.sendto, loop)
     protocol.connection = conn
     quic.connect(addr, now=loop.time())

@@ -150,11 +150,14 @@ def test_not_a_device(pki: Path, verifier: PeerVerifier, uri: str) -> None:
 
 def test_cached_hit_still_refuses_once_expired(pki: Path) -> None:
     verifier = PeerVerifier(load_trust_bundles(pki))
-    cert = leaf(pki, days=1)
-    first = verifier.verify(cert, [], now=NOW)
-    assert verifier.verify(cert, [], now=NOW + timedelta(hours=1)) == first
+    # the time now, not at import: the module's CA is made when its first test runs, which in
+    # a slow suite is minutes after NOW
+    now = datetime.now(UTC).replace(microsecond=0)
+    cert = leaf(pki, not_before=now - timedelta(minutes=5), days=1)
+    first = verifier.verify(cert, [], now=now)
+    assert verifier.verify(cert, [], now=now + timedelta(hours=1)) == first
     assert verifier.hits == 1 and verifier.misses == 1
-    later = NOW + timedelta(days=2)
+    later = now + timedelta(days=2)
     with pytest.raises(PeerRejected, match="certificate expired at"):
         verifier.verify(cert, [], now=later)
     assert verifier.cache_len() == 0
