@@ -47,6 +47,26 @@ def ensure_venv() -> None:
     STAMP.write_text(want)
 
 
+def apt_install(package: str, purpose: str, otherwise: str) -> None:
+    """Install Debian's ``package`` when we can (root with apt), saying what it is for;
+    otherwise print ``otherwise`` (what happens to the tests that need it)."""
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        print(f"note: {package} is not installed; {otherwise}", flush=True)
+        return
+    print(f"installing {package} (Debian package) for {purpose} ...", flush=True)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    install = ["apt-get", "install", "-y", "-q", package]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    ok = subprocess.run(install, env=env, **quiet).returncode == 0
+    if not ok:
+        subprocess.run(["apt-get", "update", "-q"], env=env, **quiet)
+        ok = subprocess.run(install, env=env, **quiet).returncode == 0
+    if not ok:
+        print(f"note: could not install {package}; {otherwise}", flush=True)
+
+
 def ensure_mosquitto() -> None:
     """The transport bench and its conformance test run a real Mosquitto broker (Debian's
     package). Install it when we can (root with apt); otherwise those tests say why they skip."""
@@ -54,24 +74,20 @@ def ensure_mosquitto() -> None:
 
     if shutil.which("mosquitto") or os.path.exists("/usr/sbin/mosquitto"):
         return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        print(
-            "note: mosquitto is not installed; the MQTT transport tests will be skipped", flush=True
-        )
+    apt_install("mosquitto", "the MQTT transport", "the MQTT transport tests will be skipped")
+
+
+def ensure_postgresql() -> None:
+    """The PostgreSQL store's tests start a private server (tests/pg_server.py) from Debian's
+    package. Install it when we can (root with apt); otherwise those tests fail saying why."""
+    import glob
+    import shutil
+
+    if glob.glob("/usr/lib/postgresql/*/bin/initdb") or shutil.which("initdb"):
         return
-    print("installing mosquitto (Debian package) for the MQTT transport ...", flush=True)
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    ok = subprocess.run(["apt-get", "install", "-y", "-q", "mosquitto"], **quiet).returncode == 0
-    if not ok:
-        subprocess.run(["apt-get", "update", "-q"], **quiet)
-        ok = (
-            subprocess.run(["apt-get", "install", "-y", "-q", "mosquitto"], **quiet).returncode == 0
-        )
-    if not ok:
-        print(
-            "note: could not install mosquitto; the MQTT transport tests will be skipped",
-            flush=True,
-        )
+    apt_install(
+        "postgresql", "the PostgreSQL store", "the PostgreSQL store tests will fail (no initdb)"
+    )
 
 
 # Run before pytest by `dev.py test`; each must pass for the command to succeed.
@@ -106,6 +122,7 @@ def main() -> int:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     if sys.argv[1] == "test":
         ensure_mosquitto()
+        ensure_postgresql()
         return run_tests(env, sys.argv[2:] or ["-q", "-p", "no:cacheprovider"])
     demo = subprocess.Popen(
         [str(BIN / "python"), "-m", "bench.demo", *sys.argv[2:]], cwd=ROOT, env=env

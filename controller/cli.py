@@ -21,7 +21,18 @@ PROG = "margo-controller"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Run the margo-stream controller.")
     p.add_argument("--certs", required=True, type=Path, help="directory made by margo-certs init")
-    p.add_argument("--data", required=True, type=Path, help="state directory (SQLite store)")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="state directory (the SQLite store, unless --store names PostgreSQL)",
+    )
+    p.add_argument(
+        "--store",
+        metavar="DSN",
+        help="keep the controller's state in PostgreSQL, postgresql://USER[:PASSWORD]@HOST"
+        "[:PORT]/DB (several controllers may share it); default: SQLite in --data",
+    )
     p.add_argument("--listen", default="127.0.0.1:4433", help="QUIC HOST:PORT (UDP)")
     p.add_argument("--api", default="127.0.0.1:8080", help="operator API HOST:PORT")
     p.add_argument("--api-tls-cert", type=Path, help="TLS certificate for a non-loopback API")
@@ -172,6 +183,7 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
             telemetry_max_bytes=telemetry_max_bytes,
             event_retention=event_retention,
             audit_retention=audit_retention,
+            store=args.store,
         )
     except ValidationError as exc:
         first = exc.errors()[0]

@@ -6,9 +6,11 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from margo_stream.errors import ConfigError
+
+STORE_SCHEMES = ("postgresql://", "postgres://")
 
 
 def is_loopback(host: str) -> bool:
@@ -56,6 +58,21 @@ class ControllerConfig(BaseModel):
     telemetry_max_bytes: int = Field(default=1 << 30, ge=1 << 20)  # per tenant, bytes
     event_retention: float = Field(default=90 * 86400.0, ge=60)  # seconds
     audit_retention: float = Field(default=365 * 86400.0, ge=60)  # terminal audit, seconds
+    # --- several controllers (issue 15) ---
+    # None: the embedded SQLite store in ``data``; a PostgreSQL DSN: that database (shared)
+    store: str | None = None
+
+    @field_validator("store")
+    @classmethod
+    def _check_store(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(STORE_SCHEMES) or len(value) <= len("postgres://"):
+            raise ConfigError(
+                "--store takes a PostgreSQL DSN, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB"
+                " (or postgres://...); leave it out for the SQLite store in --data"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ControllerConfig:

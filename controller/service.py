@@ -40,7 +40,7 @@ from controller.ports import DesiredChangeFanout, DeviceNotifier
 from controller.registry import SessionRegistry
 from controller.retention import RetentionPolicy, run_retention
 from controller.session import ControllerSession, SessionContext
-from controller.store.sqlite import SqliteStore
+from controller.store.factory import open_store
 from margo_stream.errors import ConfigError, IdentityError, MargoError
 from margo_stream.fsutil import atomic_write
 from margo_stream.identity.allowed_files import AllowedFile, read_allowed_dir
@@ -67,7 +67,7 @@ class Controller:
     def __init__(self, config: ControllerConfig) -> None:
         self.config = config
         self.registry = SessionRegistry()
-        self.store = SqliteStore(config.db_path)
+        self.store = open_store(config)
         self.features = build_features(config, self.store, self.registry, self)
         self.desired = DesiredChangeFanout(self.features.desired)
         self.sessions = SessionContext(
