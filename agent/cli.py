@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from agent.config import AgentConfig
+from agent.controller_list import parse_controllers
 from margo_stream.cli.common import fail, run_service
 from margo_stream.errors import ConfigError, MargoError
 from margo_stream.logs import setup_logging
@@ -36,7 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="device identity directory made by margo-certs device",
     )
-    p.add_argument("--controller", required=True, help="controller QUIC HOST:PORT")
+    p.add_argument(
+        "--controller",
+        required=True,
+        help="controller QUIC HOST:PORT, or several as HOST:PORT,HOST:PORT,... (a host name "
+        "may resolve to several addresses): tried in an order shuffled for this agent; a lost "
+        "connection moves to the next one at once",
+    )
+    # fixes the shuffle of --controller instead of fresh randomness (tests)
+    p.add_argument("--controller-order-seed", help=argparse.SUPPRESS)
     p.add_argument(
         "--server-name",
         help="controller TLS name (default: the device's tenant, which chooses the "
@@ -93,7 +102,9 @@ def enroll_main(argv: list[str]) -> int:
         prog=f"{PROG} enroll",
         description="Enrol this device over EST: a key generated here, a one-time bootstrap token.",
     )
-    p.add_argument("--controller", required=True, help="the controller's EST HOST:PORT")
+    p.add_argument(
+        "--controller", required=True, help="the EST HOST:PORT of one controller (any of a cluster)"
+    )
     p.add_argument("--tenant", required=True)
     p.add_argument("--device", required=True, help="this device's id")
     p.add_argument("--token-file", required=True, type=Path, help="from margo-certs bootstrap")
@@ -108,6 +119,8 @@ def enroll_main(argv: list[str]) -> int:
     from agent.enroll import enroll
 
     try:
+        if "," in args.controller:  # a one-time token: enrol with one controller, not a list
+            raise ConfigError(f"--controller {args.controller!r}: enroll takes one HOST:PORT")
         parse_host_port(args.controller, what="--controller")
         cert = anyio.run(
             enroll,
@@ -141,11 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)
     setup_logging(args.log_level, args.log_format)
     try:
-        host, port = parse_host_port(args.controller, what="--controller")
         config = AgentConfig(
             identity=args.identity,
-            controller_host=host,
-            controller_port=port,
+            controllers=parse_controllers(args.controller),
+            controller_order_seed=args.controller_order_seed,
             server_name=args.server_name,
             state=args.state,
             labels=_labels(args.label),

@@ -6,13 +6,16 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.controller_list import ControllerEntry
+
 
 class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     identity: Path
-    controller_host: str
-    controller_port: int = Field(ge=1, le=65535)
+    # --controller, parsed (agent.controller_list.parse_controllers): tried in a shuffled order
+    controllers: tuple[ControllerEntry, ...] = Field(min_length=1)
+    controller_order_seed: str | None = None  # fixes the shuffle (tests); None: random
     server_name: str | None = None  # TLS name of the controller; default: the tenant
     state: Path
     labels: dict[str, str] = {}

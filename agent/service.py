@@ -1,5 +1,9 @@
 """The agent daemon: its state directory and the connect loop that keeps one mutual-TLS QUIC
-connection to the controller up through network failures.
+connection to a controller up through network failures.
+
+The loop carries out what ``agent.controller_list.ControllerOrder`` says (resolve the names,
+dial a controller, back off) and tells it how each attempt ended; with several controllers the
+agent moves to the next one at once when its connection is lost.
 
 The agent is given its ``agent.ports.AgentSetup`` (identity, and what the features plugged in;
 ``agent/features.py`` builds it). Features that must keep working offline (the reconciler, the
@@ -22,6 +26,8 @@ from aioquic.quic.configuration import QuicConfiguration
 from agent.backoff import Backoff
 from agent.capabilities import collect
 from agent.config import AgentConfig
+from agent.controller_list import ControllerOrder, Resolve, Target, Wait, order_rng
+from agent.controller_resolve import resolve_entries
 from agent.ports import AgentSetup, SessionTask, StreamHandler
 from agent.renewal import renewal_loop
 from agent.session import AgentSession, HelloRefused
@@ -54,6 +60,15 @@ class Agent:
         self.counters = {"connects": 0, "disconnects": 0, "refusals": 0}
         self.last_error: str | None = None
         self.controller_id: str | None = None  # SPIFFE ID of the controller last accepted
+        cfg = self.config
+        self.order = ControllerOrder(
+            cfg.controllers,
+            order_rng(self.device_id, cfg.controller_order_seed),
+            Backoff(base=cfg.backoff_base, cap=cfg.backoff_cap),
+        )
+        self.target: Target | None = None  # the controller dialled last
+        self._up_since: float | None = None  # when the current attempt's session became ready
+        self._renewing = False
         self._stop = anyio.Event()
         self._lock_fd: int | None = None
 
@@ -133,14 +148,46 @@ class Agent:
     def _renewed(self) -> None:
         """A renewed certificate and key are on disk: reconnect with them now."""
         if self.session is not None:
+            self._renewing = True  # the same controller again, at once
             self.session.conn.close(ErrorCode.NO_ERROR, "certificate renewed")
 
     async def _connect_loop(self) -> None:
         cfg = self.config
         creds = self.creds
-        backoff = Backoff(base=cfg.backoff_base, cap=cfg.backoff_cap)
-        target = f"{cfg.controller_host}:{cfg.controller_port}"
+        order = self.order
+        hop_reason: str | None = None  # why the last attempt ended, when no wait followed yet
         while True:
+            action = order.next_action()
+            if isinstance(action, Resolve):
+                found = await resolve_entries(action.entries, cfg.connect_timeout)
+                order.resolved(found.addresses)
+                if found.errors:
+                    self.last_error = "; ".join(
+                        f"cannot resolve {entry}: {why}" for entry, why in found.errors.items()
+                    )
+                continue
+            if isinstance(action, Wait):
+                hop_reason = None
+                log.info(
+                    "reconnecting in %.2f s (%s)",
+                    action.delay,
+                    self.last_error,
+                    extra={
+                        "event": "reconnect-wait",
+                        "delay": round(action.delay, 3),
+                        "reason": self.last_error,
+                    },
+                )
+                await anyio.sleep(action.delay)
+                continue
+            target = self.target = action.target
+            if hop_reason is not None:
+                log.info(
+                    "trying controller %s (%s)",
+                    target,
+                    hop_reason,
+                    extra={"event": "controller-next", "controller": str(target.entry)},
+                )
             qconf = client_configuration(  # read per connection: renewal replaces the files
                 str(creds.cert_path),
                 str(creds.key_path),
@@ -148,22 +195,20 @@ class Agent:
                 server_name=cfg.server_name or self.tenant,  # the controller presents our tenant's
                 idle_timeout=cfg.idle_timeout,
             )
-            reason = await self._one_connection(qconf, backoff, target)
-            self.last_error = reason
+            self._up_since = None
+            hop_reason = self.last_error = await self._one_connection(qconf, target)
             self._write_status(connected=False)
-            delay = backoff.next_delay()
-            log.info(
-                "reconnecting in %.2f s (%s)",
-                delay,
-                reason,
-                extra={"event": "reconnect-wait", "delay": round(delay, 3), "reason": reason},
-            )
-            await anyio.sleep(delay)
+            if self._up_since is None:
+                order.failed(target)
+            else:
+                uptime = time.monotonic() - self._up_since
+                order.lost(target, uptime, retry_same=self._renewing)
+            self._renewing = False
 
-    async def _one_connection(self, qconf: QuicConfiguration, backoff: Backoff, target: str) -> str:
+    async def _one_connection(self, qconf: QuicConfiguration, target: Target) -> str:
         cfg = self.config
         try:
-            conn, transport = await connect(cfg.controller_host, cfg.controller_port, qconf)
+            conn, transport = await connect(target.address, target.port, qconf)
         except OSError as exc:
             return f"cannot reach {target}: {exc.strerror or exc}"
         handshaken = False
@@ -180,7 +225,8 @@ class Agent:
 
             def ready(s: AgentSession) -> None:
                 self.session = s
-                backoff.reset()
+                self._up_since = time.monotonic()
+                self.order.ready(target)  # the backoff starts over
                 self.counters["connects"] += 1
                 self._write_status(connected=True)
                 log.info(
@@ -189,7 +235,12 @@ class Agent:
                     self.controller_id,
                     self.tenant,
                     self.device_id,
-                    extra={"event": "connected", "controller_id": self.controller_id},
+                    extra={
+                        "event": "connected",
+                        "controller": str(target.entry),
+                        "address": target.endpoint,
+                        "controller_id": self.controller_id,
+                    },
                 )
 
             try:
@@ -218,7 +269,7 @@ class Agent:
             conn.close(ErrorCode.NO_ERROR, "agent reconnecting")
             transport.close()
 
-    def _controller_refused(self, target: str, reason: str) -> str:
+    def _controller_refused(self, target: Target, reason: str) -> str:
         """The controller at ``target`` is not our tenant's: counted as a refusal."""
         self.counters["refusals"] += 1
         self.controller_id = None
@@ -231,11 +282,15 @@ class Agent:
         return f"controller refused: {reason}"
 
     def _write_status(self, *, connected: bool) -> None:
+        target = self.target
         info = {
             "device": self.device_id,
             "tenant": self.tenant,
             "connected": connected,
-            "controller": f"{self.config.controller_host}:{self.config.controller_port}",
+            # the controller connected to, else the one dialled last (or first in the order)
+            "controller": str(target.entry if target else self.order.entries[0]),
+            "controller_address": target.endpoint if target else None,
+            "controllers": [str(entry) for entry in self.order.entries],
             "updated": time.time(),
             "last_error": self.last_error,
             "controller_id": self.controller_id,

@@ -30,9 +30,12 @@ NOW = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 
 def setup(tmp_path: Path) -> AgentSetup:
     from agent.config import AgentConfig
+    from agent.controller_list import parse_controllers
 
     config = AgentConfig(
-        identity=tmp_path / "id", controller_host="127.0.0.1", controller_port=1, state=tmp_path
+        identity=tmp_path / "id",
+        controllers=parse_controllers("127.0.0.1:1"),
+        state=tmp_path,
     )
     creds = DeviceCredentials(
         cert_path=tmp_path / "c",
