@@ -295,6 +295,39 @@ class DesiredState:
             if link is not None:
                 self._schedule(link)
 
+    async def changed_elsewhere(self, tenant: str, device_ids: list[str]) -> None:
+        """Another controller of the cluster built and stored these devices' next manifests:
+        forget what this process cached of them and push to those connected here."""
+        for device_id in device_ids:
+            key = (tenant, device_id)
+            self._latest.pop(key, None)
+            self._current.pop(key, None)
+            link = self.registry.link(tenant, device_id)
+            if link is not None:
+                self._schedule(link)
+
+    async def resync(self) -> None:
+        """Changes of other controllers may have been missed: forget every cached manifest and
+        push to each device connected here whose adopted version is not its newest."""
+        self._latest.clear()
+        self._current.clear()
+        by_tenant: dict[str, list[DeviceLink]] = {}
+        for session in self.registry:
+            link = self.registry.link(session.tenant, session.device_id)
+            if link is not None:
+                by_tenant.setdefault(session.tenant, []).append(link)
+        for tenant, links in by_tenant.items():
+            newest = await self.store.latest_manifests(tenant, [link.device_id for link in links])
+            for link in links:
+                record = newest.get(link.device_id)
+                view = self.registry.get(tenant, link.device_id)
+                if (
+                    record is not None
+                    and view is not None
+                    and view.manifest_version != record.version
+                ):
+                    self._schedule(link)
+
     async def _latest_known(self, tenant: str, device_id: str) -> tuple[int, float] | None:
         """(version, expiry) of the device's newest manifest, ``(0, inf)`` when it has none and
         nothing is assigned, ``None`` when assignments wait for their first manifest. Cached:

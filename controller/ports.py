@@ -9,11 +9,14 @@ This module imports nothing of the controller, so anything may depend on it.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from anyio import TASK_STATUS_IGNORED
+from anyio.abc import TaskStatus
 from cryptography import x509
 from pydantic import BaseModel
 
@@ -95,12 +98,28 @@ class DeviceNotifier(Protocol):
     def notify(self, tenant: str, device_ids: list[str]) -> None: ...
 
 
+class DesiredPush(DesiredChanges, Protocol):
+    """The QUIC push: also told of changes another controller of the cluster applied (the
+    store has them; this process may have cached what they replaced)."""
+
+    async def changed_elsewhere(self, tenant: str, device_ids: list[str]) -> None: ...
+
+    async def resync(self) -> None:
+        """Changes may have been missed: forget every cached manifest, catch devices up."""
+        ...
+
+
+DesiredPublisher = Callable[[str, list[str]], Awaitable[None]]
+
+
 class DesiredChangeFanout:
     """The ``DesiredChanges`` the API is given: tells the QUIC push, then every other device
-    transport that was added."""
+    transport that was added, then the other controllers of the cluster (``publish``), which
+    push to the devices they hold (``changed_elsewhere``)."""
 
-    def __init__(self, push: DesiredChanges) -> None:
+    def __init__(self, push: DesiredPush, publish: DesiredPublisher | None = None) -> None:
         self._push = push
+        self._publish = publish
         self._notifiers: list[DeviceNotifier] = []
 
     def add(self, notifier: DeviceNotifier) -> None:
@@ -108,5 +127,110 @@ class DesiredChangeFanout:
 
     async def desired_changed(self, tenant: str, device_ids: list[str]) -> None:
         await self._push.desired_changed(tenant, device_ids)
+        self._notify(tenant, device_ids)
+        if self._publish is not None:
+            await self._publish(tenant, device_ids)
+
+    async def changed_elsewhere(self, tenant: str, device_ids: list[str]) -> None:
+        await self._push.changed_elsewhere(tenant, device_ids)
+        self._notify(tenant, device_ids)
+
+    async def resync(self) -> None:
+        await self._push.resync()
+
+    def _notify(self, tenant: str, device_ids: list[str]) -> None:
         for notifier in self._notifiers:
             notifier.notify(tenant, device_ids)
+
+
+# --- the cluster: several controllers on one store ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Ownership of one device's session, cluster-wide. ``generation`` grows by one at every
+    acquisition, whoever held it: a holder whose generation is no longer the stored one lost
+    it (its renewals and release are refused). ``previous`` is the instance that held it
+    before, when that was another one."""
+
+    tenant: str
+    device_id: str
+    generation: int
+    previous: str | None = None
+
+
+class ChangeKind(enum.StrEnum):
+    DESIRED = "desired"  # what the devices should run changed: push to those held here
+    REPLACED = "replaced"  # devices now held elsewhere: close sessions of older generations
+    REVOKED = "revoked"  # identities revoked: re-read them, close their sessions
+    RESYNC = "resync"  # (local only) changes may have been missed: drop cached state
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterChange:
+    """A change one controller tells the others. ``generations`` goes with ``devices`` for
+    REPLACED (the lease each device has now); ``origin`` is the publishing instance."""
+
+    kind: ChangeKind
+    tenant: str
+    devices: tuple[str, ...]
+    generations: tuple[int, ...] = ()
+    origin: str = ""
+
+
+ChangeHandler = Callable[[ClusterChange], Awaitable[None]]
+LeaseLost = Callable[[Lease], None]
+
+
+class FleetView(Protocol):
+    """Where devices are connected across the cluster."""
+
+    async def holders(self, tenant: str, device_ids: Sequence[str] | None = None) -> dict[str, str]:
+        """device id -> the instance holding a valid lease on it (of ``device_ids``, or all of
+        the tenant's)."""
+        ...
+
+
+class Cluster(FleetView, Protocol):
+    """The controllers sharing one store. ``SingleNode`` is one process on SQLite: leases are
+    in-process and there is nobody to tell; ``PgCluster`` keeps leases, an instance registry
+    and change notifications in PostgreSQL."""
+
+    @property
+    def instance_id(self) -> str: ...
+
+    @property
+    def exclusive(self) -> bool:
+        """This process is the only controller on its store (records of connections left by
+        an earlier run can be cleared at start)."""
+        ...
+
+    async def open(self) -> None: ...
+
+    async def run(
+        self,
+        on_change: ChangeHandler,
+        on_lost: LeaseLost,
+        *,
+        task_status: TaskStatus[None] = TASK_STATUS_IGNORED,
+    ) -> None:
+        """Heartbeats, lease renewals and change notifications until cancelled."""
+        ...
+
+    async def announce(self, api_url: str, quic_addr: str) -> None: ...
+
+    async def close(self) -> None:
+        """Release every lease this instance holds and leave the registry."""
+        ...
+
+    async def acquire(self, tenant: str, device_id: str) -> Lease: ...
+
+    async def release(self, lease: Lease) -> bool:
+        """Whether ``lease`` was still this instance's (then it is released)."""
+        ...
+
+    def replaced(self, lease: Lease) -> None:
+        """Tell the instance in ``lease.previous`` that it lost the device (batched)."""
+        ...
+
+    async def publish(self, change: ClusterChange) -> None: ...

@@ -3,16 +3,20 @@
 A new connection from an identity that already has one replaces it: the registry hands back
 the old session so the caller can close it with a clear reason. The registry holds in-memory
 facts that change too often for the store (last keepalive); the store is updated in batches.
+
+Each session carries the generation of its device's lease (``controller.ports.Lease``): a
+session of an older generation never replaces a newer one. The registry knows this process's
+sessions; ``holders`` adds where the rest of the cluster's devices are (``fleet``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.ports import DeviceLink
+from controller.ports import DeviceLink, FleetView
 
 
 @dataclass(slots=True)
@@ -25,11 +29,14 @@ class SessionView:
     manifest_version: int | None = None
     handle: DeviceLink | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
+    generation: int = 0  # of the device's lease when this session was admitted
 
 
 class SessionRegistry:
-    def __init__(self) -> None:
+    def __init__(self, instance_id: str = "", fleet: FleetView | None = None) -> None:
         self._sessions: dict[tuple[str, str], SessionView] = {}
+        self.instance_id = instance_id  # this controller's id in the cluster
+        self.fleet = fleet  # the devices connected to other controllers, if any share the store
 
     def register(self, view: SessionView) -> SessionView | None:
         """Add ``view``; returns the session it replaces (the caller closes that one)."""
@@ -59,6 +66,26 @@ class SessionRegistry:
 
     def is_connected(self, tenant: str, device_id: str) -> bool:
         return (tenant, device_id) in self._sessions
+
+    def newer(self, view: SessionView) -> SessionView | None:
+        """The registered session of ``view``'s device when its lease is newer than
+        ``view``'s (then ``view`` must not replace it)."""
+        current = self._sessions.get((view.tenant, view.device_id))
+        if current is not None and current.generation > view.generation:
+            return current
+        return None
+
+    async def holders(self, tenant: str, device_ids: Sequence[str] | None = None) -> dict[str, str]:
+        """device id -> the controller instance holding its session, across the cluster (the
+        device's lease says; a session of this process is the answer when no lease does)."""
+        found = dict(await self.fleet.holders(tenant, device_ids)) if self.fleet else {}
+        if device_ids is None:
+            local = list(self.of_tenant(tenant))
+        else:
+            local = [v for d in device_ids if (v := self._sessions.get((tenant, d))) is not None]
+        for view in local:
+            found.setdefault(view.device_id, self.instance_id)
+        return found
 
     def touch(self, view: SessionView, now: float | None = None) -> None:
         view.last_seen = time.time() if now is None else now

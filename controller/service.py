@@ -30,6 +30,8 @@ import uvicorn
 from anyio.abc import TaskGroup
 
 from controller.api.app import create_app
+from controller.cluster import new_instance_id, open_cluster
+from controller.cluster.reactions import ClusterReactions
 from controller.config import ControllerConfig
 from controller.conn_limits import close_at_limits
 from controller.device_api.tls import tenant_bundle_paths
@@ -66,10 +68,12 @@ class _EmbeddedUvicorn(uvicorn.Server):
 class Controller:
     def __init__(self, config: ControllerConfig) -> None:
         self.config = config
-        self.registry = SessionRegistry()
+        # the controllers sharing the store (one, on SQLite): device leases, change notices
+        self.instance_id = new_instance_id()
+        self.cluster = open_cluster(config.store, self.instance_id)
+        self.registry = SessionRegistry(self.instance_id, self.cluster)
         self.store = open_store(config)
         self.features = build_features(config, self.store, self.registry, self)
-        self.desired = DesiredChangeFanout(self.features.desired)
         self.sessions = SessionContext(
             store=self.store,
             registry=self.registry,
@@ -78,10 +82,21 @@ class Controller:
             hello_timeout=config.hello_timeout,
             keepalive=config.keepalive,
             roots=self.features.roots,
+            cluster=self.cluster,
         )
         # the allow-list: every device transport admits through self.admission
         self.identities = IdentityBook(self.store, self.registry, config.certs, self)
         self.features.hooks.ready.append(self.identities.recheck)
+        self.reactions = ClusterReactions(
+            self.cluster, self.registry, self.store, self.identities, self._revoked
+        )
+        publish = None if self.cluster.exclusive else self.reactions.publish_desired
+        self.desired = DesiredChangeFanout(self.features.desired, publish)
+        self.reactions.desired = self.desired
+        if not self.cluster.exclusive:
+            self.identities.revoked_listeners.append(
+                lambda tenant, device_id: self.reactions.revoked(tenant, device_id, self.spawn)
+            )
         self.admission: Admission | None = None
         self._allowed_files: list[AllowedFile] = []
         self._reload_lock = anyio.Lock()
@@ -226,10 +241,13 @@ class Controller:
         self.config.ready_file.unlink(missing_ok=True)
         await self.store.open()
         try:
-            marked = await self.store.mark_all_disconnected()
+            await self.cluster.open()
+            # alone on the store: no device is connected yet; in a cluster the leases say
+            marked = await self.store.mark_all_disconnected() if self.cluster.exclusive else 0
             await self.identities.load(self._allowed_files)
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                await tg.start(self.cluster.run, self.reactions.on_change, self.reactions.on_lost)
                 transport, self.quic = await start_server(
                     self.config.listen_host,
                     self.config.listen_port,
@@ -249,7 +267,9 @@ class Controller:
                 await self._serve_enroll(tg)
                 tg.start_soon(self._touch_loop)
                 tg.start_soon(run_retention, self.store, RetentionPolicy.from_config(self.config))
-                self._write_ready_file()
+                info = self._ready_info()
+                await self.cluster.announce(info["api"], info["quic"])
+                atomic_write(self.config.ready_file, json.dumps(info).encode())
                 log.info(
                     "controller listening: quic %s:%d, api %s:%d, tenants %s",
                     self.config.listen_host,
@@ -272,6 +292,7 @@ class Controller:
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
+                await self.cluster.close()  # its leases released: devices may go elsewhere
                 await self.store.close()
             self.config.ready_file.unlink(missing_ok=True)
             log.info("controller stopped", extra={"event": "controller-stopped"})
@@ -338,19 +359,19 @@ class Controller:
         self._enroll_server = server
         self.device_ports["enroll"] = server.port
 
-    def _write_ready_file(self) -> None:
-        info = {
+    def _ready_info(self) -> dict[str, Any]:
+        return {
             "quic": f"{self.config.listen_host}:{self.quic_port}",
             "api": f"{'https' if self.config.api_tls_cert else 'http'}://"
             f"{_url_host(self.config.api_host)}:{self.api_port}",
             "pid": os.getpid(),
+            "instance": self.instance_id,
             "started": time.time(),
             **{
                 name: f"{_url_host(getattr(self.config, name + '_host'))}:{port}"
                 for name, port in self.device_ports.items()
             },
         }
-        atomic_write(self.config.ready_file, json.dumps(info).encode())
 
     async def _serve_api(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         assert self.operators is not None  # _load_identity ran

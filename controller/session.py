@@ -4,6 +4,10 @@ The session is event-driven: QUIC events arrive as callbacks on the event loop, 
 messages are answered inline, and anything that touches the store runs as a task in the
 controller's task group. Tenant and device id come from the verified certificate only; a hello
 naming another device closes the connection.
+
+Before the hello is answered the session takes its device's lease (``ctx.cluster``): with
+several controllers on one store, the device's session on another instance is closed with
+``REPLACED``, and a session that lost its lease marks nothing in the store when it ends.
 """
 
 from __future__ import annotations
@@ -15,11 +19,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from controller.ports import SessionHooks, TaskSpawner
+from controller.ports import Cluster, Lease, SessionHooks, TaskSpawner
 from controller.registry import SessionRegistry, SessionView
 from controller.root_chains import RootChains
 from controller.store.base import Store
-from margo_stream.errors import IdentityError
+from margo_stream.errors import IdentityError, StoreError
 from margo_stream.identity.spiffe import DeviceIdentity
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.channel import StreamFailed
@@ -53,6 +57,7 @@ class SessionContext:
     hello_timeout: float
     keepalive: float
     roots: RootChains  # the tenants' root metadata, relayed in the hello's answer
+    cluster: Cluster  # device leases across the controllers sharing the store
 
 
 class ControllerSession:
@@ -66,6 +71,7 @@ class ControllerSession:
         self.device_id = identity.device_id
         self.control: MessageStream | None = None
         self.view: SessionView | None = None
+        self.lease: Lease | None = None
         self.ready = False  # hello answered: other streams may flow
         self._resets = 0
         self.protocol = ControllerControl(
@@ -134,9 +140,7 @@ class ControllerSession:
         for hook in self.ctx.hooks.closed:
             hook(self)
         if self.view is not None and self.ctx.registry.unregister(self.view):
-            self.ctx.tasks.spawn(
-                self.ctx.store.device_disconnected, self.tenant, self.device_id, time.time()
-            )
+            self.ctx.tasks.spawn(self._gone, time.time())
             self._log(
                 logging.INFO,
                 "device disconnected: %s",
@@ -144,6 +148,13 @@ class ControllerSession:
                 event="device-disconnected",
                 code=exc.code,
             )
+
+    async def _gone(self, now: float) -> None:
+        """Release the lease; the device is recorded disconnected only if it was still ours
+        (fenced: another instance that took the device keeps it connected)."""
+        assert self.lease is not None
+        if await self.ctx.cluster.release(self.lease):
+            await self.ctx.store.device_disconnected(self.tenant, self.device_id, now)
 
     # --- registry handle ---------------------------------------------------------------------------
     def close(self, code: int, reason: str) -> None:
@@ -172,10 +183,14 @@ class ControllerSession:
 
     async def _welcome(self, hello: m.Hello) -> None:
         ctx = self.ctx
+        try:
+            lease = await ctx.cluster.acquire(self.tenant, self.device_id)
+        except StoreError as exc:
+            self._log(logging.WARNING, "refused: %s", exc, event="lease-failed")
+            self.close(ErrorCode.INTERNAL_ERROR, "the controller cannot take the session now")
+            return
         now = time.time()
         watermark = await ctx.store.telemetry_watermark(self.tenant, self.device_id)
-        if self.conn.closed is not None:
-            return
         view = SessionView(
             tenant=self.tenant,
             device_id=self.device_id,
@@ -184,7 +199,16 @@ class ControllerSession:
             last_seen=now,
             manifest_version=hello.manifest_version,
             handle=self,
+            generation=lease.generation,
         )
+        if self.conn.closed is not None:
+            await ctx.cluster.release(lease)
+            return
+        if ctx.registry.newer(view) is not None:  # a later connection got here first
+            self.close(ErrorCode.REPLACED, "replaced by a newer connection from the same device")
+            return
+        self.lease = lease
+        ctx.cluster.replaced(lease)  # the instance that held it closes its session
         old = ctx.registry.register(view)
         self.view = view
         if old is not None and old.handle is not None and old.handle is not self:
@@ -192,6 +216,14 @@ class ControllerSession:
                 ErrorCode.REPLACED, "replaced by a newer connection from the same device"
             )
             self._log(logging.INFO, "replaced the previous connection", event="session-replaced")
+        elif lease.previous is not None:
+            self._log(
+                logging.INFO,
+                "took the device from instance %s",
+                lease.previous,
+                event="session-replaced",
+                previous=lease.previous,
+            )
         self.send_control(
             m.HelloAck(
                 tenant=self.tenant,

@@ -1,5 +1,6 @@
-"""``/api/v1/devices``: the tenant's devices, live facts from the session registry; operators
-assign a device's labels (``PATCH .../labels``, see ``controller.labels``)."""
+"""``/api/v1/devices``: the tenant's devices, live facts from the session registry and, with
+several controllers on one store, where each device is connected (its lease); operators assign
+a device's labels (``PATCH .../labels``, see ``controller.labels``)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ def device_item(
     record: DeviceRecord | None,
     view: SessionView | None,
     allowlist: AllowList | None = None,
+    controller: str | None = None,
 ) -> dict[str, Any]:
-    """One device as the API shows it. ``connected`` and, while connected, ``last_seen``,
-    ``remote`` and ``manifest_version`` come from the live session; ``state`` (allowed,
-    revoked, unknown) and ``not_after`` (of the identity's newest certificate) from the
-    allow-list; the rest from the store."""
-    connected = view is not None
+    """One device as the API shows it. ``controller`` is the controller instance holding its
+    session (a valid lease, in any process sharing the store), ``connected`` whether one does;
+    while connected here, ``last_seen``, ``remote`` and ``manifest_version`` come from the
+    live session; ``state`` (allowed, revoked, unknown) and ``not_after`` (of the identity's
+    newest certificate) from the allow-list; the rest from the store."""
+    connected = view is not None or bool(controller)
     last_seen = view.last_seen if view is not None else (record.last_seen if record else None)
     manifest_version = record.manifest_version if record else None
     if view is not None and view.manifest_version is not None:
@@ -38,6 +41,7 @@ def device_item(
         "id": device_id,
         "tenant": tenant,
         "connected": connected,
+        "controller": (controller or None) if connected else None,
         "capabilities": record.capabilities if record else {},
         "labels": record.labels if record else {},
         "reported_labels": record.reported_labels if record else {},
@@ -53,6 +57,8 @@ def device_item(
     if view is not None:
         item["remote"] = view.remote
         item["connected_since"] = rfc3339(view.connected_since)
+    elif connected and record is not None and record.remote:
+        item["remote"] = record.remote  # connected to another controller of the cluster
     return item
 
 
@@ -61,9 +67,12 @@ async def list_devices(request: Request) -> JSONResponse:
     ctx = context(request)
     records = {r.device_id: r for r in await ctx.store.list_devices(tenant)}
     live = {v.device_id: v for v in ctx.registry.of_tenant(tenant)}
+    holders = await ctx.registry.holders(tenant)
     allowlist = ctx.identities.allowlist if ctx.identities is not None else None
     items = [
-        device_item(tenant, records.get(device_id), live.get(device_id), allowlist)
+        device_item(
+            tenant, records.get(device_id), live.get(device_id), allowlist, holders.get(device_id)
+        )
         for device_id in sorted(records.keys() | live.keys())
     ]
     return JSONResponse({"items": items})
@@ -80,8 +89,9 @@ async def get_device(request: Request) -> JSONResponse:
         if view is None:
             raise
         record = None  # connected a moment ago; the store has not caught up yet
+    holders = await ctx.registry.holders(tenant, [device_id])
     allowlist = ctx.identities.allowlist if ctx.identities is not None else None
-    return JSONResponse(device_item(tenant, record, view, allowlist))
+    return JSONResponse(device_item(tenant, record, view, allowlist, holders.get(device_id)))
 
 
 async def patch_labels(request: Request) -> JSONResponse:
@@ -107,7 +117,8 @@ async def patch_labels(request: Request) -> JSONResponse:
     record = await ctx.store.get_device(tenant, device_id)
     allowlist = ctx.identities.allowlist if ctx.identities is not None else None
     view = ctx.registry.get(tenant, device_id)
-    return JSONResponse(device_item(tenant, record, view, allowlist))
+    holders = await ctx.registry.holders(tenant, [device_id])
+    return JSONResponse(device_item(tenant, record, view, allowlist, holders.get(device_id)))
 
 
 def routes() -> list[Route]:
