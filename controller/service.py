@@ -43,6 +43,7 @@ from controller.registry import SessionRegistry
 from controller.retention import RetentionPolicy, run_retention
 from controller.session import ControllerSession, SessionContext
 from controller.store.factory import open_store
+from controller.workers import ready_file, shares_ports, start_shared_server, tcp_socket
 from margo_stream.errors import ConfigError, IdentityError, MargoError
 from margo_stream.fsutil import atomic_write
 from margo_stream.identity.allowed_files import AllowedFile, read_allowed_dir
@@ -68,6 +69,7 @@ class _EmbeddedUvicorn(uvicorn.Server):
 class Controller:
     def __init__(self, config: ControllerConfig) -> None:
         self.config = config
+        self.ready_file = ready_file(config)  # a worker of --workers has its own
         # the controllers sharing the store (one, on SQLite): device leases, change notices
         self.instance_id = new_instance_id()
         self.cluster = open_cluster(config.store, self.instance_id)
@@ -238,7 +240,7 @@ class Controller:
         self.config.data.mkdir(parents=True, exist_ok=True)
         # a ready file left by a controller that was killed would tell whoever waits for this
         # one that it listens before it does
-        self.config.ready_file.unlink(missing_ok=True)
+        self.ready_file.unlink(missing_ok=True)
         await self.store.open()
         try:
             await self.cluster.open()
@@ -248,7 +250,9 @@ class Controller:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await tg.start(self.cluster.run, self.reactions.on_change, self.reactions.on_lost)
-                transport, self.quic = await start_server(
+                # a worker of --workers joins the SO_REUSEPORT group on the QUIC port
+                start = start_shared_server if shares_ports() else start_server
+                transport, self.quic = await start(
                     self.config.listen_host,
                     self.config.listen_port,
                     quic_config,
@@ -269,7 +273,7 @@ class Controller:
                 tg.start_soon(run_retention, self.store, RetentionPolicy.from_config(self.config))
                 info = self._ready_info()
                 await self.cluster.announce(info["api"], info["quic"])
-                atomic_write(self.config.ready_file, json.dumps(info).encode())
+                atomic_write(self.ready_file, json.dumps(info).encode())
                 log.info(
                     "controller listening: quic %s:%d, api %s:%d, tenants %s",
                     self.config.listen_host,
@@ -294,7 +298,7 @@ class Controller:
             with anyio.CancelScope(shield=True):
                 await self.cluster.close()  # its leases released: devices may go elsewhere
                 await self.store.close()
-            self.config.ready_file.unlink(missing_ok=True)
+            self.ready_file.unlink(missing_ok=True)
             log.info("controller stopped", extra={"event": "controller-stopped"})
 
     async def _serve_device_apis(self, tg: TaskGroup) -> None:
@@ -388,8 +392,7 @@ class Controller:
             max_body=self.config.api_max_body,
         )
         family = socket.AF_INET6 if ":" in self.config.api_host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock = tcp_socket(family)
         try:
             sock.bind((self.config.api_host, self.config.api_port))
         except OSError as exc:
