@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -20,6 +21,7 @@ import pytest
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode
 from margo_stream.telemetry_client import TelemetryClient
+from margo_stream.transport.stateless_reset import ResetTokens, load_reset_key
 from tests.harness import BIN, Agent, Controller, Proc, traversable_to, wait_for
 from tests.integration import rawclient
 from tests.integration.test_desired import margoctl, state_of, write_doc
@@ -147,6 +149,29 @@ def test_a_device_connecting_to_another_instance_ends_with_one_session(two, pki)
     # told through PostgreSQL at once, not at A's next lease renewal (every 5 s)
     assert closed_after < 4, closed_after
     assert "replaced by a newer connection on instance" in a.log()
+
+
+def test_a_revocation_through_one_instance_closes_the_session_on_the_other(two, pki):
+    from tests.integration.test_identity_lifecycle import post, refused
+
+    controller, _ = two
+    a, b = controller("a"), controller("b")
+    token = pki.token("acme")
+    ident = pki.device("acme", "rev")
+
+    async def scenario() -> None:
+        conf = rawclient.configuration(pki.dir, ident / "cert.pem", ident / "key.pem")
+        conn = await rawclient.open_connection(b.quic_port, conf)
+        assert isinstance(await rawclient.say_hello(conn, "rev"), m.HelloAck)
+        r = await anyio.to_thread.run_sync(post, a, token, "/devices/rev/revoke")
+        assert r.status_code == 200, r.text
+        with anyio.fail_after(5.0):  # B heard through PostgreSQL
+            lost = await conn.wait_closed()
+        assert lost.code == ErrorCode.IDENTITY_REFUSED and lost.reason == "revoked"
+        # and B refuses the identity from now on
+        assert (await refused(b, pki, ident, "rev")).startswith("revoked: ")
+
+    anyio.run(scenario)
 
 
 def holder_of(ctl: Controller, token: str, device: str) -> str:
@@ -295,6 +320,27 @@ class Workers(Proc):
         return info
 
 
+def stray_answers(port: int, cid: bytes, tries: int = 16) -> list[bytes]:
+    """Send a short-header datagram for ``cid`` from ``tries`` fresh source ports; what came
+    back (the worker holding the connection drops it: it does not decrypt)."""
+    socks = []
+    for _ in range(tries):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.sendto(b"\x40" + cid + os.urandom(60), ("127.0.0.1", port))
+        socks.append(sock)
+    answers = []
+    deadline = time.monotonic() + 2.0
+    for sock in socks:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            answers.append(sock.recv(2048))
+        except TimeoutError:
+            pass
+        sock.close()
+    return answers
+
+
 def test_workers_refused_on_sqlite(pki, tmp_path):
     proc = Workers(pki, tmp_path / "data", None)
     assert proc.proc.wait(30) != 0
@@ -327,8 +373,14 @@ def test_two_workers_share_the_ports_and_a_push_reaches_devices_on_both(pki, tmp
                 conns.append(conn)
             await anyio.sleep(0.5)
             holders = [holder_of(api, token, f"raw-{k}") for k in range(n)]
+            # a datagram of conns[0] from other source ports: those the kernel hashes to the
+            # other worker are answered with a stateless reset for that connection
+            cid = conns[0].quic._peer_cid.cid  # the connection ID its worker issued
+            token_ = ResetTokens(load_reset_key(sup.data)).token(cid)
+            answers = stray_answers(sup.quic_port, cid)
+            assert answers and all(a[-16:] == token_ for a in answers), answers
             for conn in conns:
-                assert conn.closed is None, conn.closed  # no packet went astray
+                assert conn.closed is None, conn.closed  # nothing went astray otherwise
                 conn.close(0, "done")
             return holders
 
