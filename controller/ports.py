@@ -163,6 +163,7 @@ class ChangeKind(enum.StrEnum):
     DESIRED = "desired"  # what the devices should run changed: push to those held here
     REPLACED = "replaced"  # devices now held elsewhere: close sessions of older generations
     REVOKED = "revoked"  # identities revoked: re-read them, close their sessions
+    ALLOWED = "allowed"  # identities allowed (enrolled with a new key): re-read them
     RESYNC = "resync"  # (local only) changes may have been missed: drop cached state
 
 

@@ -218,6 +218,12 @@ class Controller:
         with contextlib.suppress(ConfigError):  # logged by reload
             await self.reload()
 
+    async def _allow(self, tenant: str, device_id: str, key_sha256: str, not_after: float) -> None:
+        """An enrolment allowed a key: here, then on the other controllers of the cluster."""
+        await self.identities.allow(tenant, device_id, key_sha256, not_after)
+        if not self.cluster.exclusive:
+            await self.reactions.allowed(tenant, device_id)
+
     def _revoked(self, tenant: str, device_id: str) -> None:
         """A revocation wakes the device's long-lived streams on the other transports (HTTP/2
         push), which check its identity again and close."""
@@ -356,7 +362,7 @@ class Controller:
                 cfg.enroll_host,
                 cfg.enroll_port,
                 lifetime=cfg.device_cert_lifetime,
-                allow=self.identities.allow,  # the store and the allow-list in memory
+                allow=self._allow,  # the store and the allow-list in memory
             )
         )
         assert server.port is not None

@@ -6,6 +6,8 @@
   their sessions here with ``REPLACED``, naming that instance.
 - REVOKED: these identities were revoked through another instance: read them again from the
   store into the allow-list and close their sessions here.
+- ALLOWED: these identities were allowed through another instance (an EST enrolment): read
+  them again, so this instance admits their new keys at once.
 - RESYNC: changes may have been missed: drop cached manifests (and push what devices lack),
   re-read the allow-list.
 
@@ -20,7 +22,7 @@ from collections.abc import Callable
 from controller.identities import IdentityBook
 from controller.ports import ChangeKind, Cluster, ClusterChange, DesiredChangeFanout, Lease
 from controller.registry import SessionRegistry
-from controller.store.base import Store
+from controller.store.base import IDENTITY_REVOKED, Store
 from margo_stream.errors import NotFound, StoreError
 from margo_stream.protocol.codes import ErrorCode
 
@@ -54,10 +56,17 @@ class ClusterReactions:
         spawn(self._publish_revoked, tenant, device_id)
 
     async def _publish_revoked(self, tenant: str, device_id: str) -> None:
+        await self._publish_identity(ChangeKind.REVOKED, tenant, device_id)
+
+    async def allowed(self, tenant: str, device_id: str) -> None:
+        """An identity was allowed here (an enrolment): the others re-read it."""
+        await self._publish_identity(ChangeKind.ALLOWED, tenant, device_id)
+
+    async def _publish_identity(self, kind: ChangeKind, tenant: str, device_id: str) -> None:
         try:
-            await self.cluster.publish(ClusterChange(ChangeKind.REVOKED, tenant, (device_id,)))
+            await self.cluster.publish(ClusterChange(kind, tenant, (device_id,)))
         except StoreError as exc:
-            log.error("the other controllers were not told of a revocation: %s", exc)
+            log.error("the other controllers were not told of an identity %s: %s", kind, exc)
 
     # --- hearing from them ---------------------------------------------------------------------
     async def on_change(self, change: ClusterChange) -> None:
@@ -68,9 +77,9 @@ class ClusterReactions:
         elif change.kind is ChangeKind.REPLACED:
             for device_id, generation in zip(change.devices, change.generations, strict=False):
                 self._replaced(change.tenant, device_id, generation, change.origin)
-        elif change.kind is ChangeKind.REVOKED:
+        elif change.kind in (ChangeKind.REVOKED, ChangeKind.ALLOWED):
             for device_id in change.devices:
-                await self._revoked(change.tenant, device_id)
+                await self._identity(change.tenant, device_id)
         elif change.kind is ChangeKind.RESYNC:
             log.warning(
                 "cluster: changes may have been missed; dropping cached state",
@@ -108,12 +117,14 @@ class ClusterReactions:
             extra={"event": "session-replaced-remote", "holder": holder},
         )
 
-    async def _revoked(self, tenant: str, device_id: str) -> None:
+    async def _identity(self, tenant: str, device_id: str) -> None:
         try:
             record = await self.store.get_identity(tenant, device_id)
         except NotFound:
             return
         self.identities.allowlist.put(record)
+        if record.state != IDENTITY_REVOKED:
+            return
         link = self.registry.link(tenant, device_id)
         if link is not None:
             link.close(ErrorCode.IDENTITY_REFUSED, "revoked")

@@ -21,6 +21,7 @@ import pytest
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode
 from margo_stream.telemetry_client import TelemetryClient
+from margo_stream.transport.connection import ConnectionLost
 from margo_stream.transport.stateless_reset import ResetTokens, load_reset_key
 from tests.harness import BIN, Agent, Controller, Proc, traversable_to, wait_for
 from tests.integration import rawclient
@@ -172,6 +173,44 @@ def test_a_revocation_through_one_instance_closes_the_session_on_the_other(two, 
         assert (await refused(b, pki, ident, "rev")).startswith("revoked: ")
 
     anyio.run(scenario)
+
+
+def test_a_device_enrolled_through_one_instance_is_admitted_by_the_other(pki, tmp_path, pg_dsn):
+    from margo_stream.identity.allowed_files import allowed_path
+    from tests.integration.test_enrollment import bootstrap, enroll
+
+    a = start_controller(pki, tmp_path, "a", pg_dsn, "--enroll", "127.0.0.1:0")
+    b = start_controller(pki, tmp_path, "b", pg_dsn)
+    try:
+        info = json.loads((a.data / "controller.json").read_text())
+        out = tmp_path / "enrolled"
+        token = bootstrap(pki, "acme", "enr-1")
+        r = enroll(info["enroll"], "acme", "enr-1", token, pki.dir / "controller" / "ca.pem", out)
+        assert r.returncode == 0, r.stderr
+        # no allow file: only the store (and what A told B) knows the new key
+        assert not allowed_path(pki.dir, "acme", "enr-1").exists()
+
+        async def hello_b() -> object:
+            conf = rawclient.configuration(pki.dir, out / "cert.pem", out / "key.pem")
+            conn = await rawclient.open_connection(b.quic_port, conf)
+            try:
+                return await rawclient.say_hello(conn, "enr-1")
+            except ConnectionLost as exc:
+                return exc
+            finally:
+                conn.close(0, "done")
+
+        # B hears of the new key within moments (a handshake may beat the notification)
+        answer = wait_for(
+            lambda: isinstance(a := anyio.run(hello_b), m.HelloAck) and a,
+            timeout=5,
+            interval=0.5,
+            what=f"B admits the enrolled device\n{b.log_tail()}",
+        )
+        assert isinstance(answer, m.HelloAck)
+    finally:
+        a.stop()
+        b.stop()
 
 
 def holder_of(ctl: Controller, token: str, device: str) -> str:
