@@ -448,6 +448,12 @@ def test_two_workers_share_the_ports_and_a_push_reaches_devices_on_both(pki, tmp
                 ),
                 what=f"{device} adopted version 1\n{sup.log()[-3000:]}",
             )
+        # SIGHUP reaches every worker
+        sup.proc.send_signal(signal.SIGHUP)
+        wait_for(
+            lambda: sup.log().count("reloaded: tenants") == 2,
+            what=f"both workers reloaded\n{sup.log()[-3000:]}",
+        )
         # a worker killed is restarted; its devices come back
         victim = info["workers"][1]
         os.kill(victim["pid"], signal.SIGKILL)
