@@ -212,6 +212,12 @@ class PgCluster:
                 if time.monotonic() - pruned_at > PRUNE_EVERY:
                     pruned_at = time.monotonic()
                     await changes.prune(self.db)
+                    # instances gone without a clean stop (killed, host lost)
+                    await self.db.execute(
+                        "DELETE FROM controller_instances"
+                        " WHERE heartbeat_at < now() - make_interval(secs => $1)",
+                        changes.KEEP,
+                    )
             except (*_DB_ERRORS, StoreError) as exc:
                 log.warning(
                     "cluster: could not renew %d leases (they expire in %.0fs): %s",
