@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -134,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="delete terminal session audit records older than this (default 365d)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run N controller processes sharing the QUIC and API ports (SO_REUSEPORT); "
+        "needs --store postgresql://... (default 1)",
+    )
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", choices=("json", "text"), default="json")
     return p
@@ -193,12 +202,21 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
         return fail(PROG, str(exc))
+    if args.workers != 1:
+        from controller.workers import split_workers, supervise
+
+        try:
+            workers, rest = split_workers(argv)
+        except ConfigError as exc:
+            return fail(PROG, str(exc))
+        return supervise(PROG, workers, config, rest)
     from controller.service import Controller
 
     controller = Controller(config)

@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -300,34 +299,13 @@ def test_kill_9_devices_back_on_the_survivor_telemetry_once(two, pki):
             assert item["n"] == acked[item["seq"]]
 
 
-# ``margo-controller --workers N`` once controller/cli.py hands the flag to
-# controller.workers.supervise; until then the same supervisor started the same way
-_SUPERVISE = (
-    "import sys\n"
-    "from controller.cli import PROG, build_parser, config_from_args\n"
-    "from controller.workers import split_workers, supervise\n"
-    "from margo_stream.logs import setup_logging\n"
-    "workers, argv = split_workers(sys.argv[1:])\n"
-    "args = build_parser().parse_args(argv)\n"
-    "setup_logging(args.log_level, args.log_format)\n"
-    "sys.exit(supervise(PROG, workers, config_from_args(args), argv))\n"
-)
-
-
-def workers_argv(*args: str) -> list[str]:
-    from controller.cli import build_parser
-
-    if "--workers" in build_parser().format_help():
-        return [str(BIN / "margo-controller"), *args]
-    return [sys.executable, "-c", _SUPERVISE, *args]
-
-
 class Workers(Proc):
     def __init__(self, pki, data: Path, dsn: str | None, workers: int = 2) -> None:
         data.mkdir(parents=True, exist_ok=True)
         store = ["--store", dsn] if dsn else []
         super().__init__(
-            workers_argv(
+            [
+                str(BIN / "margo-controller"),
                 "--certs",
                 str(pki.dir),
                 "--data",
@@ -342,7 +320,7 @@ class Workers(Proc):
                 str(workers),
                 *store,
                 *FAST,
-            ),
+            ],
             data / "controller.log",
         )
         self.data = data
