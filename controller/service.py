@@ -43,7 +43,7 @@ from controller.registry import SessionRegistry
 from controller.retention import RetentionPolicy, run_retention
 from controller.session import ControllerSession, SessionContext
 from controller.store.factory import open_store
-from controller.workers import ready_file, shares_ports, start_shared_server, tcp_socket
+from controller.workers import ready_file, shares_ports, tcp_socket
 from margo_stream.errors import ConfigError, IdentityError, MargoError
 from margo_stream.fsutil import atomic_write
 from margo_stream.identity.allowed_files import AllowedFile, read_allowed_dir
@@ -256,9 +256,7 @@ class Controller:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 await tg.start(self.cluster.run, self.reactions.on_change, self.reactions.on_lost)
-                # a worker of --workers joins the SO_REUSEPORT group on the QUIC port
-                start = start_shared_server if shares_ports() else start_server
-                transport, self.quic = await start(
+                transport, self.quic = await start_server(
                     self.config.listen_host,
                     self.config.listen_port,
                     quic_config,
@@ -270,6 +268,8 @@ class Controller:
                     handshake_timeout=self.config.handshake_timeout,
                     max_half_open=self.config.max_half_open,
                     max_half_open_per_address=self.config.max_half_open_per_address,
+                    # a worker of --workers joins the SO_REUSEPORT group on the QUIC port
+                    reuse_port=shares_ports(),
                 )
                 self.quic_port = transport.get_extra_info("sockname")[1]
                 await tg.start(self._serve_api)

@@ -23,7 +23,6 @@ needs ``--store postgresql://...``.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -40,9 +39,7 @@ from controller.cluster import is_postgres
 from controller.config import ControllerConfig
 from margo_stream.errors import ConfigError
 from margo_stream.fsutil import atomic_write
-from margo_stream.transport.quic_server import QuicServer
 from margo_stream.transport.stateless_reset import load_reset_key
-from margo_stream.transport.udp_buffers import size_buffers
 
 log = logging.getLogger("margo.controller.workers")
 
@@ -81,21 +78,6 @@ def tcp_socket(family: socket.AddressFamily) -> socket.socket:
     return sock
 
 
-async def start_shared_server(
-    host: str, port: int, *server_args: Any, **server_kwargs: Any
-) -> tuple[asyncio.DatagramTransport, QuicServer]:
-    """``quic_server.start_server`` on a UDP socket of the SO_REUSEPORT group on ``port``."""
-    loop = asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    size_buffers(sock)
-    sock.bind((host, port))
-    return await loop.create_datagram_endpoint(
-        lambda: QuicServer(*server_args, **server_kwargs), sock=sock
-    )
-
-
-# --- the --workers flag ---------------------------------------------------------------------------
 def split_workers(argv: list[str]) -> tuple[int, list[str]]:
     """``--workers N`` (or ``--workers=N``) taken out of ``argv``: (N, the rest); N is 1 when
     absent. ``ConfigError`` for a value that is not a positive integer."""
@@ -328,7 +310,6 @@ __all__ = [
     "ready_file",
     "shares_ports",
     "split_workers",
-    "start_shared_server",
     "supervise",
     "tcp_socket",
     "worker_index",

@@ -77,7 +77,15 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string"},
             "tenant": {"type": "string"},
-            "connected": {"type": "boolean", "description": "a live session exists now"},
+            "connected": {
+                "type": "boolean",
+                "description": "a live session exists now, on any controller sharing the store",
+            },
+            "controller": {
+                "type": ["string", "null"],
+                "description": "the controller instance holding the device's session (its"
+                " lease); null when not connected",
+            },
             "capabilities": {"type": "object", "description": "Margo device capabilities"},
             "labels": {
                 "type": "object",

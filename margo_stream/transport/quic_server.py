@@ -400,10 +400,15 @@ async def start_server(
     handshake_timeout: float = 5.0,
     max_half_open: int = 2048,
     max_half_open_per_address: int = 256,
+    reuse_port: bool = False,
 ) -> tuple[asyncio.DatagramTransport, QuicServer]:
+    """Listen on ``host:port``; with ``reuse_port`` the socket joins an SO_REUSEPORT group
+    (``margo-controller --workers``: the kernel hashes each client's address to one worker)."""
     loop = asyncio.get_running_loop()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     size_buffers(sock)
     sock.bind((host, port))
     transport, protocol = await loop.create_datagram_endpoint(
