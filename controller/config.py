@@ -67,7 +67,7 @@ class ControllerConfig(BaseModel):
     def _check_store(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        if not value.startswith(STORE_SCHEMES) or len(value) <= len("postgres://"):
+        if not value.startswith(STORE_SCHEMES):
             raise ConfigError(
                 "--store takes a PostgreSQL DSN, postgresql://USER[:PASSWORD]@HOST[:PORT]/DB"
                 " (or postgres://...); leave it out for the SQLite store in --data"

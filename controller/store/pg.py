@@ -5,20 +5,19 @@ Theory of operation
 ``PgStore(dsn)`` holds an asyncpg pool (2..10 connections by default: a controller's calls
 are short, and many controllers share the server's ``max_connections``) and runs every call
 as a coroutine function of a ``Tx`` (``controller.store.pg_events``): a write in one
-transaction (so a batch, an apply, is all or nothing), a read as its own statement. The SQL
-lives in the ``pg_*`` modules, one per concern, as SQLite's does in ``sqlite_*``; the
-semantics are the same, and ``tests/unit/test_store_contract.py`` runs one suite against both.
+transaction (so a batch, an apply, is all or nothing), a read as its own statement, and the
+hot writes (a telemetry batch, a batch of statuses) as one atomic statement each, which
+saves the round trips of BEGIN and COMMIT. The SQL lives in the ``pg_*`` modules, one per
+concern, as SQLite's does in ``sqlite_*``; the semantics are the same, and
+``tests/unit/test_store_contract.py`` runs one suite against both.
 
 Telemetry ingest shares the pool but at most half of it at once (``telemetry_share``), so a
 burst of bulk ingest never leaves the control plane (pushes, statuses, the API) without a
 connection; SQLite gets the same effect from a second database file with its own thread.
 
 Events appended by a transaction are numbered and committed in order per tenant and
-announced with ``NOTIFY`` (``pg_events``). ``wait_events`` waiters are woken at once by a
-commit of this process, and by the notifications of every process through one listening
-connection; a lost listener is reconnected, and while it is away (and after it comes back)
-waiters fall back to catch-up queries, so a missed notification delays an event, never loses
-it.
+announced with ``NOTIFY`` (``pg_events``), which wakes ``wait_events`` callers of every
+controller on the database (``pg_listen``).
 
 Conflicts between concurrent transactions (serialization failures, deadlocks) are retried a
 few times; every other failure of the server or the link becomes ``StoreError`` naming the
@@ -29,11 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from typing import Any, TypeVar
 
 import asyncpg
@@ -41,18 +38,14 @@ import asyncpg
 from controller.store import pg_desired as desired
 from controller.store import pg_devices as devices
 from controller.store import pg_events as events
-from controller.store import pg_telemetry as telemetry
 from controller.store.base import (
     AssignmentRecord,
     DeploymentDraft,
     DeploymentRecord,
     DeviceRecord,
-    EventRecord,
     JsonDict,
     ManifestRecord,
     SessionAudit,
-    TelemetryRecord,
-    TelemetryWriter,
 )
 from controller.store.pg_errors import (
     RETRYABLE,
@@ -61,33 +54,33 @@ from controller.store.pg_errors import (
     redact_dsn,
     store_error,
 )
-from controller.store.pg_events import EVENT_CHANNEL, Tx
+from controller.store.pg_events import WRITE, Tx
 from controller.store.pg_identities import PgIdentities
+from controller.store.pg_listen import CONNECT_TIMEOUT, PgEventFeed
 from controller.store.pg_retention import PgRetention
 from controller.store.pg_schema import migrate
 from controller.store.pg_statuses import PgStatuses
-from controller.store.sqlite_telemetry import BoundTelemetryWriter
+from controller.store.pg_telemetry import PgTelemetry
 from margo_stream.errors import StoreError
 
-log = logging.getLogger("margo.controller.store")
-
 T = TypeVar("T")
-CONNECT_TIMEOUT = 10.0
 RETRIES = 5
-LISTEN_CHECK = 10.0  # seconds between health checks of the listening connection
-CATCH_UP = 1.0  # wait_events re-reads this often while no listener is connected
-CATCH_UP_LISTENING = 10.0  # and this often while one is
 
 
 def _now(now: float | None) -> float:
     return time.time() if now is None else now
 
 
+async def _no_reset(_conn: object) -> None:
+    """The pool's reset: nothing beyond asyncpg's rollback of an open transaction (the store
+    leaves no session state on its connections)."""
+
+
 def _what(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__name__", "a store call").replace("_", " ")
 
 
-class PgStore(PgIdentities, PgStatuses, PgRetention):
+class PgStore(PgIdentities, PgStatuses, PgTelemetry, PgEventFeed, PgRetention):
     """``Store`` on a PostgreSQL database. Use ``async with PgStore(dsn) as store:`` or call
     ``open()`` / ``close()``. ``path`` is the DSN without its password (for messages)."""
 
@@ -105,7 +98,7 @@ class PgStore(PgIdentities, PgStatuses, PgRetention):
         self.path = redact_dsn(dsn)
         self._min_size = min_size
         self._max_size = max_size
-        self._bulk = asyncio.Semaphore(telemetry_share or max(1, max_size // 2))
+        self._bulk_gate = asyncio.Semaphore(telemetry_share or max(1, max_size // 2))
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listening = False
@@ -120,7 +113,10 @@ class PgStore(PgIdentities, PgStatuses, PgRetention):
 
     @property
     def pool(self) -> asyncpg.Pool:
-        """The connection pool (for modules that keep their own tables in this database)."""
+        """The connection pool (for modules that keep their own tables in this database).
+        A connection goes back to it with its transaction rolled back but no other reset (a
+        round trip saved on every call): leave no session state on one (``SET``, session
+        advisory locks, ``LISTEN``: use a connection of your own for those)."""
         if self._pool is None:
             raise StoreError(f"store {self.path} is not open")
         return self._pool
@@ -135,6 +131,7 @@ class PgStore(PgIdentities, PgStatuses, PgRetention):
                 max_size=self._max_size,
                 timeout=CONNECT_TIMEOUT,
                 server_settings={"application_name": "margo-controller"},
+                reset=_no_reset,
             )
         except Exception as exc:
             if is_store_failure(exc):
@@ -173,27 +170,31 @@ class PgStore(PgIdentities, PgStatuses, PgRetention):
 
     # -- transactions --------------------------------------------------------------------
 
-    async def _run(self, write: bool, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """``fn(tx, *args)``: in a transaction when ``write``. Run again (a few times) after
-        a conflict with another transaction, and after a lost connection when nothing can
-        have been done on it yet (a read; a write whose transaction had not begun: a pooled
+    async def _run(self, mode: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``fn(tx, *args)`` in ``mode`` (``pg_events.Transactions``). Run again (a few times)
+        after a conflict with another transaction, and after a lost connection when nothing
+        can have been written yet (a read; a write not begun or not sent: typically a pooled
         connection the server closed meanwhile)."""
         if self._pool is None:
             raise StoreError(f"store {self.path} is not open")
         pool = self._pool
         for attempt in range(1, RETRIES + 1):
             begun = False
+            tx: Tx | None = None
             try:
                 async with pool.acquire() as conn:
                     tx = Tx(conn)
-                    if not write:
-                        return await fn(tx, *args)
-                    async with conn.transaction():
-                        begun = True
+                    if mode != WRITE:
                         result = await fn(tx, *args)
-                        await events.flush_events(tx)
+                        assert not tx.events, f"{_what(fn)} left events unwritten"
+                    else:
+                        async with conn.transaction():
+                            begun = True
+                            result = await fn(tx, *args)
+                            await events.flush_events(tx)
             except Exception as exc:
-                again = isinstance(exc, RETRYABLE) or (is_link_lost(exc) and not begun)
+                sent = begun or (tx is not None and tx.writing)
+                again = isinstance(exc, RETRYABLE) or (is_link_lost(exc) and not sent)
                 if again and attempt < RETRIES:
                     await asyncio.sleep(random.uniform(0, 0.01 * attempt))
                     continue
@@ -205,62 +206,9 @@ class PgStore(PgIdentities, PgStatuses, PgRetention):
             return result
         raise AssertionError("unreachable")
 
-    async def _write(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        return await self._run(True, fn, *args)
-
-    async def _read(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        return await self._run(False, fn, *args)
-
-    async def _bulk_write(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        async with self._bulk:
-            return await self._run(True, fn, *args)
-
-    # -- event waiters -------------------------------------------------------------------
-
-    def _wake(self, tenants: set[str] | None = None) -> None:
-        """Wake the waiters of ``tenants`` (all of them when None)."""
-        keys = list(self._waiters) if tenants is None else tenants
-        for tenant in keys:
-            for fut in self._waiters.get(tenant, ()):
-                if not fut.done():
-                    fut.set_result(None)
-
-    def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        self._wake({str(payload)})
-
-    async def _listen(self) -> None:
-        """Keep one connection listening to ``EVENT_CHANNEL`` while the store is open."""
-        delay = 0.5
-        while True:
-            try:
-                conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT)
-            except Exception as exc:
-                if not is_store_failure(exc):
-                    raise
-                log.warning(
-                    "event listener cannot connect to %s: %s; waiters poll meanwhile",
-                    self.path,
-                    exc,
-                    extra={"event": "store-listener-down"},
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            delay = 0.5
-            try:
-                await conn.add_listener(EVENT_CHANNEL, self._notified)
-                self._listening = True
-                self._wake()  # whatever was announced while nobody listened: catch up
-                while not conn.is_closed():
-                    await asyncio.sleep(LISTEN_CHECK)
-                    await conn.fetchval("SELECT 1", timeout=LISTEN_CHECK)
-            except Exception as exc:
-                if not is_store_failure(exc):
-                    raise
-            finally:
-                self._listening = False
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), 1.0)
+    async def _bulk(self, mode: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        async with self._bulk_gate:
+            return await self._run(mode, fn, *args)
 
     # -- devices -------------------------------------------------------------------------
 
@@ -426,68 +374,6 @@ class PgStore(PgIdentities, PgStatuses, PgRetention):
             return {}
         return await self._read(desired.latest_manifests, tenant, list(device_ids))
 
-    # -- telemetry -----------------------------------------------------------------------
-
-    async def ingest_telemetry(
-        self,
-        tenant: str,
-        device_id: str,
-        records: Sequence[tuple[int, str, bytes]],
-        *,
-        now: float | None = None,
-    ) -> int:
-        await self._read(devices.require_device, tenant, device_id)
-        return await self._ingest(tenant, device_id, records, now=now)
-
-    async def _ingest(
-        self,
-        tenant: str,
-        device_id: str,
-        records: Sequence[tuple[int, str, bytes]],
-        *,
-        now: float | None,
-    ) -> int:
-        return await self._bulk_write(
-            telemetry.ingest_telemetry, tenant, device_id, list(records), _now(now)
-        )
-
-    async def telemetry_writer(self, tenant: str, device_id: str) -> TelemetryWriter:
-        await self._read(devices.require_device, tenant, device_id)
-        return BoundTelemetryWriter(
-            partial(self.telemetry_watermark, tenant, device_id),
-            partial(self._ingest, tenant, device_id, now=None),
-            partial(self._record_gap, tenant, device_id, now=None),
-        )
-
-    async def telemetry_watermark(self, tenant: str, device_id: str) -> int:
-        return await self._read(telemetry.telemetry_watermark, tenant, device_id)
-
-    async def record_gap(
-        self, tenant: str, device_id: str, first: int, last: int, *, now: float | None = None
-    ) -> int:
-        await self._read(devices.require_device, tenant, device_id)
-        return await self._record_gap(tenant, device_id, first, last, now=now)
-
-    async def _record_gap(
-        self, tenant: str, device_id: str, first: int, last: int, *, now: float | None
-    ) -> int:
-        return await self._bulk_write(_record_gap, tenant, device_id, first, last, _now(now))
-
-    async def query_telemetry(
-        self,
-        tenant: str,
-        device_id: str,
-        stream: str | None = None,
-        since: float | None = None,
-        limit: int = 100,
-        *,
-        after_seq: int | None = None,
-    ) -> list[TelemetryRecord]:
-        await self._read(devices.require_device, tenant, device_id)
-        return await self._read(
-            telemetry.query_telemetry, tenant, device_id, stream, since, limit, after_seq
-        )
-
     # -- terminal audit ------------------------------------------------------------------
 
     async def start_session_audit(
@@ -529,64 +415,3 @@ class PgStore(PgIdentities, PgStatuses, PgRetention):
 
     async def list_session_audits(self, tenant: str, limit: int = 100) -> list[SessionAudit]:
         return await self._read(events.list_session_audits, tenant, limit)
-
-    # -- events --------------------------------------------------------------------------
-
-    async def add_event(
-        self,
-        tenant: str,
-        kind: str,
-        device_id: str | None = None,
-        payload: JsonDict | None = None,
-        *,
-        now: float | None = None,
-    ) -> int:
-        return await self._write(events.add_event_now, tenant, kind, device_id, payload, _now(now))
-
-    async def list_events(
-        self, tenant: str, after_id: int = 0, limit: int = 1000
-    ) -> list[EventRecord]:
-        return await self._read(events.list_events, tenant, after_id, limit)
-
-    async def latest_event_id(self, tenant: str) -> int:
-        return await self._read(events.latest_event_id, tenant)
-
-    async def wait_events(
-        self, tenant: str, after_id: int, *, timeout: float, limit: int = 1000
-    ) -> list[EventRecord]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            fut: asyncio.Future[None] = loop.create_future()
-            waiters = self._waiters.setdefault(tenant, set())
-            waiters.add(fut)
-            try:
-                # Registered before reading, so an event committed in between still wakes us.
-                found = await self.list_events(tenant, after_id, limit)
-                if found:
-                    return found
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return []
-                catch_up = CATCH_UP_LISTENING if self._listening else CATCH_UP
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(fut, min(remaining, catch_up))
-            finally:
-                waiters.discard(fut)
-                if not waiters and self._waiters.get(tenant) is waiters:
-                    del self._waiters[tenant]
-
-
-async def _record_gap(
-    tx: Tx, tenant: str, device_id: str, first: int, last: int, now: float
-) -> int:
-    watermark = await telemetry.record_gap(tx, tenant, device_id, first, last, now)
-    events.add_event(
-        tx,
-        tenant,
-        "telemetry.gap",
-        device_id,
-        {"first": first, "last": last, "count": last - first + 1},
-        now,
-    )
-    return watermark

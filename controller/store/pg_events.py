@@ -40,24 +40,37 @@ EVENT_LOCK_CLASS = 0x6D617267  # "marg": first key of pg_advisory_xact_lock(int,
 class Tx:
     """One transaction: its connection and the events it will append at the commit."""
 
-    __slots__ = ("conn", "events", "notified")
+    __slots__ = ("conn", "events", "notified", "writing")
 
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
         self.events: list[tuple[str, float, str, str | None, str]] = []
         self.notified: set[str] = set()  # tenants whose events this transaction appended
+        self.writing = False  # STATEMENT mode: the write was sent (its outcome is unknown)
+
+
+READ, WRITE, STATEMENT = "read", "write", "statement"
 
 
 class Transactions:
     """What the ``Store`` mixins of the ``pg_*`` modules need of ``PgStore``, which has them:
-    run a coroutine function of a ``Tx`` in a transaction (``_write``) or on its own
-    (``_read``)."""
+    run a coroutine function of a ``Tx`` (``_run``, ``_bulk``: at most half the pool at once)
+    in one of three modes: ``WRITE`` in a transaction (the events it queued are appended
+    before the commit); ``READ`` on its own; ``STATEMENT`` on its own too, for a write done
+    in one statement (atomic by itself: no BEGIN and COMMIT round trips), which sets
+    ``tx.writing`` before it (what failed before it may be run again)."""
+
+    async def _run(self, mode: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        raise NotImplementedError
+
+    async def _bulk(self, mode: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        raise NotImplementedError
 
     async def _write(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        raise NotImplementedError
+        return await self._run(WRITE, fn, *args)
 
     async def _read(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        raise NotImplementedError
+        return await self._run(READ, fn, *args)
 
 
 def affected(status: str) -> int:
@@ -77,33 +90,48 @@ def add_event(
     tx.events.append((tenant, now, kind, device_id, dumps(payload or {})))
 
 
-async def flush_events(tx: Tx) -> list[int]:
-    """Insert the queued events (one statement) under their tenants' locks and notify;
-    returns their ids in order."""
-    if not tx.events:
-        return []
+def events_sql(first: int) -> str:
+    """The statement appending events: one round trip, its 8 parameters numbered from
+    ``$first`` (``take_events``). The subquery ``l`` takes the tenants' locks and queues the
+    notifications (volatile calls: always evaluated); it is an aggregate, so it is complete
+    before the sort above it emits a row, hence before the first id is drawn. A statement
+    that writes other rows too puts them in a ``WITH`` before it (one atomic statement)."""
+    p = [f"${first + i}" for i in range(8)]
+    return f"""
+INSERT INTO events (tenant, ts, kind, device_id, payload)
+SELECT e.t, e.ts, e.k, e.d, e.p
+FROM (SELECT count(*) AS n FROM (
+        SELECT pg_advisory_xact_lock({p[0]}, hashtext(x)), pg_notify({p[2]}, x)
+        FROM unnest({p[1]}::text[]) AS x) AS locks) AS l,
+     unnest({p[3]}::text[], {p[4]}::float8[], {p[5]}::text[], {p[6]}::text[], {p[7]}::text[])
+        WITH ORDINALITY AS e(t, ts, k, d, p, n)
+WHERE l.n > 0
+ORDER BY e.n
+RETURNING id
+"""
+
+
+_FLUSH = events_sql(1)
+
+
+def take_events(tx: Tx) -> list[object]:
+    """The queued events, taken off ``tx``, as the arguments of ``events_sql``."""
     queued, tx.events = tx.events, []
-    tenants = sorted({e[0] for e in queued})  # one order everywhere: no deadlock
-    await tx.conn.execute(
-        "SELECT pg_advisory_xact_lock($1, hashtext(t)) FROM unnest($2::text[]) AS t",
+    tenants = sorted({e[0] for e in queued})  # one lock order everywhere: no deadlock
+    tx.notified.update(tenants)
+    return [
         EVENT_LOCK_CLASS,
         tenants,
-    )
-    rows = await tx.conn.fetch(
-        "INSERT INTO events (tenant, ts, kind, device_id, payload)"
-        " SELECT t, ts, k, d, p FROM unnest($1::text[], $2::float8[], $3::text[], $4::text[],"
-        " $5::text[]) WITH ORDINALITY AS e(t, ts, k, d, p, n) ORDER BY n"
-        " RETURNING id",
-        [e[0] for e in queued],
-        [e[1] for e in queued],
-        [e[2] for e in queued],
-        [e[3] for e in queued],
-        [e[4] for e in queued],
-    )
-    await tx.conn.execute(
-        "SELECT pg_notify($1, t) FROM unnest($2::text[]) AS t", EVENT_CHANNEL, tenants
-    )
-    tx.notified.update(tenants)
+        EVENT_CHANNEL,
+        *([e[i] for e in queued] for i in range(5)),
+    ]
+
+
+async def flush_events(tx: Tx) -> list[int]:
+    """Append the queued events (in the caller's transaction); their ids in order."""
+    if not tx.events:
+        return []
+    rows = await tx.conn.fetch(_FLUSH, *take_events(tx))
     return sorted(int(r[0]) for r in rows)
 
 

@@ -24,8 +24,8 @@ their own transactions, split over 64 rows per tenant (``shard`` = a hash of the
 every ingest updates its shard's row, and one row per tenant would make every ingest of a
 tenant wait for the previous one to commit. The tenant's usage is the sum of its shards.
 
-The watermark walk (``margo_telemetry_advance``) runs in the server: one round trip per
-ingest instead of one per chunk of records and gap.
+The watermark walk (``margo_telemetry_advance``) runs in the server, inside the ingest's one
+statement (``controller.store.pg_telemetry``).
 """
 
 from __future__ import annotations
@@ -46,11 +46,15 @@ USAGE_SHARDS = 64  # rows of telemetry_usage per tenant; the SQL says ``& 63``
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the schema of SQLite's version 7 (controller/store/sqlite_schema.py) plus telemetry
-    # version 2, in one database
+    # version 2, in one database. Identifiers compare bytewise (COLLATE "C", as SQLite's
+    # BINARY): the same order as SQLite, and cheap index comparisons whatever the database's
+    # locale. Telemetry has no index by (device, time): ingest pays for two indexes, not
+    # three; a query of one device's records since a time reads them in seq order, or the
+    # tenant's since then, whichever the planner finds cheaper.
     """
     CREATE TABLE devices (
-        tenant text NOT NULL,
-        device_id text NOT NULL,
+        tenant text COLLATE "C" NOT NULL,
+        device_id text COLLATE "C" NOT NULL,
         capabilities text NOT NULL DEFAULT '{}',
         labels text NOT NULL DEFAULT '{}',
         reported_labels text NOT NULL DEFAULT '{}',
@@ -66,17 +70,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX devices_connected ON devices (tenant) WHERE connected;
 
     CREATE TABLE blobs (
-        tenant text NOT NULL,
-        digest text NOT NULL,
+        tenant text COLLATE "C" NOT NULL,
+        digest text COLLATE "C" NOT NULL,
         data bytea NOT NULL,
         created double precision NOT NULL,
         PRIMARY KEY (tenant, digest)
     );
 
     CREATE TABLE deployments (
-        tenant text NOT NULL,
-        deployment_id text NOT NULL,
-        digest text NOT NULL,
+        tenant text COLLATE "C" NOT NULL,
+        deployment_id text COLLATE "C" NOT NULL,
+        digest text COLLATE "C" NOT NULL,
         name text NOT NULL,
         profile text NOT NULL,
         created double precision NOT NULL,
@@ -88,10 +92,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX deployments_newest ON deployments (tenant, deployment_id, created DESC);
 
     CREATE TABLE assignments (
-        tenant text NOT NULL,
-        device_id text NOT NULL,
-        deployment_id text NOT NULL,
-        digest text NOT NULL,
+        tenant text COLLATE "C" NOT NULL,
+        device_id text COLLATE "C" NOT NULL,
+        deployment_id text COLLATE "C" NOT NULL,
+        digest text COLLATE "C" NOT NULL,
         assigned_at double precision NOT NULL,
         PRIMARY KEY (tenant, device_id, deployment_id),
         FOREIGN KEY (tenant, device_id) REFERENCES devices (tenant, device_id),
@@ -100,8 +104,8 @@ MIGRATIONS: tuple[str, ...] = (
     );
 
     CREATE TABLE manifests (
-        tenant text NOT NULL,
-        device_id text NOT NULL,
+        tenant text COLLATE "C" NOT NULL,
+        device_id text COLLATE "C" NOT NULL,
         version bigint NOT NULL,
         manifest bytea NOT NULL,
         signature bytea NOT NULL,
@@ -111,18 +115,19 @@ MIGRATIONS: tuple[str, ...] = (
     );
 
     CREATE TABLE issued_deployments (
-        tenant text NOT NULL,
-        device_id text NOT NULL,
-        deployment_id text NOT NULL,
+        tenant text COLLATE "C" NOT NULL,
+        device_id text COLLATE "C" NOT NULL,
+        deployment_id text COLLATE "C" NOT NULL,
         first_version bigint NOT NULL,
         PRIMARY KEY (tenant, device_id, deployment_id)
     );
 
     CREATE TABLE statuses (
-        tenant text NOT NULL,
-        device_id text NOT NULL,
-        deployment_id text NOT NULL,
+        tenant text COLLATE "C" NOT NULL,
+        device_id text COLLATE "C" NOT NULL,
+        deployment_id text COLLATE "C" NOT NULL,
         status text NOT NULL,
+        state text,  -- status_state(status), so the next status's event needs no parse
         seq bigint NOT NULL,
         updated_at double precision NOT NULL,
         PRIMARY KEY (tenant, device_id, deployment_id),
@@ -130,8 +135,8 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITH (fillfactor = 80);
 
     CREATE TABLE device_identities (
-        tenant text NOT NULL,
-        device_id text NOT NULL,
+        tenant text COLLATE "C" NOT NULL,
+        device_id text COLLATE "C" NOT NULL,
         key_sha256 text NOT NULL,
         state text NOT NULL CHECK (state IN ('allowed', 'revoked')),
         not_after double precision NOT NULL,
@@ -141,8 +146,8 @@ MIGRATIONS: tuple[str, ...] = (
 
     CREATE TABLE session_audits (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        tenant text NOT NULL,
-        device_id text NOT NULL,
+        tenant text COLLATE "C" NOT NULL,
+        device_id text COLLATE "C" NOT NULL,
         operator text NOT NULL,
         command text,
         started_at double precision NOT NULL,
@@ -157,37 +162,36 @@ MIGRATIONS: tuple[str, ...] = (
 
     CREATE TABLE events (
         id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        tenant text NOT NULL,
+        tenant text COLLATE "C" NOT NULL,
         ts double precision NOT NULL,
         kind text NOT NULL,
-        device_id text,
+        device_id text COLLATE "C",
         payload text NOT NULL DEFAULT '{}'
     );
     CREATE INDEX events_by_tenant ON events (tenant, id);
     CREATE INDEX events_by_ts ON events (ts);
 
     CREATE TABLE telemetry (
-        tenant text NOT NULL,
-        device_id text NOT NULL,
+        tenant text COLLATE "C" NOT NULL,
+        device_id text COLLATE "C" NOT NULL,
         seq bigint NOT NULL,
-        stream text NOT NULL,
+        stream text COLLATE "C" NOT NULL,
         received_at double precision NOT NULL,
         payload bytea NOT NULL,
         PRIMARY KEY (tenant, device_id, seq)
     );
-    CREATE INDEX telemetry_by_time ON telemetry (tenant, device_id, received_at);
     CREATE INDEX telemetry_by_tenant_received ON telemetry (tenant, received_at);
 
     CREATE TABLE telemetry_state (
-        tenant text NOT NULL,
-        device_id text NOT NULL,
+        tenant text COLLATE "C" NOT NULL,
+        device_id text COLLATE "C" NOT NULL,
         watermark bigint NOT NULL,
         PRIMARY KEY (tenant, device_id)
     ) WITH (fillfactor = 70);
 
     CREATE TABLE telemetry_gaps (
-        tenant text NOT NULL,
-        device_id text NOT NULL,
+        tenant text COLLATE "C" NOT NULL,
+        device_id text COLLATE "C" NOT NULL,
         first bigint NOT NULL,
         last bigint NOT NULL,
         recorded_at double precision NOT NULL,
@@ -195,18 +199,22 @@ MIGRATIONS: tuple[str, ...] = (
     );
 
     CREATE TABLE telemetry_usage (
-        tenant text NOT NULL,
+        tenant text COLLATE "C" NOT NULL,
         shard integer NOT NULL,
         bytes bigint NOT NULL,
         PRIMARY KEY (tenant, shard)
     ) WITH (fillfactor = 50);
 
-    -- The highest seq w' >= w such that every seq in w+1..w' is stored or inside a gap.
-    CREATE FUNCTION margo_telemetry_advance(t text, d text, w bigint) RETURNS bigint
+    -- The highest seq w' >= w such that every seq in w+1..w' is stored, inside a gap, or
+    -- inside one of the runs lo[i]..hi[i] (the batch being inserted by the same statement,
+    -- which that statement cannot read back).
+    CREATE FUNCTION margo_telemetry_advance(
+        t text, d text, w bigint, lo bigint[], hi bigint[]
+    ) RETURNS bigint
     LANGUAGE plpgsql STABLE AS $fn$
     DECLARE
         s bigint;
-        gap_last bigint;
+        nxt bigint;
     BEGIN
         LOOP
             FOR s IN SELECT seq FROM telemetry
@@ -214,12 +222,16 @@ MIGRATIONS: tuple[str, ...] = (
                 EXIT WHEN s <> w + 1;
                 w := s;
             END LOOP;
-            SELECT max(last) INTO gap_last FROM telemetry_gaps
-            WHERE tenant = t AND device_id = d AND first <= w + 1 AND last > w;
-            IF gap_last IS NULL THEN
+            SELECT max(x) INTO nxt FROM (
+                SELECT last AS x FROM telemetry_gaps
+                WHERE tenant = t AND device_id = d AND first <= w + 1 AND last > w
+                UNION ALL
+                SELECT r.h FROM unnest(lo, hi) AS r(l, h) WHERE r.l <= w + 1 AND r.h > w
+            ) AS runs;
+            IF nxt IS NULL THEN
                 RETURN w;
             END IF;
-            w := gap_last;
+            w := nxt;
         END LOOP;
     END
     $fn$;

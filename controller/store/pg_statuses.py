@@ -5,8 +5,9 @@ the deployment must have been issued to the device), but set-wise: one statement
 every item of a batch, the stored status, whether the device exists, whether the claimed
 manifest version was issued to it and from which version the deployment was; the items are
 then decided in order in Python exactly as SQLite decides them one by one (a later item of the
-batch sees what an earlier one stored), and one statement writes what was accepted. A status
-write is a few round trips whatever the batch size.
+batch sees what an earlier one stored), and one statement writes what was accepted together
+with the events it makes. A batch is two round trips whatever its size, and no transaction:
+the write is one atomic statement (the read before it only decides what to write).
 
 The write keeps the newest ``seq`` even against another controller writing the same status
 at once (``WHERE statuses.seq < excluded.seq``).
@@ -19,7 +20,14 @@ from collections.abc import Sequence
 
 from controller.store.base import JsonDict, StatusRecord
 from controller.store.claims import NOT_ISSUED, UNKNOWN_VERSION, StatusRefusal, StatusRefused
-from controller.store.pg_events import Transactions, Tx, add_event
+from controller.store.pg_events import (
+    STATEMENT,
+    Transactions,
+    Tx,
+    add_event,
+    events_sql,
+    take_events,
+)
 from controller.store.sqlite_devices import device_not_found
 from controller.store.sqlite_events import dumps, loads
 from controller.store.sqlite_statuses import log_refusal, status_deployment_id, status_state
@@ -51,7 +59,7 @@ def _refusal(
 
 
 _FACTS = """
-SELECT s.seq, s.status,
+SELECT s.seq, s.state,
        EXISTS (SELECT 1 FROM devices d WHERE d.tenant = k.t AND d.device_id = k.d),
        EXISTS (SELECT 1 FROM manifests m
                WHERE m.tenant = k.t AND m.device_id = k.d AND m.version = k.v),
@@ -60,6 +68,18 @@ SELECT s.seq, s.status,
 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[]) WITH ORDINALITY AS k(t, d, p, v, n)
 LEFT JOIN statuses s ON s.tenant = k.t AND s.device_id = k.d AND s.deployment_id = k.p
 ORDER BY k.n
+"""
+
+
+_UPSERT = """
+INSERT INTO statuses (tenant, device_id, deployment_id, status, seq, updated_at, state)
+SELECT t, d, p, s, q, $6, st
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $7::text[])
+    AS u(t, d, p, s, q, st)
+ON CONFLICT (tenant, device_id, deployment_id) DO UPDATE SET
+    status = excluded.status, seq = excluded.seq, updated_at = excluded.updated_at,
+    state = excluded.state
+WHERE statuses.seq < excluded.seq
 """
 
 
@@ -89,9 +109,9 @@ async def put_statuses(
     for item, deployment_id, fact in zip(items, ids, facts, strict=True):
         if isinstance(deployment_id, str) and fact[0] is not None:
             key = (item[0], item[1], deployment_id)
-            current.setdefault(key, (fact[0], status_state(loads(fact[1]))))
+            current.setdefault(key, (fact[0], fact[1]))
     results: list[bool | StatusRefusal] = []
-    accepted: dict[tuple[str, str, str], tuple[JsonDict, int]] = {}
+    accepted: dict[tuple[str, str, str], tuple[JsonDict, int, str | None]] = {}
     for item, deployment_id, fact in zip(items, ids, facts, strict=True):
         tenant, device_id, status, seq = item
         if isinstance(deployment_id, ValueError):
@@ -115,7 +135,7 @@ async def put_statuses(
         state = status_state(status)
         previous = stored[1] if stored is not None else None
         current[key] = (seq, state)
-        accepted[key] = (status, seq)
+        accepted[key] = (status, seq, state)
         results.append(True)
         if state != previous:
             add_event(
@@ -128,20 +148,21 @@ async def put_statuses(
             )
     if accepted:
         keys = sorted(accepted)
-        await tx.conn.execute(
-            "INSERT INTO statuses (tenant, device_id, deployment_id, status, seq, updated_at)"
-            " SELECT t, d, p, s, q, $6 FROM unnest($1::text[], $2::text[], $3::text[],"
-            " $4::text[], $5::int8[]) AS u(t, d, p, s, q)"
-            " ON CONFLICT (tenant, device_id, deployment_id) DO UPDATE SET"
-            " status = excluded.status, seq = excluded.seq, updated_at = excluded.updated_at"
-            " WHERE statuses.seq < excluded.seq",
+        args: list[object] = [
             [k[0] for k in keys],
             [k[1] for k in keys],
             [k[2] for k in keys],
             [dumps(accepted[k][0]) for k in keys],
             [accepted[k][1] for k in keys],
             now,
-        )
+            [accepted[k][2] for k in keys],
+        ]
+        sql = _UPSERT
+        if tx.events:  # the statuses and their events in one atomic statement
+            sql = f"WITH written AS ({_UPSERT}) {events_sql(len(args) + 1)}"
+            args += take_events(tx)
+        tx.writing = True
+        await tx.conn.execute(sql, *args)
     return results
 
 
@@ -169,7 +190,7 @@ class PgStatuses(Transactions):
     async def put_status_batch(
         self, items: Sequence[StatusItem], *, now: float | None = None
     ) -> list[bool | StatusRefusal]:
-        results = await self._write(put_statuses, list(items), _now(now), False)
+        results = await self._run(STATEMENT, put_statuses, list(items), _now(now), False)
         for result in results:
             if isinstance(result, StatusRefusal):
                 log_refusal(result)
@@ -202,7 +223,7 @@ class PgStatuses(Transactions):
 
     async def _strict(self, items: list[StatusItem], now: float | None) -> list[bool]:
         try:
-            results = await self._write(put_statuses, items, _now(now), True)
+            results = await self._run(STATEMENT, put_statuses, items, _now(now), True)
         except StatusRefused as exc:
             log_refusal(exc.refusal)
             raise

@@ -511,6 +511,11 @@ async def test_telemetry_out_of_order_batches(store: Store) -> None:
     assert await store.ingest_telemetry("acme", "d1", [(3, "m", b"c"), (2, "m", b"b")]) == 5
     assert await store.record_gap("acme", "d1", 6, 6) == 6
     assert await store.record_gap("acme", "d1", 6, 9) == 9  # the same gap, extended
+    # a batch with holes, one of them filled by an earlier batch, another still open
+    assert await store.ingest_telemetry("acme", "d1", [(12, "m", b"l")]) == 9
+    batch = [(s, "m", b"x") for s in (10, 11, 13, 14, 14, 16)]
+    assert await store.ingest_telemetry("acme", "d1", batch) == 14
+    assert await store.ingest_telemetry("acme", "d1", [(15, "m", b"o")]) == 16
 
 
 async def test_telemetry_query_since(store: Store) -> None:

@@ -253,3 +253,23 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_the_store_option(tmp_path) -> None:
+    from controller.cli import build_parser, config_from_args
+    from controller.config import ControllerConfig
+    from controller.store.factory import open_store
+    from controller.store.sqlite import SqliteStore
+    from margo_stream.errors import ConfigError
+
+    base = ["--certs", str(tmp_path), "--data", str(tmp_path)]
+    config = config_from_args(build_parser().parse_args(base))
+    assert config.store is None and isinstance(open_store(config), SqliteStore)
+    dsn = "postgresql://margo:secret@127.0.0.1:5432/fleet"
+    config = config_from_args(build_parser().parse_args([*base, "--store", dsn]))
+    store = open_store(config)
+    assert isinstance(store, PgStore) and store.path == "postgresql://margo@127.0.0.1:5432/fleet"
+    assert isinstance(open_store(config.model_copy(update={"store": "postgres://h/db"})), PgStore)
+    for bad in ("mysql://h/db", "/var/lib/margo.db", "PostgreSQL:/x", ""):
+        with pytest.raises(ConfigError, match="postgresql://USER"):
+            ControllerConfig(certs=tmp_path, data=tmp_path, store=bad)
