@@ -46,6 +46,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "bench.compare:compare_main",
         "one scenario over quic, rest-poll, h2-push and mqtt side by side, then the report",
     ),
+    "store": (
+        "bench.store_throughput",
+        "status writes/s and telemetry records/s into PostgreSQL and SQLite, same run",
+    ),
     "report": ("bench.report", "markdown table and PNG plots from a run/compare directory"),
     "fuzz": (
         "bench.fuzz_channel",
