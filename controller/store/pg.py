@@ -54,7 +54,7 @@ from controller.store.pg_errors import (
     redact_dsn,
     store_error,
 )
-from controller.store.pg_events import WRITE, Tx
+from controller.store.pg_events import STATEMENT, WRITE, Tx
 from controller.store.pg_identities import PgIdentities
 from controller.store.pg_listen import CONNECT_TIMEOUT, PgEventFeed
 from controller.store.pg_retention import PgRetention
@@ -223,7 +223,8 @@ class PgStore(PgIdentities, PgStatuses, PgTelemetry, PgEventFeed, PgRetention):
         remote: str,
         now: float | None = None,
     ) -> DeviceRecord:
-        return await self._write(
+        return await self._run(
+            STATEMENT,
             devices.device_connected,
             tenant,
             device_id,
@@ -237,14 +238,14 @@ class PgStore(PgIdentities, PgStatuses, PgTelemetry, PgEventFeed, PgRetention):
     async def device_disconnected(
         self, tenant: str, device_id: str, now: float | None = None
     ) -> None:
-        await self._write(devices.device_disconnected, tenant, device_id, _now(now))
+        await self._run(STATEMENT, devices.device_disconnected, tenant, device_id, _now(now))
 
     async def touch_devices(self, batch: Sequence[tuple[str, str, float]]) -> None:
         if batch:
-            await self._write(devices.touch_devices, list(batch))
+            await self._run(STATEMENT, devices.touch_devices, list(batch))
 
     async def mark_all_disconnected(self) -> int:
-        return await self._write(devices.mark_all_disconnected)
+        return await self._run(STATEMENT, devices.mark_all_disconnected)
 
     async def list_devices(self, tenant: str) -> list[DeviceRecord]:
         return await self._read(devices.list_devices, tenant)
@@ -263,14 +264,14 @@ class PgStore(PgIdentities, PgStatuses, PgTelemetry, PgEventFeed, PgRetention):
         )
 
     async def set_device_stats(self, tenant: str, device_id: str, stats: JsonDict) -> None:
-        await self._write(devices.set_device_stats, tenant, device_id, stats)
+        await self._run(STATEMENT, devices.set_device_stats, tenant, device_id, stats)
 
     async def set_manifest_version(self, tenant: str, device_id: str, version: int) -> None:
-        await self._write(devices.set_manifest_version, tenant, device_id, version)
+        await self._run(STATEMENT, devices.set_manifest_version, tenant, device_id, version)
 
     async def set_manifest_versions(self, items: Sequence[tuple[str, str, int]]) -> None:
         if items:
-            await self._write(devices.set_manifest_versions, list(items))
+            await self._run(STATEMENT, devices.set_manifest_versions, list(items))
 
     # -- desired state -------------------------------------------------------------------
 

@@ -9,7 +9,14 @@ import asyncpg
 
 from controller.labels import apply_changes, check_labels
 from controller.store.base import DeviceRecord
-from controller.store.pg_events import Tx, add_event, affected
+from controller.store.pg_events import (
+    EVENT_CHANNEL,
+    EVENT_LOCK_CLASS,
+    Tx,
+    add_event,
+    affected,
+    locks_sql,
+)
 from controller.store.sqlite_devices import _COLUMNS as COLUMNS
 from controller.store.sqlite_devices import _record, device_not_found
 from controller.store.sqlite_events import dumps, loads
@@ -60,6 +67,42 @@ async def list_devices(tx: Tx, tenant: str) -> list[DeviceRecord]:
     return [record(r) for r in rows]
 
 
+# The device's row and its event in one statement ($8 event lock class, $9 channel).
+_CONNECTED = f"""
+WITH d AS (
+    INSERT INTO devices (tenant, device_id, capabilities, reported_labels, connected,
+        last_seen, first_seen, connection_count, manifest_version, remote)
+    VALUES ($1, $2, $3, coalesce($4::text, '{{}}'), true, $5, $5, 1, $6, $7)
+    ON CONFLICT (tenant, device_id) DO UPDATE SET
+        capabilities = excluded.capabilities,
+        reported_labels = coalesce($4::text, devices.reported_labels),
+        connected = true, last_seen = excluded.last_seen,
+        connection_count = devices.connection_count + 1,
+        manifest_version = excluded.manifest_version, remote = excluded.remote
+    RETURNING {COLUMNS}
+), event AS (
+    INSERT INTO events (tenant, ts, kind, device_id, payload)
+    SELECT $1, $5, 'device.connected', $2, json_build_object(
+        'remote', $7::text, 'connectionCount', d.connection_count,
+        'manifestVersion', $6::int8)::text
+    FROM d, {locks_sql("$8", "ARRAY[$1::text]", "$9")} WHERE l.n > 0
+)
+SELECT {COLUMNS} FROM d
+"""
+
+_DISCONNECTED = f"""
+WITH d AS (
+    UPDATE devices SET connected = false, last_seen = greatest(coalesce(last_seen, 0), $3)
+    WHERE tenant = $1 AND device_id = $2 RETURNING device_id
+), event AS (
+    INSERT INTO events (tenant, ts, kind, device_id, payload)
+    SELECT $1, $3, 'device.disconnected', $2, '{{}}'
+    FROM d, {locks_sql("$4", "ARRAY[$1::text]", "$5")} WHERE l.n > 0
+)
+SELECT count(*) FROM d
+"""
+
+
 async def device_connected(
     tx: Tx,
     tenant: str,
@@ -70,19 +113,11 @@ async def device_connected(
     remote: str,
     now: float,
 ) -> DeviceRecord:
-    # The device's claim replaces its reported labels (None: keep them); the operator's
-    # ``labels`` are never written here.
+    """One statement (``STATEMENT`` mode): the device's claim replaces its reported labels
+    (None: keep them); the operator's ``labels`` are never written here."""
+    tx.writing = True
     row = await tx.conn.fetchrow(
-        "INSERT INTO devices (tenant, device_id, capabilities, reported_labels, connected,"
-        " last_seen, first_seen, connection_count, manifest_version, remote)"
-        " VALUES ($1, $2, $3, coalesce($4::text, '{}'), true, $5, $5, 1, $6, $7)"
-        " ON CONFLICT (tenant, device_id) DO UPDATE SET"
-        " capabilities = excluded.capabilities,"
-        " reported_labels = coalesce($4::text, devices.reported_labels),"
-        " connected = true, last_seen = excluded.last_seen,"
-        " connection_count = devices.connection_count + 1,"
-        " manifest_version = excluded.manifest_version, remote = excluded.remote"
-        f" RETURNING {COLUMNS}",
+        _CONNECTED,
         tenant,
         device_id,
         dumps(capabilities),
@@ -90,34 +125,22 @@ async def device_connected(
         now,
         manifest_version,
         remote,
+        EVENT_LOCK_CLASS,
+        EVENT_CHANNEL,
     )
-    rec = record(row)
-    add_event(
-        tx,
-        tenant,
-        "device.connected",
-        device_id,
-        {
-            "remote": remote,
-            "connectionCount": rec.connection_count,
-            "manifestVersion": manifest_version,
-        },
-        now,
-    )
-    return rec
+    tx.notified.add(tenant)
+    return record(row)
 
 
 async def device_disconnected(tx: Tx, tenant: str, device_id: str, now: float) -> None:
-    status = await tx.conn.execute(
-        "UPDATE devices SET connected = false, last_seen = greatest(coalesce(last_seen, 0), $3)"
-        " WHERE tenant = $1 AND device_id = $2",
-        tenant,
-        device_id,
-        now,
+    """One statement (``STATEMENT`` mode)."""
+    tx.writing = True
+    found = await tx.conn.fetchval(
+        _DISCONNECTED, tenant, device_id, now, EVENT_LOCK_CLASS, EVENT_CHANNEL
     )
-    if not affected(status):
+    if not found:
         raise device_not_found(device_id)
-    add_event(tx, tenant, "device.disconnected", device_id, {}, now)
+    tx.notified.add(tenant)
 
 
 async def touch_devices(tx: Tx, batch: Sequence[tuple[str, str, float]]) -> None:

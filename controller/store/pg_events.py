@@ -58,7 +58,8 @@ class Transactions:
     in one of three modes: ``WRITE`` in a transaction (the events it queued are appended
     before the commit); ``READ`` on its own; ``STATEMENT`` on its own too, for a write done
     in one statement (atomic by itself: no BEGIN and COMMIT round trips), which sets
-    ``tx.writing`` before it (what failed before it may be run again)."""
+    ``tx.writing`` before it unless running it twice does no harm (what failed before it,
+    or an idempotent statement, may be run again after a lost connection)."""
 
     async def _run(self, mode: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         raise NotImplementedError
@@ -90,19 +91,26 @@ def add_event(
     tx.events.append((tenant, now, kind, device_id, dumps(payload or {})))
 
 
+def locks_sql(lock_class: str, tenants: str, channel: str) -> str:
+    """A FROM item ``l`` of one row (``l.n > 0``) that takes the event locks of the tenants
+    of the ``text[]`` expression ``tenants`` and queues their notifications (volatile calls:
+    always evaluated). It is an aggregate: complete before it yields its row, so before a
+    statement that joins it draws an event id."""
+    return (
+        f"(SELECT count(*) AS n FROM (SELECT pg_advisory_xact_lock({lock_class}, hashtext(x)),"
+        f" pg_notify({channel}, x) FROM unnest({tenants}) AS x) AS locks) AS l"
+    )
+
+
 def events_sql(first: int) -> str:
     """The statement appending events: one round trip, its 8 parameters numbered from
-    ``$first`` (``take_events``). The subquery ``l`` takes the tenants' locks and queues the
-    notifications (volatile calls: always evaluated); it is an aggregate, so it is complete
-    before the sort above it emits a row, hence before the first id is drawn. A statement
-    that writes other rows too puts them in a ``WITH`` before it (one atomic statement)."""
+    ``$first`` (``take_events``). A statement that writes other rows too puts them in a
+    ``WITH`` before it (one atomic statement)."""
     p = [f"${first + i}" for i in range(8)]
     return f"""
 INSERT INTO events (tenant, ts, kind, device_id, payload)
 SELECT e.t, e.ts, e.k, e.d, e.p
-FROM (SELECT count(*) AS n FROM (
-        SELECT pg_advisory_xact_lock({p[0]}, hashtext(x)), pg_notify({p[2]}, x)
-        FROM unnest({p[1]}::text[]) AS x) AS locks) AS l,
+FROM {locks_sql(p[0], f"{p[1]}::text[]", p[2])},
      unnest({p[3]}::text[], {p[4]}::float8[], {p[5]}::text[], {p[6]}::text[], {p[7]}::text[])
         WITH ORDINALITY AS e(t, ts, k, d, p, n)
 WHERE l.n > 0

@@ -120,7 +120,8 @@ async def ingest_telemetry(
         return await telemetry_watermark(tx, tenant, device_id)
     lows, highs = runs(seqs)
     args = (tenant, device_id, lows[0] - 1, now, seqs, streams, payloads, lows, highs)
-    tx.writing = True
+    # idempotent (run again after a lost connection, it stores and counts nothing twice):
+    # tx.writing stays False
     try:
         watermark = await tx.conn.fetchval(_INGEST_NEW, *args, sum(map(len, payloads)))
     except asyncpg.UniqueViolationError:
