@@ -135,7 +135,7 @@ class PgStore(PgIdentities, PgStatuses, PgTelemetry, PgEventFeed, PgRetention):
             )
         except Exception as exc:
             if is_store_failure(exc):
-                raise store_error(self.path, "connecting", exc) from exc
+                raise store_error(self.path, "opening the store", exc) from exc
             raise
         try:
             async with pool.acquire() as conn:

@@ -73,20 +73,18 @@ def store_error(name: str, what: str, exc: BaseException) -> StoreError | ValueE
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return StoreError(f"{where}: the database does not exist ({text}); create it first")
     if isinstance(exc, asyncpg.DiskFullError):
-        return StoreError(f"{where}: disk full while {what} ({text}); free space on the server")
+        return StoreError(f"{where}: {what}: disk full ({text}); free space on the server")
     if isinstance(exc, asyncpg.TooManyConnectionsError):
         return StoreError(
             f"{where}: the server has no connection left ({text}); raise max_connections"
             " or run fewer controllers"
         )
     if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
-        return StoreError(
-            f"{where} is read-only while {what} ({text}); point --store at the primary"
-        )
+        return StoreError(f"{where} is read-only ({what}: {text}); point --store at the primary")
     if isinstance(exc, asyncpg.InsufficientPrivilegeError):
-        return StoreError(f"{where}: permission denied while {what} ({text})")
+        return StoreError(f"{where}: {what}: permission denied ({text})")
     if is_link_lost(exc):
-        return StoreError(f"{where}: connection failed while {what} ({text})")
+        return StoreError(f"{where}: {what}: connection failed ({text})")
     return StoreError(f"{where}: {what} failed ({text})")
 
 

@@ -99,7 +99,7 @@ async def test_errors_name_the_database_without_its_password(pg, pg_dsn: str) ->
         await closed.open()
     text = str(err.value)
     assert "hunter2" not in text and "postgresql://margo@127.0.0.1:" in text
-    assert "connection failed while connecting" in text
+    assert "opening the store: connection failed" in text
     missing = pg.dsn("no_such_db").replace("margo@", "margo:hunter2@")
     with pytest.raises(StoreError, match="does not exist") as err:
         await PgStore(missing).open()
