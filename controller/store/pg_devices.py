@@ -85,7 +85,7 @@ WITH d AS (
     SELECT $1, $5, 'device.connected', $2, json_build_object(
         'remote', $7::text, 'connectionCount', d.connection_count,
         'manifestVersion', $6::int8)::text
-    FROM d, {locks_sql("$8", "ARRAY[$1::text]", "$9")} WHERE l.n > 0
+    FROM d, {locks_sql("$8", "ARRAY[$1::text]", "$9", after="d")} WHERE l.n > 0
 )
 SELECT {COLUMNS} FROM d
 """
@@ -97,7 +97,7 @@ WITH d AS (
 ), event AS (
     INSERT INTO events (tenant, ts, kind, device_id, payload)
     SELECT $1, $3, 'device.disconnected', $2, '{{}}'
-    FROM d, {locks_sql("$4", "ARRAY[$1::text]", "$5")} WHERE l.n > 0
+    FROM d, {locks_sql("$4", "ARRAY[$1::text]", "$5", after="d")} WHERE l.n > 0
 )
 SELECT count(*) FROM d
 """

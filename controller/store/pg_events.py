@@ -91,26 +91,31 @@ def add_event(
     tx.events.append((tenant, now, kind, device_id, dumps(payload or {})))
 
 
-def locks_sql(lock_class: str, tenants: str, channel: str) -> str:
+def locks_sql(lock_class: str, tenants: str, channel: str, after: str | None = None) -> str:
     """A FROM item ``l`` of one row (``l.n > 0``) that takes the event locks of the tenants
     of the ``text[]`` expression ``tenants`` and queues their notifications (volatile calls:
     always evaluated). It is an aggregate: complete before it yields its row, so before a
-    statement that joins it draws an event id."""
+    statement that joins it draws an event id. ``after`` names a ``WITH`` query (with
+    ``RETURNING``) of the same statement that must be done first: a statement writes its rows
+    before it takes the locks, as a transaction flushes its events last, so a writer never
+    waits for a row while it holds an event lock another writer of that row waits for."""
+    if after is not None:
+        tenants = f"CASE WHEN (SELECT count(*) FROM {after}) >= 0 THEN {tenants} END"
     return (
         f"(SELECT count(*) AS n FROM (SELECT pg_advisory_xact_lock({lock_class}, hashtext(x)),"
         f" pg_notify({channel}, x) FROM unnest({tenants}) AS x) AS locks) AS l"
     )
 
 
-def events_sql(first: int) -> str:
+def events_sql(first: int, after: str | None = None) -> str:
     """The statement appending events: one round trip, its 8 parameters numbered from
     ``$first`` (``take_events``). A statement that writes other rows too puts them in a
-    ``WITH`` before it (one atomic statement)."""
+    ``WITH`` query before it, named by ``after`` (one atomic statement)."""
     p = [f"${first + i}" for i in range(8)]
     return f"""
 INSERT INTO events (tenant, ts, kind, device_id, payload)
 SELECT e.t, e.ts, e.k, e.d, e.p
-FROM {locks_sql(p[0], f"{p[1]}::text[]", p[2])},
+FROM {locks_sql(p[0], f"{p[1]}::text[]", p[2], after)},
      unnest({p[3]}::text[], {p[4]}::float8[], {p[5]}::text[], {p[6]}::text[], {p[7]}::text[])
         WITH ORDINALITY AS e(t, ts, k, d, p, n)
 WHERE l.n > 0

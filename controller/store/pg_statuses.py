@@ -80,6 +80,7 @@ ON CONFLICT (tenant, device_id, deployment_id) DO UPDATE SET
     status = excluded.status, seq = excluded.seq, updated_at = excluded.updated_at,
     state = excluded.state
 WHERE statuses.seq < excluded.seq
+RETURNING 1
 """
 
 
@@ -159,7 +160,7 @@ async def put_statuses(
         ]
         sql = _UPSERT
         if tx.events:  # the statuses and their events in one atomic statement
-            sql = f"WITH written AS ({_UPSERT}) {events_sql(len(args) + 1)}"
+            sql = f"WITH written AS ({_UPSERT}) {events_sql(len(args) + 1, after='written')}"
             args += take_events(tx)
         tx.writing = True
         await tx.conn.execute(sql, *args)
