@@ -198,11 +198,22 @@ async def test_every_reader_sees_every_event_in_order(pg_dsn: str) -> None:
         await connect(a, "acme", "d1")
         written: list[int] = []
 
+        await a.put_manifest("acme", "d1", 1, b'{"deployments": [{"deploymentId": "app"}]}', b"s")
+        seqs = iter(range(1, 10_000))
+
         async def writer(store: PgStore, n: int) -> None:
             for i in range(n):
                 written.append(await store.add_event("acme", "w", payload={"i": i}))
-                if i % 5 == 0:  # and transactions that append events among other writes
+                # and every other way of appending events: a transaction that writes other
+                # rows too, and the one-statement writes (a connection, a status)
+                if i % 5 == 0:
                     await store.set_labels("acme", "d1", {"i": str(i)})
+                elif i % 5 == 1:
+                    await connect(store, "acme", "d1")
+                elif i % 5 == 2:
+                    state = ("installing", "installed")[i % 2]
+                    doc = {"deploymentId": "app", "adoptedManifestVersion": 1, "state": state}
+                    await store.put_status_batch([("acme", "d1", doc, next(seqs))])
 
         seen: list[int] = []
         done = asyncio.Event()
