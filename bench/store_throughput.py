@@ -50,7 +50,7 @@ def _log(msg: str) -> None:
 
 @contextlib.contextmanager
 def private_server() -> Iterator[str]:
-    """A private PostgreSQL server (tests/pg_server.py), restarted with ``fsync`` and
+    """A private PostgreSQL server (tests/pg_server.py) with ``fsync`` and
     ``full_page_writes`` on (the tests run it without them), and a fresh database; its DSN."""
     path = ROOT / "tests" / "pg_server.py"
     spec = importlib.util.spec_from_file_location("margo_pg_server", path)
@@ -58,16 +58,7 @@ def private_server() -> Iterator[str]:
         raise SystemExit(f"no --dsn and no {path} to start a private PostgreSQL server")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    with module.pg_server() as server:
-        options = (
-            f"-c listen_addresses=127.0.0.1 -c port={server.port}"
-            f" -c unix_socket_directories={server.root} -c max_connections=200"
-        )
-        server._run(
-            str(server.bindir / "pg_ctl"),
-            *("-D", str(server.data), "-o", options, "-l", str(server.root / "server.log")),
-            *("-w", "-t", "60", "restart"),
-        )
+    with module.pg_server(durable=True) as server:
         yield server.new_database()
 
 

@@ -49,7 +49,7 @@ class PgServer:
     """One running cluster. ``dsn(db)`` names a database on it; ``new_database()`` makes an
     empty one (each test gets its own)."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, *, durable: bool = False) -> None:
         self.bindir = bindir
         self.root = Path(tempfile.mkdtemp(prefix="margo-pg-"))
         self.data = self.root / "data"
@@ -70,10 +70,11 @@ class PgServer:
             "--locale=C",
             "--no-sync",
         )
+        # tests trade durability for speed; a benchmark asks for a durable server
+        fast = "" if durable else "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} "
-            f"-c unix_socket_directories={self.root} -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            f"-c unix_socket_directories={self.root} {fast}-c max_connections=200"
         )
         self._run(
             str(bindir / "pg_ctl"),
@@ -129,14 +130,16 @@ class PgServer:
 
 
 @contextlib.contextmanager
-def pg_server() -> Iterator[PgServer]:
+def pg_server(*, durable: bool = False) -> Iterator[PgServer]:
+    """A running private server (``durable``: fsync and full-page writes on, as in
+    production; off by default, for the tests' speed)."""
     bindir = pg_bindir()
     if bindir is None:
         raise RuntimeError(
             "PostgreSQL is not installed (no initdb): run the tests with `python3 dev.py test`,"
             " which installs Debian's postgresql package"
         )
-    server = PgServer(bindir)
+    server = PgServer(bindir, durable=durable)
     try:
         yield server
     finally:
