@@ -3,8 +3,10 @@ into the SQLite store, in the same run, through the ``Store`` interface the cont
 
 - **Statuses**: ``--devices`` devices report ``--statuses`` deployment statuses in all, every
   device one after the other, all devices at once, through the controller's own write path
-  (``WriteBatcher`` over ``put_status_batch``: what a fan-out's reports become). Each status
-  is checked against what was issued to the device, as in production.
+  (``controller.status.status_writer``: batches over ``put_status_batch``, as many at once
+  as the store's ``write_concurrency``, devices hashed over them; what a fan-out's reports
+  become). ``--status-writers K`` overrides K for both stores. Each status is checked
+  against what was issued to the device, as in production.
 - **Telemetry**: the same devices replay ``--records`` records in all, in batches of
   ``--batch`` (the agent's replay batch is 512), all devices at once, through each device's
   ``TelemetryWriter`` (the session's path); every batch is one transaction, exactly once.
@@ -35,7 +37,7 @@ from typing import Any
 import asyncpg
 
 from bench.report_util import machine_info, markdown_table, write_report
-from controller.batching import WriteBatcher
+from controller.status import status_writer
 from controller.store.factory import ControllerStore as Store
 from controller.store.pg import PgStore
 from controller.store.sqlite import SqliteStore
@@ -91,9 +93,11 @@ async def prepare(store: Store, devices: list[str]) -> None:
     await store.put_manifests(TENANT, [(d, 1, manifest(1), b"sig") for d in devices])
 
 
-async def statuses(store: Store, devices: list[str], total: int) -> dict[str, Any]:
+async def statuses(
+    store: Store, devices: list[str], total: int, writers: int | None
+) -> dict[str, Any]:
     per_device = max(1, total // len(devices))
-    batcher = WriteBatcher(store.put_status_batch)
+    batcher = status_writer(store, writers)
     states = ("installing", "installed")
 
     async def device(d: str) -> int:
@@ -112,7 +116,12 @@ async def statuses(store: Store, devices: list[str], total: int) -> dict[str, An
     stored = sum(await asyncio.gather(*(device(d) for d in devices)))
     seconds = time.perf_counter() - started
     assert stored == per_device * len(devices), f"stored {stored} statuses"
-    return {"statuses": stored, "seconds": seconds, "per_second": stored / seconds}
+    return {
+        "statuses": stored,
+        "writers": batcher.partitions,
+        "seconds": seconds,
+        "per_second": stored / seconds,
+    }
 
 
 async def telemetry(
@@ -151,7 +160,7 @@ async def one_store(name: str, store: Store, args: argparse.Namespace) -> dict[s
     try:
         await prepare(store, devices)
         _log(f"{name}: statuses ...")
-        st = await statuses(store, devices, args.statuses)
+        st = await statuses(store, devices, args.statuses, args.status_writers)
         _log(f"{name}: {st['per_second']:,.0f} statuses/s; telemetry ...")
         tm = await telemetry(store, devices, args.records, args.batch, args.payload)
         _log(f"{name}: {tm['per_second']:,.0f} records/s")
@@ -178,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dsn", help="an empty PostgreSQL database (default: a private server)")
     p.add_argument("--devices", type=int, default=200)
     p.add_argument("--statuses", type=int, default=20_000, help="status writes in all")
+    p.add_argument(
+        "--status-writers",
+        type=int,
+        metavar="K",
+        help="status batches in flight at once (default: each store's write_concurrency)",
+    )
     p.add_argument("--records", type=int, default=500_000, help="telemetry records in all")
     p.add_argument("--batch", type=int, default=512, help="records per telemetry batch")
     p.add_argument("--payload", type=int, default=100, help="bytes per telemetry record")
@@ -193,12 +208,15 @@ def main(argv: list[str] | None = None) -> int:
         (
             r["store"],
             round(r["statuses"]["per_second"]),
+            r["statuses"]["writers"],
             round(r["telemetry"]["per_second"]),
             r["telemetry"]["records"],
         )
         for r in data["results"]
     ]
-    table = markdown_table(["store", "status writes/s", "telemetry records/s", "records"], rows)
+    table = markdown_table(
+        ["store", "status writes/s", "status writers", "telemetry records/s", "records"], rows
+    )
     pg = data["postgresql"]
     note = (
         f"PostgreSQL {pg['server_version']}, fsync={pg['fsync']},"

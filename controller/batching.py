@@ -4,10 +4,17 @@ When thousands of devices report at once (a fan-out's statuses, their adoptions)
 transaction each would queue them for seconds on the store's single thread. A ``WriteBatcher``
 collects what is submitted while a transaction runs and writes it all in the next one: no
 timer, no added latency when it is idle (a lone item is written at once), bounded batches.
+
+One ``WriteBatcher`` has one write in flight at a time. A store that takes several at once to
+good effect (a server, where the round trip sets the rate; not SQLite's single thread) gets a
+``PartitionedBatcher``: K batchers, each item sent to the one its key hashes to, so the items
+of one key (one device's statuses) stay in one batcher, written in the order submitted, while
+the K batchers write side by side.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -67,3 +74,31 @@ class WriteBatcher(Generic[T, R]):
         if slot.error is not None:
             raise slot.error
         return slot.result
+
+
+class PartitionedBatcher(Generic[T, R]):
+    """``partitions`` ``WriteBatcher``s over one ``write``, which must accept that many calls
+    at once: an item goes to the batcher its ``key`` hashes to (a stable hash), so items of one
+    key are never written concurrently, and are written in the order they were submitted."""
+
+    def __init__(
+        self,
+        write: Callable[[Sequence[T]], Awaitable[Sequence[R] | None]],
+        *,
+        partitions: int,
+        key: Callable[[T], str],
+        max_items: int = 1000,
+    ) -> None:
+        if partitions < 1:
+            raise ValueError(f"a batcher needs at least 1 partition, not {partitions}")
+        self._key = key
+        self._batchers = [WriteBatcher(write, max_items=max_items) for _ in range(partitions)]
+
+    @property
+    def partitions(self) -> int:
+        return len(self._batchers)
+
+    async def submit(self, item: T) -> R | None:
+        """``WriteBatcher.submit`` on the batcher of ``item``'s key."""
+        k = zlib.crc32(self._key(item).encode()) % len(self._batchers)
+        return await self._batchers[k].submit(item)

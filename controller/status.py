@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.batching import WriteBatcher
+from controller.batching import PartitionedBatcher
 from controller.ports import DeviceLink, TaskSpawner
 from controller.store.base import Store
 from controller.store.claims import StatusRefusal
@@ -27,15 +27,31 @@ def margo_status(device_id: str, s: m.Status) -> dict[str, Any]:
     return status_to_margo(device_id, status_from_wire(s))
 
 
+StatusItem = tuple[str, str, dict[str, Any], int]  # (tenant, device_id, status, seq)
+StatusWriter = PartitionedBatcher[StatusItem, bool | StatusRefusal]
+
+
+def _device_key(item: StatusItem) -> str:
+    return f"{item[0]}\0{item[1]}"
+
+
+def status_writer(store: Store, writers: int | None = None) -> StatusWriter:
+    """The controller's status write path: ``writers`` batchers (default: the store's
+    ``write_concurrency``) over ``store.put_status_batch``, devices hashed over them."""
+    return PartitionedBatcher(
+        store.put_status_batch,
+        partitions=store.write_concurrency if writers is None else writers,
+        key=_device_key,
+    )
+
+
 class StatusIngest:
     """The handler of status streams: store each status (batched with the other devices'),
     then ack its sequence number."""
 
     def __init__(self, store: Store, tasks: TaskSpawner) -> None:
         self.tasks = tasks
-        self._writes: WriteBatcher[tuple[str, str, dict[str, Any], int], bool | StatusRefusal] = (
-            WriteBatcher(store.put_status_batch)
-        )
+        self._writes = status_writer(store)
 
     def handle(self, session: DeviceLink, stream: MessageStream) -> None:
         def on_message(message: Any) -> None:

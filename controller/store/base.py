@@ -216,6 +216,9 @@ class Store(Protocol):
     """The controller's persistent state. All methods are coroutines; see the module doc."""
 
     path: str  # what to name in messages (a file for SQLite, a DSN without password otherwise)
+    # How many hot-path write batches (``put_status_batch``) to run at once: 1 where writes
+    # queue on one thread anyway (SQLite), more where a batch's round trip sets the rate.
+    write_concurrency: int
 
     async def open(self) -> None: ...
 

@@ -186,7 +186,14 @@ async def list_statuses(tx: Tx, tenant: str, device_id: str | None) -> list[Stat
 
 class PgStatuses(Transactions):
     """The status methods of ``Store``; ``PgStore`` inherits them and supplies the
-    transactions (``_write``/``_read`` run a coroutine function of a ``Tx``)."""
+    transactions (``_write``/``_read`` run a coroutine function of a ``Tx``).
+
+    ``write_concurrency``: the controller runs this many ``put_status_batch`` calls at once
+    (one connection each, devices hashed over them: ``controller.status``); one at a time,
+    the round trips set the rate. Batches of different devices touch different rows, and a
+    status is written only over an older ``seq``, so they need no order between them."""
+
+    write_concurrency = 2
 
     async def put_status_batch(
         self, items: Sequence[StatusItem], *, now: float | None = None

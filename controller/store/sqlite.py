@@ -73,6 +73,8 @@ class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention):
     ``open()`` / ``close()``. The methods of the allow-list, of statuses and of retention
     come from ``SqliteIdentities``, ``SqliteStatuses`` and ``SqliteRetention``."""
 
+    write_concurrency = 1  # one writer thread: a second batch at once would only queue
+
     def __init__(
         self,
         path: str | os.PathLike[str],

@@ -1,11 +1,12 @@
-"""WriteBatcher: concurrent submissions share writes, results go back to each submitter."""
+"""WriteBatcher: concurrent submissions share writes, results go back to each submitter.
+PartitionedBatcher: its batchers write side by side, one key's items in one batcher, in order."""
 
 from __future__ import annotations
 
 import anyio
 import pytest
 
-from controller.batching import WriteBatcher
+from controller.batching import PartitionedBatcher, WriteBatcher
 
 pytestmark = pytest.mark.anyio
 
@@ -67,3 +68,43 @@ async def test_a_failed_write_reaches_every_item_of_its_batch_and_the_next_batch
     assert isinstance(error, OSError) and outcomes[2] is error  # both items of the failed batch
     assert outcomes[0] is True and outcomes[3] is True and outcomes[4] is True
     assert await batcher.submit(5) is True  # the batcher still writes after a failure
+
+
+async def test_partitions_write_side_by_side_and_one_keys_items_never_race_out_of_order():
+    in_flight: list[list[tuple[str, int]]] = []  # the batches being written right now
+    most = 0
+    written: dict[str, list[int]] = {}
+
+    async def write(items):
+        nonlocal most
+        keys = {k for k, _ in items}
+        for other in in_flight:  # a key's items are never in two writes at once
+            assert keys.isdisjoint(k for k, _ in other), (items, other)
+        in_flight.append(items)
+        most = max(most, len(in_flight))
+        for _ in range(5):  # a round trip: the other submitters run meanwhile
+            await anyio.sleep(0)
+        in_flight.remove(items)
+        for k, n in items:
+            written.setdefault(k, []).append(n)
+        return [n for _, n in items]
+
+    batcher = PartitionedBatcher(write, partitions=3, key=lambda item: item[0], max_items=7)
+    keys = [f"device-{i}" for i in range(30)]
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for n in range(20):  # every key's items submitted in order, all at once
+                for k in keys:
+                    tg.start_soon(batcher.submit, (k, n))
+                await anyio.sleep(0)
+    assert written == {k: list(range(20)) for k in keys}  # each key's items in order
+    assert most == 3  # the three batchers wrote at once
+
+
+def test_a_partitioned_batcher_needs_a_partition():
+    async def write(items):
+        return None
+
+    with pytest.raises(ValueError, match="at least 1 partition"):
+        PartitionedBatcher(write, partitions=0, key=str)
