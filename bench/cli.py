@@ -50,6 +50,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "bench.store_throughput",
         "status writes/s and telemetry records/s into PostgreSQL and SQLite, same run",
     ),
+    "cluster": (
+        "bench.cluster",
+        "two controllers on one PostgreSQL: failover after kill -9, coordination CPU cost",
+    ),
     "report": ("bench.report", "markdown table and PNG plots from a run/compare directory"),
     "fuzz": (
         "bench.fuzz_channel",
