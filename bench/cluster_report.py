@@ -60,11 +60,18 @@ def summarize_cost(result: dict[str, Any]) -> dict[str, Any]:
         return float(at[b][k] - at[a][k])
 
     idle_s = delta("idle", "idled", 0)
+    base_s = delta("base", "start", 0) if "base" in at else 0.0
     out = {k: v for k, v in result.items() if k != "marks"}
     for who, k in (("ctl", 1), ("pg", 2)):
         out[f"{who}_handshake_ms"] = 1000 * delta("start", "connected", k) / n
         out[f"{who}_push_ms"] = 1000 * delta("push", "pushed", k) / n
         out[f"{who}_idle_us_s"] = 1e6 * delta("idle", "idled", k) / idle_s / n
+        # with no device connected: what the instances cost by themselves, ms per second
+        base = delta("base", "start", k) / base_s if base_s > 0 else None
+        out[f"{who}_base_ms_s"] = None if base is None else 1000 * base
+        out[f"{who}_idle_net_us_s"] = (
+            None if base is None else 1e6 * (delta("idle", "idled", k) / idle_s - base) / n
+        )
     out["connect_s"] = delta("start", "connected", 0)
     out["push_s"] = delta("push", "pushed", 0)
     out["idle_s"] = idle_s
@@ -75,6 +82,8 @@ FIGURES = (
     ("handshake_ms", "CPU ms per handshake"),
     ("push_ms", "CPU ms per device per pushed change"),
     ("idle_us_s", "CPU µs per idle device per second"),
+    ("base_ms_s", "CPU ms per second with no device (all instances)"),
+    ("idle_net_us_s", "CPU µs per idle device per second, net of that"),
 )
 
 
@@ -83,10 +92,11 @@ def ratios(run: Sequence[dict[str, Any]], num: str, den: str) -> dict[str, float
     by = {r["config"]: r for r in run}
     if num not in by or den not in by:
         return {}
-    return {
-        f: (by[num][f"ctl_{f}"] / by[den][f"ctl_{f}"] if by[den][f"ctl_{f}"] else None)
-        for f, _ in FIGURES
-    }
+    out: dict[str, float | None] = {}
+    for f, _ in FIGURES:
+        a, b = by[num].get(f"ctl_{f}"), by[den].get(f"ctl_{f}")
+        out[f] = a / b if a is not None and b else None
+    return out
 
 
 def cost_rows(runs: Sequence[Sequence[dict[str, Any]]]) -> list[list[Any]]:
@@ -104,7 +114,8 @@ def cost_rows(runs: Sequence[Sequence[dict[str, Any]]]) -> list[list[Any]]:
     for num, den in (("pg-2", "pg-1"), ("pg-1", "sqlite-1")):
         each = [ratios(run, num, den) for run in runs]
         rows.append(
-            [f"{num} / {den} (controllers)"] + [median(e.get(f) for e in each) for f, _ in FIGURES]
+            [f"{num} / {den} (controllers)"]
+            + [_ratio(median(e.get(f) for e in each)) for f, _ in FIGURES]
         )
     return rows
 
@@ -157,6 +168,10 @@ def report_blocks(data: dict[str, Any]) -> list[str]:
             "of both instances' CPU, its devices split evenly over them."
         )
     return blocks
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def _pair(a: float | None, b: float | None) -> str:

@@ -35,24 +35,26 @@ def test_failover_not_all_on_b_has_no_time() -> None:
 
 
 def marks(cpu: tuple[float, ...], pg: tuple[float, ...]) -> list[tuple[str, float, float, float]]:
-    labels = ("start", "connected", "push", "pushed", "idle", "idled")
-    times = (0.0, 5.0, 7.0, 9.0, 11.0, 21.0)
+    labels = ("base", "start", "connected", "push", "pushed", "idle", "idled")
+    times = (-10.0, 0.0, 5.0, 7.0, 9.0, 11.0, 21.0)
     return list(zip(labels, times, cpu, pg, strict=True))
 
 
 def run(config: str, cpu: tuple[float, ...]) -> dict[str, object]:
-    return {"config": config, "devices": 100, "marks": marks(cpu, (0, 1, 1, 2, 2, 3))}
+    return {"config": config, "devices": 100, "marks": marks(cpu, (0, 0, 1, 1, 2, 2, 3))}
 
 
 def test_cost_per_unit_and_ratios() -> None:
-    s = summarize_cost(run("pg-1", (10.0, 11.0, 11.0, 11.5, 11.5, 11.6)))
+    s = summarize_cost(run("pg-1", (9.95, 10.0, 11.0, 11.0, 11.5, 11.5, 11.6)))
     assert s["ctl_handshake_ms"] == pytest.approx(10.0)  # 1 s over 100 handshakes
     assert s["ctl_push_ms"] == pytest.approx(5.0)
     assert s["ctl_idle_us_s"] == pytest.approx(100.0)  # 0.1 s over 10 s and 100 devices
+    assert s["ctl_base_ms_s"] == pytest.approx(5.0)  # 0.05 s over 10 s with no device
+    assert s["ctl_idle_net_us_s"] == pytest.approx(50.0)  # (10 ms/s - 5 ms/s) / 100
     assert s["pg_idle_us_s"] == pytest.approx(1000.0)
     assert "marks" not in s
-    two = summarize_cost(run("pg-2", (0.0, 1.2, 1.2, 1.7, 1.7, 1.8)))
+    two = summarize_cost(run("pg-2", (-0.08, 0.0, 1.2, 1.2, 1.7, 1.7, 1.8)))
     rows = {r[0]: r[1:] for r in cost_rows([[s, two]])}
-    assert rows["pg-2 / pg-1 (controllers)"] == pytest.approx([1.2, 1.0, 1.0])
-    assert rows["pg-1 / sqlite-1 (controllers)"] == [None, None, None]
+    assert rows["pg-2 / pg-1 (controllers)"] == ["1.20", "1.00", "1.00", "1.60", "0.40"]
+    assert rows["pg-1 / sqlite-1 (controllers)"] == ["—"] * 5
     assert any("Target" in b for b in report_blocks({"cost": [[s, two]]}))
