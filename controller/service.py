@@ -30,7 +30,8 @@ import uvicorn
 from anyio.abc import TaskGroup
 
 from controller.api.app import create_app
-from controller.cluster import new_instance_id, open_cluster
+from controller.cluster import new_instance_id
+from controller.cluster.factory import open_cluster
 from controller.cluster.reactions import ClusterReactions
 from controller.config import ControllerConfig
 from controller.conn_limits import close_at_limits

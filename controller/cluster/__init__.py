@@ -12,7 +12,7 @@ import os
 import secrets
 import socket
 
-from controller.ports import Cluster
+from controller.config import STORE_SCHEMES
 
 
 def new_instance_id() -> str:
@@ -23,19 +23,7 @@ def new_instance_id() -> str:
 
 
 def is_postgres(store: str | None) -> bool:
-    return store is not None and store.startswith(("postgresql://", "postgres://"))
+    return store is not None and store.startswith(STORE_SCHEMES)
 
 
-def open_cluster(store: str | None, instance_id: str) -> Cluster:
-    """The cluster of a controller whose store is ``store`` (``--store``; None: SQLite)."""
-    if is_postgres(store):
-        from controller.cluster.pg import PgCluster
-
-        assert store is not None
-        return PgCluster(store, instance_id)
-    from controller.cluster.single import SingleNode
-
-    return SingleNode(instance_id)
-
-
-__all__ = ["is_postgres", "new_instance_id", "open_cluster"]
+__all__ = ["is_postgres", "new_instance_id"]

@@ -33,6 +33,7 @@ Times are unix seconds (float). Methods taking ``now`` use the current time when
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -572,3 +573,8 @@ class Store(Protocol):
         """Like ``list_events`` but waits up to ``timeout`` seconds for the first new event;
         returns ``[]`` on timeout. Used by the streaming event feed."""
         ...
+
+
+def resolve_now(now: float | None) -> float:
+    """``now`` when a caller gave one (tests, batch writers), else the wall clock."""
+    return time.time() if now is None else now

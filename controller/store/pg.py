@@ -47,6 +47,7 @@ from controller.store.base import (
     ManifestRecord,
     SessionAudit,
 )
+from controller.store.base import resolve_now as _now
 from controller.store.pg_errors import (
     RETRYABLE,
     is_link_lost,
@@ -65,10 +66,6 @@ from margo_stream.errors import StoreError
 
 T = TypeVar("T")
 RETRIES = 5
-
-
-def _now(now: float | None) -> float:
-    return time.time() if now is None else now
 
 
 async def _no_reset(_conn: object) -> None:

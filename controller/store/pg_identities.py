@@ -6,7 +6,6 @@ The semantics are SQLite's (``controller.store.sqlite_identities``): every chang
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import asyncpg
@@ -19,6 +18,7 @@ from controller.store.base import (
     import_is_newer,
     import_merged,
 )
+from controller.store.base import resolve_now as _now
 from controller.store.pg_events import Transactions, Tx, add_event
 from controller.store.sqlite_identities import _check_key, identity_not_found
 
@@ -152,7 +152,3 @@ class PgIdentities(Transactions):
         if not items:
             return []
         return await self._write(import_identities, list(items), _now(now))
-
-
-def _now(now: float | None) -> float:
-    return time.time() if now is None else now

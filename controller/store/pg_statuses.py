@@ -15,10 +15,10 @@ at once (``WHERE statuses.seq < excluded.seq``).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from controller.store.base import JsonDict, StatusRecord
+from controller.store.base import resolve_now as _now
 from controller.store.claims import NOT_ISSUED, UNKNOWN_VERSION, StatusRefusal, StatusRefused
 from controller.store.pg_events import (
     STATEMENT,
@@ -239,7 +239,3 @@ class PgStatuses(Transactions):
 
     async def list_statuses(self, tenant: str, device_id: str | None = None) -> list[StatusRecord]:
         return await self._read(list_statuses, tenant, device_id)
-
-
-def _now(now: float | None) -> float:
-    return time.time() if now is None else now

@@ -26,7 +26,6 @@ watermark never moves back. Devices never wait for each other.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from functools import partial
 
@@ -34,6 +33,7 @@ import asyncpg
 
 from controller.store import pg_devices as devices
 from controller.store.base import TelemetryRecord, TelemetryWriter
+from controller.store.base import resolve_now as _now
 from controller.store.pg_events import READ, STATEMENT, WRITE, Transactions, Tx, add_event
 from controller.store.sqlite_telemetry import BoundTelemetryWriter
 
@@ -196,10 +196,6 @@ async def query_telemetry(
     if newest:
         records.reverse()
     return records
-
-
-def _now(now: float | None) -> float:
-    return time.time() if now is None else now
 
 
 class PgTelemetry(Transactions):

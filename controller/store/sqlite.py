@@ -46,6 +46,7 @@ from controller.store.base import (
     TelemetryRecord,
     TelemetryWriter,
 )
+from controller.store.base import resolve_now as _now
 from controller.store.sqlite_errors import store_error
 from controller.store.sqlite_events import StoreConnection
 from controller.store.sqlite_identities import SqliteIdentities
@@ -62,10 +63,6 @@ def telemetry_db_path(path: str) -> str:
     """``controller.db`` -> ``controller.telemetry.db`` (beside it)."""
     p = Path(path)
     return str(p.with_name(f"{p.stem}.telemetry{p.suffix or '.db'}"))
-
-
-def _now(now: float | None) -> float:
-    return time.time() if now is None else now
 
 
 class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention):

@@ -7,7 +7,6 @@ Runs on the worker thread inside the caller's transaction. Every change appends
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -19,6 +18,7 @@ from controller.store.base import (
     import_is_newer,
     import_merged,
 )
+from controller.store.base import resolve_now as _now
 from controller.store.sqlite_events import StoreConnection, add_event
 from margo_stream.errors import NotFound
 
@@ -169,7 +169,3 @@ class SqliteIdentities:
         if not items:
             return []
         return await self._write(import_identities, list(items), _now(now))
-
-
-def _now(now: float | None) -> float:
-    return time.time() if now is None else now

@@ -10,11 +10,11 @@ is filled by ``record_issued`` whenever a manifest is stored. ``SqliteStatuses``
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from controller.store.base import JsonDict, StatusRecord
+from controller.store.base import resolve_now as _now
 from controller.store.claims import (
     NOT_ISSUED,
     UNKNOWN_VERSION,
@@ -251,7 +251,3 @@ class SqliteStatuses:
 
     async def list_statuses(self, tenant: str, device_id: str | None = None) -> list[StatusRecord]:
         return await self._read(list_statuses, tenant, device_id)
-
-
-def _now(now: float | None) -> float:
-    return time.time() if now is None else now
