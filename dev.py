@@ -90,6 +90,17 @@ def ensure_postgresql() -> None:
     )
 
 
+def ensure_tinyproxy() -> None:
+    """The TCP carrier's proxy tests start a private tinyproxy (Debian's package) with their own
+    configuration. Install it when we can (root with apt); otherwise those tests say why they
+    skip."""
+    import shutil
+
+    if shutil.which("tinyproxy") or os.path.exists("/usr/bin/tinyproxy"):
+        return
+    apt_install("tinyproxy", "the HTTP proxy tests", "the HTTP proxy tests will be skipped")
+
+
 # Run before pytest by `dev.py test`; each must pass for the command to succeed.
 CHECKS = {
     "lint (ruff check)": ["ruff", "check", "."],
@@ -123,6 +134,7 @@ def main() -> int:
     if sys.argv[1] == "test":
         ensure_mosquitto()
         ensure_postgresql()
+        ensure_tinyproxy()
         return run_tests(env, sys.argv[2:] or ["-q", "-p", "no:cacheprovider"])
     demo = subprocess.Popen(
         [str(BIN / "python"), "-m", "bench.demo", *sys.argv[2:]], cwd=ROOT, env=env
