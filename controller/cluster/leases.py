@@ -9,13 +9,20 @@ one statement that locks the row (``FOR UPDATE``), so concurrent acquisitions of
 distinct, increasing generations. It returns the instance that held it before, which the new
 holder tells to close its session (``REPLACED``).
 
-Every write of a holder names its generation and instance: ``renew`` (in batches, on a timer)
-returns the leases it extended, and a lease it did not extend was taken by someone else;
-``release`` (at disconnect) sets ``expires_at`` to now only when the lease is still the
-caller's, so a session that lost its device can neither extend nor end the new holder's lease,
-nor mark the device disconnected. A crashed instance renews nothing: its leases expire and its
-devices show as disconnected within the lease time. Rows are never deleted, so generations are
-never reused.
+A held lease has no expiry of its own (``expires_at`` is infinity): it lives as long as its
+holder's instance row is alive (``controller_instances.alive_until``), which the instance's
+``heartbeat`` pushes forward every few seconds. So keeping 50,000 leases costs one row update,
+not 50,000, and a crashed instance's leases all end together when its heartbeat lapses: its
+devices show as disconnected within the lease time. ``holders`` is the only judge of liveness,
+and it joins the two.
+
+Every write of a holder names its generation and instance: ``release`` (at disconnect) sets
+``expires_at`` to now only when the lease is still the caller's, so a session that lost its
+device can neither end the new holder's lease nor mark the device disconnected. A lease taken
+by another instance is usually heard of through its REPLACED notice; as a backstop the holder
+compares ``live_count`` with what it thinks it holds on every heartbeat (one integer back) and
+reads ``live_leases`` only when they differ. Rows are never deleted, so generations are never
+reused.
 """
 
 from __future__ import annotations
@@ -35,12 +42,12 @@ WITH old AS (
 ), updated AS (
     UPDATE device_leases AS l
     SET instance_id = $3, generation = old.generation + 1,
-        expires_at = now() + make_interval(secs => $4)
+        expires_at = 'infinity'
     FROM old WHERE l.tenant = $1 AND l.device_id = $2
     RETURNING l.generation, old.instance_id AS previous
 ), inserted AS (
     INSERT INTO device_leases (tenant, device_id, instance_id, generation, expires_at)
-    SELECT $1, $2, $3, 1, now() + make_interval(secs => $4)
+    SELECT $1, $2, $3, 1, 'infinity'::timestamptz
     WHERE NOT EXISTS (SELECT 1 FROM old)
     ON CONFLICT (tenant, device_id) DO NOTHING
     RETURNING generation, NULL::text AS previous
@@ -48,13 +55,17 @@ WITH old AS (
 SELECT generation, previous FROM updated UNION ALL SELECT generation, previous FROM inserted
 """
 
-_RENEW = """
-UPDATE device_leases AS l SET expires_at = now() + make_interval(secs => $2)
-FROM unnest($3::text[], $4::text[], $5::bigint[]) AS h(tenant, device_id, generation)
-WHERE l.tenant = h.tenant AND l.device_id = h.device_id AND l.generation = h.generation
-  AND l.instance_id = $1
-RETURNING l.tenant, l.device_id, l.generation
+_HEARTBEAT = """
+UPDATE controller_instances
+SET heartbeat_at = now(), alive_until = now() + make_interval(secs => $2)
+WHERE id = $1
+RETURNING 1
 """
+
+_HOLDERS = """
+SELECT l.device_id, l.instance_id FROM device_leases AS l
+JOIN controller_instances AS i ON i.id = l.instance_id AND i.alive_until > now()
+WHERE l.tenant = $1 AND l.expires_at > now()"""
 
 _RELEASE = """
 UPDATE device_leases SET expires_at = now()
@@ -62,17 +73,15 @@ WHERE tenant = $1 AND device_id = $2 AND instance_id = $3 AND generation = $4
 RETURNING 1
 """
 
-RENEW_CHUNK = 5000  # leases per renewal statement
-
 
 class LeaseError(Exception):
     """A lease could not be taken (the store did not answer as expected)."""
 
 
-async def acquire(db: Db, instance_id: str, tenant: str, device_id: str, seconds: float) -> Lease:
-    """Take the device's lease for ``seconds`` with the next generation."""
+async def acquire(db: Db, instance_id: str, tenant: str, device_id: str) -> Lease:
+    """Take the device's lease with the next generation (alive while the instance is)."""
     for _ in range(3):  # two first acquisitions at once: one inserts, the other updates next
-        row = await db.fetchrow(_ACQUIRE, tenant, device_id, instance_id, seconds)
+        row = await db.fetchrow(_ACQUIRE, tenant, device_id, instance_id)
         if row is not None:
             previous = row["previous"]
             return Lease(
@@ -84,24 +93,36 @@ async def acquire(db: Db, instance_id: str, tenant: str, device_id: str, seconds
     raise LeaseError(f"could not take the lease of {tenant}/{device_id}: contended three times")
 
 
-async def renew(
-    db: Db, instance_id: str, leases: Sequence[Lease], seconds: float
-) -> set[tuple[str, str, int]]:
-    """Extend ``leases`` by ``seconds``; returns (tenant, device, generation) of those still
-    this instance's (the others were taken)."""
-    kept: set[tuple[str, str, int]] = set()
-    for start in range(0, len(leases), RENEW_CHUNK):
-        chunk = leases[start : start + RENEW_CHUNK]
-        rows = await db.fetch(
-            _RENEW,
+async def heartbeat(db: Db, instance_id: str, seconds: float) -> None:
+    """Keep the instance, and so every lease it holds, alive for ``seconds`` more (the row is
+    made again if it was pruned while this instance could not reach the store)."""
+    if await db.fetchval(_HEARTBEAT, instance_id, seconds) is None:
+        await db.execute(
+            "INSERT INTO controller_instances (id, alive_until)"
+            " VALUES ($1, now() + make_interval(secs => $2)) ON CONFLICT (id) DO UPDATE"
+            " SET heartbeat_at = now(), alive_until = excluded.alive_until",
             instance_id,
             seconds,
-            [lease.tenant for lease in chunk],
-            [lease.device_id for lease in chunk],
-            [lease.generation for lease in chunk],
         )
-        kept.update((r["tenant"], r["device_id"], int(r["generation"])) for r in rows)
-    return kept
+
+
+async def live_count(db: Db, instance_id: str) -> int:
+    """How many leases the store says ``instance_id`` holds (one integer over the wire)."""
+    count = await db.fetchval(
+        "SELECT count(*) FROM device_leases WHERE instance_id = $1 AND expires_at > now()",
+        instance_id,
+    )
+    return int(count)
+
+
+async def live_leases(db: Db, instance_id: str) -> set[tuple[str, str, int]]:
+    """(tenant, device, generation) of every lease the store says ``instance_id`` holds."""
+    rows = await db.fetch(
+        "SELECT tenant, device_id, generation FROM device_leases"
+        " WHERE instance_id = $1 AND expires_at > now()",
+        instance_id,
+    )
+    return {(r["tenant"], r["device_id"], int(r["generation"])) for r in rows}
 
 
 async def release(db: Db, instance_id: str, lease: Lease) -> bool:
@@ -120,18 +141,12 @@ async def release_all(db: Db, instance_id: str) -> int:
 
 
 async def holders(db: Db, tenant: str, device_ids: Sequence[str] | None = None) -> dict[str, str]:
-    """device id -> instance holding an unexpired lease, for the tenant (or those devices)."""
+    """device id -> instance holding a live lease (not released, its instance's heartbeat not
+    lapsed), for the tenant (or those devices)."""
     if device_ids is None:
-        rows = await db.fetch(
-            "SELECT device_id, instance_id FROM device_leases"
-            " WHERE tenant = $1 AND expires_at > now()",
-            tenant,
-        )
+        rows = await db.fetch(_HOLDERS, tenant)
     else:
         rows = await db.fetch(
-            "SELECT device_id, instance_id FROM device_leases"
-            " WHERE tenant = $1 AND device_id = ANY($2::text[]) AND expires_at > now()",
-            tenant,
-            list(device_ids),
+            _HOLDERS + " AND l.device_id = ANY($2::text[])", tenant, list(device_ids)
         )
     return {r["device_id"]: r["instance_id"] for r in rows}

@@ -1,16 +1,17 @@
 """``PgCluster``: several controllers on one PostgreSQL store.
 
 Each controller is an instance with its own id (``controller_instances``, a heartbeat every
-``renew_every`` seconds), holds the leases of the devices whose sessions it accepted
-(``controller.cluster.leases``: taken at admission, renewed in one batch per ``renew_every``,
-released at disconnect) and hears the others' changes (``controller.cluster.changes``). It has
-its own connections, apart from the store's pool: a small pool for leases and publishing and
-one connection that LISTENs, so neither waits behind the other's work.
+``renew_every`` seconds that keeps it alive for ``lease_time``), holds the leases of the
+devices whose sessions it accepted (``controller.cluster.leases``: taken at admission, alive
+while the instance is, released at disconnect) and hears the others' changes
+(``controller.cluster.changes``). It has its own connections, apart from the store's pool: a
+small pool for leases and publishing and one connection that LISTENs, so neither waits behind
+the other's work.
 
-A lease this instance thought it held and could not renew was taken by another instance: the
-controller is told (``on_lost``) and closes that session with ``REPLACED``. Usually it heard
-sooner: the new holder publishes REPLACED for the devices it took from others, in batches
-(``replaced``), as soon as it took them.
+A lease this instance thought it held and the store says it does not was taken by another
+instance: the controller is told (``on_lost``) and closes that session with ``REPLACED``.
+Usually it heard sooner: the new holder publishes REPLACED for the devices it took from others,
+in batches (``replaced``), as soon as it took them; the heartbeat's count check is the backstop.
 """
 
 from __future__ import annotations
@@ -101,10 +102,7 @@ class PgCluster:
             )
             async with self._pool.acquire() as conn:
                 await create_tables(conn)
-            await self._pool.execute(
-                "INSERT INTO controller_instances (id) VALUES ($1) ON CONFLICT (id) DO NOTHING",
-                self._id,
-            )
+            await leases.heartbeat(self._pool, self._id, self.lease_time)
         except _DB_ERRORS as exc:
             await self.close()
             raise StoreError(
@@ -155,7 +153,7 @@ class PgCluster:
     # --- leases --------------------------------------------------------------------------------
     async def acquire(self, tenant: str, device_id: str) -> Lease:
         try:
-            lease = await leases.acquire(self.db, self._id, tenant, device_id, self.lease_time)
+            lease = await leases.acquire(self.db, self._id, tenant, device_id)
         except (*_DB_ERRORS, leases.LeaseError) as exc:
             raise StoreError(
                 f"cannot take the lease of {tenant}/{device_id}: {_why(exc)}"
@@ -185,12 +183,13 @@ class PgCluster:
             raise StoreError(f"cannot read the device leases: {_why(exc)}") from None
 
     async def renew_now(self, on_lost: LeaseLost) -> int:
-        """Renew every lease held; ``on_lost`` for each one another instance took. Returns how
-        many were lost."""
+        """The heartbeat that keeps every lease held alive; ``on_lost`` for each one another
+        instance took. Returns how many were lost."""
         held = list(self._held.values())
-        if not held:
-            return 0
-        kept = await leases.renew(self.db, self._id, held, self.lease_time)
+        await leases.heartbeat(self.db, self._id, self.lease_time)
+        if not held or await leases.live_count(self.db, self._id) >= len(held):
+            return 0  # the usual case: one row written, one integer read
+        kept = await leases.live_leases(self.db, self._id)
         lost = 0
         for lease in held:
             key = (lease.tenant, lease.device_id)
@@ -206,9 +205,6 @@ class PgCluster:
             await anyio.sleep(self.renew_every)
             try:
                 lost = await self.renew_now(on_lost)
-                await self.db.execute(
-                    "UPDATE controller_instances SET heartbeat_at = now() WHERE id = $1", self._id
-                )
                 if time.monotonic() - pruned_at > PRUNE_EVERY:
                     pruned_at = time.monotonic()
                     await changes.prune(self.db)
@@ -220,7 +216,7 @@ class PgCluster:
                     )
             except (*_DB_ERRORS, StoreError) as exc:
                 log.warning(
-                    "cluster: could not renew %d leases (they expire in %.0fs): %s",
+                    "cluster: no heartbeat for %d leases (they lapse within %.0fs): %s",
                     len(self._held),
                     self.lease_time,
                     _why(exc),

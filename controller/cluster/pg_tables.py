@@ -4,10 +4,13 @@ They are created at every start with ``CREATE ... IF NOT EXISTS`` inside one tra
 holds the store's migration lock (``controller.store.pg_schema.MIGRATION_LOCK_KEY``), so
 controllers starting at once, and the store's own migrations, run one after the other.
 
-- ``controller_instances``: one row per running controller, its addresses and a heartbeat.
-- ``device_leases``: which instance holds each device's session, until ``expires_at``
-  (PostgreSQL's clock, so the instances' clocks do not matter). ``generation`` only grows: a
-  release sets ``expires_at`` to now and keeps the row, so a generation is never reused.
+- ``controller_instances``: one row per running controller, its addresses and a heartbeat that
+  keeps it, and every lease it holds, alive until ``alive_until``.
+- ``device_leases``: which instance holds each device's session; ``expires_at`` is infinity
+  while held and now() once released (PostgreSQL's clock, so the instances' clocks do not
+  matter); a lease is live while it is not released and its instance is alive
+  (``controller.cluster.leases``). ``generation`` only grows: a release keeps the row, so a
+  generation is never reused.
 - ``cluster_changes``: what one controller tells the others (``controller.cluster.changes``);
   ids are handed out under ``CHANGES_LOCK_KEY`` so they become visible in increasing order and
   a reader that has seen id N never misses a smaller one later.
@@ -31,6 +34,8 @@ CREATE TABLE IF NOT EXISTS controller_instances (
     started_at timestamptz NOT NULL DEFAULT now(),
     heartbeat_at timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE controller_instances
+    ADD COLUMN IF NOT EXISTS alive_until timestamptz NOT NULL DEFAULT now();
 CREATE TABLE IF NOT EXISTS device_leases (
     tenant text NOT NULL,
     device_id text NOT NULL,

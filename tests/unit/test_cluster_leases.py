@@ -40,58 +40,69 @@ async def db(pg_dsn):
         yield pool
 
 
+async def alive(db: asyncpg.Pool, *instances: str, seconds: float = 60) -> None:
+    for instance in instances:
+        await leases.heartbeat(db, instance, seconds)
+
+
 async def test_each_acquisition_takes_the_next_generation_whoever_held_it(db):
-    a = await leases.acquire(db, "A", "acme", "d1", 15)
+    await alive(db, "A", "B")
+    a = await leases.acquire(db, "A", "acme", "d1")
     assert (a.generation, a.previous) == (1, None)
-    b = await leases.acquire(db, "B", "acme", "d1", 15)
+    b = await leases.acquire(db, "B", "acme", "d1")
     assert (b.generation, b.previous) == (2, "A")
-    again = await leases.acquire(db, "B", "acme", "d1", 15)  # its own: nobody to tell
+    again = await leases.acquire(db, "B", "acme", "d1")  # its own: nobody to tell
     assert (again.generation, again.previous) == (3, None)
-    back = await leases.acquire(db, "A", "acme", "d1", 15)
+    back = await leases.acquire(db, "A", "acme", "d1")
     assert (back.generation, back.previous) == (4, "B")
-    other = await leases.acquire(db, "A", "globex", "d1", 15)  # tenants apart
+    other = await leases.acquire(db, "A", "globex", "d1")  # tenants apart
     assert other.generation == 1
     assert await leases.holders(db, "acme") == {"d1": "A"}
     assert await leases.holders(db, "acme", ["d1", "nope"]) == {"d1": "A"}
 
 
-async def test_a_holder_that_lost_its_lease_can_neither_renew_nor_release_it(db):
-    old = await leases.acquire(db, "A", "acme", "d1", 15)
-    new = await leases.acquire(db, "B", "acme", "d1", 15)
-    mine = await leases.acquire(db, "A", "acme", "d2", 15)
-    kept = await leases.renew(db, "A", [old, mine], 15)
-    assert kept == {("acme", "d2", mine.generation)}  # d1 is B's now
+async def test_a_holder_that_lost_its_lease_can_neither_keep_nor_release_it(db):
+    await alive(db, "A", "B", "C")
+    old = await leases.acquire(db, "A", "acme", "d1")
+    new = await leases.acquire(db, "B", "acme", "d1")
+    mine = await leases.acquire(db, "A", "acme", "d2")
+    assert await leases.live_count(db, "A") == 1  # d1 is B's now
+    assert await leases.live_leases(db, "A") == {("acme", "d2", mine.generation)}
     assert not await leases.release(db, "A", old)  # fenced: B keeps the device
     assert await leases.holders(db, "acme", ["d1"]) == {"d1": "B"}
     # a stale generation of the right instance is refused too
     stale = Lease("acme", "d1", new.generation - 1)
     assert not await leases.release(db, "B", stale)
-    assert await leases.renew(db, "B", [stale], 15) == set()
     assert await leases.release(db, "B", new)
     assert await leases.holders(db, "acme", ["d1"]) == {}
     # released, not forgotten: the next holder's generation is past every earlier one
-    nxt = await leases.acquire(db, "C", "acme", "d1", 15)
+    nxt = await leases.acquire(db, "C", "acme", "d1")
     assert nxt.generation == new.generation + 1
 
 
-async def test_leases_not_renewed_expire(db):
-    await leases.acquire(db, "A", "acme", "d1", 0.5)
-    held = await leases.acquire(db, "A", "acme", "d2", 0.5)
-    assert set(await leases.holders(db, "acme")) == {"d1", "d2"}
+async def test_leases_end_with_their_instance_heartbeat(db):
+    await alive(db, "A", "B", seconds=0.5)
+    await leases.acquire(db, "A", "acme", "d1")
+    await leases.acquire(db, "B", "acme", "d2")
+    assert await leases.acquire(db, "C", "acme", "d3")  # C never said it is alive
+    assert await leases.holders(db, "acme") == {"d1": "A", "d2": "B"}
     await anyio.sleep(0.3)
-    assert await leases.renew(db, "A", [held], 0.5) == {("acme", "d2", held.generation)}
-    await anyio.sleep(0.4)  # d1 is past its time, d2 was renewed
-    assert await leases.holders(db, "acme") == {"d2": "A"}
+    await alive(db, "B", seconds=0.5)
+    await anyio.sleep(0.4)  # A's heartbeat lapsed (and its lease with it), B's did not
+    assert await leases.holders(db, "acme") == {"d2": "B"}
     await anyio.sleep(0.6)
     assert await leases.holders(db, "acme") == {}
+    await alive(db, "A")  # an instance that comes back (the store was out of reach) holds again
+    assert await leases.holders(db, "acme") == {"d1": "A"}
 
 
 async def test_concurrent_takers_get_distinct_increasing_generations(db):
+    await alive(db, "I0", "I1", "I2")
     got: dict[int, tuple[str, Lease]] = {}
 
     async def take(n: int) -> None:
         instance = f"I{n % 3}"
-        lease = await leases.acquire(db, instance, "acme", "hot", 15)
+        lease = await leases.acquire(db, instance, "acme", "hot")
         assert lease.generation not in got
         got[lease.generation] = (instance, lease)
 
@@ -106,10 +117,12 @@ async def test_concurrent_takers_get_distinct_increasing_generations(db):
     assert await leases.holders(db, "acme") == {"hot": got[24][0]}
 
 
-async def test_renewing_thousands_of_leases_is_one_batch(db):
-    held = [await leases.acquire(db, "A", "acme", f"d{n}", 15) for n in range(200)]
-    kept = await leases.renew(db, "A", held, 15)
-    assert len(kept) == 200
+async def test_one_heartbeat_keeps_thousands_of_leases(db):
+    await alive(db, "A")
+    for n in range(200):
+        await leases.acquire(db, "A", "acme", f"d{n}")
+    assert len(await leases.holders(db, "acme")) == 200
+    assert await leases.live_count(db, "A") == 200
     assert await leases.release_all(db, "A") == 200
     assert await leases.holders(db, "acme") == {}
 
@@ -143,7 +156,7 @@ async def test_pg_cluster_tells_the_old_holder_and_fences_its_session(pg_dsn):
             assert heard[0].kind is ChangeKind.REPLACED
             assert heard[0].devices == ("d1",) and heard[0].generations == (taken.generation,)
             assert heard[0].origin == "B"
-            # A renews: the lease it thought it held is reported lost, once
+            # A's heartbeat finds it holds fewer than it thought: reported lost, once
             assert await a.renew_now(lost_a.append) == 1
             assert lost_a == [first]
             assert a.held == 0 and b.held == 1
