@@ -17,7 +17,7 @@ import anyio
 
 from margo_stream.identity.spiffe import DeviceIdentity
 from margo_stream.protocol.codes import ErrorCode
-from margo_stream.transport.connection import Connection
+from margo_stream.transport.channel_connection import ChannelConnection
 
 log = logging.getLogger("margo.controller.limits")
 
@@ -29,7 +29,7 @@ def jittered(max_age: float, rng: random.Random | None = None) -> float:
 
 
 async def close_at_limits(
-    conn: Connection, identity: DeviceIdentity, max_age: float, *, now: float | None = None
+    conn: ChannelConnection, identity: DeviceIdentity, max_age: float, *, now: float | None = None
 ) -> None:
     """Sleep until the first limit (or until ``conn`` closes), then close ``conn``."""
     now = time.time() if now is None else now

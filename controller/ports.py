@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from margo_stream.identity.spiffe import DeviceIdentity
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import StreamKind
-from margo_stream.transport.connection import Connection, MessageStream
+from margo_stream.transport.channel_connection import ChannelConnection, MessageStream
 
 
 class TaskSpawner(Protocol):
@@ -59,7 +59,7 @@ class DeviceLink(Protocol):
     def device_id(self) -> str: ...
 
     @property
-    def conn(self) -> Connection: ...
+    def conn(self) -> ChannelConnection: ...
 
     @property
     def hello(self) -> m.Hello | None: ...

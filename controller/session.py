@@ -36,7 +36,11 @@ from margo_stream.protocol.control_server import (
     SendPong,
     StatsReported,
 )
-from margo_stream.transport.connection import Connection, ConnectionLost, MessageStream
+from margo_stream.transport.channel_connection import (
+    ChannelConnection,
+    ConnectionLost,
+    MessageStream,
+)
 
 log = logging.getLogger("margo.controller.session")
 
@@ -63,7 +67,9 @@ class SessionContext:
 class ControllerSession:
     """Implements ``ConnectionHandler`` for the transport and ``DeviceLink`` for the features."""
 
-    def __init__(self, ctx: SessionContext, conn: Connection, identity: DeviceIdentity) -> None:
+    def __init__(
+        self, ctx: SessionContext, conn: ChannelConnection, identity: DeviceIdentity
+    ) -> None:
         self.ctx = ctx
         self.conn = conn
         self.identity = identity
