@@ -2,12 +2,14 @@
 
 Theory of operation
 -------------------
-A QUIC peer acknowledges every PING, so any packet that arrives after a ping proves the peer
-alive. ``Keepalive`` pings every ``interval``; a ping with no packet back within ``probe`` is a
-*miss*, and after a miss the link is probed again ``probe`` later instead of a whole interval
-later: ``dead_after`` misses in a row (seconds, not whole intervals) declare the link dead. A
-healthy controller answers within milliseconds; one that was restarted cannot even say the
-connection is gone, so this is how an agent finds it again quickly.
+A QUIC peer acknowledges every PING (and an HTTP/2 peer every PING frame), so any packet that
+arrives after a ping proves the peer alive. ``Keepalive`` pings every ``interval``; a ping with
+no packet back within ``probe`` is a *miss*, and a miss is followed at once by the next ping
+(not a whole interval later): ``dead_after`` misses in a row, ``dead_after * probe`` seconds of
+silence after the first unanswered ping (6 s by default), declare the link dead. A healthy
+controller answers within milliseconds; one that was killed or lost its host cannot say the
+connection is gone, so this bounds how long its devices stay with it: at most ``interval`` +
+``dead_after * probe`` after it died.
 
 The core knows no clock and no socket. The driver calls :meth:`Keepalive.timer` with the time
 (``now``, any monotonic clock) and the time the last packet arrived (``last_received``, same
@@ -18,9 +20,8 @@ before the deadline do nothing, so an early wake-up is harmless.
 Phases, at each deadline::
 
     WAITING  -> PROBING   emit SendPing; deadline now + probe
-    RETRY    -> PROBING   emit SendPing; deadline now + probe
     PROBING  -> WAITING   a packet arrived since the ping; misses = 0; deadline now + interval
-    PROBING  -> RETRY     silence, misses < dead_after; deadline now + probe
+    PROBING  -> PROBING   silence, misses < dead_after; emit SendPing; deadline now + probe
     PROBING  -> DEAD      silence, misses == dead_after; emit LinkDead (final)
 """
 
@@ -37,7 +38,6 @@ DEAD_AFTER_MISSES = 3
 class Phase(enum.Enum):
     WAITING = "waiting"  # the link is fine; the next ping is an interval away
     PROBING = "probing"  # a ping is out; waiting ``probe`` for any packet
-    RETRY = "retry"  # the last ping was missed; the next one is ``probe`` away
     DEAD = "dead"  # ``dead_after`` misses in a row: the link is given up (final)
 
 
@@ -85,11 +85,8 @@ class Keepalive:
         """Advance to ``now``; returns what the driver must do, if anything."""
         if self.phase is Phase.DEAD or now < self.deadline:
             return None
-        if self.phase is not Phase.PROBING:  # WAITING or RETRY: time to ping
-            self.phase = Phase.PROBING
-            self._ping_sent_at = now
-            self.deadline = now + self.probe
-            return SendPing()
+        if self.phase is Phase.WAITING:  # time to ping
+            return self._ping(now)
         if last_received >= self._ping_sent_at:  # answered
             self.misses = 0
             self.phase = Phase.WAITING
@@ -100,6 +97,10 @@ class Keepalive:
             self.phase = Phase.DEAD
             self.deadline = math.inf
             return LinkDead(silent_s=now - last_received, misses=self.misses)
-        self.phase = Phase.RETRY
+        return self._ping(now)  # missed: the next ping at once
+
+    def _ping(self, now: float) -> SendPing:
+        self.phase = Phase.PROBING
+        self._ping_sent_at = now
         self.deadline = now + self.probe
-        return None
+        return SendPing()

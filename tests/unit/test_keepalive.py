@@ -52,8 +52,8 @@ def test_a_packet_at_the_very_instant_of_the_ping_counts_as_an_answer() -> None:
 def test_a_packet_before_the_ping_is_no_answer() -> None:
     k = Keepalive(10.0, now=0.0)
     k.timer(10.0, 9.0)
-    assert k.timer(12.0, 9.999) is None
-    assert k.misses == 1 and k.phase is Phase.RETRY and k.deadline == 14.0
+    assert k.timer(12.0, 9.999) == SendPing()  # missed: probed again at once
+    assert k.misses == 1 and k.phase is Phase.PROBING and k.deadline == 14.0
 
 
 def test_three_misses_in_a_row_declare_the_link_dead_within_seconds() -> None:
@@ -61,16 +61,15 @@ def test_three_misses_in_a_row_declare_the_link_dead_within_seconds() -> None:
     last = 0.5
     timeline = [
         (10.0, SendPing()),  # ping 1
-        (12.0, None),  # miss 1
-        (14.0, SendPing()),  # ping 2, a probe later (not an interval later)
-        (16.0, None),  # miss 2
-        (18.0, SendPing()),  # ping 3
+        (12.0, SendPing()),  # miss 1: ping 2 at once (not an interval later)
+        (14.0, SendPing()),  # miss 2: ping 3
     ]
     for now, expected in timeline:
         assert k.deadline == now
         assert k.timer(now, last) == expected
     assert k.misses == 2
-    assert k.timer(20.0, last) == LinkDead(silent_s=19.5, misses=DEAD_AFTER_MISSES)
+    # dead 3 probes (6 s) after the first unanswered ping
+    assert k.timer(16.0, last) == LinkDead(silent_s=15.5, misses=DEAD_AFTER_MISSES)
     assert k.phase is Phase.DEAD and k.deadline == math.inf
     assert k.timer(1000.0, last) is None  # final
 
@@ -78,13 +77,12 @@ def test_three_misses_in_a_row_declare_the_link_dead_within_seconds() -> None:
 def test_an_answer_after_a_miss_resets_the_count() -> None:
     k = Keepalive(10.0, now=0.0)
     k.timer(10.0, NEVER)
-    k.timer(12.0, NEVER)  # miss 1
-    assert k.timer(14.0, NEVER) == SendPing()
-    assert k.timer(16.0, 14.2) is None
-    assert k.misses == 0 and k.phase is Phase.WAITING and k.deadline == 26.0
+    assert k.timer(12.0, NEVER) == SendPing()  # miss 1, ping 2
+    assert k.timer(14.0, 12.2) is None
+    assert k.misses == 0 and k.phase is Phase.WAITING and k.deadline == 24.0
     # a later single miss does not add to the old one
-    k.timer(26.0, 14.2)
-    k.timer(28.0, 14.2)
+    k.timer(24.0, 12.2)
+    k.timer(26.0, 12.2)
     assert k.misses == 1
 
 
