@@ -4,19 +4,35 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from agent.config import AgentConfig
-from agent.controller_list import parse_controllers
+from agent.controller_list import ControllerEntry, parse_controllers
 from margo_stream.cli.common import fail, run_service
 from margo_stream.errors import ConfigError, MargoError
 from margo_stream.logs import setup_logging
+from margo_stream.transport.proxy import parse_proxy_url
 from margo_stream.transport.quic_client import parse_host_port
 
 PROG = "margo-agent"
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?")
+_DURATION_UNITS = {None: 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, *, what: str) -> float:
+    """Seconds in ``20``, ``20s``, ``500ms``, ``5m`` or ``1h``; ``ConfigError`` otherwise."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None:
+        raise ConfigError(f"{what} {text!r} is not a duration (examples: 20, 20s, 5m, 1h)")
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ConfigError(f"{what} {text!r} must be more than zero")
+    return seconds
 
 
 def _labels(values: list[str]) -> dict[str, str]:
@@ -43,6 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="controller QUIC HOST:PORT, or several as HOST:PORT,HOST:PORT,... (a host name "
         "may resolve to several addresses): tried in an order shuffled for this agent; a lost "
         "connection moves to the next one at once",
+    )
+    p.add_argument(
+        "--tcp-controller",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="where the TCP carrier (TLS over TCP, HTTP/2) goes when QUIC gets no handshake: "
+        "one HOST:PORT for every --controller entry, or one per entry in the same order "
+        "(default: each --controller entry's own host and port)",
+    )
+    p.add_argument(
+        "--quic-timeout",
+        default="5",
+        metavar="SECONDS",
+        help="no QUIC handshake within this time: connect over TCP instead (default 5 s)",
+    )
+    p.add_argument(
+        "--quic-retry",
+        default="300",
+        metavar="DURATION",
+        help="while on TCP, probe QUIC this often and move back when it works (seconds, or "
+        "with a unit: 20s, 5m; default 5m)",
+    )
+    p.add_argument(
+        "--proxy",
+        metavar="http://[USER:PASS@]HOST:PORT",
+        help="HTTP proxy (CONNECT) for the TCP carrier; wins over HTTPS_PROXY/https_proxy, "
+        "which are used otherwise, with NO_PROXY/no_proxy",
     )
     # fixes the shuffle of --controller instead of fresh randomness (tests)
     p.add_argument("--controller-order-seed", help=argparse.SUPPRESS)
@@ -154,9 +196,25 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0o077)
     setup_logging(args.log_level, args.log_format)
     try:
+        controllers = parse_controllers(args.controller)
+        tcp_controllers: tuple[ControllerEntry, ...] = ()
+        if args.tcp_controller:
+            tcp_controllers = parse_controllers(args.tcp_controller, what="--tcp-controller")
+            if len(tcp_controllers) not in (1, len(controllers)):
+                raise ConfigError(
+                    f"--tcp-controller {args.tcp_controller!r}: {len(tcp_controllers)} entries "
+                    f"for {len(controllers)} --controller entries; give one for all, or one "
+                    "per --controller entry"
+                )
+        if args.proxy:
+            parse_proxy_url(args.proxy)  # refused now, not at the first fallback
         config = AgentConfig(
             identity=args.identity,
-            controllers=parse_controllers(args.controller),
+            controllers=controllers,
+            tcp_controllers=tcp_controllers,
+            quic_timeout=parse_duration(args.quic_timeout, what="--quic-timeout"),
+            quic_retry=parse_duration(args.quic_retry, what="--quic-retry"),
+            proxy=args.proxy or None,
             controller_order_seed=args.controller_order_seed,
             server_name=args.server_name,
             state=args.state,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.controller_list import ControllerEntry
 
@@ -16,6 +16,12 @@ class AgentConfig(BaseModel):
     # --controller, parsed (agent.controller_list.parse_controllers): tried in a shuffled order
     controllers: tuple[ControllerEntry, ...] = Field(min_length=1)
     controller_order_seed: str | None = None  # fixes the shuffle (tests); None: random
+    # --tcp-controller: where the TCP carrier goes; () = each --controller's own host and port,
+    # one entry = for every controller, as many as --controller = paired by position
+    tcp_controllers: tuple[ControllerEntry, ...] = ()
+    quic_timeout: float = Field(default=5.0, gt=0)  # no QUIC handshake by then: TCP
+    quic_retry: float = Field(default=300.0, gt=0)  # on TCP, probe QUIC this often
+    proxy: str | None = None  # --proxy URL (validated by margo_stream.transport.proxy)
     server_name: str | None = None  # TLS name of the controller; default: the tenant
     state: Path
     labels: dict[str, str] = {}
@@ -34,3 +40,22 @@ class AgentConfig(BaseModel):
     # Users process workloads and terminals run as (agent.users); None: the default
     workload_user: str | None = None
     terminal_user: str | None = None
+
+    @model_validator(mode="after")
+    def _tcp_pairs(self) -> AgentConfig:
+        count = len(self.tcp_controllers)
+        if count > 1 and count != len(self.controllers):
+            raise ValueError(
+                f"--tcp-controller names {count} entries for {len(self.controllers)} "
+                "--controller entries: give one (for all) or one per --controller entry"
+            )
+        return self
+
+    def tcp_entry(self, entry: ControllerEntry) -> ControllerEntry | None:
+        """The ``--tcp-controller`` entry that stands for ``entry``; None: the same host and
+        port as ``entry``."""
+        if not self.tcp_controllers:
+            return None
+        if len(self.tcp_controllers) == 1:
+            return self.tcp_controllers[0]
+        return dict(zip(self.controllers, self.tcp_controllers, strict=True)).get(entry)

@@ -33,8 +33,8 @@ from margo_stream.protocol.control import (
     SendPong,
 )
 from margo_stream.protocol.keepalive import Keepalive, LinkDead, SendPing
+from margo_stream.transport.channel_connection import ChannelConnection
 from margo_stream.transport.connection import (
-    Connection,
     ConnectionLost,
     MessageStream,
     is_link_loss,
@@ -71,7 +71,7 @@ class SessionOwner(Protocol):
 
 
 class AgentSession:
-    def __init__(self, owner: SessionOwner, conn: Connection) -> None:
+    def __init__(self, owner: SessionOwner, conn: ChannelConnection) -> None:
         self.owner = owner
         self.conn = conn
         self.control: MessageStream | None = None
