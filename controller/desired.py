@@ -29,8 +29,8 @@ from controller.ports import DeviceLink, TaskSpawner
 from controller.push_window import PushWindow
 from controller.registry import SessionRegistry
 from controller.root_chains import RootChains
-from controller.store.base import AssignmentRecord, ManifestRecord, Store
-from margo_stream.errors import ConfigError, DocumentError, IdentityError
+from controller.store.base import AssignmentRecord, ManifestRecord, Store, VersionConflict
+from margo_stream.errors import ConfigError, DocumentError, IdentityError, StoreError
 from margo_stream.identity.trust import load_signing_key
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.push import blob_chunks, plan_push
@@ -49,6 +49,7 @@ log = logging.getLogger("margo.controller.desired")
 
 BLOB_CACHE_BYTES = 64 << 20
 RESULT_TIMEOUT = 60.0
+VERSION_RETRIES = 5  # attempts at the next manifest version when other controllers race us
 WINDOW_HOLD = 2.0  # a push unanswered this long stops counting against the window
 
 
@@ -198,49 +199,69 @@ class DesiredState:
         to the store per device. With ``only_if_changed`` a device whose deployments are those
         of its newest manifest already gets no new version (re-applying is idempotent)."""
         ids = list(dict.fromkeys(device_ids))
-        store = self.store
         async with self._lock(tenant):
-            latest = await store.latest_manifests(tenant, ids)
-            by_device: dict[str, list[AssignmentRecord]] = {d: [] for d in ids}
-            for a in await store.list_assignments(tenant, ids[0] if len(ids) == 1 else None):
-                if a.device_id in by_device:
-                    by_device[a.device_id].append(a)
-            now = dt.datetime.now(dt.UTC).replace(microsecond=0)
-            expires = now + self.lifetime
-            created = time.time()
-            key = self._key(tenant)
-            items: list[tuple[str, int, bytes, bytes]] = []
-            built: list[Manifest] = []
-            for device_id in ids:
-                entries = await self._entries(tenant, by_device[device_id])
-                prev = latest.get(device_id)
-                if (
-                    only_if_changed
-                    and prev is not None
-                    and [e.wire() for e in self._typed(prev).deployments]
-                    == [e.check().wire() for e in entries]
-                ):
-                    continue
-                version = max(prev.version if prev else 0, (floors or {}).get(device_id, 0)) + 1
-                manifest, data = build_typed_manifest(
-                    tenant, device_id, version, entries, issued_at=now, expires=expires
-                )
-                items.append((device_id, version, data, sign(data, key)))
-                built.append(manifest)
-            if items:
-                await store.put_manifests(tenant, items, now=created)
-            for (device_id, version, data, signature), manifest in zip(items, built, strict=True):
-                self._latest[(tenant, device_id)] = (version, expires.timestamp())
-                record = ManifestRecord(
-                    tenant=tenant,
-                    device_id=device_id,
-                    version=version,
-                    manifest=data,
-                    signature=signature,
-                    created=created,
-                )
-                self._current[(tenant, device_id)] = _Current.of(record, manifest)
-            return [item[0] for item in items]
+            for attempt in range(1, VERSION_RETRIES + 1):
+                try:
+                    return await self._rebuild(tenant, ids, floors, only_if_changed)
+                except VersionConflict as exc:
+                    # another controller of the cluster stored a newer manifest meanwhile:
+                    # build on top of it
+                    if attempt == VERSION_RETRIES:
+                        raise StoreError(
+                            f"could not store the next manifest after {attempt} attempts: {exc}"
+                        ) from None
+                    log.info("manifest version taken by another controller, again: %s", exc)
+            raise AssertionError("unreachable")
+
+    async def _rebuild(
+        self,
+        tenant: str,
+        ids: list[str],
+        floors: dict[str, int] | None,
+        only_if_changed: bool,
+    ) -> list[str]:
+        store = self.store
+        latest = await store.latest_manifests(tenant, ids)
+        by_device: dict[str, list[AssignmentRecord]] = {d: [] for d in ids}
+        for a in await store.list_assignments(tenant, ids[0] if len(ids) == 1 else None):
+            if a.device_id in by_device:
+                by_device[a.device_id].append(a)
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        expires = now + self.lifetime
+        created = time.time()
+        key = self._key(tenant)
+        items: list[tuple[str, int, bytes, bytes]] = []
+        built: list[Manifest] = []
+        for device_id in ids:
+            entries = await self._entries(tenant, by_device[device_id])
+            prev = latest.get(device_id)
+            if (
+                only_if_changed
+                and prev is not None
+                and [e.wire() for e in self._typed(prev).deployments]
+                == [e.check().wire() for e in entries]
+            ):
+                continue
+            version = max(prev.version if prev else 0, (floors or {}).get(device_id, 0)) + 1
+            manifest, data = build_typed_manifest(
+                tenant, device_id, version, entries, issued_at=now, expires=expires
+            )
+            items.append((device_id, version, data, sign(data, key)))
+            built.append(manifest)
+        if items:
+            await store.put_manifests(tenant, items, now=created)
+        for (device_id, version, data, signature), manifest in zip(items, built, strict=True):
+            self._latest[(tenant, device_id)] = (version, expires.timestamp())
+            record = ManifestRecord(
+                tenant=tenant,
+                device_id=device_id,
+                version=version,
+                manifest=data,
+                signature=signature,
+                created=created,
+            )
+            self._current[(tenant, device_id)] = _Current.of(record, manifest)
+        return [item[0] for item in items]
 
     def _typed(self, record: ManifestRecord) -> Manifest:
         """The typed form of a stored manifest (from the cache when it is the current one)."""

@@ -139,6 +139,11 @@ class AssignmentRecord:
     assigned_at: float
 
 
+class VersionConflict(ValueError):
+    """A manifest version not above the device's latest: another writer (another controller
+    of the cluster) stored that version first. Read the latest again and build the next."""
+
+
 @dataclass(frozen=True, slots=True)
 class ManifestRecord:
     tenant: str

@@ -18,6 +18,7 @@ from controller.store.base import (
     DeploymentDraft,
     DeploymentRecord,
     ManifestRecord,
+    VersionConflict,
 )
 from controller.store.pg_devices import require_devices
 from controller.store.pg_events import Tx, add_event, affected
@@ -297,6 +298,15 @@ async def put_manifests(
     if not items:
         return
     device_ids = list(dict.fromkeys(item[0] for item in items))
+    # Several controllers may build the next manifest of one device at once: lock the devices'
+    # rows first (in one order, so two batches never deadlock), then read their latest versions
+    # in a statement of its own, whose snapshot sees whatever the lock waited for.
+    await tx.conn.execute(
+        "SELECT 1 FROM devices WHERE tenant = $1 AND device_id = ANY($2::text[])"
+        " ORDER BY device_id FOR UPDATE",
+        tenant,
+        device_ids,
+    )
     known = await tx.conn.fetch(
         "SELECT d.device_id, (SELECT max(version) FROM manifests m"
         "  WHERE m.tenant = d.tenant AND m.device_id = d.device_id)"
@@ -311,7 +321,7 @@ async def put_manifests(
             raise device_not_found(device_id)
         current = latest[device_id]
         if current is not None and version <= current:
-            raise ValueError(
+            raise VersionConflict(
                 f"manifest version {version} for device {device_id!r} is not above the latest"
                 f" ({current})"
             )

@@ -12,6 +12,7 @@ from controller.store.base import (
     DeploymentDraft,
     DeploymentRecord,
     ManifestRecord,
+    VersionConflict,
 )
 from controller.store.sqlite_devices import require_device
 from controller.store.sqlite_events import StoreConnection, add_event
@@ -267,7 +268,7 @@ def put_manifest(
     require_device(conn, tenant, device_id)
     latest = latest_manifest(conn, tenant, device_id)
     if latest is not None and version <= latest.version:
-        raise ValueError(
+        raise VersionConflict(
             f"manifest version {version} for device {device_id!r} is not above the latest"
             f" ({latest.version})"
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from controller.store.base import VersionConflict
 from controller.store.pg import PgStore
 from controller.store.pg_errors import redact_dsn
 from controller.store.pg_schema import SCHEMA_VERSION
@@ -284,3 +285,28 @@ def test_the_store_option(tmp_path) -> None:
     for bad in ("mysql://h/db", "/var/lib/margo.db", "PostgreSQL:/x", ""):
         with pytest.raises(ConfigError, match="postgresql://USER"):
             ControllerConfig(certs=tmp_path, data=tmp_path, store=bad)
+
+
+async def test_two_controllers_storing_one_devices_next_manifest_one_wins(pg_dsn: str) -> None:
+    """Each builds version N+1 from what it read; the devices' row lock lets one store it and
+    the other learn (VersionConflict) that it must read again, never two version N+1."""
+    a, b = PgStore(pg_dsn), PgStore(pg_dsn)
+    await a.open()
+    await b.open()
+    try:
+        await connect(a, "acme", "race")
+        results = await asyncio.gather(
+            *(
+                s.put_manifests("acme", [("race", 1, b"m-" + s_name, b"sig")], now=1.0)
+                for s, s_name in ((a, b"a"), (b, b"b"))
+            ),
+            return_exceptions=True,
+        )
+        conflicts = [r for r in results if isinstance(r, VersionConflict)]
+        assert len(conflicts) == 1 and results.count(None) == 1, results
+        assert "not above the latest (1)" in str(conflicts[0])
+        latest = await b.latest_manifest("acme", "race")
+        assert latest is not None and latest.version == 1
+    finally:
+        await a.close()
+        await b.close()
