@@ -44,7 +44,7 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     ),
     "compare": (
         "bench.compare:compare_main",
-        "one scenario over quic, rest-poll, h2-push and mqtt side by side, then the report",
+        "one scenario over quic, rest-poll, h2-push, mqtt and tcp side by side, then the report",
     ),
     "store": (
         "bench.store_throughput",
@@ -53,6 +53,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
     "cluster": (
         "bench.cluster",
         "two controllers on one PostgreSQL: failover after kill -9, coordination CPU cost",
+    ),
+    "fallback": (
+        "bench.fallback",
+        "the real agent with UDP blocked: time to TCP, after a restart, and back to QUIC",
     ),
     "report": ("bench.report", "markdown table and PNG plots from a run/compare directory"),
     "fuzz": (

@@ -35,9 +35,11 @@ from bench.processes import Worker, cpu_split, stop_process, wait_file
 from bench.report_util import sample_process
 
 TENANT = "bench"
-TRANSPORTS = ("quic", "rest-poll", "h2-push", "mqtt")
+TRANSPORTS = ("quic", "rest-poll", "h2-push", "mqtt", "tcp")
 BIN = Path(sys.executable).parent
-ENDPOINT = {"quic": "quic", "rest-poll": "margo_api", "h2-push": "h2_push"}
+# the controller.json key of the endpoint each transport's devices dial ("tcp": the agent's TCP
+# carrier, TLS over TCP with HTTP/2, margo-controller --tcp-listen)
+ENDPOINT = {"quic": "quic", "rest-poll": "margo_api", "h2-push": "h2_push", "tcp": "tcp"}
 
 
 def progress(text: str, *, final: bool = False) -> None:
@@ -131,7 +133,7 @@ class ServerSide:
         certs = self.work / "certs"
         listen = {
             name: f"127.0.0.1:{self.ports.get(name, 0)}"
-            for name in ("quic", "api", "margo_api", "h2_push")
+            for name in ("quic", "api", "margo_api", "h2_push", "tcp")
         }
         common = [
             "--certs",
@@ -168,6 +170,7 @@ class ServerSide:
                 listen["margo_api"],
                 "--h2-push",
                 listen["h2_push"],
+                *(["--tcp-listen", listen["tcp"]] if self.transport == "tcp" else []),
             ]
         ready = self.data / ("mqtt-bridge.json" if self.transport == "mqtt" else "controller.json")
         ready.unlink(missing_ok=True)
@@ -179,7 +182,7 @@ class ServerSide:
         os.sched_setaffinity(self.proc.pid, cpu_split()[0])
         wait_file(ready, self.proc, 60)
         self.info = wait_file(self.data / "controller.json", self.proc, 10)
-        for name in ("quic", "margo_api", "h2_push"):
+        for name in ("quic", "margo_api", "h2_push", "tcp"):
             if name in self.info:
                 self.ports[name] = int(str(self.info[name]).rsplit(":", 1)[1])
         self.ports["api"] = int(str(self.info["api"]).rsplit(":", 1)[1])

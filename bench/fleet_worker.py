@@ -107,6 +107,12 @@ class Worker:
                 state_dir=self.state_root / dev.name,
                 idle_timeout=float(self.cfg.get("idle_timeout", 60.0)),
             )
+        if kind == "tcp":
+            from bench.transports.tcp import TcpCarrierClient
+
+            return TcpCarrierClient(
+                dev.identity, self.host, self.port, state_dir=self.state_root / dev.name
+            )
         if kind == "rest-poll":
             from bench.transports.rest_client import RestPollClient
 
@@ -224,7 +230,7 @@ class Worker:
         client = dev.client
         if dev.connects == 0 or client is None:
             return False
-        if self.transport == "quic":
+        if self.transport in ("quic", "tcp"):
             return bool(client.alive)
         if self.transport == "h2-push":
             return not client.closed.is_set()
