@@ -191,6 +191,10 @@ class FleetView(Protocol):
         the tenant's)."""
         ...
 
+    async def api_url(self, instance_id: str) -> str | None:
+        """The operator API of ``instance_id`` while it is alive (what it announced)."""
+        ...
+
 
 class Cluster(FleetView, Protocol):
     """The controllers sharing one store. ``SingleNode`` is one process on SQLite: leases are

@@ -87,6 +87,16 @@ class SessionRegistry:
             found.setdefault(view.device_id, self.instance_id)
         return found
 
+    async def held_elsewhere(self, tenant: str, device_id: str) -> tuple[str, str | None] | None:
+        """(instance, its operator API URL) when another controller of the cluster holds the
+        device's session; None when this one does or none does."""
+        if self.fleet is None or self.is_connected(tenant, device_id):
+            return None
+        holder = (await self.fleet.holders(tenant, [device_id])).get(device_id)
+        if holder is None or holder == self.instance_id:
+            return None
+        return holder, await self.fleet.api_url(holder)
+
     def touch(self, view: SessionView, now: float | None = None) -> None:
         view.last_seen = time.time() if now is None else now
 

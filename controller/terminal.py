@@ -50,12 +50,15 @@ SHUTDOWN_REASON = "controller shutting down"
 
 
 class TerminalUnavailable(MargoError):
-    """The session could not be opened; ``kind`` says why: not-found, refused, timeout."""
+    """The session could not be opened; ``kind`` says why: not-found, not-connected, refused,
+    timeout, or elsewhere (another controller of the cluster holds the device: ``api`` is its
+    operator API, where the operator can open the session)."""
 
-    def __init__(self, kind: str, reason: str) -> None:
+    def __init__(self, kind: str, reason: str, *, api: str | None = None) -> None:
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
+        self.api = api
 
 
 class OpKind(enum.Enum):
@@ -280,6 +283,15 @@ class TerminalService:
                 await self.store.get_device(tenant, device_id)
             except NotFound:
                 raise TerminalUnavailable("not-found", f"no device {device_id!r}") from None
+            elsewhere = await self.registry.held_elsewhere(tenant, device_id)
+            if elsewhere is not None:
+                instance, api = elsewhere
+                raise TerminalUnavailable(
+                    "elsewhere",
+                    f"device {device_id!r} is connected to controller {instance}"
+                    + (f": open the session through its API at {api}" if api else ""),
+                    api=api,
+                )
             raise TerminalUnavailable("not-connected", f"device {device_id!r} is not connected")
         text = shlex.join(command) if command else None
         audit_id = await self.store.start_session_audit(

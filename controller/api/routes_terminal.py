@@ -54,6 +54,7 @@ CLOSE_CODES = {
     "refused": 4403,
     "timeout": 4408,
     "shutting-down": 1012,
+    "elsewhere": 4307,  # another controller of the cluster holds the device: "api" says which
 }
 
 
@@ -184,8 +185,10 @@ async def terminal(ws: WebSocket) -> None:
     op = WebSocketOperator(ws)
     await ws.accept()
 
-    async def fail(kind: str, reason: str) -> None:
-        await op.send_json({"type": "error", "code": kind, "reason": reason})
+    async def fail(kind: str, reason: str, api: str | None = None) -> None:
+        await op.send_json(
+            {"type": "error", "code": kind, "reason": reason, **({"api": api} if api else {})}
+        )
         await op.close(CLOSE_CODES.get(kind, 1011), reason)
 
     try:
@@ -220,7 +223,7 @@ async def terminal(ws: WebSocket) -> None:
         )
     except TerminalUnavailable as exc:
         kind = "shutting-down" if exc.reason == SHUTDOWN_REASON else exc.kind
-        await fail(kind, exc.reason)
+        await fail(kind, exc.reason, exc.api)
         return
     await op.send_json({"type": "opened", "session": term.audit_id, "pid": term.pid})
     outcome = await term.bridge(op)

@@ -182,6 +182,16 @@ class PgCluster:
         except _DB_ERRORS as exc:
             raise StoreError(f"cannot read the device leases: {_why(exc)}") from None
 
+    async def api_url(self, instance_id: str) -> str | None:
+        try:
+            url = await self.db.fetchval(
+                "SELECT api_url FROM controller_instances WHERE id = $1 AND alive_until > now()",
+                instance_id,
+            )
+        except _DB_ERRORS as exc:
+            raise StoreError(f"cannot read the controller instances: {_why(exc)}") from None
+        return str(url) if url else None
+
     async def renew_now(self, on_lost: LeaseLost) -> int:
         """The heartbeat that keeps every lease held alive; ``on_lost`` for each one another
         instance took. Returns how many were lost."""

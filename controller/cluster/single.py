@@ -61,3 +61,6 @@ class SingleNode:
 
     async def holders(self, tenant: str, device_ids: Sequence[str] | None = None) -> dict[str, str]:
         return {}  # every session is in this process's registry
+
+    async def api_url(self, instance_id: str) -> str | None:
+        return None  # no other instance

@@ -70,6 +70,15 @@ def add_parsers(commands: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD")
 
 
+class HeldElsewhere(SessionError):
+    """Another controller of the cluster holds the device; ``api`` is its operator API."""
+
+    def __init__(self, api: str, reason: str) -> None:
+        super().__init__(reason)
+        self.api = api
+        self.reason = reason
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     url: str  # ws:// or wss:// URL of the device's terminal route
@@ -179,6 +188,8 @@ async def _open(
         ) from None
     if reply.get("type") != "opened":
         await ws.close()
+        if reply.get("code") == "elsewhere" and isinstance(reply.get("api"), str):
+            raise HeldElsewhere(reply["api"], reply.get("reason") or "")
         raise SessionError(reply.get("reason") or f"unexpected answer {reply!r}")
     return ws, reply
 
@@ -262,10 +273,15 @@ def main(
         sys.stderr.write(f"{PROG}: error: exec needs a command: margoctl exec DEVICE -- CMD ...\n")
         return 2
     target = make_target(base_url, token, args.device, verify, timeout, creds)
+    run = functools.partial(run_session, command=command, tty=args.command == "terminal")
     try:
-        return anyio.run(
-            functools.partial(run_session, target, command, tty=args.command == "terminal")
-        )
+        try:
+            return anyio.run(run, target)
+        except HeldElsewhere as exc:
+            # another controller of the cluster holds the device: once, through its API
+            sys.stderr.write(f"{PROG}: {exc.reason}; connecting there\n")
+            elsewhere = make_target(exc.api, token, args.device, verify, timeout, creds)
+            return anyio.run(run, elsewhere)
     except SessionError as exc:
         sys.stderr.write(f"{PROG}: error: {args.command} on {args.device}: {exc}\n")
         return SESSION_FAILED
