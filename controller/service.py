@@ -30,6 +30,7 @@ import uvicorn
 from anyio.abc import TaskGroup
 
 from controller.api.app import create_app
+from controller.api.embedded_server import EmbeddedUvicorn
 from controller.cluster import new_instance_id
 from controller.cluster.factory import open_cluster
 from controller.cluster.reactions import ClusterReactions
@@ -58,13 +59,6 @@ from margo_stream.transport.quic_server import QuicServer, server_configuration,
 from margo_stream.transport.stateless_reset import ResetTokens, load_reset_key
 
 log = logging.getLogger("margo.controller")
-
-
-class _EmbeddedUvicorn(uvicorn.Server):
-    """uvicorn inside our event loop: signals belong to the controller, not to uvicorn."""
-
-    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
-        return contextlib.nullcontext()
 
 
 class Controller:
@@ -114,7 +108,7 @@ class Controller:
         self.operators: OperatorDirectory | None = None  # who each operator token is
         self._tg: TaskGroup | None = None
         self._stop = anyio.Event()
-        self._uvicorn: _EmbeddedUvicorn | None = None
+        self._uvicorn: EmbeddedUvicorn | None = None
         self.device_ports: dict[str, int] = {}  # Margo pull API / HTTP/2 push, when enabled
 
     def add_device_transport(self, name: str, port: int, notifier: DeviceNotifier) -> None:
@@ -299,7 +293,7 @@ class Controller:
                         await anyio.sleep(0.05)  # let the CONNECTION_CLOSE datagrams leave
                         transport.close()
                         if self._uvicorn is not None:
-                            self._uvicorn.should_exit = True
+                            self._uvicorn.stop()
                     tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -424,7 +418,7 @@ class Controller:
             access_log=False,
             **kwargs,
         )
-        self._uvicorn = _EmbeddedUvicorn(config)
+        self._uvicorn = EmbeddedUvicorn(config)
         task_status.started()
         await self._uvicorn.serve(sockets=[sock])
 
