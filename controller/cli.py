@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         "[:PORT]/DB (several controllers may share it); default: SQLite in --data",
     )
     p.add_argument("--listen", default="127.0.0.1:4433", help="QUIC HOST:PORT (UDP)")
+    p.add_argument(
+        "--tcp-listen",
+        metavar="HOST:PORT",
+        help="also carry the device channel over TCP (HTTP/2 over mutual TLS 1.3), for "
+        "networks that block UDP or allow only an HTTP proxy (default: off)",
+    )
     p.add_argument("--api", default="127.0.0.1:8080", help="operator API HOST:PORT")
     p.add_argument("--api-tls-cert", type=Path, help="TLS certificate for a non-loopback API")
     p.add_argument("--api-tls-key", type=Path, help="TLS key for a non-loopback API")
@@ -154,6 +160,7 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     margo = parse_host_port(args.margo_api, what="--margo-api") if args.margo_api else (None, 0)
     h2 = parse_host_port(args.h2_push, what="--h2-push") if args.h2_push else (None, 0)
     enroll = parse_host_port(args.enroll, what="--enroll") if args.enroll else (None, 0)
+    tcp = parse_host_port(args.tcp_listen, what="--tcp-listen") if args.tcp_listen else (None, 0)
     lifetime = parse_duration(args.device_cert_lifetime, what="--device-cert-lifetime")
     max_age = parse_duration(args.max_connection_age, what="--max-connection-age")
     handshake_timeout = parse_duration(args.handshake_timeout, what="--handshake-timeout")
@@ -176,6 +183,8 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
             margo_api_port=margo[1],
             h2_push_host=h2[0],
             h2_push_port=h2[1],
+            tcp_host=tcp[0],
+            tcp_port=tcp[1],
             idle_timeout=args.idle_timeout,
             keepalive=args.keepalive,
             push_window=args.push_window,

@@ -37,6 +37,8 @@ class ControllerConfig(BaseModel):
     margo_api_port: int = Field(default=0, ge=0, le=65535)
     h2_push_host: str | None = None  # HTTP/2 push transport (for the bench's comparison)
     h2_push_port: int = Field(default=0, ge=0, le=65535)
+    tcp_host: str | None = None  # the channel over TCP (HTTP/2, mutual TLS): --tcp-listen
+    tcp_port: int = Field(default=0, ge=0, le=65535)
     idle_timeout: float = Field(default=60.0, gt=1)
     keepalive: float = Field(default=20.0, gt=0)  # 3x inside the idle timeout; see bench connect
     hello_timeout: float = Field(default=10.0, gt=0)

@@ -30,6 +30,7 @@ class SessionView:
     handle: DeviceLink | None = field(default=None, repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
     generation: int = 0  # of the device's lease when this session was admitted
+    transport: str | None = None  # the carrier of the session: "quic" or "tcp"
 
 
 class SessionRegistry:

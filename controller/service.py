@@ -36,7 +36,7 @@ from controller.cluster.factory import open_cluster
 from controller.cluster.reactions import ClusterReactions
 from controller.config import ControllerConfig
 from controller.conn_limits import close_at_limits
-from controller.device_api.tls import tenant_bundle_paths
+from controller.device_api.tls import identity_from_der, server_context, tenant_bundle_paths
 from controller.enroll import EnrollServer
 from controller.features import build_features
 from controller.identities import Admission, IdentityBook
@@ -54,9 +54,11 @@ from margo_stream.identity.operator_files import OperatorDirectory, scan_operato
 from margo_stream.identity.trust import load_server_credentials, load_trust_bundles
 from margo_stream.identity.verify import PeerVerifier
 from margo_stream.protocol.codes import ErrorCode
-from margo_stream.transport.connection import Connection, is_link_loss
+from margo_stream.transport.channel_connection import ChannelConnection, is_link_loss
+from margo_stream.transport.h2_mapping import ALPN_H2
 from margo_stream.transport.quic_server import QuicServer, server_configuration, start_server
 from margo_stream.transport.stateless_reset import ResetTokens, load_reset_key
+from margo_stream.transport.tcp_server import TcpServer, start_tcp_server
 
 log = logging.getLogger("margo.controller")
 
@@ -102,6 +104,7 @@ class Controller:
         self.identities.revoked_listeners.append(self._revoked)
         self.quic: QuicServer | None = None
         self.quic_port: int | None = None
+        self.tcp: TcpServer | None = None  # --tcp-listen: the channel over HTTP/2 and TLS
         self.api_port: int | None = None
         self.verifier: PeerVerifier | None = None
         self.server_certs = TenantCertificates({})  # per tenant, chosen by the TLS server name
@@ -172,6 +175,7 @@ class Controller:
                 files = read_allowed_dir(certs, tenants)
                 bundle_paths = tenant_bundle_paths(certs)
                 contexts = [(srv, srv.trust_context(bundle_paths)) for srv in self._device_servers]
+                tcp_context = self._tcp_context(bundle_paths) if self.tcp is not None else None
                 enroll_swap = (
                     self._enroll_server.retrust(tenants)
                     if self._enroll_server is not None
@@ -185,6 +189,8 @@ class Controller:
             self.server_certs.by_tenant = server_certs.by_tenant
             for server, context in contexts:
                 server.ssl_context = context
+            if self.tcp is not None and tcp_context is not None:
+                self.tcp.ssl_context = tcp_context  # new connections verify against these
             if enroll_swap is not None:  # enrolment serves the tenants and CAs of now, too
                 enroll_swap()
             self.operators.refresh(force=True)
@@ -225,7 +231,7 @@ class Controller:
         for server in self._device_servers:
             server.notify(tenant, [device_id])
 
-    def _accept(self, conn: Connection, identity: Any) -> None:
+    def _accept(self, conn: ChannelConnection, identity: Any) -> None:
         ControllerSession(self.sessions, conn, identity)
         # closed at its certificate's expiry or --max-connection-age, whichever comes first
         self.spawn(close_at_limits, conn, identity, self.config.max_connection_age)
@@ -233,6 +239,39 @@ class Controller:
     def _verify(self, leaf: Any, chain: list[Any]) -> Any:
         assert self.admission is not None
         return self.admission.verify(leaf, chain)
+
+    def _verify_der(self, der: bytes | None) -> Any:
+        """The TCP carrier's check: the same admission as QUIC's, on the DER leaf."""
+        assert self.admission is not None
+        return identity_from_der(der, self.admission)
+
+    def _tcp_context(self, bundle_paths: list[Any]) -> ssl.SSLContext:
+        """TLS 1.3, client certificate required from any tenant CA (the admission then
+        checks it against its own tenant's), ALPN h2, the tenant's fleet-manager certificate
+        chosen by the server name as on QUIC."""
+        creds = load_server_credentials(self.config.certs)
+        return server_context(creds.cert_path, creds.key_path, bundle_paths, alpn=[ALPN_H2])
+
+    async def _serve_tcp(self) -> None:
+        cfg = self.config
+        if cfg.tcp_host is None:
+            return
+        try:
+            self.tcp = await start_tcp_server(
+                cfg.tcp_host,
+                cfg.tcp_port,
+                self._tcp_context(tenant_bundle_paths(cfg.certs)),
+                self._verify_der,
+                self._accept,
+                handshake_timeout=cfg.handshake_timeout,
+                idle_timeout=cfg.idle_timeout,
+                reuse_port=shares_ports(),  # a worker of --workers joins the group
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on --tcp-listen {cfg.tcp_host}:{cfg.tcp_port}: "
+                f"{exc.strerror or exc}"
+            ) from None
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[Controller] = anyio.TASK_STATUS_IGNORED
@@ -267,6 +306,7 @@ class Controller:
                     reuse_port=shares_ports(),
                 )
                 self.quic_port = transport.get_extra_info("sockname")[1]
+                await self._serve_tcp()
                 await tg.start(self._serve_api)
                 await self._serve_device_apis(tg)
                 await self._serve_enroll(tg)
@@ -276,9 +316,10 @@ class Controller:
                 await self.cluster.announce(info["api"], info["quic"])
                 atomic_write(self.ready_file, json.dumps(info).encode())
                 log.info(
-                    "controller listening: quic %s:%d, api %s:%d, tenants %s",
+                    "controller listening: quic %s:%d%s, api %s:%d, tenants %s",
                     self.config.listen_host,
                     self.quic_port,
+                    f", tcp {info['tcp']}" if "tcp" in info else "",
                     self.config.api_host,
                     self.api_port,
                     ",".join(self.verifier.tenants if self.verifier else []),
@@ -290,6 +331,8 @@ class Controller:
                 finally:
                     with anyio.CancelScope(shield=True):
                         self.quic.close_all(ErrorCode.SHUTTING_DOWN, "controller shutting down")
+                        if self.tcp is not None:
+                            self.tcp.close_all(ErrorCode.SHUTTING_DOWN, "controller shutting down")
                         await anyio.sleep(0.05)  # let the CONNECTION_CLOSE datagrams leave
                         transport.close()
                         if self._uvicorn is not None:
@@ -367,6 +410,11 @@ class Controller:
     def _ready_info(self) -> dict[str, Any]:
         return {
             "quic": f"{self.config.listen_host}:{self.quic_port}",
+            **(
+                {"tcp": f"{_url_host(self.config.tcp_host or '')}:{self.tcp.port}"}
+                if self.tcp is not None
+                else {}
+            ),
             "api": f"{'https' if self.config.api_tls_cert else 'http'}://"
             f"{_url_host(self.config.api_host)}:{self.api_port}",
             "pid": os.getpid(),

@@ -206,6 +206,7 @@ class ControllerSession:
             manifest_version=hello.manifest_version,
             handle=self,
             generation=lease.generation,
+            transport=self.conn.carrier,
         )
         if self.conn.closed is not None:
             await ctx.cluster.release(lease)

@@ -171,6 +171,7 @@ class Supervisor:
         info = {
             "quic": first.get("quic"),
             "api": first.get("api"),
+            **({"tcp": first["tcp"]} if first.get("tcp") else {}),
             "pid": os.getpid(),
             "started": time.time(),
             "instances": [w.info.get("instance") for w in self.workers if w.info],
@@ -198,6 +199,8 @@ class Supervisor:
                 host, port = str(first.info["quic"]).rsplit(":", 1)
                 api_host_port = str(first.info["api"]).split("://", 1)[1]
                 self.ports = ["--listen", f"{host}:{port}", "--api", api_host_port]
+                if first.info.get("tcp"):  # --tcp-listen: the same SO_REUSEPORT group
+                    self.ports += ["--tcp-listen", str(first.info["tcp"])]
             for worker in self.workers[1:]:
                 self._spawn(worker)
             self._wait_ready(self.workers)

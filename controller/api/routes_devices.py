@@ -29,7 +29,8 @@ def device_item(
     """One device as the API shows it. ``controller`` is the controller instance holding its
     session (a valid lease, in any process sharing the store), ``connected`` whether one does;
     while connected here, ``last_seen``, ``remote`` and ``manifest_version`` come from the
-    live session; ``state`` (allowed, revoked, unknown) and ``not_after`` (of the identity's
+    live session, and ``transport`` (``quic`` or ``tcp``; null while not connected) from the
+    session; ``state`` (allowed, revoked, unknown) and ``not_after`` (of the identity's
     newest certificate) from the allow-list; the rest from the store."""
     connected = view is not None or bool(controller)
     last_seen = view.last_seen if view is not None else (record.last_seen if record else None)
@@ -54,6 +55,7 @@ def device_item(
     identity = allowlist.get(tenant, device_id) if allowlist is not None else None
     item["state"] = identity.state if identity is not None else UNKNOWN
     item["not_after"] = rfc3339(identity.not_after) if identity is not None else None
+    item["transport"] = view.transport if view is not None else None
     if view is not None:
         item["remote"] = view.remote
         item["connected_since"] = rfc3339(view.connected_since)

@@ -7,8 +7,9 @@ loop turn (one flush per turn, like the QUIC ``Connection``), within the peer's 
 windows. The mapping (paths, headers, the parked requests that carry the controller's streams,
 the bounds) is explained in ``margo_stream.transport.h2_mapping``.
 
-A *lane* is one channel stream on this carrier: its channel id, its HTTP/2 stream id once it has
-one, and what we queued on it. A lane goes when both directions are over or it was reset.
+A *lane* (``h2_mapping.Lane``) is one channel stream on this carrier: its channel id, its
+HTTP/2 stream id once it has one, and what we queued on it. A lane goes when both directions
+are over or it was reset.
 
 The endpoint (``tcp_server``, ``tcp_client``) sets ``on_established`` (the TLS handshake
 completed: the server checks the client's certificate there, before any request is read) and
@@ -25,7 +26,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import cast
 
 import h2.events as ev
 import h2.exceptions
@@ -34,36 +35,13 @@ from h2.connection import H2Connection
 from margo_stream.protocol.codes import ErrorCode, Sender
 from margo_stream.transport import h2_mapping as hm
 from margo_stream.transport.channel_connection import ChannelConnection
+from margo_stream.transport.h2_mapping import Lane, describe_remote
 from margo_stream.transport.tls_pipe import TlsPipe, tls_error_code, tls_error_text
 
 log = logging.getLogger("margo.transport.tcp")
 
 PING_DATA = b"margo\x00\x00\x00"
 _H2Error = h2.exceptions.ProtocolError
-
-
-class _Lane:
-    __slots__ = ("cid", "h2id", "out", "pending", "end_queued", "local_done", "remote_done", "at")
-
-    def __init__(self, cid: int, h2id: int | None = None, at: float = 0.0) -> None:
-        self.cid = cid
-        self.h2id = h2id
-        self.out: deque[memoryview] = deque()
-        self.pending = 0  # bytes queued, not yet handed to h2
-        self.end_queued = False
-        self.local_done = False  # END_STREAM handed to h2
-        self.remote_done = False
-        self.at = at  # when it started waiting for an HTTP/2 stream
-
-    def take(self, size: int) -> bytes:
-        head = self.out[0]
-        if len(head) <= size:
-            self.out.popleft()
-            chunk = bytes(head)
-        else:
-            chunk, self.out[0] = bytes(head[:size]), head[size:]
-        self.pending -= len(chunk)
-        return chunk
 
 
 class TcpConnection(ChannelConnection, asyncio.Protocol):
@@ -93,10 +71,10 @@ class TcpConnection(ChannelConnection, asyncio.Protocol):
         self.on_established: Callable[[TcpConnection], None] | None = None
         self.on_terminated: Callable[[TcpConnection], None] | None = None
         self.refused = 0  # requests refused on this connection (controller)
-        self._lanes: dict[int, _Lane] = {}
-        self._by_h2: dict[int, _Lane] = {}
+        self._lanes: dict[int, Lane] = {}
+        self._by_h2: dict[int, Lane] = {}
         self._sendable: dict[int, None] = {}  # lanes with queued output, in order
-        self._waiting: deque[_Lane] = deque()  # lanes without an HTTP/2 stream yet
+        self._waiting: deque[Lane] = deque()  # lanes without an HTTP/2 stream yet
         self._parked: deque[int] = deque()  # controller: parked requests; agent: see _parked_out
         self._parked_out: set[int] = set()  # agent: our parked requests not answered yet
         self._next_local = 1 if self.is_client else 2  # ids of the streams we open
@@ -110,8 +88,7 @@ class TcpConnection(ChannelConnection, asyncio.Protocol):
 
     # --- asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self.remote = transport.get_extra_info("peername")
         if self.is_client:
             self._advance_tls()  # the ClientHello
@@ -291,7 +268,7 @@ class TcpConnection(ChannelConnection, asyncio.Protocol):
         if isinstance(kind, hm.Refusal):
             self._refuse_request(sid, kind)
         elif kind is hm.RequestKind.CHANNEL:
-            lane = self._lanes[sid] = self._by_h2[sid] = _Lane(sid, sid)
+            lane = self._lanes[sid] = self._by_h2[sid] = Lane(sid, sid)
             assert self.h2 is not None
             self.h2.send_headers(sid, hm.response_headers())
             del lane  # its data and end arrive as events
@@ -390,7 +367,7 @@ class TcpConnection(ChannelConnection, asyncio.Protocol):
             self._reset_h2(sid, ErrorCode.CANCELLED)  # not parked again: no loop
             return
         cid, self._next_peer = self._next_peer, self._next_peer + 2
-        lane = self._lanes[cid] = self._by_h2[sid] = _Lane(cid, sid)
+        lane = self._lanes[cid] = self._by_h2[sid] = Lane(cid, sid)
         self._refill_pool()
 
     def _has_room(self) -> bool:
@@ -408,7 +385,7 @@ class TcpConnection(ChannelConnection, asyncio.Protocol):
             self._open_request(self._waiting.popleft())
         self._refill_pool()
 
-    def _open_request(self, lane: _Lane) -> None:
+    def _open_request(self, lane: Lane) -> None:
         h2conn = self.h2
         assert h2conn is not None
         sid = h2conn.get_next_available_stream_id()
@@ -434,7 +411,7 @@ class TcpConnection(ChannelConnection, asyncio.Protocol):
     # --- carrier hooks ---------------------------------------------------------------------------
     def _carrier_open(self) -> int:
         cid, self._next_local = self._next_local, self._next_local + 2
-        lane = self._lanes[cid] = _Lane(cid, at=self.loop.time())
+        lane = self._lanes[cid] = Lane(cid, at=self.loop.time())
         if self.is_client:
             if self._has_room() and not self._waiting:
                 self._open_request(lane)
@@ -564,7 +541,7 @@ class TcpConnection(ChannelConnection, asyncio.Protocol):
                 continue
             self._drop_if_done(lane)
 
-    def _drop_if_done(self, lane: _Lane) -> None:
+    def _drop_if_done(self, lane: Lane) -> None:
         if lane.local_done and lane.remote_done:
             self._lanes.pop(lane.cid, None)
             if lane.h2id is not None:
@@ -617,10 +594,3 @@ class TcpConnection(ChannelConnection, asyncio.Protocol):
     def parked(self) -> int:
         """Parked reverse requests: held (controller) or waiting for an answer (agent)."""
         return len(self._parked) if not self.is_client else len(self._parked_out)
-
-
-def describe_remote(remote: Any) -> str:
-    if isinstance(remote, tuple) and len(remote) >= 2:
-        host, port = remote[0], remote[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(remote)

@@ -51,8 +51,10 @@ whose own budgets bound what it keeps).
 from __future__ import annotations
 
 import enum
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from h2.config import H2Configuration
 from h2.settings import SettingCodes
@@ -239,3 +241,37 @@ def _header_safe(text: str) -> str:
 def close_reason(reason: str) -> bytes:
     """GOAWAY debug data: the reason, bounded."""
     return reason.encode("utf-8", "replace")[:MAX_REASON]
+
+
+class Lane:
+    """One channel stream on the TCP carrier: its channel id, its HTTP/2 stream id once it
+    has one, and the bytes we queued on it."""
+
+    __slots__ = ("cid", "h2id", "out", "pending", "end_queued", "local_done", "remote_done", "at")
+
+    def __init__(self, cid: int, h2id: int | None = None, at: float = 0.0) -> None:
+        self.cid = cid
+        self.h2id = h2id
+        self.out: deque[memoryview] = deque()
+        self.pending = 0  # bytes queued, not yet handed to h2
+        self.end_queued = False
+        self.local_done = False  # END_STREAM handed to h2
+        self.remote_done = False
+        self.at = at  # when it started waiting for an HTTP/2 stream
+
+    def take(self, size: int) -> bytes:
+        head = self.out[0]
+        if len(head) <= size:
+            self.out.popleft()
+            chunk = bytes(head)
+        else:
+            chunk, self.out[0] = bytes(head[:size]), head[size:]
+        self.pending -= len(chunk)
+        return chunk
+
+
+def describe_remote(remote: Any) -> str:
+    if isinstance(remote, tuple) and len(remote) >= 2:
+        host, port = remote[0], remote[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(remote)

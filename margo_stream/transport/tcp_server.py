@@ -25,7 +25,8 @@ from typing import Any
 from margo_stream.errors import PeerRejected
 from margo_stream.protocol.codes import ErrorCode, Sender
 from margo_stream.transport.channel_connection import ChannelConnection
-from margo_stream.transport.h2_carrier import TcpConnection, describe_remote
+from margo_stream.transport.h2_carrier import TcpConnection
+from margo_stream.transport.h2_mapping import describe_remote
 
 log = logging.getLogger("margo.transport.tcp")
 
@@ -130,9 +131,11 @@ class TcpServer:
         timer = self._half_open.pop(conn, None)
         if timer is not None:
             timer.cancel()
-            if conn.closed is not None:  # TLS failed (or was not h2): nothing was read
+            closed = conn.closed
+            if closed is not None and closed.code != ErrorCode.SHUTTING_DOWN:
+                # TLS failed (or was not h2): nothing was read
                 self.counters["tls_failed"] += 1
-                self._log_failure(conn, conn.closed.reason)
+                self._log_failure(conn, closed.reason)
         self._connections.discard(conn)
 
     def _log_failure(self, conn: TcpConnection, reason: str) -> None:
