@@ -159,6 +159,14 @@ class Lease:
     previous: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Which controller instance holds a device's session, and over which carrier."""
+
+    instance: str
+    transport: str | None = None  # "quic" | "tcp"
+
+
 class ChangeKind(enum.StrEnum):
     DESIRED = "desired"  # what the devices should run changed: push to those held here
     REPLACED = "replaced"  # devices now held elsewhere: close sessions of older generations
@@ -186,9 +194,11 @@ LeaseLost = Callable[[Lease], None]
 class FleetView(Protocol):
     """Where devices are connected across the cluster."""
 
-    async def holders(self, tenant: str, device_ids: Sequence[str] | None = None) -> dict[str, str]:
-        """device id -> the instance holding a valid lease on it (of ``device_ids``, or all of
-        the tenant's)."""
+    async def holders(
+        self, tenant: str, device_ids: Sequence[str] | None = None
+    ) -> dict[str, Holder]:
+        """device id -> the instance holding a valid lease on it, and the session's carrier (of
+        ``device_ids``, or all of the tenant's)."""
         ...
 
     async def api_url(self, instance_id: str) -> str | None:
@@ -228,7 +238,7 @@ class Cluster(FleetView, Protocol):
         """Release every lease this instance holds and leave the registry."""
         ...
 
-    async def acquire(self, tenant: str, device_id: str) -> Lease: ...
+    async def acquire(self, tenant: str, device_id: str, transport: str = "quic") -> Lease: ...
 
     async def release(self, lease: Lease) -> bool:
         """Whether ``lease`` was still this instance's (then it is released)."""

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.ports import DeviceLink, FleetView
+from controller.ports import DeviceLink, FleetView, Holder
 
 
 @dataclass(slots=True)
@@ -76,16 +76,19 @@ class SessionRegistry:
             return current
         return None
 
-    async def holders(self, tenant: str, device_ids: Sequence[str] | None = None) -> dict[str, str]:
-        """device id -> the controller instance holding its session, across the cluster (the
-        device's lease says; a session of this process is the answer when no lease does)."""
+    async def holders(
+        self, tenant: str, device_ids: Sequence[str] | None = None
+    ) -> dict[str, Holder]:
+        """device id -> the controller instance holding its session and its carrier, across
+        the cluster (the device's lease says; a session of this process is the answer when no
+        lease does)."""
         found = dict(await self.fleet.holders(tenant, device_ids)) if self.fleet else {}
         if device_ids is None:
             local = list(self.of_tenant(tenant))
         else:
             local = [v for d in device_ids if (v := self._sessions.get((tenant, d))) is not None]
         for view in local:
-            found.setdefault(view.device_id, self.instance_id)
+            found.setdefault(view.device_id, Holder(self.instance_id, view.transport))
         return found
 
     async def held_elsewhere(self, tenant: str, device_id: str) -> tuple[str, str | None] | None:
@@ -94,9 +97,9 @@ class SessionRegistry:
         if self.fleet is None or self.is_connected(tenant, device_id):
             return None
         holder = (await self.fleet.holders(tenant, [device_id])).get(device_id)
-        if holder is None or holder == self.instance_id:
+        if holder is None or holder.instance == self.instance_id:
             return None
-        return holder, await self.fleet.api_url(holder)
+        return holder.instance, await self.fleet.api_url(holder.instance)
 
     def touch(self, view: SessionView, now: float | None = None) -> None:
         view.last_seen = time.time() if now is None else now

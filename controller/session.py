@@ -190,7 +190,7 @@ class ControllerSession:
     async def _welcome(self, hello: m.Hello) -> None:
         ctx = self.ctx
         try:
-            lease = await ctx.cluster.acquire(self.tenant, self.device_id)
+            lease = await ctx.cluster.acquire(self.tenant, self.device_id, self.conn.carrier)
         except StoreError as exc:
             self._log(logging.WARNING, "refused: %s", exc, event="lease-failed")
             self.close(ErrorCode.INTERNAL_ERROR, "the controller cannot take the session now")

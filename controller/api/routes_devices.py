@@ -13,6 +13,7 @@ from starlette.routing import Route
 from controller.allowlist import UNKNOWN, AllowList
 from controller.api.routes_common import context, json_body, rfc3339, tenant_of
 from controller.labels import LabelError
+from controller.ports import Holder
 from controller.problems import Problem
 from controller.registry import SessionView
 from controller.store.base import DeviceRecord
@@ -24,14 +25,15 @@ def device_item(
     record: DeviceRecord | None,
     view: SessionView | None,
     allowlist: AllowList | None = None,
-    controller: str | None = None,
+    holder: Holder | None = None,
 ) -> dict[str, Any]:
     """One device as the API shows it. ``controller`` is the controller instance holding its
-    session (a valid lease, in any process sharing the store), ``connected`` whether one does;
-    while connected here, ``last_seen``, ``remote`` and ``manifest_version`` come from the
-    live session, and ``transport`` (``quic`` or ``tcp``; null while not connected) from the
-    session; ``state`` (allowed, revoked, unknown) and ``not_after`` (of the identity's
+    session (``holder``: a valid lease, in any process sharing the store), ``connected``
+    whether one does, ``transport`` its carrier (``quic`` or ``tcp``; null while not
+    connected); while connected here, ``last_seen``, ``remote`` and ``manifest_version`` come
+    from the live session; ``state`` (allowed, revoked, unknown) and ``not_after`` (of the identity's
     newest certificate) from the allow-list; the rest from the store."""
+    controller = holder.instance if holder is not None else None
     connected = view is not None or bool(controller)
     last_seen = view.last_seen if view is not None else (record.last_seen if record else None)
     manifest_version = record.manifest_version if record else None
@@ -55,7 +57,10 @@ def device_item(
     identity = allowlist.get(tenant, device_id) if allowlist is not None else None
     item["state"] = identity.state if identity is not None else UNKNOWN
     item["not_after"] = rfc3339(identity.not_after) if identity is not None else None
-    item["transport"] = view.transport if view is not None else None
+    if view is not None:
+        item["transport"] = view.transport
+    else:
+        item["transport"] = holder.transport if holder is not None and connected else None
     if view is not None:
         item["remote"] = view.remote
         item["connected_since"] = rfc3339(view.connected_since)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from controller.ports import Lease
+from controller.ports import Holder, Lease
 
 Db = asyncpg.Pool | asyncpg.Connection
 
@@ -42,12 +42,12 @@ WITH old AS (
 ), updated AS (
     UPDATE device_leases AS l
     SET instance_id = $3, generation = old.generation + 1,
-        expires_at = 'infinity'
+        expires_at = 'infinity', transport = $4
     FROM old WHERE l.tenant = $1 AND l.device_id = $2
     RETURNING l.generation, old.instance_id AS previous
 ), inserted AS (
-    INSERT INTO device_leases (tenant, device_id, instance_id, generation, expires_at)
-    SELECT $1, $2, $3, 1, 'infinity'::timestamptz
+    INSERT INTO device_leases (tenant, device_id, instance_id, generation, expires_at, transport)
+    SELECT $1, $2, $3, 1, 'infinity'::timestamptz, $4
     WHERE NOT EXISTS (SELECT 1 FROM old)
     ON CONFLICT (tenant, device_id) DO NOTHING
     RETURNING generation, NULL::text AS previous
@@ -63,7 +63,7 @@ RETURNING 1
 """
 
 _HOLDERS = """
-SELECT l.device_id, l.instance_id FROM device_leases AS l
+SELECT l.device_id, l.instance_id, l.transport FROM device_leases AS l
 JOIN controller_instances AS i ON i.id = l.instance_id AND i.alive_until > now()
 WHERE l.tenant = $1 AND l.expires_at > now()"""
 
@@ -78,10 +78,13 @@ class LeaseError(Exception):
     """A lease could not be taken (the store did not answer as expected)."""
 
 
-async def acquire(db: Db, instance_id: str, tenant: str, device_id: str) -> Lease:
-    """Take the device's lease with the next generation (alive while the instance is)."""
+async def acquire(
+    db: Db, instance_id: str, tenant: str, device_id: str, transport: str = "quic"
+) -> Lease:
+    """Take the device's lease with the next generation (alive while the instance is), for a
+    session over ``transport``."""
     for _ in range(3):  # two first acquisitions at once: one inserts, the other updates next
-        row = await db.fetchrow(_ACQUIRE, tenant, device_id, instance_id)
+        row = await db.fetchrow(_ACQUIRE, tenant, device_id, instance_id, transport)
         if row is not None:
             previous = row["previous"]
             return Lease(
@@ -140,7 +143,9 @@ async def release_all(db: Db, instance_id: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def holders(db: Db, tenant: str, device_ids: Sequence[str] | None = None) -> dict[str, str]:
+async def holders(
+    db: Db, tenant: str, device_ids: Sequence[str] | None = None
+) -> dict[str, Holder]:
     """device id -> instance holding a live lease (not released, its instance's heartbeat not
     lapsed), for the tenant (or those devices)."""
     if device_ids is None:
@@ -149,4 +154,4 @@ async def holders(db: Db, tenant: str, device_ids: Sequence[str] | None = None) 
         rows = await db.fetch(
             _HOLDERS + " AND l.device_id = ANY($2::text[])", tenant, list(device_ids)
         )
-    return {r["device_id"]: r["instance_id"] for r in rows}
+    return {r["device_id"]: Holder(r["instance_id"], r["transport"]) for r in rows}

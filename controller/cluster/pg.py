@@ -26,7 +26,7 @@ from anyio.abc import TaskStatus
 
 from controller.cluster import changes, leases
 from controller.cluster.pg_tables import create_tables
-from controller.ports import ChangeHandler, ChangeKind, ClusterChange, Lease, LeaseLost
+from controller.ports import ChangeHandler, ChangeKind, ClusterChange, Holder, Lease, LeaseLost
 from margo_stream.errors import StoreError
 
 log = logging.getLogger("margo.controller.cluster")
@@ -151,9 +151,9 @@ class PgCluster:
             pool.terminate()
 
     # --- leases --------------------------------------------------------------------------------
-    async def acquire(self, tenant: str, device_id: str) -> Lease:
+    async def acquire(self, tenant: str, device_id: str, transport: str = "quic") -> Lease:
         try:
-            lease = await leases.acquire(self.db, self._id, tenant, device_id)
+            lease = await leases.acquire(self.db, self._id, tenant, device_id, transport)
         except (*_DB_ERRORS, leases.LeaseError) as exc:
             raise StoreError(
                 f"cannot take the lease of {tenant}/{device_id}: {_why(exc)}"
@@ -176,7 +176,9 @@ class PgCluster:
             )
             return False
 
-    async def holders(self, tenant: str, device_ids: Sequence[str] | None = None) -> dict[str, str]:
+    async def holders(
+        self, tenant: str, device_ids: Sequence[str] | None = None
+    ) -> dict[str, Holder]:
         try:
             return await leases.holders(self.db, tenant, device_ids)
         except _DB_ERRORS as exc:

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS device_leases (
     expires_at timestamptz NOT NULL,
     PRIMARY KEY (tenant, device_id)
 );
+ALTER TABLE device_leases ADD COLUMN IF NOT EXISTS transport text NOT NULL DEFAULT 'quic';
 CREATE INDEX IF NOT EXISTS device_leases_instance ON device_leases (instance_id);
 CREATE TABLE IF NOT EXISTS cluster_changes (
     id bigserial PRIMARY KEY,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import anyio
 from anyio.abc import TaskStatus
 
-from controller.ports import ChangeHandler, ClusterChange, Lease, LeaseLost
+from controller.ports import ChangeHandler, ClusterChange, Holder, Lease, LeaseLost
 
 
 class SingleNode:
@@ -47,7 +47,7 @@ class SingleNode:
     async def close(self) -> None:
         pass
 
-    async def acquire(self, tenant: str, device_id: str) -> Lease:
+    async def acquire(self, tenant: str, device_id: str, transport: str = "quic") -> Lease:
         return Lease(tenant, device_id, next(self._generations))
 
     async def release(self, lease: Lease) -> bool:
@@ -59,7 +59,9 @@ class SingleNode:
     async def publish(self, change: ClusterChange) -> None:
         pass
 
-    async def holders(self, tenant: str, device_ids: Sequence[str] | None = None) -> dict[str, str]:
+    async def holders(
+        self, tenant: str, device_ids: Sequence[str] | None = None
+    ) -> dict[str, Holder]:
         return {}  # every session is in this process's registry
 
     async def api_url(self, instance_id: str) -> str | None:

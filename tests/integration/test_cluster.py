@@ -62,8 +62,8 @@ def two(pki, tmp_path, pg_dsn):
     started: list[Controller] = []
     agents: list[Agent] = []
 
-    def controller(name: str) -> Controller:
-        ctl = start_controller(pki, tmp_path, name, pg_dsn)
+    def controller(name: str, *extra: str) -> Controller:
+        ctl = start_controller(pki, tmp_path, name, pg_dsn, *extra)
         started.append(ctl)
         return ctl
 
@@ -129,6 +129,21 @@ def test_a_terminal_opened_through_one_instance_reaches_a_device_held_by_the_oth
     assert f"connected to controller {a.instance}" in r.stderr  # type: ignore[attr-defined]
     # the session ran on the holder, and is audited there
     assert re.search(r"terminal|session", a.log()), a.log_tail()
+
+
+def test_every_instance_shows_the_carrier_of_a_device_held_by_another(two, pki):
+    controller, agent = two
+    a = controller("a", "--tcp-listen", "127.0.0.1:0")
+    b = controller("b")
+    token = pki.token("acme")
+    tcp = json.loads((a.data / "controller.json").read_text())["tcp"]
+    # no QUIC listens on A's TCP port number: the agent falls back to TCP there
+    agent("over-tcp", tcp, "--quic-timeout", "1")
+    agent("over-quic", a.quic)
+    seen = on(b, token, "over-tcp", a)
+    assert seen["transport"] == "tcp"
+    assert on(b, token, "over-quic", a)["transport"] == "quic"
+    assert a.device(token, "over-tcp")["transport"] == "tcp"
 
 
 def test_a_device_connecting_to_another_instance_ends_with_one_session(two, pki):

@@ -12,7 +12,7 @@ import pytest
 from controller.cluster import leases
 from controller.cluster.pg import PgCluster
 from controller.cluster.pg_tables import create_tables
-from controller.ports import ChangeKind, ClusterChange, Lease
+from controller.ports import ChangeKind, ClusterChange, Holder, Lease
 
 pytestmark = pytest.mark.anyio
 
@@ -40,6 +40,10 @@ async def db(pg_dsn):
         yield pool
 
 
+def instances(holders: dict[str, Holder]) -> dict[str, str]:
+    return {device: holder.instance for device, holder in holders.items()}
+
+
 async def alive(db: asyncpg.Pool, *instances: str, seconds: float = 60) -> None:
     for instance in instances:
         await leases.heartbeat(db, instance, seconds)
@@ -55,10 +59,11 @@ async def test_each_acquisition_takes_the_next_generation_whoever_held_it(db):
     assert (again.generation, again.previous) == (3, None)
     back = await leases.acquire(db, "A", "acme", "d1")
     assert (back.generation, back.previous) == (4, "B")
-    other = await leases.acquire(db, "A", "globex", "d1")  # tenants apart
+    other = await leases.acquire(db, "A", "globex", "d1", "tcp")  # tenants apart
     assert other.generation == 1
-    assert await leases.holders(db, "acme") == {"d1": "A"}
-    assert await leases.holders(db, "acme", ["d1", "nope"]) == {"d1": "A"}
+    assert await leases.holders(db, "globex") == {"d1": Holder("A", "tcp")}
+    assert instances(await leases.holders(db, "acme")) == {"d1": "A"}
+    assert instances(await leases.holders(db, "acme", ["d1", "nope"])) == {"d1": "A"}
 
 
 async def test_a_holder_that_lost_its_lease_can_neither_keep_nor_release_it(db):
@@ -69,12 +74,12 @@ async def test_a_holder_that_lost_its_lease_can_neither_keep_nor_release_it(db):
     assert await leases.live_count(db, "A") == 1  # d1 is B's now
     assert await leases.live_leases(db, "A") == {("acme", "d2", mine.generation)}
     assert not await leases.release(db, "A", old)  # fenced: B keeps the device
-    assert await leases.holders(db, "acme", ["d1"]) == {"d1": "B"}
+    assert instances(await leases.holders(db, "acme", ["d1"])) == {"d1": "B"}
     # a stale generation of the right instance is refused too
     stale = Lease("acme", "d1", new.generation - 1)
     assert not await leases.release(db, "B", stale)
     assert await leases.release(db, "B", new)
-    assert await leases.holders(db, "acme", ["d1"]) == {}
+    assert instances(await leases.holders(db, "acme", ["d1"])) == {}
     # released, not forgotten: the next holder's generation is past every earlier one
     nxt = await leases.acquire(db, "C", "acme", "d1")
     assert nxt.generation == new.generation + 1
@@ -85,15 +90,15 @@ async def test_leases_end_with_their_instance_heartbeat(db):
     await leases.acquire(db, "A", "acme", "d1")
     await leases.acquire(db, "B", "acme", "d2")
     assert await leases.acquire(db, "C", "acme", "d3")  # C never said it is alive
-    assert await leases.holders(db, "acme") == {"d1": "A", "d2": "B"}
+    assert instances(await leases.holders(db, "acme")) == {"d1": "A", "d2": "B"}
     await anyio.sleep(0.3)
     await alive(db, "B", seconds=0.5)
     await anyio.sleep(0.4)  # A's heartbeat lapsed (and its lease with it), B's did not
-    assert await leases.holders(db, "acme") == {"d2": "B"}
+    assert instances(await leases.holders(db, "acme")) == {"d2": "B"}
     await anyio.sleep(0.6)
-    assert await leases.holders(db, "acme") == {}
+    assert instances(await leases.holders(db, "acme")) == {}
     await alive(db, "A")  # an instance that comes back (the store was out of reach) holds again
-    assert await leases.holders(db, "acme") == {"d1": "A"}
+    assert instances(await leases.holders(db, "acme")) == {"d1": "A"}
 
 
 async def test_concurrent_takers_get_distinct_increasing_generations(db):
@@ -114,17 +119,17 @@ async def test_concurrent_takers_get_distinct_increasing_generations(db):
     for generation in range(2, 25):
         before, (instance, lease) = got[generation - 1][0], got[generation]
         assert lease.previous == (before if before != instance else None)
-    assert await leases.holders(db, "acme") == {"hot": got[24][0]}
+    assert instances(await leases.holders(db, "acme")) == {"hot": got[24][0]}
 
 
 async def test_one_heartbeat_keeps_thousands_of_leases(db):
     await alive(db, "A")
     for n in range(200):
         await leases.acquire(db, "A", "acme", f"d{n}")
-    assert len(await leases.holders(db, "acme")) == 200
+    assert len(instances(await leases.holders(db, "acme"))) == 200
     assert await leases.live_count(db, "A") == 200
     assert await leases.release_all(db, "A") == 200
-    assert await leases.holders(db, "acme") == {}
+    assert instances(await leases.holders(db, "acme")) == {}
 
 
 async def test_pg_cluster_tells_the_old_holder_and_fences_its_session(pg_dsn):
@@ -161,7 +166,7 @@ async def test_pg_cluster_tells_the_old_holder_and_fences_its_session(pg_dsn):
             assert lost_a == [first]
             assert a.held == 0 and b.held == 1
             assert not await a.release(first)  # fenced
-            assert await b.holders("acme") == {"d1": "B"}
+            assert instances(await b.holders("acme")) == {"d1": "B"}
             tg.cancel_scope.cancel()
     finally:
         await a.close()
@@ -170,7 +175,7 @@ async def test_pg_cluster_tells_the_old_holder_and_fences_its_session(pg_dsn):
     await probe.open()
     try:
         # B left cleanly: its leases are released, its instance row gone
-        assert await probe.holders("acme") == {}
+        assert instances(await probe.holders("acme")) == {}
         assert await probe.db.fetchval("SELECT count(*) FROM controller_instances") == 1
     finally:
         await probe.close()
