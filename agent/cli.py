@@ -15,6 +15,7 @@ from agent.controller_list import ControllerEntry, parse_controllers
 from margo_stream.cli.common import fail, run_service
 from margo_stream.errors import ConfigError, MargoError
 from margo_stream.logs import setup_logging
+from margo_stream.transport.congestion import CONGESTION_CONTROLS, DEFAULT_CONGESTION_CONTROL
 from margo_stream.transport.proxy import parse_proxy_url
 from margo_stream.transport.quic_client import parse_host_port
 
@@ -96,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", required=True, type=Path, help="agent state directory")
     p.add_argument("--label", action="append", default=[], help="device label KEY=VALUE")
     p.add_argument("--keepalive", type=float, help="keepalive seconds (default: controller's)")
+    p.add_argument(
+        "--congestion-control",
+        choices=CONGESTION_CONTROLS,
+        default=DEFAULT_CONGESTION_CONTROL,
+        help="QUIC congestion controller for what this end sends (default: %(default)s)",
+    )
     p.add_argument("--idle-timeout", type=float, default=60.0)
     p.add_argument("--connect-timeout", type=float, default=10.0)
     p.add_argument("--backoff-base", type=float, default=0.5)
@@ -221,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             labels=_labels(args.label),
             keepalive=args.keepalive,
             idle_timeout=args.idle_timeout,
+            congestion_control=args.congestion_control,
             connect_timeout=args.connect_timeout,
             backoff_base=args.backoff_base,
             backoff_cap=args.backoff_cap,

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.controller_list import ControllerEntry
+from margo_stream.transport.congestion import DEFAULT_CONGESTION_CONTROL, CongestionControl
 
 
 class AgentConfig(BaseModel):
@@ -27,6 +28,7 @@ class AgentConfig(BaseModel):
     labels: dict[str, str] = {}
     keepalive: float | None = Field(default=None, gt=0)  # None: what the controller says
     idle_timeout: float = Field(default=60.0, gt=1)
+    congestion_control: CongestionControl = DEFAULT_CONGESTION_CONTROL
     connect_timeout: float = Field(default=10.0, gt=0)
     backoff_base: float = Field(default=0.5, gt=0)
     backoff_cap: float = Field(default=30.0, gt=0)

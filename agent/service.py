@@ -224,6 +224,7 @@ class Agent:
             str(creds.ca_path),
             server_name=self._server_name,
             idle_timeout=self.config.idle_timeout,
+            congestion_control=self.config.congestion_control,
         )
 
     @property

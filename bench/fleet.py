@@ -87,8 +87,10 @@ class ServerSide:
         keepalive: float = 20.0,
         idle_timeout: float = 60.0,
         impairment: Any = None,
+        congestion: str | None = None,
     ) -> None:
         self.transport = transport
+        self.congestion = congestion
         self.work = work
         self.data = work / f"data-{tag}"
         self.keepalive = keepalive
@@ -171,6 +173,7 @@ class ServerSide:
                 "--h2-push",
                 listen["h2_push"],
                 *(["--tcp-listen", listen["tcp"]] if self.transport == "tcp" else []),
+                *(["--congestion-control", self.congestion] if self.congestion else []),
             ]
         ready = self.data / ("mqtt-bridge.json" if self.transport == "mqtt" else "controller.json")
         ready.unlink(missing_ok=True)

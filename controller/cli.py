@@ -13,6 +13,7 @@ from margo_stream.cli.common import fail, run_service
 from margo_stream.errors import ConfigError
 from margo_stream.identity.bootstrap import parse_duration
 from margo_stream.logs import setup_logging
+from margo_stream.transport.congestion import CONGESTION_CONTROLS, DEFAULT_CONGESTION_CONTROL
 from margo_stream.transport.quic_client import parse_host_port
 from margo_stream.units import parse_size
 
@@ -70,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="24h",
         metavar="DURATION",
         help="close device connections older than this, jittered by 10%% (default 24h)",
+    )
+    p.add_argument(
+        "--congestion-control",
+        choices=CONGESTION_CONTROLS,
+        default=DEFAULT_CONGESTION_CONTROL,
+        help="QUIC congestion controller for what this end sends (default: %(default)s)",
     )
     p.add_argument("--idle-timeout", type=float, default=60.0, help="QUIC idle timeout, seconds")
     p.add_argument(
@@ -186,6 +193,7 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
             tcp_host=tcp[0],
             tcp_port=tcp[1],
             idle_timeout=args.idle_timeout,
+            congestion_control=args.congestion_control,
             keepalive=args.keepalive,
             push_window=args.push_window,
             enroll_host=enroll[0],

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from margo_stream.errors import ConfigError
+from margo_stream.transport.congestion import DEFAULT_CONGESTION_CONTROL, CongestionControl
 
 STORE_SCHEMES = ("postgresql://", "postgres://")
 
@@ -40,6 +41,7 @@ class ControllerConfig(BaseModel):
     tcp_host: str | None = None  # the channel over TCP (HTTP/2, mutual TLS): --tcp-listen
     tcp_port: int = Field(default=0, ge=0, le=65535)
     idle_timeout: float = Field(default=60.0, gt=1)
+    congestion_control: CongestionControl = DEFAULT_CONGESTION_CONTROL
     keepalive: float = Field(default=20.0, gt=0)  # 3x inside the idle timeout; see bench connect
     hello_timeout: float = Field(default=10.0, gt=0)
     manifest_lifetime_days: float = Field(default=30.0, gt=0)

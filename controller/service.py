@@ -156,7 +156,10 @@ class Controller:
             )
         self.admission = Admission(self.verifier, self.identities)
         return server_configuration(
-            str(creds.cert_path), str(creds.key_path), idle_timeout=self.config.idle_timeout
+            str(creds.cert_path),
+            str(creds.key_path),
+            idle_timeout=self.config.idle_timeout,
+            congestion_control=self.config.congestion_control,
         )
 
     async def reload(self) -> dict[str, Any]:

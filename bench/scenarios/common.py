@@ -163,7 +163,12 @@ async def run_one(
     identities = await asyncio.to_thread(prepare_pki, work, agents)
     impairment = getattr(scenario, "impairment", lambda _p: None)(params)
     server = ServerSide(
-        transport, work, tag, keepalive=float(params.get("keepalive", 20.0)), impairment=impairment
+        transport,
+        work,
+        tag,
+        keepalive=float(params.get("keepalive", 20.0)),
+        impairment=impairment,
+        congestion=params.get("congestion"),  # --set congestion=reno: the controller's QUIC
     )
     procs = int(params.get("procs", 1))
     if transport == "mqtt":  # paho's network loop uses select(): every fd must stay below 1024

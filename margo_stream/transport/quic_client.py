@@ -12,6 +12,7 @@ from aioquic.quic.connection import QuicConnection
 from margo_stream.errors import ConfigError
 from margo_stream.identity.fleet_manager import check_controller_certificate
 from margo_stream.protocol.codes import ALPN, Sender
+from margo_stream.transport.congestion import DEFAULT_CONGESTION_CONTROL
 from margo_stream.transport.connection import Connection
 from margo_stream.transport.mtls_hook import bound_receive_credit, peer_certificates
 
@@ -24,9 +25,11 @@ def client_configuration(
     server_name: str,
     idle_timeout: float = 60.0,
     max_datagram_size: int = 1350,
+    congestion_control: str = DEFAULT_CONGESTION_CONTROL,
 ) -> QuicConfiguration:
     configuration = QuicConfiguration(
         is_client=True,
+        congestion_control_algorithm=congestion_control,
         alpn_protocols=[ALPN],
         idle_timeout=idle_timeout,
         server_name=server_name,

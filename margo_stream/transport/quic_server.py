@@ -44,6 +44,7 @@ from aioquic.quic.packet import (
 from margo_stream.errors import PeerRejected
 from margo_stream.gcpolicy import connection_opened, connections_released
 from margo_stream.protocol.codes import ALPN, ErrorCode, Sender
+from margo_stream.transport.congestion import DEFAULT_CONGESTION_CONTROL
 from margo_stream.transport.connection import Connection
 from margo_stream.transport.half_open import Decision, HalfOpenPolicy, RetryMode
 from margo_stream.transport.mtls_hook import (
@@ -69,10 +70,16 @@ EXPIRY_GRANULARITY = 0.1  # half-open deadlines are checked at most this often
 
 
 def server_configuration(
-    cert_path: str, key_path: str, *, idle_timeout: float = 60.0, max_datagram_size: int = 1350
+    cert_path: str,
+    key_path: str,
+    *,
+    idle_timeout: float = 60.0,
+    max_datagram_size: int = 1350,
+    congestion_control: str = DEFAULT_CONGESTION_CONTROL,
 ) -> QuicConfiguration:
     configuration = QuicConfiguration(
         is_client=False,
+        congestion_control_algorithm=congestion_control,
         alpn_protocols=[ALPN],
         idle_timeout=idle_timeout,
         max_datagram_size=max_datagram_size,
