@@ -1,9 +1,9 @@
 """The features that ride the channel, built once at start-up from what they depend on.
 
-``build_features`` makes desired state, status, telemetry and terminals, each from the store,
-the session registry and a task spawner, and returns them with the ``SessionHooks`` every
-device session consults: which feature handles which stream kind, and who hears of a device
-that finished its hello or went away.
+``build_features`` makes desired state, status, telemetry, terminals and the rollout driver,
+each from the store, the session registry and a task spawner, and returns them with the
+``SessionHooks`` every device session consults: which feature handles which stream kind, and
+who hears of a device that finished its hello or went away.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from controller.desired import DesiredConfig, DesiredState
 from controller.document_cache import DocumentCache
 from controller.ports import SessionHooks, TaskSpawner
 from controller.registry import SessionRegistry
+from controller.rollouts.driver import RolloutDriver
 from controller.root_chains import RootChains
 from controller.status import StatusIngest
 from controller.store.base import Store
@@ -32,6 +33,7 @@ class Features:
     status: StatusIngest
     telemetry: TelemetryIngest
     terminals: TerminalService
+    rollouts: RolloutDriver  # run by the controller with its DesiredChanges
 
 
 def build_features(
@@ -69,4 +71,5 @@ def build_features(
         status=status,
         telemetry=telemetry,
         terminals=TerminalService(store, registry),
+        rollouts=RolloutDriver(store, registry.instance_id or "controller", documents=documents),
     )

@@ -25,6 +25,7 @@ from controller.api import (
     routes_events,
     routes_identities,
     routes_operators,
+    routes_rollouts,
     routes_sessions,
     routes_telemetry,
     routes_terminal,
@@ -33,6 +34,7 @@ from controller.api.auth import BearerAuthMiddleware
 from controller.api.body_limit import DEFAULT_MAX_BODY, BodyLimitMiddleware
 from controller.api.openapi import openapi_document
 from controller.api.routes_common import ApiContext, problem_response
+from controller.api.routes_rollouts import RolloutWaker
 from controller.document_cache import DocumentCache
 from controller.identities import IdentityBook
 from controller.ports import DesiredChanges
@@ -136,6 +138,7 @@ def create_app(
     identities: IdentityBook | None = None,
     reload: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     max_body: int = DEFAULT_MAX_BODY,
+    rollouts: RolloutWaker | None = None,
 ) -> Starlette:
     """The operator API over ``store`` and ``registry``.
 
@@ -145,7 +148,8 @@ def create_app(
     ``terminals`` serves terminal sessions; ``documents`` is where parsed deployment documents
     are kept for the desired-state push (a private one when not given); ``identities`` is the
     controller's allow-list (device state, revoke, allow) and ``reload`` re-reads its files.
-    ``max_body`` bounds every request body (``--api-max-body``; 413 beyond it)."""
+    ``max_body`` bounds every request body (``--api-max-body``; 413 beyond it);
+    ``rollouts`` (the rollout driver) is woken when a rollout is created or commanded."""
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/api/v1/openapi.json", openapi_json, methods=["GET"]),
@@ -158,6 +162,7 @@ def create_app(
         *routes_events.routes(),
         *routes_sessions.routes(),
         *routes_operators.routes(),
+        *routes_rollouts.routes(),
     ]
     handlers: dict[Any, Any] = {
         Problem: _problem,
@@ -190,6 +195,8 @@ def create_app(
         identities=identities,
         reload=reload,
     )
-    app.state.openapi = openapi_document()
+    doc = openapi_document()
+    app.state.openapi = {**doc, "paths": {**doc["paths"], **routes_rollouts.openapi_paths()}}
     app.state.operators = operators
+    app.state.rollouts = rollouts
     return app

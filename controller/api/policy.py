@@ -36,6 +36,10 @@ POLICY: Sequence[tuple[str, str, Role]] = (
     ("GET", V1 + "/events", Role.VIEWER),
     ("GET", V1 + "/events/stream", Role.VIEWER),
     ("GET", V1 + "/sessions", Role.VIEWER),
+    ("GET", V1 + "/rollouts", Role.VIEWER),
+    ("GET", V1 + "/rollouts/{name}", Role.VIEWER),
+    ("POST", V1 + "/rollouts", Role.DEPLOYER),
+    ("POST", V1 + "/rollouts/{name}/{command}", Role.DEPLOYER),
     ("POST", V1 + "/admin/reload", Role.ADMIN),
 )
 DEFAULT_ROLE = Role.ADMIN

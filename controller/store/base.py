@@ -23,7 +23,8 @@ Rules every implementation keeps:
   ``deployment.assigned``,
   ``deployment.unassigned``, ``deployment.status`` (only when the state changes),
   ``manifest.created``, ``telemetry.gap``, ``terminal.opened``, ``terminal.closed``,
-  ``device.allowed``, ``device.revoked``.
+  ``device.allowed``, ``device.revoked``; a rollout's save appends the events its state
+  machine produced (``rollout.*``, ``controller.store.rollouts``).
 - **Errors.** Failures of the storage itself (disk full, corrupt file, locked database) raise
   ``StoreError`` naming the database; missing things raise ``NotFound``; invalid arguments
   raise ``ValueError``.
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from controller.store.claims import StatusRefusal
+from controller.store.rollouts import RolloutStore
 
 JsonDict = dict[str, Any]
 
@@ -218,7 +220,7 @@ class TelemetryWriter(Protocol):
 
 
 @runtime_checkable
-class Store(Protocol):
+class Store(RolloutStore, Protocol):
     """The controller's persistent state. All methods are coroutines; see the module doc."""
 
     path: str  # what to name in messages (a file for SQLite, a DSN without password otherwise)

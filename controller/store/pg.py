@@ -59,6 +59,7 @@ from controller.store.pg_events import STATEMENT, WRITE, Tx
 from controller.store.pg_identities import PgIdentities
 from controller.store.pg_listen import CONNECT_TIMEOUT, PgEventFeed
 from controller.store.pg_retention import PgRetention
+from controller.store.pg_rollouts import PgRollouts
 from controller.store.pg_schema import migrate
 from controller.store.pg_statuses import PgStatuses
 from controller.store.pg_telemetry import PgTelemetry
@@ -77,7 +78,7 @@ def _what(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__name__", "a store call").replace("_", " ")
 
 
-class PgStore(PgIdentities, PgStatuses, PgTelemetry, PgEventFeed, PgRetention):
+class PgStore(PgIdentities, PgStatuses, PgTelemetry, PgEventFeed, PgRetention, PgRollouts):
     """``Store`` on a PostgreSQL database. Use ``async with PgStore(dsn) as store:`` or call
     ``open()`` / ``close()``. ``path`` is the DSN without its password (for messages)."""
 

@@ -236,6 +236,24 @@ MIGRATIONS: tuple[str, ...] = (
     END
     $fn$;
     """,
+    # 1 -> 2: rollouts (SQLite's version 8; controller/store/rollouts.py)
+    """
+    CREATE TABLE rollouts (
+        tenant text COLLATE "C" NOT NULL,
+        name text COLLATE "C" NOT NULL,
+        version bigint NOT NULL,
+        phase text NOT NULL,
+        spec text NOT NULL,
+        state text NOT NULL,
+        created double precision NOT NULL,
+        updated double precision NOT NULL,
+        owner text,
+        owner_until double precision,
+        PRIMARY KEY (tenant, name)
+    );
+    CREATE INDEX rollouts_active ON rollouts (phase)
+        WHERE phase IN ('running', 'paused', 'rolling-back');
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

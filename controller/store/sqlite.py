@@ -51,6 +51,7 @@ from controller.store.sqlite_errors import store_error
 from controller.store.sqlite_events import StoreConnection
 from controller.store.sqlite_identities import SqliteIdentities
 from controller.store.sqlite_retention import SqliteRetention
+from controller.store.sqlite_rollouts import SqliteRollouts
 from controller.store.sqlite_schema import MIGRATIONS, TELEMETRY_MIGRATIONS, migrate
 from controller.store.sqlite_statuses import SqliteStatuses
 from controller.store.sqlite_telemetry import BoundTelemetryWriter
@@ -65,7 +66,7 @@ def telemetry_db_path(path: str) -> str:
     return str(p.with_name(f"{p.stem}.telemetry{p.suffix or '.db'}"))
 
 
-class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention):
+class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention, SqliteRollouts):
     """``Store`` on one SQLite file. Use ``async with SqliteStore(path) as store:`` or call
     ``open()`` / ``close()``. The methods of the allow-list, of statuses and of retention
     come from ``SqliteIdentities``, ``SqliteStatuses`` and ``SqliteRetention``."""

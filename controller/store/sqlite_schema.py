@@ -199,6 +199,26 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_by_ts ON events (ts);
     CREATE INDEX session_audits_by_end ON session_audits (ended_at);
     """,
+    # 7 -> 8: rollouts (controller/rollouts/, controller/store/rollouts.py): the operator's
+    # request and the state machine's state as JSON, the phase, a version for compare-and-set
+    # saves, and the lease of the instance running it
+    """
+    CREATE TABLE rollouts (
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        phase TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        state TEXT NOT NULL,
+        created REAL NOT NULL,
+        updated REAL NOT NULL,
+        owner TEXT,
+        owner_until REAL,
+        PRIMARY KEY (tenant, name)
+    );
+    CREATE INDEX rollouts_active ON rollouts (phase)
+        WHERE phase IN ('running', 'paused', 'rolling-back');
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -12,6 +12,9 @@
     device revoke ID | device allow ID        the device's identity on the allow-list (admin)
     reload                                    re-read CA bundles, operators, allow files (admin)
     watch [--after N] [--count N] [-o table|json]
+    rollout create NAME -f FILE (--device ID ... | --selector k=v ...) --steps 1,10%,100%
+        [--max-failures N|N%] [--healthy-for 30s] [--step-timeout 5m] [--no-auto-rollback]
+    rollout pause|resume|abort|watch NAME     get rollouts | get rollout NAME [-o ...]
     terminal DEVICE [-- CMD ...]              exec DEVICE -- CMD ...
 
 ``--api`` defaults to ``$MARGO_API`` or http://127.0.0.1:8080; ``--operator`` to
@@ -32,7 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from margo_stream.api_client import ApiClient
-from margo_stream.cli import margoctl_device, margoctl_label, margoctl_terminal, output
+from margo_stream.cli import (
+    margoctl_device,
+    margoctl_label,
+    margoctl_rollout,
+    margoctl_terminal,
+    output,
+)
 from margo_stream.cli.signing import sign_documents
 from margo_stream.errors import ConfigError, MargoError
 from margo_stream.identity.operator_files import OperatorCredentials, load_operator_credentials
@@ -126,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--after", type=int, default=0, metavar="ID")
     p.add_argument("--limit", type=int, metavar="N")
     _output_flag(p)
+    margoctl_rollout.add_get_parsers(kinds, common)
 
     p = commands.add_parser("apply", help="apply deployment documents", parents=[common])
     p.add_argument(
@@ -176,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     margoctl_label.add_parsers(commands, common)
     margoctl_device.add_parsers(commands, common)
     margoctl_terminal.add_parsers(commands, common)
+    margoctl_rollout.add_parsers(commands, common)
     return parser
 
 
@@ -213,6 +224,9 @@ def _print(text: str) -> None:
 
 def _cmd_get(client: ApiClient, args: argparse.Namespace) -> None:
     kind = args.kind
+    if kind in ("rollouts", "rollout"):
+        margoctl_rollout.cmd_get(client, args)
+        return
     if kind == "devices":
         data: Any = client.list_devices()
     elif kind == "device":
@@ -313,6 +327,10 @@ def _cmd_watch(client: ApiClient, args: argparse.Namespace) -> None:
         sys.stdout.flush()
 
 
+def _cmd_rollout(client: ApiClient, args: argparse.Namespace) -> None:
+    margoctl_rollout.cmd_rollout(client, args, _read_documents, operator_credentials)
+
+
 def _run_terminal(args: argparse.Namespace) -> int:
     try:
         client = make_client(args)
@@ -338,6 +356,7 @@ COMMANDS = {
     "label": margoctl_label.cmd_label,
     "device": margoctl_device.cmd_device,
     "reload": margoctl_device.cmd_reload,
+    "rollout": _cmd_rollout,
 }
 
 

@@ -47,6 +47,10 @@ EXPECTED = {
     ("GET", "/api/v1/events"): Role.VIEWER,
     ("GET", "/api/v1/events/stream"): Role.VIEWER,
     ("GET", "/api/v1/sessions"): Role.VIEWER,
+    ("GET", "/api/v1/rollouts"): Role.VIEWER,
+    ("GET", "/api/v1/rollouts/{name}"): Role.VIEWER,
+    ("POST", "/api/v1/rollouts"): Role.DEPLOYER,
+    ("POST", "/api/v1/rollouts/{name}/{command}"): Role.DEPLOYER,
 }
 OPERATORS = {"vera": ["viewer"], "dora": ["deployer"], "tess": ["terminal"], "gone": ["viewer"]}
 
