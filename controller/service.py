@@ -315,6 +315,7 @@ class Controller:
                 await self._serve_enroll(tg)
                 tg.start_soon(self._touch_loop)
                 tg.start_soon(run_retention, self.store, RetentionPolicy.from_config(self.config))
+                tg.start_soon(self.features.rollouts.run, self.desired, self.cluster.exclusive)
                 info = self._ready_info()
                 await self.cluster.announce(info["api"], info["quic"])
                 atomic_write(self.ready_file, json.dumps(info).encode())
@@ -442,6 +443,7 @@ class Controller:
             identities=self.identities,
             reload=self.reload,
             max_body=self.config.api_max_body,
+            rollouts=self.features.rollouts,
         )
         family = socket.AF_INET6 if ":" in self.config.api_host else socket.AF_INET
         sock = tcp_socket(family)
