@@ -205,7 +205,13 @@ class Controller(Proc):
 
 class Agent(Proc):
     def __init__(
-        self, identity: Path, controller: str, state: Path, *, extra: list[str] | None = None
+        self,
+        identity: Path,
+        controller: str,
+        state: Path,
+        *,
+        extra: list[str] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.state = state
         state.mkdir(parents=True, exist_ok=True)
@@ -227,6 +233,7 @@ class Agent(Proc):
                 *(extra or []),
             ],
             state.parent / f"{state.name}.log",
+            env=env,
         )
 
     def status(self) -> dict[str, Any]:

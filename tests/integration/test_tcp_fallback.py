@@ -54,7 +54,13 @@ class Env:
         ident = self.pki.dir / "acme" / "devices" / "press-01"
         if not ident.exists():
             self.pki.device("acme", "press-01")
-        agent = AgentWithEnv(ident, self.controller, self.state, extra, env or {})
+        agent = Agent(
+            ident,
+            self.controller,
+            self.state,
+            extra=["--keepalive", "0.5", "--commit-window-ms", "1", *extra],
+            env=env or {},
+        )
         self.agents.append(agent)
         return agent
 
@@ -91,47 +97,6 @@ class Env:
             a.stop()
         self.relay.stop()
         self.ctl.stop()
-
-
-class AgentWithEnv(Agent):
-    """tests.harness.Agent with extra environment variables (HTTPS_PROXY and the like)."""
-
-    def __init__(
-        self,
-        identity: Path,
-        controller: str,
-        state: Path,
-        extra: tuple[str, ...],
-        env: dict[str, str],
-    ) -> None:
-        from tests.harness import Proc
-
-        self.state = state
-        Proc.__init__(
-            self,
-            [
-                str(BIN / "margo-agent"),
-                "--identity",
-                str(identity),
-                "--controller",
-                controller,
-                "--state",
-                str(state),
-                "--log-format",
-                "text",
-                "--backoff-base",
-                "0.1",
-                "--backoff-cap",
-                "1.0",
-                "--keepalive",
-                "0.5",
-                "--commit-window-ms",
-                "1",
-                *extra,
-            ],
-            state.parent / f"{state.name}.log",
-            env=env,
-        )
 
 
 @pytest.fixture
