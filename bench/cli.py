@@ -58,6 +58,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "bench.fallback",
         "the real agent with UDP blocked: time to TCP, after a restart, and back to QUIC",
     ),
+    "rollout": (
+        "bench.rollout",
+        "a staged rollout (1%,10%,100%, 1 s gates) over the fleet: total time against the gates",
+    ),
     "report": ("bench.report", "markdown table and PNG plots from a run/compare directory"),
     "fuzz": (
         "bench.fuzz_channel",
