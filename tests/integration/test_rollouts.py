@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import BIN, Agent, Controller, traversable_to, wait_for
+from tests.integration.test_cluster import on, two  # noqa: F401, F811 - a fixture
 
 pytestmark = [pytest.mark.integration, pytest.mark.anyio]
 
@@ -284,3 +285,72 @@ def test_pause_resume_abort(fleet, tmp_path):
     assert done["reason"] == "aborted"
     for device in DEVICES:
         f.wait_running(device, "SITE-A")
+
+
+def test_a_device_joining_the_selector_gets_the_current_phase(fleet, tmp_path):
+    f = fleet
+    for device in ("press-01", "press-02"):
+        f.margoctl("label", "device", device, "line=1")
+    f.margoctl(
+        "rollout", "create", "joined", "-f", str(write_doc(tmp_path, "SITE-B")),
+        "--selector", "line=1", "--steps", "1,100%", "--healthy-for", "3s",
+        "--step-timeout", "60s",
+    )  # fmt: skip
+    assert f.rollout("joined")["targets"] == ["press-01", "press-02"]
+    f.margoctl("label", "device", "press-03", "line=1")  # joins while the first step runs
+    done = f.wait_state("joined", "succeeded", "failed", "rolled-back")
+    assert done["state"] == "succeeded", done
+    assert "press-03" in done["targets"]
+    # it joined the step under way (the first, unless that passed its gate meanwhile)
+    assert [s["devices"][-1] == "press-03" for s in done["steps"]].count(True) == 1
+    for device in DEVICES:
+        f.wait_running(device, "SITE-B")
+
+
+def test_on_postgresql_one_instance_runs_a_rollout_any_instance_commands(two, pki, tmp_path):  # noqa: F811
+    from tests.integration.test_desired import margoctl
+
+    controller, agent = two
+    a, b = controller("a"), controller("b")
+    token, tok = pki.token("acme"), pki.token_file("acme")
+    agent("on-a", a.quic)
+    agent("on-b", b.quic)
+    on(a, token, "on-a", a)
+    on(a, token, "on-b", b)
+    targets = ["--device", "on-a", "--device", "on-b"]
+    margoctl(a, tok, "apply", "-f", str(write_doc(tmp_path, "SITE-A")), *targets)
+
+    def states(ctl: Controller, name: str) -> dict:
+        return json.loads(margoctl(ctl, tok, "get", "rollout", name, "-o", "json").stdout)
+
+    margoctl(
+        b, tok, "rollout", "create", "pg", "-f", str(write_doc(tmp_path, "SITE-B")), *targets,
+        "--steps", "1,100%", "--healthy-for", "1s", "--step-timeout", "30s",
+    )  # fmt: skip
+    margoctl(a, tok, "rollout", "pause", "pg")  # through the other instance's API
+    assert states(b, "pg")["state"] == "paused"
+    margoctl(a, tok, "rollout", "resume", "pg")
+    done = wait_for(
+        lambda: (r := states(a, "pg"))["state"] in ("succeeded", "failed", "rolled-back") and r,
+        60,
+        interval=0.2,
+        what=f"rollout pg ended\n{a.log_tail()}\n{b.log_tail()}",
+    )
+    assert done["state"] == "succeeded", done
+    owner = done["owner"]
+    runner, other = (a, b) if owner == a.instance else (b, a)  # type: ignore[attr-defined]
+    assert owner == runner.instance  # type: ignore[attr-defined]
+    assert "rollout acme/pg: 1 device(s) assigned" in runner.log()
+    assert "rollout acme/pg:" not in other.log()
+    for device in ("on-a", "on-b"):
+        wait_for(
+            lambda d=device: any(
+                i["deploymentId"] == "probe-1" and i["state"] == "installed"
+                and i["manifestVersion"] == 2
+                for i in json.loads(
+                    margoctl(a, tok, "get", "deployments", "--device", d, "-o", "json").stdout
+                )
+            ),
+            30,
+            what=f"{device} installed the rollout's revision",
+        )  # fmt: skip
