@@ -124,6 +124,13 @@ class Run:
             after = items[-1]["seq"]
 
 
+def _agent_status(state: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads((state / "agent-status.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
 def _producer(state: Path, stop: threading.Event, acked: list[int]) -> None:
     from margo_stream.telemetry_client import TelemetryClient
 
@@ -166,6 +173,11 @@ async def one_run(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
                     run.start_agent(udp.port)
                     result["fallback_s"] = await _wait("fallback", lambda: on("tcp"), 60)
+
+                    async def agent_on_tcp() -> bool:  # the agent's side of it (and its memory)
+                        return _agent_status(run.state).get("transport") == "tcp"
+
+                    await _wait("the agent's status", agent_on_tcp, 30)
                     assert run.agent is not None
                     await asyncio.to_thread(stop_process, run.agent)
                     await _wait("disconnect", lambda: off(), 30)
