@@ -14,14 +14,14 @@ Two forms are accepted (file names below are in the margo/specification reposito
 
 In both forms the deployment id is ``metadata.annotations.id`` and must be usable as a file
 name. Profile types: ``compose``, ``helm.v3`` (rc.3's ``helm`` is read as ``helm.v3``) and our
-own ``process``, whose component properties are ``command`` (list of strings, required),
-``env`` (map), ``restart`` (always | on-failure | never) and ``workingDir``.
+own ``process`` (properties ``command``, a list of strings, required; ``env``, a map;
+``restart``: always | on-failure | never; ``workingDir``) and ``wasm`` (``wasm_spec.py``).
 
 Parameters (``spec.parameters.<name>.{value, targets: [{pointer, components}]}``): for a
-``process`` deployment the pointer ``ENV.NAME`` sets environment variable ``NAME`` on every
-listed component; for compose/helm the pointer and the stringified value are added to the
-component's properties (the runtime applies them: a ``--set`` path for helm, an environment
-variable for compose).
+``process`` or ``wasm`` deployment the pointer ``ENV.NAME`` sets environment variable ``NAME``
+on every listed component; for compose/helm the pointer and the stringified value are added to
+the component's properties (the runtime applies them: a ``--set`` path for helm, an
+environment variable for compose).
 
 Extra files (our extension): ``spec.files: [{name, digest}]``, or, to stay inside rc.3's closed
 schema, ``spec.x-margo-stream-extensions.files``. Names are relative paths without ``..``;
@@ -70,6 +70,7 @@ from margo_stream.state.spec import (
     ProfileType,
     RestartPolicy,
 )
+from margo_stream.state.wasm_spec import check_modules, wasm_component
 from margo_stream.state.yaml_guard import DEFAULT_LIMITS, YamlLimits
 from margo_stream.state.yaml_nodes import (
     MAX_DOCUMENT_BYTES,
@@ -116,8 +117,9 @@ PROFILE_TYPES: dict[str, ProfileType] = {
     "helm.v3": ProfileType.HELM,
     "helm": ProfileType.HELM,
     "process": ProfileType.PROCESS,
+    "wasm": ProfileType.WASM,
 }
-_ALLOWED_TYPES = "compose, helm.v3 (rc.3: helm), process"
+_ALLOWED_TYPES = "compose, helm.v3 (rc.3: helm), process, wasm"
 
 _APP_ID_RE = re.compile(r"[-a-z0-9]{1,200}")
 _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*(/\*)?")
@@ -312,6 +314,8 @@ def _build(ctx: NodeContext, data: Any) -> Deployment:
 
     parameters = _parameters(ctx, raw, spec_d, profile, components)
     files = _files(ctx, spec_d)
+    if profile is ProfileType.WASM:
+        check_modules(ctx, prof_path, components, files)
     return Deployment(
         form=form,
         deployment_id=dep_id,
@@ -331,6 +335,8 @@ def _component(
 ) -> Component:
     props = rc.properties
     ppath = path + ("properties",)
+    if profile is ProfileType.WASM:
+        return Component(name=rc.name, **wasm_component(ctx, ppath, props))
     if profile is ProfileType.PROCESS:
         proc: RawProcess = validate_model(RawProcess, props, ctx, ppath)
         check_keys(ctx, ppath, props, ("command", "env", "restart", "workingDir"))
@@ -424,12 +430,12 @@ def _parameters(
                 ctx, tpath, spec_d["parameters"][pname]["targets"][t], ("pointer", "components")
             )
             pointer = target.pointer
-            if profile is ProfileType.PROCESS:
+            if profile in (ProfileType.PROCESS, ProfileType.WASM):
                 env_name = pointer[4:] if pointer.startswith("ENV.") else ""
                 if not _ENV_NAME_RE.fullmatch(env_name):
                     raise ctx.error(
                         tpath + ("pointer",),
-                        f"bad pointer {pointer!r} for a process deployment: expected ENV.<NAME>, e.g. ENV.SITE_ID",
+                        f"bad pointer {pointer!r} for a {profile} deployment: expected ENV.<NAME>, e.g. ENV.SITE_ID",
                     )
             elif not pointer or pointer != pointer.strip():
                 raise ctx.error(
@@ -560,7 +566,7 @@ def resolve(deployment: Deployment, *, digest: str) -> DeploymentSpec:
     for param in deployment.parameters:
         for target in param.targets:
             for comp in target.components:
-                if deployment.profile is ProfileType.PROCESS:
+                if deployment.profile in (ProfileType.PROCESS, ProfileType.WASM):
                     env[comp][target.pointer.removeprefix("ENV.")] = param.value
                 else:
                     props[comp][target.pointer] = param.value

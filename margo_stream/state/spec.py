@@ -15,6 +15,7 @@ class ProfileType(enum.StrEnum):
     PROCESS = "process"
     COMPOSE = "compose"
     HELM = "helm.v3"
+    WASM = "wasm"  # a WASI module run by the agent (margo_stream.state.wasm_spec)
 
 
 class RestartPolicy(enum.StrEnum):
