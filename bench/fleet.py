@@ -88,7 +88,12 @@ class ServerSide:
         idle_timeout: float = 60.0,
         impairment: Any = None,
         congestion: str | None = None,
+        link: str | None = None,
     ) -> None:
+        # link: "relay" (bench.relay, userspace) or "tun" (bench.relay_tun: real packet loss)
+        if (link or "relay") not in ("relay", "tun"):
+            raise ValueError(f"link must be relay or tun, got {link!r}")
+        self.link = link or "relay"
         self.transport = transport
         self.congestion = congestion
         self.work = work
@@ -195,7 +200,7 @@ class ServerSide:
         argv = [
             sys.executable,
             "-m",
-            "bench.relay",
+            "bench.relay_tun" if self.link == "tun" else "bench.relay",
             "udp" if self.transport == "quic" else "tcp",
             "--target",
             f"127.0.0.1:{port}",

@@ -169,6 +169,7 @@ async def run_one(
         keepalive=float(params.get("keepalive", 20.0)),
         impairment=impairment,
         congestion=params.get("congestion"),  # --set congestion=reno: the controller's QUIC
+        link=params.get("link"),  # --set link=tun: real packet loss (bench.relay_tun)
     )
     procs = int(params.get("procs", 1))
     if transport == "mqtt":  # paho's network loop uses select(): every fd must stay below 1024
