@@ -117,6 +117,31 @@ SPIN = r"""
 """
 
 
+def wasm_yaml(
+    dep: str, component: str, module: str, digest: str, props: str, extra: str = ""
+) -> str:
+    """A published-form ``wasm`` deployment ``dep`` of one component running ``module`` (a
+    deployment file of ``digest``); ``props`` are further property lines, ``extra`` spec keys."""
+    return f"""\
+apiVersion: application.margo.org/v1alpha1
+kind: ApplicationDeployment
+metadata:
+  annotations: {{applicationId: {dep}, id: {dep}}}
+  name: {dep}
+  namespace: test
+spec:
+  deploymentProfile:
+    type: wasm
+    components:
+      - name: {component}
+        properties:
+          module: {module}
+{props}
+  files:
+    - {{name: {module}, digest: '{digest}'}}
+{extra}"""
+
+
 def run_guest(tmp_path: Path, source: str, **launch: object) -> dict[str, object]:
     """``outcome`` of one run of ``source`` with ``tmp_path/work`` as its ``/``."""
     module = tmp_path / "guest.wat"
@@ -207,3 +232,21 @@ def test_worker_main_writes_the_result_to_its_fd(tmp_path, monkeypatch):
     assert wasm_worker.main() == 0
     with os.fdopen(r, "rb") as f:
         assert json.loads(f.read()) == {"kind": "exit", "code": 3}
+
+
+def test_the_example_counter(tmp_path):
+    """examples/wasm-counter.yaml parses, names its module with the right digest, and the
+    module counts to 10 into the file its arguments name."""
+    from margo_stream.state.digest import sha256_digest
+    from margo_stream.state.documents import load_spec
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    spec = load_spec((examples / "wasm-counter.yaml").read_bytes())
+    (ref,) = spec.files
+    module = examples / ref.name
+    assert sha256_digest(module.read_bytes()) == ref.digest, "update the digest in the example"
+    (comp,) = spec.components
+    assert comp.command[0] == ref.name
+    result = run_guest(tmp_path, module.read_text(), args=list(comp.command[1:]))
+    assert result == {"kind": "exit", "code": 0}
+    assert (tmp_path / "work" / "result.txt").read_text() == "".join(f"{n}\n" for n in range(1, 11))

@@ -25,7 +25,7 @@ from tests.integration.test_process_runtime import (  # noqa: E402
     read,
     wait_until,
 )
-from tests.unit.test_wasm_guests import GROW, PROBE, SPIN, TRAP  # noqa: E402
+from tests.unit.test_wasm_guests import GROW, PROBE, SPIN, TRAP, wasm_yaml  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -56,24 +56,7 @@ def wasm_doc(
 ) -> DeploymentSpec:
     """A ``wasm`` deployment of one component ``c`` running ``guest`` (WAT text)."""
     digest = blobs.add(guest.encode())
-    text = f"""\
-apiVersion: application.margo.org/v1alpha1
-kind: ApplicationDeployment
-metadata:
-  annotations: {{applicationId: wasm-test, id: {dep}}}
-  name: {dep}
-  namespace: test
-spec:
-  deploymentProfile:
-    type: wasm
-    components:
-      - name: c
-        properties:
-          module: {module}
-{props}
-  files:
-    - {{name: {module}, digest: '{digest}'}}
-{params}"""
+    text = wasm_yaml(dep, "c", module, digest, props, params)
     spec = load_spec(text.encode(), source=dep)
     assert spec.profile is ProfileType.WASM
     return spec

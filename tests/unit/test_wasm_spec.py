@@ -100,7 +100,7 @@ def test_limits_env_and_parameters() -> None:
         ("          module: counter.wasm\n          args: a\n", "properties.args", "sequence"),
         (
             "          module: counter.wasm\n          env: {1X: a}\n",
-            "env[\"1X\"]",
+            'env["1X"]',
             "invalid environment",
         ),
         ("          module: counter.wasm\n          restart: sometimes\n", "restart", "not one of"),
