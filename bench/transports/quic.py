@@ -46,6 +46,7 @@ from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode, Sender, StreamKind
 from margo_stream.state.trust import DesiredStateVerifier
 from margo_stream.transport.connection import Connection, MessageStream
+from margo_stream.transport.mtls_hook import acknowledge_at_once
 from margo_stream.transport.quic_client import client_configuration
 
 
@@ -158,10 +159,15 @@ class QuicClient:
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         udp, protocol = await loop.create_datagram_endpoint(
-            lambda: _CountingProtocol(self.counters), local_addr=(self.host, 0), family=family
+            lambda: _CountingProtocol(self.counters),
+            # any local address: the kernel picks the source for the route (through a bench
+            # link of its own, 10.199.N.1 is not a local address to bind to)
+            local_addr=("::" if family == socket.AF_INET6 else "0.0.0.0", 0),
+            family=family,
         )
         self._udp = udp
         quic = QuicConnection(configuration=self.configuration)
+        acknowledge_at_once(quic)  # as the real agent's connection (quic_client.connect)
         conn = self.conn = Connection(quic, Sender.AGENT, protocol.sendto, loop)
         protocol.connection = conn
         quic.connect((self.host, self.port), now=loop.time())

@@ -24,7 +24,13 @@ Certificate. So the controller:
    doubles its connection credit (MAX_DATA) from the highest offsets *received*, so a peer
    that leaves a gap (never sends offset 0 of a stream) grows aioquic's receive buffers
    without bound; the credit here slides over the bytes *delivered* to the application
-   instead, so at most one window (the configuration's ``max_data``) is ever held undelivered.
+   instead, so at most one window (the configuration's ``max_data``) is ever held undelivered;
+7. acknowledges at once (``acknowledge_at_once``): aioquic holds every ACK for its private
+   ``_ack_delay`` (1 ms) after the packet that asked for it, so the transmit our connection
+   makes at the end of the loop turn that received a keepalive PING carries no ACK, and a timer
+   wakes the loop a millisecond later to send it: two wake-ups and two transmits per keepalive.
+   Our transmit is already once per loop turn (coalesced), so ACKing in that turn loses no
+   batching.
 
 ``check_aioquic()`` fails loudly, at controller start and in the test suite, if aioquic's
 internals change under us.
@@ -100,6 +106,11 @@ def check_aioquic() -> None:
             "the client-certificate hook cannot work"
         )
     _check_receive_credit_hook(client)
+    if not isinstance(getattr(client, "_ack_delay", None), float):
+        raise UnsupportedAioquic(
+            f"aioquic {aioquic_version}: QuicConnection has no float '_ack_delay'; "
+            "acknowledging at once cannot work"
+        )
 
 
 def _check_receive_credit_hook(connection: QuicConnection) -> None:
@@ -253,6 +264,11 @@ def bound_receive_credit(connection: QuicConnection) -> None:
         connection._local_max_data = SlidingMaxData(limit, connection._streams)
 
 
+def acknowledge_at_once(connection: QuicConnection) -> None:
+    """ACK in the loop turn that received the packet instead of a timer 1 ms later."""
+    connection._ack_delay = 0.0
+
+
 class MutualTlsServerConnection(QuicConnection):
     """A server connection whose TLS context requests a client certificate, presents the
     certificate ``choose_certificate`` picks for the client's server name, whose connection
@@ -271,6 +287,7 @@ class MutualTlsServerConnection(QuicConnection):
         self._margo_reset_tokens = reset_tokens
         self._derive_reset_tokens()  # before the transport parameters carry the first one
         bound_receive_credit(self)
+        acknowledge_at_once(self)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
