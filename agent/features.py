@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from agent import desired
 from agent.config import AgentConfig
+from agent.logs import feature as logs
 from agent.ports import AgentSetup
 from agent.service import Agent
 from agent.telemetry import replay
@@ -31,6 +32,7 @@ def install_features(setup: AgentSetup) -> None:
     state = desired.install(setup)
     replay.install(setup)
     terminal.install(setup, trust=state.verifier)  # grants are checked against its root
+    logs.install(setup, state.reconciler)  # the components' logs, for the controller's asks
 
 
 def build_agent(config: AgentConfig) -> Agent:

@@ -24,6 +24,7 @@ from controller.api import (
     routes_devices,
     routes_events,
     routes_identities,
+    routes_logs,
     routes_operators,
     routes_rollouts,
     routes_sessions,
@@ -158,6 +159,7 @@ def create_app(
         *routes_telemetry.routes(),
         *routes_terminal.routes(),
         *routes_identities.routes(),
+        *routes_logs.routes(),  # workload logs, read from the device (controller/logs.py)
         *routes_devices.routes(),
         *routes_events.routes(),
         *routes_sessions.routes(),

@@ -29,6 +29,8 @@ POLICY: Sequence[tuple[str, str, Role]] = (
     ("GET", DEVICE + "/telemetry", Role.VIEWER),
     ("GET", DEVICE + "/terminal", Role.TERMINAL),
     ("PATCH", DEVICE + "/labels", Role.DEPLOYER),
+    ("GET", DEVICE + "/logs/{deployment_id}", Role.VIEWER),  # routes_logs: workload logs
+    ("GET", DEVICE + "/logs/{deployment_id}/{component}", Role.VIEWER),  # routes_logs
     ("POST", DEVICE + "/revoke", Role.ADMIN),
     ("POST", DEVICE + "/allow", Role.ADMIN),
     ("GET", V1 + "/devices", Role.VIEWER),

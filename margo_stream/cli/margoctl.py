@@ -38,6 +38,7 @@ from margo_stream.api_client import ApiClient
 from margo_stream.cli import (
     margoctl_device,
     margoctl_label,
+    margoctl_logs,
     margoctl_rollout,
     margoctl_terminal,
     output,
@@ -184,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, metavar="N", help="stop after N events")
     _output_flag(p, ("table", "json"))
     margoctl_label.add_parsers(commands, common)
+    margoctl_logs.add_parsers(commands, common)
     margoctl_device.add_parsers(commands, common)
     margoctl_terminal.add_parsers(commands, common)
     margoctl_rollout.add_parsers(commands, common)
@@ -358,6 +360,7 @@ COMMANDS = {
     "reload": margoctl_device.cmd_reload,
     "rollout": _cmd_rollout,
 }
+    "logs": margoctl_logs.cmd_logs,
 
 
 def main(argv: Sequence[str] | None = None) -> int:

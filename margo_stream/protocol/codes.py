@@ -35,6 +35,8 @@ class ErrorCode(enum.IntEnum):
     TERMINAL_REFUSED = 0x301
     CANCELLED = 0x302
     STATUS_REFUSED = 0x303  # status for a deployment not assigned, or a version never issued
+    LOGS_NOT_FOUND = 0x304  # a logs request names a deployment or component the device lacks
+    LOGS_REFUSED = 0x305  # a logs request the device will not serve now (too many at once)
     INTERNAL_ERROR = 0x3FF
 
     @classmethod
@@ -76,6 +78,7 @@ class StreamKind(enum.StrEnum):
     STATUS = "status"
     TELEMETRY = "telemetry"
     TERMINAL = "terminal"
+    LOGS = "logs"
 
 
 class Sender(enum.StrEnum):

@@ -263,6 +263,56 @@ class TermAck(_Model):
     consumed: U64
 
 
+# --- workload logs (controller-opened) ----------------------------------------------------------
+NAME_PATTERN = r"^[A-Za-z0-9_~-][A-Za-z0-9._~-]{0,199}$"  # a deployment id or component name
+LOGS_MAX_TAIL = 10_000  # lines of each component's log a request may ask for
+LOGS_MAX_LINE = 16 * 1024  # characters of one line; longer ones are cut
+LOGS_MAX_BATCH = 512  # lines in one logs_lines message
+
+
+class LogsOpen(_Model):
+    """Controller -> agent: send the last ``tail`` lines of the deployment's component (every
+    component when None), then, with ``follow``, each new line until the log ends or the
+    controller ends its side of the stream."""
+
+    t: Literal["logs_open"] = "logs_open"
+    deployment_id: str = Field(pattern=NAME_PATTERN)
+    component: str | None = Field(default=None, pattern=NAME_PATTERN)
+    tail: int = Field(default=100, ge=0, le=LOGS_MAX_TAIL)
+    follow: bool = False
+
+
+class LogsOpened(_Model):
+    """Agent -> controller: the components whose lines follow (sorted)."""
+
+    t: Literal["logs_opened"] = "logs_opened"
+    components: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(max_length=256)
+
+
+class LogsLines(_Model):
+    t: Literal["logs_lines"] = "logs_lines"
+    component: str = Field(pattern=NAME_PATTERN)
+    lines: list[Annotated[str, Field(max_length=LOGS_MAX_LINE)]] = Field(
+        min_length=1, max_length=LOGS_MAX_BATCH
+    )
+
+
+class LogsAck(_Model):
+    """Controller -> agent: ``consumed`` is the running total of line bytes (UTF-8, one byte
+    per line for its end) passed on to the operator; the agent keeps a window unacked."""
+
+    t: Literal["logs_ack"] = "logs_ack"
+    consumed: U64
+
+
+class LogsEnd(_Model):
+    """Agent -> controller: nothing more (``complete``: the tail was sent and no follow was
+    asked; ``ended``: the component stopped or was removed)."""
+
+    t: Literal["logs_end"] = "logs_end"
+    reason: str = Field(max_length=1024)
+
+
 Message = Annotated[
     Hello
     | HelloAck
@@ -284,7 +334,12 @@ Message = Annotated[
     | TermResize
     | TermExit
     | TermClose
-    | TermAck,
+    | TermAck
+    | LogsOpen
+    | LogsOpened
+    | LogsLines
+    | LogsAck
+    | LogsEnd,
     Field(discriminator="t"),
 ]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Message)
@@ -312,6 +367,11 @@ MESSAGE_TYPES: frozenset[str] = frozenset(
         TermExit,
         TermClose,
         TermAck,
+        LogsOpen,
+        LogsOpened,
+        LogsLines,
+        LogsAck,
+        LogsEnd,
     )
 )
 

@@ -47,6 +47,7 @@ OPENERS: dict[str, tuple[StreamKind, Sender]] = {
     "telemetry": (K.TELEMETRY, A),
     "desired": (K.DESIRED, C),
     "term_open": (K.TERMINAL, C),
+    "logs_open": (K.LOGS, C),
 }
 
 TRANSITIONS: dict[tuple[StreamKind, State, Sender, str], State] = {
@@ -100,10 +101,20 @@ TRANSITIONS: dict[tuple[StreamKind, State, Sender, str], State] = {
     (K.TERMINAL, S.ACTIVE, A, "term_ack"): S.ACTIVE,
     (K.TERMINAL, S.EXITED, C, "term_ack"): S.EXITED,
     (K.TERMINAL, S.CLOSING, A, "term_ack"): S.CLOSING,
+    # workload logs: the controller asks for a component's log, the agent names the
+    # components it will send (or an error), then lines (acked by the controller, a window of
+    # bytes in flight) and logs_end; the controller ends its side to stop a follow
+    (K.LOGS, S.IDLE, C, "logs_open"): S.OPENING,
+    (K.LOGS, S.OPENING, A, "logs_opened"): S.OPEN,
+    (K.LOGS, S.OPENING, A, "error"): S.DONE,
+    (K.LOGS, S.OPEN, A, "logs_lines"): S.OPEN,
+    (K.LOGS, S.OPEN, C, "logs_ack"): S.OPEN,
+    (K.LOGS, S.OPEN, A, "logs_end"): S.DONE,
+    (K.LOGS, S.DONE, C, "logs_ack"): S.DONE,
 }
 
 # Ending one's direction is always allowed on these kinds, in any state (half-close).
-_FREE_END = {K.STATUS, K.TELEMETRY, K.TERMINAL, K.CONTROL}
+_FREE_END = {K.STATUS, K.TELEMETRY, K.TERMINAL, K.CONTROL, K.LOGS}
 
 
 class StreamMachine:

@@ -39,6 +39,8 @@ EXPECTED = {
     ("GET", "/api/v1/devices/{device_id:path}/telemetry"): Role.VIEWER,
     ("GET", "/api/v1/devices/{device_id:path}/terminal"): Role.TERMINAL,
     ("PATCH", "/api/v1/devices/{device_id:path}/labels"): Role.DEPLOYER,
+    ("GET", "/api/v1/devices/{device_id:path}/logs/{deployment_id}"): Role.VIEWER,
+    ("GET", "/api/v1/devices/{device_id:path}/logs/{deployment_id}/{component}"): Role.VIEWER,
     ("POST", "/api/v1/devices/{device_id:path}/revoke"): Role.ADMIN,
     ("POST", "/api/v1/devices/{device_id:path}/allow"): Role.ADMIN,
     ("POST", "/api/v1/admin/reload"): Role.ADMIN,
