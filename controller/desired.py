@@ -7,6 +7,12 @@ on a fresh desired-state stream: the manifest, then only the blobs the device do
 then the end of the stream. A device that was offline gets the newest manifest right after
 its hello (which names the version and blobs it holds). One push per device is in flight at a
 time; changes arriving meanwhile coalesce into one follow-up push of the newest version.
+
+A deployment whose ``deviceConstraints`` (or implicit constraint: a ``wasm`` profile needs a
+device reporting the wasm runtime) the device's reported capabilities do not satisfy stays
+assigned but is left out of the device's manifest (``margo_stream.state.constraints``); the
+API shows it as ``failed`` naming the unmet constraint. It is matched again whenever the
+device's manifest is next built.
 """
 
 from __future__ import annotations
@@ -29,12 +35,19 @@ from controller.ports import DeviceLink, TaskSpawner
 from controller.push_window import PushWindow
 from controller.registry import SessionRegistry
 from controller.root_chains import RootChains
-from controller.store.base import AssignmentRecord, ManifestRecord, Store, VersionConflict
+from controller.store.base import (
+    AssignmentRecord,
+    DeviceRecord,
+    ManifestRecord,
+    Store,
+    VersionConflict,
+)
 from margo_stream.errors import ConfigError, DocumentError, IdentityError, StoreError
 from margo_stream.identity.trust import load_signing_key
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.push import blob_chunks, plan_push
-from margo_stream.state.documents import parse_deployment
+from margo_stream.state.constraints import unmet
+from margo_stream.state.documents import Deployment, parse_deployment
 from margo_stream.state.manifest import (
     Manifest,
     ManifestEntry,
@@ -137,10 +150,37 @@ class DesiredState:
         return self._locks.setdefault(tenant, anyio.Lock())
 
     # --- building manifests ----------------------------------------------------------------------
+    async def _unmet(
+        self, tenant: str, device_id: str, document: Deployment, devices: dict[str, DeviceRecord]
+    ) -> str | None:
+        """The deployment's constraint the device does not satisfy (None: it gets it);
+        ``devices`` is filled from the store on first need, once per build."""
+        if document.constraints is None and str(document.profile) != "wasm":
+            return None
+        if not devices:
+            devices.update({r.device_id: r for r in await self.store.list_devices(tenant)})
+        record = devices.get(device_id)
+        caps, labels = (record.capabilities, record.reported_labels) if record else ({}, {})
+        reason = unmet(document.constraints, str(document.profile), caps, labels)
+        if reason is not None:
+            log.info(
+                "leaving %s out of %s/%s's manifest: %s",
+                document.deployment_id,
+                tenant,
+                device_id,
+                reason,
+                extra={"event": "deployment-constraint-unmet"},
+            )
+        return reason
+
     async def _entries(
-        self, tenant: str, assignments: list[AssignmentRecord]
+        self,
+        tenant: str,
+        assignments: list[AssignmentRecord],
+        devices: dict[str, DeviceRecord] | None = None,
     ) -> list[ManifestEntry]:
         entries = []
+        devices = {} if devices is None else devices
         for a in assignments:
             cached = self.documents.get(tenant, a.digest)
             if cached is None:  # applied before this process started
@@ -170,6 +210,8 @@ class DesiredState:
                     record.certificate,
                 )
                 self.documents.put(tenant, a.digest, cached)
+            if await self._unmet(tenant, a.device_id, cached.document, devices):
+                continue
             entries.append(
                 ManifestEntry(
                     deployment_id=a.deployment_id,
@@ -232,8 +274,9 @@ class DesiredState:
         key = self._key(tenant)
         items: list[tuple[str, int, bytes, bytes]] = []
         built: list[Manifest] = []
+        devices: dict[str, DeviceRecord] = {}  # read once, when a constraint needs it
         for device_id in ids:
-            entries = await self._entries(tenant, by_device[device_id])
+            entries = await self._entries(tenant, by_device[device_id], devices)
             prev = latest.get(device_id)
             if (
                 only_if_changed

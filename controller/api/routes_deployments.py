@@ -6,6 +6,12 @@ deployment version and assigns it to the target devices; the controller's desire
 (``ApiContext.desired``) then builds, signs and sends the new manifests. A deployment is
 removed from a device by unassigning it: it leaves the device's next manifest, which is how
 Margo deletes (never by a 404).
+
+Device constraints (``deviceConstraints``, and a ``wasm`` profile's need for the wasm
+runtime): a target whose reported capabilities do not satisfy a deployment is still assigned
+it, but the desired-state builder leaves it out of that device's manifest; the apply answer
+lists it under ``skipped: [{device, deploymentId, reason}]`` and the listing shows it as
+``failed`` with error code ``constraint-unmet`` naming the constraint.
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import json
 import logging
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -33,11 +41,12 @@ from controller.api.routes_common import (
 from controller.document_cache import CachedDocument
 from controller.labels import selector_matches
 from controller.problems import Problem
-from controller.store.base import AssignmentRecord, DeploymentDraft, StatusRecord
-from margo_stream.errors import DocumentError
+from controller.store.base import AssignmentRecord, DeploymentDraft, DeviceRecord, StatusRecord
+from margo_stream.errors import DocumentError, NotFound
 from margo_stream.identity.envelope import canonical
+from margo_stream.state.constraints import unmet
 from margo_stream.state.digest import sha256_digest
-from margo_stream.state.documents import Deployment
+from margo_stream.state.documents import Deployment, parse_deployment
 from margo_stream.state.status import status_from_margo, status_to_margo
 
 log = logging.getLogger("margo.controller.api")
@@ -151,7 +160,89 @@ async def apply_deployments(request: Request) -> JSONResponse:
         for r in records
     ]
     notified = await _notify(ctx, tenant, targets)
-    return JSONResponse({"deployments": applied, "devices": targets, "notified": notified})
+    skipped = _skipped(targets, [d for _, d in docs], await _devices(ctx, tenant, docs))
+    notes = [{"deploymentId": d.deployment_id, "note": n} for _, d in docs for n in d.notes]
+    return JSONResponse(
+        {
+            "deployments": applied,
+            "devices": targets,
+            "notified": notified,
+            "skipped": skipped,
+            "notes": notes,
+        }
+    )
+
+
+def _gated(dep: Deployment) -> bool:
+    return dep.constraints is not None or str(dep.profile) == "wasm"
+
+
+async def _devices(
+    ctx: ApiContext, tenant: str, docs: list[tuple[bytes, Deployment]]
+) -> dict[str, DeviceRecord]:
+    """The tenant's devices, read only when a deployment has constraints."""
+    if not any(_gated(d) for _, d in docs):
+        return {}
+    return {r.device_id: r for r in await ctx.store.list_devices(tenant)}
+
+
+def _unmet(dep: Deployment, record: DeviceRecord | None) -> str | None:
+    if not _gated(dep):
+        return None
+    caps, labels = (record.capabilities, record.reported_labels) if record else ({}, {})
+    return unmet(dep.constraints, str(dep.profile), caps, labels)
+
+
+def _skipped(
+    targets: list[str], parsed: list[Deployment], devices: dict[str, DeviceRecord]
+) -> list[dict[str, str]]:
+    """The targets that do not get a deployment, and the constraint each fails."""
+    out = []
+    for device_id in targets:
+        for dep in parsed:
+            reason = _unmet(dep, devices.get(device_id))
+            if reason is not None:
+                out.append(
+                    {"device": device_id, "deploymentId": dep.deployment_id, "reason": reason}
+                )
+    return out
+
+
+async def _document(ctx: ApiContext, tenant: str, a: AssignmentRecord) -> Deployment | None:
+    """The assigned version's parsed document (the shared cache, else read and parse it)."""
+    cached = ctx.documents.get(tenant, a.digest)
+    if cached is not None:
+        return cached.document
+    try:
+        record = await ctx.store.get_deployment(tenant, a.deployment_id, a.digest)
+        data = await ctx.store.get_blob(tenant, a.digest)
+        source = f"deployment {a.deployment_id}"
+        dep = await anyio.to_thread.run_sync(
+            functools.partial(parse_deployment, data, source=source)
+        )
+    except (NotFound, DocumentError):
+        return None
+    signature = json.loads(record.signature) if record.signature else None
+    ctx.documents.put(tenant, a.digest, CachedDocument(dep, signature, record.certificate))
+    return dep
+
+
+async def _constraint_failures(
+    ctx: ApiContext, tenant: str, assignments: list[AssignmentRecord]
+) -> dict[tuple[str, str], str]:
+    """(device, deployment) -> the unmet constraint, for assignments left out of manifests."""
+    devices: dict[str, DeviceRecord] | None = None
+    out: dict[tuple[str, str], str] = {}
+    for a in assignments:
+        dep = await _document(ctx, tenant, a)
+        if dep is None or not _gated(dep):
+            continue
+        if devices is None:
+            devices = {r.device_id: r for r in await ctx.store.list_devices(tenant)}
+        reason = _unmet(dep, devices.get(a.device_id))
+        if reason is not None:
+            out[(a.device_id, a.deployment_id)] = reason
+    return out
 
 
 async def _notify(ctx: ApiContext, tenant: str, device_ids: list[str]) -> bool:
@@ -219,6 +310,12 @@ async def list_deployments(request: Request) -> JSONResponse:
         deployment_item(key[0], assignments.get(key), statuses.get(key))
         for key in sorted(assignments.keys() | statuses.keys())
     ]
+    failures = await _constraint_failures(ctx, tenant, list(assignments.values()))
+    for item in items:
+        reason = failures.get((item["device"], item["deploymentId"]))
+        if reason is not None:  # left out of the device's manifest: it never gets it
+            item["state"] = "failed"
+            item["error"] = {"code": "constraint-unmet", "source": "controller", "message": reason}
     return JSONResponse({"items": items})
 
 

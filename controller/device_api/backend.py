@@ -1,9 +1,17 @@
 """The store side every device-facing transport shares: :class:`DeviceBackend`.
 
-It keeps, per device, the newest signed desired state with its Margo rc.3 projection and
-ETags (:class:`Desired`, cached until the stored version changes), stores status and
-capability documents validated once (``margo_documents``), numbers status reports, and
-batches last-seen times into one store write every ``touch_interval`` seconds.
+It keeps, per device, the newest signed desired state with its Margo rc.3 projection, its
+bundle (``margo_stream.state.bundle``: the tar.gz of the exact deployment documents, built
+once per set of documents) and ETags (:class:`Desired`, cached until the stored version
+changes), stores status and capability documents validated once (``margo_documents``),
+numbers status reports, and batches last-seen times into one store write every
+``touch_interval`` seconds.
+
+Capabilities of a child device (``gateway/child``, reported by the gateway) are stored as a
+device of the tenant under that id; ``DELETE /api/v1/capabilities/{deviceId}`` (rc.3 "Remove
+device (Unregister)") drops the stored capabilities and reported labels and marks the device
+disconnected: the device's record, its operator labels, assignments and history stay, and its
+identity stays on the allow-list (taking a device out of the fleet is an operator's act).
 
 A transport authenticates the peer first (``tls.peer_identity``) and passes only the verified
 ``(tenant, device_id)``: nothing in a path or a payload can name another device.
@@ -18,11 +26,16 @@ from typing import Any
 
 import anyio
 
-from controller.device_api.margo_documents import validate_capabilities, validate_status
+from controller.device_api.margo_documents import (
+    may_speak_for,
+    validate_capabilities,
+    validate_status,
+)
 from controller.problems import Problem
 from controller.store.base import Store
 from controller.store.claims import UNKNOWN_VERSION, StatusRefusal, StatusRefused
 from margo_stream.errors import DocumentError, NotFound
+from margo_stream.state.bundle import BUNDLE_MEDIA_TYPE, build_bundle, bundle_url
 from margo_stream.state.digest import sha256_digest
 from margo_stream.state.manifest import (
     Manifest,
@@ -33,6 +46,8 @@ from margo_stream.state.manifest import (
 )
 
 log = logging.getLogger("margo.device_api")
+
+BUNDLE_CACHE = 256  # distinct deployment sets whose bundle is kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +63,8 @@ class Desired:
     margo_body: bytes  # canonical JSON of Margo rc.3's UnsignedAppStateManifest
     margo_etag: str  # digest of margo_body
     signed_etag: str  # digest of manifest_bytes
+    bundle: bytes | None = None  # the tar.gz of the deployments (None without deployments)
+    bundle_digest: str | None = None
 
     @property
     def digests(self) -> set[str]:
@@ -77,6 +94,8 @@ class DeviceBackend:
         self._seen: dict[tuple[str, str], float] = {}
         self._last_seq: dict[tuple[str, str], int] = {}
         self._adopted: dict[tuple[str, str], int] = {}
+        # bundles by the documents they hold: devices with the same deployments share one
+        self._bundles: dict[tuple[tuple[str, str], ...], tuple[bytes, str]] = {}
 
     async def desired(self, tenant: str, device_id: str) -> Desired | None:
         """The newest manifest for the device (None when it has none)."""
@@ -97,17 +116,23 @@ class DeviceBackend:
                 device_id,
                 exc,
             )
-            raise Problem(
-                500, "the stored manifest is invalid", title="Internal error", kind="internal"
-            ) from None
+            raise Problem(500, "the stored manifest is invalid", kind="internal") from None
         if manifest.tenant != tenant or manifest.device_id != device_id:
             raise Problem(
                 500,
                 "the stored manifest names another device",
-                title="Internal error",
                 kind="internal",
             )
-        body = canonical_json(margo_manifest(manifest))
+        view = margo_manifest(manifest)
+        bundle, bundle_digest = await self._bundle(tenant, manifest)
+        if bundle is not None:
+            view["bundle"] = {
+                "mediaType": BUNDLE_MEDIA_TYPE,
+                "digest": bundle_digest,
+                "url": bundle_url(bundle_digest),
+                "sizeBytes": len(bundle),
+            }
+        body = canonical_json(view)
         desired = Desired(
             tenant,
             device_id,
@@ -118,9 +143,26 @@ class DeviceBackend:
             body,
             sha256_digest(body),
             sha256_digest(record.manifest),
+            bundle,
+            bundle_digest or None,
         )
         self._cache[key] = desired
         return desired
+
+    async def _bundle(self, tenant: str, manifest: Manifest) -> tuple[bytes | None, str]:
+        """The manifest's bundle and its digest ((None, "") without deployments)."""
+        members = tuple(sorted((e.deployment_id, e.digest) for e in manifest.deployments))
+        if not members:
+            return None, ""
+        cached = self._bundles.get(members)
+        if cached is None:
+            docs = [(dep, await self.store.get_blob(tenant, dg)) for dep, dg in members]
+            data = build_bundle(docs)
+            cached = (data, sha256_digest(data))
+            while len(self._bundles) >= BUNDLE_CACHE:
+                self._bundles.pop(next(iter(self._bundles)))
+            self._bundles[members] = cached
+        return cached
 
     async def blobs(self, tenant: str, digests: set[str] | list[str]) -> dict[str, bytes]:
         return {d: await self.store.get_blob(tenant, d) for d in sorted(digests)}
@@ -176,23 +218,73 @@ class DeviceBackend:
     async def put_capabilities(
         self, tenant: str, device_id: str, path_device_id: str, doc: Any, remote: str
     ) -> bool:
-        """Store the capabilities; True when the device was not known before (201). The
-        document's labels are the device's claim: they replace its reported labels only."""
+        """Store the capabilities of ``path_device_id`` (the client's device or a device
+        behind it); True when they were not known before (201). The document's labels are the
+        device's claim: they replace its reported labels only."""
         caps, reported = validate_capabilities(doc, path_device_id, device_id)
+        if path_device_id != device_id:
+            await self._gateway_of(tenant, path_device_id)
         try:
-            record = await self.store.get_device(tenant, device_id)
-            created, version = False, record.manifest_version
+            record = await self.store.get_device(tenant, path_device_id)
+            created, version = not record.capabilities, record.manifest_version
         except NotFound:
             created, version = True, None
         await self.store.device_connected(
             tenant,
-            device_id,
+            path_device_id,
             capabilities=caps,
             reported_labels=reported,
             manifest_version=version,
             remote=remote,
         )
         return created
+
+    async def _gateway_of(self, tenant: str, child_id: str) -> None:
+        """404 ``gateway-not-found`` unless the child's parent reported its capabilities."""
+        parent = child_id.rsplit("/", 1)[0]
+        try:
+            known = bool((await self.store.get_device(tenant, parent)).capabilities)
+        except NotFound:
+            known = False
+        if not known:
+            raise Problem(
+                404,
+                f"no gateway {parent!r} has reported its capabilities; report them before those"
+                f" of {child_id!r}",
+                kind="gateway-not-found",
+            )
+
+    async def delete_capabilities(
+        self, tenant: str, device_id: str, path_device_id: str, remote: str
+    ) -> None:
+        """Unregister ``path_device_id``'s capabilities (404 ``device-not-found`` when none
+        are stored for it)."""
+        if not may_speak_for(device_id, path_device_id):
+            raise Problem(
+                403,
+                f"deviceId {path_device_id[:80]!r} is neither the client certificate's device "
+                f"{device_id!r} nor a device behind it",
+                kind="not-authorized",
+            )
+        try:
+            record = await self.store.get_device(tenant, path_device_id)
+        except NotFound:
+            record = None
+        if record is None or not record.capabilities:
+            raise Problem(
+                404,
+                f"no capabilities of device {path_device_id[:80]!r} are registered",
+                kind="device-not-found",
+            )
+        await self.store.device_connected(
+            tenant,
+            path_device_id,
+            capabilities={},
+            reported_labels={},
+            manifest_version=record.manifest_version,
+            remote=remote,
+        )
+        await self.store.device_disconnected(tenant, path_device_id)
 
     async def connected(
         self, tenant: str, device_id: str, remote: str, manifest_version: int | None

@@ -318,10 +318,7 @@ class _H2Session:
             identity = self.identity if self._readmit() else None
             if identity is None:
                 err = Problem(
-                    403,
-                    f"client certificate refused: {self.refusal}",
-                    title="Forbidden",
-                    kind="forbidden",
+                    403, f"client certificate refused: {self.refusal}", kind="not-authorized"
                 )
                 await self.writer.respond(stream_id, Response.problem(err, path))
             elif path.split("?")[0] == STREAM_PATH and method == "GET":

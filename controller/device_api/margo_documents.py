@@ -1,6 +1,19 @@
 """Margo rc.3's device documents as they arrive: a ``DeploymentStatusManifest`` or a
 ``DeviceCapabilitiesManifest`` checked and normalised once, for every device-facing transport,
-against the identity the transport verified (a document naming another device is a 403)."""
+against the identity the transport verified.
+
+Answers, in Margo's registered problem types (problem-types.md): a body that is not a JSON
+object is 400 ``invalid-request``; a JSON object that breaks rc.3's schema or its rules (a
+missing or mistyped field, a state outside the enum, a capability outside its enum) is 422
+``semantic-error`` with ``errors: [{field, message}]``; a document about a device the client
+may not speak for is 403 ``not-authorized``.
+
+Who may speak for which device: the client certificate's device ``D`` reports its own status
+and capabilities, and, as a see-thru gateway (device-capabilities.md, "Gateways
+considerations"), the capabilities of the devices behind it: any ``deviceId`` under ``D/``
+(``D/child``, ``D/child/grandchild``). A child's parent must have reported its capabilities
+first, or the answer is 404 ``gateway-not-found`` (the backend checks that).
+"""
 
 from __future__ import annotations
 
@@ -8,26 +21,34 @@ import math
 from typing import Any
 
 from controller.problems import Problem
+from margo_stream.state.capabilities import CapabilityError, validate_document
 from margo_stream.state.manifest import MAX_VERSION
 from margo_stream.state.status import DeploymentState
 
 STATES = frozenset(s.value for s in DeploymentState)
-_CAP_ALLOWED = {"properties", "labels"}
 
 
 def field_error(field: str, message: str) -> Problem:
-    """A 400 problem about one field of a request body."""
+    """A 422 ``semantic-error`` about one field of a request body (400 ``invalid-request``
+    when the body itself is not a JSON object)."""
+    if field == "(body)":
+        return Problem(400, f"the body {message}", kind="invalid-request")
     return Problem(
-        400,
+        422,
         f"{field}: {message}",
-        title="Invalid request",
-        kind="invalid-request",
+        kind="semantic-error",
         errors=[{"field": field, "message": message}],
     )
 
 
 def _forbidden(detail: str) -> Problem:
-    return Problem(403, detail, title="Forbidden", kind="forbidden")
+    return Problem(403, detail, kind="not-authorized")
+
+
+def may_speak_for(client_device: str, device_id: str) -> bool:
+    """Whether the client certificate's device may report for ``device_id``: itself, or a
+    device behind it as a see-thru gateway (``client_device/...``)."""
+    return device_id == client_device or device_id.startswith(client_device + "/")
 
 
 def _version(value: Any, field: str) -> int:
@@ -64,12 +85,9 @@ def validate_status(doc: Any, deployment_id: str, device_id: str) -> dict[str, A
     if not isinstance(doc["deploymentId"], str) or not doc["deploymentId"]:
         raise field_error("deploymentId", "must be a non-empty string")
     if doc["deploymentId"] != deployment_id:
-        raise Problem(
-            422,
-            f"deploymentId {doc['deploymentId'][:80]!r} differs from the path's "
-            f"{deployment_id[:80]!r}",
-            title="Unprocessable content",
-            kind="deployment-id-mismatch",
+        raise field_error(
+            "deploymentId",
+            f"{doc['deploymentId'][:80]!r} differs from the path's {deployment_id[:80]!r}",
         )
     if "deviceId" in doc and doc["deviceId"] != device_id:
         raise _forbidden("deviceId names another device than the client certificate's")
@@ -107,39 +125,26 @@ def validate_status(doc: Any, deployment_id: str, device_id: str) -> dict[str, A
 def validate_capabilities(
     doc: Any, path_device_id: str, device_id: str
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Margo rc.3 ``DeviceCapabilitiesManifest`` -> (capability properties, string labels).
+    """Margo rc.3 ``DeviceCapabilitiesManifest`` for ``path_device_id``, sent by the client
+    certificate's ``device_id`` -> (capability properties plus extension objects, string
+    labels).
 
     The labels are the device's claim about itself: the caller stores them as its reported
     labels, never as the operator labels that selectors match (``controller.labels``)."""
-    if path_device_id != device_id:
-        raise _forbidden(f"deviceId {path_device_id[:80]!r} is not the client certificate's device")
-    if not isinstance(doc, dict):
-        raise field_error("(body)", "must be a JSON object")
-    for key in doc:
-        if key not in _CAP_ALLOWED and not (key.startswith("x-") and key.endswith("-extensions")):
-            raise field_error(key, "is not allowed (rc.3: properties, labels, x-<name>-extensions)")
-    props = doc.get("properties")
-    if not isinstance(props, dict):
-        raise field_error("properties", "is required (an object)")
-    for key in ("id", "vendor", "modelNumber", "serialNumber"):
-        if not isinstance(props.get(key), str):
-            raise field_error(f"properties.{key}", "is required (a string)")
-    if props["id"] != device_id:
-        raise _forbidden("properties.id is not the client certificate's device")
-    labels_in = doc.get("labels", {})
-    if not isinstance(labels_in, dict):
-        raise field_error("labels", "must be an object")
-    labels: dict[str, str] = {}
-    for key, value in labels_in.items():
-        if isinstance(value, list):
-            labels[key] = ",".join(str(v) for v in value)
-        elif isinstance(value, bool):
-            labels[key] = "true" if value else "false"
-        elif isinstance(value, str | int | float):
-            labels[key] = str(value)
-        else:
-            raise field_error(f"labels.{key}", "must be a string, number, boolean or array")
-    return dict(props), labels
+    if not may_speak_for(device_id, path_device_id):
+        raise _forbidden(
+            f"deviceId {path_device_id[:80]!r} is neither the client certificate's device "
+            f"{device_id!r} nor a device behind it ({device_id}/...)"
+        )
+    try:
+        caps, labels = validate_document(doc)
+    except CapabilityError as exc:
+        raise field_error(exc.field, exc.message) from None
+    if caps["id"] != path_device_id:
+        raise field_error(
+            "properties.id", f"{caps['id'][:80]!r} differs from the path's {path_device_id!r}"
+        )
+    return caps, labels
 
 
-__all__ = ["STATES", "field_error", "validate_capabilities", "validate_status"]
+__all__ = ["STATES", "field_error", "may_speak_for", "validate_capabilities", "validate_status"]

@@ -10,9 +10,15 @@ desired-state.md is accepted as well, with ``clientId`` the certificate's device
   end to end. ``ETag`` is the quoted digest of the body; ``If-None-Match`` gives 304;
   ``Cache-Control: private``; anything else in ``Accept`` gives 406.
 - ``GET  /api/v1/deployments/{deploymentId}/{digest}``: the YAML, immutable.
+- ``GET  /api/v1/bundles/{digest}``: the manifest's bundle (``application/vnd.margo.bundle.v1+
+  tar+gzip``, every deployment document in one deterministic archive), immutable.
 - ``GET  /api/v1/x-margo-stream/blobs/{digest}``: an extra file our manifest references.
 - ``POST /api/v1/deployments/{deploymentId}/status``: a ``DeploymentStatusManifest``.
-- ``PUT  /api/v1/capabilities/{deviceId}``: a ``DeviceCapabilitiesManifest``.
+- ``PUT  /api/v1/capabilities/{deviceId}``: a ``DeviceCapabilitiesManifest`` (the client's own,
+  or, as a see-thru gateway, a device behind it: ``{clientDevice}/child``);
+  ``DELETE`` unregisters them (204).
+
+Problems use Margo's registered types where rc.3 defines the condition (``controller.problems``).
 
 Theory of operation: ``DeviceRouter`` maps (verified identity, request) to a ``Response``
 without any I/O of its own beyond the store, so the HTTP/2 server reuses it unchanged. Every
@@ -47,6 +53,7 @@ from controller.problems import DEVICE_PROBLEMS, Problem
 from controller.store.base import Store
 from margo_stream.errors import NotFound, PeerRejected, StoreError
 from margo_stream.identity.spiffe import DeviceIdentity
+from margo_stream.state.bundle import BUNDLE_MEDIA_TYPE
 from margo_stream.state.digest import is_digest
 from margo_stream.state.manifest import MARGO_MEDIA_TYPE, MEDIA_TYPE
 
@@ -165,15 +172,12 @@ class DeviceRouter:
     ) -> Response:
         parts = path.split("/")
         if parts[:3] != ["", "api", "v1"]:
-            raise Problem(404, f"no route {path[:120]!r}", title="Not found", kind="not-found")
+            raise Problem(404, f"no route {path[:120]!r}", kind="not-found")
         rest = parts[3:]
         if len(rest) >= 2 and rest[0] == "clients":
             if rest[1] != ident.device_id:
                 raise Problem(
-                    403,
-                    "clientId is not the client certificate's device",
-                    title="Forbidden",
-                    kind="forbidden",
+                    403, "clientId is not the client certificate's device", kind="not-authorized"
                 )
             rest = rest[2:]
         if rest == ["deployments"]:
@@ -190,14 +194,23 @@ class DeviceRouter:
         if len(rest) == 3 and rest[:2] == ["x-margo-stream", "blobs"]:
             _allow(method, "GET")
             return await self.blob(ident, rest[2], headers)
+        if len(rest) == 2 and rest[0] == "bundles":
+            _allow(method, "GET")
+            return await self.bundle(ident, rest[1], headers)
         if len(rest) >= 2 and rest[0] == "capabilities":
-            _allow(method, "PUT")
+            _allow(method, "PUT", "DELETE")
+            device_id = "/".join(rest[1:])
+            if method == "DELETE":
+                await self.backend.delete_capabilities(
+                    ident.tenant, ident.device_id, device_id, remote
+                )
+                return Response(204)
             doc = parse_json_body(body)
             created = await self.backend.put_capabilities(
-                ident.tenant, ident.device_id, "/".join(rest[1:]), doc, remote
+                ident.tenant, ident.device_id, device_id, doc, remote
             )
             return Response(201 if created else 200)
-        raise Problem(404, f"no route {path[:120]!r}", title="Not found", kind="not-found")
+        raise Problem(404, f"no route {path[:120]!r}", kind="not-found")
 
     async def manifest(self, ident: DeviceIdentity, headers: dict[str, str]) -> Response:
         media = negotiate(headers.get("accept"), (MARGO_MEDIA_TYPE, MEDIA_TYPE))
@@ -205,8 +218,7 @@ class DeviceRouter:
             raise Problem(
                 406,
                 f"this server offers {MARGO_MEDIA_TYPE} and {MEDIA_TYPE}",
-                title="Not acceptable",
-                kind="not-acceptable",
+                kind="server-cannot-generate-response",
             )
         desired = await self.backend.desired(ident.tenant, ident.device_id)
         if desired is None:
@@ -237,8 +249,9 @@ class DeviceRouter:
     async def _referenced(
         self, ident: DeviceIdentity, digest: str, deployment_id: str | None
     ) -> None:
+        kind = "blob-not-found" if deployment_id is None else "deployment-not-found"
         if not is_digest(digest):
-            raise Problem(404, "not a sha256 digest", title="Not found", kind="not-found")
+            raise Problem(404, "not a sha256 digest", kind=kind)
         desired = await self.backend.desired(ident.tenant, ident.device_id)
         ok = False
         if desired is not None:
@@ -249,24 +262,27 @@ class DeviceRouter:
                 ok = entry is not None and entry.digest == digest
         if not ok:  # 404, never a deletion signal (desired-state.md)
             raise Problem(
-                404,
-                "this digest is not part of the device's current desired state",
-                title="Not found",
-                kind="not-found",
+                404, "this digest is not part of the device's current desired state", kind=kind
             )
 
     async def _immutable(
-        self, ident: DeviceIdentity, digest: str, headers: dict[str, str], content_type: str
+        self,
+        ident: DeviceIdentity,
+        digest: str,
+        headers: dict[str, str],
+        content_type: str,
+        data: bytes | None = None,
     ) -> Response:
         common = [("etag", f'"{digest}"'), ("cache-control", IMMUTABLE)]
         if _etag_matches(headers.get("if-none-match"), digest):
             return Response(304, common)
-        try:
-            data = await self.backend.store.get_blob(ident.tenant, digest)
-        except NotFound:
-            raise Problem(
-                404, "blob is missing from the store", title="Not found", kind="not-found"
-            ) from None
+        if data is None:
+            try:
+                data = await self.backend.store.get_blob(ident.tenant, digest)
+            except NotFound:
+                raise Problem(
+                    404, "blob is missing from the store", kind="blob-not-found"
+                ) from None
         return Response(200, [("content-type", content_type), *common], data)
 
     async def document(
@@ -279,16 +295,28 @@ class DeviceRouter:
         await self._referenced(ident, digest, None)
         return await self._immutable(ident, digest, headers, "application/octet-stream")
 
+    async def bundle(self, ident: DeviceIdentity, digest: str, headers: dict[str, str]) -> Response:
+        """The bundle of the device's newest manifest; any other digest is 404
+        ``invalid-bundle`` (never a deletion signal)."""
+        desired = await self.backend.desired(ident.tenant, ident.device_id)
+        if desired is None or desired.bundle is None or desired.bundle_digest != digest:
+            raise Problem(
+                404,
+                "this digest is not the bundle of the device's current desired state",
+                kind="invalid-bundle",
+            )
+        return await self._immutable(ident, digest, headers, BUNDLE_MEDIA_TYPE, desired.bundle)
 
-def _allow(method: str, allowed: str) -> None:
-    if method != allowed:
+
+def _allow(method: str, *allowed: str) -> None:
+    if method not in allowed:
+        listed = ", ".join(allowed)
         raise Problem(
             405,
-            f"{method} is not allowed here; use {allowed}",
-            title="Method not allowed",
+            f"{method} is not allowed here; use {listed}",
             kind="method-not-allowed",
-            errors=[{"field": "method", "message": allowed}],
-            headers={"allow": allowed},
+            errors=[{"field": "method", "message": listed}],
+            headers={"allow": listed},
         )
 
 
@@ -418,10 +446,7 @@ class RestPollServer:
                     log.info("refused client %s: %s", remote, exc.reason)
             if identity is None:
                 refused = Problem(
-                    403,
-                    f"client certificate refused: {refusal}",
-                    title="Forbidden",
-                    kind="forbidden",
+                    403, f"client certificate refused: {refusal}", kind="not-authorized"
                 )
                 await self._send(conn, tls, Response.problem(refused, target), close=True)
                 return
@@ -465,13 +490,13 @@ class RestPollServer:
         self, conn: h11.Connection, tls: TLSStream, response: Response, close: bool = False
     ) -> None:
         headers = [(b"server", SERVER_NAME), (b"content-length", str(len(response.body)).encode())]
-        if response.status == 304:
+        if response.status in (204, 304):  # no body, and no Content-Length (RFC 9110)
             headers = [(b"server", SERVER_NAME)]
         headers += [(k.encode(), v.encode()) for k, v in response.headers]
         if close:
             headers.append((b"connection", b"close"))
         out = conn.send(h11.Response(status_code=response.status, headers=headers))
-        if response.body and response.status != 304:
+        if response.body and response.status not in (204, 304):
             out += conn.send(h11.Data(data=response.body))
         out += conn.send(h11.EndOfMessage())
         await tls.send(out)

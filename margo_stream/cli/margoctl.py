@@ -307,6 +307,10 @@ def _cmd_apply(client: ApiClient, args: argparse.Namespace) -> None:
     targets = ", ".join(devices) if devices else "no devices"
     for dep in result.get("deployments", []):
         _print(f"deployment {dep['deploymentId']} ({dep['digest'][:19]}) applied to {targets}")
+    for skip in result.get("skipped") or []:  # device constraints the target does not meet
+        _print(f"skipped {skip['deploymentId']} on {skip['device']}: {skip['reason']}")
+    for note in result.get("notes") or []:
+        _print(f"note: {note['deploymentId']}: {note['note']}")
     if not devices:
         sys.stderr.write(f"{PROG}: warning: no device matched; the deployments are stored only\n")
 

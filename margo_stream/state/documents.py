@@ -32,6 +32,13 @@ checked for duplicate keys and alias bombs, constructed with the safe loader (``
 validated structurally by pydantic models (``document_schema.py``), then checked semantically by
 hand here. Every failure is one ``DocumentError`` line:
 ``source:LINE:COLUMN: dotted.path: what is wrong``.
+
+rc.3 to the letter (``component_rules.py``): the deployment id may stand at the top level
+(``id``, as rc.3's ``appDeploymentManifest`` and the specification's newer examples carry it)
+instead of ``metadata.annotations.id``; ``deploymentProfile.deviceConstraints`` is validated
+per rc.3 (``constraints.py``) and kept on the :class:`Deployment` for the controller's
+matching; a profile type ``helm.v3`` is read as rc.3's ``helm`` and the parse result says so
+in :attr:`Deployment.notes`.
 """
 
 from __future__ import annotations
@@ -40,12 +47,13 @@ import datetime as _dt
 import enum
 import json
 import re
-from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from margo_stream.errors import DocumentError
+from margo_stream.state.component_rules import check_oci, deployment_id, device_constraints
+from margo_stream.state.constraints import DeviceConstraints
 from margo_stream.state.content_rules import (
     ID_RULE,
     check_spec,
@@ -124,13 +132,6 @@ _ALLOWED_TYPES = "compose, helm.v3 (rc.3: helm), process, wasm"
 _APP_ID_RE = re.compile(r"[-a-z0-9]{1,200}")
 _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*(/\*)?")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_OCI_RE = re.compile(r"oci://.+")
-_SEMVER_RE = re.compile(
-    r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:_([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?"
-)
-_TIMEOUT_RE = re.compile(r"\d+m\d+s")
 
 
 class DocumentForm(enum.StrEnum):
@@ -192,6 +193,8 @@ class Deployment(_Frozen):
     components: tuple[Component, ...]
     parameters: tuple[Parameter, ...] = ()
     files: tuple[FileRef, ...] = ()
+    constraints: DeviceConstraints | None = None  # rc.3 deploymentProfile.deviceConstraints
+    notes: tuple[str, ...] = ()  # how the document was read, where it needed saying
 
 
 def stringify(value: Any) -> str:
@@ -248,16 +251,11 @@ def _build(ctx: NodeContext, data: Any) -> Deployment:
         form = DocumentForm.RC3
     ann = raw.metadata.annotations
     ann_path: NodePath = ("metadata", "annotations")
-    dep_id = ann.get("id")
-    if dep_id is None:
-        raise ctx.error(ann_path + ("id",), "required field is missing (the deployment id)")
+    dep_id, id_path = deployment_id(ctx, ann, raw.id)
     if not isinstance(dep_id, str) or not valid_id(dep_id):
         raise ctx.error(
-            ann_path + ("id",),
-            f"deployment id {show(dep_id)} must match {ID_RULE} (it names files)",
+            id_path, f"deployment id {show(dep_id)} must match {ID_RULE} (it names files)"
         )
-    if raw.id is not None and raw.id != dep_id:
-        raise ctx.error(("id",), f"id {raw.id!r} differs from metadata.annotations.id {dep_id!r}")
 
     ann_app, spec_app = ann.get("applicationId"), raw.spec.applicationId
     if form is DocumentForm.PUBLISHED:
@@ -292,6 +290,9 @@ def _build(ctx: NodeContext, data: Any) -> Deployment:
             prof_path + ("type",),
             f"unknown deployment profile type {show(type_name)}; allowed: {_ALLOWED_TYPES}",
         )
+    helm_v3 = type_name == "helm.v3"
+    notes = ("spec.deploymentProfile.type: 'helm.v3' read as rc.3's 'helm'",) if helm_v3 else ()
+    constraints = device_constraints(ctx, prof_path, spec_d["deploymentProfile"])
     raw_components = raw.spec.deploymentProfile.components
     if not raw_components:
         raise ctx.error(prof_path + ("components",), "at least one component is required")
@@ -327,6 +328,8 @@ def _build(ctx: NodeContext, data: Any) -> Deployment:
         components=tuple(components),
         parameters=parameters,
         files=files,
+        constraints=constraints,
+        notes=notes,
     )
 
 
@@ -367,7 +370,7 @@ def _component(
             working_dir=proc.workingDir,
         )
     if form is DocumentForm.RC3:
-        _check_oci(ctx, ppath, props)
+        check_oci(ctx, ppath, props)
     out: dict[str, str] = {}
     for key, value in props.items():
         if EXT_RE.fullmatch(key):
@@ -376,35 +379,6 @@ def _component(
             raise ctx.error(ppath + (key,), f"expected a scalar value, got {yaml_type_name(value)}")
         out[key] = stringify(value)
     return Component(name=rc.name, properties=tuple(sorted(out.items())))
-
-
-def _check_oci(ctx: NodeContext, ppath: NodePath, props: Mapping[str, Any]) -> None:
-    """rc.3 ComponentProperties: ``repository`` oci://, SemVer ``revision``, wait, timeout."""
-    for key in ("repository", "revision"):
-        if key not in props:
-            raise ctx.error(ppath + (key,), "required field is missing (rc.3 form)")
-        if not isinstance(props[key], str):
-            raise ctx.error(
-                ppath + (key,),
-                f"expected a string, got {yaml_type_name(props[key])} (quote the value)",
-            )
-    if not _OCI_RE.fullmatch(props["repository"]):
-        raise ctx.error(
-            ppath + ("repository",),
-            f"repository {props['repository']!r} must be an oci:// reference",
-        )
-    if not _SEMVER_RE.fullmatch(props["revision"]):
-        raise ctx.error(
-            ppath + ("revision",),
-            f"revision {props['revision']!r} must be SemVer 2.0 without a leading v",
-        )
-    if "wait" in props and not isinstance(props["wait"], bool):
-        raise ctx.error(
-            ppath + ("wait",), f"wait must be a boolean, got {yaml_type_name(props['wait'])}"
-        )
-    timeout = props.get("timeout")
-    if timeout is not None and not (isinstance(timeout, str) and _TIMEOUT_RE.fullmatch(timeout)):
-        raise ctx.error(ppath + ("timeout",), f"timeout {timeout!r} must look like 8m30s")
 
 
 def _parameters(

@@ -346,7 +346,8 @@ async def test_rest_poll_http_semantics(env: Env) -> None:
             assert hdrs[b"cache-control"] == b"private"
             doc = json.loads(body)
             assert set(doc) == {"manifestVersion", "bundle", "deployments"}
-            assert doc["bundle"] is None and doc["deployments"][0]["digest"] == digest
+            assert doc["bundle"]["url"] == f"/api/v1/bundles/{doc['bundle']['digest']}"
+            assert doc["deployments"][0]["digest"] == digest  # bundles: test_margo_conformance
             url = doc["deployments"][0]["url"]
             status, _, _ = await client.request(
                 "GET", "/api/v1/deployments", {"if-none-match": hdrs[b"etag"].decode()}
@@ -378,7 +379,7 @@ async def test_rest_poll_http_semantics(env: Env) -> None:
             status, _, problem = await client.request(
                 "POST", "/api/v1/deployments/heartbeat-0001/status", {}, json.dumps(bad).encode()
             )
-            assert status == 400 and "status.state" in json.loads(problem)["detail"]
+            assert status == 422 and "status.state" in json.loads(problem)["detail"]
             status, _, _ = await client.request(
                 "PUT",
                 "/api/v1/capabilities/someone-else",
