@@ -101,6 +101,17 @@ def ensure_tinyproxy() -> None:
     apt_install("tinyproxy", "the HTTP proxy tests", "the HTTP proxy tests will be skipped")
 
 
+def ensure_prometheus() -> None:
+    """The metrics tests start a private Prometheus server (Debian's package, its own
+    configuration in a temporary directory) that scrapes the controller and an agent. Install
+    it when we can (root with apt); otherwise those tests say why they skip."""
+    import shutil
+
+    if shutil.which("prometheus") or os.path.exists("/usr/bin/prometheus"):
+        return
+    apt_install("prometheus", "the metrics tests", "the Prometheus scrape test will be skipped")
+
+
 # Run before pytest by `dev.py test`; each must pass for the command to succeed.
 CHECKS = {
     "lint (ruff check)": ["ruff", "check", "."],
@@ -135,6 +146,7 @@ def main() -> int:
         ensure_mosquitto()
         ensure_postgresql()
         ensure_tinyproxy()
+        ensure_prometheus()
         return run_tests(env, sys.argv[2:] or ["-q", "-p", "no:cacheprovider"])
     demo = subprocess.Popen(
         [str(BIN / "python"), "-m", "bench.demo", *sys.argv[2:]], cwd=ROOT, env=env

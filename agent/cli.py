@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--commit-window-ms", type=float, default=2.0, help="telemetry group-commit window"
     )
     p.add_argument("--metrics-interval", type=float, default=30.0)
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at GET /metrics on this listener (default: off)",
+    )
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", choices=("json", "text"), default="json")
     return p
@@ -215,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if args.proxy:
             parse_proxy_url(args.proxy)  # refused now, not at the first fallback
+        metrics = parse_host_port(args.metrics, what="--metrics") if args.metrics else (None, 0)
         config = AgentConfig(
             identity=args.identity,
             controllers=controllers,
@@ -239,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             buffer_policy=args.buffer_policy,
             commit_window_ms=args.commit_window_ms,
             metrics_interval=args.metrics_interval,
+            metrics_host=metrics[0],
+            metrics_port=metrics[1],
             workload_user=args.workload_user,
             terminal_user=args.terminal_user,
         )

@@ -39,6 +39,8 @@ class AgentConfig(BaseModel):
     buffer_policy: str = Field(default="drop-oldest", pattern="^(drop-oldest|reject)$")
     commit_window_ms: float = Field(default=2.0, ge=0)
     metrics_interval: float = Field(default=30.0, gt=0)
+    metrics_host: str | None = None  # --metrics: GET /metrics (Prometheus) on this listener
+    metrics_port: int = Field(default=0, ge=0, le=65535)
     # Users process workloads and terminals run as (agent.users); None: the default
     workload_user: str | None = None
     terminal_user: str | None = None

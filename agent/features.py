@@ -7,7 +7,7 @@ stream handlers, session and background tasks, hello fields and shutdown hooks i
 
 from __future__ import annotations
 
-from agent import desired
+from agent import desired, metrics_http
 from agent.config import AgentConfig
 from agent.logs import feature as logs
 from agent.ports import AgentSetup
@@ -27,15 +27,18 @@ def load_setup(config: AgentConfig) -> AgentSetup:
     return AgentSetup(config, creds)
 
 
-def install_features(setup: AgentSetup) -> None:
+def install_features(setup: AgentSetup) -> replay.TelemetryFeature:
     """Desired state + status, telemetry and terminals plug into ``setup`` here."""
     state = desired.install(setup)
-    replay.install(setup)
+    telemetry = replay.install(setup)
     terminal.install(setup, trust=state.verifier)  # grants are checked against its root
     logs.install(setup, state.reconciler)  # the components' logs, for the controller's asks
+    return telemetry
 
 
 def build_agent(config: AgentConfig) -> Agent:
     setup = load_setup(config)
-    install_features(setup)
-    return Agent(setup)
+    telemetry = install_features(setup)
+    agent = Agent(setup)
+    metrics_http.install(setup, agent, telemetry)  # --metrics: reads both
+    return agent

@@ -156,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run N controller processes sharing the QUIC and API ports (SO_REUSEPORT); "
         "needs --store postgresql://... (default 1)",
     )
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at GET /metrics on this listener (default: off)",
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="forward device telemetry (OTLP logs) and the controller's metrics to this "
+        "OpenTelemetry collector, OTLP over HTTP/protobuf, e.g. http://127.0.0.1:4318",
+    )
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", choices=("json", "text"), default="json")
     return p
@@ -168,6 +179,7 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
     h2 = parse_host_port(args.h2_push, what="--h2-push") if args.h2_push else (None, 0)
     enroll = parse_host_port(args.enroll, what="--enroll") if args.enroll else (None, 0)
     tcp = parse_host_port(args.tcp_listen, what="--tcp-listen") if args.tcp_listen else (None, 0)
+    metrics = parse_host_port(args.metrics, what="--metrics") if args.metrics else (None, 0)
     lifetime = parse_duration(args.device_cert_lifetime, what="--device-cert-lifetime")
     max_age = parse_duration(args.max_connection_age, what="--max-connection-age")
     handshake_timeout = parse_duration(args.handshake_timeout, what="--handshake-timeout")
@@ -210,6 +222,9 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
             event_retention=event_retention,
             audit_retention=audit_retention,
             store=args.store,
+            metrics_host=metrics[0],
+            metrics_port=metrics[1],
+            otlp_endpoint=args.otlp_endpoint,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -226,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ConfigError as exc:
         return fail(PROG, str(exc))
+    if args.workers != 1 and args.metrics:
+        return fail(PROG, "--metrics serves one process's metrics: not with --workers (yet)")
     if args.workers != 1:
         from controller.workers import split_workers, supervise
 

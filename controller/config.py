@@ -65,6 +65,19 @@ class ControllerConfig(BaseModel):
     # --- several controllers (issue 15) ---
     # None: the embedded SQLite store in ``data``; a PostgreSQL DSN: that database (shared)
     store: str | None = None
+    # --- observability (issue 19) ---
+    metrics_host: str | None = None  # --metrics: GET /metrics (Prometheus) on its own listener
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    otlp_endpoint: str | None = None  # --otlp-endpoint: OTLP/HTTP (protobuf) base URL
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _check_otlp(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"--otlp-endpoint takes an http:// or https:// URL (OTLP over HTTP), not {value!r}"
+            )
+        return value.rstrip("/") if value else None
 
     @field_validator("store")
     @classmethod

@@ -11,7 +11,7 @@ slot back after ``hold`` seconds, so a dead connection cannot stall everybody el
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -24,6 +24,7 @@ class PushWindow:
         self.size = size
         self.hold = hold
         self._slots = anyio.Semaphore(size)
+        self.observe: Callable[[float], None] | None = None  # each push's seconds (metrics)
 
     @property
     def in_flight(self) -> int:
@@ -40,12 +41,16 @@ class PushWindow:
                 released = True
                 self._slots.release()
 
-        timer = asyncio.get_running_loop().call_later(self.hold, release)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timer = loop.call_later(self.hold, release)
         try:
             yield
         finally:
             timer.cancel()
             release()
+            if self.observe is not None:
+                self.observe(loop.time() - started)
 
 
 __all__ = ["PushWindow"]

@@ -40,6 +40,7 @@ from controller.device_api.tls import identity_from_der, server_context, tenant_
 from controller.enroll import EnrollServer
 from controller.features import build_features
 from controller.identities import Admission, IdentityBook
+from controller.metrics import ControllerMetrics
 from controller.ports import DesiredChangeFanout, DeviceNotifier
 from controller.registry import SessionRegistry
 from controller.retention import RetentionPolicy, run_retention
@@ -53,6 +54,7 @@ from margo_stream.identity.fleet_manager import TenantCertificates
 from margo_stream.identity.operator_files import OperatorDirectory, scan_operators
 from margo_stream.identity.trust import load_server_credentials, load_trust_bundles
 from margo_stream.identity.verify import PeerVerifier
+from margo_stream.metrics_http import MetricsServer
 from margo_stream.protocol.codes import ErrorCode
 from margo_stream.transport.channel_connection import ChannelConnection, is_link_loss
 from margo_stream.transport.h2_mapping import ALPN_H2
@@ -73,6 +75,9 @@ class Controller:
         self.registry = SessionRegistry(self.instance_id, self.cluster)
         self.store = open_store(config)
         self.features = build_features(config, self.store, self.registry, self)
+        # --metrics (Prometheus) and --otlp-endpoint read the same metrics
+        self.metrics = ControllerMetrics(self.registry, self.features)
+        self.metrics_port: int | None = None
         self.sessions = SessionContext(
             store=self.store,
             registry=self.registry,
@@ -241,12 +246,12 @@ class Controller:
 
     def _verify(self, leaf: Any, chain: list[Any]) -> Any:
         assert self.admission is not None
-        return self.admission.verify(leaf, chain)
+        return self.metrics.admitted("quic", self.admission.verify, leaf, chain)
 
     def _verify_der(self, der: bytes | None) -> Any:
         """The TCP carrier's check: the same admission as QUIC's, on the DER leaf."""
         assert self.admission is not None
-        return identity_from_der(der, self.admission)
+        return self.metrics.admitted("tcp", identity_from_der, der, self.admission)
 
     def _tcp_context(self, bundle_paths: list[Any]) -> ssl.SSLContext:
         """TLS 1.3, client certificate required from any tenant CA (the admission then
@@ -313,6 +318,7 @@ class Controller:
                 await tg.start(self._serve_api)
                 await self._serve_device_apis(tg)
                 await self._serve_enroll(tg)
+                await self._serve_metrics(tg)
                 tg.start_soon(self._touch_loop)
                 tg.start_soon(run_retention, self.store, RetentionPolicy.from_config(self.config))
                 tg.start_soon(self.features.rollouts.run, self.desired, self.cluster.exclusive)
@@ -410,6 +416,31 @@ class Controller:
         assert server.port is not None
         self._enroll_server = server
         self.device_ports["enroll"] = server.port
+
+    async def _serve_metrics(self, tg: TaskGroup) -> None:
+        """``--metrics``: Prometheus on its own listener; ``--otlp-endpoint``: OTLP export."""
+        cfg = self.config
+        if cfg.metrics_host is None and cfg.otlp_endpoint is None:
+            return
+        tg.start_soon(self.metrics.run_lag_probe)
+        if cfg.metrics_host is not None:
+            try:
+                server = await tg.start(
+                    MetricsServer(self.metrics.render).serve, cfg.metrics_host, cfg.metrics_port
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on --metrics {cfg.metrics_host}:{cfg.metrics_port}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+            self.metrics_port = server.port
+            self.device_ports["metrics"] = server.port  # in the ready file, as host:port
+        if cfg.otlp_endpoint is not None:
+            from controller.otlp_export import OtlpExport
+
+            export = OtlpExport(cfg.otlp_endpoint, self.instance_id, self.metrics)
+            self.features.telemetry.forward = export
+            tg.start_soon(export.run)
 
     def _ready_info(self) -> dict[str, Any]:
         return {

@@ -10,6 +10,8 @@ strictly and would reset the stream on them: they get the plain ack."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from controller.batching import PartitionedBatcher
@@ -52,17 +54,23 @@ class StatusIngest:
     def __init__(self, store: Store, tasks: TaskSpawner) -> None:
         self.tasks = tasks
         self._writes = status_writer(store)
+        self.received = 0  # status messages (metrics)
+        self.store_timer: Callable[[float], None] | None = None  # seconds each store took
 
     def handle(self, session: DeviceLink, stream: MessageStream) -> None:
         def on_message(message: Any) -> None:
             if isinstance(message, m.Status):
+                self.received += 1
                 self.tasks.spawn(self._store_and_ack, session, stream, message)
 
         stream.on_message = on_message
 
     async def _store_and_ack(self, session: DeviceLink, stream: MessageStream, s: m.Status) -> None:
         item = (session.tenant, session.device_id, margo_status(session.device_id, s), s.seq)
+        started = time.monotonic()
         result = await self._writes.submit(item)
+        if self.store_timer is not None:
+            self.store_timer(time.monotonic() - started)
         if session.conn.closed is None and not stream.ended:
             stream.send(ack(session, s.seq, result))
 

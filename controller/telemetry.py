@@ -1,11 +1,18 @@
 """Telemetry ingest on the controller: store each batch durably, deduplicated by
 (device, seq), then ack the highest contiguous sequence stored. Records the device dropped
 (below the batch's ``oldest``) become a recorded gap, which moves the watermark past them and
-raises an event operators see; the agent never waits on records that no longer exist."""
+raises an event operators see; the agent never waits on records that no longer exist.
+
+What was stored is then offered to ``forward`` when one is set (``--otlp-endpoint``:
+``controller.otlp_export``): a ``TelemetryForward`` takes the records without waiting and
+never fails ingest, so a slow or dead collector cannot hold the device's acks back."""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import anyio
 
@@ -22,11 +29,20 @@ log = logging.getLogger("margo.controller.telemetry")
 YIELD_S = 0.003
 
 
+class TelemetryForward(Protocol):
+    """Where stored telemetry goes next; ``offer`` must not block or raise."""
+
+    def offer(self, tenant: str, device_id: str, records: Sequence[tuple[int, str, bytes]]) -> None:
+        """Take ``(seq, stream, payload)`` records of the device, already stored."""
+
+
 class TelemetryIngest:
     def __init__(self, store: Store, tasks: TaskSpawner) -> None:
         self.store = store
         self.tasks = tasks
         self.counters = {"records": 0, "batches": 0, "duplicates": 0, "gaps": 0}
+        self.forward: TelemetryForward | None = None  # --otlp-endpoint
+        self.store_timer: Callable[[float], None] | None = None  # seconds each write took
 
     def handle(self, session: DeviceLink, stream: MessageStream) -> None:
         # one task per telemetry stream consumes it in order; the agent bounds what is in flight
@@ -57,7 +73,12 @@ class TelemetryIngest:
                     _log_gap(tenant, device, step)
                     step = ingest.gap_recorded(watermark)
                 else:
+                    started = time.monotonic()
                     watermark = await writer.ingest(step.records)
+                    if self.store_timer is not None:
+                        self.store_timer(time.monotonic() - started)
+                    if self.forward is not None:
+                        self.forward.offer(tenant, device, step.records)
                     step = ingest.records_stored(watermark)
             self.counters["duplicates"] += step.duplicates
             self.counters["records"] += step.records

@@ -36,6 +36,7 @@ from controller.api.body_limit import DEFAULT_MAX_BODY, BodyLimitMiddleware
 from controller.api.openapi import openapi_document
 from controller.api.routes_common import ApiContext, problem_response
 from controller.api.routes_rollouts import RolloutWaker
+from controller.console import routes as console_routes
 from controller.document_cache import DocumentCache
 from controller.identities import IdentityBook
 from controller.ports import DesiredChanges
@@ -165,6 +166,7 @@ def create_app(
         *routes_sessions.routes(),
         *routes_operators.routes(),
         *routes_rollouts.routes(),
+        *console_routes.routes(),  # the web console at /ui/ (and GET /api/v1/me)
     ]
     handlers: dict[Any, Any] = {
         Problem: _problem,
@@ -198,7 +200,9 @@ def create_app(
         reload=reload,
     )
     doc = openapi_document()
-    app.state.openapi = {**doc, "paths": {**doc["paths"], **routes_rollouts.openapi_paths()}}
+    paths = {**doc["paths"], **routes_rollouts.openapi_paths(), **console_routes.openapi_paths()}
+    app.state.openapi = {**doc, "paths": paths}
     app.state.operators = operators
     app.state.rollouts = rollouts
+    app.state.openapi["paths"].update(routes_logs.openapi_paths())
     return app

@@ -23,6 +23,7 @@ DEVICE = V1 + "/devices/{device_id:path}"
 POLICY: Sequence[tuple[str, str, Role]] = (
     ("GET", V1 + "/openapi.json", Role.VIEWER),
     ("GET", V1 + "/operators", Role.VIEWER),
+    ("GET", V1 + "/me", Role.VIEWER),  # the web console's operator (controller/console)
     ("GET", V1 + "/deployments", Role.VIEWER),
     ("POST", V1 + "/deployments", Role.DEPLOYER),
     ("DELETE", DEVICE + "/deployments/{deployment_id}", Role.DEPLOYER),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
@@ -117,3 +118,36 @@ def routes() -> list[Route]:
         Route(base + "/{component}", device_logs, methods=["GET"]),
         Route(base, device_logs, methods=["GET"]),
     ]
+
+
+def openapi_paths() -> dict[str, Any]:
+    """The logs routes in the operator API's OpenAPI document (``create_app`` adds them)."""
+    params = [
+        {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+        for name in ("deviceId", "deploymentId")
+    ]
+    query = [
+        {"name": "tail", "in": "query", "schema": {"type": "integer", "minimum": 0,
+                                                    "maximum": LOGS_MAX_TAIL, "default": 100}},
+        {"name": "follow", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}},
+    ]  # fmt: skip
+    problems = {
+        str(code): {"description": "a problem (RFC 9457)"} for code in (400, 404, 409, 503, 504)
+    }
+    get = {
+        "summary": "The last lines of a workload's log (text/plain), or with follow=1 each new"
+        " line as a Server-Sent Event until the log ends (viewer)",
+        "responses": {
+            "200": {
+                "description": "the lines",
+                "content": {"text/plain": {}, "text/event-stream": {}},
+            },
+            **problems,
+        },
+    }
+    component = {"name": "component", "in": "path", "required": True, "schema": {"type": "string"}}
+    base = "/api/v1/devices/{deviceId}/logs/{deploymentId}"
+    return {
+        base: {"get": {**get, "parameters": [*params, *query]}},
+        base + "/{component}": {"get": {**get, "parameters": [*params, component, *query]}},
+    }

@@ -33,6 +33,7 @@ NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 EXPECTED = {
     ("GET", "/api/v1/openapi.json"): Role.VIEWER,
     ("GET", "/api/v1/operators"): Role.VIEWER,
+    ("GET", "/api/v1/me"): Role.VIEWER,
     ("GET", "/api/v1/deployments"): Role.VIEWER,
     ("POST", "/api/v1/deployments"): Role.DEPLOYER,
     ("DELETE", "/api/v1/devices/{device_id:path}/deployments/{deployment_id}"): Role.DEPLOYER,
