@@ -112,6 +112,31 @@ def ensure_prometheus() -> None:
     apt_install("prometheus", "the metrics tests", "the Prometheus scrape test will be skipped")
 
 
+def ensure_browser() -> None:
+    """The web console's tests drive a real headless Chromium with Playwright. Playwright's own
+    build comes from a CDN that may be unreachable: try it, else install Debian's chromium
+    (tests/console_browser.py uses whichever exists; without either those tests skip)."""
+    import glob
+    import shutil
+
+    if glob.glob(os.path.expanduser("~/.cache/ms-playwright/chromium*/chrome-linux*/chrome")):
+        return
+    if shutil.which("chromium") or os.path.exists("/usr/lib/chromium/chromium"):
+        return
+    print("installing Playwright's Chromium for the console tests ...", flush=True)
+    try:
+        fetched = subprocess.run(
+            [str(BIN / "python"), "-m", "playwright", "install", "chromium"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=300,
+        )
+    except subprocess.TimeoutExpired:
+        fetched = None
+    if fetched is None or fetched.returncode != 0:
+        apt_install("chromium", "the web console tests", "the console tests will be skipped")
+
+
 # Run before pytest by `dev.py test`; each must pass for the command to succeed.
 CHECKS = {
     "lint (ruff check)": ["ruff", "check", "."],
@@ -147,6 +172,7 @@ def main() -> int:
         ensure_postgresql()
         ensure_tinyproxy()
         ensure_prometheus()
+        ensure_browser()
         return run_tests(env, sys.argv[2:] or ["-q", "-p", "no:cacheprovider"])
     demo = subprocess.Popen(
         [str(BIN / "python"), "-m", "bench.demo", *sys.argv[2:]], cwd=ROOT, env=env
