@@ -159,8 +159,8 @@ def create_app(
         *routes_deployments.routes(),
         *routes_telemetry.routes(),
         *routes_terminal.routes(),
-        *routes_identities.routes(),
         *routes_logs.routes(),  # workload logs, read from the device (controller/logs.py)
+        *routes_identities.routes(),
         *routes_devices.routes(),
         *routes_events.routes(),
         *routes_sessions.routes(),

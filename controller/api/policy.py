@@ -29,9 +29,9 @@ POLICY: Sequence[tuple[str, str, Role]] = (
     ("DELETE", DEVICE + "/deployments/{deployment_id}", Role.DEPLOYER),
     ("GET", DEVICE + "/telemetry", Role.VIEWER),
     ("GET", DEVICE + "/terminal", Role.TERMINAL),
-    ("PATCH", DEVICE + "/labels", Role.DEPLOYER),
     ("GET", DEVICE + "/logs/{deployment_id}", Role.VIEWER),  # routes_logs: workload logs
     ("GET", DEVICE + "/logs/{deployment_id}/{component}", Role.VIEWER),  # routes_logs
+    ("PATCH", DEVICE + "/labels", Role.DEPLOYER),
     ("POST", DEVICE + "/revoke", Role.ADMIN),
     ("POST", DEVICE + "/allow", Role.ADMIN),
     ("GET", V1 + "/devices", Role.VIEWER),

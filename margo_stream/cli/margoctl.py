@@ -360,11 +360,11 @@ COMMANDS = {
     "delete": _cmd_delete,
     "watch": _cmd_watch,
     "label": margoctl_label.cmd_label,
+    "logs": margoctl_logs.cmd_logs,
     "device": margoctl_device.cmd_device,
     "reload": margoctl_device.cmd_reload,
     "rollout": _cmd_rollout,
 }
-    "logs": margoctl_logs.cmd_logs,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
