@@ -138,6 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     _output_flag(p)
     margoctl_rollout.add_get_parsers(kinds, common)
 
+    p = commands.add_parser(
+        "sign",
+        help="sign deployment documents with the operator's key and print the apply body "
+        "(JSON) for the web console's apply form; nothing is sent",
+        parents=[common],
+    )
+    p.add_argument(
+        "-f",
+        "--file",
+        dest="files",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="Margo ApplicationDeployment YAML ('-' for stdin); repeatable",
+    )
+
     p = commands.add_parser("apply", help="apply deployment documents", parents=[common])
     p.add_argument(
         "-f",
@@ -315,6 +331,24 @@ def _cmd_apply(client: ApiClient, args: argparse.Namespace) -> None:
         sys.stderr.write(f"{PROG}: warning: no device matched; the deployments are stored only\n")
 
 
+def _cmd_sign(args: argparse.Namespace) -> int:
+    """What ``apply`` would send, signed here, on the operator's machine: the console takes it
+    as it is, so the operator's key never reaches a page the controller serves."""
+    import json
+
+    texts, blobs = _read_documents(args.files)
+    creds = operator_credentials(args)
+    body: dict[str, object] = {
+        "documents": texts,
+        "signatures": sign_documents(texts, creds),
+        "certificate": creds.certificate,
+    }
+    if blobs:
+        body["blobs"] = blobs
+    sys.stdout.write(json.dumps(body, indent=2) + "\n")
+    return 0
+
+
 def _cmd_delete(client: ApiClient, args: argparse.Namespace) -> None:
     client.delete_deployment(args.device, args.id)
     _print(f"deployment {args.id} removed from device {args.device}")
@@ -372,6 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("terminal", "exec"):
         return _run_terminal(args)
     try:
+        if args.command == "sign":
+            return _cmd_sign(args)
         with make_client(args) as client:
             COMMANDS[args.command](client, args)
     except MargoError as exc:
