@@ -10,6 +10,7 @@ import importlib
 import sys
 
 PROG = "margo-bench"
+OUR_PACKAGES = frozenset({"bench", "margo_stream", "controller", "agent"})
 
 # subcommand -> ("module" or "module:function", one-line description); the function takes argv
 SCENARIOS: dict[str, tuple[str, str]] = {
@@ -91,8 +92,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: unknown scenario {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module_name, _, function = SCENARIOS[name][0].partition(":")
-    module = importlib.import_module(module_name)
-    return int(getattr(module, function or "main")(rest) or 0)
+    try:
+        module = importlib.import_module(module_name)
+        return int(getattr(module, function or "main")(rest) or 0)
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if not missing or missing in OUR_PACKAGES:
+            raise
+        print(
+            f"{PROG}: {name} needs the Python package {missing!r}, which comes with the bench "
+            "extra: pip install 'margo-stream[bench]' (or python3 dev.py test, which installs it)",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from bench.report_util import machine_info, raise_nofile_limit, write_json
 SCENARIOS = {
     name: f"bench.scenarios.{name}" for name in ("connect", "push", "lossy", "storm", "drain")
 }
+PROG = "margo-bench"
 KIND = "margo-bench transports"
 
 
@@ -140,7 +141,9 @@ def execute(
     args: argparse.Namespace,
     argv: list[str],
     command: str,
-) -> Path:
+) -> int:
+    """Run, write the JSON and the report; returns the exit status: 1 when a transport produced
+    no result in any run (its work directory is then kept, and the logs to read are named)."""
     module = importlib.import_module(SCENARIOS[scenario])
     params = scenario_params(module, args)
     raise_nofile_limit()
@@ -164,10 +167,12 @@ def execute(
             },
         )
 
+    runs: list[dict[str, Any]] = []
     try:
-        asyncio.run(run_all(module, specs, params, args.runs, work, save))
+        runs = asyncio.run(run_all(module, specs, params, args.runs, work, save))
     finally:
-        if args.work is None:
+        failed = [label for label, _, _ in specs if not any_result(runs, label)]
+        if args.work is None and not failed:
             shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {path}", file=sys.stderr)
     if not args.no_report:
@@ -175,7 +180,21 @@ def execute(
 
         for written in write(args.out):
             print(f"wrote {written}", file=sys.stderr)
-    return path
+    for label in failed:
+        errors = sorted({str(r.get("error")) for r in runs if r.get("label") == label})
+        logs = sorted(str(p) for p in work.glob(f"data-{scenario}-{label.replace(' ', '')}-*"))
+        print(
+            f"{PROG}: {label}: no result in {args.runs} run(s): {'; '.join(errors) or 'none'}\n"
+            f"  read the controller's log in each of: {', '.join(logs) or str(work)}"
+            " (controller.log; the fleet workers' logs beside it)",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+def any_result(runs: list[dict[str, Any]], label: str) -> bool:
+    """Whether ``label`` produced a result (not an error) in at least one run."""
+    return any(r.get("label") == label and not r.get("error") for r in runs)
 
 
 def run_main(argv: list[str] | None = None) -> int:
@@ -188,8 +207,7 @@ def run_main(argv: list[str] | None = None) -> int:
     add_common(p)
     args = p.parse_args(argv)
     spec = parse_transport(args.transport, args.poll_interval)
-    execute(args.scenario, [spec], args, argv, "margo-bench run")
-    return 0
+    return execute(args.scenario, [spec], args, argv, "margo-bench run")
 
 
 def compare_main(argv: list[str] | None = None) -> int:
@@ -211,8 +229,7 @@ def compare_main(argv: list[str] | None = None) -> int:
         for s in args.transports.split(",")
         if s.strip()
     ]
-    execute(args.scenario, specs, args, argv, "margo-bench compare")
-    return 0
+    return execute(args.scenario, specs, args, argv, "margo-bench compare")
 
 
 main = compare_main
