@@ -336,13 +336,14 @@ class Agent:
                 if link.carrier is Carrier.TCP:
                     probing.start_soon(self._probe_quic, target, conn)
 
-            async with anyio.create_task_group() as probing:
-                try:
-                    lost = await session.run(on_ready=ready)
-                except BaseExceptionGroup as group:  # anyio wraps what ended the session's tasks
-                    raise _first_leaf(group) from None
-                finally:
-                    probing.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as probing:
+                    try:
+                        lost = await session.run(on_ready=ready)
+                    finally:
+                        probing.cancel_scope.cancel()
+            except BaseExceptionGroup as group:  # anyio wraps what ended the session (and the
+                raise _first_leaf(group) from None  # probing group wraps that once more)
             self.counters["disconnects"] += 1
             promoted, self._promoted = self._promoted, None
             why = f"connection lost: {ErrorCode.describe(lost.code)}: {lost.reason}"
