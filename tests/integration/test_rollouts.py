@@ -267,10 +267,10 @@ def test_pause_resume_abort(fleet, tmp_path):
     f = fleet
     create(
         f, "held", write_doc(tmp_path, "SITE-B"),
-        "--steps", "1,100%", "--healthy-for", "1s", "--step-timeout", "60s",
+        "--steps", "1,100%", "--healthy-for", "4s", "--step-timeout", "60s",
     )  # fmt: skip
     assert "paused" in f.margoctl("rollout", "pause", "held").stdout
-    time.sleep(3)  # longer than the gate: while paused no step may start
+    time.sleep(5)  # longer than the gate: while paused no step may start
     held = f.rollout("held")
     assert held["state"] == "paused" and held["steps"][1]["started_at"] is None
     again = f.margoctl("rollout", "pause", "held", check=False)
