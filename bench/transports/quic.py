@@ -46,7 +46,6 @@ from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode, Sender, StreamKind
 from margo_stream.state.trust import DesiredStateVerifier
 from margo_stream.transport.connection import Connection, MessageStream
-from margo_stream.transport.mtls_hook import acknowledge_at_once
 from margo_stream.transport.quic_client import client_configuration
 
 
@@ -167,7 +166,6 @@ class QuicClient:
         )
         self._udp = udp
         quic = QuicConnection(configuration=self.configuration)
-        acknowledge_at_once(quic)  # as the real agent's connection (quic_client.connect)
         conn = self.conn = Connection(quic, Sender.AGENT, protocol.sendto, loop)
         protocol.connection = conn
         quic.connect((self.host, self.port), now=loop.time())

@@ -36,7 +36,11 @@ from margo_stream.transport.channel_connection import (
     StreamClosed,
     is_link_loss,
 )
-from margo_stream.transport.mtls_hook import peer_certificates, peer_reset_tokens
+from margo_stream.transport.mtls_hook import (
+    acknowledge_at_once,
+    peer_certificates,
+    peer_reset_tokens,
+)
 from margo_stream.transport.stateless_reset import is_reset
 
 log = logging.getLogger("margo.transport")
@@ -153,6 +157,7 @@ class Connection(ChannelConnection):
             self._protocol_events(self.core.reset_received(event.stream_id, event.error_code))
         elif isinstance(event, qe.HandshakeCompleted):
             self.handshake_done = True
+            acknowledge_at_once(self.quic)  # from now on (mtls_hook: why not before)
             if self.on_handshake is not None:
                 self.on_handshake(self, event)
             self._handshake_completed()

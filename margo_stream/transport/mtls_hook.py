@@ -30,7 +30,9 @@ Certificate. So the controller:
    makes at the end of the loop turn that received a keepalive PING carries no ACK, and a timer
    wakes the loop a millisecond later to send it: two wake-ups and two transmits per keepalive.
    Our transmit is already once per loop turn (coalesced), so ACKing in that turn loses no
-   batching.
+   batching. Only once the handshake is done (``Connection`` calls it then): during the
+   handshake the delay lets ACKs ride with the next flight, and acknowledging at once there
+   cost 15-25 % of the handshake rate with 10,000 devices.
 
 ``check_aioquic()`` fails loudly, at controller start and in the test suite, if aioquic's
 internals change under us.
@@ -287,7 +289,6 @@ class MutualTlsServerConnection(QuicConnection):
         self._margo_reset_tokens = reset_tokens
         self._derive_reset_tokens()  # before the transport parameters carry the first one
         bound_receive_credit(self)
-        acknowledge_at_once(self)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)

@@ -15,7 +15,6 @@ from margo_stream.protocol.codes import ALPN, Sender
 from margo_stream.transport.congestion import DEFAULT_CONGESTION_CONTROL
 from margo_stream.transport.connection import Connection
 from margo_stream.transport.mtls_hook import (
-    acknowledge_at_once,
     bound_receive_credit,
     peer_certificates,
 )
@@ -94,7 +93,6 @@ async def connect(
     transport, protocol = await loop.create_datagram_endpoint(_ClientProtocol, local_addr=local)
     quic = QuicConnection(configuration=configuration)
     bound_receive_credit(quic)  # a hostile controller cannot grow our receive buffers either
-    acknowledge_at_once(quic)
     conn = Connection(quic, Sender.AGENT, transport.sendto, loop)
     protocol.connection = conn
     quic.connect(addr, now=loop.time())
