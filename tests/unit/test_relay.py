@@ -379,12 +379,15 @@ async def test_tcp_delay_and_handshake() -> None:
     async with tcp_echo() as port:
         imp = Impairment(delay_ms=30, seed=1)
         async with TcpRelay(target=(LOOPBACK, port), impairment=imp) as relay:
+            started = anyio.current_time()  # the relay's clock for the handshake starts at accept
             async with await anyio.connect_tcp(*relay.address) as client:
-                first = await tcp_ping(client)
+                await tcp_ping(client)
+                first = anyio.current_time() - started
                 rtts = [await tcp_ping(client) for _ in range(10)]
             stats = relay.stats()
-    # The first exchange also pays the SYN / SYN-ACK round trip: two RTTs.
-    assert 0.119 <= first <= 0.180, first
+    # The first exchange also pays the SYN / SYN-ACK round trip: two RTTs from the connect
+    # (measured from it, not from the send: on a loaded loop the client may resume late)
+    assert 0.119 <= first <= 0.250, first
     assert min(rtts) >= 0.059 and 0.059 <= statistics.median(rtts) <= 0.085, rtts
     assert stats.upstream.forwarded == stats.downstream.forwarded == 11
     assert stats.connections_total == 1
