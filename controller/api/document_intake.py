@@ -17,14 +17,19 @@ which the limits are there to prevent, become a ``YamlLimitError`` too, logged i
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
 import anyio.to_thread
 
 from controller.problems import Problem
+from controller.store.base import Store
 from margo_stream.errors import DocumentError
+from margo_stream.state.digest import sha256_digest
 from margo_stream.state.documents import Deployment, parse_deployment
 from margo_stream.state.yaml_guard import YamlLimitError, YamlLimits
 from margo_stream.state.yaml_split import split_documents
@@ -86,9 +91,32 @@ async def read_documents_off_loop(
 
 
 __all__ = [
+    "file_blobs",
     "MAX_DOCUMENTS",
     "MAX_REQUEST_YAML_BYTES",
     "PARSE_TIME_LIMIT",
     "read_documents",
     "read_documents_off_loop",
 ]
+
+
+async def file_blobs(
+    body: dict[str, Any], docs: Sequence[tuple[bytes, Deployment]], store: Store, tenant: str
+) -> list[bytes]:
+    """The request's ``blobs`` (base64), decoded; every file the documents name must be among
+    them or already stored (``DocumentError`` naming the first missing one)."""
+    blobs = body.get("blobs") or []
+    if not isinstance(blobs, list):
+        raise Problem(400, "'blobs' must be a list of base64 strings", kind="invalid-body")
+    decoded: list[bytes] = []
+    for i, blob in enumerate(blobs):
+        try:
+            decoded.append(base64.b64decode(blob, validate=True))
+        except (binascii.Error, TypeError, ValueError):
+            raise Problem(400, f"blobs[{i}] is not valid base64", kind="invalid-body") from None
+    offered = {sha256_digest(b) for b in decoded}
+    wanted = [f.digest for _, d in docs for f in d.files]
+    missing = [dg for dg in await store.missing_blobs(tenant, wanted) if dg not in offered]
+    if missing:
+        raise DocumentError(f"file blob {missing[0]} is neither stored nor included in 'blobs'")
+    return decoded

@@ -16,8 +16,6 @@ lists it under ``skipped: [{device, deploymentId, reason}]`` and the listing sho
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import functools
 import json
@@ -30,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from controller.api.apply_authority import check_operator, check_signatures
-from controller.api.document_intake import read_documents_off_loop
+from controller.api.document_intake import file_blobs, read_documents_off_loop
 from controller.api.routes_common import (
     ApiContext,
     context,
@@ -112,20 +110,7 @@ async def apply_deployments(request: Request) -> JSONResponse:
     if duplicates:
         raise DocumentError(f"deployment id {duplicates[0]!r} appears twice in one request")
 
-    blobs = body.get("blobs") or []
-    if not isinstance(blobs, list):
-        raise Problem(400, "'blobs' must be a list of base64 strings", kind="invalid-body")
-    decoded: list[bytes] = []
-    for i, blob in enumerate(blobs):
-        try:
-            decoded.append(base64.b64decode(blob, validate=True))
-        except (binascii.Error, TypeError, ValueError):
-            raise Problem(400, f"blobs[{i}] is not valid base64", kind="invalid-body") from None
-    offered = {sha256_digest(b) for b in decoded}
-    wanted = [f.digest for _, d in docs for f in d.files]
-    missing = [dg for dg in await ctx.store.missing_blobs(tenant, wanted) if dg not in offered]
-    if missing:
-        raise DocumentError(f"file blob {missing[0]} is neither stored nor included in 'blobs'")
+    decoded = await file_blobs(body, docs, ctx.store, tenant)
 
     authority = None
     if claim is not None:

@@ -12,8 +12,6 @@ through any controller of a cluster, whichever one runs the rollout.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
 import json
 from typing import Any, Protocol
@@ -23,7 +21,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from controller.api.apply_authority import OperatorClaim, check_operator, check_signatures
-from controller.api.document_intake import read_documents_off_loop
+from controller.api.document_intake import file_blobs, read_documents_off_loop
 from controller.api.routes_common import ApiContext, context, json_body, rfc3339, tenant_of
 from controller.document_cache import CachedDocument
 from controller.labels import selector_matches
@@ -166,20 +164,7 @@ async def _document(
     docs = await read_documents_off_loop(texts, ctx.workers())
     if len(docs) != 1:
         raise DocumentError("a rollout's file must hold exactly one deployment document")
-    blobs = body.get("blobs") or []
-    if not isinstance(blobs, list):
-        raise Problem(400, "'blobs' must be a list of base64 strings", kind="invalid-body")
-    decoded: list[bytes] = []
-    for i, blob in enumerate(blobs):
-        try:
-            decoded.append(base64.b64decode(blob, validate=True))
-        except (binascii.Error, TypeError, ValueError):
-            raise Problem(400, f"blobs[{i}] is not valid base64", kind="invalid-body") from None
-    offered = {sha256_digest(b) for b in decoded}
-    wanted = [f.digest for _, d in docs for f in d.files]
-    missing = [dg for dg in await ctx.store.missing_blobs(tenant, wanted) if dg not in offered]
-    if missing:
-        raise DocumentError(f"file blob {missing[0]} is neither stored nor included in 'blobs'")
+    decoded = await file_blobs(body, docs, ctx.store, tenant)
     data, dep = docs[0]
     sig = None
     certificate = None
