@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 import anyio
 
+from controller.device_reach import Unreachable, reach
 from controller.ports import DeviceLink
 from controller.registry import SessionRegistry
 from controller.store.base import Store
-from margo_stream.errors import MargoError, NotFound, ProtocolError
+from margo_stream.errors import MargoError, ProtocolError
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode
 from margo_stream.protocol.terminal_window import TerminalWindow
@@ -136,22 +137,9 @@ async def open_logs(
     request: LogsRequest,
 ) -> LogsReader:
     """Ask the connected device of ``tenant`` for a log; ``LogsUnavailable`` if it cannot."""
-    session = registry.link(tenant, device_id)
-    if session is None:
-        try:
-            await store.get_device(tenant, device_id)
-        except NotFound:
-            raise LogsUnavailable("not-found", f"no device {device_id!r}") from None
-        elsewhere = await registry.held_elsewhere(tenant, device_id)
-        if elsewhere is not None:
-            instance, api = elsewhere
-            raise LogsUnavailable(
-                "elsewhere",
-                f"device {device_id!r} is connected to controller {instance}"
-                + (f": read its logs through its API at {api}" if api else ""),
-                api=api,
-            )
-        raise LogsUnavailable("not-connected", f"device {device_id!r} is not connected")
+    session = await reach(registry, store, tenant, device_id, "read its logs")
+    if isinstance(session, Unreachable):
+        raise LogsUnavailable(session.kind, session.reason, api=session.api)
     try:
         stream = session.conn.open_stream()
     except ConnectionLost as exc:

@@ -33,10 +33,11 @@ from typing import Any, Protocol
 
 import anyio
 
+from controller.device_reach import Unreachable, reach
 from controller.ports import DeviceLink
 from controller.registry import SessionRegistry
 from controller.store.base import Store
-from margo_stream.errors import MargoError, NotFound, ProtocolError, RemoteProtocolError
+from margo_stream.errors import MargoError, ProtocolError, RemoteProtocolError
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode
 from margo_stream.protocol.terminal_window import TerminalWindow
@@ -277,22 +278,9 @@ class TerminalService:
         certificate: bytes | None = None,
     ) -> TerminalSession:
         """Open a session on a connected device of ``tenant``; ``TerminalUnavailable`` if not."""
-        session = self.registry.link(tenant, device_id)
-        if session is None:
-            try:
-                await self.store.get_device(tenant, device_id)
-            except NotFound:
-                raise TerminalUnavailable("not-found", f"no device {device_id!r}") from None
-            elsewhere = await self.registry.held_elsewhere(tenant, device_id)
-            if elsewhere is not None:
-                instance, api = elsewhere
-                raise TerminalUnavailable(
-                    "elsewhere",
-                    f"device {device_id!r} is connected to controller {instance}"
-                    + (f": open the session through its API at {api}" if api else ""),
-                    api=api,
-                )
-            raise TerminalUnavailable("not-connected", f"device {device_id!r} is not connected")
+        session = await reach(self.registry, self.store, tenant, device_id, "open the session")
+        if isinstance(session, Unreachable):
+            raise TerminalUnavailable(session.kind, session.reason, api=session.api)
         text = shlex.join(command) if command else None
         audit_id = await self.store.start_session_audit(
             tenant, device_id, operator=operator, command=text
