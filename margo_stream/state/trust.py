@@ -44,7 +44,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from margo_stream.errors import AuthorityError, DocumentError, TrustError
-from margo_stream.fsutil import atomic_write
 from margo_stream.identity import envelope
 from margo_stream.identity.authored import verify_signed_by
 from margo_stream.identity.authority import (
@@ -57,6 +56,7 @@ from margo_stream.identity.authority import (
     verify_operator,
 )
 from margo_stream.protocol.codes import Refusal
+from margo_stream.slot_file import SlotFile, SlotFileError
 from margo_stream.state.digest import sha256_digest
 from margo_stream.state.manifest import (
     Manifest,
@@ -118,10 +118,16 @@ class DesiredStateVerifier:
         self.pinned_root = pinned_root
         self.fingerprint = key_fingerprint(pinned_root)
         self.state_path = Path(state_path)
-        if self.state_path.exists():
-            state = TrustState.from_json(
-                self.state_path.read_bytes(), self.state_path, pinned=self.fingerprint
-            )
+        self._file = SlotFile(self.state_path, mode=0o600)
+        try:
+            held = self._file.read()
+        except SlotFileError as exc:
+            raise TrustError(
+                f"trust state {self.state_path} is unreadable ({exc}); re-enrol the device",
+                Refusal.STATE_CORRUPT,
+            ) from None
+        if held is not None:
+            state = TrustState.from_json(held, self.state_path, pinned=self.fingerprint)
             if state.tenant != tenant:
                 raise TrustError(
                     f"trust state {self.state_path} belongs to tenant {state.tenant!r}, not {tenant!r}",
@@ -135,7 +141,7 @@ class DesiredStateVerifier:
         else:
             state = TrustState(tenant, device_id, self.fingerprint)
             self.state_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(self.state_path, state.to_json(), mode=0o600)
+            self._file.write(state.to_json())
         self._state = state
         self._root = read_root(state.root) if state.root is not None else None
         self._operators: dict[tuple[str, int], Operator] = {}
@@ -178,7 +184,7 @@ class DesiredStateVerifier:
                 trusted.envelope,
                 self._state.signatures,
             )
-            atomic_write(self.state_path, state.to_json(), mode=0o600)
+            self._file.write(state.to_json())
             self._state = state
             self._root = trusted
         return trusted
@@ -396,6 +402,6 @@ class DesiredStateVerifier:
             root.envelope if root is not None else None,
             {**self._state.signatures, **verdict.signed},
         )
-        atomic_write(self.state_path, state.to_json(), mode=0o600)
+        self._file.write(state.to_json())
         self._state = state
         self._root = root
