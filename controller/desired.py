@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from margo_stream.identity.trust import load_signing_key
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.push import blob_chunks, plan_push
 from margo_stream.state.constraints import unmet
+from margo_stream.state.digest import sha256_digest
 from margo_stream.state.documents import Deployment, parse_deployment
 from margo_stream.state.manifest import (
     Manifest,
@@ -345,15 +347,27 @@ class DesiredState:
         finally:
             del self._blob_reads[key]
             flight.done.set()
-        if len(data) <= BLOB_CACHE_BYTES // 8:
+        self._keep_blob(key, data)
+        return data
+
+    def _keep_blob(self, key: tuple[str, str], data: bytes) -> None:
+        if len(data) <= BLOB_CACHE_BYTES // 8 and key not in self._blobs:
             while self._blobs and self._blob_bytes + len(data) > BLOB_CACHE_BYTES:
                 self._blob_bytes -= len(self._blobs.pop(next(iter(self._blobs))))
             self._blobs[key] = data
             self._blob_bytes += len(data)
-        return data
+
+    def stored_blobs(self, tenant: str, blobs: Iterable[bytes]) -> None:
+        """Blobs the caller has just stored (an apply's documents and files): kept in the
+        cache, so the pushes that follow do not read back from the store what was in hand."""
+        for data in blobs:
+            self._keep_blob((tenant, sha256_digest(data)), data)
 
     # --- hooks --------------------------------------------------------------------------------------
-    async def desired_changed(self, tenant: str, device_ids: list[str]) -> None:
+    async def desired_changed(
+        self, tenant: str, device_ids: list[str], *, blobs: Sequence[bytes] = ()
+    ) -> None:
+        self.stored_blobs(tenant, blobs)
         for device_id in await self.rebuild_many(tenant, device_ids, only_if_changed=True):
             link = self.registry.link(tenant, device_id)
             if link is not None:

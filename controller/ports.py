@@ -86,9 +86,12 @@ class SessionHooks:
 
 
 class DesiredChanges(Protocol):
-    """Told after an operator changed what devices should run (the change is stored)."""
+    """Told after an operator changed what devices should run (the change is stored);
+    ``blobs``: what the change stored (its documents and files), which a push may need."""
 
-    async def desired_changed(self, tenant: str, device_ids: list[str]) -> None: ...
+    async def desired_changed(
+        self, tenant: str, device_ids: list[str], *, blobs: Sequence[bytes] = ()
+    ) -> None: ...
 
 
 class DeviceNotifier(Protocol):
@@ -125,8 +128,10 @@ class DesiredChangeFanout:
     def add(self, notifier: DeviceNotifier) -> None:
         self._notifiers.append(notifier)
 
-    async def desired_changed(self, tenant: str, device_ids: list[str]) -> None:
-        await self._push.desired_changed(tenant, device_ids)
+    async def desired_changed(
+        self, tenant: str, device_ids: list[str], *, blobs: Sequence[bytes] = ()
+    ) -> None:
+        await self._push.desired_changed(tenant, device_ids, blobs=blobs)
         self._notify(tenant, device_ids)
         if self._publish is not None:
             await self._publish(tenant, device_ids)

@@ -20,6 +20,7 @@ import datetime as dt
 import functools
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -144,7 +145,8 @@ async def apply_deployments(request: Request) -> JSONResponse:
         }
         for r in records
     ]
-    notified = await _notify(ctx, tenant, targets)
+    stored = [data for data, _ in docs] + decoded
+    notified = await _notify(ctx, tenant, targets, stored)
     skipped = _skipped(targets, [d for _, d in docs], await _devices(ctx, tenant, docs))
     notes = [{"deploymentId": d.deployment_id, "note": n} for _, d in docs for n in d.notes]
     return JSONResponse(
@@ -230,11 +232,13 @@ async def _constraint_failures(
     return out
 
 
-async def _notify(ctx: ApiContext, tenant: str, device_ids: list[str]) -> bool:
+async def _notify(
+    ctx: ApiContext, tenant: str, device_ids: list[str], blobs: Sequence[bytes] = ()
+) -> bool:
     if ctx.desired is None or not device_ids:
         return False
     try:
-        await ctx.desired.desired_changed(tenant, list(device_ids))
+        await ctx.desired.desired_changed(tenant, list(device_ids), blobs=blobs)
     except Exception:
         # The change is stored; the push happens on the next change or reconnect.
         log.exception("desired-state push failed for tenant %s", tenant)

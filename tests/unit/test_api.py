@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Sequence
 
 import anyio
 import httpx
@@ -46,7 +47,9 @@ class Services:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[str]]] = []
 
-    async def desired_changed(self, tenant: str, device_ids: list[str]) -> None:
+    async def desired_changed(
+        self, tenant: str, device_ids: list[str], *, blobs: Sequence[bytes] = ()
+    ) -> None:
         self.calls.append((tenant, device_ids))
 
 
