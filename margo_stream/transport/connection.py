@@ -40,6 +40,7 @@ from margo_stream.transport.mtls_hook import (
     acknowledge_at_once,
     peer_certificates,
     peer_reset_tokens,
+    use_own_pacer,
 )
 from margo_stream.transport.stateless_reset import is_reset
 
@@ -61,6 +62,7 @@ class Connection(ChannelConnection):
         max_frame: int = 1 << 20,
     ) -> None:
         super().__init__(role, loop, max_frame=max_frame)
+        use_own_pacer(quic)  # the rate controller's pacing (rate_cc: why)
         self.quic = quic
         self._sendto = sendto
         self._timer: asyncio.TimerHandle | None = None

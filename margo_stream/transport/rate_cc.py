@@ -22,6 +22,19 @@ as BBR does:
   is at most about one round trip.
 - **Start-up**: like slow start, the window grows by every acknowledged byte until the
   bandwidth estimate stops growing by a quarter over ``FULL_PIPE_ROUNDS`` round trips.
+- **Application-limited**: a packet sent while less than half the window was in flight (a
+  small push, a status, a ping) says how fast we had something to send, not how fast the path
+  is: its delivery-rate sample may raise the estimate but never lowers it, a round of such
+  packets does not end start-up, and an RTT probe falling due while there is no queue of ours
+  to drain just takes the fresh sample as the minimum (BBR's rules for idle and app-limited
+  flows). Without this an idle device's connection shrank to the minimum window.
+- **Pacing** (:class:`ModelPacer`, put in place of aioquic's by ``mtls_hook.use_own_pacer``): aioquic
+  paces at window / *smoothed* RTT, and the smoothed RTT of a connection that is mostly idle is
+  whatever a busy moment left in it (a controller answering 1,000 handshakes at once: 100 ms
+  and more, decaying by an eighth per ping): a push's third packet then waited 20-40 ms on a
+  loopback link. Ours paces at window / the model's *minimum* RTT (the window is twice the
+  bandwidth-delay product, so that is twice the bandwidth estimate, BBR's start-up gain) and
+  lets a burst of up to the initial window leave at once after idle (RFC 9002, 7.7).
 - **Loss**: a lost packet is not a signal by itself. When more than ``HEAVY_LOSS`` of what was
   sent in the last round trip is lost (a policer, a queue really overflowing), the bandwidth
   estimate is cut to what the last round delivered; persistent congestion (RFC 9002 7.6)
@@ -46,6 +59,7 @@ from aioquic.quic.congestion.base import (
     register_congestion_control,
 )
 from aioquic.quic.packet_builder import QuicSentPacket
+from aioquic.quic.recovery import QuicPacketPacer
 
 NAME = "rate"
 CWND_GAIN = 2.0
@@ -59,12 +73,15 @@ FULL_PIPE_ROUNDS = 3
 FULL_PIPE_GROWTH = 1.25
 HEAVY_LOSS = 0.2  # share of a round trip's packets lost that counts as congestion
 MAX_TRACKED = 100_000  # packets in flight we keep sending-time state for (bounded)
+APP_LIMITED_SHARE = 0.5  # sent with less than this share of the window in flight
+MIN_PACING_RTT = 0.001  # seconds: the pacing rate never assumes a shorter round trip
 
 
 @dataclass(slots=True)
 class _SendState:
     delivered: int  # bytes delivered when the packet was sent
     delivered_time: float  # when that count was last raised
+    app_limited: bool  # sent with little in flight: its sample may not lower the estimate
 
 
 class RateCongestionControl(QuicCongestionControl):
@@ -97,7 +114,8 @@ class RateCongestionControl(QuicCongestionControl):
         if len(self._sent) < MAX_TRACKED:
             if self._delivered_time == 0.0 and packet.sent_time is not None:
                 self._delivered_time = packet.sent_time
-            self._sent[id(packet)] = _SendState(self._delivered, self._delivered_time)
+            app_limited = self.bytes_in_flight < APP_LIMITED_SHARE * self.congestion_window
+            self._sent[id(packet)] = _SendState(self._delivered, self._delivered_time, app_limited)
 
     def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
         self.bytes_in_flight -= packet.sent_bytes
@@ -106,9 +124,10 @@ class RateCongestionControl(QuicCongestionControl):
         state = self._sent.pop(id(packet), None)
         if state is not None and now > state.delivered_time:
             rate = (self._delivered - state.delivered) / (now - state.delivered_time)
-            self._add_bandwidth(now, rate)
+            if not state.app_limited or rate > self._bw:
+                self._add_bandwidth(now, rate)
         if packet.sent_time is not None and packet.sent_time >= self._round_end:  # a round trip
-            self._new_round(now)
+            self._new_round(now, app_limited=state is not None and state.app_limited)
         if self._startup:
             self.congestion_window += packet.sent_bytes  # slow start, until the pipe is full
         self._set_window()
@@ -151,10 +170,24 @@ class RateCongestionControl(QuicCongestionControl):
             self._min_rtt = rtt
         if self._probe_rtt_at is None:
             self._probe_rtt_at = now + PROBE_RTT_EVERY
+        elif now >= self._probe_rtt_at and self.bytes_in_flight < MIN_WINDOW_PACKETS * self._mss:
+            # nothing of ours queued (an idle or application-limited connection): this sample
+            # is the path's round trip, as the probe would have measured it
+            self._min_rtt = rtt
+            self._probe_rtt_at = now + PROBE_RTT_EVERY
         elif now >= self._probe_rtt_at and not self._startup:
             self._probing_until = now + max(PROBE_RTT_TIME, self._min_rtt)
             self._probe_min = rtt
             self.congestion_window = MIN_WINDOW_PACKETS * self._mss
+
+    def make_pacer(self) -> ModelPacer:
+        """The pacer connections running this controller use (``mtls_hook.use_own_pacer``)."""
+        return ModelPacer(self, max_datagram_size=self._mss)
+
+    @property
+    def min_rtt(self) -> float | None:
+        """The path's round trip as the model knows it (None before the first sample)."""
+        return self._min_rtt
 
     def get_log_data(self) -> dict[str, Any]:
         data = super().get_log_data()
@@ -177,10 +210,10 @@ class RateCongestionControl(QuicCongestionControl):
             samples.popleft()
         self._bw = samples[0][1]
 
-    def _new_round(self, now: float) -> None:
+    def _new_round(self, now: float, *, app_limited: bool = False) -> None:
         self._round_end = now
         self._round_sent = self._round_lost = 0
-        if not self._startup:
+        if not self._startup or app_limited:  # a round we did not fill says nothing of the pipe
             return
         if self._bw >= self._full_bw * FULL_PIPE_GROWTH:
             self._full_bw = self._bw
@@ -200,6 +233,23 @@ class RateCongestionControl(QuicCongestionControl):
             self.congestion_window = max(self.congestion_window, model, floor)
         else:
             self.congestion_window = max(model, floor)
+
+
+class ModelPacer(QuicPacketPacer):
+    """aioquic's token bucket, fed the model's round trip instead of the smoothed one, with
+    room for a burst of the initial window (see the module note)."""
+
+    def __init__(self, cc: RateCongestionControl, *, max_datagram_size: int) -> None:
+        super().__init__(max_datagram_size=max_datagram_size)
+        self._cc = cc
+        self._mss = max_datagram_size
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        rtt = self._cc.min_rtt
+        rtt = smoothed_rtt if rtt is None else min(smoothed_rtt, max(rtt, MIN_PACING_RTT))
+        super().update_rate(congestion_window=congestion_window, smoothed_rtt=rtt)
+        rate = congestion_window / rtt
+        self.bucket_max = max(self.bucket_max, K_INITIAL_WINDOW * self._mss / rate)
 
 
 register_congestion_control(NAME, RateCongestionControl)

@@ -38,6 +38,7 @@ def simulate(
     loss: float = 0.0,
     seconds: float = 20.0,
     seed: int = 1,
+    drain: bool = False,
 ) -> float:
     """Run a bulk sender limited by ``cc`` over one bottleneck; returns delivered bytes/s.
     A lost packet is declared lost when the next one is acknowledged (reordering threshold
@@ -64,6 +65,13 @@ def simulate(
         if pending_lost:
             cc.on_packets_lost(now=now, packets=pending_lost)
             pending_lost = []
+    while drain and events:  # the sender stops: what is in flight is acknowledged (or lost)
+        at, _, lost, p = heapq.heappop(events)
+        if lost:
+            cc.on_packets_lost(now=at, packets=[p])
+        else:
+            cc.on_rtt_measurement(now=at, rtt=at - (p.sent_time or 0.0))
+            cc.on_packet_acked(now=at, packet=p)
     return delivered / now
 
 
@@ -112,3 +120,65 @@ def test_state_is_kept_only_for_packets_in_flight() -> None:
     simulate(cc, seconds=5.0, loss=0.05)
     in_flight = cc.bytes_in_flight // MSS
     assert len(cc._sent) <= in_flight + 1
+
+
+def test_an_application_limited_connection_keeps_its_window() -> None:
+    """Small sends long apart (a push now and then, pings) neither shrink the estimate nor
+    start RTT probes that would drop the window to the minimum."""
+    cc = RateCongestionControl(max_datagram_size=MSS)
+    simulate(cc, seconds=5.0, drain=True)
+    assert cc.bytes_in_flight == 0
+    window = cc.congestion_window
+    now, number = 100.0, 10_000_000
+    for _ in range(20):  # one small packet every 20 s, acknowledged one round trip later
+        p = packet(number, now)
+        number += 1
+        cc.on_packet_sent(packet=p)
+        cc.on_rtt_measurement(now=now + 0.1, rtt=0.1)
+        cc.on_packet_acked(now=now + 0.1, packet=p)
+        now += 20.0
+    assert cc.congestion_window >= 0.95 * window  # (the minimum RTT refreshed: 0.1 s)
+    assert cc._probing_until is None
+
+
+def test_an_idle_rtt_probe_takes_the_fresh_sample() -> None:
+    cc = RateCongestionControl(max_datagram_size=MSS)
+    simulate(cc, seconds=5.0, rtt=0.05, drain=True)
+    assert cc.min_rtt is not None and cc.min_rtt < 0.06
+    cc.on_rtt_measurement(now=1000.0, rtt=0.08)  # the path got longer while we were idle
+    assert cc.min_rtt == 0.08 and cc._probing_until is None
+
+
+def test_the_pacer_paces_on_the_models_round_trip_and_allows_an_initial_burst() -> None:
+    """A connection whose smoothed RTT is stale (a busy moment long ago) still sends a small
+    push at once: aioquic's pacer would space its packets by a quarter of that RTT."""
+    cc = RateCongestionControl(max_datagram_size=MSS)
+    cc.on_rtt_measurement(now=0.0, rtt=0.0004)  # loopback
+    pacer = cc.make_pacer()
+    pacer.update_rate(congestion_window=MIN_WINDOW_PACKETS * MSS, smoothed_rtt=0.2)
+    now = 10.0
+    sent = 0
+    while pacer.next_send_time(now) is None and sent < 20:
+        pacer.update_after_send(now)
+        sent += 1
+    assert sent >= 10  # the initial window leaves in one burst
+    assert pacer.packet_time is not None and pacer.packet_time <= 0.001
+
+    stock = recovery.QuicPacketPacer(max_datagram_size=MSS)
+    stock.update_rate(congestion_window=MIN_WINDOW_PACKETS * MSS, smoothed_rtt=0.2)
+    assert stock.packet_time is not None and stock.packet_time > 0.04  # what it replaced
+
+
+def test_connections_running_it_get_its_pacer() -> None:
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    from margo_stream.transport.mtls_hook import use_own_pacer
+    from margo_stream.transport.rate_cc import ModelPacer
+
+    for algorithm, own in (("rate", True), ("cubic", False)):
+        quic = QuicConnection(
+            configuration=QuicConfiguration(is_client=True, congestion_control_algorithm=algorithm)
+        )
+        use_own_pacer(quic)
+        assert isinstance(quic._loss._pacer, ModelPacer) is own
