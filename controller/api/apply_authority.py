@@ -11,6 +11,7 @@ that skipped this check harmless.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,12 @@ class OperatorClaim:
     operator: str
 
 
+@functools.lru_cache(maxsize=64)
+def _current_root(data: bytes) -> RootMetadata:
+    """The tenant's newest root metadata, parsed once per version (it is immutable)."""
+    return read_root(data)
+
+
 def check_operator(
     body: Mapping[str, Any], root_chain: Sequence[bytes], now: dt.datetime
 ) -> OperatorClaim:
@@ -58,7 +65,7 @@ def check_operator(
             "--operator DIR or a token file with its key beside it)",
             kind="unsigned-document",
         )
-    root = read_root(root_chain[-1])
+    root = _current_root(root_chain[-1])
     try:
         operator = verify_operator(cert, root, now, role=Role.DEPLOYER)
     except MargoError as exc:
