@@ -1,5 +1,5 @@
-"""The operator's side of the push figures: one kept-alive HTTP/1.1 connection to the API,
-requests written and responses read with h11 over asyncio streams.
+"""The operator's side of the push figures: kept-alive HTTP/1.1 connections to the API (one per
+request in flight), requests written and responses read with h11 over asyncio streams.
 
 httpx (margoctl's client) spends about a millisecond of Python per request before its bytes
 reach the socket and after the answer arrived (1.43 ms round trip against 0.29 ms for the same
@@ -26,8 +26,32 @@ class OperatorHttpError(Exception):
     """The API answered with an error status, or the connection broke."""
 
 
+class _Connection:
+    """One kept-alive HTTP/1.1 connection (one request at a time)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.used = asyncio.get_running_loop().time()
+
+    def reusable(self, now: float) -> bool:
+        return (
+            self.h11.our_state is h11.IDLE
+            and not self.reader.at_eof()
+            and now - self.used <= IDLE_REUSE_S
+        )
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except OSError:
+            pass
+
+
 class OperatorClient:
-    """``await post_json(path, body)`` over one connection, opened on first use."""
+    """``await post_json(path, body)``; requests made at once each get a connection of their
+    own (kept for the next ones), as a browser or httpx's pool would."""
 
     def __init__(self, base_url: str, token: str, *, timeout: float = 120.0) -> None:
         url = urlsplit(base_url)
@@ -40,45 +64,48 @@ class OperatorClient:
             ("Authorization", f"Bearer {token}"),
             ("Content-Type", "application/json"),
         ]
-        self._conn: h11.Connection | None = None
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._used = 0.0  # loop time of the last answer
+        self._idle: list[_Connection] = []
 
-    async def _connect(self) -> None:
-        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
-        self._conn = h11.Connection(h11.CLIENT)
+    async def _take(self) -> _Connection:
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.reusable(now):
+                return conn
+            await conn.close()
+        return _Connection(*await asyncio.open_connection(self.host, self.port))
 
     async def post_json(self, path: str, body: Any) -> Any:
         """POST ``body`` as JSON; the decoded JSON answer (``OperatorHttpError`` unless 2xx)."""
         data = json.dumps(body).encode()
-        loop = asyncio.get_running_loop()
-        if (
-            self._conn is None
-            or self._conn.our_state is not h11.IDLE
-            or self._reader is None
-            or self._reader.at_eof()
-            or loop.time() - self._used > IDLE_REUSE_S
-        ):
-            await self.close()
-            await self._connect()
-        conn, reader, writer = self._conn, self._reader, self._writer
-        assert conn is not None and reader is not None and writer is not None
+        conn = await self._take()
+        try:
+            status, text = await self._exchange(conn, path, data)
+        except BaseException:
+            await conn.close()
+            raise
+        self._idle.append(conn)
+        if not 200 <= status < 300:
+            raise OperatorHttpError(f"POST {path}: HTTP {status}: {text[:500]!r}")
+        return json.loads(text)
+
+    async def _exchange(self, conn: _Connection, path: str, data: bytes) -> tuple[int, bytes]:
+        h = conn.h11
         headers = [*self._headers, ("Content-Length", str(len(data)))]
-        writer.write(
-            conn.send(h11.Request(method="POST", target=path, headers=headers))
-            + (conn.send(h11.Data(data=data)) or b"")
-            + (conn.send(h11.EndOfMessage()) or b"")
+        conn.writer.write(
+            h.send(h11.Request(method="POST", target=path, headers=headers))
+            + (h.send(h11.Data(data=data)) or b"")
+            + (h.send(h11.EndOfMessage()) or b"")
         )
         status, chunks, size = 0, [], 0
         async with asyncio.timeout(self.timeout):
             while True:
-                event = conn.next_event()
+                event = h.next_event()
                 if event is h11.NEED_DATA:
-                    received = await reader.read(65536)
+                    received = await conn.reader.read(65536)
                     if not received:
                         raise OperatorHttpError(f"the API at {self.host}:{self.port} hung up")
-                    conn.receive_data(received)
+                    h.receive_data(received)
                 elif isinstance(event, h11.Response):
                     status = event.status_code
                 elif isinstance(event, h11.Data):
@@ -90,21 +117,14 @@ class OperatorClient:
                     break
                 elif isinstance(event, h11.ConnectionClosed):
                     raise OperatorHttpError(f"the API at {self.host}:{self.port} closed")
-        conn.start_next_cycle()
-        self._used = loop.time()
-        text = b"".join(chunks)
-        if not 200 <= status < 300:
-            raise OperatorHttpError(f"POST {path}: HTTP {status}: {text[:500]!r}")
-        return json.loads(text)
+        h.start_next_cycle()
+        conn.used = asyncio.get_running_loop().time()
+        return status, b"".join(chunks)
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            try:
-                await self._writer.wait_closed()
-            except OSError:
-                pass
-        self._conn = self._reader = self._writer = None
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.close()
 
 
 __all__ = ["OperatorClient", "OperatorHttpError"]

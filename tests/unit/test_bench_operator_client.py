@@ -80,3 +80,30 @@ async def test_a_connection_the_server_closed_is_replaced(anyio_backend: str) ->
 def test_only_plain_http() -> None:
     with pytest.raises(ValueError, match="plain HTTP"):
         OperatorClient("https://127.0.0.1:1", "tok")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_requests_at_once_each_get_a_connection(anyio_backend: str) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            await asyncio.sleep(0.05)  # slow: the requests overlap
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    client = OperatorClient(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", "tok")
+    got = await asyncio.gather(*(client.post_json("/x", {"n": i}) for i in range(5)))
+    assert got == [{"n": i} for i in range(5)]
+    assert len(client._idle) == 5  # kept for the next requests
+    assert await client.post_json("/x", {"n": 9}) == {"n": 9}
+    assert len(client._idle) == 5
+    await client.close()
+    server.close()
