@@ -27,6 +27,8 @@ COLUMNS: dict[str, tuple[str, int]] = {
     "fanout_s": ("fan-out to all s", 2),
     "fanout_status_s": ("all statuses back s", 2),
     "fanout_missing": ("devices missed", 0),
+    "fanout_server_cpu_ms_per_device": ("fan-out server CPU ms/device", 3),
+    "fanout_devices_cpu_ms_per_device": ("fan-out devices' CPU ms/device", 3),
     "connect_rate_per_s": ("connects/s", 0),
     "server_rss_per_device_kb": ("server KB/device", 1),
     "server_cpu_ms_per_connect": ("server CPU ms/connect", 2),

@@ -98,6 +98,8 @@ async def fan_out(ctx: Context, value: Any, timeout: float) -> dict[str, Any]:
     fleet = ctx.fleet
     start = len(fleet.got)
     udp0 = udp_counters()
+    _, server_cpu0 = sample_rss_cpu(ctx.server.pids())
+    _, fleet_cpu0 = sample_rss_cpu(fleet.pids())
     t0 = await apply(ctx, ctx.devices(), value)
     waiting = set(range(ctx.agents))
     deadline = time.monotonic() + timeout
@@ -115,6 +117,9 @@ async def fan_out(ctx: Context, value: Any, timeout: float) -> dict[str, Any]:
         seen = len(fleet.got)
         if waiting:
             await asyncio.sleep(0.05)
+    # CPU until the last status was back (what the fan-out cost each side), per device pushed
+    _, server_cpu1 = sample_rss_cpu(ctx.server.pids())
+    _, fleet_cpu1 = sample_rss_cpu(fleet.pids())
     times.sort()
     acked.sort()
     udp1 = udp_counters()
@@ -129,6 +134,8 @@ async def fan_out(ctx: Context, value: Any, timeout: float) -> dict[str, Any]:
         "status_p50_s": percentile(acked, 0.5) if acked else None,
         "apply_request_s": ctx.extra.get("apply_seconds"),
         "install_lag_ms": latency_summary(lags),
+        "server_cpu_ms_per_device": 1000 * (server_cpu1 - server_cpu0) / max(len(times), 1),
+        "devices_cpu_ms_per_device": 1000 * (fleet_cpu1 - fleet_cpu0) / max(len(times), 1),
         # every socket on this machine, so both ends: datagrams delivered (per device, the
         # packets one push and its status exchange take) and dropped (receive buffer full)
         "udp_datagrams": udp.get("InDatagrams"),

@@ -74,6 +74,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "fanout_s": fan.get("seconds"),
         "fanout_status_s": fan.get("status_all_seconds"),
         "fanout_missing": fan.get("missing"),
+        "fanout_server_cpu_ms_per_device": fan.get("server_cpu_ms_per_device"),
+        "fanout_devices_cpu_ms_per_device": fan.get("devices_cpu_ms_per_device"),
         "connect_rate_per_s": result.get("connect", {}).get("rate_per_s"),
         "server_rss_per_device_kb": result.get("connect", {}).get("server_rss_per_device_kb"),
     }
