@@ -3,8 +3,11 @@
 Every device runs the real client of its transport (``bench.transports``: QUIC, Margo REST
 poll, HTTP/2 push, MQTT) against the real servers; nothing on the network is mocked. A device
 connects, then loops: wait for the next desired state, verify it (signature over the exact
-bytes, tenant, device, every blob's digest), report it, post ``installed`` for every
-deployment it names. If the link breaks it reconnects with a jittered backoff, carrying what
+bytes, tenant, device, every blob's digest), keep what it now holds durably (as every device
+must before it says ``installed``: the QUIC and TCP clients run the agent's own verifier, whose
+trust state is written before the update is handed over; the others' held version is written
+here, with the same one-``fdatasync`` record file, in a worker thread as the agent does), report
+it, post ``installed`` for every deployment it names. If the link breaks it reconnects with a jittered backoff, carrying what
 it holds (version, ETag, blobs) into the new session.
 
 Protocol with the orchestrator (:mod:`bench.fleet`), JSON lines: one configuration line on
@@ -33,6 +36,7 @@ import anyio
 from bench.report_util import raise_nofile_limit
 from margo_stream.gcpolicy import gc_policy_running
 from margo_stream.identity.trust import load_signing_pub
+from margo_stream.slot_file import SlotFile
 
 CARRIED = ("_version", "_etag", "blobs")  # what a device keeps across reconnects
 FLUSH = 0.05
@@ -59,6 +63,7 @@ class Device:
         "errors",
         "posted",
         "post_failures",
+        "held",
     )
 
     def __init__(self, index: int, identity: Path) -> None:
@@ -72,6 +77,7 @@ class Device:
         self.errors = 0
         self.posted = 0
         self.post_failures = 0
+        self.held: SlotFile | None = None  # what it holds, kept durably (not by QUIC/TCP)
 
 
 class Worker:
@@ -179,6 +185,11 @@ class Worker:
             if update.version <= dev.version:
                 continue
             dev.version = update.version
+            if update.verified is None:  # nothing of it kept yet: keep it, then report
+                record = json.dumps(
+                    {"version": update.version, "signature": update.signature.hex()}
+                )
+                await anyio.to_thread.run_sync(self._held(dev).write, record.encode())
             for entry in manifest.deployments:
                 await client.post_status(
                     entry.deployment_id,
@@ -187,6 +198,13 @@ class Worker:
                     [{"name": "probe", "state": "installed"}],
                 )
             self.got.append([dev.index, update.version, delivered, time.monotonic()])
+
+    def _held(self, dev: Device) -> SlotFile:
+        if dev.held is None:
+            folder = self.state_root / dev.name
+            folder.mkdir(parents=True, exist_ok=True)
+            dev.held = SlotFile(folder / "held")
+        return dev.held
 
     async def post_burst(self, dev: Device, count: int) -> None:
         """``count`` status reports back to back (each waits for its acknowledgement)."""
