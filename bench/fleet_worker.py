@@ -180,8 +180,9 @@ class Worker:
     async def serve(self, dev: Device, client: Any) -> None:
         while True:
             update = await client.next_desired()
-            delivered = update.held_at or time.monotonic()
             manifest = update.verify(self.pub, self.tenant, dev.name)
+            # held and verified: the figure's clock stops after the check, for every transport
+            delivered = update.held_at or time.monotonic()
             if update.version <= dev.version:
                 continue
             dev.version = update.version
