@@ -37,7 +37,8 @@ from margo_stream.transport.channel_connection import (
     is_link_loss,
 )
 from margo_stream.transport.mtls_hook import (
-    acknowledge_at_once,
+    ack_due_now,
+    hold_acks,
     peer_certificates,
     peer_reset_tokens,
     use_own_pacer,
@@ -73,6 +74,8 @@ class Connection(ChannelConnection):
         self.on_terminated: Callable[[Connection], None] | None = None
         self.on_cid_event: Callable[[Connection, qe.QuicEvent], None] | None = None
         self.route_ids: set[bytes] = set()  # connection IDs the endpoint routes to us
+        self._replying = False  # stream data written since the last transmit
+        self._data_in = False  # stream data among the events being drained
 
     # --- network side ---------------------------------------------------------------------------
     def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -92,7 +95,11 @@ class Connection(ChannelConnection):
                 self.on_terminated(self)
             return
         self.quic.receive_datagram(data, addr, now=now)
+        self._data_in = False
         self._drain_events()
+        if not self._data_in:
+            # nothing we would answer (a keepalive PING, ACKs): acknowledge in this turn
+            ack_due_now(self.quic)
         # Answer at the end of this loop turn, not per datagram: a peer's flight that spans
         # several datagrams gets one reply, and what our side sends in reaction to these
         # events (a hello right after the handshake, a HelloAck) rides in the same packets
@@ -116,6 +123,9 @@ class Connection(ChannelConnection):
             self._transmit_handle.cancel()  # this call does its work
             self._transmit_handle = None
         sendto = self._sendto
+        if self._replying:  # what we send carries the ACK we hold (mtls_hook: ack_due_now)
+            self._replying = False
+            ack_due_now(self.quic)
         for data, addr in self.quic.datagrams_to_send(now=self.loop.time()):
             sendto(data, addr)
         timer_at = self.quic.get_timer()
@@ -151,6 +161,7 @@ class Connection(ChannelConnection):
         if self.closed is not None:
             return
         if isinstance(event, qe.StreamDataReceived):
+            self._data_in = True
             self._protocol_events(self.core.receive(event.stream_id, event.data, event.end_stream))
         elif isinstance(event, qe.ConnectionIdIssued | qe.ConnectionIdRetired):
             if self.on_cid_event is not None:
@@ -159,7 +170,7 @@ class Connection(ChannelConnection):
             self._protocol_events(self.core.reset_received(event.stream_id, event.error_code))
         elif isinstance(event, qe.HandshakeCompleted):
             self.handshake_done = True
-            acknowledge_at_once(self.quic)  # from now on (mtls_hook: why not before)
+            hold_acks(self.quic)  # from now on (mtls_hook: why, and why not before)
             if self.on_handshake is not None:
                 self.on_handshake(self, event)
             self._handshake_completed()
@@ -173,9 +184,11 @@ class Connection(ChannelConnection):
         return stream_id
 
     def _carrier_send(self, stream_id: int, data: bytes, end: bool) -> None:
+        self._replying = True
         self.quic.send_stream_data(stream_id, data, end_stream=end)
 
     def _carrier_finish(self, stream_id: int) -> None:
+        self._replying = True
         try:
             self.quic.send_stream_data(stream_id, b"", end_stream=True)
         except (ValueError, AssertionError):

@@ -1,0 +1,139 @@
+"""ACKs ride with the reply (mtls_hook.hold_acks / ack_due_now, wired in ``Connection``): a
+message answered within the hold costs its sender one datagram back (the answer carrying the
+ACK), not two; one answered later gets its ACK alone once the hold is over; a packet that
+brought no stream data (a keepalive PING) is acknowledged in the loop turn that received it.
+
+Two real ``Connection`` objects (real certificates, the production configurations) on one
+event loop, their datagrams handed over in memory and counted."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aioquic.quic.connection import QuicConnection
+
+from margo_stream.protocol import messages as m
+from margo_stream.protocol.codes import Sender
+from margo_stream.transport.connection import Connection, MessageStream
+from margo_stream.transport.mtls_hook import ACK_HOLD, MutualTlsServerConnection
+from margo_stream.transport.quic_client import client_configuration
+from margo_stream.transport.quic_server import server_configuration
+from tests.harness import Pki
+
+AGENT_ADDR, CONTROLLER_ADDR = ("127.0.0.1", 1234), ("127.0.0.1", 4433)
+
+
+class Answering:
+    """The controller's handler: answers each status with its ack after ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.opened: list[MessageStream] = []
+
+    def stream_opened(self, stream: MessageStream, first: Any) -> None:
+        self.opened.append(stream)
+
+        def on_message(message: Any) -> None:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.delay, lambda: stream.send(m.StatusAck(seq=message.seq)))
+
+        stream.on_message = on_message
+
+    def stream_failed(self, stream: Any, event: Any) -> None:
+        pass
+
+    def connection_lost(self, exc: Any) -> None:
+        pass
+
+
+async def _pair(pki: Pki, handler: Answering) -> tuple[Connection, Connection, dict[str, list]]:
+    loop = asyncio.get_running_loop()
+    ident = pki.device("acme", "press-01")
+    client_conf = client_configuration(
+        str(ident / "cert.pem"),
+        str(ident / "key.pem"),
+        str(pki.dir / "controller/ca.pem"),
+        server_name="localhost",
+    )
+    server_conf = server_configuration(
+        str(pki.dir / "controller/cert.pem"), str(pki.dir / "controller/key.pem")
+    )
+    client = QuicConnection(configuration=client_conf)
+    server = MutualTlsServerConnection(
+        configuration=server_conf,
+        original_destination_connection_id=client._peer_cid.cid,  # test-only peek
+    )
+    sent: dict[str, list[float]] = {"agent": [], "controller": []}
+    conns: dict[str, Connection] = {}
+
+    def sender(who: str, peer: str, source: tuple[str, int]) -> Any:
+        def sendto(data: bytes, _addr: Any) -> None:
+            sent[who].append(loop.time())
+            loop.call_soon(lambda: conns[peer].datagram_received(data, source))
+
+        return sendto
+
+    conns["agent"] = Connection(
+        client, Sender.AGENT, sender("agent", "controller", AGENT_ADDR), loop
+    )
+    conns["controller"] = Connection(
+        server, Sender.CONTROLLER, sender("controller", "agent", CONTROLLER_ADDR), loop
+    )
+    conns["controller"].handler = handler
+    client.connect(CONTROLLER_ADDR, now=loop.time())
+    conns["agent"].transmit()
+    await asyncio.wait_for(conns["agent"].wait_handshake(), 5)
+    await asyncio.sleep(0.05)  # the handshake's last flights and their ACKs
+    return conns["agent"], conns["controller"], sent
+
+
+async def _status_exchange(pki: Pki, delay: float) -> list[float]:
+    """Times (after the status left) at which the controller sent datagrams, until quiet."""
+    agent, controller, sent = await _pair(pki, Answering(delay))
+    stream = agent.open_stream()
+    before = len(sent["controller"])
+    t0 = asyncio.get_running_loop().time()
+    stream.send(m.Status(seq=1, deployment_id="d1", manifest_version=1, state="installed"))
+    got = await asyncio.wait_for(stream.receive(), 5)
+    assert isinstance(got, m.StatusAck) and got.seq == 1
+    await asyncio.sleep(0.05)
+    times = [t - t0 for t in sent["controller"][before:]]
+    agent.close(0, "done")
+    controller.cancel_timer()
+    agent.cancel_timer()
+    return times
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_answer_within_the_hold_carries_the_ack(pki: Pki, anyio_backend: str) -> None:
+    times = await _status_exchange(pki, delay=0.001)
+    assert len(times) == 1, times  # the ack and the ACK in one datagram
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_late_answer_leaves_after_an_ack_of_its_own(pki: Pki, anyio_backend: str) -> None:
+    times = await _status_exchange(pki, delay=0.03)
+    assert len(times) == 2, times
+    assert times[0] >= ACK_HOLD * 0.9 and times[0] < 0.025  # the ACK, once the hold was over
+    assert times[1] >= 0.03  # then the answer
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_ping_is_acknowledged_in_the_turn_that_received_it(
+    pki: Pki, anyio_backend: str
+) -> None:
+    agent, controller, sent = await _pair(pki, Answering(0.0))
+    before = len(sent["controller"])
+    t0 = asyncio.get_running_loop().time()
+    agent.ping()
+    await asyncio.sleep(0.05)
+    times = [t - t0 for t in sent["controller"][before:]]
+    assert len(times) == 1 and times[0] < ACK_HOLD / 2, times
+    agent.close(0, "done")
+    controller.cancel_timer()
+    agent.cancel_timer()
