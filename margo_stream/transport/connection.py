@@ -47,6 +47,8 @@ from margo_stream.transport.stateless_reset import is_reset
 
 log = logging.getLogger("margo.transport")
 
+ACK_EVERY = 4  # packets with stream data after which an ACK is due at once (mtls_hook: why)
+
 
 class Connection(ChannelConnection):
     """Drives one ``QuicConnection``. ``sendto`` puts one datagram on the wire."""
@@ -76,6 +78,7 @@ class Connection(ChannelConnection):
         self.route_ids: set[bytes] = set()  # connection IDs the endpoint routes to us
         self._replying = False  # stream data written since the last transmit
         self._data_in = False  # stream data among the events being drained
+        self._held = 0  # packets with stream data received since our last transmit
 
     # --- network side ---------------------------------------------------------------------------
     def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -97,8 +100,11 @@ class Connection(ChannelConnection):
         self.quic.receive_datagram(data, addr, now=now)
         self._data_in = False
         self._drain_events()
-        if not self._data_in:
-            # nothing we would answer (a keepalive PING, ACKs): acknowledge in this turn
+        if self._data_in:
+            self._held += 1
+        if not self._data_in or self._held >= ACK_EVERY:
+            # nothing we would answer (a keepalive PING, ACKs), or a flow of data (a bulk
+            # transfer): acknowledge in this turn
             ack_due_now(self.quic)
         # Answer at the end of this loop turn, not per datagram: a peer's flight that spans
         # several datagrams gets one reply, and what our side sends in reaction to these
@@ -128,6 +134,7 @@ class Connection(ChannelConnection):
             ack_due_now(self.quic)
         for data, addr in self.quic.datagrams_to_send(now=self.loop.time()):
             sendto(data, addr)
+            self._held = 0
         timer_at = self.quic.get_timer()
         if timer_at != self._timer_at:
             if self._timer is not None:

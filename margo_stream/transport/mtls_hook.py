@@ -33,7 +33,10 @@ Certificate. So the controller:
    acknowledging at once there cost 15-25 % of the handshake rate with 10,000 devices) an ACK
    is held up to :data:`ACK_HOLD` (5 ms), and ``Connection`` makes it due at once when a
    packet brought no stream data (a keepalive PING: answered in the loop turn that received
-   it, without a timer) or when it sends stream data itself (the ACK rides with the reply).
+   it, without a timer), when it sends stream data itself (the ACK rides with the reply) or
+   once four packets with stream data wait (a bulk transfer must not be acknowledged only every
+   5 ms: RFC 9000 13.2.2 recommends an ACK every second packet and allows other strategies;
+   four leaves a two-datagram push answered by one datagram).
    A push and its result, a status and its acknowledgement each take one datagram less each
    way than when every packet was acknowledged at once.
 

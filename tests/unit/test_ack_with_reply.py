@@ -12,11 +12,12 @@ import asyncio
 from typing import Any
 
 import pytest
+from aioquic import tls
 from aioquic.quic.connection import QuicConnection
 
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import Sender
-from margo_stream.transport.connection import Connection, MessageStream
+from margo_stream.transport.connection import ACK_EVERY, Connection, MessageStream
 from margo_stream.transport.mtls_hook import ACK_HOLD, MutualTlsServerConnection
 from margo_stream.transport.quic_client import client_configuration
 from margo_stream.transport.quic_server import server_configuration
@@ -48,7 +49,10 @@ class Answering:
         pass
 
 
-async def _pair(pki: Pki, handler: Answering) -> tuple[Connection, Connection, dict[str, list]]:
+async def _pair(
+    pki: Pki, handler: Answering, spacing: float = 0.0
+) -> tuple[Connection, Connection, dict[str, list]]:
+    """``spacing``: seconds between the agent's datagrams on the way (0: handed over at once)."""
     loop = asyncio.get_running_loop()
     ident = pki.device("acme", "press-01")
     client_conf = client_configuration(
@@ -68,10 +72,17 @@ async def _pair(pki: Pki, handler: Answering) -> tuple[Connection, Connection, d
     sent: dict[str, list[float]] = {"agent": [], "controller": []}
     conns: dict[str, Connection] = {}
 
+    wire = [0.0]  # when the agent's link is free again
+
     def sender(who: str, peer: str, source: tuple[str, int]) -> Any:
         def sendto(data: bytes, _addr: Any) -> None:
-            sent[who].append(loop.time())
-            loop.call_soon(lambda: conns[peer].datagram_received(data, source))
+            now = loop.time()
+            sent[who].append(now)
+            if who == "agent" and spacing:
+                wire[0] = max(wire[0], now) + spacing
+                loop.call_at(wire[0], lambda: conns[peer].datagram_received(data, source))
+            else:
+                loop.call_soon(lambda: conns[peer].datagram_received(data, source))
 
         return sendto
 
@@ -134,6 +145,39 @@ async def test_a_ping_is_acknowledged_in_the_turn_that_received_it(
     await asyncio.sleep(0.05)
     times = [t - t0 for t in sent["controller"][before:]]
     assert len(times) == 1 and times[0] < ACK_HOLD / 2, times
+    agent.close(0, "done")
+    controller.cancel_timer()
+    agent.cancel_timer()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_flow_of_data_is_acknowledged_every_few_packets(
+    pki: Pki, anyio_backend: str
+) -> None:
+    """Nothing to answer (a bulk transfer's receiver): the ACKs may not wait for the hold, or
+    the sender's window would move once per 5 ms."""
+    agent, controller, sent = await _pair(pki, Answering(60.0), spacing=0.0005)
+    due_after: list[bool] = []  # per datagram the controller received: an ACK due at once?
+    receive = controller.datagram_received
+
+    def watched(data: bytes, addr: Any) -> None:
+        receive(data, addr)
+        ack_at = controller.quic._spaces[tls.Epoch.ONE_RTT].ack_at  # test-only peek
+        due_after.append(ack_at is not None and ack_at <= controller.loop.time())
+
+    controller.datagram_received = watched  # type: ignore[method-assign]
+    stream = agent.open_stream()
+    for seq in range(1, 401):  # nothing answers these in time
+        stream.send(
+            m.Status(seq=seq, deployment_id=f"d{seq:0>40}", manifest_version=1, state="installed")
+        )
+    await asyncio.sleep(0.1)
+    assert len(due_after) >= 30
+    # the first packets wait for a reply; the ACK_EVERY-th makes the ACK due without the timer
+    assert due_after[: ACK_EVERY - 1] == [False] * (ACK_EVERY - 1), due_after
+    assert due_after[ACK_EVERY - 1], due_after
+    assert sum(due_after) >= len(due_after) // (2 * ACK_EVERY), due_after
     agent.close(0, "done")
     controller.cancel_timer()
     agent.cancel_timer()
