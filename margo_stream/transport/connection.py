@@ -40,6 +40,7 @@ from margo_stream.transport.mtls_hook import (
     acknowledge_at_once,
     peer_certificates,
     peer_reset_tokens,
+    release_handshake_buffers,
 )
 from margo_stream.transport.stateless_reset import is_reset
 
@@ -158,6 +159,7 @@ class Connection(ChannelConnection):
         elif isinstance(event, qe.HandshakeCompleted):
             self.handshake_done = True
             acknowledge_at_once(self.quic)  # from now on (mtls_hook: why not before)
+            release_handshake_buffers(self.quic)  # a server's: 48 KiB it no longer needs
             if self.on_handshake is not None:
                 self.on_handshake(self, event)
             self._handshake_completed()
