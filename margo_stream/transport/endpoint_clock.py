@@ -20,6 +20,10 @@ only *reports* its deadline (``schedule``):
   spin; nothing fires before it is due otherwise, so no guarantee depends on this clock being
   coarser than a per-connection timer (loss recovery, idle timeouts, keepalive replies keep
   their timing to the loop's resolution);
+- before the loop timer is armed, the entries at the top of the heap are looked at: stale ones
+  are dropped and those whose deadline moved later pushed again at it, so the timer is armed
+  for a deadline some connection still wants (an idle endpoint, whose every deadline each
+  keepalive pushes out, wakes about once per idle-timeout period, not once per connection);
 - stale entries are dropped when the heap holds more than twice the live ones (plus a margin),
   so a connection that ended is let go within one such compaction, not kept until its old
   deadline.
@@ -41,6 +45,7 @@ log = logging.getLogger("margo.transport")
 
 GRANULARITY = 0.001  # seconds: the event loop's timer resolution
 COMPACT_MARGIN = 64  # stale entries tolerated beyond twice the live ones
+REVALIDATE = 512  # entries looked at, at most, before the loop timer is armed
 
 
 class Clocked(Protocol):
@@ -138,8 +143,35 @@ class EndpointClock:
             self._firing = False
             if len(self._heap) > 2 * self._live + COMPACT_MARGIN:
                 self._compact()
-            if self._heap:
-                self._arm(self._heap[0][0])
+            self._arm_next()
+
+    def _arm_next(self) -> None:
+        """Arm the loop timer at the first deadline a connection still wants: a stale entry at
+        the top of the heap is dropped and one whose deadline moved later is pushed again at it
+        first (at most ``REVALIDATE`` of them per call), so an idle endpoint does not wake
+        for deadlines that every keepalive pushed out; it wakes about once per idle-timeout
+        period, not once per connection."""
+        heap = self._heap
+        for _ in range(REVALIDATE):
+            if not heap:
+                return
+            at, seq, conn = heap[0]
+            if conn.clock_seq != seq:
+                heapq.heappop(heap)
+                continue
+            due = conn.timer_at
+            if due is None:
+                heapq.heappop(heap)
+                conn.clock_seq = conn.clock_at = None
+                self._live -= 1
+                continue
+            if due <= at:
+                break
+            seq = next(self._seq)
+            conn.clock_seq, conn.clock_at = seq, due
+            heapq.heapreplace(heap, (due, seq, conn))
+        if heap:
+            self._arm(heap[0][0])
 
     @property
     def pending(self) -> int:

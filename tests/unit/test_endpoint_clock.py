@@ -182,3 +182,22 @@ def test_a_failing_timer_does_not_stop_the_others(caplog: Any):
     loop.advance(101.0)
     assert good.fired == [101.0]
     assert "timer failed" in caplog.text
+
+
+def test_an_idle_endpoint_does_not_wake_for_deadlines_keepalives_pushed_out():
+    loop, clock = _clock()
+    conns = [FakeConn(clock, wants=160.0 + i * 0.01) for i in range(200)]
+    for conn in conns:
+        conn.transmit()
+    wakes = 0
+    for step in range(1, 601):  # ten minutes; every connection hears a packet every 20 s
+        now = 100.0 + step
+        for i, conn in enumerate(conns):
+            if (step + i) % 20 == 0:
+                conn.wants = now + 60.0
+                conn.transmit()
+        before = sum(1 for h in loop.timers if h.cancelled)
+        loop.advance(now)
+        wakes += sum(1 for h in loop.timers if h.cancelled) - before
+    assert all(c.fired == [] for c in conns)  # nobody's idle timeout came
+    assert wakes <= 600 / 40 + 5  # about one per idle-timeout period, not one per connection
