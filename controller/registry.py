@@ -31,6 +31,9 @@ class SessionView:
     extra: dict[str, Any] = field(default_factory=dict)
     generation: int = 0  # of the device's lease when this session was admitted
     transport: str | None = None  # the carrier of the session: "quic" or "tcp"
+    # the connection's last-packet time (loop clock) that ``last_seen`` was last taken from and
+    # handed to the store; None: not yet, or that write failed (the service's touch loop)
+    stored_received: float | None = field(default=None, repr=False)
 
 
 class SessionRegistry:
@@ -100,6 +103,28 @@ class SessionRegistry:
         if holder is None or holder.instance == self.instance_id:
             return None
         return holder.instance, await self.fleet.api_url(holder.instance)
+
+    def last_seen_changes(self, now_wall: float, now_loop: float) -> list[SessionView]:
+        """The sessions whose connection received something since their last-seen time was
+        last handed to the store, each ``last_seen`` set from its connection's last packet
+        (``now_loop``: the connections' clock, at ``now_wall``) and marked as handed over."""
+        changed = []
+        for view in self._sessions.values():
+            handle = view.handle
+            if handle is None:
+                continue
+            received = handle.conn.last_received
+            if received != view.stored_received:
+                view.stored_received = received
+                view.last_seen = now_wall - (now_loop - received)
+                changed.append(view)
+        return changed
+
+    def last_seen_unstored(self, views: Sequence[SessionView]) -> None:
+        """The store did not take these sessions' last-seen times: hand them over again next
+        time."""
+        for view in views:
+            view.stored_received = None
 
     def touch(self, view: SessionView, now: float | None = None) -> None:
         view.last_seen = time.time() if now is None else now

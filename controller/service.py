@@ -507,21 +507,23 @@ class Controller:
         await self._uvicorn.serve(sockets=[sock])
 
     async def _touch_loop(self) -> None:
-        """Fold the sessions' last-packet times into the registry and, in one batch, the store."""
+        """Fold the sessions' last-packet times into the registry and, in one batch, the store.
+
+        Only the sessions that received something since their time was last stored are in the
+        batch (with keepalives every 20 s and a batch every 5 s, about a quarter of them): the
+        others' stored time is already what it would be written as. A batch the store refused
+        is sent again with the next one."""
         while True:
             await anyio.sleep(self.config.touch_interval)
-            now_wall, now_loop = time.time(), anyio.current_time()
-            batch = []
-            for view in self.registry:
-                handle = view.handle
-                if handle is not None:
-                    view.last_seen = now_wall - (now_loop - handle.conn.last_received)
-                    batch.append((view.tenant, view.device_id, view.last_seen))
-            if batch:
+            views = self.registry.last_seen_changes(time.time(), anyio.current_time())
+            if views:
                 try:
-                    await self.store.touch_devices(batch)
+                    await self.store.touch_devices(
+                        [(v.tenant, v.device_id, v.last_seen) for v in views]
+                    )
                 except Exception:
                     log.exception("could not record last-seen times")
+                    self.registry.last_seen_unstored(views)
 
 
 def _url_host(host: str) -> str:

@@ -36,11 +36,13 @@ from margo_stream.transport.channel_connection import (
     StreamClosed,
     is_link_loss,
 )
+from margo_stream.transport.endpoint_clock import EndpointClock
 from margo_stream.transport.mtls_hook import (
     ack_due_now,
     hold_acks,
     peer_certificates,
     peer_reset_tokens,
+    release_handshake_buffers,
     use_own_pacer,
 )
 from margo_stream.transport.stateless_reset import is_reset
@@ -63,13 +65,20 @@ class Connection(ChannelConnection):
         loop: asyncio.AbstractEventLoop,
         *,
         max_frame: int = 1 << 20,
+        clock: EndpointClock | None = None,
     ) -> None:
         super().__init__(role, loop, max_frame=max_frame)
         use_own_pacer(quic)  # the rate controller's pacing (rate_cc: why)
         self.quic = quic
         self._sendto = sendto
+        # the endpoint's clock (the controller's server: one heap of deadlines and one flush
+        # per loop turn for all its connections), or None: a loop timer and handle of our own
+        self.clock = clock
+        self.clock_seq: int | None = None
+        self.clock_at: float | None = None
+        self.timer_at: float | None = None  # the deadline aioquic asked for last
+        self.transmit_queued = False
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
         self._transmit_handle: asyncio.Handle | None = None
         # endpoint hooks (server: identity check at handshake; both: drop state at the end)
         self.on_handshake: Callable[[Connection, qe.HandshakeCompleted], None] | None = None
@@ -125,6 +134,7 @@ class Connection(ChannelConnection):
             event = quic.next_event()
 
     def transmit(self) -> None:
+        self.transmit_queued = False  # this call does the clock's queued flush's work
         if self._transmit_handle is not None:
             self._transmit_handle.cancel()  # this call does its work
             self._transmit_handle = None
@@ -136,16 +146,20 @@ class Connection(ChannelConnection):
             sendto(data, addr)
             self._held = 0
         timer_at = self.quic.get_timer()
-        if timer_at != self._timer_at:
+        if self.clock is not None:
+            self.clock.schedule(self, timer_at)
+        elif timer_at != self.timer_at:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             if timer_at is not None:
                 self._timer = self.loop.call_at(timer_at, self._on_timer)
-            self._timer_at = timer_at
+            self.timer_at = timer_at
 
     def schedule_transmit(self) -> None:
-        if self._transmit_handle is None:
+        if self.clock is not None:
+            self.clock.queue_transmit(self)
+        elif self._transmit_handle is None:
             self._transmit_handle = self.loop.call_soon(self._scheduled_transmit)
 
     def _scheduled_transmit(self) -> None:
@@ -154,8 +168,12 @@ class Connection(ChannelConnection):
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._timer_at = None
-        self.quic.handle_timer(now=self.loop.time())
+        self.timer_at = None
+        self.fire_timer(self.loop.time())
+
+    def fire_timer(self, now: float) -> None:
+        """aioquic's timer is due (``now``: not before the deadline it asked for)."""
+        self.quic.handle_timer(now=now)
         self.process_events()
 
     # --- QUIC events ------------------------------------------------------------------------------
@@ -178,6 +196,7 @@ class Connection(ChannelConnection):
         elif isinstance(event, qe.HandshakeCompleted):
             self.handshake_done = True
             hold_acks(self.quic)  # from now on (mtls_hook: why, and why not before)
+            release_handshake_buffers(self.quic)  # a server's: 48 KiB it no longer needs
             if self.on_handshake is not None:
                 self.on_handshake(self, event)
             self._handshake_completed()
@@ -223,10 +242,12 @@ class Connection(ChannelConnection):
         return None if leaf is None else leaf.public_bytes(Encoding.DER)
 
     def cancel_timer(self) -> None:
+        if self.clock is not None:
+            self.clock.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-            self._timer_at = None
+        self.timer_at = None
 
 
 __all__ = [

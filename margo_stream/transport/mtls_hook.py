@@ -39,10 +39,17 @@ Certificate. So the controller:
    four leaves a two-datagram push answered by one datagram).
    A push and its result, a status and its acknowledgement each take one datagram less each
    way than when every packet was acknowledged at once.
-
 8. paces with the congestion controller's own pacer when it has one (``use_own_pacer``):
    aioquic builds its pacer inside the connection's recovery and feeds it the smoothed RTT,
    which misleads on mostly idle connections (``rate_cc``: why).
+9. lets go of what only the handshake needed (``release_handshake_buffers``), the largest part
+   of an idle connection's memory: aioquic gives every connection three 16 KiB TLS output
+   buffers (``_crypto_buffers``, one per epoch) for its whole life, though a server's TLS
+   context writes nothing once the handshake is over (it refuses any later handshake message
+   with unexpected_message); each is swapped for an empty buffer of no capacity, so a write
+   that should never happen raises instead of growing anything. And every connection builds
+   its own table of frame handlers with one ``frozenset`` of epochs per frame type, the same
+   sets on every connection: ``MutualTlsServerConnection`` shares them (``_share_epoch_sets``).
 
 ``check_aioquic()`` fails loudly, at controller start and in the test suite, if aioquic's
 internals change under us.
@@ -71,6 +78,8 @@ from margo_stream.transport.stateless_reset import ResetTokens
 TESTED_AIOQUIC = ("1.7.",)
 LIMIT_ATTRIBUTES = {"frame_type", "name", "sent", "used", "value"}
 HELLO_HANDLER_PARAMETERS = ["input_buf", "initial_buf", "handshake_buf"]
+HANDSHAKE_EPOCHS = (tls.Epoch.INITIAL, tls.Epoch.HANDSHAKE, tls.Epoch.ONE_RTT)
+FRAME_HANDLERS = "_QuicConnection__frame_handlers"  # name-mangled ``__frame_handlers``
 
 # server name from the ClientHello (None: none sent) -> the certificate to present, or None
 CertificateChooser = Callable[[str | None], ServerCertificate | None]
@@ -119,6 +128,7 @@ def check_aioquic() -> None:
             "the client-certificate hook cannot work"
         )
     _check_receive_credit_hook(client)
+    _check_handshake_buffers(QuicConnection(configuration=QuicConfiguration(is_client=True)))
     if not isinstance(getattr(client, "_ack_delay", None), float):
         raise UnsupportedAioquic(
             f"aioquic {aioquic_version}: QuicConnection has no float '_ack_delay'; "
@@ -166,6 +176,43 @@ def _check_receive_credit_hook(connection: QuicConnection) -> None:
         raise UnsupportedAioquic(
             f"aioquic {aioquic_version}: {problem}; the receive credit cannot be bounded "
             "by the delivered bytes"
+        )
+
+
+def _check_handshake_buffers(connection: QuicConnection) -> None:
+    """What ``release_handshake_buffers`` and ``_share_epoch_sets`` rely on (``connection``: a
+    new client connection, never used; nothing is sent): the TLS output
+    buffers are a dict of ``Buffer`` per epoch, a server context past its handshake refuses a
+    handshake message without writing to them, and the frame handlers are a dict of
+    (handler, frozenset of epochs)."""
+    problem = None
+    connection.connect(("127.0.0.1", 9), now=0.0)  # builds its TLS context and buffers
+    buffers = getattr(connection, "_crypto_buffers", None)
+    handlers = getattr(connection, FRAME_HANDLERS, None)
+    if not isinstance(buffers, dict) or set(buffers) != set(HANDSHAKE_EPOCHS):
+        problem = "_crypto_buffers is not a dict of the INITIAL, HANDSHAKE and ONE_RTT epochs"
+    elif not all(isinstance(b, Buffer) for b in buffers.values()):
+        problem = "_crypto_buffers does not hold Buffer objects"
+    elif not isinstance(handlers, dict) or not all(
+        isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], frozenset)
+        for v in handlers.values()
+    ):
+        problem = f"{FRAME_HANDLERS} is not a dict of (handler, frozenset of epochs)"
+    else:
+        context = tls.Context(is_client=False)
+        context.state = tls.State.SERVER_POST_HANDSHAKE
+        empty = {epoch: Buffer(capacity=0) for epoch in HANDSHAKE_EPOCHS}
+        finished = bytes([tls.HandshakeType.FINISHED, 0, 0, 0])
+        try:
+            context.handle_message(finished, empty)
+            problem = "a server past its handshake accepts a handshake message"
+        except tls.AlertUnexpectedMessage:
+            pass
+        except Exception as exc:  # noqa: BLE001 - any other outcome is a change to report
+            problem = f"a server past its handshake answers a handshake message with {exc!r}"
+    if problem is not None:
+        raise UnsupportedAioquic(
+            f"aioquic {aioquic_version}: {problem}; the handshake's buffers cannot be released"
         )
 
 
@@ -314,11 +361,38 @@ def use_own_pacer(connection: QuicConnection) -> None:
         loss._pacer = make()
 
 
+_NO_OUTPUT = Buffer(capacity=0)  # never written: a server past its handshake writes nothing
+_EPOCH_SETS: dict[frozenset[tls.Epoch], frozenset[tls.Epoch]] = {}
+
+
+def release_handshake_buffers(connection: QuicConnection) -> None:
+    """A server connection whose handshake is over: swap its three 16 KiB TLS output buffers
+    for one shared buffer of no capacity (point 8 of the module note). No-op on a client, or
+    on a server whose TLS context is not past its handshake."""
+    context = getattr(connection, "tls", None)
+    if context is None or context.state is not tls.State.SERVER_POST_HANDSHAKE:
+        return
+    buffers = connection._crypto_buffers
+    if any(buffers[epoch].tell() for epoch in HANDSHAKE_EPOCHS):
+        return  # unsent TLS output (never seen): leave it to aioquic
+    for epoch in HANDSHAKE_EPOCHS:
+        buffers[epoch] = _NO_OUTPUT
+
+
+def _share_epoch_sets(connection: QuicConnection) -> None:
+    """Point ``connection``'s frame-handler table at one shared frozenset per set of epochs
+    (equal and immutable, so nothing reads them differently)."""
+    handlers: dict[int, tuple[Any, frozenset[tls.Epoch]]] = getattr(connection, FRAME_HANDLERS)
+    for frame_type, (handler, epochs) in handlers.items():
+        handlers[frame_type] = (handler, _EPOCH_SETS.setdefault(epochs, epochs))
+
+
 class MutualTlsServerConnection(QuicConnection):
     """A server connection whose TLS context requests a client certificate, presents the
     certificate ``choose_certificate`` picks for the client's server name, whose connection
-    IDs carry reset tokens derived from them (``stateless_reset.py``) and whose receive credit
-    slides over the delivered bytes (``SlidingMaxData``)."""
+    IDs carry reset tokens derived from them (``stateless_reset.py``), whose receive credit
+    slides over the delivered bytes (``SlidingMaxData``) and whose frame-handler table shares
+    its epoch sets with every other connection's."""
 
     def __init__(
         self,
@@ -332,6 +406,7 @@ class MutualTlsServerConnection(QuicConnection):
         self._margo_reset_tokens = reset_tokens
         self._derive_reset_tokens()  # before the transport parameters carry the first one
         bound_receive_credit(self)
+        _share_epoch_sets(self)
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)

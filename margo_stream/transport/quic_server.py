@@ -46,6 +46,7 @@ from margo_stream.gcpolicy import connection_opened, connections_released
 from margo_stream.protocol.codes import ALPN, ErrorCode, Sender
 from margo_stream.transport.congestion import DEFAULT_CONGESTION_CONTROL
 from margo_stream.transport.connection import Connection
+from margo_stream.transport.endpoint_clock import EndpointClock
 from margo_stream.transport.half_open import Decision, HalfOpenPolicy, RetryMode
 from margo_stream.transport.mtls_hook import (
     CertificateChooser,
@@ -117,6 +118,8 @@ class QuicServer(asyncio.DatagramProtocol):
         self.max_connections = max_connections
         self.reset_tokens = reset_tokens
         self.loop = asyncio.get_running_loop()
+        self.clock = EndpointClock(self.loop)  # every connection's deadlines and transmits
+        self._cid_length = configuration.connection_id_length
         self.transport: asyncio.DatagramTransport | None = None
         self._by_cid: dict[bytes, Connection] = {}
         self._connections: set[Connection] = set()
@@ -152,6 +155,14 @@ class QuicServer(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        if data and not data[0] & 0x80:
+            # a short header (RFC 9000 17.3): the destination connection ID is the bytes after
+            # the first, of the length we issue; a known one goes straight to its connection
+            # (which parses the header itself), anything else takes the full path below
+            conn = self._by_cid.get(data[1 : 1 + self._cid_length])
+            if conn is not None:
+                conn.datagram_received(data, addr)
+                return
         try:
             header = pull_quic_header(
                 Buffer(data=data), host_cid_length=self.configuration.connection_id_length
@@ -315,7 +326,7 @@ class QuicServer(asyncio.DatagramProtocol):
             reset_tokens=self.reset_tokens,
             choose_certificate=self.choose_certificate,
         )
-        conn = Connection(quic, Sender.CONTROLLER, self._sendto, self.loop)
+        conn = Connection(quic, Sender.CONTROLLER, self._sendto, self.loop, clock=self.clock)
         conn.on_handshake = self._handshake_completed
         conn.on_terminated = self._forget
         conn.on_cid_event = self._cid_event
