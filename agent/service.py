@@ -316,7 +316,6 @@ class Agent:
                 self.transport = link.carrier
                 self._remember_carrier()
                 self.counters["connects"] += 1
-                self._write_status(connected=True)
                 log.info(
                     "connected to %s (%s) as %s/%s over %s",
                     target,
@@ -333,6 +332,7 @@ class Agent:
                         "via": link.where,
                     },
                 )
+                self._write_status(connected=True)  # after the log: who reads it finds both
                 if link.carrier is Carrier.TCP:
                     probing.start_soon(self._probe_quic, target, conn)
 

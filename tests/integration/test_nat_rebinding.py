@@ -41,6 +41,8 @@ def test_a_nat_rebinding_keeps_the_same_session(pki: Pki, tmp_path: Path) -> Non
     try:
         before = ctl.wait_connected(token, "press-01")
         wait_for(lambda: agent.status().get("transport") == "quic", what="status over QUIC")
+        # the telemetry socket is opened beside the connection, not before it
+        wait_for(lambda: (state / "telemetry.sock").exists(), what="the telemetry socket")
         client = TelemetryClient(state / "telemetry.sock")
         for n in range(20):
             client.emit("rebind", {"n": n, "phase": "before"})
