@@ -32,7 +32,10 @@ class PushWindow:
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        await self._slots.acquire()
+        try:  # a free slot is taken without a turn of the loop (a lone push starts at once)
+            self._slots.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._slots.acquire()
         released = False
 
         def release() -> None:
