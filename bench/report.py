@@ -216,12 +216,12 @@ def losses(data: Mapping[str, Any]) -> list[str]:
 
 
 PUSH_WHY = (
-    " Every push transport shares the controller's apply path (API, store, signing);"
-    " beyond it a QUIC push is packetised, encrypted and acknowledged by aioquic in Python"
-    " on the controller's one event loop, which also runs every connected QUIC device's"
-    " keepalives, ACKs and timers, while the TCP transports leave that to OpenSSL and the"
-    " kernel. With 4 devices quic and h2-push were equal; the gap grows with connected"
-    " devices. That is the likely cause; it was not profiled."
+    " Every push transport shares the controller's apply path (API, store, signing). Profiled"
+    " (bench/RESULTS.md, issue 20): the fan-out is bound by the simulated devices' one core,"
+    " and a QUIC device there runs the real agent's checks (the operator's signature over"
+    " every deployment, root metadata) and aioquic's packet work in Python, where the TCP"
+    " devices check one signature and leave TLS to OpenSSL; a lone push's round trip is the"
+    " API, a store hop per call, the device's durable trust-state write and the status hop."
 )
 RECONNECT_WHY = (
     " After kill -9 the new controller drops the devices' packets for connections it"
