@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from aioquic.quic.configuration import QuicConfiguration
 
 from margo_stream.identity.pki import init_pki, issue_device
+from margo_stream.transport.quic_client import client_configuration
+from margo_stream.transport.quic_server import server_configuration
 
 BIN = Path(sys.executable).parent
 
@@ -83,6 +86,22 @@ class Pki:
 
     def device(self, tenant: str, device_id: str) -> Path:
         return issue_device(self.dir, tenant, device_id)
+
+    def quic_configurations(self, **kw: Any) -> tuple[QuicConfiguration, QuicConfiguration]:
+        """The production client (device acme/press-01) and controller QUIC configurations;
+        ``kw`` (``max_datagram_size``...) given to both."""
+        ident = self.device("acme", "press-01")
+        client = client_configuration(
+            str(ident / "cert.pem"),
+            str(ident / "key.pem"),
+            str(self.dir / "controller/ca.pem"),
+            server_name="localhost",
+            **kw,
+        )
+        server = server_configuration(
+            str(self.dir / "controller/cert.pem"), str(self.dir / "controller/key.pem"), **kw
+        )
+        return client, server
 
     def token(self, tenant: str) -> str:
         return (self.dir / tenant / "operator.token").read_text().strip()

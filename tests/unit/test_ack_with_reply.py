@@ -19,8 +19,6 @@ from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import Sender
 from margo_stream.transport.connection import ACK_EVERY, Connection, MessageStream
 from margo_stream.transport.mtls_hook import ACK_HOLD, MutualTlsServerConnection
-from margo_stream.transport.quic_client import client_configuration
-from margo_stream.transport.quic_server import server_configuration
 from tests.harness import Pki
 
 AGENT_ADDR, CONTROLLER_ADDR = ("127.0.0.1", 1234), ("127.0.0.1", 4433)
@@ -54,16 +52,7 @@ async def _pair(
 ) -> tuple[Connection, Connection, dict[str, list]]:
     """``spacing``: seconds between the agent's datagrams on the way (0: handed over at once)."""
     loop = asyncio.get_running_loop()
-    ident = pki.device("acme", "press-01")
-    client_conf = client_configuration(
-        str(ident / "cert.pem"),
-        str(ident / "key.pem"),
-        str(pki.dir / "controller/ca.pem"),
-        server_name="localhost",
-    )
-    server_conf = server_configuration(
-        str(pki.dir / "controller/cert.pem"), str(pki.dir / "controller/key.pem")
-    )
+    client_conf, server_conf = pki.quic_configurations()
     client = QuicConnection(configuration=client_conf)
     server = MutualTlsServerConnection(
         configuration=server_conf,

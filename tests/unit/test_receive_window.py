@@ -27,8 +27,6 @@ from margo_stream.transport.mtls_hook import (
     bound_receive_credit,
     connection_undelivered_bytes,
 )
-from margo_stream.transport.quic_client import client_configuration
-from margo_stream.transport.quic_server import server_configuration
 from tests.harness import Pki
 
 MIB = 1 << 20
@@ -43,19 +41,7 @@ CLIENT_ADDR, SERVER_ADDR = ("127.0.0.1", 1234), ("127.0.0.1", 4433)
 
 
 def _configurations(pki: Pki, datagram: int) -> tuple[QuicConfiguration, QuicConfiguration]:
-    ident = pki.device("acme", "press-01")
-    client = client_configuration(
-        str(ident / "cert.pem"),
-        str(ident / "key.pem"),
-        str(pki.dir / "controller/ca.pem"),
-        server_name="localhost",
-        max_datagram_size=datagram,
-    )
-    server = server_configuration(
-        str(pki.dir / "controller/cert.pem"),
-        str(pki.dir / "controller/key.pem"),
-        max_datagram_size=datagram,
-    )
+    client, server = pki.quic_configurations(max_datagram_size=datagram)
     assert server.max_data == client.max_data == WINDOW
     return client, server
 
