@@ -50,6 +50,14 @@ from controller.store.base import resolve_now as _now
 from controller.store.sqlite_errors import store_error
 from controller.store.sqlite_events import StoreConnection
 from controller.store.sqlite_identities import SqliteIdentities
+from controller.store.sqlite_loop import (
+    BUSY,
+    Busy,
+    LoopConnection,
+    log_checkpoint_failure,
+    passive_checkpoint,
+    transaction,
+)
 from controller.store.sqlite_retention import SqliteRetention
 from controller.store.sqlite_rollouts import SqliteRollouts
 from controller.store.sqlite_schema import MIGRATIONS, TELEMETRY_MIGRATIONS, migrate
@@ -58,6 +66,9 @@ from controller.store.sqlite_telemetry import BoundTelemetryWriter
 from margo_stream.errors import NotFound, StoreError
 
 T = TypeVar("T")
+
+SMALL_KEYS = 16  # reads and writes of at most this many keys may run on the loop's thread
+SMALL_WRITE_BYTES = 64 * 1024  # and writes of at most this many bytes of blobs
 
 
 def telemetry_db_path(path: str) -> str:
@@ -95,6 +106,7 @@ class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention, SqliteRollo
             )
         self._executor: ThreadPoolExecutor | None = None
         self._conn: StoreConnection | None = None
+        self._here: LoopConnection | None = None  # small calls on the loop's thread
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None], str]] = set()
         self._waiters_lock = threading.Lock()
 
@@ -106,6 +118,11 @@ class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention, SqliteRollo
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="margo-store")
         try:
             await self._submit(self._connect)
+            if self._migrations is MIGRATIONS:
+                self._here = LoopConnection(
+                    self.path, wake=self._wake, checkpoint=self._ask_checkpoint
+                )
+                self._here.open()
             if self._bulk is not None:
                 await self._bulk.open()
         except BaseException:
@@ -117,6 +134,9 @@ class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention, SqliteRollo
         if self._executor is None:
             return
         try:
+            if self._here is not None:
+                self._here.close()
+                self._here = None
             if self._bulk is not None:
                 await self._bulk.close()
             await self._submit(self._disconnect)
@@ -181,18 +201,9 @@ class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention, SqliteRollo
         conn = self._conn
         if conn is None:
             raise StoreError(f"store {self.path} is closed")
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            result = fn(conn, *args)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.new_event_tenants.clear()
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        if conn.new_event_tenants:
-            tenants = set(conn.new_event_tenants)
-            conn.new_event_tenants.clear()
+        result = transaction(conn, "BEGIN IMMEDIATE" if write else "BEGIN", fn, *args)
+        tenants = conn.take_event_tenants()
+        if tenants:
             self._wake(tenants)
         return result
 
@@ -201,6 +212,23 @@ class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention, SqliteRollo
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         return await self._submit(self._in_tx, False, fn, *args)
+
+    async def _read_small(self, fn: Callable[..., T], *args: Any) -> T:
+        """A read bounded by an index and a few keys: on the loop's own connection when it
+        can take it now (no thread hop), on the worker thread otherwise."""
+        result = BUSY if self._here is None else self._here.read(fn, *args)
+        return await self._read(fn, *args) if isinstance(result, Busy) else result
+
+    async def _write_small(self, fn: Callable[..., T], *args: Any) -> T:
+        """A write of a few rows: on the loop's own connection when the write lock is free
+        (no thread hop, no fsync: see ``sqlite_loop``), on the worker thread otherwise."""
+        result = BUSY if self._here is None else self._here.write(fn, *args)
+        return await self._write(fn, *args) if isinstance(result, Busy) else result
+
+    def _ask_checkpoint(self) -> None:
+        if self._executor is not None:
+            done = self._executor.submit(self._guarded, lambda: passive_checkpoint(self._conn))
+            done.add_done_callback(log_checkpoint_failure)
 
     def _wake(self, tenants: set[str]) -> None:
         with self._waiters_lock:
@@ -251,7 +279,7 @@ class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention, SqliteRollo
         return await self._read(devices.list_devices, tenant)
 
     async def get_device(self, tenant: str, device_id: str) -> DeviceRecord:
-        return await self._read(devices.get_device, tenant, device_id)
+        return await self._read_small(devices.get_device, tenant, device_id)
 
     async def set_labels(self, tenant: str, device_id: str, labels: dict[str, str]) -> None:
         await self._write(devices.set_labels, tenant, device_id, dict(labels), time.time())
@@ -286,10 +314,11 @@ class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention, SqliteRollo
         return await self._read(desired.get_blob, tenant, digest)
 
     async def has_blob(self, tenant: str, digest: str) -> bool:
-        return await self._read(desired.has_blob, tenant, digest)
+        return await self._read_small(desired.has_blob, tenant, digest)
 
     async def missing_blobs(self, tenant: str, digests: Sequence[str]) -> list[str]:
-        return await self._read(desired.missing_blobs, tenant, list(digests))
+        read = self._read_small if len(digests) <= SMALL_KEYS else self._read
+        return await read(desired.missing_blobs, tenant, list(digests))
 
     async def put_deployment(
         self,
@@ -314,14 +343,21 @@ class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention, SqliteRollo
         devices: Sequence[str],
         now: float | None = None,
     ) -> list[DeploymentRecord]:
-        return await self._write(
+        small = (
+            len(devices) <= SMALL_KEYS
+            and len(deployments) <= SMALL_KEYS
+            and sum(len(b) for b in blobs) + sum(len(d.document) for d in deployments)
+            <= SMALL_WRITE_BYTES
+        )
+        write = self._write_small if small else self._write
+        return await write(
             desired.apply, tenant, list(blobs), list(deployments), list(devices), _now(now)
         )
 
     async def get_deployment(
         self, tenant: str, deployment_id: str, digest: str | None = None
     ) -> DeploymentRecord:
-        return await self._read(desired.get_deployment, tenant, deployment_id, digest)
+        return await self._read_small(desired.get_deployment, tenant, deployment_id, digest)
 
     async def list_deployments(self, tenant: str) -> list[DeploymentRecord]:
         return await self._read(desired.list_deployments, tenant)
@@ -344,7 +380,8 @@ class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention, SqliteRollo
     async def list_assignments(
         self, tenant: str, device_id: str | None = None
     ) -> list[AssignmentRecord]:
-        return await self._read(desired.list_assignments, tenant, device_id)
+        read = self._read if device_id is None else self._read_small
+        return await read(desired.list_assignments, tenant, device_id)
 
     async def put_manifest(
         self,
@@ -361,7 +398,7 @@ class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention, SqliteRollo
         )
 
     async def latest_manifest(self, tenant: str, device_id: str) -> ManifestRecord | None:
-        return await self._read(desired.latest_manifest, tenant, device_id)
+        return await self._read_small(desired.latest_manifest, tenant, device_id)
 
     async def put_manifests(
         self,
@@ -370,12 +407,14 @@ class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention, SqliteRollo
         *,
         now: float | None = None,
     ) -> None:
-        await self._write(desired.put_manifests, tenant, list(items), _now(now))
+        write = self._write_small if len(items) <= SMALL_KEYS else self._write
+        await write(desired.put_manifests, tenant, list(items), _now(now))
 
     async def latest_manifests(
         self, tenant: str, device_ids: Sequence[str]
     ) -> dict[str, ManifestRecord]:
-        return await self._read(desired.latest_manifests, tenant, list(device_ids))
+        read = self._read_small if len(device_ids) <= SMALL_KEYS else self._read
+        return await read(desired.latest_manifests, tenant, list(device_ids))
 
     # -- telemetry -----------------------------------------------------------------------
 

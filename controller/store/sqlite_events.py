@@ -22,6 +22,11 @@ class StoreConnection(sqlite3.Connection):
         super().__init__(*args, **kwargs)
         self.new_event_tenants: set[str] = set()
 
+    def take_event_tenants(self) -> set[str]:
+        """The tenants with new events in the last committed transaction (then forgotten)."""
+        tenants, self.new_event_tenants = self.new_event_tenants, set()
+        return tenants
+
 
 def dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)

@@ -190,6 +190,7 @@ def _put_batch(
 
 
 T = TypeVar("T")
+SMALL_STATUS_BATCH = 32  # batches of at most this many statuses may be written on the loop
 
 
 class SqliteStatuses:
@@ -202,10 +203,14 @@ class SqliteStatuses:
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         raise NotImplementedError
 
+    async def _write_small(self, fn: Callable[..., T], *args: Any) -> T:
+        raise NotImplementedError
+
     async def put_status_batch(
         self, items: Sequence[tuple[str, str, JsonDict, int]], *, now: float | None = None
     ) -> list[bool | StatusRefusal]:
-        results = await self._write(_put_batch, list(items), _now(now))
+        write = self._write_small if len(items) <= SMALL_STATUS_BATCH else self._write
+        results = await write(_put_batch, list(items), _now(now))
         for result in results:
             if isinstance(result, StatusRefusal):
                 log_refusal(result)

@@ -1,18 +1,25 @@
 """What only the SQLite store does, on real database files: WAL and one worker thread, its
-migrations, and its errors (corrupt file, missing directory, newer schema, disk full). The
-semantics both stores share are tested against both in test_store_contract.py."""
+migrations, and its errors (corrupt file, missing directory, newer schema, disk full); its
+small calls on the event loop's own connection (controller.store.sqlite_loop): they run there
+without a thread hop, never wait for the write lock (the worker thread takes the call
+instead), wake event waiters like the worker's writes, and leave checkpoints to the worker so
+the log stays bounded. The semantics both stores share are tested against both in
+test_store_contract.py."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
+import time
 
 import pytest
 
 from controller.store.base import Store
 from controller.store.claims import StatusRefused
 from controller.store.sqlite import SqliteStore
+from controller.store.sqlite_loop import BUSY, CHECKPOINT_EVERY
 from controller.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, migrate
 from margo_stream.errors import StoreError
 from margo_stream.state.digest import sha256_digest
@@ -34,6 +41,15 @@ async def store(tmp_path):
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture
+async def device(store: SqliteStore) -> SqliteStore:
+    """The store with one device, acme/d1."""
+    await store.device_connected(
+        "acme", "d1", capabilities={}, reported_labels=None, manifest_version=None, remote="x"
+    )
+    return store
 
 
 async def test_implements_the_interface_and_sets_pragmas(store: SqliteStore, tmp_path) -> None:
@@ -116,3 +132,104 @@ async def test_disk_full_is_a_store_error(store: SqliteStore) -> None:
         await store.put_blob("acme", b"x" * 1_000_000)
     assert "disk full" in str(err.value) and store.path in str(err.value)
     assert not await store.has_blob("acme", sha256_digest(b"x" * 1_000_000))
+
+
+# -- small calls on the loop's own connection ---------------------------------------------
+
+
+async def test_small_reads_and_writes_run_on_the_loops_thread(device: SqliteStore) -> None:
+    threads: set[str] = set()
+
+    def probe(conn: sqlite3.Connection) -> int:
+        threads.add(threading.current_thread().name)
+        return int(conn.execute("SELECT count(*) FROM devices").fetchone()[0])
+
+    assert await device._read_small(probe) == 1
+    assert await device._write_small(probe) == 1
+    assert threads == {threading.current_thread().name}
+    assert device._here is not None
+    before = device._here.writes
+    await device.put_manifests("acme", [("d1", 1, manifest("web"), b"sig")])
+    assert await device.put_status_batch([("acme", "d1", status("web", 1), 1)]) == [True]
+    assert device._here.writes == before + 2  # both written on the loop's connection
+    assert (await device.latest_manifests("acme", ["d1"]))["d1"].version == 1
+    assert (await device.get_device("acme", "d1")).device_id == "d1"
+
+
+async def test_a_held_write_lock_sends_the_write_to_the_worker_without_blocking_the_loop(
+    device: SqliteStore,
+) -> None:
+    """Another connection holds the write lock for 0.3 s: the loop's connection answers BUSY
+    at once, the store's call waits on the worker thread, and the loop keeps turning."""
+    other = sqlite3.connect(device.path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    assert device._here is not None
+    started = time.monotonic()
+    assert device._here.write(lambda conn: conn.execute("SELECT 1")) is BUSY
+    assert time.monotonic() - started < 0.05
+
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    threading.Timer(0.3, lambda: (other.execute("COMMIT"), other.close())).start()
+    try:
+        await device.put_manifests("acme", [("d1", 1, manifest("web"), b"sig")])
+    finally:
+        ticker.cancel()
+    assert time.monotonic() - started >= 0.25
+    assert ticks >= 10  # the loop was free while the write waited for the lock
+    assert (await device.latest_manifest("acme", "d1")) is not None
+
+
+async def test_calls_from_another_thread_go_to_the_worker(device: SqliteStore) -> None:
+    assert device._here is not None
+    seen: list[object] = []
+    worker = threading.Thread(target=lambda: seen.append(device._here.read(lambda c: 1)))  # type: ignore[union-attr]
+    worker.start()
+    worker.join()
+    assert seen == [BUSY]
+
+
+async def test_a_failed_write_on_the_loop_leaves_nothing(device: SqliteStore) -> None:
+    def half(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE devices SET labels = '{\"a\": \"b\"}' WHERE device_id = 'd1'")
+        raise LookupError("stop")
+
+    with pytest.raises(LookupError):
+        await device._write_small(half)
+    assert (await device.get_device("acme", "d1")).labels == {}
+
+
+async def test_events_of_a_loop_write_wake_waiters(device: SqliteStore) -> None:
+    after = await device.latest_event_id("acme")
+    waiter = asyncio.create_task(device.wait_events("acme", after, timeout=5.0))
+    await asyncio.sleep(0.05)
+    await device.put_manifests("acme", [("d1", 1, manifest("web"), b"sig")])
+    started = time.monotonic()
+    assert await device.put_status_batch([("acme", "d1", status("web", 1), 1)]) == [True]
+    await asyncio.wait_for(waiter, 2.0)
+    assert time.monotonic() - started < 1.0
+    assert await device.latest_event_id("acme") > after
+
+
+async def test_the_worker_checkpoints_for_the_loops_writes(device: SqliteStore) -> None:
+    """The loop's connection never checkpoints; every CHECKPOINT_EVERY of its writes the
+    worker does, so the log is reused instead of growing with every write."""
+    wal = device.path + "-wal"
+    writes = CHECKPOINT_EVERY * 5
+    per_write = 0.0
+    for version in range(1, writes + 1):
+        await device.put_manifests("acme", [("d1", version, manifest("web"), b"s" * 2000)])
+        if version == 50:
+            per_write = os.path.getsize(wal) / 50  # no checkpoint yet: the log's growth a write
+        if version % CHECKPOINT_EVERY == 0:
+            await device._read(lambda conn: None)  # the worker has run the checkpoint
+    size = os.path.getsize(wal)  # its high-water mark: a checkpointed log is written over
+    assert per_write > 0
+    assert size < per_write * CHECKPOINT_EVERY * 1.5, f"log of {size} bytes after {writes} writes"
