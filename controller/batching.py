@@ -70,7 +70,8 @@ class WriteBatcher(Generic[T, R]):
                     s.error = RuntimeError("the store writer was cancelled")
                     s.done.set()
                 self._pending = []
-        await slot.done.wait()
+        if not slot.done.is_set():  # written above: no turn of the loop to learn it
+            await slot.done.wait()
         if slot.error is not None:
             raise slot.error
         return slot.result
