@@ -128,12 +128,23 @@ async def test_a_ping_is_acknowledged_in_the_turn_that_received_it(
     pki: Pki, anyio_backend: str
 ) -> None:
     agent, controller, sent = await _pair(pki, Answering(0.0))
+    loop = asyncio.get_running_loop()
+    received: list[float] = []
+    deliver = controller.datagram_received
+
+    def receive(data: bytes, addr: Any) -> None:
+        received.append(loop.time())
+        deliver(data, addr)
+
+    controller.datagram_received = receive  # type: ignore[method-assign]
     before = len(sent["controller"])
-    t0 = asyncio.get_running_loop().time()
     agent.ping()
     await asyncio.sleep(0.05)
-    times = [t - t0 for t in sent["controller"][before:]]
-    assert len(times) == 1 and times[0] < ACK_HOLD / 2, times
+    assert len(received) == 1
+    times = [t - received[0] for t in sent["controller"][before:]]
+    # a held ACK would leave ACK_HOLD after the receipt; one sent in the same turn leaves at
+    # once (the margin is for a busy machine preempting the process)
+    assert len(times) == 1 and times[0] < ACK_HOLD * 0.8, times
     agent.close(0, "done")
     controller.cancel_timer()
     agent.cancel_timer()
