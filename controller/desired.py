@@ -508,6 +508,9 @@ class DesiredState:
                     stream.send(chunk)
                 sent += len(data)
             stream.end()
+            # out now: the rest of this loop turn may be long (the apply's HTTP answer, other
+            # pushes being built), and nothing more of this connection joins it
+            session.conn.transmit()
             self.counters["pushes"] += 1
             self.counters["bytes"] += sent
             self.counters["blobs_sent"] += len(needed)

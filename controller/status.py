@@ -73,6 +73,7 @@ class StatusIngest:
             self.store_timer(time.monotonic() - started)
         if session.conn.closed is None and not stream.ended:
             stream.send(ack(session, s.seq, result))
+            session.conn.transmit()  # now, not after whatever else this turn runs
 
 
 def ack(session: DeviceLink, seq: int, result: bool | StatusRefusal | None) -> m.StatusAck:

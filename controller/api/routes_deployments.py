@@ -48,6 +48,7 @@ from margo_stream.state.digest import sha256_digest
 from margo_stream.state.documents import Deployment, parse_deployment
 from margo_stream.state.status import status_from_margo, status_to_margo
 
+FEW_TARGETS = 16  # an apply to at most this many devices answers after its pushes left
 log = logging.getLogger("margo.controller.api")
 
 
@@ -147,6 +148,8 @@ async def apply_deployments(request: Request) -> JSONResponse:
     ]
     stored = [data for data, _ in docs] + decoded
     notified = await _notify(ctx, tenant, targets, stored)
+    if notified and len(targets) <= FEW_TARGETS:
+        await anyio.lowlevel.checkpoint()  # the few pushes just scheduled leave before the answer
     skipped = _skipped(targets, [d for _, d in docs], await _devices(ctx, tenant, docs))
     notes = [{"deploymentId": d.deployment_id, "note": n} for _, d in docs for n in d.notes]
     return JSONResponse(

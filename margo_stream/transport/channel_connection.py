@@ -222,6 +222,10 @@ class ChannelConnection:
         """Send what is queued at the end of this loop turn (one flush per turn)."""
         raise NotImplementedError
 
+    def transmit(self) -> None:
+        """Send what is queued now (a turn's flush finds nothing left of this connection)."""
+        raise NotImplementedError
+
     def peer_certificate_der(self) -> bytes | None:
         """The peer's leaf certificate (DER), once the handshake completed."""
         raise NotImplementedError
