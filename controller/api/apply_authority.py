@@ -18,8 +18,14 @@ from typing import Any
 
 from controller.problems import Problem
 from margo_stream.errors import MargoError
-from margo_stream.identity.authored import verify_deployment
-from margo_stream.identity.authority import Role, RootMetadata, read_root, verify_operator
+from margo_stream.identity.authored import verify_signed_by
+from margo_stream.identity.authority import (
+    Operator,
+    Role,
+    RootMetadata,
+    read_root,
+    verify_operator,
+)
 from margo_stream.identity.envelope import canonical
 from margo_stream.state.digest import sha256_digest
 from margo_stream.state.documents import Deployment
@@ -40,7 +46,11 @@ class OperatorClaim:
     certificate: dict[str, Any]
     signatures: Mapping[str, Any]
     root: RootMetadata  # the tenant's newest
-    operator: str
+    verified: Operator  # what the certificate says, checked against ``root`` (a deployer)
+
+    @property
+    def operator(self) -> str:
+        return self.verified.name
 
 
 @functools.lru_cache(maxsize=64)
@@ -72,7 +82,7 @@ def check_operator(
         raise Problem(
             422, f"operator certificate refused: {exc}", kind="invalid-signature"
         ) from None
-    return OperatorClaim(cert, sigs, root, operator.name)
+    return OperatorClaim(cert, sigs, root, operator)
 
 
 def check_signatures(
@@ -88,10 +98,11 @@ def check_signatures(
         if not isinstance(sig, dict):
             raise Problem(422, f"{what} is not signed", kind="unsigned-document")
         try:
-            verify_deployment(
+            # the certificate was checked once for the request (check_operator)
+            verify_signed_by(
                 sig,
-                claim.certificate,
-                claim.root,
+                claim.verified,
+                claim.root.tenant,
                 deployment_id=dep.deployment_id,
                 digest=digest,
                 now=now,

@@ -39,7 +39,7 @@ from controller.rollouts.spec import (
 from controller.store.base import DeploymentDraft
 from controller.store.rollouts import RolloutConflict, RolloutExists, RolloutRecord
 from margo_stream.errors import DocumentError, MargoError, NotFound
-from margo_stream.identity.authored import verify_deployment
+from margo_stream.identity.authored import verify_signed_by
 from margo_stream.identity.envelope import canonical
 from margo_stream.state.digest import sha256_digest
 
@@ -134,9 +134,9 @@ def _rollback_signatures(
         if digest == new:
             continue
         try:
-            verify_deployment(
-                sig, claim.certificate, claim.root, deployment_id=deployment_id, digest=digest,
-                now=now,
+            verify_signed_by(
+                sig, claim.verified, claim.root.tenant, deployment_id=deployment_id,
+                digest=digest, now=now,
             )  # fmt: skip
         except MargoError as exc:
             raise Problem(
