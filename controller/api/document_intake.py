@@ -33,7 +33,7 @@ from margo_stream.errors import DocumentError
 from margo_stream.state.digest import sha256_digest
 from margo_stream.state.documents import Deployment, parse_deployment
 from margo_stream.state.yaml_guard import YamlLimitError, YamlLimits
-from margo_stream.state.yaml_split import split_documents
+from margo_stream.state.yaml_split import split_with_events
 
 log = logging.getLogger("margo.controller.api")
 
@@ -64,8 +64,10 @@ def read_documents(
     try:
         for i, text in enumerate(texts):
             source = f"documents[{i}]"
-            for data in split_documents(text, source, limits):
-                docs.append((data, parse_deployment(data, source=source, limits=limits)))
+            chunks, events = split_with_events(text, source, limits)
+            for data in chunks:  # a small single document is not parsed twice
+                dep = parse_deployment(data, source=source, limits=limits, events=events)
+                docs.append((data, dep))
                 if len(docs) > MAX_DOCUMENTS:
                     raise Problem(
                         400, f"at most {MAX_DOCUMENTS} documents per request", kind="invalid-body"

@@ -47,6 +47,7 @@ import datetime as _dt
 import enum
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -514,12 +515,17 @@ def parse_deployments(
 
 
 def parse_deployment(
-    data: bytes, *, source: str = "<input>", limits: YamlLimits = DEFAULT_LIMITS
+    data: bytes,
+    *,
+    source: str = "<input>",
+    limits: YamlLimits = DEFAULT_LIMITS,
+    events: Sequence[Any] | None = None,
 ) -> Deployment:
     """The single ApplicationDeployment in ``data``; raises ``DocumentError`` on any problem
     (``YamlLimitError`` when the YAML passes a limit of ``limits``). The controller and the
-    agent both run exactly this, so what one accepts the other does."""
-    docs = load_yaml(data, source, limits)
+    agent both run exactly this, so what one accepts the other does. ``events``: see
+    ``yaml_nodes.load_yaml``."""
+    docs = load_yaml(data, source, limits, events=events)
     if not docs:
         raise DocumentError(f"{source}: no YAML document found")
     if len(docs) > 1:

@@ -23,7 +23,7 @@ depth bounded, its recursion is too.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -157,8 +157,17 @@ def guarded_events(
 class GuardedLoader(Composer, SafeConstructor, Resolver):
     """PyYAML's composer, safe constructor and resolver over :func:`guarded_events`."""
 
-    def __init__(self, text: str, source: str, limits: YamlLimits = DEFAULT_LIMITS) -> None:
-        self._events = guarded_events(text, source, limits)
+    def __init__(
+        self,
+        text: str,
+        source: str,
+        limits: YamlLimits = DEFAULT_LIMITS,
+        events: Iterable[Any] | None = None,
+    ) -> None:
+        """``events``: the text's events, read through :func:`guarded_events` already."""
+        self._events: Iterator[Any] = (
+            guarded_events(text, source, limits) if events is None else iter(events)
+        )
         self._current: Any = None
         Composer.__init__(self)
         SafeConstructor.__init__(self)
@@ -181,7 +190,9 @@ class GuardedLoader(Composer, SafeConstructor, Resolver):
         return event
 
     def dispose(self) -> None:
-        self._events.close()
+        close = getattr(self._events, "close", None)
+        if close is not None:
+            close()
 
 
 __all__ = [

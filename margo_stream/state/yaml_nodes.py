@@ -151,13 +151,18 @@ def check_nodes(root: yaml.Node, source: str, max_nodes: int = MAX_NODES) -> Non
 
 
 def load_yaml(
-    data: bytes, source: str, limits: YamlLimits = DEFAULT_LIMITS
+    data: bytes,
+    source: str,
+    limits: YamlLimits = DEFAULT_LIMITS,
+    *,
+    events: Sequence[Any] | None = None,
 ) -> list[tuple[yaml.Node, Any]]:
     """Every document of ``data`` as (node tree, constructed value); empty documents skipped.
 
     The size is checked before parsing; depth, nodes and the deadline while the events are
     read (``yaml_guard``); alias expansion, duplicate keys and recursive aliases on the node
-    tree (:func:`check_nodes`), before anything is constructed."""
+    tree (:func:`check_nodes`), before anything is constructed. ``events``: those of
+    ``data``'s text, read and checked already (``yaml_split.split_with_events``)."""
     if len(data) > limits.max_document_bytes:
         raise YamlLimitError(
             f"{source}: document is {len(data)} bytes, more than "
@@ -168,7 +173,7 @@ def load_yaml(
     except UnicodeDecodeError as exc:
         raise DocumentError(f"{source}: not UTF-8 (byte {exc.start}): {exc.reason}") from None
     docs: list[tuple[yaml.Node, Any]] = []
-    loader = GuardedLoader(text, source, limits)
+    loader = GuardedLoader(text, source, limits, events)
     try:
         while loader.check_node():
             node = loader.get_node()

@@ -25,7 +25,7 @@ from margo_stream.state.yaml_guard import (
     uses_libyaml,
 )
 from margo_stream.state.yaml_nodes import load_yaml
-from margo_stream.state.yaml_split import split_documents
+from margo_stream.state.yaml_split import REPLAY_CHARS, split_documents, split_with_events
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "documents"
 
@@ -189,3 +189,26 @@ def test_the_request_reader_runs_out_of_time_with_a_clear_error() -> None:
 def test_parse_deployment_keeps_the_limits() -> None:
     with pytest.raises(YamlLimitError):
         parse_deployment(NESTED_BLOCK.encode())
+
+
+def test_a_small_single_document_is_composed_from_the_events_of_its_cut() -> None:
+    """The API parses a one-document apply once: the events read to cut the text are
+    composed again by the loader; what comes out, and every error, is what a parse of the
+    bytes gives."""
+    text = (Path(__file__).resolve().parents[2] / "examples" / "process-heartbeat.yaml").read_text()
+    chunks, events = split_with_events(text, "doc")
+    assert chunks == [text.encode()] and events is not None
+    assert parse_deployment(chunks[0], events=events) == parse_deployment(chunks[0])
+    assert read_documents([text]) == [(chunks[0], parse_deployment(chunks[0]))]
+    for bad in ("a: 1\na: 2\n", BOMB.replace("&e", "&e2") + "f: [*e, *e]\n", "kind: [1, 2]\n"):
+        _, events = split_with_events(bad, "bad")
+        with pytest.raises(DocumentError) as replayed:
+            parse_deployment(bad.encode(), source="bad", events=events)
+        with pytest.raises(DocumentError) as parsed:
+            parse_deployment(bad.encode(), source="bad")
+        assert str(replayed.value) == str(parsed.value) and type(replayed.value) is type(
+            parsed.value
+        )
+    # several documents, or one past the size kept, are parsed from their bytes
+    assert split_with_events("a: 1\n---\nb: 2\n", "m")[1] is None
+    assert split_with_events("a: " + "x" * (REPLAY_CHARS + 1) + "\n", "l")[1] is None
