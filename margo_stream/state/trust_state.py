@@ -62,7 +62,7 @@ class TrustState:
                     },
                 },
                 sort_keys=True,
-                indent=1,
+                separators=(",", ":"),  # compact: the C encoder (indent= takes the Python one)
             ).encode()
             + b"\n"
         )
