@@ -27,6 +27,7 @@ from agent.runtime.defaults import default_runtimes
 from agent.runtime.workdirs import secure_state_dir
 from agent.status import StatusReporter
 from agent.users import workload_user
+from margo_stream.durable_io import run_durable
 from margo_stream.errors import (
     ConfigError,
     DocumentError,
@@ -243,9 +244,7 @@ class DesiredFeature:
 
         async def persist() -> None:
             try:
-                await anyio.to_thread.run_sync(
-                    self.store.install, needed, push.manifest, push.signature
-                )
+                await run_durable(self.store.install, needed, push.manifest, push.signature)
             except (DesiredStoreError, OSError) as exc:
                 stored.append(exc)
 
@@ -265,7 +264,7 @@ class DesiredFeature:
             return m.DesiredResult(
                 version=version, ok=False, code=Refusal.STORE_FAILED, reason=str(stored[0])
             )
-        await anyio.to_thread.run_sync(self._commit, verdict)
+        await run_durable(self._commit, verdict)
         log.info(
             "applied manifest version %d (%d deployments)",
             version,

@@ -40,6 +40,7 @@ from agent.desired import DesiredFeature
 from agent.session import AgentSession
 from bench.simfleet import SimAgent, SimConfig
 from bench.transports.base import DesiredUpdate, StatusState, TransportCounters
+from margo_stream.durable_io import run_durable
 from margo_stream.errors import TrustError
 from margo_stream.identity.trust import load_device_credentials, load_signing_pub
 from margo_stream.protocol import messages as m
@@ -246,7 +247,7 @@ class QuicClient:
         # the controller (the result) and the device's status reporter (the update), which
         # then leave in the same packet
         held_at = time.monotonic()
-        await anyio.to_thread.run_sync(self.verifier.accept, verdict)
+        await run_durable(self.verifier.accept, verdict)  # as the agent's DesiredFeature
         self._updates_in.send_nowait(
             DesiredUpdate(
                 verdict.version,
