@@ -24,6 +24,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+WriteNow = Callable[[Sequence[T]], Sequence[R] | None]
+
+
 class _Slot(Generic[R]):
     __slots__ = ("done", "result", "error")
 
@@ -39,11 +42,26 @@ class WriteBatcher(Generic[T, R]):
         write: Callable[[Sequence[T]], Awaitable[Sequence[R] | None]],
         *,
         max_items: int = 1000,
+        write_now: WriteNow[T, R] | None = None,
     ) -> None:
+        """``write_now``: the same write done before it returns, or ``None`` when it cannot
+        be without waiting (then nothing was written); see :meth:`try_now`."""
         self._write = write
+        self._write_now = write_now
         self._max = max_items
         self._pending: list[tuple[T, _Slot[R]]] = []
         self._writing = False
+
+    def try_now(self, item: T) -> tuple[bool, R | None]:
+        """``(True, result)`` when ``item`` was written before this returned: nothing of this
+        batcher was in flight or waiting (order kept) and ``write_now`` could take it;
+        ``(False, None)`` otherwise, nothing written: :meth:`submit` it."""
+        if self._writing or self._pending or self._write_now is None:
+            return False, None
+        results = self._write_now([item])
+        if results is None:
+            return False, None
+        return True, results[0]
 
     async def submit(self, item: T) -> R | None:
         """Write ``item`` (with whatever else is waiting) and return its result."""
@@ -89,17 +107,26 @@ class PartitionedBatcher(Generic[T, R]):
         partitions: int,
         key: Callable[[T], str],
         max_items: int = 1000,
+        write_now: WriteNow[T, R] | None = None,
     ) -> None:
         if partitions < 1:
             raise ValueError(f"a batcher needs at least 1 partition, not {partitions}")
         self._key = key
-        self._batchers = [WriteBatcher(write, max_items=max_items) for _ in range(partitions)]
+        self._batchers = [
+            WriteBatcher(write, max_items=max_items, write_now=write_now) for _ in range(partitions)
+        ]
 
     @property
     def partitions(self) -> int:
         return len(self._batchers)
 
+    def _batcher(self, item: T) -> WriteBatcher[T, R]:
+        return self._batchers[zlib.crc32(self._key(item).encode()) % len(self._batchers)]
+
     async def submit(self, item: T) -> R | None:
         """``WriteBatcher.submit`` on the batcher of ``item``'s key."""
-        k = zlib.crc32(self._key(item).encode()) % len(self._batchers)
-        return await self._batchers[k].submit(item)
+        return await self._batcher(item).submit(item)
+
+    def try_now(self, item: T) -> tuple[bool, R | None]:
+        """``WriteBatcher.try_now`` on the batcher of ``item``'s key."""
+        return self._batcher(item).try_now(item)

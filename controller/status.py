@@ -11,8 +11,8 @@ strictly and would reset the stream on them: they get the plain ack."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 from controller.batching import PartitionedBatcher
 from controller.ports import DeviceLink, TaskSpawner
@@ -37,13 +37,27 @@ def _device_key(item: StatusItem) -> str:
     return f"{item[0]}\0{item[1]}"
 
 
+@runtime_checkable
+class ImmediateStatusWrites(Protocol):
+    """A store that can often write a few statuses before returning (SQLite on the loop's own
+    connection): a status then gets its ack in the loop turn that brought it."""
+
+    def put_status_batch_now(
+        self, items: Sequence[StatusItem], *, now: float | None = None
+    ) -> list[bool | StatusRefusal] | None:
+        """The statuses written before this returned, or ``None`` (nothing written)."""
+        ...
+
+
 def status_writer(store: Store, writers: int | None = None) -> StatusWriter:
     """The controller's status write path: ``writers`` batchers (default: the store's
     ``write_concurrency``) over ``store.put_status_batch``, devices hashed over them."""
+    now = store.put_status_batch_now if isinstance(store, ImmediateStatusWrites) else None
     return PartitionedBatcher(
         store.put_status_batch,
         partitions=store.write_concurrency if writers is None else writers,
         key=_device_key,
+        write_now=now,
     )
 
 
@@ -61,14 +75,37 @@ class StatusIngest:
         def on_message(message: Any) -> None:
             if isinstance(message, m.Status):
                 self.received += 1
-                self.tasks.spawn(self._store_and_ack, session, stream, message)
+                if not self._store_now(session, stream, message):
+                    self.tasks.spawn(self._store_and_ack, session, stream, message)
 
         stream.on_message = on_message
+
+    def _store_now(self, session: DeviceLink, stream: MessageStream, s: m.Status) -> bool:
+        """Stored and acked before returning (the store could take it at once), or False:
+        nothing done, the asynchronous path takes it (and logs what failed)."""
+        started = time.monotonic()
+        try:
+            item = (session.tenant, session.device_id, margo_status(session.device_id, s), s.seq)
+            done, result = self._writes.try_now(item)
+        except Exception:  # noqa: BLE001 - the task below tries again, and logs it
+            return False
+        if done:
+            self._stored(session, stream, s, result, started)
+        return done
 
     async def _store_and_ack(self, session: DeviceLink, stream: MessageStream, s: m.Status) -> None:
         item = (session.tenant, session.device_id, margo_status(session.device_id, s), s.seq)
         started = time.monotonic()
-        result = await self._writes.submit(item)
+        self._stored(session, stream, s, await self._writes.submit(item), started)
+
+    def _stored(
+        self,
+        session: DeviceLink,
+        stream: MessageStream,
+        s: m.Status,
+        result: bool | StatusRefusal | None,
+        started: float,
+    ) -> None:
         if self.store_timer is not None:
             self.store_timer(time.monotonic() - started)
         if session.conn.closed is None and not stream.ended:

@@ -225,6 +225,11 @@ class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention, SqliteRollo
         result = BUSY if self._here is None else self._here.write(fn, *args)
         return await self._write(fn, *args) if isinstance(result, Busy) else result
 
+    def _write_here(self, fn: Callable[..., T], *args: Any) -> T | Busy:
+        """``_write_small`` without waiting at all: ``BUSY`` when the loop's connection cannot
+        take the write now (the caller then goes the asynchronous way)."""
+        return BUSY if self._here is None else self._here.write(fn, *args)
+
     def _ask_checkpoint(self) -> None:
         if self._executor is not None:
             done = self._executor.submit(self._guarded, lambda: passive_checkpoint(self._conn))

@@ -24,6 +24,7 @@ from controller.store.claims import (
 )
 from controller.store.sqlite_devices import require_device
 from controller.store.sqlite_events import StoreConnection, add_event, dumps, loads
+from controller.store.sqlite_loop import Busy
 from margo_stream.errors import NotFound
 
 _MAX_SQLITE_INT = 2**63 - 1
@@ -190,6 +191,15 @@ def _put_batch(
 
 
 T = TypeVar("T")
+
+
+def _logged(results: list[bool | StatusRefusal]) -> list[bool | StatusRefusal]:
+    for result in results:
+        if isinstance(result, StatusRefusal):
+            log_refusal(result)
+    return results
+
+
 SMALL_STATUS_BATCH = 32  # batches of at most this many statuses may be written on the loop
 
 
@@ -206,15 +216,24 @@ class SqliteStatuses:
     async def _write_small(self, fn: Callable[..., T], *args: Any) -> T:
         raise NotImplementedError
 
+    def _write_here(self, fn: Callable[..., T], *args: Any) -> T | Busy:
+        raise NotImplementedError
+
     async def put_status_batch(
         self, items: Sequence[tuple[str, str, JsonDict, int]], *, now: float | None = None
     ) -> list[bool | StatusRefusal]:
         write = self._write_small if len(items) <= SMALL_STATUS_BATCH else self._write
-        results = await write(_put_batch, list(items), _now(now))
-        for result in results:
-            if isinstance(result, StatusRefusal):
-                log_refusal(result)
-        return results
+        return _logged(await write(_put_batch, list(items), _now(now)))
+
+    def put_status_batch_now(
+        self, items: Sequence[tuple[str, str, JsonDict, int]], *, now: float | None = None
+    ) -> list[bool | StatusRefusal] | None:
+        """``put_status_batch`` done before returning, or ``None`` (nothing written) when it
+        cannot be without waiting (``ports.ImmediateStatusWrites``)."""
+        if len(items) > SMALL_STATUS_BATCH:
+            return None
+        results = self._write_here(_put_batch, list(items), _now(now))
+        return None if isinstance(results, Busy) else _logged(results)
 
     async def put_status(
         self,

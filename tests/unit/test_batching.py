@@ -108,3 +108,34 @@ def test_a_partitioned_batcher_needs_a_partition():
 
     with pytest.raises(ValueError, match="at least 1 partition"):
         PartitionedBatcher(write, partitions=0, key=str)
+
+
+async def test_an_idle_batcher_writes_now_and_a_busy_one_keeps_the_order():
+    """try_now writes at once only when nothing of the batcher is in flight or waiting (an
+    item never overtakes one submitted before it), and only when write_now can take it."""
+    written: list[int] = []
+    now_ok = True
+    release = anyio.Event()
+
+    async def write(items):
+        await release.wait()
+        written.extend(items)
+        return [i * 10 for i in items]
+
+    def write_now(items):
+        if not now_ok:
+            return None
+        written.extend(items)
+        return [i * 10 for i in items]
+
+    batcher = WriteBatcher(write, write_now=write_now)
+    assert batcher.try_now(1) == (True, 10) and written == [1]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(batcher.submit, 2)
+        await anyio.wait_all_tasks_blocked()
+        assert batcher.try_now(3) == (False, None)  # 2 is in flight: 3 must wait behind it
+        release.set()
+    assert written == [1, 2]
+    now_ok = False
+    assert batcher.try_now(4) == (False, None) and written == [1, 2]
+    assert WriteBatcher(write).try_now(5) == (False, None)  # no write_now: never at once
