@@ -2,13 +2,16 @@
 
 Every device runs the real client of its transport (``bench.transports``: QUIC, Margo REST
 poll, HTTP/2 push, MQTT) against the real servers; nothing on the network is mocked. A device
-connects, then loops: wait for the next desired state, verify it (signature over the exact
-bytes, tenant, device, every blob's digest), keep what it now holds durably (as every device
-must before it says ``installed``: the QUIC and TCP clients run the agent's own verifier, whose
-trust state is written before the update is handed over; the others' held version is written
-here, with the same one-``fdatasync`` record file, in a worker thread as the agent does), report
-it, post ``installed`` for every deployment it names. If the link breaks it reconnects with a jittered backoff, carrying what
-it holds (version, ETag, blobs) into the new session.
+connects, then loops: wait for the next desired state, verify it and keep it durably as the
+agent does, with the agent's own verifier (``DesiredStateVerifier``: root metadata, signatures
+of the controller and of the operators, tenant, device, rollback, expiry, every blob's digest;
+then its trust state written, in a worker thread, before the device says a word of it), report
+it, post ``installed`` for every deployment it names. The QUIC and TCP clients do this inside
+the agent's desired-state stream handling; every other transport's device does it here
+(:class:`bench.device_trust.DeviceTrust`, provisioned with the tenant's root metadata at
+enrolment, as that module says). A refused update ends the session (counted as an error, its
+reason kept among the failure samples). If the link breaks it reconnects with a jittered
+backoff, carrying what it holds (version, ETag, blobs) into the new session.
 
 Protocol with the orchestrator (:mod:`bench.fleet`), JSON lines: one configuration line on
 stdin, ``{"ev": "ready"}`` back; then commands ``go`` (connect everyone, at most
@@ -33,12 +36,12 @@ from typing import Any
 
 import anyio
 
+from bench.device_trust import DeviceTrust, tenant_root_chain
 from bench.report_util import raise_nofile_limit
 from margo_stream.gcpolicy import gc_policy_running
-from margo_stream.identity.trust import load_signing_pub
-from margo_stream.slot_file import SlotFile
 
 CARRIED = ("_version", "_etag", "blobs")  # what a device keeps across reconnects
+VERIFYING_CLIENTS = ("quic", "tcp")  # clients that run the agent's verifier themselves
 FLUSH = 0.05
 
 
@@ -63,7 +66,7 @@ class Device:
         "errors",
         "posted",
         "post_failures",
-        "held",
+        "trust",
     )
 
     def __init__(self, index: int, identity: Path) -> None:
@@ -77,7 +80,7 @@ class Device:
         self.errors = 0
         self.posted = 0
         self.post_failures = 0
-        self.held: SlotFile | None = None  # what it holds, kept durably (not by QUIC/TCP)
+        self.trust: DeviceTrust | None = None  # its verifier (the QUIC/TCP clients have theirs)
 
 
 class Worker:
@@ -92,8 +95,14 @@ class Worker:
             for i in range(int(cfg["first"]), int(cfg["first"]) + int(cfg["count"]))
         ]
         self.state_root = Path(cfg["state"])
-        self.pub = load_signing_pub(root / device_name(int(cfg["first"])) / "signing.pub")
         self.tenant: str = cfg["tenant"]
+        # what a device of the other transports is provisioned with at enrolment: its tenant's
+        # root metadata, from where the bench keeps it (identities: <certs>/<tenant>/devices)
+        self.root_chain = (
+            tenant_root_chain(root.parent.parent, self.tenant)
+            if self.transport not in VERIFYING_CLIENTS
+            else []
+        )
         self.stopping = False
         self.connect_sem = anyio.Semaphore(int(cfg.get("concurrency", 100)))
         self.got: list[list[Any]] = []
@@ -143,9 +152,23 @@ class Worker:
             self.retired[key] += getattr(client.counters, key)
 
     # --- one device ----------------------------------------------------------------------------------
+    async def enrol(self, dev: Device) -> None:
+        """The device's verifier with its tenant's root adopted (a worker thread: it writes the
+        trust state); the QUIC and TCP clients make their own."""
+        if dev.trust is None and self.transport not in VERIFYING_CLIENTS:
+            dev.trust = await anyio.to_thread.run_sync(
+                DeviceTrust,
+                self.tenant,
+                dev.name,
+                dev.identity,
+                self.state_root / dev.name,
+                self.root_chain,
+            )
+
     async def run_device(self, dev: Device, jitter: float) -> None:
         backoff = 0.5
         await anyio.sleep(jitter)
+        await self.enrol(dev)
         while not self.stopping:
             client = self.make_client(dev)
             if dev.client is not None:
@@ -180,17 +203,17 @@ class Worker:
     async def serve(self, dev: Device, client: Any) -> None:
         while True:
             update = await client.next_desired()
-            manifest = update.verify(self.pub, self.tenant, dev.name)
-            # held and verified: the figure's clock stops after the check, for every transport
+            if update.verified is None:  # not yet checked (by the QUIC and TCP clients: it was)
+                assert dev.trust is not None, "enrol() the device first"
+                held = await dev.trust.hold(update, client.blobs)  # TrustError: refused
+                if held is None:  # the desired state it already holds
+                    continue
+                update = held
+            manifest = update.verified
+            assert manifest is not None
+            # held and verified: the figure's clock stopped after the check, for every transport
             delivered = update.held_at or time.monotonic()
-            if update.version <= dev.version:
-                continue
             dev.version = update.version
-            if update.verified is None:  # nothing of it kept yet: keep it, then report
-                record = json.dumps(
-                    {"version": update.version, "signature": update.signature.hex()}
-                )
-                await anyio.to_thread.run_sync(self._held(dev).write, record.encode())
             for entry in manifest.deployments:
                 await client.post_status(
                     entry.deployment_id,
@@ -199,13 +222,6 @@ class Worker:
                     [{"name": "probe", "state": "installed"}],
                 )
             self.got.append([dev.index, update.version, delivered, time.monotonic()])
-
-    def _held(self, dev: Device) -> SlotFile:
-        if dev.held is None:
-            folder = self.state_root / dev.name
-            folder.mkdir(parents=True, exist_ok=True)
-            dev.held = SlotFile(folder / "held")
-        return dev.held
 
     async def post_burst(self, dev: Device, count: int) -> None:
         """``count`` status reports back to back (each waits for its acknowledgement)."""

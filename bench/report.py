@@ -216,12 +216,13 @@ def losses(data: Mapping[str, Any]) -> list[str]:
 
 
 PUSH_WHY = (
-    " Every push transport shares the controller's apply path (API, store, signing). Profiled"
+    " Every push transport shares the controller's apply path (API, store, signing), and every"
+    " transport's device runs the agent's own verifier (root metadata, the operator's signature"
+    " over every deployment) and writes its trust state before it reports. Profiled"
     " (bench/RESULTS.md, issue 20): the fan-out is bound by the simulated devices' one core,"
-    " and a QUIC device there runs the real agent's checks (the operator's signature over"
-    " every deployment, root metadata) and aioquic's packet work in Python, where the TCP"
-    " devices check one signature and leave TLS to OpenSSL; a lone push's round trip is the"
-    " API, a store hop per call, the device's durable trust-state write and the status hop."
+    " where a QUIC device also does aioquic's packet work in Python and the TCP devices leave"
+    " TLS to OpenSSL; a lone push's round trip is the API, a store hop per call, the device's"
+    " durable trust-state write and the status hop."
 )
 RECONNECT_WHY = (
     " After kill -9 the new controller drops the devices' packets for connections it"

@@ -7,8 +7,12 @@ counts what it costs on the wire at the application's socket (TLS records includ
 transport can see them, see each implementation) so the bench can report idle bytes per device
 per hour side by side.
 
-``DesiredUpdate.verify(pub)`` checks what every client must check before use: the signature
-over the exact bytes, that the manifest names this tenant and device, and every blob's digest.
+``DesiredUpdate.verify(key, tenant, device_id)`` is the transport-level check the conformance
+tests make: the controller's signature over the exact bytes, that the manifest names this tenant
+and device, and every delivered blob's digest. A device of the bench's fleet checks everything
+the agent checks before it holds an update, with the agent's own verifier (the QUIC and TCP
+clients in the agent's desired-state handling, the others through ``bench.device_trust``), and
+marks the update ``verified``.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ class DesiredUpdate:
     manifest_bytes: bytes
     signature: bytes
     blobs: dict[str, bytes] = field(default_factory=dict)
-    # set by a client that already ran the agent's own verifier over this update (every check
-    # below and more: rollback, expiry, the persisted trust state); verify() then returns it
+    # set once the agent's own verifier passed this update and the trust state kept it (every
+    # check below and more: operators' signatures, rollback, expiry); verify() then returns it
     verified: Manifest | None = None
     held_at: float | None = None  # time.monotonic() the client held it verified, if not now
 

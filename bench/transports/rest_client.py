@@ -5,8 +5,8 @@ keep-alive HTTP/1.1 connection with the device's client certificate.
 The client asks for our signed media type so it can verify the manifest end to end (the
 signature arrives in ``X-Margo-Stream-Signature``); ``signed=False`` asks for Margo's plain
 projection instead and then ``next_desired`` cannot verify anything, which is the point of the
-comparison. New documents are fetched from their content-addressed URLs, only the ones the
-client does not hold yet. A broken connection is reopened once per request.
+comparison. New documents, extra files and operator certificates are fetched from their
+content-addressed URLs, only the ones the client does not hold yet. A broken connection is reopened once per request.
 """
 
 from __future__ import annotations
@@ -204,6 +204,8 @@ class RestPollClient:
             for e in manifest.deployments:
                 for f in e.files:
                     wanted.setdefault(f.digest, (None, f.name))
+                if e.certificate is not None:  # the operator's, which the device checks
+                    wanted.setdefault(e.certificate, (None, None))
         else:
             signature = b""
             doc = json.loads(body)
