@@ -6,7 +6,7 @@ root key the device pinned; the manifest signature by a controller key that root
 and device; no rollback and no version reuse; expiry; every blob's digest; and each new or
 changed deployment's operator signature, by an operator whose certificate the root signed with
 the deployer role. A device then advances its trust state on disk (``verifier.accept``: one
-``fdatasync``, in a worker thread, as the agent does) before it reports anything. The QUIC and
+``fdatasync``, on the agent's durable-write threads, as the agent does) before it reports anything. The QUIC and
 TCP clients (``bench.transports.quic``) run the verifier inside the agent's own desired-state
 stream handling; :class:`DeviceTrust` runs it for the other transports' devices (rest-poll,
 h2-push, mqtt) over each update, with the blobs the update delivered plus those the device held.
@@ -29,10 +29,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import anyio
-
 from agent.desired import Overlay
 from bench.transports.base import DesiredUpdate
+from margo_stream.durable_io import run_durable
 from margo_stream.identity.envelope import canonical
 from margo_stream.identity.operator_files import load_root_chain
 from margo_stream.identity.trust import load_signing_pub
@@ -87,7 +86,7 @@ class DeviceTrust:
         if verdict.unchanged:
             return None
         held_at = time.monotonic()  # delivered and verified: the bench's clock stops here
-        await anyio.to_thread.run_sync(self.verifier.accept, verdict)
+        await run_durable(self.verifier.accept, verdict)  # as the agent's DesiredFeature
         return dataclasses.replace(
             update, version=verdict.version, verified=verdict.manifest, held_at=held_at
         )
