@@ -40,7 +40,6 @@ from margo_stream.transport.endpoint_clock import EndpointClock
 from margo_stream.transport.mtls_hook import (
     ack_due_now,
     hold_acks,
-    nothing_to_send,
     peer_certificates,
     peer_reset_tokens,
     release_handshake_buffers,
@@ -94,7 +93,6 @@ class Connection(ChannelConnection):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         now = self.loop.time()
         self.last_received = now
-        moved = addr != self.remote  # a new path: validation may have to be sent
         self.remote = addr
         if self.role is Sender.AGENT and is_reset(data, peer_reset_tokens(self.quic)):
             # the controller no longer knows this connection (it restarted): RFC 9000 10.3.1,
@@ -117,17 +115,6 @@ class Connection(ChannelConnection):
             # nothing we would answer (a keepalive PING, ACKs), or a flow of data (a bulk
             # transfer): acknowledge in this turn
             ack_due_now(self.quic)
-        if (
-            self.handshake_done
-            and not moved
-            and not self._replying
-            and self.closed is None
-            and nothing_to_send(self.quic)
-        ):
-            # a pure ACK that acknowledged all we sent: building packets would find nothing
-            # (about 35 us of aioquic's per call); only the deadlines may have moved
-            self._rearm()
-            return
         # Answer at the end of this loop turn, not per datagram: a peer's flight that spans
         # several datagrams gets one reply, and what our side sends in reaction to these
         # events (a hello right after the handshake, a HelloAck) rides in the same packets
@@ -158,10 +145,6 @@ class Connection(ChannelConnection):
         for data, addr in self.quic.datagrams_to_send(now=self.loop.time()):
             sendto(data, addr)
             self._held = 0
-        self._rearm()
-
-    def _rearm(self) -> None:
-        """Put aioquic's next deadline on the clock (or our own loop timer)."""
         timer_at = self.quic.get_timer()
         if self.clock is not None:
             self.clock.schedule(self, timer_at)

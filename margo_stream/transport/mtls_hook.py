@@ -109,17 +109,6 @@ def check_aioquic() -> None:
             )
     _check_server_name_hook(context)
     client = QuicConnection(configuration=QuicConfiguration(is_client=True))
-    for attribute in (
-        "_probe_pending",
-        "_close_pending",
-        "_handshake_done_pending",
-        "_spaces",
-    ):
-        if not hasattr(client, attribute) or not hasattr(client._loss, "bytes_in_flight"):
-            raise UnsupportedAioquic(
-                f"aioquic {aioquic_version}: QuicConnection has no {attribute!r}; "
-                "nothing_to_send cannot tell an idle connection"
-            )
     for attribute in ("_host_cids", "_peer_cid", "_peer_cid_available"):
         if not hasattr(client, attribute):
             raise UnsupportedAioquic(
@@ -361,24 +350,6 @@ def ack_due_now(connection: QuicConnection) -> None:
     space = connection._spaces.get(tls.Epoch.ONE_RTT)
     if space is not None and space.ack_at is not None:
         space.ack_at = 0.0
-
-
-def nothing_to_send(connection: QuicConnection) -> bool:
-    """Whether ``datagrams_to_send`` would certainly write nothing now: no ACK owed (what
-    arrived asked for none), nothing in flight (so no loss to detect and no congestion window
-    holding data back), no probe, close or HANDSHAKE_DONE pending. Data held back by pacing
-    has its own timer (``get_timer``). Only meaningful right after a datagram from the
-    connection's current address was received and its events drained, before anything of
-    ours was written: the state of a pure ACK that acknowledged everything."""
-    space = connection._spaces.get(tls.Epoch.ONE_RTT)
-    return (
-        space is not None
-        and space.ack_at is None
-        and connection._loss.bytes_in_flight == 0
-        and not connection._probe_pending
-        and not connection._close_pending
-        and not connection._handshake_done_pending
-    )
 
 
 def use_own_pacer(connection: QuicConnection) -> None:

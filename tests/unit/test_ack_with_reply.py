@@ -181,36 +181,3 @@ async def test_a_flow_of_data_is_acknowledged_every_few_packets(
     agent.close(0, "done")
     controller.cancel_timer()
     agent.cancel_timer()
-
-
-@pytest.mark.anyio
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_a_pure_ack_that_acknowledged_everything_builds_no_packets(
-    pki: Pki, anyio_backend: str
-) -> None:
-    """The agent's keepalive PING is acknowledged by a packet of ACKs alone: receiving it, the
-    agent asks aioquic for nothing to send (mtls_hook.nothing_to_send), and the connection
-    goes on working (a status sent afterwards is answered)."""
-    agent, controller, sent = await _pair(pki, Answering(0.0))
-    builds: list[int] = []
-    build = agent.quic.datagrams_to_send
-
-    def counted(now: float) -> list[tuple[bytes, Any]]:
-        out = build(now=now)
-        builds.append(len(out))
-        return out
-
-    agent.quic.datagrams_to_send = counted  # type: ignore[method-assign]
-    before = len(sent["controller"])
-    agent.ping()
-    await asyncio.sleep(0.05)
-    assert len(sent["controller"]) == before + 1  # the controller's ACK came back
-    assert builds == [1]  # the PING went out; receiving the ACK built nothing
-    assert agent.quic._loss.bytes_in_flight == 0
-    stream = agent.open_stream()
-    stream.send(m.Status(seq=1, deployment_id="d1", manifest_version=1, state="installed"))
-    got = await asyncio.wait_for(stream.receive(), 5)
-    assert isinstance(got, m.StatusAck) and got.seq == 1
-    agent.close(0, "done")
-    controller.cancel_timer()
-    agent.cancel_timer()
