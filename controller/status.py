@@ -75,26 +75,34 @@ class StatusIngest:
         def on_message(message: Any) -> None:
             if isinstance(message, m.Status):
                 self.received += 1
-                if not self._store_now(session, stream, message):
-                    self.tasks.spawn(self._store_and_ack, session, stream, message)
+                done, item = self._store_now(session, stream, message)
+                if not done:
+                    self.tasks.spawn(self._store_and_ack, session, stream, message, item)
 
         stream.on_message = on_message
 
-    def _store_now(self, session: DeviceLink, stream: MessageStream, s: m.Status) -> bool:
-        """Stored and acked before returning (the store could take it at once), or False:
-        nothing done, the asynchronous path takes it (and logs what failed)."""
+    def _store_now(
+        self, session: DeviceLink, stream: MessageStream, s: m.Status
+    ) -> tuple[bool, StatusItem | None]:
+        """``(True, _)``: stored and acked before returning (the store could take it at
+        once); ``(False, item)``: nothing done, the asynchronous path stores ``item`` (None
+        when it could not be made: the task makes it again and logs what failed)."""
         started = time.monotonic()
+        item = None
         try:
             item = (session.tenant, session.device_id, margo_status(session.device_id, s), s.seq)
             done, result = self._writes.try_now(item)
-        except Exception:  # noqa: BLE001 - the task below tries again, and logs it
-            return False
+        except Exception:  # noqa: BLE001 - the task tries again, and logs what failed
+            return False, item
         if done:
             self._stored(session, stream, s, result, started)
-        return done
+        return done, item
 
-    async def _store_and_ack(self, session: DeviceLink, stream: MessageStream, s: m.Status) -> None:
-        item = (session.tenant, session.device_id, margo_status(session.device_id, s), s.seq)
+    async def _store_and_ack(
+        self, session: DeviceLink, stream: MessageStream, s: m.Status, item: StatusItem | None
+    ) -> None:
+        if item is None:
+            item = (session.tenant, session.device_id, margo_status(session.device_id, s), s.seq)
         started = time.monotonic()
         self._stored(session, stream, s, await self._writes.submit(item), started)
 
