@@ -222,7 +222,7 @@ class SqliteStore(SqliteIdentities, SqliteStatuses, SqliteRetention, SqliteRollo
     async def _write_small(self, fn: Callable[..., T], *args: Any) -> T:
         """A write of a few rows: on the loop's own connection when the write lock is free
         (no thread hop, no fsync: see ``sqlite_loop``), on the worker thread otherwise."""
-        result = BUSY if self._here is None else self._here.write(fn, *args)
+        result = self._write_here(fn, *args)
         return await self._write(fn, *args) if isinstance(result, Busy) else result
 
     def _write_here(self, fn: Callable[..., T], *args: Any) -> T | Busy:
