@@ -39,7 +39,9 @@ from margo_stream.transport.channel_connection import (
 from margo_stream.transport.endpoint_clock import EndpointClock
 from margo_stream.transport.mtls_hook import (
     ack_due_now,
+    count_losses,
     hold_acks,
+    nothing_to_send,
     peer_certificates,
     peer_reset_tokens,
     release_handshake_buffers,
@@ -88,6 +90,8 @@ class Connection(ChannelConnection):
         self._replying = False  # stream data written since the last transmit
         self._data_in = False  # stream data among the events being drained
         self._held = 0  # packets with stream data received since our last transmit
+        self._losses = 0  # times the recovery declared packets lost (mtls_hook: count_losses)
+        count_losses(quic, self._count_loss)
 
     # --- network side ---------------------------------------------------------------------------
     def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -106,6 +110,7 @@ class Connection(ChannelConnection):
             if self.on_terminated is not None:
                 self.on_terminated(self)
             return
+        losses = self._losses
         self.quic.receive_datagram(data, addr, now=now)
         self._data_in = False
         self._drain_events()
@@ -115,11 +120,26 @@ class Connection(ChannelConnection):
             # nothing we would answer (a keepalive PING, ACKs), or a flow of data (a bulk
             # transfer): acknowledge in this turn
             ack_due_now(self.quic)
+        if (
+            not self._data_in
+            and not self._replying
+            and losses == self._losses
+            and not self.transmit_queued
+            and self._transmit_handle is None
+            and nothing_to_send(self.quic, now)
+        ):
+            # a pure ACK, most often: nothing to build (mtls_hook: nothing_to_send), but its
+            # loss-detection deadline may have moved
+            self._schedule_timer()
+            return
         # Answer at the end of this loop turn, not per datagram: a peer's flight that spans
         # several datagrams gets one reply, and what our side sends in reaction to these
         # events (a hello right after the handshake, a HelloAck) rides in the same packets
         # as the ACKs and the handshake's last flight.
         self.schedule_transmit()
+
+    def _count_loss(self) -> None:
+        self._losses += 1
 
     def process_events(self) -> None:
         self._drain_events()
@@ -145,6 +165,9 @@ class Connection(ChannelConnection):
         for data, addr in self.quic.datagrams_to_send(now=self.loop.time()):
             sendto(data, addr)
             self._held = 0
+        self._schedule_timer()
+
+    def _schedule_timer(self) -> None:
         timer_at = self.quic.get_timer()
         if self.clock is not None:
             self.clock.schedule(self, timer_at)

@@ -51,6 +51,16 @@ Certificate. So the controller:
    its own table of frame handlers with one ``frozenset`` of epochs per frame type, the same
    sets on every connection: ``MutualTlsServerConnection`` shares them (``_share_epoch_sets``).
 
+10. builds nothing when nothing can be built (``nothing_to_send``, ``count_losses``): every
+   datagram received is answered by a call of ``datagrams_to_send``, which costs about 35 us
+   even when it builds nothing, and after a peer's pure ACK it almost always builds nothing
+   (in a fan-out to 1,000 devices the controller made 4.2 such calls a device). ``Connection``
+   skips that call after a datagram that brought no stream data, declared no packet lost
+   (``count_losses`` counts the recovery's losses) and left nothing due or waiting by the
+   conservative reading of ``nothing_to_send``; it only moves its timer (the ACK may have
+   moved the loss-detection deadline). An ACK can free the congestion window or declare
+   packets lost while data waits: both are among the things that make the call happen.
+
 ``check_aioquic()`` fails loudly, at controller start and in the test suite, if aioquic's
 internals change under us.
 """
@@ -65,7 +75,7 @@ from aioquic import __version__ as aioquic_version
 from aioquic import tls
 from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import Limit, QuicConnection
+from aioquic.quic.connection import Limit, QuicConnection, QuicConnectionState
 from aioquic.quic.packet import QuicFrameType
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream, QuicStreamReceiver
@@ -147,6 +157,106 @@ def check_aioquic() -> None:
             f"aioquic {aioquic_version}: the recovery has no '_pacer' or '_cc'; "
             "the rate controller's pacing cannot work"
         )
+    _check_idle_build(client)
+
+
+# what ``nothing_to_send`` reads: the state flags of work aioquic's next build would do
+IDLE_FLAGS = (
+    "_close_pending",
+    "_pacing_at",
+    "_probe_pending",
+    "_ping_pending",
+    "_handshake_done_pending",
+    "_streams_blocked_pending",
+    "_retire_connection_ids",
+    "_datagrams_pending",
+    "_handshake_confirmed",
+    "_state",
+    "_network_paths",
+    "_remote_preferred_address",
+    "_crypto_streams",
+    "_streams",
+)
+
+
+def _check_idle_build(connection: QuicConnection) -> None:
+    """What ``nothing_to_send`` and ``count_losses`` rely on."""
+    missing = [a for a in IDLE_FLAGS if not hasattr(connection, a)]
+    if not callable(getattr(connection._loss, "_on_packets_lost", None)):
+        missing.append("_loss._on_packets_lost")
+    if not hasattr(QuicStream(), "is_finished") or not hasattr(
+        QuicStream().sender, "reset_pending"
+    ):
+        missing.append("QuicStream.is_finished / sender.reset_pending")
+    if missing:
+        raise UnsupportedAioquic(
+            f"aioquic {aioquic_version}: QuicConnection lacks {', '.join(missing)}; "
+            "skipping builds that send nothing cannot work"
+        )
+
+
+def count_losses(connection: QuicConnection, counted: Callable[[], None]) -> None:
+    """Call ``counted()`` whenever the connection's recovery declares packets lost (point 10 of
+    the module note). Lost stream data goes back to its stream, but a lost MAX_DATA or
+    MAX_STREAM_DATA is only marked unsent: the count is what tells a caller about it."""
+    loss = connection._loss
+    declare = loss._on_packets_lost
+
+    def on_packets_lost(**kwargs: Any) -> None:
+        packets = kwargs.get("packets")
+        if not isinstance(packets, list | tuple):
+            kwargs["packets"] = packets = list(packets or ())
+        if packets:  # aioquic's loss detection calls it with none too
+            counted()
+        declare(**kwargs)
+
+    loss._on_packets_lost = on_packets_lost  # type: ignore[method-assign]
+
+
+def nothing_to_send(connection: QuicConnection, now: float) -> bool:
+    """True only when ``datagrams_to_send(now)`` would build nothing (point 10 of the module
+    note), given that no packet was declared lost and no stream data arrived since the last
+    build (the caller knows both): the connection is established and confirmed, no ACK is
+    due, no pacing, probe, PING, handshake-done, streams-blocked, connection-ID, datagram or
+    close is pending, its path is validated with no challenge to answer, no TLS data waits,
+    and no stream has data, a FIN, a reset or a stop to send or is finished (to be
+    discarded). False whenever any of it is unsure."""
+    if (
+        connection._state is not QuicConnectionState.CONNECTED
+        or not connection._handshake_confirmed
+        or connection._close_pending
+        or connection._pacing_at is not None
+        or connection._probe_pending
+        or connection._ping_pending
+        or connection._handshake_done_pending
+        or connection._streams_blocked_pending
+        or connection._retire_connection_ids
+        or connection._datagrams_pending
+    ):
+        return False
+    for space in connection._loss.spaces:
+        if space.ack_at is not None and space.ack_at <= now:
+            return False
+    paths = connection._network_paths
+    if len(paths) != 1 or not paths[0].is_validated or paths[0].remote_challenges:
+        return False  # no path, or a path to validate or probe
+    if connection._remote_preferred_address is not None:
+        return False  # a client may probe it
+    if any(not cid.was_sent for cid in connection._host_cids):
+        return False
+    crypto = connection._crypto_streams.get(tls.Epoch.ONE_RTT)
+    if crypto is not None and not crypto.sender.buffer_is_empty:
+        return False
+    for stream in connection._streams.values():
+        sender = stream.sender
+        if (
+            not sender.buffer_is_empty
+            or sender.reset_pending
+            or stream.receiver.stop_pending
+            or stream.is_finished
+        ):
+            return False
+    return True
 
 
 def _check_receive_credit_hook(connection: QuicConnection) -> None:
