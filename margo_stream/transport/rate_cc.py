@@ -247,6 +247,9 @@ class ModelPacer(QuicPacketPacer):
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
         rtt = self._cc.min_rtt
         rtt = smoothed_rtt if rtt is None else min(smoothed_rtt, max(rtt, MIN_PACING_RTT))
+        # aioquic takes its first RTT sample unfloored, and uvloop's clock ticks in whole
+        # milliseconds: a loopback handshake can measure 0.0
+        rtt = max(rtt, MIN_PACING_RTT)
         super().update_rate(congestion_window=congestion_window, smoothed_rtt=rtt)
         rate = congestion_window / rtt
         self.bucket_max = max(self.bucket_max, K_INITIAL_WINDOW * self._mss / rate)

@@ -169,6 +169,18 @@ def test_the_pacer_paces_on_the_models_round_trip_and_allows_an_initial_burst() 
     assert stock.packet_time is not None and stock.packet_time > 0.04  # what it replaced
 
 
+def test_a_first_round_trip_measured_as_zero_paces_as_one_millisecond() -> None:
+    """aioquic takes its first RTT sample unfloored and uvloop's clock ticks in milliseconds:
+    a handshake on loopback can hand the pacer a smoothed RTT of 0.0 (it divided by it)."""
+    cc = RateCongestionControl(max_datagram_size=MSS)
+    cc.on_rtt_measurement(now=0.0, rtt=0.0)
+    pacer = cc.make_pacer()
+    pacer.update_rate(congestion_window=MIN_WINDOW_PACKETS * MSS, smoothed_rtt=0.0)
+    floor = cc.make_pacer()
+    floor.update_rate(congestion_window=MIN_WINDOW_PACKETS * MSS, smoothed_rtt=0.001)
+    assert pacer.packet_time == floor.packet_time and pacer.bucket_max == floor.bucket_max
+
+
 def test_connections_running_it_get_its_pacer() -> None:
     from aioquic.quic.configuration import QuicConfiguration
     from aioquic.quic.connection import QuicConnection
