@@ -92,7 +92,8 @@ class DesiredFeature:
             runtimes=default_runtimes(run_as=run_as),
         )
         self._report = status.on_status
-        self._lock = anyio.Lock()
+        # one push applied at a time; an uncontended push takes it without a turn of the loop
+        self._lock = anyio.Lock(fast_acquire=True)
         agent.background_tasks.append(self.run)
         agent.hello_fields.append(self.hello_fields)
         agent.session_tasks.append(self.adopt_root)

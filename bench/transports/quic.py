@@ -128,7 +128,8 @@ class QuicClient:
         self._ready = anyio.Event()
         self._updates_in, self._updates = anyio.create_memory_object_stream[DesiredUpdate](16)
         self._status: MessageStream | None = None
-        self._lock = anyio.Lock()  # DesiredFeature.handle_stream applies one push at a time
+        # DesiredFeature.handle_stream applies one push at a time (the agent's own lock)
+        self._lock = anyio.Lock(fast_acquire=True)
         self._status_ready = anyio.Event()
         self._acks: dict[int, anyio.Event] = {}
         self._seq = 0
