@@ -50,6 +50,11 @@ Certificate. So the controller:
    that should never happen raises instead of growing anything. And every connection builds
    its own table of frame handlers with one ``frozenset`` of epochs per frame type, the same
    sets on every connection: ``MutualTlsServerConnection`` shares them (``_share_epoch_sets``).
+   Without a packet log, the keys' logging callbacks (partials of bound methods, 12 a
+   connection) go too; and once the client's chain is checked, the server forgets it
+   (``release_peer_certificates``). Measured (800 server connections built and held in one
+   process, ``/proc`` resident memory): 54.8 KB a connection with the buffers released, 48.4
+   with the callbacks and the chain gone as well.
 
 10. builds nothing when nothing can be built (``nothing_to_send``, ``count_losses``): every
    datagram received is answered by a call of ``datagrams_to_send``, which costs about 35 us
@@ -76,6 +81,7 @@ from aioquic import tls
 from aioquic.buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import Limit, QuicConnection, QuicConnectionState
+from aioquic.quic.crypto import CryptoContext, NoCallback
 from aioquic.quic.packet import QuicFrameType
 from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream, QuicStreamReceiver
@@ -192,6 +198,14 @@ def _check_idle_build(connection: QuicConnection) -> None:
         raise UnsupportedAioquic(
             f"aioquic {aioquic_version}: QuicConnection lacks {', '.join(missing)}; "
             "skipping builds that send nothing cannot work"
+        )
+    context = CryptoContext()
+    if not hasattr(connection, "_quic_logger") or not all(
+        hasattr(context, a) for a in ("_setup_cb", "_teardown_cb")
+    ):
+        raise UnsupportedAioquic(
+            f"aioquic {aioquic_version}: no '_quic_logger' or CryptoContext callbacks; "
+            "releasing the keys' logging callbacks cannot work"
         )
 
 
@@ -487,6 +501,23 @@ def release_handshake_buffers(connection: QuicConnection) -> None:
         return  # unsent TLS output (never seen): leave it to aioquic
     for epoch in HANDSHAKE_EPOCHS:
         buffers[epoch] = _NO_OUTPUT
+    if connection._quic_logger is None:
+        # each key's setup and teardown callback is a partial of a bound method (12 a
+        # connection) that only writes to a packet log; without one, none is needed
+        for pair in connection._cryptos.values():
+            for context in (pair.recv, pair.send):
+                context._setup_cb = context._teardown_cb = NoCallback
+
+
+def release_peer_certificates(connection: QuicConnection) -> None:
+    """A server connection whose client's chain was checked: forget the chain (the leaf and
+    intermediates, parsed; about 3.5 KB a connection). ``peer_certificates`` then answers
+    ``(None, [])``: read it before, once, as the identity check does."""
+    context = getattr(connection, "tls", None)
+    if context is None or context.state is not tls.State.SERVER_POST_HANDSHAKE:
+        return
+    context._peer_certificate = None
+    context._peer_certificate_chain = []
 
 
 def _share_epoch_sets(connection: QuicConnection) -> None:

@@ -53,6 +53,7 @@ from margo_stream.transport.mtls_hook import (
     MutualTlsServerConnection,
     check_aioquic,
     peer_certificates,
+    release_peer_certificates,
 )
 from margo_stream.transport.retry import InvalidToken, RetryTokens, Validated
 from margo_stream.transport.stateless_reset import ResetTokens
@@ -350,6 +351,7 @@ class QuicServer(asyncio.DatagramProtocol):
         self.counters["handshakes"] += 1
         self._end_half_open(conn)  # whatever the identity check says, it is no longer half-open
         leaf, chain = peer_certificates(conn.quic)
+        release_peer_certificates(conn.quic)  # read once, here
         try:
             if event.alpn_protocol != ALPN:
                 raise PeerRejected(f"ALPN {event.alpn_protocol!r} is not {ALPN!r}")

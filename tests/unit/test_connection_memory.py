@@ -21,7 +21,9 @@ from margo_stream.transport.mtls_hook import (
     MutualTlsServerConnection,
     UnsupportedAioquic,
     check_aioquic,
+    peer_certificates,
     release_handshake_buffers,
+    release_peer_certificates,
 )
 from margo_stream.transport.quic_client import client_configuration
 from margo_stream.transport.quic_server import server_configuration
@@ -98,6 +100,34 @@ def test_the_handshake_buffers_go_and_the_connection_still_works(pair):
     assert pair.received(pair.server_events, stream_id) == b"hello" * 500
     assert pair.received(pair.client_events, stream_id) == b"ack" * 400
     assert any(isinstance(e, qe.PingAcknowledged) and e.uid == 7 for e in pair.client_events)
+
+
+def test_the_key_log_callbacks_and_the_checked_chain_go_and_the_connection_still_works(pair):
+    from aioquic.quic.crypto import NoCallback
+
+    leaf, chain = peer_certificates(pair.server)
+    assert leaf is not None
+    release_handshake_buffers(pair.server)
+    release_peer_certificates(pair.server)
+    assert peer_certificates(pair.server) == (None, [])
+    for crypto in pair.server._cryptos.values():
+        for context in (crypto.recv, crypto.send):
+            assert context._setup_cb is NoCallback and context._teardown_cb is NoCallback
+    # streams both ways and a key update (new keys, old ones torn down) still work
+    stream_id = pair.client.get_next_available_stream_id()
+    pair.client.send_stream_data(stream_id, b"up" * 3000)
+    pair.run()
+    pair.server.request_key_update()
+    pair.server.send_stream_data(stream_id, b"down" * 2000, end_stream=True)
+    pair.run()
+    assert pair.received(pair.server_events, stream_id) == b"up" * 3000
+    assert pair.received(pair.client_events, stream_id) == b"down" * 2000
+    assert pair.server._state is QuicConnectionState.CONNECTED
+
+
+def test_a_client_keeps_the_chain_it_was_shown(pair):
+    release_peer_certificates(pair.client)
+    assert peer_certificates(pair.client)[0] is not None
 
 
 def test_a_handshake_message_after_the_handshake_is_refused_not_raised(pair):
