@@ -52,8 +52,7 @@ from margo_stream.transport.mtls_hook import (
     CertificateChooser,
     MutualTlsServerConnection,
     check_aioquic,
-    peer_certificates,
-    release_peer_certificates,
+    take_peer_certificates,
 )
 from margo_stream.transport.retry import InvalidToken, RetryTokens, Validated
 from margo_stream.transport.stateless_reset import ResetTokens
@@ -350,8 +349,7 @@ class QuicServer(asyncio.DatagramProtocol):
     def _handshake_completed(self, conn: Connection, event: qe.HandshakeCompleted) -> None:
         self.counters["handshakes"] += 1
         self._end_half_open(conn)  # whatever the identity check says, it is no longer half-open
-        leaf, chain = peer_certificates(conn.quic)
-        release_peer_certificates(conn.quic)  # read once, here
+        leaf, chain = take_peer_certificates(conn.quic)  # read once, here
         try:
             if event.alpn_protocol != ALPN:
                 raise PeerRejected(f"ALPN {event.alpn_protocol!r} is not {ALPN!r}")

@@ -23,7 +23,7 @@ from margo_stream.transport.mtls_hook import (
     check_aioquic,
     peer_certificates,
     release_handshake_buffers,
-    release_peer_certificates,
+    take_peer_certificates,
 )
 from margo_stream.transport.quic_client import client_configuration
 from margo_stream.transport.quic_server import server_configuration
@@ -105,10 +105,9 @@ def test_the_handshake_buffers_go_and_the_connection_still_works(pair):
 def test_the_key_log_callbacks_and_the_checked_chain_go_and_the_connection_still_works(pair):
     from aioquic.quic.crypto import NoCallback
 
-    leaf, chain = peer_certificates(pair.server)
-    assert leaf is not None
     release_handshake_buffers(pair.server)
-    release_peer_certificates(pair.server)
+    leaf, chain = take_peer_certificates(pair.server)
+    assert leaf is not None
     assert peer_certificates(pair.server) == (None, [])
     for crypto in pair.server._cryptos.values():
         for context in (crypto.recv, crypto.send):
@@ -126,7 +125,7 @@ def test_the_key_log_callbacks_and_the_checked_chain_go_and_the_connection_still
 
 
 def test_a_client_keeps_the_chain_it_was_shown(pair):
-    release_peer_certificates(pair.client)
+    take_peer_certificates(pair.client)
     assert peer_certificates(pair.client)[0] is not None
 
 
