@@ -26,7 +26,7 @@ from margo_stream.identity.authority import (
     read_root,
     verify_operator,
 )
-from margo_stream.identity.envelope import canonical
+from margo_stream.identity.envelope import SignatureMemo, canonical
 from margo_stream.state.digest import sha256_digest
 from margo_stream.state.documents import Deployment
 
@@ -53,6 +53,10 @@ class OperatorClaim:
         return self.verified.name
 
 
+# every apply carries its operator's certificate: its root signature is checked once
+_CERTIFICATES = SignatureMemo()
+
+
 @functools.lru_cache(maxsize=64)
 def _current_root(data: bytes) -> RootMetadata:
     """The tenant's newest root metadata, parsed once per version (it is immutable)."""
@@ -77,7 +81,7 @@ def check_operator(
         )
     root = _current_root(root_chain[-1])
     try:
-        operator = verify_operator(cert, root, now, role=Role.DEPLOYER)
+        operator = verify_operator(cert, root, now, role=Role.DEPLOYER, memo=_CERTIFICATES)
     except MargoError as exc:
         raise Problem(
             422, f"operator certificate refused: {exc}", kind="invalid-signature"

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from margo_stream.errors import AuthorityError
 from margo_stream.identity import envelope
+from margo_stream.identity.envelope import SignatureMemo
 from margo_stream.protocol.codes import Refusal
 
 ROOT_TYPE = "margo-root"
@@ -107,9 +108,15 @@ class RootMetadata:
             return {}, 1
         return {k: self.keys[k] for k in spec.keyids if k in self.keys}, spec.threshold
 
-    def verify(self, env: Mapping[str, Any], role: str, what: str) -> dict[str, Any]:
+    def verify(
+        self,
+        env: Mapping[str, Any],
+        role: str,
+        what: str,
+        memo: SignatureMemo | None = None,
+    ) -> dict[str, Any]:
         keys, threshold = self.role_keys(role)
-        return envelope.verify(env, keys, threshold, what)
+        return envelope.verify(env, keys, threshold, what, memo)
 
     def expired(self, now: dt.datetime) -> bool:
         return now >= self.expires
@@ -357,13 +364,15 @@ def verify_operator(
     now: dt.datetime,
     *,
     role: Role | None = None,
+    memo: SignatureMemo | None = None,
 ) -> Operator:
     """The operator of a certificate the root signed, for the root's tenant, not expired, and
-    holding ``role`` (or ``admin``) when one is asked for."""
+    holding ``role`` (or ``admin``) when one is asked for; with ``memo``, a certificate whose
+    signature it remembers is not checked again."""
     env = envelope.parse(data, OPERATOR_TYPE, "operator certificate")
     operator = read_operator(env)
     what = f"operator {operator.name!r}"
-    root.verify(env, "root", f"{what}'s certificate")
+    root.verify(env, "root", f"{what}'s certificate", memo)
     if operator.tenant != root.tenant:
         raise AuthorityError(
             f"{what} is certified for tenant {operator.tenant!r}", Refusal.WRONG_TENANT

@@ -102,9 +102,15 @@ def parse(data: bytes | str | Mapping[str, Any], kind: str, what: str) -> dict[s
     return value
 
 
-def signers(envelope: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey]) -> set[str]:
+def signers(
+    envelope: Mapping[str, Any],
+    keys: Mapping[str, Ed25519PublicKey],
+    memo: SignatureMemo | None = None,
+) -> set[str]:
     """The ids of the keys of ``keys`` (key id -> key) whose signature over the envelope's
-    ``signed`` checks out (each counted once; unknown ids and bad signatures are skipped)."""
+    ``signed`` checks out (each counted once; unknown ids and bad signatures are skipped);
+    with ``memo``, outcomes it remembers are not checked again."""
+    check = signature_valid if memo is None else memo.check
     data = canonical(envelope["signed"])
     good: set[str] = set()
     for entry in envelope["signatures"]:
@@ -120,35 +126,48 @@ def signers(envelope: Mapping[str, Any], keys: Mapping[str, Ed25519PublicKey]) -
             raw = base64.b64decode(sig, validate=True)
         except (binascii.Error, ValueError):
             continue
-        if signature_valid(key, raw, data):
+        if check(key, raw, data):
             good.add(kid)
     return good
 
 
-_CHECKED: dict[tuple[bytes, bytes, bytes], bool] = {}
-CHECKED_MAX = 4096  # (key, signature, message digest) outcomes remembered
+CHECKED_MAX = 4096  # (key, signature, message digest) outcomes a memo remembers
+
+
+class SignatureMemo:
+    """Outcomes of Ed25519 checks remembered by the key, the signature and the SHA-256 of the
+    data, for one party that sees the same signature again and again: the controller checks
+    the operator's certificate with every apply (an Ed25519 check is about 70 us; the lookup
+    is a hash). Bounded (cleared when full). A device keeps none: it checks each push's
+    signatures itself, so 500 simulated devices in one process cost what 500 devices do."""
+
+    __slots__ = ("_outcomes",)
+
+    def __init__(self) -> None:
+        self._outcomes: dict[tuple[bytes, bytes, bytes], bool] = {}
+
+    def check(self, key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
+        memo_key = (key.public_bytes_raw(), signature, hashlib.sha256(data).digest())
+        known = self._outcomes.get(memo_key)
+        if known is not None:
+            return known
+        valid = signature_valid(key, signature, data)
+        if len(self._outcomes) >= CHECKED_MAX:
+            self._outcomes.clear()
+        self._outcomes[memo_key] = valid
+        return valid
+
+    def __len__(self) -> int:
+        return len(self._outcomes)
 
 
 def signature_valid(key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
-    """Whether ``signature`` by ``key`` over ``data`` checks out, remembered by the key, the
-    signature and the SHA-256 of the data: every apply carries the operator's certificate,
-    checked once for the request and again with each document, and the same certificate
-    arrives with every push (an Ed25519 check is about 70 us; the lookup is a hash). The
-    outcome is the signature check's own for those three values; the memo is bounded (cleared
-    when full)."""
-    memo_key = (key.public_bytes_raw(), signature, hashlib.sha256(data).digest())
-    known = _CHECKED.get(memo_key)
-    if known is not None:
-        return known
+    """Whether ``signature`` by ``key`` over ``data`` checks out."""
     try:
         key.verify(signature, data)
-        valid = True
     except (InvalidSignature, ValueError):
-        valid = False
-    if len(_CHECKED) >= CHECKED_MAX:
-        _CHECKED.clear()
-    _CHECKED[memo_key] = valid
-    return valid
+        return False
+    return True
 
 
 def verify(
@@ -156,10 +175,11 @@ def verify(
     keys: Mapping[str, Ed25519PublicKey],
     threshold: int,
     what: str,
+    memo: SignatureMemo | None = None,
 ) -> dict[str, Any]:
     """``envelope["signed"]`` once at least ``threshold`` of ``keys`` (key id -> key) signed
     it; ``AuthorityError(bad-signature)`` otherwise."""
-    good = signers(envelope, keys)
+    good = signers(envelope, keys, memo)
     if threshold < 1 or len(good) < threshold:
         raise AuthorityError(
             f"{what}: {len(good)} valid signature(s) by the keys it must be signed by, "

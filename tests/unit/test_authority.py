@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 
@@ -150,6 +151,42 @@ def test_operator_certificates(keys) -> None:
     with pytest.raises(AuthorityError) as info:
         verify_operator(operator_cert(keys, expires=NOW), meta, NOW)
     assert refusal(info) == "expired"
+
+
+class CountingKey:
+    """An Ed25519 public key that counts its checks (the code calls only these two)."""
+
+    def __init__(self, key) -> None:
+        self.key, self.checks = key, 0
+
+    def verify(self, signature: bytes, data: bytes) -> None:
+        self.checks += 1
+        self.key.verify(signature, data)
+
+    def public_bytes_raw(self) -> bytes:
+        return self.key.public_bytes_raw()
+
+
+def test_a_memo_checks_a_signature_once_and_no_memo_checks_it_every_time(keys) -> None:
+    cert = operator_cert(keys)
+    kid = envelope.key_id(keys["root"].public_key())
+    counting = CountingKey(keys["root"].public_key())
+    for _ in range(3):  # a device: every push's signatures are its own work
+        assert envelope.signers(cert, {kid: counting}) == {kid}
+    assert counting.checks == 3
+    memo = envelope.SignatureMemo()
+    counting.checks = 0
+    for _ in range(3):  # the controller: the certificate every apply carries
+        assert envelope.signers(cert, {kid: counting}, memo) == {kid}
+    assert counting.checks == 1 and len(memo) == 1
+    forged = copy.deepcopy(operator_cert(keys, signer="ctl"))
+    forged["signatures"][0]["keyid"] = kid  # the controller's signature under the root's id
+    for _ in range(2):  # a refusal is remembered as a refusal
+        assert envelope.signers(forged, {kid: counting}, memo) == set()
+    assert counting.checks == 2 and len(memo) == 2
+    for n in range(envelope.CHECKED_MAX):  # bounded: cleared when full
+        memo.check(keys["root"].public_key(), n.to_bytes(64, "big"), b"data")
+    assert len(memo) <= envelope.CHECKED_MAX
 
 
 def test_deployment_signatures(keys) -> None:
