@@ -20,11 +20,11 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from margo_stream.errors import AuthorityError
+from margo_stream.identity.ed25519 import signature_ok
 from margo_stream.protocol.codes import Refusal
 
 MAX_ENVELOPE_BYTES = 64 * 1024
@@ -163,11 +163,7 @@ class SignatureMemo:
 
 def signature_valid(key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
     """Whether ``signature`` by ``key`` over ``data`` checks out."""
-    try:
-        key.verify(signature, data)
-    except (InvalidSignature, ValueError):
-        return False
-    return True
+    return signature_ok(key, signature, data)
 
 
 def verify(

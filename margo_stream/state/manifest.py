@@ -29,11 +29,11 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from margo_stream.errors import DocumentError
+from margo_stream.identity.ed25519 import signature_ok
 from margo_stream.state.content_rules import ID_RULE, valid_id, validate_file_name
 from margo_stream.state.digest import is_digest
 from margo_stream.state.documents import FileRef, format_path
@@ -42,7 +42,6 @@ MEDIA_TYPE = "application/vnd.margo-stream.desired-state.v1+json"
 MARGO_MEDIA_TYPE = "application/vnd.margo.manifest.v1+json"
 MAX_VERSION = 2**64 - 1
 MAX_MANIFEST_BYTES = 4 << 20
-SIGNATURE_SIZE = 64
 
 _TENANT_RE = re.compile(r"[a-z0-9._-]{1,255}")  # a SPIFFE trust domain name
 _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*")  # Margo DeviceId
@@ -359,13 +358,7 @@ def sign(manifest_bytes: bytes, key: Ed25519PrivateKey) -> bytes:
 
 
 def signature_valid(manifest_bytes: bytes, signature: bytes, key: Ed25519PublicKey) -> bool:
-    if not isinstance(signature, bytes | bytearray) or len(signature) != SIGNATURE_SIZE:
-        return False
-    try:
-        key.verify(bytes(signature), manifest_bytes)
-    except InvalidSignature:
-        return False
-    return True
+    return signature_ok(key, signature, manifest_bytes)
 
 
 def margo_manifest(manifest: Manifest) -> dict[str, Any]:
