@@ -44,6 +44,7 @@ from margo_stream.transport.mtls_hook import (
     nothing_to_send,
     peer_certificates,
     peer_reset_tokens,
+    receipt_mark,
     release_handshake_buffers,
     use_own_pacer,
 )
@@ -98,9 +99,17 @@ class Connection(ChannelConnection):
         now = self.loop.time()
         self.last_received = now
         self.remote = addr
-        if self.role is Sender.AGENT and is_reset(data, peer_reset_tokens(self.quic)):
-            # the controller no longer knows this connection (it restarted): RFC 9000 10.3.1,
-            # the connection is over and nothing more is sent on it
+        losses = self._losses
+        mark = receipt_mark(self.quic)
+        self.quic.receive_datagram(data, addr, now=now)
+        if (
+            self.role is Sender.AGENT
+            and receipt_mark(self.quic) == mark
+            and is_reset(data, peer_reset_tokens(self.quic))
+        ):
+            # nothing of the datagram was taken and it ends in the controller's token: the
+            # controller no longer knows this connection (it restarted). RFC 9000 10.3.1: the
+            # connection is over and nothing more is sent on it
             self.cancel_timer()
             self._terminated(
                 ErrorCode.NO_ERROR,
@@ -110,8 +119,6 @@ class Connection(ChannelConnection):
             if self.on_terminated is not None:
                 self.on_terminated(self)
             return
-        losses = self._losses
-        self.quic.receive_datagram(data, addr, now=now)
         self._data_in = False
         self._drain_events()
         if self._data_in:

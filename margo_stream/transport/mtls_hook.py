@@ -125,7 +125,7 @@ def check_aioquic() -> None:
             )
     _check_server_name_hook(context)
     client = QuicConnection(configuration=QuicConfiguration(is_client=True))
-    for attribute in ("_host_cids", "_peer_cid", "_peer_cid_available"):
+    for attribute in ("_host_cids", "_peer_cid", "_peer_cid_available", "_close_at"):
         if not hasattr(client, attribute):
             raise UnsupportedAioquic(
                 f"aioquic {aioquic_version}: QuicConnection has no {attribute!r}; "
@@ -571,9 +571,20 @@ def host_reset_tokens(connection: QuicConnection) -> dict[bytes, bytes]:
 
 
 def peer_reset_tokens(connection: QuicConnection) -> list[bytes]:
-    """The reset tokens the peer gave us, for every connection ID of its we may use."""
-    cids = [connection._peer_cid, *connection._peer_cid_available]
+    """The reset tokens of the peer's connection IDs we use: the one we send with and any
+    reserved for a path being probed. RFC 9000 10.3.1: an endpoint must not look for the
+    tokens of connection IDs it has not used or has retired."""
+    cids = [connection._peer_cid]
+    cids += [p.peer_cid for p in connection._network_paths if p.peer_cid is not None]
     return [c.stateless_reset_token for c in cids if c.stateless_reset_token]
+
+
+def receipt_mark(connection: QuicConnection) -> float | None:
+    """A value that moves whenever aioquic takes a packet (decrypted and processed): its idle
+    deadline, set anew by every such packet. Unchanged across a datagram means that possibly
+    none of it was taken, when RFC 9000 10.3.1 requires the stateless-reset check (a datagram
+    taken within the same tick of the clock leaves it unchanged too: a check not needed)."""
+    return connection._close_at
 
 
 def peer_certificates(

@@ -100,27 +100,55 @@ def test_plain_server_connection_does_not_request_certificates(tmp_path):
     assert peer_certificates(server)[0] is None
 
 
-def test_every_connection_id_the_server_issues_carries_the_derived_reset_token(tmp_path):
-    from margo_stream.transport.mtls_hook import host_reset_tokens, peer_reset_tokens
-    from margo_stream.transport.stateless_reset import ResetTokens, is_reset
+def _reset_pair(tmp_path):
+    """A client and a server whose connection IDs carry tokens of a known key, connected."""
+    from margo_stream.transport.stateless_reset import ResetTokens
 
-    pki = Pki(tmp_path)
     tokens = ResetTokens(b"k" * 32)
-    client, plain = _pair(pki, True, [])
+    client, plain = _pair(Pki(tmp_path), True, [])
     server = MutualTlsServerConnection(
         configuration=plain._configuration,  # test-only peek: the same server settings
         original_destination_connection_id=client._peer_cid.cid,
         reset_tokens=tokens,
     )
     _handshake(client, server)
+    return client, server, tokens
+
+
+def test_every_connection_id_the_server_issues_carries_the_derived_reset_token(tmp_path):
+    from margo_stream.transport.mtls_hook import host_reset_tokens, peer_reset_tokens
+    from margo_stream.transport.stateless_reset import is_reset
+
+    client, server, tokens = _reset_pair(tmp_path)
     issued = host_reset_tokens(server)
     assert len(issued) > 1  # the first ID (transport parameter) and NEW_CONNECTION_ID ones
     assert all(token == tokens.token(cid) for cid, token in issued.items())
     given = peer_reset_tokens(client)
-    assert given and set(given) <= set(issued.values())
+    # only the token of the ID the client uses: RFC 9000 10.3.1 forbids looking for those of
+    # IDs not used yet (or retired)
+    assert given == [tokens.token(client._peer_cid.cid)]  # test-only peek
     # a reset the restarted server would send for the ID the client uses is recognised
     reset = tokens.reset_for(client._peer_cid.cid, 60)  # test-only peek
     assert reset is not None and is_reset(reset, given)
+    unused = client._peer_cid_available[0].cid  # test-only peek
+    assert not is_reset(tokens.reset_for(unused, 60) or b"", given)
+
+
+def test_the_receipt_mark_moves_when_a_packet_is_taken_and_not_for_a_reset(tmp_path):
+    from margo_stream.transport.mtls_hook import receipt_mark
+
+    client, server, tokens = _reset_pair(tmp_path)
+    now = 10.0
+    server.send_ping(1)
+    for data, _addr in server.datagrams_to_send(now=now):
+        mark = receipt_mark(client)
+        client.receive_datagram(data, ("127.0.0.1", 4433), now=now + 1)
+        assert receipt_mark(client) != mark  # taken
+    reset = tokens.reset_for(client._peer_cid.cid, 60)  # test-only peek
+    assert reset is not None
+    mark = receipt_mark(client)
+    client.receive_datagram(reset, ("127.0.0.1", 4433), now=now + 2)
+    assert receipt_mark(client) == mark  # nothing of it taken: the reset check is due
 
 
 def _sni_pair(pki: Pki, server_name: str, cafile: Path):
