@@ -105,8 +105,8 @@ class Seed:
     valid: bool = True  # a correct peer could send exactly this
 
 
-def _wire(messages: Iterable[BaseModel]) -> bytes:
-    return b"".join(encode_frame(m.to_wire(x)) for x in messages)
+def _wire(messages: Iterable[BaseModel], *, compress: bool = False) -> bytes:
+    return b"".join(encode_frame(m.to_wire(x), compress=compress) for x in messages)
 
 
 def seeds() -> list[Seed]:
@@ -143,6 +143,9 @@ def seeds() -> list[Seed]:
     ]
     big = m.Blob(digest=DIGEST, data=bytes(range(256)) * 12)  # about 3 KiB: several packets
     out += [Seed(A, (), False, _wire([M("desired"), big, big]))]
+    # a push as the controller sends it to today's agents: compressed frames
+    text = m.Blob(digest=DIGEST, data=b"spec:\n  image: registry/app:1.0\n" * 40)
+    out += [Seed(A, (), False, _wire([M("desired"), text], compress=True))]
     out += [
         Seed(C, (), False, _wire([m.Telemetry(oldest=1, first=1, last=1, count=1, data=big.data)]))
     ]
@@ -367,11 +370,13 @@ def run_session(core: ChannelCore, ops: list[Op], stats: Stats | None = None) ->
 
 def new_core(rng: random.Random, role: Sender) -> ChannelCore:
     """Half with the default bounds, half with small ones that the inputs reach."""
+    inflate = role is Sender.AGENT  # as in production: agents take compressed frames
     if rng.random() < 0.5:
-        return ChannelCore(role)
+        return ChannelCore(role, inflate=inflate)
     frame = rng.choice(FRAME_SIZES[:2])
     return ChannelCore(
         role,
+        inflate=inflate,
         max_frame=frame,
         buffer_budget=rng.choice((frame, 2 * frame, 4 * frame, 1000)),
         max_failed_streams=rng.randint(1, 16),
@@ -428,6 +433,7 @@ def reproducer(seed: int, role: Sender, bounds: dict[str, int], ops: list[Op]) -
 
 def _bounds(core: ChannelCore) -> dict[str, int]:
     return {
+        "inflate": core.inflate,
         "max_frame": core.max_frame,
         "buffer_budget": core.buffer_budget,
         "max_failed_streams": core.max_failed_streams,
@@ -490,7 +496,7 @@ def fuzz_decoder(inputs: int, seed: int) -> int:
     mutator = Mutator(rng, [s.wire for s in seeds()])
     corpus = mutator.corpus
     for _ in range(inputs):
-        decoder = FrameDecoder(4096)
+        decoder = FrameDecoder(4096, inflate=rng.random() < 0.5)  # the agent's half inflates
         data = mutator.mutate(rng.choice(corpus))
         try:
             for i in range(0, len(data), rng.randint(1, 64)):

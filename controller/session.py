@@ -171,6 +171,9 @@ class ControllerSession:
         event = self.protocol.received(message)
         if isinstance(event, HelloReceived):
             self._hello_timer.cancel()
+            # an agent that takes compressed frames gets them (a push's manifest and document
+            # then fit one datagram)
+            self.conn.core.compress = event.hello.proto >= m.PROTO_COMPRESSED_FRAMES
             self.ctx.tasks.spawn(self._welcome, event.hello)
         elif isinstance(event, IdentityMismatch):
             self._hello_timer.cancel()

@@ -109,8 +109,8 @@ class _Stream:
 
     __slots__ = ("decoder", "kind", "machine", "broken", "held", "local_ended")
 
-    def __init__(self, max_frame: int) -> None:
-        self.decoder: FrameDecoder | None = FrameDecoder(max_frame)
+    def __init__(self, max_frame: int, inflate: bool) -> None:
+        self.decoder: FrameDecoder | None = FrameDecoder(max_frame, inflate=inflate)
         self.kind: StreamKind | None = None
         self.machine: StreamMachine | None = None
         # a violation of ours (a send the table refused) is sticky as its class, code and text:
@@ -147,10 +147,13 @@ class ChannelCore:
         buffer_budget: int | None = None,
         max_failed_streams: int = DEFAULT_MAX_FAILED_STREAMS,
         max_failed_total: int = DEFAULT_MAX_FAILED_TOTAL,
+        inflate: bool = False,
     ) -> None:
         self.role = role
         self.peer = role.peer
         self.max_frame = max_frame
+        self.inflate = inflate  # the peer's compressed frames are taken (frames.py)
+        self.compress = False  # what we send is compressed (the peer said it takes it)
         self.buffer_budget = (
             BUFFER_BUDGET_FRAMES * max_frame if buffer_budget is None else buffer_budget
         )
@@ -176,7 +179,7 @@ class ChannelCore:
             return []
         stream = self._streams.get(stream_id)
         if stream is None:
-            stream = self._streams[stream_id] = _Stream(self.max_frame)
+            stream = self._streams[stream_id] = _Stream(self.max_frame, self.inflate)
         decoder = stream.decoder
         if decoder is None:
             return []  # the peer ended this direction; a transport never delivers more
@@ -245,7 +248,7 @@ class ChannelCore:
         raw = to_wire(message) if isinstance(message, BaseModel) else message
         stream = self._streams.get(stream_id)
         if stream is None:
-            stream = self._streams[stream_id] = _Stream(self.max_frame)
+            stream = self._streams[stream_id] = _Stream(self.max_frame, self.inflate)
         if stream.local_ended:
             raise LocalProtocolError(
                 f"stream {stream_id}: we ended our direction; nothing more can be sent on it",
@@ -260,7 +263,7 @@ class ChannelCore:
                 )
             stream.open(entry[0], self.role)
         stream.step(self.role, raw["t"])
-        return encode_frame(raw, max_frame=self.max_frame)
+        return encode_frame(raw, max_frame=self.max_frame, compress=self.compress)
 
     def end(self, stream_id: int) -> None:
         """We are about to end our direction of ``stream_id`` (check it is allowed)."""
@@ -268,7 +271,7 @@ class ChannelCore:
             return
         stream = self._streams.get(stream_id)
         if stream is None:
-            stream = self._streams[stream_id] = _Stream(self.max_frame)
+            stream = self._streams[stream_id] = _Stream(self.max_frame, self.inflate)
         if stream.kind is not None and not stream.local_ended:
             stream.step(self.role, END)
         stream.local_ended = True

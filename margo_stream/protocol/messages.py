@@ -63,11 +63,14 @@ class Capabilities(_Model):
 # The hello's ``proto`` from which an agent reads the refusal members of a ``status_ack``.
 # Agents before it say 1 (nothing checks the number otherwise), so they never get them.
 PROTO_STATUS_REFUSALS = 2
+# ... and from which it takes compressed frames (margo_stream.protocol.frames): the controller
+# compresses what it sends on that connection once the hello is in.
+PROTO_COMPRESSED_FRAMES = 3
 
 
 class Hello(_Model):
     t: Literal["hello"] = "hello"
-    proto: int = PROTO_STATUS_REFUSALS
+    proto: int = PROTO_COMPRESSED_FRAMES
     device_id: str = Field(pattern=DEVICE_ID_PATTERN, max_length=200)
     agent_version: str = Field(max_length=64)
     capabilities: Capabilities

@@ -181,7 +181,8 @@ class ChannelConnection:
     ) -> None:
         self.role = role
         self.loop = loop
-        self.core = ChannelCore(role, max_frame=max_frame)
+        # the agent takes compressed frames (the controller sends them once the hello says so)
+        self.core = ChannelCore(role, max_frame=max_frame, inflate=role is Sender.AGENT)
         self.handler: ConnectionHandler | None = None
         self.streams: dict[int, MessageStream] = {}
         self.last_received = loop.time()

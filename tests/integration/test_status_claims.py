@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from bench.transports.base import status_document
 from bench.transports.rest_client import RestPollClient
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode
+from margo_stream.protocol.frames import COMPRESSED
 from tests.harness import (
     Agent,
     Controller,
@@ -83,10 +85,12 @@ class PushCatcher:
 
     def __init__(self) -> None:
         self.pushes: list[m.Desired] = []
+        self.push_streams: list[int] = []
 
     def stream_opened(self, stream: Any, first: Any) -> None:
         if isinstance(first, m.Desired):
             self.pushes.append(first)
+            self.push_streams.append(stream.stream_id)
         stream.on_message = lambda message: None
 
     def stream_failed(self, stream: Any, event: Any) -> None:
@@ -120,7 +124,22 @@ def test_a_plain_status_ack_is_the_map_older_agents_parse() -> None:
     assert m.to_wire(m.StatusAck(seq=7)) == {"t": "status_ack", "seq": 7}
     refused = m.StatusAck(seq=7, code=int(ErrorCode.STATUS_REFUSED), reason="never issued")
     assert m.parse_message(m.to_wire(refused)) == refused
-    assert hello(DEVICE).proto == m.PROTO_STATUS_REFUSALS
+    assert hello(DEVICE).proto >= m.PROTO_STATUS_REFUSALS
+
+
+def first_headers(conn: Any) -> dict[int, int]:
+    """The length word of the first frame of every stream ``conn`` receives (a compressed
+    frame sets its top bit)."""
+    seen: dict[int, int] = {}
+    receive = conn.core.receive
+
+    def recording(stream_id: int, data: bytes, end_stream: bool = False) -> Any:
+        if len(data) >= 4:
+            seen.setdefault(stream_id, struct.unpack_from(">I", data)[0])
+        return receive(stream_id, data, end_stream)
+
+    conn.core.receive = recording
+    return seen
 
 
 async def test_quic_status_claims(pki, tmp_path) -> None:
@@ -131,12 +150,15 @@ async def test_quic_status_claims(pki, tmp_path) -> None:
         conn = await open_connection(ctl.quic_port, conf)
         catcher = PushCatcher()
         conn.handler = catcher
+        headers = first_headers(conn)
         assert isinstance(await say_hello(conn, DEVICE), m.HelloAck)
         await anyio.to_thread.run_sync(apply_heartbeat, pki, ctl)
         with anyio.fail_after(10):
             while not catcher.pushes:
                 await anyio.sleep(0.02)
         version = catcher.pushes[0].version
+        # today's hello takes compressed frames: the push's manifest came compressed
+        assert headers[catcher.push_streams[0]] & COMPRESSED
 
         acks = await send_claims(
             conn,
@@ -156,13 +178,22 @@ async def test_quic_status_claims(pki, tmp_path) -> None:
         assert_refusals_logged(ctl, version)
         conn.close()
 
-        # an agent from before the refusal members (hello proto 1) gets the plain ack
+        # an agent from before the refusal members (hello proto 1) gets the plain ack, and
+        # plain frames: its decoder takes no compressed ones
         old = await open_connection(ctl.quic_port, conf)
-        old.handler = PushCatcher()
+        old.core.inflate = False
+        old_catcher = PushCatcher()
+        old.handler = old_catcher
+        old_headers = first_headers(old)
         control = old.open_stream()
-        control.send(hello(DEVICE).model_copy(update={"proto": 1}))
+        control.send(hello(DEVICE).model_copy(update={"proto": 1, "manifest_version": None}))
         with anyio.fail_after(5):
             assert isinstance(await control.receive(), m.HelloAck)
+        with anyio.fail_after(10):  # the hello named no version: the controller catches it up
+            while not old_catcher.pushes:
+                await anyio.sleep(0.02)
+        assert old_catcher.pushes[0].version == version
+        assert not old_headers[old_catcher.push_streams[0]] & COMPRESSED
         [ack] = (await send_claims(old, [("not-mine", version)], first_seq=4)).values()
         assert ack == m.StatusAck(seq=4)
         assert await anyio.to_thread.run_sync(listed, pki, ctl) == [

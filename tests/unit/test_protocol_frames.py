@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import struct
+import zlib
 
 import msgpack
 import pytest
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 
 from margo_stream.errors import LocalProtocolError, RemoteProtocolError
 from margo_stream.protocol.codes import ErrorCode
-from margo_stream.protocol.frames import FrameDecoder, encode_frame
+from margo_stream.protocol.frames import COMPRESS_MAX, COMPRESSED, FrameDecoder, encode_frame
 
 values = st.recursive(
     st.none()
@@ -89,3 +91,79 @@ def test_truncated_stream():
     with pytest.raises(RemoteProtocolError) as info:
         decoder.finish()
     assert info.value.code == ErrorCode.TRUNCATED_STREAM
+
+
+# --- compressed frames ---------------------------------------------------------------------------
+def _compressed(body: bytes) -> bytes:
+    return struct.pack(">I", len(body) | COMPRESSED) + body
+
+
+def _deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return packer.compress(data) + packer.flush()
+
+
+PUSH_LIKE = {"t": "desired", "manifest": b'{"deployments":[' + b'{"id":"web"},' * 80 + b"]}"}
+
+
+@given(st.lists(messages, min_size=1, max_size=4), st.data())
+def test_compressed_and_plain_frames_round_trip_at_any_split(msgs, data):
+    msgs = [*msgs, PUSH_LIKE]
+    wire = b"".join(encode_frame(m, compress=True) for m in msgs)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=6)))
+    decoder = FrameDecoder(inflate=True)
+    out = []
+    prev = 0
+    for cut in [*cuts, len(wire)]:
+        out.extend(decoder.feed(wire[prev:cut]))
+        prev = cut
+    assert out == msgs
+
+
+def test_only_mid_sized_compressible_frames_are_compressed():
+    (length,) = struct.unpack_from(">I", frame := encode_frame(PUSH_LIKE, compress=True))
+    assert length & COMPRESSED and len(frame) < len(encode_frame(PUSH_LIKE)) * 0.6
+    assert encode_frame(PUSH_LIKE) == encode_frame(PUSH_LIKE, compress=False)  # off by default
+    small = {"t": "ping", "n": 1}
+    assert encode_frame(small, compress=True) == encode_frame(small)
+    noise = {"t": "blob", "data": os.urandom(4096)}  # compresses to no gain: sent as it is
+    assert encode_frame(noise, compress=True) == encode_frame(noise)
+    big = {"t": "blob", "data": b"a" * (COMPRESS_MAX + 1)}  # a file's chunk: not worth the CPU
+    assert encode_frame(big, compress=True) == encode_frame(big)
+
+
+def test_a_compressed_frame_is_refused_where_none_was_offered():
+    decoder = FrameDecoder()  # the controller's: agents never send compressed frames
+    with pytest.raises(RemoteProtocolError) as exc:
+        decoder.feed(encode_frame(PUSH_LIKE, compress=True))
+    assert exc.value.code == ErrorCode.MALFORMED_FRAME
+    assert "compressed frame" in str(exc.value)
+
+
+def test_a_frame_inflating_past_the_limit_is_refused_after_the_limit():
+    bomb = _deflate(msgpack.packb({"t": "x", "pad": b"\0" * (1 << 20)}))
+    assert len(bomb) < 2048  # 1 MiB of zeros in about a kilobyte
+    decoder = FrameDecoder(64 * 1024, inflate=True)
+    with pytest.raises(RemoteProtocolError) as exc:
+        decoder.feed(_compressed(bomb))
+    assert exc.value.code == ErrorCode.FRAME_TOO_LARGE
+    assert "inflates past the 65536-byte limit" in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"\xff\xff\xff\xff not deflate", "does not inflate"),
+        (_deflate(msgpack.packb({"t": "x", "a": "b" * 600}))[:-4], "cut short"),
+        (_deflate(msgpack.packb({"t": "x"})) + b"trailing", "bytes after its end"),
+        (_deflate(b"\xc1 not msgpack"), "not valid msgpack"),
+    ],
+)
+def test_malformed_compressed_frames_are_named(body, says):
+    decoder = FrameDecoder(inflate=True)
+    with pytest.raises(RemoteProtocolError) as exc:
+        decoder.feed(_compressed(body))
+    assert exc.value.code == ErrorCode.MALFORMED_FRAME
+    assert says in str(exc.value)
+    with pytest.raises(RemoteProtocolError):  # sticky, like every decoder error
+        decoder.feed(encode_frame({"t": "x"}))
