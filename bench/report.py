@@ -228,11 +228,13 @@ PUSH_WHY = (
     " Every push transport shares the controller's apply path (API, store, signing), and every"
     " transport's device runs the agent's own verifier (root metadata, the operator's signature"
     " over every deployment) and writes its trust state before it reports. Profiled"
-    " (bench/RESULTS.md, issue 20): the fan-out is bound by the simulated devices' one core,"
-    " where a QUIC device also does aioquic's packet work in Python and the TCP devices leave"
-    " TLS to OpenSSL; a lone push's round trip is the API (the YAML read and the signature"
-    " checks), the next manifest signed, the device's checks and durable trust-state write, and"
-    " the status stored and acked."
+    " (bench/RESULTS.md, issue 20): a fan-out is bound by the busier core, h2-push's by its"
+    " controller, QUIC's by the simulated devices' core, where a QUIC device runs the agent's"
+    " own channel and aioquic's packets in Python while an HTTP/2 device is a lean client whose"
+    " acknowledgements come from the kernel (the first fan-out after connecting also carries"
+    " the operator's certificate); a lone push's round trip is the API (the YAML read and the"
+    " signature checks), the next manifest signed, the device's checks and durable trust-state"
+    " write, and the status stored and acked."
 )
 RECONNECT_WHY = (
     " After kill -9 the new controller drops the devices' packets for connections it"
