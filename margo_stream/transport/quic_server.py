@@ -52,7 +52,7 @@ from margo_stream.transport.mtls_hook import (
     CertificateChooser,
     MutualTlsServerConnection,
     check_aioquic,
-    take_peer_certificates,
+    take_client_chain,
 )
 from margo_stream.transport.retry import InvalidToken, RetryTokens, Validated
 from margo_stream.transport.stateless_reset import ResetTokens
@@ -349,7 +349,7 @@ class QuicServer(asyncio.DatagramProtocol):
     def _handshake_completed(self, conn: Connection, event: qe.HandshakeCompleted) -> None:
         self.counters["handshakes"] += 1
         self._end_half_open(conn)  # whatever the identity check says, it is no longer half-open
-        leaf, chain = take_peer_certificates(conn.quic)  # read once, here
+        leaf, chain = take_client_chain(conn.quic)  # read once, here
         try:
             if event.alpn_protocol != ALPN:
                 raise PeerRejected(f"ALPN {event.alpn_protocol!r} is not {ALPN!r}")

@@ -23,7 +23,7 @@ from margo_stream.transport.mtls_hook import (
     check_aioquic,
     peer_certificates,
     release_handshake_buffers,
-    take_peer_certificates,
+    take_client_chain,
 )
 from margo_stream.transport.quic_client import client_configuration
 from margo_stream.transport.quic_server import server_configuration
@@ -106,7 +106,7 @@ def test_the_key_log_callbacks_and_the_checked_chain_go_and_the_connection_still
     from aioquic.quic.crypto import NoCallback
 
     release_handshake_buffers(pair.server)
-    leaf, chain = take_peer_certificates(pair.server)
+    leaf, chain = take_client_chain(pair.server)
     assert leaf is not None
     assert peer_certificates(pair.server) == (None, [])
     for crypto in pair.server._cryptos.values():
@@ -125,7 +125,7 @@ def test_the_key_log_callbacks_and_the_checked_chain_go_and_the_connection_still
 
 
 def test_a_client_keeps_the_chain_it_was_shown(pair):
-    take_peer_certificates(pair.client)
+    take_client_chain(pair.client)
     assert peer_certificates(pair.client)[0] is not None
 
 
