@@ -110,7 +110,7 @@ def signers(
     """The ids of the keys of ``keys`` (key id -> key) whose signature over the envelope's
     ``signed`` checks out (each counted once; unknown ids and bad signatures are skipped);
     with ``memo``, outcomes it remembers are not checked again."""
-    check = signature_valid if memo is None else memo.check
+    check = signature_ok if memo is None else memo.check
     data = canonical(envelope["signed"])
     good: set[str] = set()
     for entry in envelope["signatures"]:
@@ -151,7 +151,7 @@ class SignatureMemo:
         known = self._outcomes.get(memo_key)
         if known is not None:
             return known
-        valid = signature_valid(key, signature, data)
+        valid = signature_ok(key, signature, data)
         if len(self._outcomes) >= CHECKED_MAX:
             self._outcomes.clear()
         self._outcomes[memo_key] = valid
@@ -159,11 +159,6 @@ class SignatureMemo:
 
     def __len__(self) -> int:
         return len(self._outcomes)
-
-
-def signature_valid(key: Ed25519PublicKey, signature: bytes, data: bytes) -> bool:
-    """Whether ``signature`` by ``key`` over ``data`` checks out."""
-    return signature_ok(key, signature, data)
 
 
 def verify(

@@ -100,10 +100,11 @@ class Connection(ChannelConnection):
         self.last_received = now
         self.remote = addr
         losses = self._losses
-        mark = receipt_mark(self.quic)
+        agent = self.role is Sender.AGENT  # only the agent looks for stateless resets
+        mark = receipt_mark(self.quic) if agent else None
         self.quic.receive_datagram(data, addr, now=now)
         if (
-            self.role is Sender.AGENT
+            agent
             and receipt_mark(self.quic) == mark
             and is_reset(data, peer_reset_tokens(self.quic))
         ):

@@ -157,13 +157,13 @@ def test_a_memo_checks_a_signature_once_and_no_memo_checks_it_every_time(
     keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     checks: list[bytes] = []
-    check = envelope.signature_valid
+    check = envelope.signature_ok
 
     def counting(key, signature: bytes, data: bytes) -> bool:
         checks.append(signature)
         return check(key, signature, data)
 
-    monkeypatch.setattr(envelope, "signature_valid", counting)
+    monkeypatch.setattr(envelope, "signature_ok", counting)
     cert = operator_cert(keys)
     root = keys["root"].public_key()
     kid = envelope.key_id(root)
