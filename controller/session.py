@@ -172,8 +172,9 @@ class ControllerSession:
         if isinstance(event, HelloReceived):
             self._hello_timer.cancel()
             # an agent that takes compressed frames gets them (a push's manifest and document
-            # then fit one datagram)
+            # then fit one datagram), referring back to their stream's frames if it keeps that
             self.conn.core.compress = event.hello.proto >= m.PROTO_COMPRESSED_FRAMES
+            self.conn.core.share_window = event.hello.proto >= m.PROTO_SHARED_WINDOW
             self.ctx.tasks.spawn(self._welcome, event.hello)
         elif isinstance(event, IdentityMismatch):
             self._hello_timer.cancel()

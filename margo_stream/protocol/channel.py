@@ -51,7 +51,7 @@ from pydantic import BaseModel
 
 from margo_stream.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from margo_stream.protocol.codes import DEFAULT_MAX_FRAME, ErrorCode, Sender, StreamKind
-from margo_stream.protocol.frames import FrameDecoder, encode_frame
+from margo_stream.protocol.frames import FrameDecoder, SharedWindow, encode_frame
 from margo_stream.protocol.messages import parse_message, to_wire
 from margo_stream.protocol.streams import END, OPENERS, StreamMachine, kind_of_opener
 
@@ -107,7 +107,7 @@ def is_peer_fault(code: int) -> bool:
 class _Stream:
     """A live stream. ``decoder`` is None once the peer ended its direction cleanly."""
 
-    __slots__ = ("decoder", "kind", "machine", "broken", "held", "local_ended")
+    __slots__ = ("decoder", "kind", "machine", "broken", "held", "local_ended", "window")
 
     def __init__(self, max_frame: int, inflate: bool) -> None:
         self.decoder: FrameDecoder | None = FrameDecoder(max_frame, inflate=inflate)
@@ -118,6 +118,7 @@ class _Stream:
         self.broken: tuple[type[ProtocolError], ErrorCode, str] | None = None
         self.held = 0  # unparsed bytes in the decoder, as last counted in the core's total
         self.local_ended = False
+        self.window: SharedWindow | None = None  # what our compressed frames refer back to
 
     def open(self, kind: StreamKind, role: Sender) -> None:
         self.kind = kind
@@ -154,6 +155,7 @@ class ChannelCore:
         self.max_frame = max_frame
         self.inflate = inflate  # the peer's compressed frames are taken (frames.py)
         self.compress = False  # what we send is compressed (the peer said it takes it)
+        self.share_window = False  # ... referring back to its stream (the peer keeps windows)
         self.buffer_budget = (
             BUFFER_BUDGET_FRAMES * max_frame if buffer_budget is None else buffer_budget
         )
@@ -263,7 +265,12 @@ class ChannelCore:
                 )
             stream.open(entry[0], self.role)
         stream.step(self.role, raw["t"])
-        return encode_frame(raw, max_frame=self.max_frame, compress=self.compress)
+        window = None
+        if self.compress and self.share_window:
+            window = stream.window
+            if window is None:
+                window = stream.window = SharedWindow()
+        return encode_frame(raw, max_frame=self.max_frame, compress=self.compress, window=window)
 
     def end(self, stream_id: int) -> None:
         """We are about to end our direction of ``stream_id`` (check it is allowed)."""

@@ -14,6 +14,17 @@ costs the memory and time of an uncompressed one at the limit, no more. Frames s
 ``COMPRESS_MIN`` or longer than ``COMPRESS_MAX`` are sent as they are: compression is for the
 control messages that would spill into one more packet (a push's manifest and document
 compress by about 40 %, which lets a small push leave in one datagram), not for files.
+
+The frames of one stream in one direction that are eligible for compression (``COMPRESS_MIN``
+to ``COMPRESS_MAX`` bytes of msgpack, compressed or not) share a window (``SharedWindow``):
+a compressed frame may refer back to the last ``WINDOW`` bytes of them, DEFLATE's preset
+dictionary. A push names the digests of its files in its manifest and again in each file's
+frame, so its frames compress together far better than apart (a first push with the operator's
+certificate: 1,260 bytes against 1,476, one datagram instead of two). The sender refers back
+only to a peer whose hello says it keeps the window (``PROTO_SHARED_WINDOW``); a decoder that
+takes compressed frames always keeps it, which costs a frame compressed without one nothing
+(the dictionary only fills the window no back reference of it reaches). Small frames (a status
+acknowledgement, a keystroke) never enter a window, so a long-lived stream keeps none.
 """
 
 from __future__ import annotations
@@ -34,12 +45,41 @@ COMPRESS_MIN = 512  # payloads shorter are not worth a compressor's setup (about
 COMPRESS_MAX = 16 * 1024  # nor longer ones, mostly files' chunks: the CPU, not the packets
 COMPRESS_LEVEL = 6
 _RAW_DEFLATE = -15  # zlib's wbits for raw DEFLATE with a 32 KiB window, no zlib header
+WINDOW = 8 * 1024  # bytes of a stream's earlier eligible frames a compressed frame may refer to
+
+
+class SharedWindow:
+    """The last ``WINDOW`` bytes of msgpack of the eligible frames on one stream in one
+    direction: both ends add the same payloads in the same order, so they hold the same."""
+
+    __slots__ = ("data",)
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def add(self, payload: bytes) -> None:
+        if COMPRESS_MIN <= len(payload) <= COMPRESS_MAX:
+            self.data = (self.data + payload)[-WINDOW:]
+
+
+def _deflate(payload: bytes, window: bytes) -> bytes:
+    if not window:
+        return zlib.compress(payload, COMPRESS_LEVEL, wbits=_RAW_DEFLATE)
+    packer = zlib.compressobj(
+        COMPRESS_LEVEL, zlib.DEFLATED, _RAW_DEFLATE, 8, zlib.Z_DEFAULT_STRATEGY, window
+    )
+    return packer.compress(payload) + packer.flush()
 
 
 def encode_frame(
-    message: dict[str, Any], *, max_frame: int = DEFAULT_MAX_FRAME, compress: bool = False
+    message: dict[str, Any],
+    *,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    compress: bool = False,
+    window: SharedWindow | None = None,
 ) -> bytes:
-    """The frame of ``message``; with ``compress``, DEFLATEd when that makes it shorter."""
+    """The frame of ``message``; with ``compress``, DEFLATEd when that makes it shorter,
+    referring back to ``window`` (its stream's, which takes the payload) when given."""
     payload = msgpack.packb(message, use_bin_type=True)
     if len(payload) > max_frame:
         raise LocalProtocolError(
@@ -48,15 +88,20 @@ def encode_frame(
             ErrorCode.FRAME_TOO_LARGE,
         )
     if compress and COMPRESS_MIN <= len(payload) <= COMPRESS_MAX:
-        packed = zlib.compress(payload, COMPRESS_LEVEL, wbits=_RAW_DEFLATE)
+        packed = _deflate(payload, window.data if window is not None else b"")
+        if window is not None:
+            window.add(payload)
         if len(packed) < len(payload):
             return _HEADER.pack(len(packed) | COMPRESSED) + packed
     return _HEADER.pack(len(payload)) + payload
 
 
-def inflate_payload(body: bytes, max_frame: int) -> bytes:
-    """The msgpack a compressed frame's body inflates to, at most ``max_frame`` bytes."""
-    inflater = zlib.decompressobj(_RAW_DEFLATE)
+def inflate_payload(body: bytes, max_frame: int, window: bytes = b"") -> bytes:
+    """The msgpack a compressed frame's body inflates to, at most ``max_frame`` bytes, with
+    its stream's shared ``window`` as the preset dictionary."""
+    inflater = (
+        zlib.decompressobj(_RAW_DEFLATE, window) if window else zlib.decompressobj(_RAW_DEFLATE)
+    )
     problem: str | None = None
     try:
         payload = inflater.decompress(body, max_frame)
@@ -104,13 +149,15 @@ class FrameDecoder:
     exception each time: the decoder keeps the code and text, never an exception object, whose
     traceback would pin the frames and the bytes of the call that raised it)."""
 
-    __slots__ = ("_buf", "_max_frame", "_error", "_inflate")
+    __slots__ = ("_buf", "_max_frame", "_error", "_inflate", "_window")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, *, inflate: bool = False) -> None:
         self._buf = bytearray()
         self._max_frame = max_frame
         self._error: tuple[ErrorCode, str] | None = None
         self._inflate = inflate  # compressed frames are taken
+        # ... and may refer back to the stream's earlier frames
+        self._window = SharedWindow() if inflate else None
 
     @property
     def buffered(self) -> int:
@@ -150,8 +197,12 @@ class FrameDecoder:
                 if available < end:
                     break
                 body = bytes(buf[offset + HEADER_SIZE : end])
+                window = self._window
                 if compressed:
-                    body = inflate_payload(body, self._max_frame)
+                    assert window is not None
+                    body = inflate_payload(body, self._max_frame, window.data)
+                if window is not None:
+                    window.add(body)
                 out.append(decode_payload(body))
                 offset = end
         except RemoteProtocolError as exc:

@@ -66,11 +66,14 @@ PROTO_STATUS_REFUSALS = 2
 # ... and from which it takes compressed frames (margo_stream.protocol.frames): the controller
 # compresses what it sends on that connection once the hello is in.
 PROTO_COMPRESSED_FRAMES = 3
+# ... and from which its compressed frames may refer back to their stream's earlier frames
+# (frames.SharedWindow)
+PROTO_SHARED_WINDOW = 4
 
 
 class Hello(_Model):
     t: Literal["hello"] = "hello"
-    proto: int = PROTO_COMPRESSED_FRAMES
+    proto: int = PROTO_SHARED_WINDOW
     device_id: str = Field(pattern=DEVICE_ID_PATTERN, max_length=200)
     agent_version: str = Field(max_length=64)
     capabilities: Capabilities

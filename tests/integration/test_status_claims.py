@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -127,19 +128,34 @@ def test_a_plain_status_ack_is_the_map_older_agents_parse() -> None:
     assert hello(DEVICE).proto >= m.PROTO_STATUS_REFUSALS
 
 
-def first_headers(conn: Any) -> dict[int, int]:
-    """The length word of the first frame of every stream ``conn`` receives (a compressed
-    frame sets its top bit)."""
-    seen: dict[int, int] = {}
+def received_bytes(conn: Any) -> dict[int, bytearray]:
+    """Every byte ``conn`` receives, by stream."""
+    seen: dict[int, bytearray] = {}
     receive = conn.core.receive
 
     def recording(stream_id: int, data: bytes, end_stream: bool = False) -> Any:
-        if len(data) >= 4:
-            seen.setdefault(stream_id, struct.unpack_from(">I", data)[0])
+        seen.setdefault(stream_id, bytearray()).extend(data)
         return receive(stream_id, data, end_stream)
 
     conn.core.receive = recording
     return seen
+
+
+def frames_alone(data: bytes) -> list[tuple[bool, bool]]:
+    """(compressed, inflates on its own) for each frame of a stream's bytes: a frame of a
+    push that refers back to the frames before it (hello proto 4) does not inflate alone."""
+    out = []
+    while data:
+        (word,) = struct.unpack_from(">I", data)
+        body, data = data[4 : 4 + (word & ~COMPRESSED)], data[4 + (word & ~COMPRESSED) :]
+        alone = True
+        if word & COMPRESSED:
+            try:
+                zlib.decompressobj(-15).decompress(body)
+            except zlib.error:
+                alone = False
+        out.append((bool(word & COMPRESSED), alone))
+    return out
 
 
 async def test_quic_status_claims(pki, tmp_path) -> None:
@@ -150,15 +166,17 @@ async def test_quic_status_claims(pki, tmp_path) -> None:
         conn = await open_connection(ctl.quic_port, conf)
         catcher = PushCatcher()
         conn.handler = catcher
-        headers = first_headers(conn)
+        streams = received_bytes(conn)
         assert isinstance(await say_hello(conn, DEVICE), m.HelloAck)
         await anyio.to_thread.run_sync(apply_heartbeat, pki, ctl)
         with anyio.fail_after(10):
             while not catcher.pushes:
                 await anyio.sleep(0.02)
         version = catcher.pushes[0].version
-        # today's hello takes compressed frames: the push's manifest came compressed
-        assert headers[catcher.push_streams[0]] & COMPRESSED
+        # today's hello takes compressed frames: the push's manifest came compressed, and its
+        # operator certificate's frame refers back to the manifest (the digest is in both)
+        frames = frames_alone(streams[catcher.push_streams[0]])
+        assert frames[0] == (True, True) and (True, False) in frames[1:], frames
 
         acks = await send_claims(
             conn,
@@ -184,7 +202,7 @@ async def test_quic_status_claims(pki, tmp_path) -> None:
         old.core.inflate = False
         old_catcher = PushCatcher()
         old.handler = old_catcher
-        old_headers = first_headers(old)
+        old_streams = received_bytes(old)
         control = old.open_stream()
         control.send(hello(DEVICE).model_copy(update={"proto": 1, "manifest_version": None}))
         with anyio.fail_after(5):
@@ -193,7 +211,7 @@ async def test_quic_status_claims(pki, tmp_path) -> None:
             while not old_catcher.pushes:
                 await anyio.sleep(0.02)
         assert old_catcher.pushes[0].version == version
-        assert not old_headers[old_catcher.push_streams[0]] & COMPRESSED
+        assert not any(c for c, _ in frames_alone(old_streams[old_catcher.push_streams[0]]))
         [ack] = (await send_claims(old, [("not-mine", version)], first_seq=4)).values()
         assert ack == m.StatusAck(seq=4)
         assert await anyio.to_thread.run_sync(listed, pki, ctl) == [

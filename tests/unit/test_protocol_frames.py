@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 
 from margo_stream.errors import LocalProtocolError, RemoteProtocolError
 from margo_stream.protocol.codes import ErrorCode
-from margo_stream.protocol.frames import COMPRESS_MAX, COMPRESSED, FrameDecoder, encode_frame
+from margo_stream.protocol.frames import (
+    COMPRESS_MAX,
+    COMPRESSED,
+    WINDOW,
+    FrameDecoder,
+    SharedWindow,
+    encode_frame,
+)
 
 values = st.recursive(
     st.none()
@@ -167,3 +174,72 @@ def test_malformed_compressed_frames_are_named(body, says):
     assert says in str(exc.value)
     with pytest.raises(RemoteProtocolError):  # sticky, like every decoder error
         decoder.feed(encode_frame({"t": "x"}))
+
+
+# --- a stream's shared window ---------------------------------------------------------------------
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+OPENER = {
+    "t": "desired",
+    "manifest": f'{{"digest":"{DIGEST}","url":"/d/{DIGEST}"}}'.encode() * 8,
+    "blobs": [DIGEST],
+}
+FILE = {"t": "blob", "digest": DIGEST, "data": os.urandom(200) + b'{"name":"web"}' * 30}
+
+
+def _inflates_alone(frame: bytes) -> bool:
+    try:
+        zlib.decompressobj(-15).decompress(frame[4:])
+    except zlib.error:
+        return False
+    return True
+
+
+@given(st.lists(messages, max_size=3), st.data())
+def test_frames_sharing_a_window_round_trip_at_any_split(msgs, data):
+    window = SharedWindow()
+    sent = [OPENER, *msgs, FILE, OPENER]
+    wire = b"".join(encode_frame(m, compress=True, window=window) for m in sent)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=6)))
+    decoder = FrameDecoder(inflate=True)
+    out = []
+    for start, end in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+        out.extend(decoder.feed(wire[start:end]))
+    assert out == sent
+
+
+def test_a_frame_refers_back_to_its_stream_and_comes_out_shorter():
+    window = SharedWindow()
+    first = encode_frame(OPENER, compress=True, window=window)
+    shared = encode_frame(FILE, compress=True, window=window)
+    alone = encode_frame(FILE, compress=True)
+    assert len(shared) < len(alone) - 25  # the digest the opener already had
+    assert _inflates_alone(first) and not _inflates_alone(shared)
+    assert FrameDecoder(inflate=True).feed(first + shared) == [OPENER, FILE]
+
+
+def test_a_window_keeping_decoder_takes_frames_compressed_without_one():
+    """An agent of today behind a controller that compresses frame by frame (proto 3)."""
+    wire = b"".join(encode_frame(m, compress=True) for m in (OPENER, FILE, OPENER))
+    assert FrameDecoder(inflate=True).feed(wire) == [OPENER, FILE, OPENER]
+
+
+def test_only_compressible_frames_enter_a_window_and_it_stays_bounded():
+    window = SharedWindow()
+    for seq in range(1000):  # a long-lived status stream's acknowledgements: nothing kept
+        encode_frame({"t": "status_ack", "seq": seq}, compress=True, window=window)
+    assert window.data == b""
+    encode_frame({"t": "blob", "data": b"a" * (COMPRESS_MAX + 1)}, compress=True, window=window)
+    assert window.data == b""  # a file's chunk is not compressed: not kept either
+    for n in range(40):
+        encode_frame({**OPENER, "n": n}, compress=True, window=window)
+    assert len(window.data) == WINDOW
+
+
+def test_a_frame_that_needs_a_window_the_decoder_lacks_is_named():
+    window = SharedWindow()
+    encode_frame(OPENER, compress=True, window=window)
+    decoder = FrameDecoder(inflate=True)  # it never saw the opener
+    with pytest.raises(RemoteProtocolError) as exc:
+        decoder.feed(encode_frame(FILE, compress=True, window=window))
+    assert exc.value.code == ErrorCode.MALFORMED_FRAME
+    assert "does not inflate" in str(exc.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 
 from margo_stream.errors import LocalProtocolError, RemoteProtocolError
@@ -184,3 +186,28 @@ def test_reset_by_peer_reports_failure_once():
     events = ctl.reset_received(0, ErrorCode.CANCELLED)
     assert events[0].reset_by_peer and events[0].kind is StreamKind.CONTROL
     assert ctl.reset_received(0, ErrorCode.CANCELLED)[0].kind is None
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_a_push_compressed_as_the_agents_hello_allows(share):
+    """proto 3 (``share`` off): each compressed frame inflates on its own, as that agent's
+    decoder does it; proto 4: a push's later frames refer back to its opener."""
+    digest = "sha256:" + "ab" * 32
+    controller, agent = ChannelCore(C), ChannelCore(A, inflate=True)
+    controller.compress, controller.share_window = True, share
+    manifest = (b'{"digest":"%s","url":"/d/%s"}' % (digest.encode(), digest.encode())) * 10
+    sent = [
+        m.Desired(version=1, manifest=manifest, signature=b"s" * 64, blobs=[digest]),
+        m.Blob(digest=digest, data=b'{"kind":"deployment","digest":"%s"}' % digest.encode() * 8),
+    ]
+    frames = [controller.encode(1, message) for message in sent]
+    alone = []
+    for frame in frames:
+        assert frame[0] & 0x80  # compressed
+        try:
+            alone.append(zlib.decompressobj(-15).decompress(frame[4:]) != b"")
+        except zlib.error:
+            alone.append(False)
+    assert alone == [True, not share]
+    events = agent.receive(1, b"".join(frames), end_stream=True)
+    assert [e.message for e in events if isinstance(e, MessageReceived)] == sent
