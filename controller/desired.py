@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,19 @@ log = logging.getLogger("margo.controller.desired")
 BLOB_CACHE_BYTES = 64 << 20
 RESULT_TIMEOUT = 60.0
 VERSION_RETRIES = 5  # attempts at the next manifest version when other controllers race us
+FIRST_CHUNK, MAX_CHUNK = 32, 512  # devices a fleet-wide change stores (and pushes) at once
+
+
+def chunks(ids: list[str]) -> Iterator[list[str]]:
+    """``ids`` in chunks of 32, 64, 128, 256, then 512 (the first pushes leave 0.2 s sooner
+    at 1,000 devices, for five more write transactions than one)."""
+    size, start = FIRST_CHUNK, 0
+    while start < len(ids):
+        yield ids[start : start + size]
+        start += size
+        size = min(size * 2, MAX_CHUNK)
+
+
 WINDOW_HOLD = 2.0  # a push unanswered this long stops counting against the window
 
 
@@ -236,20 +249,24 @@ class DesiredState:
         *,
         floors: dict[str, int] | None = None,
         only_if_changed: bool = False,
+        on_stored: Callable[[list[str]], None] | None = None,
     ) -> list[str]:
         """Sign and store the next manifest of each device; returns the devices that got one.
-
-        A fleet-wide change costs two reads and one write transaction, not three round trips
-        to the store per device. With ``only_if_changed`` a device whose deployments are those
-        of its newest manifest already gets no new version (re-applying is idempotent)."""
+        Two reads and one write per ``chunks`` of devices, not three round trips per device;
+        ``on_stored`` hears of each chunk once stored (its pushes leave while the rest are
+        built). ``only_if_changed``: a device whose deployments are those of its newest
+        manifest gets no new version (re-applying is idempotent)."""
         ids = list(dict.fromkeys(device_ids))
+        done: dict[str, bool] = {}  # device -> it got a new manifest (False: left as it was)
         async with self._lock(tenant):
             for attempt in range(1, VERSION_RETRIES + 1):
                 try:
-                    return await self._rebuild(tenant, ids, floors, only_if_changed)
+                    rest = [i for i in ids if i not in done]
+                    await self._rebuild(tenant, rest, floors, only_if_changed, done, on_stored)
+                    return [i for i in ids if done[i]]
                 except VersionConflict as exc:
                     # another controller of the cluster stored a newer manifest meanwhile:
-                    # build on top of it
+                    # build on top of it (the chunks stored before it stay stored)
                     if attempt == VERSION_RETRIES:
                         raise StoreError(
                             f"could not store the next manifest after {attempt} attempts: {exc}"
@@ -263,7 +280,9 @@ class DesiredState:
         ids: list[str],
         floors: dict[str, int] | None,
         only_if_changed: bool,
-    ) -> list[str]:
+        done: dict[str, bool],
+        on_stored: Callable[[list[str]], None] | None,
+    ) -> None:
         store = self.store
         latest = await store.latest_manifests(tenant, ids)
         by_device: dict[str, list[AssignmentRecord]] = {d: [] for d in ids}
@@ -274,39 +293,43 @@ class DesiredState:
         expires = now + self.lifetime
         created = time.time()
         key = self._key(tenant)
-        items: list[tuple[str, int, bytes, bytes]] = []
-        built: list[Manifest] = []
         devices: dict[str, DeviceRecord] = {}  # read once, when a constraint needs it
-        for device_id in ids:
-            entries = await self._entries(tenant, by_device[device_id], devices)
-            prev = latest.get(device_id)
-            if (
-                only_if_changed
-                and prev is not None
-                and [e.wire() for e in self._typed(prev).deployments]
-                == [e.check().wire() for e in entries]
-            ):
-                continue
-            version = max(prev.version if prev else 0, (floors or {}).get(device_id, 0)) + 1
-            manifest, data = build_typed_manifest(
-                tenant, device_id, version, entries, issued_at=now, expires=expires
-            )
-            items.append((device_id, version, data, sign(data, key)))
-            built.append(manifest)
-        if items:
-            await store.put_manifests(tenant, items, now=created)
-        for (device_id, version, data, signature), manifest in zip(items, built, strict=True):
-            self._latest[(tenant, device_id)] = (version, expires.timestamp())
-            record = ManifestRecord(
-                tenant=tenant,
-                device_id=device_id,
-                version=version,
-                manifest=data,
-                signature=signature,
-                created=created,
-            )
-            self._current[(tenant, device_id)] = _Current.of(record, manifest)
-        return [item[0] for item in items]
+        for chunk in chunks(ids):
+            items: list[tuple[str, int, bytes, bytes]] = []
+            built: list[Manifest] = []
+            for device_id in chunk:
+                entries = await self._entries(tenant, by_device[device_id], devices)
+                prev = latest.get(device_id)
+                if (
+                    only_if_changed
+                    and prev is not None
+                    and [e.wire() for e in self._typed(prev).deployments]
+                    == [e.check().wire() for e in entries]
+                ):
+                    continue
+                version = max(prev.version if prev else 0, (floors or {}).get(device_id, 0)) + 1
+                manifest, data = build_typed_manifest(
+                    tenant, device_id, version, entries, issued_at=now, expires=expires
+                )
+                items.append((device_id, version, data, sign(data, key)))
+                built.append(manifest)
+            if items:
+                await store.put_manifests(tenant, items, now=created)
+            for (device_id, version, data, signature), manifest in zip(items, built, strict=True):
+                self._latest[(tenant, device_id)] = (version, expires.timestamp())
+                record = ManifestRecord(
+                    tenant=tenant,
+                    device_id=device_id,
+                    version=version,
+                    manifest=data,
+                    signature=signature,
+                    created=created,
+                )
+                self._current[(tenant, device_id)] = _Current.of(record, manifest)
+            done.update(dict.fromkeys(chunk, False))
+            done.update(dict.fromkeys((item[0] for item in items), True))
+            if items and on_stored is not None:
+                on_stored([item[0] for item in items])
 
     def _typed(self, record: ManifestRecord) -> Manifest:
         """The typed form of a stored manifest (from the cache when it is the current one)."""
@@ -365,13 +388,24 @@ class DesiredState:
 
     # --- hooks --------------------------------------------------------------------------------------
     async def desired_changed(
-        self, tenant: str, device_ids: list[str], *, blobs: Sequence[bytes] = ()
+        self,
+        tenant: str,
+        device_ids: list[str],
+        *,
+        blobs: Sequence[bytes] = (),
+        on_stored: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.stored_blobs(tenant, blobs)
-        for device_id in await self.rebuild_many(tenant, device_ids, only_if_changed=True):
-            link = self.registry.link(tenant, device_id)
-            if link is not None:
-                self._schedule(link)
+
+        def push(stored: list[str]) -> None:
+            for device_id in stored:
+                link = self.registry.link(tenant, device_id)
+                if link is not None:
+                    self._schedule(link)
+            if on_stored is not None:
+                on_stored(stored)
+
+        await self.rebuild_many(tenant, device_ids, only_if_changed=True, on_stored=push)
 
     async def changed_elsewhere(self, tenant: str, device_ids: list[str]) -> None:
         """Another controller of the cluster built and stored these devices' next manifests:

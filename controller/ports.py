@@ -101,9 +101,23 @@ class DeviceNotifier(Protocol):
     def notify(self, tenant: str, device_ids: list[str]) -> None: ...
 
 
+StoredHook = Callable[[list[str]], None]
+
+
 class DesiredPush(DesiredChanges, Protocol):
-    """The QUIC push: also told of changes another controller of the cluster applied (the
-    store has them; this process may have cached what they replaced)."""
+    """The QUIC push: it stores a change's manifests chunk by chunk and tells ``on_stored``
+    of each chunk (after its own pushes to them were scheduled); also told of changes another
+    controller of the cluster applied (the store has them; this process may have cached what
+    they replaced)."""
+
+    async def desired_changed(
+        self,
+        tenant: str,
+        device_ids: list[str],
+        *,
+        blobs: Sequence[bytes] = (),
+        on_stored: StoredHook | None = None,
+    ) -> None: ...
 
     async def changed_elsewhere(self, tenant: str, device_ids: list[str]) -> None: ...
 
@@ -131,8 +145,16 @@ class DesiredChangeFanout:
     async def desired_changed(
         self, tenant: str, device_ids: list[str], *, blobs: Sequence[bytes] = ()
     ) -> None:
-        await self._push.desired_changed(tenant, device_ids, blobs=blobs)
-        self._notify(tenant, device_ids)
+        told: set[str] = set()
+
+        def stored(ids: list[str]) -> None:  # every transport hears of a chunk once it is stored
+            told.update(ids)
+            self._notify(tenant, ids)
+
+        await self._push.desired_changed(tenant, device_ids, blobs=blobs, on_stored=stored)
+        rest = [d for d in device_ids if d not in told]  # unchanged: told as before, at the end
+        if rest:
+            self._notify(tenant, rest)
         if self._publish is not None:
             await self._publish(tenant, device_ids)
 
