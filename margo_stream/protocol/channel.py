@@ -265,7 +265,7 @@ class ChannelCore:
                 )
             stream.open(entry[0], self.role)
         stream.step(self.role, raw["t"])
-        window = None
+        window = None  # (set at the hello, before anything is sent: both ends' windows match)
         if self.compress and self.share_window:
             window = stream.window
             if window is None:
