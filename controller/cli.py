@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=512,
         metavar="N",
-        help="desired-state pushes awaiting their device's answer at once (default 512)",
+        help="at most this many desired-state pushes awaiting their device's answer at once;"
+        " the window is learnt below it from how long answers take (default 512)",
     )
     p.add_argument(
         "--quic-retry",

@@ -33,7 +33,8 @@ import anyio
 from controller.batching import WriteBatcher
 from controller.document_cache import CachedDocument, DocumentCache
 from controller.ports import DeviceLink, StoredHook, TaskSpawner
-from controller.push_window import PushWindow
+from controller.push_pace import PushPace
+from controller.push_window import PushWindow, Slot
 from controller.registry import SessionRegistry
 from controller.root_chains import RootChains
 from controller.store.base import (
@@ -75,9 +76,6 @@ def chunks(ids: list[str]) -> Iterator[list[str]]:
         yield ids[start : start + size]
         start += size
         size = min(size * 2, MAX_CHUNK)
-
-
-WINDOW_HOLD = 2.0  # a push unanswered this long stops counting against the window
 
 
 @dataclass(slots=True)
@@ -145,7 +143,7 @@ class DesiredState:
         self._blobs: dict[tuple[str, str], bytes] = {}
         self._blob_bytes = 0
         self._blob_reads: dict[tuple[str, str], _BlobRead] = {}
-        self._window = PushWindow(config.push_window, hold=WINDOW_HOLD)
+        self._window = PushWindow(config.push_window, pace=PushPace(config.push_window))
         self._adoptions: WriteBatcher[tuple[str, str, int], None] = WriteBatcher(
             store.set_manifest_versions
         )
@@ -508,12 +506,12 @@ class DesiredState:
                 session = self.registry.link(*key)
                 if session is None:
                     return  # offline: the next hello catches up
-                async with self._window.slot():
-                    await self._push(session, state)
+                async with self._window.slot() as slot:
+                    await self._push(session, state, slot)
         finally:
             state.pushing = False
 
-    async def _push(self, session: DeviceLink, state: _DeviceState) -> None:
+    async def _push(self, session: DeviceLink, state: _DeviceState, slot: Slot) -> None:
         current = await self._current_of(session.tenant, session.device_id)
         if current is None or session.conn.closed is not None:
             return
@@ -549,6 +547,7 @@ class DesiredState:
             self.counters["blobs_skipped"] += len(current.digests) - len(needed)
             with anyio.fail_after(RESULT_TIMEOUT):
                 result = await stream.receive()
+            slot.answered()  # the device's verdict: how long it took teaches the window
         except (ConnectionLost, StreamClosed, TimeoutError) as exc:
             log.info(
                 "push of version %d to %s/%s did not complete: %s",

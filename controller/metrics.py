@@ -112,6 +112,13 @@ class _Snapshot(Collector):
         yield GaugeMetricFamily(
             "margo_terminal_sessions_active", "Terminal sessions open", len(f.terminals.active)
         )
+        window = f.desired._window
+        for name, what, value in (
+            ("limit", "Pushes the window lets await an answer at once (learnt)", window.limit),
+            ("in_flight", "Pushes awaiting their device's answer", window.in_flight),
+            ("queued", "Pushes waiting for a place in the window", window.queued),
+        ):
+            yield GaugeMetricFamily(f"margo_push_window_{name}", what, value)
         yield _counter(
             "margo_otlp_dropped",
             "Telemetry records not forwarded to OTLP (its queue was full)",
