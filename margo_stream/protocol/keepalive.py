@@ -17,9 +17,15 @@ clock) whenever :attr:`Keepalive.deadline` has passed, and carries out the actio
 :class:`SendPing` (send one transport ping) or :class:`LinkDead` (close the connection). Calls
 before the deadline do nothing, so an early wake-up is harmless.
 
+A ping is sent only after an interval of silence: any packet proves the link alive as well as
+a ping's answer would, so while the controller sends (a push, its acknowledgements) the next
+ping moves to an interval after the last packet. A busy link carries no pings, and the bound
+above holds, since the last packet came before the controller died.
+
 Phases, at each deadline::
 
-    WAITING  -> PROBING   emit SendPing; deadline now + probe
+    WAITING  -> WAITING   a packet arrived within the interval; deadline last packet + interval
+    WAITING  -> PROBING   an interval of silence: emit SendPing; deadline now + probe
     PROBING  -> WAITING   a packet arrived since the ping; misses = 0; deadline now + interval
     PROBING  -> PROBING   silence, misses < dead_after; emit SendPing; deadline now + probe
     PROBING  -> DEAD      silence, misses == dead_after; emit LinkDead (final)
@@ -85,8 +91,12 @@ class Keepalive:
         """Advance to ``now``; returns what the driver must do, if anything."""
         if self.phase is Phase.DEAD or now < self.deadline:
             return None
-        if self.phase is Phase.WAITING:  # time to ping
-            return self._ping(now)
+        if self.phase is Phase.WAITING:
+            if last_received + self.interval > now:
+                # heard from within the interval: the link is proven alive without a ping
+                self.deadline = last_received + self.interval
+                return None
+            return self._ping(now)  # an interval of silence: time to ping
         if last_received >= self._ping_sent_at:  # answered
             self.misses = 0
             self.phase = Phase.WAITING
