@@ -9,7 +9,8 @@ where the work is slow (the controller's own loop, a site's shared link, devices
 host): every answer then comes late, QUIC's probe timers fire on connections whose packets are
 only waiting their turn, and the retransmissions are more work for both ends. Measured with the
 bench's 10,000 devices sharing one core: a fixed window of 512 gave 11 datagrams a device and a
-24 s fan-out, a window of 32 gave 7 and 21 s, with a third less CPU on both sides.
+24 s fan-out, a window of 32 gave 7 and 21 s, with a quarter less CPU on both sides (one run
+each: bench/RESULTS.md).
 
 ``PushPace`` sizes the window the way TCP Vegas sizes a congestion window, from delay, not
 loss. Each answered push reports how long it took (slot taken to the device's verdict). The
@@ -43,7 +44,8 @@ import math
 from dataclasses import dataclass, field
 
 FLOOR = 16  # the window never shrinks below this (a slow fleet is still pushed to in parallel)
-TARGET_QUEUE_S = 0.05  # the queueing a round's median may show: under QUIC's doubling probes
+TARGET_QUEUE_S = 0.05  # the queueing a round's median may show (an idle QUIC connection's
+# first probe fires tens of milliseconds after its packet, the next ones twice as late each)
 BASE_PERIOD_S = 10.0  # the base is the shortest answer of the last two such periods
 MIN_ROUND = 8  # answers in a round at least, so that one answer never decides
 SHRINK = 0.7  # of itself, when a round's median queued past the target
