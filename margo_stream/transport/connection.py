@@ -39,6 +39,7 @@ from margo_stream.transport.channel_connection import (
 from margo_stream.transport.endpoint_clock import EndpointClock
 from margo_stream.transport.mtls_hook import (
     ack_due_now,
+    ack_ranges,
     count_losses,
     hold_acks,
     nothing_to_send,
@@ -102,6 +103,7 @@ class Connection(ChannelConnection):
         losses = self._losses
         agent = self.role is Sender.AGENT  # only the agent looks for stateless resets
         mark = receipt_mark(self.quic) if agent else None
+        ranges = ack_ranges(self.quic)
         self.quic.receive_datagram(data, addr, now=now)
         if (
             agent
@@ -124,9 +126,10 @@ class Connection(ChannelConnection):
         self._drain_events()
         if self._data_in:
             self._held += 1
-        if not self._data_in or self._held >= ACK_EVERY:
-            # nothing we would answer (a keepalive PING, ACKs), or a flow of data (a bulk
-            # transfer): acknowledge in this turn
+        if not self._data_in or self._held >= ACK_EVERY or ack_ranges(self.quic) != ranges:
+            # nothing we would answer (a keepalive PING, ACKs), a flow of data (a bulk
+            # transfer), or a gap opened or filled (a loss the sender should learn of now):
+            # acknowledge in this turn
             ack_due_now(self.quic)
         if (
             not self._data_in

@@ -31,40 +31,35 @@ Certificate. So the controller:
    follows in a packet of its own. Once the handshake is done (``Connection`` calls
    ``hold_acks`` then; during the handshake the 1 ms lets ACKs ride with the next flight, and
    acknowledging at once there cost 15-25 % of the handshake rate with 10,000 devices) an ACK
-   is held up to :data:`ACK_HOLD` (5 ms), and ``Connection`` makes it due at once when a
-   packet brought no stream data (a keepalive PING: answered in the loop turn that received
-   it, without a timer), when it sends stream data itself (the ACK rides with the reply) or
-   once four packets with stream data wait (a bulk transfer must not be acknowledged only every
-   5 ms: RFC 9000 13.2.2 recommends an ACK every second packet and allows other strategies;
-   four leaves a two-datagram push answered by one datagram).
-   A push and its result, a status and its acknowledgement each take one datagram less each
-   way than when every packet was acknowledged at once.
+   is held up to :data:`ACK_HOLD` (20 ms, within the 25 ms ``max_ack_delay`` we advertise and
+   the peer's probe timer allows for), and ``Connection`` makes it due at once when a packet
+   brought no stream data (a keepalive PING: answered in the turn that received it), when it
+   sends stream data itself (the ACK rides with the reply), when a packet opens or fills a
+   gap in the packet numbers (``ack_ranges``; RFC 9000 13.2.1: the sender learns of a loss at
+   once) or once four packets with stream data wait (a bulk transfer is not acknowledged only
+   every 20 ms: RFC 9000 13.2.2 recommends an ACK every second packet and allows other
+   strategies; four leaves a two-datagram push answered by one datagram). A push and its
+   result, a status and its ack take one datagram less each way than ACKs sent at once.
 8. paces with the congestion controller's own pacer when it has one (``use_own_pacer``):
    aioquic builds its pacer inside the connection's recovery and feeds it the smoothed RTT,
    which misleads on mostly idle connections (``rate_cc``: why).
-9. lets go of what only the handshake needed (``release_handshake_buffers``), the largest part
-   of an idle connection's memory: aioquic gives every connection three 16 KiB TLS output
-   buffers (``_crypto_buffers``, one per epoch) for its whole life, though a server's TLS
-   context writes nothing once the handshake is over (it refuses any later handshake message
-   with unexpected_message); each is swapped for an empty buffer of no capacity, so a write
-   that should never happen raises instead of growing anything. And every connection builds
-   its own table of frame handlers with one ``frozenset`` of epochs per frame type, the same
-   sets on every connection: ``MutualTlsServerConnection`` shares them (``_share_epoch_sets``).
-   Without a packet log, the keys' logging callbacks (partials of bound methods, 12 a
-   connection) go too; and once the client's chain is checked, the server forgets it
-   (``take_client_chain``). Measured (800 server connections built and held in one
-   process, ``/proc`` resident memory): 54.8 KB a connection with the buffers released, 48.4
-   with the callbacks and the chain gone as well.
+9. lets go of what only the handshake needed (``release_handshake_buffers``): aioquic gives
+   every connection three 16 KiB TLS output buffers (``_crypto_buffers``) for its whole life,
+   though a server's TLS context writes nothing after the handshake (it refuses any later
+   handshake message); each is swapped for an empty buffer of no capacity, so a write that
+   should never happen raises. ``MutualTlsServerConnection`` shares the per-frame-type sets of
+   epochs that every connection builds alike (``_share_epoch_sets``); without a packet log,
+   the keys' logging callbacks go too, and the client's chain once checked
+   (``take_client_chain``). Measured (800 server connections held in one process, ``/proc``
+   resident memory): 54.8 KB a connection with the buffers released, 48.4 with the rest.
 
-10. builds nothing when nothing can be built (``nothing_to_send``, ``count_losses``): every
-   datagram received is answered by a call of ``datagrams_to_send``, which costs about 35 us
-   even when it builds nothing, and after a peer's pure ACK it almost always builds nothing
-   (in a fan-out to 1,000 devices the controller made 4.2 such calls a device). ``Connection``
-   skips that call after a datagram that brought no stream data, declared no packet lost
-   (``count_losses`` counts the recovery's losses) and left nothing due or waiting by the
-   conservative reading of ``nothing_to_send``; it only moves its timer (the ACK may have
-   moved the loss-detection deadline). An ACK can free the congestion window or declare
-   packets lost while data waits: both are among the things that make the call happen.
+10. builds nothing when nothing can be built (``nothing_to_send``, ``count_losses``): a call
+   of ``datagrams_to_send`` costs about 35 us even when it builds nothing, which after a
+   peer's pure ACK it almost always does (4.2 such calls a device in a 1,000-device fan-out).
+   ``Connection`` skips it after a datagram that brought no stream data, declared no packet
+   lost (``count_losses``) and left nothing due or waiting by the conservative reading of
+   ``nothing_to_send``; it only moves its timer. An ACK can free the congestion window or
+   declare packets lost while data waits: both make the call happen.
 
 ``check_aioquic()`` fails loudly, at controller start and in the test suite, if aioquic's
 internals change under us.
@@ -458,12 +453,19 @@ def bound_receive_credit(connection: QuicConnection) -> None:
         connection._local_max_data = SlidingMaxData(limit, connection._streams)
 
 
-ACK_HOLD = 0.005  # seconds an ACK may wait for a reply to ride with (max_ack_delay is 25 ms)
+ACK_HOLD = 0.020  # seconds an ACK may wait for a reply to ride with (max_ack_delay is 25 ms)
 
 
 def hold_acks(connection: QuicConnection, hold: float = ACK_HOLD) -> None:
     """Hold each ACK up to ``hold`` seconds after the packet that asked for it."""
     connection._ack_delay = hold
+
+
+def ack_ranges(connection: QuicConnection) -> int:
+    """Ranges of 1-RTT packet numbers received and not yet known acknowledged: one that
+    changes across a datagram means it opened or filled a gap."""
+    space = connection._spaces.get(tls.Epoch.ONE_RTT)
+    return 0 if space is None else len(space.ack_queue)
 
 
 def ack_due_now(connection: QuicConnection) -> None:

@@ -181,3 +181,41 @@ async def test_a_flow_of_data_is_acknowledged_every_few_packets(
     agent.close(0, "done")
     controller.cancel_timer()
     agent.cancel_timer()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_gap_in_the_packet_numbers_is_acknowledged_at_once(
+    pki: Pki, anyio_backend: str
+) -> None:
+    """A packet lost on the way: the next one opens a gap, which the receiver acknowledges in
+    the turn that received it (RFC 9000 13.2.1), so the sender learns of the loss without
+    waiting for the hold; the packet after that, in order again, waits for a reply. (Data of
+    the stream that lost a packet is not delivered past the hole, which alone makes an ACK
+    due: the packets here carry other streams' data.)"""
+    agent, controller, _ = await _pair(pki, Answering(60.0))
+    lost: list[bytes] = []
+    due_after: list[bool] = []  # per datagram the controller received: an ACK due at once?
+    receive = controller.datagram_received
+
+    def lossy(data: bytes, addr: Any) -> None:
+        if not lost:
+            lost.append(data)  # the network drops the first
+            return
+        receive(data, addr)
+        ack_at = controller.quic._spaces[tls.Epoch.ONE_RTT].ack_at  # test-only peek
+        due_after.append(ack_at is not None and ack_at <= controller.loop.time())
+
+    controller.datagram_received = lossy  # type: ignore[method-assign]
+    # three streams, a datagram each: what follows the lost one is data the controller can
+    # deliver (another stream's), so only the gap says that an ACK is due
+    for seq in (1, 2, 3):
+        stream = agent.open_stream()
+        stream.send(m.Status(seq=seq, deployment_id="d1", manifest_version=1, state="installed"))
+        agent.transmit()
+        await asyncio.sleep(0.002)
+    assert len(lost) == 1
+    assert due_after[:2] == [True, False], due_after
+    agent.close(0, "done")
+    controller.cancel_timer()
+    agent.cancel_timer()
