@@ -23,6 +23,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "QUIC handshakes/s with --quic-retry always against never, in the same run",
     ),
     "append": ("bench.append", "durable append rate of the agent's telemetry buffer"),
+    "durable-hop": (
+        "bench.durable_hop",
+        "CPU and wall time a durable write's hop to a thread costs: the pool, an executor, inline",
+    ),
     "delta": (
         "bench.delta",
         "bytes on the wire for a desired-state change (five files, one parameter)",
