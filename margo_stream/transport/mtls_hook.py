@@ -31,15 +31,16 @@ Certificate. So the controller:
    follows in a packet of its own. Once the handshake is done (``Connection`` calls
    ``hold_acks`` then; during the handshake the 1 ms lets ACKs ride with the next flight, and
    acknowledging at once there cost 15-25 % of the handshake rate with 10,000 devices) an ACK
-   is held up to :data:`ACK_HOLD` (20 ms, within the 25 ms ``max_ack_delay`` we advertise and
-   the peer's probe timer allows for), and ``Connection`` makes it due at once when a packet
-   brought no stream data (a keepalive PING: answered in the turn that received it), when it
-   sends stream data itself (the ACK rides with the reply), when a packet opens or fills a
-   gap in the packet numbers (``ack_ranges``; RFC 9000 13.2.1: the sender learns of a loss at
-   once) or once four packets with stream data wait (a bulk transfer is not acknowledged only
-   every 20 ms: RFC 9000 13.2.2 recommends an ACK every second packet and allows other
-   strategies; four leaves a two-datagram push answered by one datagram). A push and its
-   result, a status and its ack take one datagram less each way than ACKs sent at once.
+   is held up to :data:`ACK_HOLD` (5 ms), and ``Connection`` makes it due at once when a
+   packet brought no stream data (a keepalive PING: answered in the turn that received it),
+   when it sends stream data itself (the ACK rides with the reply), when a packet opens or
+   fills a gap in the packet numbers (``ack_ranges``; RFC 9000 13.2.1: the sender learns of a
+   loss at once) or once four packets with stream data wait (a bulk transfer is not
+   acknowledged only every 5 ms: RFC 9000 13.2.2 recommends an ACK every second packet and
+   allows other strategies; four leaves a two-datagram push answered by one datagram). A
+   push and its result, a status and its ack take one datagram less each way than ACKs sent
+   at once. Not longer: a quiet link's probe timer is the RTT (1 ms on a LAN) plus our 25 ms
+   ``max_ack_delay``, which 20 ms and a busy loop's lag cross (tried: bench/RESULTS.md).
 8. paces with the congestion controller's own pacer when it has one (``use_own_pacer``):
    aioquic builds its pacer inside the connection's recovery and feeds it the smoothed RTT,
    which misleads on mostly idle connections (``rate_cc``: why).
@@ -453,7 +454,7 @@ def bound_receive_credit(connection: QuicConnection) -> None:
         connection._local_max_data = SlidingMaxData(limit, connection._streams)
 
 
-ACK_HOLD = 0.020  # seconds an ACK may wait for a reply to ride with (max_ack_delay is 25 ms)
+ACK_HOLD = 0.005  # seconds an ACK may wait for a reply to ride with (max_ack_delay is 25 ms)
 
 
 def hold_acks(connection: QuicConnection, hold: float = ACK_HOLD) -> None:
