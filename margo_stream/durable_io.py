@@ -8,8 +8,8 @@ minute starts a new thread for each (about 110 us more). ``loop.run_in_executor`
 ``ThreadPoolExecutor`` keeps its threads but still wraps each call in two futures chained
 across threads, and checks for an idle worker with a semaphore. The pool here hands the loop's
 own future to a kept thread through one queue and sets it with one ``call_soon_threadsafe``:
-55-85 us less CPU a write than the executor, and about 100 us sooner back on the loop (bench
-numbers in README, "durable writes").
+48 us less CPU a write than the executor and 41 us sooner back on the loop, one writer at a
+time (``margo-bench durable-hop``; bench/RESULTS.md, issue 20's section).
 
 ``run_durable`` is shielded from cancellation like ``to_thread.run_sync``: the caller waits
 for a write that started, so nothing runs on after the scope that asked for it has closed.
@@ -63,11 +63,10 @@ class DurableThreads:
                 start = self.threads < self.limit
                 if start:
                     self.threads += 1
+                    name = f"{self.name}-{self.threads}"
         self._jobs.put(job)
         if start:
-            threading.Thread(
-                target=self._work, name=f"{self.name}-{self.threads}", daemon=True
-            ).start()
+            threading.Thread(target=self._work, name=name, daemon=True).start()
 
     def _work(self) -> None:
         jobs = self._jobs

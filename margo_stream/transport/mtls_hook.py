@@ -463,8 +463,8 @@ def hold_acks(connection: QuicConnection, hold: float = ACK_HOLD) -> None:
 
 
 def ack_ranges(connection: QuicConnection) -> int:
-    """Ranges of 1-RTT packet numbers received and not yet known acknowledged: one that
-    changes across a datagram means it opened or filled a gap."""
+    """Ranges of 1-RTT packet numbers received, not yet known acknowledged: a count changed by
+    a datagram means a gap opened or filled (or, after a loss, an old one was let go)."""
     space = connection._spaces.get(tls.Epoch.ONE_RTT)
     return 0 if space is None else len(space.ack_queue)
 
