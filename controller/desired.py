@@ -143,7 +143,7 @@ class DesiredState:
         self._blobs: dict[tuple[str, str], bytes] = {}
         self._blob_bytes = 0
         self._blob_reads: dict[tuple[str, str], _BlobRead] = {}
-        self._window = PushWindow(config.push_window, pace=PushPace(config.push_window))
+        self.window = PushWindow(config.push_window, pace=PushPace(config.push_window))
         self._adoptions: WriteBatcher[tuple[str, str, int], None] = WriteBatcher(
             store.set_manifest_versions
         )
@@ -506,7 +506,7 @@ class DesiredState:
                 session = self.registry.link(*key)
                 if session is None:
                     return  # offline: the next hello catches up
-                async with self._window.slot() as slot:
+                async with self.window.slot() as slot:
                     await self._push(session, state, slot)
         finally:
             state.pushing = False

@@ -112,7 +112,7 @@ class _Snapshot(Collector):
         yield GaugeMetricFamily(
             "margo_terminal_sessions_active", "Terminal sessions open", len(f.terminals.active)
         )
-        window = f.desired._window
+        window = f.desired.window
         for name, what, value in (
             ("limit", "Pushes the window lets await an answer at once (learnt)", window.limit),
             ("in_flight", "Pushes awaiting their device's answer", window.in_flight),
@@ -168,7 +168,7 @@ class ControllerMetrics:
         )
         self.prom.register(_Snapshot(registry, features, lambda: self.otlp_dropped()))
         # hooks into the features: observed where it happens
-        features.desired._window.observe = self.push_seconds.observe
+        features.desired.window.observe = self.push_seconds.observe
         features.status.store_timer = self.store_seconds.labels("status").observe
         features.telemetry.store_timer = self.store_seconds.labels("telemetry").observe
 
