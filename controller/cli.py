@@ -9,7 +9,6 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from controller.config import ControllerConfig
-from controller.status_hold import HOLD_AT
 from margo_stream.cli.common import fail, run_service
 from margo_stream.errors import ConfigError
 from margo_stream.identity.bootstrap import parse_duration
@@ -93,15 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="at most this many desired-state pushes awaiting their device's answer at once;"
         " the window is learnt below it from how long answers take (default 512)",
-    )
-    p.add_argument(
-        "--status-hold-at",
-        type=int,
-        default=HOLD_AT,
-        metavar="N",
-        help="while at least N pushes await an answer or a place in the window (a fan-out),"
-        " statuses wait for them, at most 2 s, and are stored together; 0: never"
-        f" (default {HOLD_AT})",
     )
     p.add_argument(
         "--quic-retry",
@@ -219,7 +209,6 @@ def config_from_args(args: argparse.Namespace) -> ControllerConfig:
             congestion_control=args.congestion_control,
             keepalive=args.keepalive,
             push_window=args.push_window,
-            status_hold_at=args.status_hold_at,
             enroll_host=enroll[0],
             enroll_port=enroll[1],
             device_cert_lifetime=lifetime,

@@ -8,7 +8,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from controller.status_hold import HOLD_AT
 from margo_stream.errors import ConfigError
 from margo_stream.transport.congestion import DEFAULT_CONGESTION_CONTROL, CongestionControl
 
@@ -47,8 +46,6 @@ class ControllerConfig(BaseModel):
     hello_timeout: float = Field(default=10.0, gt=0)
     manifest_lifetime_days: float = Field(default=30.0, gt=0)
     push_window: int = Field(default=512, ge=1)  # pushes awaiting their device's answer at once
-    status_hold_at: int = Field(default=HOLD_AT, ge=0)  # statuses wait while this many pushes
-    # are outstanding (controller.status_hold); 0: every status is stored as it comes
     touch_interval: float = Field(default=5.0, gt=0)
     enroll_host: str | None = None  # EST enrolment over HTTPS (controller/enroll.py)
     enroll_port: int = Field(default=0, ge=0, le=65535)

@@ -17,8 +17,7 @@ from controller.ports import SessionHooks, TaskSpawner
 from controller.registry import SessionRegistry
 from controller.rollouts.driver import RolloutDriver
 from controller.root_chains import RootChains
-from controller.status import Arrived, StatusIngest
-from controller.status_hold import StatusHold
+from controller.status import StatusIngest
 from controller.store.base import Store
 from controller.telemetry import TelemetryIngest
 from controller.terminal import TerminalService
@@ -54,9 +53,7 @@ def build_features(
         documents,
         roots,
     )
-    at = config.status_hold_at
-    hold = StatusHold[Arrived](desired.window.backlog, at=at) if at else None
-    status = StatusIngest(store, tasks, hold)
+    status = StatusIngest(store, tasks)
     telemetry = TelemetryIngest(store, tasks)
     hooks = SessionHooks(
         stream_handlers={

@@ -119,12 +119,6 @@ class _Snapshot(Collector):
             ("queued", "Pushes waiting for a place in the window", window.queued),
         ):
             yield GaugeMetricFamily(f"margo_push_window_{name}", what, value)
-        hold = f.status.hold
-        yield GaugeMetricFamily(
-            "margo_statuses_held",
-            "Statuses waiting for a fan-out's pushes before they are stored",
-            hold.held if hold is not None else 0,
-        )
         yield _counter(
             "margo_otlp_dropped",
             "Telemetry records not forwarded to OTLP (its queue was full)",

@@ -72,10 +72,6 @@ class PushWindow:
     def queued(self) -> int:
         return len(self._waiting)
 
-    def backlog(self) -> int:
-        """Pushes outstanding: awaiting their answer or a place in the window."""
-        return self._taken + len(self._waiting)
-
     def _grant(self) -> None:
         while self._waiting and self._taken < self.limit:
             self._taken += 1

@@ -6,9 +6,7 @@ A status claiming a manifest version or a deployment never issued to the device 
 the store (``controller.store.claims``: logged, not stored) and acked with ``code``
 ``STATUS_REFUSED`` and the reason, so the device stops resending it and can say why. Agents
 whose hello predates these members (``proto`` below ``PROTO_STATUS_REFUSALS``) parse messages
-strictly and would reset the stream on them: they get the plain ack.
-
-During a fan-out the statuses that come back wait for its pushes (``controller.status_hold``)."""
+strictly and would reset the stream on them: they get the plain ack."""
 
 from __future__ import annotations
 
@@ -16,11 +14,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-import anyio
-
 from controller.batching import PartitionedBatcher
 from controller.ports import DeviceLink, TaskSpawner
-from controller.status_hold import CHECK_S, StatusHold
 from controller.store.base import Store
 from controller.store.claims import StatusRefusal
 from margo_stream.protocol import messages as m
@@ -36,7 +31,6 @@ def margo_status(device_id: str, s: m.Status) -> dict[str, Any]:
 
 StatusItem = tuple[str, str, dict[str, Any], int]  # (tenant, device_id, status, seq)
 StatusWriter = PartitionedBatcher[StatusItem, bool | StatusRefusal]
-Arrived = tuple[DeviceLink, MessageStream, m.Status]  # a status held, with where it came from
 
 
 def _device_key(item: StatusItem) -> str:
@@ -71,14 +65,9 @@ class StatusIngest:
     """The handler of status streams: store each status (batched with the other devices'),
     then ack its sequence number."""
 
-    def __init__(
-        self, store: Store, tasks: TaskSpawner, hold: StatusHold[Arrived] | None = None
-    ) -> None:
-        """``hold``: statuses held while a fan-out is under way (None: every status is stored
-        as it comes)."""
+    def __init__(self, store: Store, tasks: TaskSpawner) -> None:
         self.tasks = tasks
         self._writes = status_writer(store)
-        self.hold = hold
         self.received = 0  # status messages (metrics)
         self.store_timer: Callable[[float], None] | None = None  # seconds each store took
 
@@ -86,24 +75,11 @@ class StatusIngest:
         def on_message(message: Any) -> None:
             if isinstance(message, m.Status):
                 self.received += 1
-                hold = self.hold
-                if hold is not None and hold.hold((session, stream, message), time.monotonic()):
-                    if hold.held == 1:
-                        self.tasks.spawn(self._release_held, hold)
-                    return
                 done, item = self._store_now(session, stream, message)
                 if not done:
                     self.tasks.spawn(self._store_and_ack, session, stream, message, item)
 
         stream.on_message = on_message
-
-    async def _release_held(self, hold: StatusHold[Arrived]) -> None:
-        """Store and ack what ``hold`` holds once it is due: written in arrival order, the
-        batcher joining them into as few transactions as it can."""
-        while not hold.due(time.monotonic()):
-            await anyio.sleep(CHECK_S)
-        for session, stream, message in hold.take():
-            self.tasks.spawn(self._store_and_ack, session, stream, message, None)
 
     def _store_now(
         self, session: DeviceLink, stream: MessageStream, s: m.Status

@@ -101,22 +101,6 @@ class PushCatcher:
         pass
 
 
-def device_configuration(pki) -> Any:
-    """The QUIC configuration of the device, with its real certificate."""
-    identity = pki.device("acme", DEVICE)
-    return configuration(pki.dir, identity / "cert.pem", identity / "key.pem")
-
-
-async def first_push(pki, ctl: Controller, conn: Any, catcher: PushCatcher) -> int:
-    """Say hello, apply the heartbeat to the device; the version of the push it got."""
-    assert isinstance(await say_hello(conn, DEVICE), m.HelloAck)
-    await anyio.to_thread.run_sync(apply_heartbeat, pki, ctl)
-    with anyio.fail_after(10):
-        while not catcher.pushes:
-            await anyio.sleep(0.02)
-    return catcher.pushes[0].version
-
-
 async def send_claims(
     conn: Any, claims: list[tuple[str, int]], first_seq: int = 1
 ) -> dict[int, m.StatusAck]:
@@ -177,12 +161,18 @@ def frames_alone(data: bytes) -> list[tuple[bool, bool]]:
 async def test_quic_status_claims(pki, tmp_path) -> None:
     ctl = Controller(pki, tmp_path / "data")
     try:
-        conf = device_configuration(pki)
+        identity = pki.device("acme", DEVICE)
+        conf = configuration(pki.dir, identity / "cert.pem", identity / "key.pem")
         conn = await open_connection(ctl.quic_port, conf)
         catcher = PushCatcher()
         conn.handler = catcher
         streams = received_bytes(conn)
-        version = await first_push(pki, ctl, conn, catcher)
+        assert isinstance(await say_hello(conn, DEVICE), m.HelloAck)
+        await anyio.to_thread.run_sync(apply_heartbeat, pki, ctl)
+        with anyio.fail_after(10):
+            while not catcher.pushes:
+                await anyio.sleep(0.02)
+        version = catcher.pushes[0].version
         # today's hello takes compressed frames: the push's manifest came compressed, and its
         # operator certificate's frame refers back to the manifest (the digest is in both)
         frames = frames_alone(streams[catcher.push_streams[0]])
@@ -325,49 +315,3 @@ def test_a_real_agent_keeps_its_session_when_refused(pki, tmp_path) -> None:
             agent.stop()
     finally:
         second.stop()
-
-
-class AnswerLater(PushCatcher):
-    """A push catcher that keeps each push's stream, to answer it when the test says."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.streams: list[Any] = []
-
-    def stream_opened(self, stream: Any, first: Any) -> None:
-        super().stream_opened(stream, first)
-        if isinstance(first, m.Desired):
-            self.streams.append(stream)
-
-
-async def test_a_status_waits_for_the_pushes_of_a_fan_out(pki, tmp_path) -> None:
-    """``--status-hold-at 1``: one push awaiting its answer is a fan-out. A status that comes
-    meanwhile is neither stored nor acked; once the push is answered (the backlog gone) it is
-    stored and acked."""
-    ctl = Controller(pki, tmp_path / "data", extra=["--status-hold-at", "1"])
-    try:
-        conn = await open_connection(ctl.quic_port, device_configuration(pki))
-        catcher = AnswerLater()
-        conn.handler = catcher
-        version = await first_push(pki, ctl, conn, catcher)
-
-        stream = conn.open_stream()
-        stream.send(
-            m.Status(seq=1, deployment_id=DEPLOYMENT, manifest_version=version, state="installed")
-        )
-        with anyio.move_on_after(0.5) as waited:
-            await stream.receive()
-        assert waited.cancelled_caught, "acked while the push was still awaiting its answer"
-        # not stored either: the operator sees the deployment as issued, not yet reported
-        assert await anyio.to_thread.run_sync(listed, pki, ctl) == [(DEPLOYMENT, "pending", None)]
-
-        catcher.streams[0].send(m.DesiredResult(version=version, ok=True))
-        with anyio.fail_after(1.5):  # well inside the hold's longest (2 s after the status)
-            ack = await stream.receive()
-        assert ack == m.StatusAck(seq=1)
-        assert await anyio.to_thread.run_sync(listed, pki, ctl) == [
-            (DEPLOYMENT, "installed", version)
-        ]
-        conn.close()
-    finally:
-        ctl.stop()
