@@ -27,6 +27,7 @@ from margo_stream.identity.fleet_manager import check_controller_certificate
 from margo_stream.protocol.codes import ErrorCode
 from margo_stream.transport.channel_connection import ChannelConnection
 from margo_stream.transport.proxy import ProxyConfig, open_tunnel, proxy_for
+from margo_stream.transport.qh3_connection import Qh3Configuration, connect_qh3
 from margo_stream.transport.quic_client import connect
 
 
@@ -55,11 +56,18 @@ def controller_identity(conn: ChannelConnection, tenant: str) -> str:
     return check_controller_certificate(leaf, tenant)
 
 
-async def dial_quic(target: Target, qconf: QuicConfiguration, timeout: float) -> Link:
-    """A QUIC connection to ``target`` through its handshake; ``TimeoutError`` when none came
+async def dial_quic(
+    target: Target, qconf: QuicConfiguration | Qh3Configuration, timeout: float
+) -> Link:
+    """A QUIC connection to ``target`` through its handshake, on the stack ``qconf`` is for
+    (aioquic or qh3: ``margo_stream.transport.quic_stack``); ``TimeoutError`` when none came
     within ``timeout`` seconds (the fallback's cue), ``OSError`` when UDP could not be sent,
     ``ConnectionLost`` when the handshake was refused."""
-    conn, transport = await connect(target.address, target.port, qconf)
+    conn: ChannelConnection
+    if isinstance(qconf, Qh3Configuration):
+        conn, transport = await connect_qh3(target.address, target.port, qconf)
+    else:
+        conn, transport = await connect(target.address, target.port, qconf)
     link = Link(conn, Carrier.QUIC, target.endpoint, transport.close)
     try:
         with anyio.fail_after(timeout):

@@ -18,6 +18,7 @@ from margo_stream.logs import setup_logging
 from margo_stream.transport.congestion import CONGESTION_CONTROLS, DEFAULT_CONGESTION_CONTROL
 from margo_stream.transport.proxy import parse_proxy_url
 from margo_stream.transport.quic_client import parse_host_port
+from margo_stream.transport.quic_stack import DEFAULT_QUIC_STACK, QUIC_STACKS
 
 PROG = "margo-agent"
 
@@ -100,8 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--congestion-control",
         choices=CONGESTION_CONTROLS,
-        default=DEFAULT_CONGESTION_CONTROL,
-        help="QUIC congestion controller for what this end sends (default: %(default)s)",
+        help="QUIC congestion controller for what this end sends, with --quic-stack aioquic "
+        f"(default: {DEFAULT_CONGESTION_CONTROL})",
+    )
+    p.add_argument(
+        "--quic-stack",
+        choices=QUIC_STACKS,
+        default=DEFAULT_QUIC_STACK,
+        help="QUIC implementation: aioquic (packets in Python, our congestion control) or qh3 "
+        "(packets in native code: less CPU a packet, its own congestion control) "
+        "(default: %(default)s)",
     )
     p.add_argument("--idle-timeout", type=float, default=60.0)
     p.add_argument("--connect-timeout", type=float, default=10.0)
@@ -218,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"for {len(controllers)} --controller entries; give one for all, or one "
                     "per --controller entry"
                 )
+        if args.quic_stack == "qh3" and args.congestion_control is not None:
+            raise ConfigError(
+                f"--congestion-control {args.congestion_control} applies to --quic-stack "
+                "aioquic only: qh3 uses its own congestion controller"
+            )
         if args.proxy:
             parse_proxy_url(args.proxy)  # refused now, not at the first fallback
         metrics = parse_host_port(args.metrics, what="--metrics") if args.metrics else (None, 0)
@@ -234,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             labels=_labels(args.label),
             keepalive=args.keepalive,
             idle_timeout=args.idle_timeout,
-            congestion_control=args.congestion_control,
+            congestion_control=args.congestion_control or DEFAULT_CONGESTION_CONTROL,
+            quic_stack=args.quic_stack,
             connect_timeout=args.connect_timeout,
             backoff_base=args.backoff_base,
             backoff_cap=args.backoff_cap,

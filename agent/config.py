@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agent.controller_list import ControllerEntry
 from margo_stream.transport.congestion import DEFAULT_CONGESTION_CONTROL, CongestionControl
+from margo_stream.transport.quic_stack import DEFAULT_QUIC_STACK, QuicStack
 
 
 class AgentConfig(BaseModel):
@@ -29,6 +30,7 @@ class AgentConfig(BaseModel):
     keepalive: float | None = Field(default=None, gt=0)  # None: what the controller says
     idle_timeout: float = Field(default=60.0, gt=1)
     congestion_control: CongestionControl = DEFAULT_CONGESTION_CONTROL
+    quic_stack: QuicStack = DEFAULT_QUIC_STACK  # which QUIC implementation the agent dials with
     connect_timeout: float = Field(default=10.0, gt=0)
     backoff_base: float = Field(default=0.5, gt=0)
     backoff_cap: float = Field(default=30.0, gt=0)

@@ -49,6 +49,7 @@ from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode, StreamKind
 from margo_stream.transport.channel_connection import ChannelConnection, ConnectionLost
 from margo_stream.transport.proxy import ProxyError
+from margo_stream.transport.qh3_connection import Qh3Configuration, qh3_configuration
 from margo_stream.transport.quic_client import client_configuration
 
 log = logging.getLogger("margo.agent")
@@ -216,8 +217,16 @@ class Agent:
             self._renewing = False
 
     # --- one attempt: a carrier, a session, and maybe the move back to QUIC ------------------------
-    def _quic_configuration(self) -> QuicConfiguration:
+    def _quic_configuration(self) -> QuicConfiguration | Qh3Configuration:
         creds = self.creds
+        if self.config.quic_stack == "qh3":
+            return qh3_configuration(  # read per connection: renewal replaces the files
+                str(creds.cert_path),
+                str(creds.key_path),
+                str(creds.ca_path),
+                server_name=self._server_name,
+                idle_timeout=self.config.idle_timeout,
+            )
         return client_configuration(  # read per connection: renewal replaces the files
             str(creds.cert_path),
             str(creds.key_path),
@@ -317,13 +326,15 @@ class Agent:
                 self._remember_carrier()
                 self.counters["connects"] += 1
                 log.info(
-                    "connected to %s (%s) as %s/%s over %s",
+                    "connected to %s (%s) as %s/%s over %s%s",
                     target,
                     self.controller_id,
                     self.tenant,
                     self.device_id,
                     link.carrier.value,
+                    f" ({self.config.quic_stack})" if link.carrier is Carrier.QUIC else "",
                     extra={
+                        "quic_stack": self.config.quic_stack,
                         "event": "connected",
                         "controller": str(target.entry),
                         "address": target.endpoint,

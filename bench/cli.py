@@ -27,6 +27,10 @@ SCENARIOS: dict[str, tuple[str, str]] = {
         "bench.durable_hop",
         "CPU and wall time a durable write's hop to a thread costs: the pool, an executor, inline",
     ),
+    "quic-stacks": (
+        "bench.quic_stacks",
+        "a device's CPU for a push's packets, sans-IO: aioquic against qh3 (--quic-stack)",
+    ),
     "delta": (
         "bench.delta",
         "bytes on the wire for a desired-state change (five files, one parameter)",

@@ -33,6 +33,7 @@ from typing import Any
 from bench.fleet_worker import device_name
 from bench.processes import Worker, cpu_split, stop_process, wait_file
 from bench.report_util import sample_process
+from margo_stream.transport.quic_stack import DEFAULT_QUIC_STACK, QuicStack
 
 TENANT = "bench"
 TRANSPORTS = ("quic", "rest-poll", "h2-push", "mqtt", "tcp")
@@ -295,8 +296,10 @@ class Fleet:
         concurrency: int = 100,
         spread: float = 0.0,
         pin: bool = True,
+        quic_stack: QuicStack = DEFAULT_QUIC_STACK,
     ) -> None:
         self.pin = pin
+        self.quic_stack = quic_stack  # the QUIC devices' stack (the agent's --quic-stack)
         self.transport = transport
         self.identities = identities
         self.state = work / f"state-{tag}"
@@ -357,6 +360,7 @@ class Fleet:
                 "concurrency": self.concurrency,
                 "spread": self.spread,
                 "cpus": sorted(cpus),
+                "quic_stack": self.quic_stack,
                 **self.worker_extra(),
             }
             await worker.send(json.dumps(cfg))

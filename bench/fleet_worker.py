@@ -39,6 +39,7 @@ import anyio
 from bench.device_trust import DeviceTrust, tenant_root_chain
 from bench.report_util import raise_nofile_limit
 from margo_stream.gcpolicy import gc_policy_running
+from margo_stream.transport.quic_stack import DEFAULT_QUIC_STACK
 
 CARRIED = ("_version", "_etag", "blobs")  # what a device keeps across reconnects
 VERIFYING_CLIENTS = ("quic", "tcp")  # clients that run the agent's verifier themselves
@@ -121,6 +122,7 @@ class Worker:
                 self.port,
                 state_dir=self.state_root / dev.name,
                 idle_timeout=float(self.cfg.get("idle_timeout", 60.0)),
+                quic_stack=self.cfg.get("quic_stack", DEFAULT_QUIC_STACK),
             )
         if kind == "tcp":
             from bench.transports.tcp import TcpCarrierClient

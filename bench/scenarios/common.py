@@ -26,6 +26,7 @@ from bench.pushlat import document
 from bench.report_util import downsample, percentile, udp_counters
 from bench.signing import Signer
 from margo_stream.state.digest import sha256_digest
+from margo_stream.transport.quic_stack import DEFAULT_QUIC_STACK, QUIC_STACKS, QuicStack
 
 MQTT_PER_PROC = 250  # paho client: its socket and a wake-up socket pair per device
 
@@ -53,6 +54,15 @@ class Context:
         return httpx.AsyncClient(
             base_url=self.server.api, timeout=120, headers={"Authorization": f"Bearer {self.token}"}
         )
+
+
+def quic_stack_param(params: dict[str, Any]) -> QuicStack:
+    """``--set quic_stack=``: the QUIC devices' stack, as the agent's ``--quic-stack``."""
+    value = str(params.get("quic_stack", DEFAULT_QUIC_STACK))
+    for stack in QUIC_STACKS:
+        if value == stack:
+            return stack
+    raise ValueError(f"--set quic_stack={value!r}: the stacks are {', '.join(QUIC_STACKS)}")
 
 
 async def apply(
@@ -196,6 +206,7 @@ async def run_one(
         poll_interval=float(params.get("poll_interval", 15.0)),
         concurrency=int(params.get("concurrency", 100)),
         pin=bool(int(params.get("pin", 1))),
+        quic_stack=quic_stack_param(params),
     )
     signer = Signer.for_tenant(work / "certs", TENANT)
     ctx = Context(transport, params, work, server, fleet, operator_token(work), signer)

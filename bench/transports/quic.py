@@ -1,8 +1,9 @@
 """margo-stream's own transport behind the bench's ``TransportClient`` interface.
 
 A :class:`QuicClient` is one simulated device speaking the real protocol with the real code:
-``quic_client.client_configuration`` with the device's certificate (mutual TLS), our
-``Connection`` over aioquic, and ``AgentSession`` (hello with the held manifest version and
+the agent's QUIC stack (``quic_stack``: aioquic by default, ``--set quic_stack=qh3`` for the
+agent's ``--quic-stack qh3``) with the device's certificate (mutual TLS), our ``Connection``
+over it, and ``AgentSession`` (hello with the held manifest version and
 blobs, HelloAck, keepalive pings, dead-link detection). Desired state arrives on
 controller-opened desired-state streams and is handled the way the agent's desired feature
 handles it: every ``Blob`` until the controller ends the stream cleanly, then the whole push is
@@ -47,7 +48,14 @@ from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode, Sender, StreamKind
 from margo_stream.state.trust import DesiredStateVerifier
 from margo_stream.transport.connection import Connection, MessageStream
+from margo_stream.transport.qh3_connection import (
+    Qh3Configuration,
+    Qh3Connection,
+    Qh3QuicConnection,
+    qh3_configuration,
+)
 from margo_stream.transport.quic_client import client_configuration
+from margo_stream.transport.quic_stack import DEFAULT_QUIC_STACK, QuicStack
 
 
 class QuicError(Exception):
@@ -59,7 +67,7 @@ class _CountingProtocol(asyncio.DatagramProtocol):
 
     def __init__(self, counters: TransportCounters) -> None:
         self.counters = counters
-        self.connection: Connection | None = None
+        self.connection: Connection | Qh3Connection | None = None
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -93,13 +101,22 @@ class QuicClient:
         idle_timeout: float = 60.0,
         connect_timeout: float = 20.0,
         keepalive: float | None = None,
-        configuration: QuicConfiguration | None = None,
+        configuration: QuicConfiguration | Qh3Configuration | None = None,
+        quic_stack: QuicStack = DEFAULT_QUIC_STACK,
     ) -> None:
         self.creds = load_device_credentials(identity_dir)
         self.tenant, self.device_id = self.creds.tenant, self.creds.device_id
         self.host, self.port = host, port
         self.counters = TransportCounters()
-        if configuration is None:
+        if configuration is None and quic_stack == "qh3":
+            configuration = qh3_configuration(  # as the agent's --quic-stack qh3
+                str(self.creds.cert_path),
+                str(self.creds.key_path),
+                str(self.creds.ca_path),
+                server_name=server_name or self.tenant,
+                idle_timeout=idle_timeout,
+            )
+        elif configuration is None:
             configuration = client_configuration(
                 str(self.creds.cert_path),
                 str(self.creds.key_path),
@@ -121,7 +138,7 @@ class QuicClient:
         # as the agent: the root metadata of the hello's answer first, then the status stream
         self.session_tasks = [self._adopt_root, self._status_stream]
         self.hello_fields: list[Any] = []
-        self.conn: Connection | None = None
+        self.conn: Connection | Qh3Connection | None = None
         self.session: AgentSession | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -167,10 +184,20 @@ class QuicClient:
             family=family,
         )
         self._udp = udp
-        quic = QuicConnection(configuration=self.configuration)
-        conn = self.conn = Connection(quic, Sender.AGENT, protocol.sendto, loop)
+        conn: Connection | Qh3Connection
+        if isinstance(self.configuration, Qh3Configuration):
+            conn = Qh3Connection(
+                Qh3QuicConnection(configuration=self.configuration),
+                Sender.AGENT,
+                protocol.sendto,
+                loop,
+            )
+        else:
+            quic = QuicConnection(configuration=self.configuration)
+            conn = Connection(quic, Sender.AGENT, protocol.sendto, loop)
+        self.conn = conn
         protocol.connection = conn
-        quic.connect((self.host, self.port), now=loop.time())
+        conn.quic.connect((self.host, self.port), now=loop.time())
         conn.transmit()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()

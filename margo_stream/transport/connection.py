@@ -16,7 +16,6 @@ The names sessions import from here (``MessageStream``, ``ConnectionLost``, ``St
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +48,7 @@ from margo_stream.transport.mtls_hook import (
     release_handshake_buffers,
     use_own_pacer,
 )
+from margo_stream.transport.quic_streams import QuicStreamsCarrier
 from margo_stream.transport.stateless_reset import is_reset
 
 log = logging.getLogger("margo.transport")
@@ -56,10 +56,11 @@ log = logging.getLogger("margo.transport")
 ACK_EVERY = 4  # packets with stream data after which an ACK is due at once (mtls_hook: why)
 
 
-class Connection(ChannelConnection):
+class Connection(QuicStreamsCarrier):
     """Drives one ``QuicConnection``. ``sendto`` puts one datagram on the wire."""
 
     carrier = "quic"
+    quic: QuicConnection
 
     def __init__(
         self,
@@ -156,14 +157,6 @@ class Connection(ChannelConnection):
         self._drain_events()
         self.transmit()
 
-    def _drain_events(self) -> None:
-        quic = self.quic
-        event = quic.next_event()
-        while event is not None:
-            if not self._guarded(type(event).__name__, functools.partial(self.quic_event, event)):
-                return
-            event = quic.next_event()
-
     def transmit(self) -> None:
         self.transmit_queued = False  # this call does the clock's queued flush's work
         if self._transmit_handle is not None:
@@ -236,40 +229,13 @@ class Connection(ChannelConnection):
             self._handshake_completed()
 
     # --- carrier hooks ------------------------------------------------------------------------------
-    def _carrier_open(self) -> int:
-        stream_id = self.quic.get_next_available_stream_id(is_unidirectional=False)
-        # Claim the id in aioquic now (an empty write creates the stream), so two streams opened
-        # before either has sent anything never share an id.
-        self.quic.send_stream_data(stream_id, b"", end_stream=False)
-        return stream_id
-
     def _carrier_send(self, stream_id: int, data: bytes, end: bool) -> None:
         self._replying = True
-        self.quic.send_stream_data(stream_id, data, end_stream=end)
+        super()._carrier_send(stream_id, data, end)
 
     def _carrier_finish(self, stream_id: int) -> None:
         self._replying = True
-        try:
-            self.quic.send_stream_data(stream_id, b"", end_stream=True)
-        except (ValueError, AssertionError):
-            pass  # a stream we cannot send on (unidirectional), or already finished
-
-    def _carrier_reset(self, stream_id: int, code: int) -> None:
-        try:
-            self.quic.reset_stream(stream_id, code)
-        except (ValueError, AssertionError):
-            pass  # already finished in that direction
-        try:
-            self.quic.stop_stream(stream_id, code)
-        except (ValueError, AssertionError):
-            pass
-
-    def _carrier_ping(self) -> None:
-        self.quic.send_ping(0)
-
-    def _carrier_close(self, code: int, reason: str) -> None:
-        self.quic.close(error_code=int(code), reason_phrase=reason)
-        self.transmit()
+        super()._carrier_finish(stream_id)
 
     def peer_certificate_der(self) -> bytes | None:
         leaf, _ = peer_certificates(self.quic)

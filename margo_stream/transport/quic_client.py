@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -65,9 +66,16 @@ def parse_host_port(text: str, *, what: str = "address") -> tuple[str, int]:
     return host, number
 
 
+class _Receiver(Protocol):
+    def datagram_received(self, data: bytes, addr: Any) -> None: ...
+
+
+R = TypeVar("R", bound=_Receiver)
+
+
 class _ClientProtocol(asyncio.DatagramProtocol):
     def __init__(self) -> None:
-        self.connection: Connection | None = None
+        self.connection: _Receiver | None = None
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if self.connection is not None:
@@ -77,11 +85,13 @@ class _ClientProtocol(asyncio.DatagramProtocol):
         pass
 
 
-async def connect(
-    host: str, port: int, configuration: QuicConfiguration
-) -> tuple[Connection, asyncio.DatagramTransport]:
-    """Start a handshake; the caller awaits ``connection.wait_handshake()`` with a timeout and
-    closes the returned transport when done with the connection."""
+async def dial_udp(
+    host: str,
+    port: int,
+    make: Callable[[asyncio.DatagramTransport, Any], R],
+) -> tuple[R, asyncio.DatagramTransport]:
+    """A UDP socket towards ``host:port`` (resolved here) and the connection ``make(transport,
+    address)`` builds on it, fed every datagram the socket receives; either QUIC stack."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     if not infos:
@@ -91,10 +101,24 @@ async def connect(
     if addr[0] in ("127.0.0.1", "::1"):
         local = (addr[0], 0)
     transport, protocol = await loop.create_datagram_endpoint(_ClientProtocol, local_addr=local)
-    quic = QuicConnection(configuration=configuration)
-    bound_receive_credit(quic)  # a hostile controller cannot grow our receive buffers either
-    conn = Connection(quic, Sender.AGENT, transport.sendto, loop)
+    conn = make(transport, addr)
     protocol.connection = conn
-    quic.connect(addr, now=loop.time())
-    conn.transmit()
     return conn, transport
+
+
+async def connect(
+    host: str, port: int, configuration: QuicConfiguration
+) -> tuple[Connection, asyncio.DatagramTransport]:
+    """Start a handshake; the caller awaits ``connection.wait_handshake()`` with a timeout and
+    closes the returned transport when done with the connection."""
+    loop = asyncio.get_running_loop()
+
+    def make(transport: asyncio.DatagramTransport, addr: Any) -> Connection:
+        quic = QuicConnection(configuration=configuration)
+        bound_receive_credit(quic)  # a hostile controller cannot grow our receive buffers either
+        conn = Connection(quic, Sender.AGENT, transport.sendto, loop)
+        quic.connect(addr, now=loop.time())
+        conn.transmit()
+        return conn
+
+    return await dial_udp(host, port, make)

@@ -17,6 +17,7 @@ from bench.pushlat import document
 from bench.signing import Signer
 from bench.transports.quic import QuicClient
 from margo_stream.identity.trust import load_signing_pub
+from margo_stream.transport.quic_stack import QuicStack
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.timeout(60)]
 WAIT = 10.0
@@ -27,12 +28,16 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-async def test_quic_client_apply_status_delete(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stack", ["aioquic", "qh3"])
+async def test_quic_client_apply_status_delete(tmp_path: Path, stack: QuicStack) -> None:
     identities = prepare_pki(tmp_path, 1)
     server = ServerSide("quic", tmp_path, "t")
     await server.start()
     client = QuicClient(
-        identities / device_name(0), *server.device_addr, state_dir=tmp_path / "dev"
+        identities / device_name(0),
+        *server.device_addr,
+        state_dir=tmp_path / "dev",
+        quic_stack=stack,  # as the agent's --quic-stack
     )
     api = httpx.AsyncClient(
         base_url=server.api,
@@ -41,6 +46,9 @@ async def test_quic_client_apply_status_delete(tmp_path: Path) -> None:
     )
     try:
         await client.connect()
+        assert (
+            type(client.conn).__name__ == {"aioquic": "Connection", "qh3": "Qh3Connection"}[stack]
+        )
         dev = client.device_id
         signer = Signer.for_tenant(tmp_path / "certs", TENANT)
         body = signer.body([document("one")], devices=[dev])

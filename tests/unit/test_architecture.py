@@ -263,3 +263,26 @@ def test_aioquic_internals_are_touched_only_by_the_mtls_hook() -> None:
     assert str(MTLS_HOOK) in touched  # the hook does use them: the scan sees it
     others = {p: sorted(u) for p, u in touched.items() if p != str(MTLS_HOOK)}
     assert not others, f"aioquic internals used outside {MTLS_HOOK}: {others}"
+
+
+# --------------------------------------------------------------------------- qh3, one module
+
+QH3_MODULE = Path("margo_stream/transport/qh3_connection.py")
+
+
+def test_qh3_is_imported_by_one_module_only() -> None:
+    """The agent's second QUIC stack stays behind ``ChannelConnection`` in one module: the
+    rest (the agent, the bench) asks that module for it."""
+    importers: set[str] = set()
+    for path in python_files(*SOURCE_DIRS):
+        for node in ast.walk(parse(path)):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            if any(n == "qh3" or n.startswith("qh3.") for n in names):
+                importers.add(str(path.relative_to(ROOT)))
+    assert importers == {str(QH3_MODULE)}, importers
