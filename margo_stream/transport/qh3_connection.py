@@ -13,11 +13,13 @@ What qh3 decides for itself, and what is ours:
 - congestion control is qh3's own (loss-based); ``--congestion-control`` (our ``rate``
   controller) applies to the aioquic stack only. An agent that sends bulk telemetry over a
   lossy link keeps aioquic (``--quic-stack aioquic``, the default).
-- ACKs: qh3 acknowledges 1 ms after a packet unless something is sent before. We hold that
-  timer to ``ACK_HOLD`` after the datagram, as the aioquic stack does (``mtls_hook.hold_acks``),
-  so the answer to a push carries the push's ACK instead of a datagram of its own. Only the
-  first timer after a datagram is held, by at most ``ACK_HOLD``; an ACK the core wants at once
-  (a gap in packet numbers, a flow of data) is due at once and goes in this turn's flush.
+- ACKs: qh3 acknowledges a packet that ends a stream at once (every push ends its stream) and
+  others 1 ms after. We hold its timer to ``ACK_HOLD`` after the datagram, as the aioquic
+  stack holds its ACKs (``mtls_hook.hold_acks``), so the answer to a push carries the push's
+  ACK instead of a datagram of its own; only a flow of data (``ACK_EVERY`` datagrams since we
+  last sent) is acknowledged at once. qh3 does not say why it wants an ACK now, so a packet
+  after a gap in the packet numbers is acknowledged within ``ACK_HOLD`` too, where the aioquic
+  stack answers it at once; the peer learns of a loss up to 5 ms later.
 - receive buffers are bounded by the flow-control windows we advertise (``max_data`` for the
   connection, ``max_stream_data`` per stream, reassembly included).
 - the controller's certificate chain is verified by qh3 against the device's bundle (the
@@ -42,8 +44,10 @@ from margo_stream.transport.quic_client import dial_udp
 from margo_stream.transport.quic_streams import QuicStreamsCarrier
 
 ACK_HOLD = 0.005  # seconds: as the aioquic stack holds its ACKs (max_ack_delay is 25 ms)
+ACK_EVERY = 4  # datagrams since we last sent after which an ACK goes at once (a flow of data)
 
 __all__ = [
+    "ACK_EVERY",
     "ACK_HOLD",
     "Qh3Configuration",
     "Qh3Connection",
@@ -100,6 +104,7 @@ class Qh3Connection(QuicStreamsCarrier):
         self._timer: asyncio.TimerHandle | None = None
         self._transmit_handle: asyncio.Handle | None = None
         self._hold_until = 0.0  # no timer before this (the ACK hold of the last datagram)
+        self._received = 0  # datagrams received since we last sent one
         self.on_terminated: Callable[[Qh3Connection], None] | None = None
 
     # --- network side ---------------------------------------------------------------------------
@@ -113,12 +118,12 @@ class Qh3Connection(QuicStreamsCarrier):
             self.schedule_transmit()  # the handshake's flights go at once
             return
         # What our handlers wrote has asked for this turn's flush. Nothing else is sent now
-        # unless the core wants it now (an ACK of a gap or of a flow of data): its delayed ACK
-        # waits up to ACK_HOLD for a reply to ride with, and what it queues by itself (a
-        # stream credit after a stream closed) rides with the next packet we send anyway.
+        # unless data keeps coming: the core's ACK waits up to ACK_HOLD for a reply to ride
+        # with, and what it queues by itself (a stream credit after a stream closed) rides with
+        # the next packet we send anyway.
+        self._received += 1
         self._hold_until = now + ACK_HOLD
-        due = self.quic.get_timer()
-        if due is not None and due <= now:
+        if self._received >= ACK_EVERY:
             self.schedule_transmit()
         else:
             self._schedule_timer()
@@ -130,6 +135,7 @@ class Qh3Connection(QuicStreamsCarrier):
         sendto = self._sendto
         for data, addr in self.quic.datagrams_to_send(now=self.loop.time()):
             sendto(data, addr)
+            self._received = 0
         self._schedule_timer()
 
     def _schedule_timer(self) -> None:
