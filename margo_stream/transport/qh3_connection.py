@@ -20,6 +20,9 @@ What qh3 decides for itself, and what is ours:
   last sent) is acknowledged at once. qh3 does not say why it wants an ACK now, so a packet
   after a gap in the packet numbers is acknowledged within ``ACK_HOLD`` too, where the aioquic
   stack answers it at once; the peer learns of a loss up to 5 ms later.
+- datagrams are at most ``max_datagram_size`` (1,350 bytes) as on the aioquic stack: qh3's
+  path-MTU probing is off (it sent a padded 1,472-byte probe after a connection's first
+  exchange, which the controller then had to acknowledge).
 - receive buffers are bounded by the flow-control windows we advertise (``max_data`` for the
   connection, ``max_stream_data`` per stream, reassembly included).
 - the controller's certificate chain is verified by qh3 against the device's bundle (the
@@ -76,6 +79,9 @@ def qh3_configuration(
         max_datagram_size=max_datagram_size,
         max_data=4 << 20,
         max_stream_data=1 << 20,
+        # no path-MTU probes: the aioquic stack's fixed datagram size, and no padded probe
+        # (and the controller's ACK of it) after the first exchange of every connection
+        probe_datagram_size=False,
     )
     configuration.load_cert_chain(cert_path, key_path)
     configuration.load_verify_locations(cafile=ca_path)

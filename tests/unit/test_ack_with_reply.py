@@ -20,6 +20,7 @@ from margo_stream.protocol.codes import Sender
 from margo_stream.transport.connection import ACK_EVERY, Connection, MessageStream
 from margo_stream.transport.mtls_hook import ACK_HOLD, MutualTlsServerConnection
 from tests.harness import Pki
+from tests.memory_wire import MemoryWire
 
 AGENT_ADDR, CONTROLLER_ADDR = ("127.0.0.1", 1234), ("127.0.0.1", 4433)
 
@@ -58,35 +59,14 @@ async def _pair(
         configuration=server_conf,
         original_destination_connection_id=client._peer_cid.cid,  # test-only peek
     )
-    sent: dict[str, list[float]] = {"agent": [], "controller": []}
-    conns: dict[str, Connection] = {}
-
-    wire = [0.0]  # when the agent's link is free again
-
-    def sender(who: str, peer: str, source: tuple[str, int]) -> Any:
-        def sendto(data: bytes, _addr: Any) -> None:
-            now = loop.time()
-            sent[who].append(now)
-            if who == "agent" and spacing:
-                wire[0] = max(wire[0], now) + spacing
-                loop.call_at(wire[0], lambda: conns[peer].datagram_received(data, source))
-            else:
-                loop.call_soon(lambda: conns[peer].datagram_received(data, source))
-
-        return sendto
-
-    conns["agent"] = Connection(
-        client, Sender.AGENT, sender("agent", "controller", AGENT_ADDR), loop
+    wire = MemoryWire(loop, spacing)
+    agent = Connection(client, Sender.AGENT, wire.sender("agent", "controller", AGENT_ADDR), loop)
+    controller = Connection(
+        server, Sender.CONTROLLER, wire.sender("controller", "agent", CONTROLLER_ADDR), loop
     )
-    conns["controller"] = Connection(
-        server, Sender.CONTROLLER, sender("controller", "agent", CONTROLLER_ADDR), loop
-    )
-    conns["controller"].handler = handler
-    client.connect(CONTROLLER_ADDR, now=loop.time())
-    conns["agent"].transmit()
-    await asyncio.wait_for(conns["agent"].wait_handshake(), 5)
-    await asyncio.sleep(0.05)  # the handshake's last flights and their ACKs
-    return conns["agent"], conns["controller"], sent
+    controller.handler = handler
+    await wire.handshake(agent, controller)
+    return agent, controller, wire.sent
 
 
 async def _status_exchange(pki: Pki, delay: float) -> list[float]:

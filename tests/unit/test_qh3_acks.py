@@ -1,0 +1,147 @@
+"""The qh3 stack's ACKs (``Qh3Connection``): qh3's core acknowledges a packet that ends a
+stream at once, and every push ends its stream; held up to ``ACK_HOLD``, the push's ACK rides
+with the answer (one datagram back, and no path-MTU probe after it), and an answer later than
+the hold leaves after an ACK of its own. A flow of data is acknowledged every ``ACK_EVERY`` datagrams without the hold.
+
+A real qh3 agent connection (the device's certificate, the agent's qh3 configuration) and the
+real controller ``Connection`` (aioquic with the client-certificate hook) on one event loop,
+their datagrams handed over in memory and counted."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from margo_stream.protocol import messages as m
+from margo_stream.protocol.codes import Sender
+from margo_stream.transport.connection import Connection, MessageStream
+from margo_stream.transport.mtls_hook import MutualTlsServerConnection
+from margo_stream.transport.qh3_connection import (
+    ACK_EVERY,
+    ACK_HOLD,
+    Qh3Connection,
+    Qh3QuicConnection,
+    qh3_configuration,
+)
+from tests.harness import Pki
+from tests.memory_wire import MemoryWire
+
+AGENT_ADDR, CONTROLLER_ADDR = ("127.0.0.1", 1234), ("127.0.0.1", 4433)
+
+
+class Answering:
+    """The agent's handler: answers each push with its result after ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    def stream_opened(self, stream: MessageStream, first: Any) -> None:
+        loop = asyncio.get_running_loop()
+        version = first.version
+        loop.call_later(
+            self.delay, lambda: stream.send(m.DesiredResult(version=version, ok=True), end=True)
+        )
+
+    def stream_failed(self, stream: Any, event: Any) -> None:
+        pass
+
+    def connection_lost(self, exc: Any) -> None:
+        pass
+
+
+async def _pair(pki: Pki, handler: Answering) -> tuple[Qh3Connection, Connection, dict]:
+    loop = asyncio.get_running_loop()
+    ident = pki.device("acme", "press-01")
+    client = Qh3QuicConnection(
+        configuration=qh3_configuration(
+            str(ident / "cert.pem"),
+            str(ident / "key.pem"),
+            str(pki.dir / "controller/ca.pem"),
+            server_name="localhost",
+        )
+    )
+    _, server_conf = pki.quic_configurations()
+    server = MutualTlsServerConnection(
+        configuration=server_conf,
+        original_destination_connection_id=client.original_destination_connection_id,
+    )
+    wire = MemoryWire(loop)
+    agent = Qh3Connection(
+        client, Sender.AGENT, wire.sender("agent", "controller", AGENT_ADDR), loop
+    )
+    controller = Connection(
+        server, Sender.CONTROLLER, wire.sender("controller", "agent", CONTROLLER_ADDR), loop
+    )
+    agent.handler = handler
+    await wire.handshake(agent, controller)
+    return agent, controller, wire.sent
+
+
+async def _push(pki: Pki, delay: float) -> list[float]:
+    """Times (after the push left) at which the agent sent datagrams, until quiet."""
+    agent, controller, sent = await _pair(pki, Answering(delay))
+    stream = controller.open_stream()
+    before = len(sent["agent"])
+    t0 = asyncio.get_running_loop().time()
+    stream.send(m.Desired(version=7, manifest=b"{}", signature=b"s" * 64), end=True)
+    got = await asyncio.wait_for(stream.receive(), 5)
+    assert isinstance(got, m.DesiredResult) and got.version == 7
+    await asyncio.sleep(0.05)
+    times = [t - t0 for t in sent["agent"][before:]]
+    agent.close(0, "done")
+    controller.cancel_timer()
+    agent.cancel_timer()
+    return times
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_answer_within_the_hold_carries_the_pushs_ack(
+    pki: Pki, anyio_backend: str
+) -> None:
+    times = await _push(pki, delay=0.001)
+    # one datagram: the answer with the push's ACK (no ACK of its own first, no path-MTU
+    # probe; the credit for the closed stream waits for the next packet sent anyway)
+    assert len(times) == 1 and 0.001 <= times[0] < ACK_HOLD * 0.9, times
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_late_answer_leaves_after_an_ack_of_its_own(pki: Pki, anyio_backend: str) -> None:
+    times = await _push(pki, delay=0.03)
+    early = [t for t in times if t < 0.03]
+    assert len(early) == 1 and ACK_HOLD * 0.9 <= early[0] < 0.025, times  # the ACK, held
+    assert any(t >= 0.03 for t in times), times  # then the answer
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_flow_of_data_is_acknowledged_without_the_hold(
+    pki: Pki, anyio_backend: str
+) -> None:
+    agent, controller, sent = await _pair(pki, Answering(60.0))
+    loop = asyncio.get_running_loop()
+    received: list[float] = []
+    deliver = agent.datagram_received
+
+    def receive(data: bytes, addr: Any) -> None:
+        received.append(loop.time())
+        deliver(data, addr)
+
+    agent.datagram_received = receive  # type: ignore[method-assign]
+    before = len(sent["agent"])
+    stream = controller.open_stream()
+    blob = b"b" * 60_000  # about 45 datagrams, nothing answered in time
+    stream.send(m.Desired(version=8, manifest=blob, signature=b"s" * 64))
+    await asyncio.sleep(0.1)
+    assert len(received) >= 4 * ACK_EVERY, len(received)
+    acks = sent["agent"][before:]
+    # without the rule the agent would send one ACK per hold (5 ms) at most
+    assert len(acks) >= len(received) // (2 * ACK_EVERY), (len(acks), len(received))
+    first_ack = acks[0] - received[0]
+    assert first_ack < ACK_HOLD * 0.9, first_ack  # the ACK_EVERY-th datagram, not the timer
+    agent.close(0, "done")
+    controller.cancel_timer()
+    agent.cancel_timer()
