@@ -107,10 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quic-stack",
         choices=QUIC_STACKS,
-        default=DEFAULT_QUIC_STACK,
-        help="QUIC implementation: aioquic (packets in Python, our congestion control) or qh3 "
-        "(packets in native code: less CPU a packet, its own congestion control) "
-        "(default: %(default)s)",
+        help="QUIC implementation: qh3 (packets in native code: less CPU a packet, its own "
+        "congestion control) or aioquic (packets in Python, --congestion-control) "
+        f"(default: {DEFAULT_QUIC_STACK}, or aioquic when --congestion-control is given)",
     )
     p.add_argument("--idle-timeout", type=float, default=60.0)
     p.add_argument("--connect-timeout", type=float, default=10.0)
@@ -227,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"for {len(controllers)} --controller entries; give one for all, or one "
                     "per --controller entry"
                 )
-        if args.quic_stack == "qh3" and args.congestion_control is not None:
+        quic_stack = args.quic_stack or (
+            "aioquic" if args.congestion_control is not None else DEFAULT_QUIC_STACK
+        )
+        if quic_stack == "qh3" and args.congestion_control is not None:
             raise ConfigError(
                 f"--congestion-control {args.congestion_control} applies to --quic-stack "
                 "aioquic only: qh3 uses its own congestion controller"
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             keepalive=args.keepalive,
             idle_timeout=args.idle_timeout,
             congestion_control=args.congestion_control or DEFAULT_CONGESTION_CONTROL,
-            quic_stack=args.quic_stack,
+            quic_stack=quic_stack,
             connect_timeout=args.connect_timeout,
             backoff_base=args.backoff_base,
             backoff_cap=args.backoff_cap,

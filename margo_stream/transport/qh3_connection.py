@@ -174,7 +174,13 @@ class Qh3Connection(QuicStreamsCarrier):
     def quic_event(self, event: qe.QuicEvent) -> None:
         if isinstance(event, qe.ConnectionTerminated):
             self.cancel_timer()
-            self._terminated(event.error_code, event.reason_phrase, by_peer=True)
+            # qh3 ends a connection with no code and no reason for a stateless reset (a
+            # restarted controller answering an old connection) and for the idle timeout
+            reason = event.reason_phrase or (
+                "ended by the QUIC stack: a stateless reset (the controller restarted?) "
+                "or the idle timeout"
+            )
+            self._terminated(event.error_code, reason, by_peer=True)
             if self.on_terminated is not None:
                 self.on_terminated(self)
             return

@@ -115,3 +115,27 @@ def test_congestion_control_with_qh3_is_refused_at_start(pki: Pki, tmp_path: Pat
     assert run.returncode != 0
     assert "--congestion-control rate applies to --quic-stack aioquic only" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_the_default_stack_is_qh3_and_congestion_control_selects_aioquic(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """No flag: qh3. ``--congestion-control`` alone (the interface from before there was a
+    choice): aioquic, which that controller applies to."""
+    ctl = Controller(pki, tmp_path / "data")
+    plain = Agent(pki.device("acme", "press-01"), ctl.quic, tmp_path / "plain")
+    cubic = Agent(
+        pki.device("acme", "press-02"),
+        ctl.quic,
+        tmp_path / "cubic",
+        extra=["--congestion-control", "cubic"],
+    )
+    try:
+        ctl.wait_connected(pki.token("acme"), "press-01")
+        ctl.wait_connected(pki.token("acme"), "press-02")
+        wait_for(lambda: "over quic (qh3)" in plain.log(), what=f"qh3\n{plain.log()}")
+        wait_for(lambda: "over quic (aioquic)" in cubic.log(), what=f"aioquic\n{cubic.log()}")
+    finally:
+        plain.stop()
+        cubic.stop()
+        ctl.stop()

@@ -138,10 +138,11 @@ async def test_a_flow_of_data_is_acknowledged_without_the_hold(
     await asyncio.sleep(0.1)
     assert len(received) >= 4 * ACK_EVERY, len(received)
     acks = sent["agent"][before:]
-    # without the rule the agent would send one ACK per hold (5 ms) at most
-    assert len(acks) >= len(received) // (2 * ACK_EVERY), (len(acks), len(received))
+    assert len(acks) >= 2, (len(acks), len(received))
+    # the ACK_EVERY-th datagram made an ACK due in its own loop turn, not at the hold (how many
+    # ACKs follow depends on how many datagrams a turn delivers, which a busy machine changes)
     first_ack = acks[0] - received[0]
-    assert first_ack < ACK_HOLD * 0.9, first_ack  # the ACK_EVERY-th datagram, not the timer
+    assert first_ack < ACK_HOLD * 0.9, first_ack
     agent.close(0, "done")
     controller.cancel_timer()
     agent.cancel_timer()
