@@ -2,17 +2,18 @@
 packet handling (frames, ACKs, loss recovery, flow control, packet protection) runs in native
 code, driven by the event loop like ``margo_stream.transport.connection.Connection``.
 
-Why a second QUIC stack: aioquic handles every packet in Python. On this bench's devices a
-datagram cost about 107 us of CPU with aioquic and 12 us with qh3 (sans-IO, both ends, the same
-exchange: ``margo-bench quic-stacks``; bench/RESULTS.md, issue 20). A device pays that for every
-push it takes, every status it sends and every ACK. The controller stays on aioquic (its
+Why a second QUIC stack: aioquic handles every packet in Python. A device's side of a push's
+packets cost about 106 us of CPU a datagram with aioquic and 19 us with qh3 (sans-IO:
+``margo-bench quic-stacks``; bench/RESULTS.md, issue 20), and a device pays that for every push
+it takes, every status it sends and every ACK. qh3 is the agent's default
+(``margo_stream.transport.quic_stack``). The controller stays on aioquic (its
 client-certificate check, connection-ID routing, Retry and stateless resets hook into aioquic:
 ``mtls_hook``); the two interoperate as any two QUIC implementations do.
 
 What qh3 decides for itself, and what is ours:
 - congestion control is qh3's own (loss-based); ``--congestion-control`` (our ``rate``
-  controller) applies to the aioquic stack only. An agent that sends bulk telemetry over a
-  lossy link keeps aioquic (``--quic-stack aioquic``, the default).
+  controller) applies to the aioquic stack only, and given alone selects it: for an agent
+  that sends bulk telemetry over a link that loses packets at random.
 - ACKs: qh3 acknowledges a packet that ends a stream at once (every push ends its stream) and
   others 1 ms after. We hold its timer to ``ACK_HOLD`` after the datagram, as the aioquic
   stack holds its ACKs (``mtls_hook.hold_acks``), so the answer to a push carries the push's
@@ -43,10 +44,10 @@ from qh3.quic.configuration import QuicConfiguration as Qh3Configuration
 from qh3.quic.connection import QuicConnection as Qh3QuicConnection
 
 from margo_stream.protocol.codes import ALPN, Sender
+from margo_stream.transport.mtls_hook import ACK_HOLD  # one hold for both stacks
 from margo_stream.transport.quic_client import dial_udp
 from margo_stream.transport.quic_streams import QuicStreamsCarrier
 
-ACK_HOLD = 0.005  # seconds: as the aioquic stack holds its ACKs (max_ack_delay is 25 ms)
 ACK_EVERY = 4  # datagrams since we last sent after which an ACK goes at once (a flow of data)
 
 __all__ = [
