@@ -49,8 +49,8 @@ from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode, StreamKind
 from margo_stream.transport.channel_connection import ChannelConnection, ConnectionLost
 from margo_stream.transport.proxy import ProxyError
-from margo_stream.transport.qh3_connection import Qh3Configuration, qh3_configuration
-from margo_stream.transport.quic_client import client_configuration
+from margo_stream.transport.qh3_connection import Qh3Configuration
+from margo_stream.transport.quic_stack import agent_configuration
 
 log = logging.getLogger("margo.agent")
 
@@ -219,15 +219,8 @@ class Agent:
     # --- one attempt: a carrier, a session, and maybe the move back to QUIC ------------------------
     def _quic_configuration(self) -> QuicConfiguration | Qh3Configuration:
         creds = self.creds
-        if self.config.quic_stack == "qh3":
-            return qh3_configuration(  # read per connection: renewal replaces the files
-                str(creds.cert_path),
-                str(creds.key_path),
-                str(creds.ca_path),
-                server_name=self._server_name,
-                idle_timeout=self.config.idle_timeout,
-            )
-        return client_configuration(  # read per connection: renewal replaces the files
+        return agent_configuration(  # read per connection: renewal replaces the files
+            self.config.quic_stack,
             str(creds.cert_path),
             str(creds.key_path),
             str(creds.ca_path),

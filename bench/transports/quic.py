@@ -52,10 +52,8 @@ from margo_stream.transport.qh3_connection import (
     Qh3Configuration,
     Qh3Connection,
     Qh3QuicConnection,
-    qh3_configuration,
 )
-from margo_stream.transport.quic_client import client_configuration
-from margo_stream.transport.quic_stack import DEFAULT_QUIC_STACK, QuicStack
+from margo_stream.transport.quic_stack import DEFAULT_QUIC_STACK, QuicStack, agent_configuration
 
 
 class QuicError(Exception):
@@ -108,16 +106,9 @@ class QuicClient:
         self.tenant, self.device_id = self.creds.tenant, self.creds.device_id
         self.host, self.port = host, port
         self.counters = TransportCounters()
-        if configuration is None and quic_stack == "qh3":
-            configuration = qh3_configuration(  # as the agent's --quic-stack qh3
-                str(self.creds.cert_path),
-                str(self.creds.key_path),
-                str(self.creds.ca_path),
-                server_name=server_name or self.tenant,
-                idle_timeout=idle_timeout,
-            )
-        elif configuration is None:
-            configuration = client_configuration(
+        if configuration is None:
+            configuration = agent_configuration(  # as the agent's --quic-stack
+                quic_stack,
                 str(self.creds.cert_path),
                 str(self.creds.key_path),
                 str(self.creds.ca_path),

@@ -81,10 +81,7 @@ class Connection(QuicStreamsCarrier):
         self.clock = clock
         self.clock_seq: int | None = None
         self.clock_at: float | None = None
-        self.timer_at: float | None = None  # the deadline aioquic asked for last
         self.transmit_queued = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._transmit_handle: asyncio.Handle | None = None
         # endpoint hooks (server: identity check at handshake; both: drop state at the end)
         self.on_handshake: Callable[[Connection, qe.HandshakeCompleted], None] | None = None
         self.on_terminated: Callable[[Connection], None] | None = None
@@ -159,9 +156,7 @@ class Connection(QuicStreamsCarrier):
 
     def transmit(self) -> None:
         self.transmit_queued = False  # this call does the clock's queued flush's work
-        if self._transmit_handle is not None:
-            self._transmit_handle.cancel()  # this call does its work
-            self._transmit_handle = None
+        self._take_queued_flush()
         sendto = self._sendto
         if self._replying:  # what we send carries the ACK we hold (mtls_hook: ack_due_now)
             self._replying = False
@@ -175,33 +170,14 @@ class Connection(QuicStreamsCarrier):
         timer_at = self.quic.get_timer()
         if self.clock is not None:
             self.clock.schedule(self, timer_at)
-        elif timer_at != self.timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            if timer_at is not None:
-                self._timer = self.loop.call_at(timer_at, self._on_timer)
-            self.timer_at = timer_at
+        else:
+            self._set_loop_timer(timer_at)
 
     def schedule_transmit(self) -> None:
         if self.clock is not None:
             self.clock.queue_transmit(self)
-        elif self._transmit_handle is None:
-            self._transmit_handle = self.loop.call_soon(self._scheduled_transmit)
-
-    def _scheduled_transmit(self) -> None:
-        self._transmit_handle = None
-        self.transmit()
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self.timer_at = None
-        self.fire_timer(self.loop.time())
-
-    def fire_timer(self, now: float) -> None:
-        """aioquic's timer is due (``now``: not before the deadline it asked for)."""
-        self.quic.handle_timer(now=now)
-        self.process_events()
+        else:
+            self._queue_flush()
 
     # --- QUIC events ------------------------------------------------------------------------------
     def quic_event(self, event: qe.QuicEvent) -> None:
@@ -244,10 +220,7 @@ class Connection(QuicStreamsCarrier):
     def cancel_timer(self) -> None:
         if self.clock is not None:
             self.clock.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.timer_at = None
+        super().cancel_timer()
 
 
 __all__ = [

@@ -107,9 +107,6 @@ class Qh3Connection(QuicStreamsCarrier):
         super().__init__(role, loop, max_frame=max_frame)
         self.quic = quic
         self._sendto = sendto
-        self.timer_at: float | None = None  # the deadline the loop timer is set for
-        self._timer: asyncio.TimerHandle | None = None
-        self._transmit_handle: asyncio.Handle | None = None
         self._hold_until = 0.0  # no timer before this (the ACK hold of the last datagram)
         self._received = 0  # datagrams received since we last sent one
         self.on_terminated: Callable[[Qh3Connection], None] | None = None
@@ -136,9 +133,7 @@ class Qh3Connection(QuicStreamsCarrier):
             self._schedule_timer()
 
     def transmit(self) -> None:
-        if self._transmit_handle is not None:
-            self._transmit_handle.cancel()  # this call does its work
-            self._transmit_handle = None
+        self._take_queued_flush()
         sendto = self._sendto
         for data, addr in self.quic.datagrams_to_send(now=self.loop.time()):
             sendto(data, addr)
@@ -149,27 +144,10 @@ class Qh3Connection(QuicStreamsCarrier):
         timer_at = self.quic.get_timer()
         if timer_at is not None and timer_at < self._hold_until:
             timer_at = self._hold_until  # an ACK waits for a reply to ride with
-        if timer_at != self.timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            if timer_at is not None:
-                self._timer = self.loop.call_at(timer_at, self._on_timer)
-            self.timer_at = timer_at
+        self._set_loop_timer(timer_at)
 
     def schedule_transmit(self) -> None:
-        if self._transmit_handle is None:
-            self._transmit_handle = self.loop.call_soon(self._scheduled_transmit)
-
-    def _scheduled_transmit(self) -> None:
-        self._transmit_handle = None
-        self.transmit()
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self.timer_at = None
-        self.quic.handle_timer(now=self.loop.time())
-        self.process_events()
+        self._queue_flush()
 
     # --- QUIC events ------------------------------------------------------------------------------
     def quic_event(self, event: qe.QuicEvent) -> None:
@@ -199,12 +177,6 @@ class Qh3Connection(QuicStreamsCarrier):
     def peer_certificate_der(self) -> bytes | None:
         cert = self.quic.get_peercert()
         return None if cert is None else cert.public_bytes()
-
-    def cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.timer_at = None
 
 
 async def connect_qh3(

@@ -17,6 +17,38 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
+from aioquic.quic.configuration import QuicConfiguration
+
+from margo_stream.transport.congestion import DEFAULT_CONGESTION_CONTROL, CongestionControl
+from margo_stream.transport.qh3_connection import Qh3Configuration, qh3_configuration
+from margo_stream.transport.quic_client import client_configuration
+
 QuicStack = Literal["aioquic", "qh3"]
 QUIC_STACKS: Final = ("aioquic", "qh3")
 DEFAULT_QUIC_STACK: Final[QuicStack] = "qh3"
+
+
+def agent_configuration(
+    stack: QuicStack,
+    cert_path: str,
+    key_path: str,
+    ca_path: str,
+    *,
+    server_name: str,
+    idle_timeout: float = 60.0,
+    congestion_control: CongestionControl = DEFAULT_CONGESTION_CONTROL,
+) -> QuicConfiguration | Qh3Configuration:
+    """The agent's QUIC configuration on ``stack`` (``agent.carriers.dial_quic`` dials the stack
+    the configuration is for); ``congestion_control`` applies to aioquic only."""
+    if stack == "qh3":
+        return qh3_configuration(
+            cert_path, key_path, ca_path, server_name=server_name, idle_timeout=idle_timeout
+        )
+    return client_configuration(
+        cert_path,
+        key_path,
+        ca_path,
+        server_name=server_name,
+        idle_timeout=idle_timeout,
+        congestion_control=congestion_control,
+    )

@@ -50,7 +50,7 @@ class Answering:
 
 async def _pair(
     pki: Pki, handler: Answering, spacing: float = 0.0
-) -> tuple[Connection, Connection, dict[str, list]]:
+) -> tuple[Connection, Connection, MemoryWire]:
     """``spacing``: seconds between the agent's datagrams on the way (0: handed over at once)."""
     loop = asyncio.get_running_loop()
     client_conf, server_conf = pki.quic_configurations()
@@ -66,12 +66,13 @@ async def _pair(
     )
     controller.handler = handler
     await wire.handshake(agent, controller)
-    return agent, controller, wire.sent
+    return agent, controller, wire
 
 
 async def _status_exchange(pki: Pki, delay: float) -> list[float]:
     """Times (after the status left) at which the controller sent datagrams, until quiet."""
-    agent, controller, sent = await _pair(pki, Answering(delay))
+    agent, controller, wire = await _pair(pki, Answering(delay))
+    sent = wire.sent
     stream = agent.open_stream()
     before = len(sent["controller"])
     t0 = asyncio.get_running_loop().time()
@@ -107,19 +108,12 @@ async def test_a_late_answer_leaves_after_an_ack_of_its_own(pki: Pki, anyio_back
 async def test_a_ping_is_acknowledged_in_the_turn_that_received_it(
     pki: Pki, anyio_backend: str
 ) -> None:
-    agent, controller, sent = await _pair(pki, Answering(0.0))
-    loop = asyncio.get_running_loop()
-    received: list[float] = []
-    deliver = controller.datagram_received
-
-    def receive(data: bytes, addr: Any) -> None:
-        received.append(loop.time())
-        deliver(data, addr)
-
-    controller.datagram_received = receive  # type: ignore[method-assign]
-    before = len(sent["controller"])
+    agent, controller, wire = await _pair(pki, Answering(0.0))
+    sent, received = wire.sent, wire.received["controller"]
+    before, got_before = len(sent["controller"]), len(received)
     agent.ping()
     await asyncio.sleep(0.05)
+    received = received[got_before:]
     assert len(received) == 1
     times = [t - received[0] for t in sent["controller"][before:]]
     # a held ACK would leave ACK_HOLD after the receipt; one sent in the same turn leaves at
@@ -137,7 +131,7 @@ async def test_a_flow_of_data_is_acknowledged_every_few_packets(
 ) -> None:
     """Nothing to answer (a bulk transfer's receiver): the ACKs may not wait for the hold, or
     the sender's window would move once per 5 ms."""
-    agent, controller, sent = await _pair(pki, Answering(60.0), spacing=0.0005)
+    agent, controller, wire = await _pair(pki, Answering(60.0), spacing=0.0005)
     due_after: list[bool] = []  # per datagram the controller received: an ACK due at once?
     receive = controller.datagram_received
 

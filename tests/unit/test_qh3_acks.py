@@ -51,7 +51,7 @@ class Answering:
         pass
 
 
-async def _pair(pki: Pki, handler: Answering) -> tuple[Qh3Connection, Connection, dict]:
+async def _pair(pki: Pki, handler: Answering) -> tuple[Qh3Connection, Connection, MemoryWire]:
     loop = asyncio.get_running_loop()
     ident = pki.device("acme", "press-01")
     client = Qh3QuicConnection(
@@ -76,12 +76,13 @@ async def _pair(pki: Pki, handler: Answering) -> tuple[Qh3Connection, Connection
     )
     agent.handler = handler
     await wire.handshake(agent, controller)
-    return agent, controller, wire.sent
+    return agent, controller, wire
 
 
 async def _push(pki: Pki, delay: float) -> list[float]:
     """Times (after the push left) at which the agent sent datagrams, until quiet."""
-    agent, controller, sent = await _pair(pki, Answering(delay))
+    agent, controller, wire = await _pair(pki, Answering(delay))
+    sent = wire.sent
     stream = controller.open_stream()
     before = len(sent["agent"])
     t0 = asyncio.get_running_loop().time()
@@ -121,21 +122,15 @@ async def test_a_late_answer_leaves_after_an_ack_of_its_own(pki: Pki, anyio_back
 async def test_a_flow_of_data_is_acknowledged_without_the_hold(
     pki: Pki, anyio_backend: str
 ) -> None:
-    agent, controller, sent = await _pair(pki, Answering(60.0))
-    loop = asyncio.get_running_loop()
-    received: list[float] = []
-    deliver = agent.datagram_received
-
-    def receive(data: bytes, addr: Any) -> None:
-        received.append(loop.time())
-        deliver(data, addr)
-
-    agent.datagram_received = receive  # type: ignore[method-assign]
+    agent, controller, wire = await _pair(pki, Answering(60.0))
+    sent = wire.sent
+    got_before = len(wire.received["agent"])
     before = len(sent["agent"])
     stream = controller.open_stream()
     blob = b"b" * 60_000  # about 45 datagrams, nothing answered in time
     stream.send(m.Desired(version=8, manifest=blob, signature=b"s" * 64))
     await asyncio.sleep(0.1)
+    received = wire.received["agent"][got_before:]
     assert len(received) >= 4 * ACK_EVERY, len(received)
     acks = sent["agent"][before:]
     assert len(acks) >= 2, (len(acks), len(received))
