@@ -29,6 +29,12 @@ margo_store_operation_seconds                      histogram  operation (status,
 margo_event_loop_lag_seconds                       gauge      how late the last 0.5 s timer ran
 margo_otlp_dropped_total                           counter    telemetry records not forwarded
                                                               (the OTLP queue was full)
+margo_listener_events_total                        counter    transport (quic, tcp), event: what
+                                                              the device listeners did before a
+                                                              session (retries, half_open_dropped,
+                                                              half_open_expired, stateless_resets,
+                                                              tls_failed, ...)
+margo_listener_half_open                           gauge      transport: handshakes in progress
 =================================================  =========  ==================================
 """
 
@@ -37,7 +43,7 @@ from __future__ import annotations
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -73,6 +79,15 @@ def refusal_reason(exc: PeerRejected) -> str:
     return "other"
 
 
+class Listener(Protocol):
+    """A device listener's own tallies (``QuicServer``, ``TcpServer``)."""
+
+    counters: dict[str, int]
+
+    @property
+    def half_open_now(self) -> int: ...
+
+
 class _Snapshot(Collector):
     """What the controller keeps anyway, read at scrape time."""
 
@@ -80,6 +95,7 @@ class _Snapshot(Collector):
         self.registry = registry
         self.features = features
         self.otlp_dropped = otlp
+        self.listeners: dict[str, Listener] = {}  # by transport, once listening
 
     def collect(self) -> Iterator[Metric]:
         connected = GaugeMetricFamily(
@@ -124,6 +140,25 @@ class _Snapshot(Collector):
             "Telemetry records not forwarded to OTLP (its queue was full)",
             self.otlp_dropped(),
         )
+        yield from self._listeners()
+
+    def _listeners(self) -> Iterator[Metric]:
+        events = CounterMetricFamily(
+            "margo_listener_events",
+            "What the device listeners did before a session, by transport and event",
+            labels=["transport", "event"],
+        )
+        half_open = GaugeMetricFamily(
+            "margo_listener_half_open",
+            "Device handshakes in progress (connection made, identity not yet checked)",
+            labels=["transport"],
+        )
+        for transport, listener in sorted(self.listeners.items()):
+            for event, n in sorted(listener.counters.items()):
+                events.add_metric([transport, event], n)
+            half_open.add_metric([transport], listener.half_open_now)
+        yield events
+        yield half_open
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
@@ -166,11 +201,16 @@ class ControllerMetrics:
             f"How late the event loop ran the last {LAG_INTERVAL:g} s timer",
             registry=self.prom,
         )
-        self.prom.register(_Snapshot(registry, features, lambda: self.otlp_dropped()))
+        self._snapshot = _Snapshot(registry, features, lambda: self.otlp_dropped())
+        self.prom.register(self._snapshot)
         # hooks into the features: observed where it happens
         features.desired.window.observe = self.push_seconds.observe
         features.status.store_timer = self.store_seconds.labels("status").observe
         features.telemetry.store_timer = self.store_seconds.labels("telemetry").observe
+
+    def watch_listener(self, transport: str, listener: Listener) -> None:
+        """Report ``listener``'s tallies as ``margo_listener_*{transport=...}``."""
+        self._snapshot.listeners[transport] = listener
 
     def admitted(self, transport: str, verify: Callable[..., Any], *args: Any) -> Any:
         """``verify(*args)``, counted as a handshake of ``transport`` (and refusal, by reason)."""

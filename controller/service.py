@@ -314,7 +314,10 @@ class Controller:
                     reuse_port=shares_ports(),
                 )
                 self.quic_port = transport.get_extra_info("sockname")[1]
+                self.metrics.watch_listener("quic", self.quic)
                 await self._serve_tcp()
+                if self.tcp is not None:
+                    self.metrics.watch_listener("tcp", self.tcp)
                 await tg.start(self._serve_api)
                 await self._serve_device_apis(tg)
                 await self._serve_enroll(tg)

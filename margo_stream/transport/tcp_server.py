@@ -167,7 +167,8 @@ class TcpServer:
         return len(self._connections)
 
     @property
-    def half_open(self) -> int:
+    def half_open_now(self) -> int:
+        """Handshakes in progress (TLS or the identity check not yet done)."""
         return len(self._half_open)
 
     def close_all(self, code: int, reason: str) -> None:

@@ -63,6 +63,8 @@ def test_prometheus_scrapes_and_otlp_receives(pki, tmp_path, monkeypatch):
                 "margo_push_window_limit 512.0",  # --push-window's default: nothing learnt yet
                 "margo_push_window_in_flight 0.0",
                 "margo_push_window_queued 0.0",
+                'margo_listener_half_open{transport="quic"} 0.0',
+                'margo_listener_events_total{event="accepted",transport="quic"} 2.0',
             ):
                 assert name in text, name
             agent_text = wait_for(lambda: scrape(aport), what="the agent's /metrics")
