@@ -27,8 +27,8 @@ from margo_stream.identity.fleet_manager import check_controller_certificate
 from margo_stream.protocol.codes import ErrorCode
 from margo_stream.transport.channel_connection import ChannelConnection
 from margo_stream.transport.proxy import ProxyConfig, open_tunnel, proxy_for
-from margo_stream.transport.qh3_connection import Qh3Configuration, connect_qh3
-from margo_stream.transport.quic_client import connect
+from margo_stream.transport.qh3_connection import Qh3Configuration
+from margo_stream.transport.quic_stack import dial
 
 
 @dataclass(slots=True)
@@ -63,11 +63,7 @@ async def dial_quic(
     (aioquic or qh3: ``margo_stream.transport.quic_stack``); ``TimeoutError`` when none came
     within ``timeout`` seconds (the fallback's cue), ``OSError`` when UDP could not be sent,
     ``ConnectionLost`` when the handshake was refused."""
-    conn: ChannelConnection
-    if isinstance(qconf, Qh3Configuration):
-        conn, transport = await connect_qh3(target.address, target.port, qconf)
-    else:
-        conn, transport = await connect(target.address, target.port, qconf)
+    conn, transport = await dial(target.address, target.port, qconf)
     link = Link(conn, Carrier.QUIC, target.endpoint, transport.close)
     try:
         with anyio.fail_after(timeout):

@@ -5,9 +5,10 @@ are issued in memory by the workers), then for each run:
 
 1. **ours**: starts a real ``margo-controller`` pinned to its own core (CPU 0), then ``--procs``
    worker processes (:mod:`bench.simfleet`, pinned to the other cores) holding ``--agents``
-   simulated agents between them. After every worker issued its certificates, all of them get
-   ``go`` at once; each keeps at most ``--concurrency`` handshakes in flight. An agent counts as
-   connected when its hello was answered (full mutual-TLS handshake + hello + HelloAck).
+   simulated agents between them, on the agent's QUIC stack (``--quic-stack``, default qh3).
+   After every worker issued its certificates, all of them get ``go`` at once; each keeps at
+   most ``--concurrency`` handshakes in flight. An agent counts as connected when its hello
+   was answered (full mutual-TLS handshake + hello + HelloAck).
    - handshake rate = connected agents / (last agent's ready time - go);
    - RSS per agent = (controller VmRSS with N connected - VmRSS before any) / N;
    - idle CPU = controller utime+stime over ``--idle-seconds`` with every agent connected and
@@ -47,6 +48,7 @@ from bench.report_util import (
     sample_process,
     write_report,
 )
+from margo_stream.transport.quic_stack import DEFAULT_QUIC_STACK, QUIC_STACKS
 
 SCENARIO = "connect"
 TENANT = "bench"
@@ -111,6 +113,7 @@ async def measure_ours(
             "concurrency": args.concurrency,
             "timeout": args.handshake_timeout,
             "profile": args.profile_workers,
+            "quic_stack": args.quic_stack,
         }
         workers = await start_workers(cfg, args.agents, args.procs, work, cpus[1])
         reload_allow_list(work, info["api"])  # the workers' devices, before the ramp
@@ -336,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="run the workers under cProfile, stats to PATH.<mode>.<worker>",
     )
+    p.add_argument(
+        "--quic-stack",
+        choices=QUIC_STACKS,
+        default=DEFAULT_QUIC_STACK,
+        help=f"the simulated agents' QUIC stack, as margo-agent's (default {DEFAULT_QUIC_STACK})",
+    )
     p.add_argument("--no-bare", action="store_true", help="skip the bare-aioquic reference")
     p.add_argument("--keep", action="store_true", help="keep the work directory (PKI, logs)")
     return p
@@ -383,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             "idle_seconds": args.idle_seconds,
             "keepalive": args.keepalive,
             "idle_timeout": args.idle_timeout,
+            "quic_stack": args.quic_stack,
             "runs": args.runs,
             "controller_log_level": args.controller_log_level,
             "server_cpus": sorted(server_cpus),

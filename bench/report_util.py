@@ -48,7 +48,7 @@ def _version(dist: str) -> str | None:
 
 
 def machine_info(
-    packages: Iterable[str] = ("aioquic", "cryptography", "uvloop", "anyio"),
+    packages: Iterable[str] = ("aioquic", "qh3", "cryptography", "uvloop", "anyio"),
 ) -> dict[str, Any]:
     """Where and when a figure was measured: cores, CPU model, memory, versions, date (UTC)."""
     try:

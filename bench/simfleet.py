@@ -1,8 +1,9 @@
 """A worker process of simulated agents for ``margo-bench`` (one event loop, uvloop).
 
-In ``margo`` mode every simulated agent runs the real agent protocol code: our
-``quic_client.connect``, ``Connection`` and ``AgentSession`` (hello, HelloAck, keepalive pings,
-dead-link detection), with its own freshly issued device certificate held in memory. The only
+In ``margo`` mode every simulated agent runs the real agent protocol code on the agent's QUIC
+stack (``quic_stack``: qh3 by default, as ``margo-agent --quic-stack``): its dial, connection
+and ``AgentSession`` (hello, HelloAck, keepalive pings, dead-link detection), with its own
+freshly issued device certificate held in memory. The only
 thing simulated is the agent *object* ``AgentSession`` talks to (:class:`SimAgent`): a fixed
 hello, no features. In ``bare`` mode the worker runs plain aioquic clients instead
 (:mod:`bench.bare_quic`), for the reference figure.
@@ -30,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from aioquic.quic.configuration import QuicConfiguration
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from agent.session import AgentSession, HelloRefused
@@ -44,7 +44,12 @@ from margo_stream.identity.spiffe import device_spiffe_id
 from margo_stream.protocol import messages as m
 from margo_stream.protocol.codes import ErrorCode
 from margo_stream.transport.connection import ConnectionLost
-from margo_stream.transport.quic_client import client_configuration, connect
+from margo_stream.transport.quic_stack import (
+    DEFAULT_QUIC_STACK,
+    agent_configuration,
+    dial,
+    with_identity,
+)
 
 PROGRESS_INTERVAL = 0.25
 
@@ -120,7 +125,8 @@ class Fleet:
         self.sim_config = SimConfig(
             connect_timeout=self.timeout, keepalive=cfg.get("agent_keepalive")
         )
-        self.configs: list[QuicConfiguration] = []
+        self.quic_stack = cfg.get("quic_stack", DEFAULT_QUIC_STACK)  # margo mode: the agent's
+        self.configs: list[Any] = []  # one QUIC client configuration per agent
         self.live: dict[int, Any] = {}  # index -> Connection or bare protocol
         self.ready_times: list[float] = []
         self.latencies: list[float] = []  # acquire -> ready, seconds, successful attempts only
@@ -134,15 +140,16 @@ class Fleet:
     # --- preparation -----------------------------------------------------------------------------
     def prepare(self) -> None:
         if self.mode == "bare":
-            base = bare_quic.client_config(
+            bare = bare_quic.client_config(
                 self.cfg["cafile"],
                 server_name=self.cfg["server_name"],
                 idle_timeout=self.cfg["idle_timeout"],
             )
-            self.configs = [base] * self.count
+            self.configs = [bare] * self.count
             return
         template = Path(self.cfg["template"])
-        base = client_configuration(
+        base = agent_configuration(
+            self.quic_stack,
             str(template / "cert.pem"),
             str(template / "key.pem"),
             str(template / "ca.pem"),
@@ -170,9 +177,7 @@ class Fleet:
             tmp = allowed / f".{device_id(i)}.json.tmp"
             tmp.write_bytes(allowed_document(device_id(i), cert))
             os.replace(tmp, allowed / f"{device_id(i)}.json")  # no fsync: a bench's scratch
-            self.configs.append(
-                dataclasses.replace(base, certificate=cert, private_key=key, certificate_chain=[])
-            )
+            self.configs.append(with_identity(base, cert, key))
 
     # --- one agent -------------------------------------------------------------------------------
     async def run_agent(self, slot: int) -> None:
@@ -203,7 +208,7 @@ class Fleet:
             await anyio.sleep(0.2 + random.random())
 
     async def _margo_once(self, slot: int, index: int, permit: _Permit) -> bool:
-        conn, transport = await connect(self.host, self.port, self.configs[slot])
+        conn, transport = await dial(self.host, self.port, self.configs[slot])
         self.live[slot] = conn
         ready = [False]
         try:

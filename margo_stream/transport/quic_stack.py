@@ -15,13 +15,23 @@ The controller always runs aioquic.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from typing import Final, Literal
 
 from aioquic.quic.configuration import QuicConfiguration
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from margo_stream.identity.pki import PrivateKey
 from margo_stream.transport.congestion import DEFAULT_CONGESTION_CONTROL, CongestionControl
-from margo_stream.transport.qh3_connection import Qh3Configuration, qh3_configuration
-from margo_stream.transport.quic_client import client_configuration
+from margo_stream.transport.qh3_connection import (
+    Qh3Configuration,
+    connect_qh3,
+    qh3_configuration,
+)
+from margo_stream.transport.quic_client import client_configuration, connect
+from margo_stream.transport.quic_streams import QuicStreamsCarrier
 
 QuicStack = Literal["aioquic", "qh3"]
 QUIC_STACKS: Final = ("aioquic", "qh3")
@@ -38,8 +48,8 @@ def agent_configuration(
     idle_timeout: float = 60.0,
     congestion_control: CongestionControl = DEFAULT_CONGESTION_CONTROL,
 ) -> QuicConfiguration | Qh3Configuration:
-    """The agent's QUIC configuration on ``stack`` (``agent.carriers.dial_quic`` dials the stack
-    the configuration is for); ``congestion_control`` applies to aioquic only."""
+    """The agent's QUIC configuration on ``stack`` (``dial`` dials the stack the configuration
+    is for); ``congestion_control`` applies to aioquic only."""
     if stack == "qh3":
         return qh3_configuration(
             cert_path, key_path, ca_path, server_name=server_name, idle_timeout=idle_timeout
@@ -52,3 +62,36 @@ def agent_configuration(
         idle_timeout=idle_timeout,
         congestion_control=congestion_control,
     )
+
+
+def with_identity(
+    configuration: QuicConfiguration | Qh3Configuration,
+    certificate: x509.Certificate,
+    private_key: PrivateKey,
+) -> QuicConfiguration | Qh3Configuration:
+    """A copy of ``configuration`` presenting this certificate and key (no chain): what a
+    simulated fleet gives each of its devices, with no files."""
+    if isinstance(configuration, Qh3Configuration):
+        copy = dataclasses.replace(configuration)
+        copy.load_cert_chain(
+            certificate.public_bytes(serialization.Encoding.PEM),
+            private_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        return copy
+    return dataclasses.replace(
+        configuration, certificate=certificate, private_key=private_key, certificate_chain=[]
+    )
+
+
+async def dial(
+    host: str, port: int, configuration: QuicConfiguration | Qh3Configuration
+) -> tuple[QuicStreamsCarrier, asyncio.DatagramTransport]:
+    """Start a handshake on the stack ``configuration`` is for; the caller awaits
+    ``connection.wait_handshake()`` with a timeout and closes the transport after."""
+    if isinstance(configuration, Qh3Configuration):
+        return await connect_qh3(host, port, configuration)
+    return await connect(host, port, configuration)

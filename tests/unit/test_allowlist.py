@@ -252,9 +252,11 @@ async def test_api_revoke_allow_reload_and_device_state(pki, store) -> None:
     assert json.loads(allowed_path(pki, "acme", "api-01").read_text())["device"] == "api-01"
 
 
-def test_simulated_bench_devices_are_allowed(pki) -> None:
+@pytest.mark.parametrize("stack", ["qh3", "aioquic"])
+def test_simulated_bench_devices_are_allowed(pki, stack) -> None:
     """margo-bench's simulated devices mint their certificates in the worker: each gets an
-    allow file the controller's reload imports."""
+    allow file the controller's reload imports, and presents that certificate on either QUIC
+    stack."""
     from bench.simfleet import Fleet, device_id
 
     issue_device(pki, "acme", "bench-template")
@@ -270,11 +272,18 @@ def test_simulated_bench_devices_are_allowed(pki) -> None:
             "template": str(pki / "acme" / "devices" / "bench-template"),
             "server_name": "acme",
             "idle_timeout": 10.0,
+            "quic_stack": stack,
         }
     )
     fleet.prepare()
     files = {f.device_id: f for f in read_allowed_dir(pki, ["acme"])}
     for slot, index in enumerate(range(7, 10)):
-        cert = fleet.configs[slot].certificate
-        assert cert is not None
+        presented = fleet.configs[slot].certificate
+        assert presented is not None
+        # qh3's certificate object gives its DER; aioquic's is cryptography's
+        cert = (
+            x509.load_der_x509_certificate(presented.public_bytes())
+            if stack == "qh3"
+            else presented
+        )
         assert files[device_id(index)].key_sha256 == spki_sha256(cert)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import cli
 from bench.report_util import markdown_table, sample_process
 
@@ -35,11 +37,15 @@ SUMMARY = (
 )
 
 
-def test_connect_tiny_run(tmp_path):
+@pytest.mark.parametrize("stack", ["qh3", "aioquic"])
+def test_connect_tiny_run(tmp_path, stack):
+    """The simulated agents run the agent's QUIC stack: qh3 (the default), or aioquic."""
     out = tmp_path / "out"
     code = cli.main(
         [
             "connect",
+            "--quic-stack",
+            stack,
             "--agents",
             "20",
             "--procs",
@@ -55,6 +61,7 @@ def test_connect_tiny_run(tmp_path):
     assert code == 0
     report = json.loads((out / "connect.json").read_text())
     assert report["params"]["agents"] == 20
+    assert report["params"]["quic_stack"] == stack
     for key in ("nproc", "cpu_model", "python", "packages", "date"):
         assert report["machine"][key], key
     assert report["machine"]["packages"]["aioquic"]
@@ -74,7 +81,10 @@ def test_connect_tiny_run(tmp_path):
         assert key in report["summary"], key
     assert report["summary"]["all_agents_held"] is True
     md = (out / "connect.md").read_text()
-    assert "ours / bare handshake rate" in md and "margo-bench connect --agents 20" in md
+    assert (
+        "ours / bare handshake rate" in md
+        and f"margo-bench connect --quic-stack {stack} --agents 20" in md
+    )
     assert (out / "connect-ramp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
