@@ -44,6 +44,7 @@ from margo_stream.transport.mtls_hook import (
     nothing_to_send,
     peer_certificates,
     peer_reset_tokens,
+    pure_acks_unacknowledged,
     receipt_mark,
     release_handshake_buffers,
     use_own_pacer,
@@ -54,6 +55,7 @@ from margo_stream.transport.stateless_reset import is_reset
 log = logging.getLogger("margo.transport")
 
 ACK_EVERY = 4  # packets with stream data after which an ACK is due at once (mtls_hook: why)
+ELICIT_AFTER = 8  # pure ACKs of ours left unacknowledged before an answer carries a PING
 
 
 class Connection(QuicStreamsCarrier):
@@ -129,6 +131,10 @@ class Connection(QuicStreamsCarrier):
             # transfer), or a gap opened or filled (a loss the sender should learn of now):
             # acknowledge in this turn
             ack_due_now(self.quic)
+            if not self._data_in and pure_acks_unacknowledged(self.quic) >= ELICIT_AFTER:
+                # a peer that only pings never acknowledges our answers: ask it to, or
+                # aioquic keeps each of them (mtls_hook, point 11)
+                self.quic.send_ping(0)
         if (
             not self._data_in
             and not self._replying
