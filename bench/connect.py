@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.connect_ramp import ramp, start_workers, worker_status
+from bench.connect_ramp import ramp, start_workers, udp_counters, worker_status
 from bench.connect_report import TARGETS, markdown_blocks, plot, summarize
 from bench.processes import Worker, cpu_split, stop_process, wait_file
 from bench.report_util import (
@@ -126,6 +126,7 @@ async def measure_ours(
         connected_sample = sample_process(ctl.pid)
         t0 = time.monotonic()
         idle_before = sample_process(ctl.pid)
+        udp_before = udp_counters()
         if args.idle_seconds > 0:
             print(
                 f"run {run + 1} margo-stream: idle window {args.idle_seconds:.0f} s with "
@@ -135,6 +136,7 @@ async def measure_ours(
             )
         await asyncio.sleep(args.idle_seconds)
         idle_after = sample_process(ctl.pid)
+        udp_after = udp_counters()
         window = time.monotonic() - t0
         status = await worker_status(workers)
         n = max(result["connected"], 1)
@@ -150,6 +152,12 @@ async def measure_ours(
                 "idle_window_seconds": window,
                 "idle_cpu_seconds": idle_after.cpu_s - idle_before.cpu_s,
                 "idle_cpu_percent": cpu_percent(idle_before, idle_after, window),
+                # both directions (loopback: each datagram received once), per agent-minute
+                "idle_datagrams_per_agent_minute": (
+                    (udp_after["InDatagrams"] - udp_before["InDatagrams"]) * 60 / window / n
+                    if udp_before and udp_after
+                    else None
+                ),
                 "alive_after_idle": status["alive"],
                 "lost_during_hold": status["lost"],
                 "api_devices_listed": api["listed"],

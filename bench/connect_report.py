@@ -37,6 +37,7 @@ def summarize(runs: list[dict[str, Any]], agents: int) -> dict[str, Any]:
         "rss_per_agent_kb": median(col("ours", "rss_per_agent_kb")),
         "bare_rss_per_connection_kb": median(col("bare", "rss_per_connection_kb")),
         "idle_cpu_percent": median(col("ours", "idle_cpu_percent")),
+        "idle_datagrams_per_agent_minute": median(col("ours", "idle_datagrams_per_agent_minute")),
         "controller_cpu_percent_during_ramp": median(col("ours", "server_cpu_percent_during_ramp")),
         "bare_server_cpu_percent_during_ramp": median(
             col("bare", "server_cpu_percent_during_ramp")
@@ -62,6 +63,12 @@ def markdown_blocks(report: dict[str, Any]) -> list[str]:
 
     def ok(key: str) -> str:
         return "yes" if s["met"][key] else "no"
+
+    def untargeted(label: str, summary: str, side: str, key: str, digits: int) -> list[str]:
+        """A row of a figure with no target: the median, each run's value."""
+        value = s[summary]
+        median_text = "—" if value is None else f"{value:,.{digits}f}"
+        return [label, median_text, per_run(side, key, digits), "", ""]
 
     n = p["agents"]
     rows = [
@@ -121,6 +128,13 @@ def markdown_blocks(report: dict[str, Any]) -> list[str]:
             f"≤ {TARGETS['idle_cpu_percent']:.0f}",
             ok("idle_cpu_percent"),
         ],
+        untargeted(
+            "UDP datagrams in the idle window, both ways, per agent and minute",
+            "idle_datagrams_per_agent_minute",
+            "ours",
+            "idle_datagrams_per_agent_minute",
+            2,
+        ),
         [
             "controller CPU during the ramp, % of one core",
             f"{s['controller_cpu_percent_during_ramp']:.0f}",
@@ -128,15 +142,13 @@ def markdown_blocks(report: dict[str, Any]) -> list[str]:
             "",
             "",
         ],
-        [
+        untargeted(
             "bare server CPU during the ramp, % of one core",
-            "—"
-            if s["bare_server_cpu_percent_during_ramp"] is None
-            else f"{s['bare_server_cpu_percent_during_ramp']:.0f}",
-            per_run("bare", "server_cpu_percent_during_ramp", 0),
-            "",
-            "",
-        ],
+            "bare_server_cpu_percent_during_ramp",
+            "bare",
+            "server_cpu_percent_during_ramp",
+            0,
+        ),
     ]
     table = markdown_table(["figure", f"median of {len(runs)}", "per run", "target", "met"], rows)
     caption = (

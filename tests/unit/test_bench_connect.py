@@ -19,6 +19,7 @@ OURS_FIGURES = (
     "rss_connected_kb",
     "rss_per_agent_kb",
     "idle_cpu_percent",
+    "idle_datagrams_per_agent_minute",
     "idle_window_seconds",
     "alive_after_idle",
     "api_devices_connected",
