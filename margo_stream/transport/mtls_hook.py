@@ -26,49 +26,38 @@ Certificate. So the controller:
    without bound; the credit here slides over the bytes *delivered* to the application
    instead, so at most one window (the configuration's ``max_data``) is ever held undelivered;
 7. acknowledges as our traffic suits (``hold_acks``, ``ack_due_now``): aioquic holds every ACK
-   for its private ``_ack_delay`` (1 ms) after the packet that asked for it and writes an ACK
-   frame only once that time is due, so a reply sent sooner leaves without it and the ACK
-   follows in a packet of its own. Once the handshake is done (``Connection`` calls
-   ``hold_acks`` then; during the handshake the 1 ms lets ACKs ride with the next flight, and
-   acknowledging at once there cost 15-25 % of the handshake rate with 10,000 devices) an ACK
-   is held up to :data:`ACK_HOLD` (5 ms), and ``Connection`` makes it due at once when a
-   packet brought no stream data (a keepalive PING: answered in the turn that received it),
-   when it sends stream data itself (the ACK rides with the reply), when a packet opens or
-   fills a gap in the packet numbers (``ack_ranges``; RFC 9000 13.2.1: the sender learns of a
-   loss at once) or once four packets with stream data wait (a bulk transfer is not
-   acknowledged only every 5 ms: RFC 9000 13.2.2 recommends an ACK every second packet and
-   allows other strategies; four leaves a two-datagram push answered by one datagram). A
-   push and its result, a status and its ack take one datagram less each way than ACKs sent
-   at once. Not longer: a quiet link's probe timer is the RTT (1 ms on a LAN) plus our 25 ms
-   ``max_ack_delay``, which 20 ms and a busy loop's lag cross (tried: bench/RESULTS.md).
-8. paces with the congestion controller's own pacer when it has one (``use_own_pacer``):
-   aioquic builds its pacer inside the connection's recovery and feeds it the smoothed RTT,
-   which misleads on mostly idle connections (``rate_cc``: why).
-9. lets go of what only the handshake needed (``release_handshake_buffers``): aioquic gives
-   every connection three 16 KiB TLS output buffers (``_crypto_buffers``) for its whole life,
-   though a server's TLS context writes nothing after the handshake (it refuses any later
-   handshake message); each is swapped for an empty buffer of no capacity, so a write that
-   should never happen raises. ``MutualTlsServerConnection`` shares the per-frame-type sets of
-   epochs that every connection builds alike (``_share_epoch_sets``); without a packet log,
-   the keys' logging callbacks go too, and the client's chain once checked
-   (``take_client_chain``). Measured (800 server connections held in one process, ``/proc``
-   resident memory): 54.8 KB a connection with the buffers released, 48.4 with the rest.
-
+   its private ``_ack_delay`` (1 ms) and writes it only once due, so a sooner reply leaves
+   without it. After the handshake (during it, the 1 ms lets ACKs ride with the next flight;
+   at once cost 15-25 % of the handshake rate at 10,000 devices) an ACK is held up to
+   :data:`ACK_HOLD` (5 ms), and ``Connection`` makes it due at once after a packet with no
+   stream data (a keepalive PING), when it sends stream data itself (the ACK rides with the
+   reply), when a packet opens or fills a gap in the packet numbers (``ack_ranges``; RFC 9000
+   13.2.1) or once four packets with stream data wait (RFC 9000 13.2.2 recommends every
+   second packet and allows others; four leaves a two-datagram push answered by one). A push
+   and its result, a status and its ack take one datagram less each way. Not longer: a quiet
+   link's probe timer is the RTT plus our 25 ms ``max_ack_delay`` (tried: bench/RESULTS.md).
+8. paces with the congestion controller's own pacer when it has one (``use_own_pacer``): aioquic
+   feeds its own the smoothed RTT, which misleads on mostly idle connections (``rate_cc``).
+9. lets go of what only the handshake needed (``release_handshake_buffers``): the three
+   16 KiB TLS output buffers aioquic keeps for a connection's life (``_crypto_buffers``; a
+   server writes no TLS after the handshake) become empty ones of no capacity, so a write
+   that should never happen raises; ``MutualTlsServerConnection`` shares the per-frame-type
+   epoch sets every connection builds alike (``_share_epoch_sets``); the keys' logging
+   callbacks go without a packet log, and the client's chain once checked
+   (``take_client_chain``). 800 server connections in one process: 54.8 KB a connection
+   with the buffers released, 48.4 with the rest (``/proc`` resident memory).
 10. builds nothing when nothing can be built (``nothing_to_send``, ``count_losses``): a call
-   of ``datagrams_to_send`` costs about 35 us even when it builds nothing, which after a
-   peer's pure ACK it almost always does (4.2 such calls a device in a 1,000-device fan-out).
-   ``Connection`` skips it after a datagram that brought no stream data, declared no packet
-   lost (``count_losses``) and left nothing due or waiting by the conservative reading of
-   ``nothing_to_send``; it only moves its timer. An ACK can free the congestion window or
-   declare packets lost while data waits: both make the call happen.
-
+   of ``datagrams_to_send`` costs about 35 us even when it builds nothing, as after most pure
+   ACKs (4.2 such calls a device in a 1,000-device fan-out). ``Connection`` skips it after a
+   datagram that brought no stream data, declared no packet lost (``count_losses``) and left
+   nothing due or waiting by the conservative reading of ``nothing_to_send``: an ACK can free
+   the congestion window or declare packets lost while data waits, and then it builds.
 11. has its pure ACKs acknowledged (``pure_acks_unacknowledged``): aioquic keeps each packet
    until an ACK covers it, and an idle agent only pings, sending no ACK frame, so every answer
-   stayed (800 bytes a keepalive: 21 MB a minute at 10,000 devices). ``Connection`` adds a
+   stayed (590 bytes a keepalive: 16 MB a minute at 10,000 devices). ``Connection`` adds a
    PING to an answer once ``ELICIT_AFTER`` wait (RFC 9000 13.2.4); the agent's ACK frees them.
 
-``check_aioquic()`` fails loudly, at controller start and in the test suite, if aioquic's
-internals change under us.
+``check_aioquic()`` fails loudly (at controller start, in the suite) if these internals change.
 """
 
 from __future__ import annotations
