@@ -5,7 +5,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from aioquic.quic.connection import QuicConnection
+
+from margo_stream.protocol.codes import Sender
+from margo_stream.transport.connection import Connection
+from margo_stream.transport.mtls_hook import MutualTlsServerConnection
+from margo_stream.transport.qh3_connection import (
+    Qh3Connection,
+    Qh3QuicConnection,
+    qh3_configuration,
+)
+
+if TYPE_CHECKING:
+    from tests.harness import Pki
+
+AGENT_ADDR, CONTROLLER_ADDR = ("127.0.0.1", 1234), ("127.0.0.1", 4433)
 
 
 class MemoryWire:
@@ -48,3 +64,50 @@ class MemoryWire:
         agent.transmit()
         await asyncio.wait_for(agent.wait_handshake(), 5)
         await asyncio.sleep(0.05)
+
+
+async def connect_pair(
+    pki: Pki,
+    stack: str,
+    *,
+    agent_handler: Any = None,
+    controller_handler: Any = None,
+    spacing: float = 0.0,
+) -> tuple[Any, Connection, MemoryWire]:
+    """A real agent connection of device acme/press-01 on ``stack`` (``aioquic``: the
+    production client configuration; ``qh3``: the agent's qh3 configuration) and the real
+    controller ``Connection`` (aioquic with the client-certificate hook), over a
+    ``MemoryWire`` (``spacing``: seconds between the agent's datagrams on the way), past their
+    handshake."""
+    loop = asyncio.get_running_loop()
+    client_conf, server_conf = pki.quic_configurations()
+    client: Any
+    if stack == "qh3":
+        ident = pki.device("acme", "press-01")
+        client = Qh3QuicConnection(
+            configuration=qh3_configuration(
+                str(ident / "cert.pem"),
+                str(ident / "key.pem"),
+                str(pki.dir / "controller/ca.pem"),
+                server_name="localhost",
+            )
+        )
+        original_cid = client.original_destination_connection_id
+    else:
+        client = QuicConnection(configuration=client_conf)
+        original_cid = client._peer_cid.cid  # test-only peek
+    server = MutualTlsServerConnection(
+        configuration=server_conf, original_destination_connection_id=original_cid
+    )
+    wire = MemoryWire(loop, spacing)
+    carrier = Qh3Connection if stack == "qh3" else Connection
+    agent = carrier(client, Sender.AGENT, wire.sender("agent", "controller", AGENT_ADDR), loop)
+    controller = Connection(
+        server, Sender.CONTROLLER, wire.sender("controller", "agent", CONTROLLER_ADDR), loop
+    )
+    if agent_handler is not None:
+        agent.handler = agent_handler
+    if controller_handler is not None:
+        controller.handler = controller_handler
+    await wire.handshake(agent, controller)
+    return agent, controller, wire

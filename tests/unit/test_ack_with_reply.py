@@ -13,16 +13,12 @@ from typing import Any
 
 import pytest
 from aioquic import tls
-from aioquic.quic.connection import QuicConnection
 
 from margo_stream.protocol import messages as m
-from margo_stream.protocol.codes import Sender
-from margo_stream.transport.connection import ACK_EVERY, Connection, MessageStream
-from margo_stream.transport.mtls_hook import ACK_HOLD, MutualTlsServerConnection
+from margo_stream.transport.connection import ACK_EVERY, MessageStream
+from margo_stream.transport.mtls_hook import ACK_HOLD
 from tests.harness import Pki
-from tests.memory_wire import MemoryWire
-
-AGENT_ADDR, CONTROLLER_ADDR = ("127.0.0.1", 1234), ("127.0.0.1", 4433)
+from tests.memory_wire import connect_pair
 
 
 class Answering:
@@ -48,30 +44,11 @@ class Answering:
         pass
 
 
-async def _pair(
-    pki: Pki, handler: Answering, spacing: float = 0.0
-) -> tuple[Connection, Connection, MemoryWire]:
-    """``spacing``: seconds between the agent's datagrams on the way (0: handed over at once)."""
-    loop = asyncio.get_running_loop()
-    client_conf, server_conf = pki.quic_configurations()
-    client = QuicConnection(configuration=client_conf)
-    server = MutualTlsServerConnection(
-        configuration=server_conf,
-        original_destination_connection_id=client._peer_cid.cid,  # test-only peek
-    )
-    wire = MemoryWire(loop, spacing)
-    agent = Connection(client, Sender.AGENT, wire.sender("agent", "controller", AGENT_ADDR), loop)
-    controller = Connection(
-        server, Sender.CONTROLLER, wire.sender("controller", "agent", CONTROLLER_ADDR), loop
-    )
-    controller.handler = handler
-    await wire.handshake(agent, controller)
-    return agent, controller, wire
-
-
 async def _status_exchange(pki: Pki, delay: float) -> list[float]:
     """Times (after the status left) at which the controller sent datagrams, until quiet."""
-    agent, controller, wire = await _pair(pki, Answering(delay))
+    agent, controller, wire = await connect_pair(
+        pki, "aioquic", controller_handler=Answering(delay)
+    )
     sent = wire.sent
     stream = agent.open_stream()
     before = len(sent["controller"])
@@ -108,7 +85,7 @@ async def test_a_late_answer_leaves_after_an_ack_of_its_own(pki: Pki, anyio_back
 async def test_a_ping_is_acknowledged_in_the_turn_that_received_it(
     pki: Pki, anyio_backend: str
 ) -> None:
-    agent, controller, wire = await _pair(pki, Answering(0.0))
+    agent, controller, wire = await connect_pair(pki, "aioquic", controller_handler=Answering(0.0))
     sent, received = wire.sent, wire.received["controller"]
     before, got_before = len(sent["controller"]), len(received)
     agent.ping()
@@ -131,7 +108,9 @@ async def test_a_flow_of_data_is_acknowledged_every_few_packets(
 ) -> None:
     """Nothing to answer (a bulk transfer's receiver): the ACKs may not wait for the hold, or
     the sender's window would move once per 5 ms."""
-    agent, controller, wire = await _pair(pki, Answering(60.0), spacing=0.0005)
+    agent, controller, wire = await connect_pair(
+        pki, "aioquic", controller_handler=Answering(60.0), spacing=0.0005
+    )
     due_after: list[bool] = []  # per datagram the controller received: an ACK due at once?
     receive = controller.datagram_received
 
@@ -167,7 +146,7 @@ async def test_a_gap_in_the_packet_numbers_is_acknowledged_at_once(
     waiting for the hold; the packet after that, in order again, waits for a reply. (Data of
     the stream that lost a packet is not delivered past the hole, which alone makes an ACK
     due: the packets here carry other streams' data.)"""
-    agent, controller, _ = await _pair(pki, Answering(60.0))
+    agent, controller, _ = await connect_pair(pki, "aioquic", controller_handler=Answering(60.0))
     lost: list[bytes] = []
     due_after: list[bool] = []  # per datagram the controller received: an ACK due at once?
     receive = controller.datagram_received

@@ -14,7 +14,7 @@ import pytest
 from margo_stream.transport.connection import ELICIT_AFTER
 from margo_stream.transport.mtls_hook import pure_acks_unacknowledged
 from tests.harness import Pki
-from tests.unit import test_ack_with_reply, test_qh3_acks
+from tests.memory_wire import connect_pair
 
 PINGS = 60
 
@@ -25,12 +25,7 @@ PINGS = 60
 async def test_an_idle_agents_pings_leave_no_answers_behind(
     pki: Pki, anyio_backend: str, stack: str
 ) -> None:
-    if stack == "qh3":
-        agent, controller, wire = await test_qh3_acks._pair(pki, test_qh3_acks.Answering(0))
-    else:
-        agent, controller, wire = await test_ack_with_reply._pair(
-            pki, test_ack_with_reply.Answering(0)
-        )
+    agent, controller, wire = await connect_pair(pki, stack)
     sent = wire.sent
     before = {side: len(times) for side, times in sent.items()}
     waiting = []

@@ -15,20 +15,13 @@ from typing import Any
 import pytest
 
 from margo_stream.protocol import messages as m
-from margo_stream.protocol.codes import Sender
-from margo_stream.transport.connection import Connection, MessageStream
-from margo_stream.transport.mtls_hook import MutualTlsServerConnection
+from margo_stream.transport.connection import MessageStream
 from margo_stream.transport.qh3_connection import (
     ACK_EVERY,
     ACK_HOLD,
-    Qh3Connection,
-    Qh3QuicConnection,
-    qh3_configuration,
 )
 from tests.harness import Pki
-from tests.memory_wire import MemoryWire
-
-AGENT_ADDR, CONTROLLER_ADDR = ("127.0.0.1", 1234), ("127.0.0.1", 4433)
+from tests.memory_wire import connect_pair
 
 
 class Answering:
@@ -51,37 +44,9 @@ class Answering:
         pass
 
 
-async def _pair(pki: Pki, handler: Answering) -> tuple[Qh3Connection, Connection, MemoryWire]:
-    loop = asyncio.get_running_loop()
-    ident = pki.device("acme", "press-01")
-    client = Qh3QuicConnection(
-        configuration=qh3_configuration(
-            str(ident / "cert.pem"),
-            str(ident / "key.pem"),
-            str(pki.dir / "controller/ca.pem"),
-            server_name="localhost",
-        )
-    )
-    _, server_conf = pki.quic_configurations()
-    server = MutualTlsServerConnection(
-        configuration=server_conf,
-        original_destination_connection_id=client.original_destination_connection_id,
-    )
-    wire = MemoryWire(loop)
-    agent = Qh3Connection(
-        client, Sender.AGENT, wire.sender("agent", "controller", AGENT_ADDR), loop
-    )
-    controller = Connection(
-        server, Sender.CONTROLLER, wire.sender("controller", "agent", CONTROLLER_ADDR), loop
-    )
-    agent.handler = handler
-    await wire.handshake(agent, controller)
-    return agent, controller, wire
-
-
 async def _push(pki: Pki, delay: float) -> list[float]:
     """Times (after the push left) at which the agent sent datagrams, until quiet."""
-    agent, controller, wire = await _pair(pki, Answering(delay))
+    agent, controller, wire = await connect_pair(pki, "qh3", agent_handler=Answering(delay))
     sent = wire.sent
     stream = controller.open_stream()
     before = len(sent["agent"])
@@ -122,7 +87,7 @@ async def test_a_late_answer_leaves_after_an_ack_of_its_own(pki: Pki, anyio_back
 async def test_a_flow_of_data_is_acknowledged_without_the_hold(
     pki: Pki, anyio_backend: str
 ) -> None:
-    agent, controller, wire = await _pair(pki, Answering(60.0))
+    agent, controller, wire = await connect_pair(pki, "qh3", agent_handler=Answering(60.0))
     sent = wire.sent
     got_before = len(wire.received["agent"])
     before = len(sent["agent"])
