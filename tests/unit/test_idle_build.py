@@ -29,7 +29,8 @@ from margo_stream.transport.mtls_hook import (
     use_own_pacer,
 )
 from tests.harness import Pki
-from tests.unit.test_ack_with_reply import Answering, _pair
+from tests.memory_wire import connect_pair
+from tests.unit.test_ack_with_reply import Answering
 
 CLIENT, SERVER = ("127.0.0.1", 1234), ("127.0.0.1", 4433)
 
@@ -142,7 +143,7 @@ def test_nothing_to_send_is_never_wrong_on_a_lossy_link(pki: Pki) -> None:
 async def test_a_pure_ack_costs_no_build(pki: Pki, anyio_backend: str) -> None:
     """The controller's ack of a status, acknowledged by the agent's pure ACK: the controller
     reads that ACK and builds nothing (it used to build an empty flight for it)."""
-    agent, controller, sent = await _pair(pki, Answering(0.0))
+    agent, controller, sent = await connect_pair(pki, "aioquic", controller_handler=Answering(0.0))
     builds: list[int] = []
     build = controller.quic.datagrams_to_send
 
