@@ -111,3 +111,25 @@ async def connect_pair(
         controller.handler = controller_handler
     await wire.handshake(agent, controller)
     return agent, controller, wire
+
+
+async def answer_times(
+    wire: MemoryWire, stream: Any, message: Any, answerer: str, *, end: bool = False
+) -> tuple[Any, list[float]]:
+    """Send ``message`` on ``stream`` and await the answer: the answer, and the times (after
+    the send) at which ``answerer`` (``agent`` or ``controller``) sent datagrams, until 50 ms
+    of quiet after the answer."""
+    sent = wire.sent[answerer]
+    before = len(sent)
+    t0 = wire.loop.time()
+    stream.send(message, end=end)
+    got = await asyncio.wait_for(stream.receive(), 5)
+    await asyncio.sleep(0.05)
+    return got, [t - t0 for t in sent[before:]]
+
+
+def close_pair(agent: Any, controller: Connection) -> None:
+    """End a ``connect_pair``: the agent closes, and neither side's timer is left behind."""
+    agent.close(0, "done")
+    controller.cancel_timer()
+    agent.cancel_timer()

@@ -18,7 +18,7 @@ from margo_stream.protocol import messages as m
 from margo_stream.transport.connection import ACK_EVERY, MessageStream
 from margo_stream.transport.mtls_hook import ACK_HOLD
 from tests.harness import Pki
-from tests.memory_wire import connect_pair
+from tests.memory_wire import answer_times, close_pair, connect_pair
 
 
 class Answering:
@@ -49,18 +49,10 @@ async def _status_exchange(pki: Pki, delay: float) -> list[float]:
     agent, controller, wire = await connect_pair(
         pki, "aioquic", controller_handler=Answering(delay)
     )
-    sent = wire.sent
-    stream = agent.open_stream()
-    before = len(sent["controller"])
-    t0 = asyncio.get_running_loop().time()
-    stream.send(m.Status(seq=1, deployment_id="d1", manifest_version=1, state="installed"))
-    got = await asyncio.wait_for(stream.receive(), 5)
+    status = m.Status(seq=1, deployment_id="d1", manifest_version=1, state="installed")
+    got, times = await answer_times(wire, agent.open_stream(), status, "controller")
     assert isinstance(got, m.StatusAck) and got.seq == 1
-    await asyncio.sleep(0.05)
-    times = [t - t0 for t in sent["controller"][before:]]
-    agent.close(0, "done")
-    controller.cancel_timer()
-    agent.cancel_timer()
+    close_pair(agent, controller)
     return times
 
 
@@ -96,9 +88,7 @@ async def test_a_ping_is_acknowledged_in_the_turn_that_received_it(
     # a held ACK would leave ACK_HOLD after the receipt; one sent in the same turn leaves at
     # once (the margin is for a busy machine preempting the process)
     assert len(times) == 1 and times[0] < ACK_HOLD * 0.8, times
-    agent.close(0, "done")
-    controller.cancel_timer()
-    agent.cancel_timer()
+    close_pair(agent, controller)
 
 
 @pytest.mark.anyio
@@ -131,9 +121,7 @@ async def test_a_flow_of_data_is_acknowledged_every_few_packets(
     assert due_after[: ACK_EVERY - 1] == [False] * (ACK_EVERY - 1), due_after
     assert due_after[ACK_EVERY - 1], due_after
     assert sum(due_after) >= len(due_after) // (2 * ACK_EVERY), due_after
-    agent.close(0, "done")
-    controller.cancel_timer()
-    agent.cancel_timer()
+    close_pair(agent, controller)
 
 
 @pytest.mark.anyio
@@ -169,6 +157,4 @@ async def test_a_gap_in_the_packet_numbers_is_acknowledged_at_once(
         await asyncio.sleep(0.002)
     assert len(lost) == 1
     assert due_after[:2] == [True, False], due_after
-    agent.close(0, "done")
-    controller.cancel_timer()
-    agent.cancel_timer()
+    close_pair(agent, controller)

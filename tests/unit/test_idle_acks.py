@@ -14,7 +14,7 @@ import pytest
 from margo_stream.transport.connection import ELICIT_AFTER
 from margo_stream.transport.mtls_hook import pure_acks_unacknowledged
 from tests.harness import Pki
-from tests.memory_wire import connect_pair
+from tests.memory_wire import close_pair, connect_pair
 
 PINGS = 60
 
@@ -39,6 +39,4 @@ async def test_an_idle_agents_pings_leave_no_answers_behind(
     assert controller_datagrams == PINGS  # one answer a ping, the PING riding in some
     # one ping each, and one ACK each time the answer asked for one
     assert PINGS < agent_datagrams <= PINGS + PINGS // ELICIT_AFTER + 1, agent_datagrams
-    agent.close(0, "done")
-    controller.cancel_timer()
-    agent.cancel_timer()
+    close_pair(agent, controller)

@@ -29,7 +29,7 @@ from margo_stream.transport.mtls_hook import (
     use_own_pacer,
 )
 from tests.harness import Pki
-from tests.memory_wire import connect_pair
+from tests.memory_wire import close_pair, connect_pair
 from tests.unit.test_ack_with_reply import Answering
 
 CLIENT, SERVER = ("127.0.0.1", 1234), ("127.0.0.1", 4433)
@@ -171,6 +171,4 @@ async def test_a_pure_ack_costs_no_build(pki: Pki, anyio_backend: str) -> None:
     # one empty build a status (this handler answers a turn after the status came: the
     # receipt's own flight finds nothing yet), none for the three pure ACKs (two each before)
     assert builds.count(0) <= 3 and builds.count(1) == 3, builds
-    agent.close(0, "done")
-    controller.cancel_timer()
-    agent.cancel_timer()
+    close_pair(agent, controller)

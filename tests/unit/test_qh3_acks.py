@@ -21,7 +21,7 @@ from margo_stream.transport.qh3_connection import (
     ACK_HOLD,
 )
 from tests.harness import Pki
-from tests.memory_wire import connect_pair
+from tests.memory_wire import answer_times, close_pair, connect_pair
 
 
 class Answering:
@@ -47,18 +47,10 @@ class Answering:
 async def _push(pki: Pki, delay: float) -> list[float]:
     """Times (after the push left) at which the agent sent datagrams, until quiet."""
     agent, controller, wire = await connect_pair(pki, "qh3", agent_handler=Answering(delay))
-    sent = wire.sent
-    stream = controller.open_stream()
-    before = len(sent["agent"])
-    t0 = asyncio.get_running_loop().time()
-    stream.send(m.Desired(version=7, manifest=b"{}", signature=b"s" * 64), end=True)
-    got = await asyncio.wait_for(stream.receive(), 5)
+    desired = m.Desired(version=7, manifest=b"{}", signature=b"s" * 64)
+    got, times = await answer_times(wire, controller.open_stream(), desired, "agent", end=True)
     assert isinstance(got, m.DesiredResult) and got.version == 7
-    await asyncio.sleep(0.05)
-    times = [t - t0 for t in sent["agent"][before:]]
-    agent.close(0, "done")
-    controller.cancel_timer()
-    agent.cancel_timer()
+    close_pair(agent, controller)
     return times
 
 
@@ -103,6 +95,4 @@ async def test_a_flow_of_data_is_acknowledged_without_the_hold(
     # ACKs follow depends on how many datagrams a turn delivers, which a busy machine changes)
     first_ack = acks[0] - received[0]
     assert first_ack < ACK_HOLD * 0.9, first_ack
-    agent.close(0, "done")
-    controller.cancel_timer()
-    agent.cancel_timer()
+    close_pair(agent, controller)
